@@ -1,0 +1,222 @@
+"""Pure accounting: per-call state + a record → the events to count.
+
+The ledger remembers, for every call still worth tracking, what has already been counted,
+so a record seen twice (overlap re-reads, duplicates, restarts) counts nothing twice. No I/O
+and no clock: `now` and the baseline are passed in, so every rule is testable with plain values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Union
+
+from .records import ACTIVE_STATUSES, Record
+
+OUTCOMES = ("delivered", "failed")  # webhook_status values that are counted
+EXTRACTIONS = ("completed", "failed")  # result_status values that are counted
+
+
+class Created(NamedTuple):
+    direction: str
+
+
+class Ended(NamedTuple):
+    direction: str
+    status: str
+    hangup_cause: str | None
+    error_code: str | None
+    duration: int | None
+    answer_delay: float | None
+    setup_delay: float | None
+    call_id: str
+
+
+class Billed(NamedTuple):
+    direction: str
+    billed_seconds: int | None
+    milli_cents: int
+
+
+class WebhookOutcome(NamedTuple):
+    status: str
+
+
+class ExtractionOutcome(NamedTuple):
+    status: str
+
+
+Event = Union[Created, Ended, Billed, WebhookOutcome, ExtractionOutcome]
+
+
+@dataclass(slots=True)
+class CallState:
+    """What the exporter has seen and counted of one call."""
+
+    direction: str
+    status: str
+    created_at: float
+    updated_at: float
+    billed: bool = False
+    webhook: str | None = None
+    result: str | None = None
+    webhook_pending_since: float | None = None
+
+    @property
+    def final(self) -> bool:
+        """Nothing about this call is still expected to change (bar a manual webhook replay)."""
+        return (
+            self.status not in ACTIVE_STATUSES
+            and self.billed
+            and self.webhook != "pending"
+            and self.result != "pending"
+        )
+
+
+def _interval(start: float | None, end: float | None) -> float | None:
+    if start is None or end is None or end < start:
+        return None
+    return end - start
+
+
+def advance(state: CallState | None, record: Record, baseline: float) -> tuple[CallState, list[Event]]:
+    """Move a call's state to `record` and return the events that move counters.
+
+    An event dated at or before `baseline` changes the state but is not counted: that is how
+    the first start avoids counting history while still tracking calls whose later events count.
+    `state` is updated in place when given.
+    """
+    events: list[Event] = []
+    if state is None:
+        state = CallState(record.direction, record.status, record.created_at, record.updated_at)
+        if record.created_at > baseline:
+            events.append(Created(record.direction))
+        was_active = True
+    else:
+        if record.updated_at < state.updated_at:
+            return state, events  # an older version than one already seen: a lagging read
+        state.updated_at = record.updated_at
+        was_active = state.status in ACTIVE_STATUSES
+    counted_after = record.updated_at > baseline
+
+    if was_active:
+        state.status = record.status
+        if record.terminal:
+            ended = record.ended_at if record.ended_at is not None else record.updated_at
+            if ended > baseline:
+                events.append(
+                    Ended(
+                        record.direction,
+                        record.status,
+                        record.hangup_cause,
+                        record.error_code,
+                        record.duration_seconds,
+                        _interval(record.started_at, record.answered_at),
+                        _interval(record.created_at, record.started_at),
+                        record.id,
+                    )
+                )
+
+    # Billing settles once: the first time the call is seen terminal and no longer `reserved`.
+    if not state.billed and record.terminal and record.reservation_status != "reserved":
+        state.billed = True
+        if counted_after:
+            events.append(
+                Billed(record.direction, record.billed_duration_seconds, record.billing_amount_milli_cents or 0)
+            )
+
+    webhook = record.webhook_status
+    if webhook != state.webhook:
+        if webhook in OUTCOMES and counted_after:
+            events.append(WebhookOutcome(webhook))
+        if webhook == "pending":
+            # A first delivery is pending from the call's end; a manual replay from its own update.
+            first = state.webhook is None and record.ended_at is not None
+            state.webhook_pending_since = record.ended_at if first else record.updated_at
+        else:
+            state.webhook_pending_since = None
+        state.webhook = webhook
+
+    result = record.result_status
+    if result != state.result:
+        if result in EXTRACTIONS and counted_after:
+            events.append(ExtractionOutcome(result))
+        state.result = result
+
+    return state, events
+
+
+class Summary(NamedTuple):
+    """Gauges derived from the ledger in one pass."""
+
+    active: dict[tuple[str, str], int]  # (direction, status) → calls
+    webhooks_pending: int
+    webhook_pending_oldest: float | None  # the earliest pending-since timestamp
+    tracked: int
+    stragglers: int
+    given_up: int
+
+
+class Ledger:
+    """Every tracked call's state, the baseline and the `updated_at` watermark of one target."""
+
+    def __init__(self, baseline: float, watermark: float | None = None, calls: dict[str, CallState] | None = None):
+        self.baseline = baseline
+        self.watermark = watermark
+        self.calls: dict[str, CallState] = calls if calls is not None else {}
+
+    def examines(self, updated_at: float, overlap: float) -> bool:
+        """Whether a record may hold news; older ones are unchanged since a previous poll read them.
+
+        Before the first complete poll there is no watermark and every record is examined, so
+        calls already in flight are tracked (their later events count; their past ones do not).
+        """
+        return self.watermark is None or updated_at >= self.watermark - overlap
+
+    def account(self, record: Record) -> list[Event]:
+        state, events = advance(self.calls.get(record.id), record, self.baseline)
+        self.calls[record.id] = state
+        return events
+
+    def complete_poll(self, newest_updated_at: float | None) -> None:
+        """A full read succeeded: advance the watermark to the newest update it saw."""
+        if newest_updated_at is None:
+            newest_updated_at = self.baseline if self.watermark is None else self.watermark
+        if self.watermark is None or newest_updated_at > self.watermark:
+            self.watermark = newest_updated_at
+
+    def sweep(self, now: float, settle_window: float) -> Summary:
+        """Drop final calls past the settle window (list reads no longer show them) and summarise.
+
+        A call past the window that is not final is a straggler; list reads cannot see it any
+        more, so after a second window it is given up rather than kept forever.
+        """
+        horizon = now - settle_window
+        give_up = horizon - settle_window
+        active: dict[tuple[str, str], int] = {}
+        pending = stragglers = given_up = 0
+        oldest: float | None = None
+        drop: list[str] = []
+        for call_id, state in self.calls.items():
+            if state.created_at < horizon:
+                if state.final:
+                    drop.append(call_id)
+                    continue
+                if state.created_at < give_up:
+                    drop.append(call_id)
+                    given_up += 1
+                    continue
+                stragglers += 1
+            if state.status in ACTIVE_STATUSES:
+                key = (state.direction, state.status)
+                active[key] = active.get(key, 0) + 1
+            if state.webhook == "pending":
+                pending += 1
+                since = state.webhook_pending_since
+                if since is not None and (oldest is None or since < oldest):
+                    oldest = since
+        for call_id in drop:
+            del self.calls[call_id]
+        return Summary(active, pending, oldest, len(self.calls), stragglers, given_up)
+
+    def __iter__(self) -> Iterator[tuple[str, CallState]]:
+        return iter(self.calls.items())

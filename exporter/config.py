@@ -1,0 +1,280 @@
+"""Configuration: YAML file + environment + flags → frozen dataclasses, validated before start.
+
+Every problem raises `ConfigError` whose message is one line naming the key, the value and
+what was expected; the CLI prints it and exits 2. The API key is held in a `Secret` that
+never prints itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+import yaml
+
+from .metrics import DEFAULT_BUCKETS
+
+DEFAULT_API_URL = "https://api.callingbox.io"
+DEFAULT_LISTEN = ":9860"
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w|y)")
+_TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_HISTOGRAMS = {name.removeprefix("callingbox_"): name for name in DEFAULT_BUCKETS}
+
+TARGET_KEYS = {
+    "api_url",
+    "api_key_file",
+    "poll_interval",
+    "request_timeout",
+    "state_file",
+    "initial_lookback",
+    "settle_window",
+    "overlap",
+    "max_label_values",
+    "buckets",
+}
+
+
+class ConfigError(Exception):
+    """One line: `key: what is wrong`."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+
+
+class Secret:
+    """An API key that shows as *** in every repr, log line and error message."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str = "default"
+    api_url: str = DEFAULT_API_URL
+    api_key: Secret | None = None
+    api_key_file: str | None = None
+    poll_interval: float = 15.0
+    request_timeout: float = 30.0
+    state_file: str | None = None
+    initial_lookback: float = 0.0
+    settle_window: float = 72 * 3600.0
+    overlap: float = 120.0
+    max_label_values: int = 50
+    buckets: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    targets: tuple[Target, ...]
+    listen_host: str | None = None
+    listen_port: int = 9860
+    telemetry_path: str = "/metrics"
+    log_level: str = "info"
+    log_format: str = "logfmt"
+    demo: bool = False
+    once: bool = False
+
+
+def parse_duration(key: str, value: Any) -> float:
+    """`15s`, `2m`, `1h30m`, `72h` or plain seconds → seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"{value!r} is not a duration (e.g. 15s, 2m)")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?", value.strip()):
+        seconds = float(value)
+    elif isinstance(value, str) and value and _DURATION.sub("", value.strip()) == "":
+        seconds = sum(float(n) * _UNITS[unit] for n, unit in _DURATION.findall(value))
+    else:
+        raise ConfigError(key, f"{value!r} is not a duration (e.g. 15s, 2m)")
+    if seconds < 0:
+        raise ConfigError(key, f"{value!r} must not be negative")
+    return seconds
+
+
+def _positive(key: str, value: Any) -> float:
+    seconds = parse_duration(key, value)
+    if seconds <= 0:
+        raise ConfigError(key, f"{value!r} must be greater than 0")
+    return seconds
+
+
+def _url(key: str, value: Any) -> str:
+    if not isinstance(value, str) or urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc:
+        raise ConfigError(key, f"{value!r} is not an http(s) URL")
+    return value.rstrip("/")
+
+
+def _buckets(key: str, value: Any) -> dict[str, tuple[float, ...]]:
+    if not isinstance(value, dict):
+        raise ConfigError(key, "expected a mapping of histogram name to a list of bucket bounds")
+    result = {}
+    for name, bounds in value.items():
+        full = _HISTOGRAMS.get(str(name).removeprefix("callingbox_"))
+        if full is None:
+            raise ConfigError(f"{key}.{name}", f"unknown histogram (one of {', '.join(sorted(_HISTOGRAMS))})")
+        if (
+            not isinstance(bounds, list)
+            or not bounds
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+            or sorted(set(bounds)) != bounds
+        ):
+            raise ConfigError(f"{key}.{name}", f"{bounds!r} is not a non-empty increasing list of numbers")
+        result[full] = tuple(float(b) for b in bounds)
+    return result
+
+
+def read_key_file(key: str, path: str) -> Secret:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = handle.read().strip()
+    except OSError as error:
+        raise ConfigError(key, f"cannot read {path}: {error.strerror}") from None
+    if not value:
+        raise ConfigError(key, f"{path} is empty")
+    return Secret(value)
+
+
+def _target(raw: Mapping[str, Any], where: str, name: str) -> Target:
+    unknown = sorted(set(raw) - TARGET_KEYS - {"name"})
+    if unknown:
+        raise ConfigError(f"{where}{unknown[0]}", "unknown key")
+    values: dict[str, Any] = {"name": name}
+    for key, value in raw.items():
+        path = f"{where}{key}"
+        if key in ("poll_interval", "request_timeout"):
+            values[key] = _positive(path, value)
+        elif key in ("initial_lookback", "settle_window", "overlap"):
+            values[key] = parse_duration(path, value)
+        elif key == "api_url":
+            values[key] = _url(path, value)
+        elif key in ("api_key_file", "state_file"):
+            if not isinstance(value, str) or not value:
+                raise ConfigError(path, f"{value!r} is not a file path")
+            values[key] = value
+        elif key == "max_label_values":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(path, f"{value!r} is not a whole number of at least 1")
+            values[key] = value
+        elif key == "buckets":
+            values[key] = _buckets(path, value)
+    if values.get("settle_window", Target.settle_window) <= 0:
+        raise ConfigError(f"{where}settle_window", "must be greater than 0")
+    if values.get("api_key_file"):
+        values["api_key"] = read_key_file(f"{where}api_key_file", values["api_key_file"])
+    return Target(**values)
+
+
+def _targets(document: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Target, ...]:
+    if "targets" not in document:
+        unknown = sorted(set(document) - TARGET_KEYS)
+        if unknown:
+            raise ConfigError(unknown[0], "unknown key")
+        overrides = dict(document)
+        if env.get("CALLINGBOX_API_URL"):
+            overrides["api_url"] = _url("CALLINGBOX_API_URL", env["CALLINGBOX_API_URL"])
+        if env.get("CALLINGBOX_API_KEY_FILE"):
+            overrides["api_key_file"] = env["CALLINGBOX_API_KEY_FILE"]
+        target = _target(overrides, "", "default")
+        if env.get("CALLINGBOX_API_KEY"):
+            target = Target(**{**target.__dict__, "api_key": Secret(env["CALLINGBOX_API_KEY"].strip())})
+        return (target,)
+
+    entries = document["targets"]
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError("targets", "expected a non-empty list of targets")
+    defaults = {k: v for k, v in document.items() if k != "targets"}
+    unknown = sorted(set(defaults) - TARGET_KEYS)
+    if unknown:
+        raise ConfigError(unknown[0], "unknown key")
+    targets, names, state_files = [], set(), set()
+    for index, entry in enumerate(entries):
+        where = f"targets[{index}]."
+        if not isinstance(entry, dict):
+            raise ConfigError(f"targets[{index}]", "expected a mapping")
+        name = entry.get("name")
+        if not isinstance(name, str) or not _TARGET_NAME.match(name):
+            raise ConfigError(f"{where}name", f"{name!r} is not a name (letters, digits, _ . -)")
+        if name in names:
+            raise ConfigError(f"{where}name", f"{name!r} is used by another target")
+        names.add(name)
+        target = _target({**defaults, **entry}, where, name)
+        if target.state_file and target.state_file in state_files:
+            raise ConfigError(f"{where}state_file", f"{target.state_file!r} is used by another target")
+        state_files.add(target.state_file)
+        targets.append(target)
+    return tuple(targets)
+
+
+def load_document(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            document = yaml.safe_load(handle)
+    except OSError as error:
+        raise ConfigError("config.file", f"cannot read {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError("config.file", f"{path} is not valid YAML{where}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError("config.file", f"{path} must hold a mapping of keys")
+    return document
+
+
+def parse_listen_address(value: str) -> tuple[str | None, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError("web.listen-address", f"{value!r} is not [HOST]:PORT")
+    return (host.strip("[]") or None), int(port)
+
+
+def build(
+    *,
+    config_file: str | None = None,
+    listen_address: str = DEFAULT_LISTEN,
+    telemetry_path: str = "/metrics",
+    log_level: str = "info",
+    log_format: str = "logfmt",
+    demo: bool = False,
+    once: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """The one place a Config is made: everything is validated before the service starts."""
+    env = os.environ if env is None else env
+    targets = _targets(load_document(config_file), env)
+    if not demo:
+        for index, target in enumerate(targets):
+            if target.api_key is None:
+                key = "api_key_file" if len(targets) == 1 else f"targets[{index}].api_key_file"
+                raise ConfigError(key, "no API key: set api_key_file, CALLINGBOX_API_KEY or CALLINGBOX_API_KEY_FILE")
+    host, port = parse_listen_address(listen_address)
+    if not telemetry_path.startswith("/") or telemetry_path in ("/", "/-/healthy", "/-/ready"):
+        raise ConfigError("web.telemetry-path", f"{telemetry_path!r} must be a path like /metrics")
+    return Config(targets, host, port, telemetry_path, log_level, log_format, demo, once)

@@ -1,0 +1,322 @@
+"""The aggregate store of counters and histograms, and the collector that renders it.
+
+A `Store` is plain dictionary arithmetic: accounting events go in, label caps are applied,
+and it serialises for the state file. The poller publishes immutable `Snapshot`s; the
+`Collector` renders the latest one per target, so every scrape sees one consistent state.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, NamedTuple
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector as _Collector
+from prometheus_client.utils import floatToGoString
+
+from .accounting import EXTRACTIONS, OUTCOMES, Billed, Created, Ended, Event, ExtractionOutcome, WebhookOutcome
+from .records import ACTIVE_STATUSES, DIRECTIONS, TERMINAL_STATUSES
+
+MILLI_CENTS_PER_DOLLAR = 100_000
+CAPPED_LABELS = ("hangup_cause", "error_code")
+
+DURATION_BUCKETS = (0, 5, 10, 20, 30, 60, 120, 180, 300, 600, 1200, 1800, 3600)
+DELAY_BUCKETS = (0.5, 1, 2, 3, 5, 8, 10, 15, 20, 30, 45, 60)
+POLL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Family(NamedTuple):
+    kind: str  # counter | histogram
+    labels: tuple[str, ...]  # without org
+    doc: str
+
+
+FAMILIES: dict[str, Family] = {
+    "callingbox_calls_created_total": Family("counter", ("direction",), "Calls first observed, by direction."),
+    "callingbox_calls_total": Family(
+        "counter", ("direction", "status"), "Calls first observed in a terminal status."
+    ),
+    "callingbox_call_hangups_total": Family(
+        "counter", ("direction", "status", "hangup_cause"), "Terminal calls by hangup cause."
+    ),
+    "callingbox_call_errors_total": Family(
+        "counter", ("direction", "error_code"), "Terminal calls with an error code."
+    ),
+    "callingbox_webhook_deliveries_total": Family(
+        "counter", ("status",), "Webhook outcomes observed (delivered, failed); a replay counts again."
+    ),
+    "callingbox_result_extractions_total": Family(
+        "counter", ("status",), "Structured-data extraction outcomes observed (completed, failed)."
+    ),
+    "callingbox_billed_amount_dollars_total": Family(
+        "counter", ("direction",), "Money billed for settled calls, in US dollars."
+    ),
+    "callingbox_call_duration_seconds": Family(
+        "histogram", ("direction", "status"), "duration_seconds of terminal calls."
+    ),
+    "callingbox_call_answer_delay_seconds": Family(
+        "histogram", ("direction",), "Time from ringing to answer (answered_at - started_at)."
+    ),
+    "callingbox_call_billed_duration_seconds": Family(
+        "histogram", ("direction",), "billed_duration_seconds of settled calls."
+    ),
+    "callingbox_call_setup_delay_seconds": Family(
+        "histogram", ("direction",), "Time from creation to ringing (started_at - created_at)."
+    ),
+    "callingbox_exporter_polls_total": Family("counter", ("result",), "Polls of the CallingBox API by result."),
+    "callingbox_exporter_poll_duration_seconds": Family("histogram", (), "Wall time of a poll, fetch to publish."),
+    "callingbox_exporter_api_requests_total": Family(
+        "counter", ("code",), "Requests to the CallingBox API by HTTP status, or error when none came back."
+    ),
+    "callingbox_exporter_invalid_records_total": Family(
+        "counter", ("reason",), "API records skipped because they could not be read."
+    ),
+    "callingbox_exporter_label_overflow_total": Family(
+        "counter", ("label",), "Label values folded into 'other' by the per-label cap."
+    ),
+    "callingbox_exporter_vanished_calls_total": Family(
+        "counter", (), "Tracked calls that the API no longer knows (404 by id)."
+    ),
+}
+
+DEFAULT_BUCKETS: dict[str, tuple[float, ...]] = {
+    "callingbox_call_duration_seconds": DURATION_BUCKETS,
+    "callingbox_call_answer_delay_seconds": DELAY_BUCKETS,
+    "callingbox_call_billed_duration_seconds": DURATION_BUCKETS,
+    "callingbox_call_setup_delay_seconds": DELAY_BUCKETS,
+    "callingbox_exporter_poll_duration_seconds": POLL_BUCKETS,
+}
+
+
+def _initial_series() -> Iterable[tuple[str, tuple[str, ...]]]:
+    """Series known to exist, exported at 0 so the first failure shows in increase()."""
+    for d in DIRECTIONS:
+        yield "callingbox_calls_created_total", (d,)
+        yield "callingbox_billed_amount_dollars_total", (d,)
+        for s in TERMINAL_STATUSES:
+            yield "callingbox_calls_total", (d, s)
+            yield "callingbox_call_duration_seconds", (d, s)
+        for name in ("answer_delay", "billed_duration", "setup_delay"):
+            yield f"callingbox_call_{name}_seconds", (d,)
+    for s in OUTCOMES:
+        yield "callingbox_webhook_deliveries_total", (s,)
+    for s in EXTRACTIONS:
+        yield "callingbox_result_extractions_total", (s,)
+    for result in ("success", "error"):
+        yield "callingbox_exporter_polls_total", (result,)
+    yield "callingbox_exporter_poll_duration_seconds", ()
+    yield "callingbox_exporter_vanished_calls_total", ()
+
+
+def label_value(value: str | None) -> str:
+    return value if value else "none"
+
+
+class Store:
+    """Counters and histograms of one target, keyed by label values (org excluded)."""
+
+    def __init__(self, buckets: dict[str, tuple[float, ...]] | None = None, label_limit: int = 50):
+        self.buckets = {**DEFAULT_BUCKETS, **(buckets or {})}
+        self.label_limit = label_limit
+        self.counters: dict[str, dict[tuple[str, ...], int | float]] = {}
+        # histogram series: per-bucket counts (not cumulative), then the +Inf overflow, then the sum
+        self.histograms: dict[str, dict[tuple[str, ...], list[float]]] = {}
+        self.seen: dict[str, set[str]] = {label: set() for label in CAPPED_LABELS}
+        for name, labels in _initial_series():
+            if FAMILIES[name].kind == "counter":
+                self.counters.setdefault(name, {})[labels] = 0
+            else:
+                self.histograms.setdefault(name, {})[labels] = self._empty(name)
+
+    def _empty(self, name: str) -> list[float]:
+        return [0] * (len(self.buckets[name]) + 1) + [0.0]
+
+    def inc(self, name: str, labels: tuple[str, ...], amount: int | float = 1) -> None:
+        series = self.counters.setdefault(name, {})
+        series[labels] = series.get(labels, 0) + amount
+
+    def observe(self, name: str, labels: tuple[str, ...], value: float) -> None:
+        series = self.histograms.setdefault(name, {})
+        counts = series.get(labels)
+        if counts is None:
+            counts = series[labels] = self._empty(name)
+        counts[bisect.bisect_left(self.buckets[name], value)] += 1
+        counts[-1] += value
+
+    def capped(self, label: str, value: str | None) -> str:
+        """The label value to export: `none` for null, `other` once the cap is full."""
+        value = label_value(value)
+        seen = self.seen[label]
+        if value in seen or value in ("none", "other"):
+            return value
+        if len(seen) < self.label_limit:
+            seen.add(value)
+            return value
+        self.inc("callingbox_exporter_label_overflow_total", (label,))
+        return "other"
+
+    def count(self, events: Iterable[Event]) -> None:
+        for event in events:
+            kind = type(event)
+            if kind is Created:
+                self.inc("callingbox_calls_created_total", (event.direction,))
+            elif kind is Ended:
+                d, s = event.direction, event.status
+                self.inc("callingbox_calls_total", (d, s))
+                self.inc("callingbox_call_hangups_total", (d, s, self.capped("hangup_cause", event.hangup_cause)))
+                if event.error_code is not None:
+                    self.inc("callingbox_call_errors_total", (d, self.capped("error_code", event.error_code)))
+                if event.duration is not None:
+                    self.observe("callingbox_call_duration_seconds", (d, s), event.duration)
+                if event.answer_delay is not None:
+                    self.observe("callingbox_call_answer_delay_seconds", (d,), event.answer_delay)
+                if event.setup_delay is not None:
+                    self.observe("callingbox_call_setup_delay_seconds", (d,), event.setup_delay)
+            elif kind is Billed:
+                self.inc("callingbox_billed_amount_dollars_total", (event.direction,), event.milli_cents)
+                if event.billed_seconds is not None:
+                    self.observe("callingbox_call_billed_duration_seconds", (event.direction,), event.billed_seconds)
+            elif kind is WebhookOutcome:
+                self.inc("callingbox_webhook_deliveries_total", (event.status,))
+            elif kind is ExtractionOutcome:
+                self.inc("callingbox_result_extractions_total", (event.status,))
+
+    def copy(self) -> "Store":
+        clone = copy.copy(self)
+        clone.counters = {name: dict(series) for name, series in self.counters.items()}
+        clone.histograms = {name: {k: list(v) for k, v in series.items()} for name, series in self.histograms.items()}
+        clone.seen = {label: set(values) for label, values in self.seen.items()}
+        return clone
+
+    def to_json(self) -> dict:
+        return {
+            "counters": {name: [[*k, v] for k, v in series.items()] for name, series in self.counters.items()},
+            "histograms": {
+                name: {"buckets": list(self.buckets[name]), "series": [[*k, *v] for k, v in series.items()]}
+                for name, series in self.histograms.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, buckets=None, label_limit: int = 50) -> tuple["Store", list[str]]:
+        """Restore a store; returns it and the histogram names whose buckets changed (reset)."""
+        store = cls(buckets, label_limit)
+        reset: list[str] = []
+        for name, rows in data["counters"].items():
+            if name not in FAMILIES:
+                continue
+            width = len(FAMILIES[name].labels)
+            store.counters.setdefault(name, {}).update({tuple(row[:width]): row[width] for row in rows})
+        for name, saved in data["histograms"].items():
+            if name not in FAMILIES:
+                continue
+            if tuple(saved["buckets"]) != tuple(store.buckets[name]):
+                reset.append(name)
+                continue
+            width = len(FAMILIES[name].labels)
+            series = store.histograms.setdefault(name, {})
+            series.update({tuple(row[:width]): list(row[width:]) for row in saved["series"]})
+        for label, family in (("hangup_cause", "callingbox_call_hangups_total"), ("error_code", "callingbox_call_errors_total")):
+            position = FAMILIES[family].labels.index(label)
+            values = {k[position] for k in store.counters.get(family, {})} - {"none", "other"}
+            store.seen[label] = values
+        return store, reset
+
+
+@dataclass(frozen=True)
+class Health:
+    """Gauges of one target at publish time."""
+
+    up: bool = False
+    last_success: float | None = None
+    watermark: float | None = None
+    tracked: int = 0
+    stragglers: int = 0
+    active: dict = field(default_factory=dict)
+    webhooks_pending: int = 0
+    webhook_pending_oldest: float | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    store: Store
+    health: Health
+
+
+_NO_ACTIVE_CALLS = {(d, s): 0 for d in DIRECTIONS for s in ACTIVE_STATUSES}
+
+
+class Collector(_Collector):
+    """Renders the latest published snapshot of every target."""
+
+    def __init__(self, version: str, clock=time.time):
+        self.version = version
+        self.clock = clock
+        self.snapshots: dict[str, Snapshot] = {}
+
+    def publish(self, org: str, snapshot: Snapshot) -> None:
+        self.snapshots[org] = snapshot  # one reference swap: scrapes see the old or the new whole
+
+    def forget(self, org: str) -> None:
+        self.snapshots.pop(org, None)
+
+    def collect(self):
+        snapshots = dict(self.snapshots)
+        now = self.clock()
+        for name, family in FAMILIES.items():
+            if family.kind == "counter":
+                metric = CounterMetricFamily(name, family.doc, labels=("org", *family.labels))
+                scale = MILLI_CENTS_PER_DOLLAR if name == "callingbox_billed_amount_dollars_total" else 1
+                for org, snap in snapshots.items():
+                    for labels, value in snap.store.counters.get(name, {}).items():
+                        metric.add_metric((org, *labels), value / scale if scale != 1 else value)
+            else:
+                metric = HistogramMetricFamily(name, family.doc, labels=("org", *family.labels))
+                for org, snap in snapshots.items():
+                    bounds = snap.store.buckets[name]
+                    for labels, counts in snap.store.histograms.get(name, {}).items():
+                        cumulative, running = [], 0
+                        for bound, count in zip(bounds, counts):
+                            running += count
+                            cumulative.append((floatToGoString(bound), running))
+                        cumulative.append(("+Inf", running + counts[len(bounds)]))
+                        metric.add_metric((org, *labels), cumulative, sum_value=counts[-1])
+            yield metric
+        yield from self._gauges(snapshots, now)
+
+    def _gauges(self, snapshots: dict[str, Snapshot], now: float):
+        def gauge(name, doc, labels=()):
+            return GaugeMetricFamily(name, doc, labels=("org", *labels))
+
+        active = gauge("callingbox_calls_active", "Calls now queued, initiated, ringing or in progress.", ("direction", "status"))
+        pending = gauge("callingbox_webhooks_pending", "Tracked calls whose webhook delivery is pending.")
+        oldest = gauge(
+            "callingbox_webhook_pending_oldest_age_seconds",
+            "Age of the oldest pending webhook delivery: a dead endpoint shows here two days before failed.",
+        )
+        up = gauge("callingbox_up", "1 when the last poll of the CallingBox API succeeded.")
+        last = gauge("callingbox_exporter_last_success_timestamp_seconds", "When the last poll succeeded.")
+        watermark = gauge("callingbox_exporter_watermark_timestamp_seconds", "Newest updated_at processed.")
+        tracked = gauge("callingbox_exporter_tracked_calls", "Calls held in the per-call ledger.")
+        stragglers = gauge(
+            "callingbox_exporter_stragglers", "Tracked calls past the settle window that are not final yet."
+        )
+        for org, snap in snapshots.items():
+            h = snap.health
+            for (direction, status), value in ({**_NO_ACTIVE_CALLS, **h.active}).items():
+                active.add_metric((org, direction, status), value)
+            pending.add_metric((org,), h.webhooks_pending)
+            age = 0.0 if h.webhook_pending_oldest is None else max(0.0, now - h.webhook_pending_oldest)
+            oldest.add_metric((org,), age)
+            up.add_metric((org,), 1 if h.up else 0)
+            last.add_metric((org,), h.last_success or 0)
+            watermark.add_metric((org,), h.watermark or 0)
+            tracked.add_metric((org,), h.tracked)
+            stragglers.add_metric((org,), h.stragglers)
+        yield from (active, pending, oldest, up, last, watermark, tracked, stragglers)
+        info = GaugeMetricFamily("callingbox_exporter_build_info", "The exporter's version.", labels=("version",))
+        info.add_metric((self.version,), 1)
+        yield info
