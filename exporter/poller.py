@@ -1,0 +1,229 @@
+"""The loop of one target: fetch → account → persist → publish, then wait.
+
+A poll reads `GET /v1/calls` newest first and stops at the settle window. Its counts reach
+`/metrics` only after the state holding them is on disk (persist, then publish), so a crash
+never shows Prometheus a counter going backwards. Faults back off with jitter; they never
+end the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+from . import state
+from .accounting import Ledger
+from .api import ApiError, Client, RateLimited, Unauthorized
+from .config import Target
+from .metrics import Collector, Health, Snapshot, Store
+from .records import Invalid, decode_record
+
+MAX_BACKOFF = 300.0
+RATE_LIMIT_RETRIES = 3
+INVALID_LOG_LIMIT = 10  # malformed records logged one by one per poll; the rest are summed up
+INVALID_MEMORY = 10_000  # malformed records remembered so a re-read does not count them again
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Status:
+    """What the landing page and /-/ready say about a target."""
+
+    up: bool = False
+    ready: bool = False
+    last_poll: float | None = None
+    last_success: float | None = None
+    last_error: str | None = None
+    failures: int = 0
+    next_poll: float | None = None
+    tracked: int = 0
+    watermark: float | None = None
+
+
+class Poller:
+    def __init__(
+        self,
+        target: Target,
+        collector: Collector,
+        session: aiohttp.ClientSession,
+        clock=time.time,
+        rng: random.Random | None = None,
+    ):
+        self.target = target
+        self.collector = collector
+        self.client = Client(session, target.api_url, target.api_key, target.request_timeout, self._count_response)
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.status = Status()
+        self.store = Store(dict(target.buckets), target.max_label_values)
+        self.ledger = Ledger(baseline=clock() - target.initial_lookback)
+        self._invalid_seen: dict[str, None] = {}
+
+    @property
+    def org(self) -> str:
+        return self.target.name
+
+    def _count_response(self, code: str) -> None:
+        self.store.inc("callingbox_exporter_api_requests_total", (code,))
+
+    async def restore(self) -> None:
+        """Load the state file, if any, and serve its values at once (not ready until a poll)."""
+        if self.target.state_file:
+            restored = await asyncio.to_thread(
+                state.load, self.target.state_file, self.org, dict(self.target.buckets), self.target.max_label_values
+            )
+            if restored is not None:
+                self.ledger, self.store = restored.ledger, restored.store
+                log.info(
+                    "state restored",
+                    extra={"org": self.org, "tracked_calls": len(self.ledger.calls), "watermark": self.ledger.watermark},
+                )
+        summary = self.ledger.sweep(self.clock(), self.target.settle_window)
+        self._publish(summary)
+
+    async def run(self) -> None:
+        """Poll forever; returns only when cancelled."""
+        while True:
+            ok, backoff = await self.poll()
+            delay = self.target.poll_interval if ok else backoff
+            self.status.next_poll = self.clock() + delay
+            await asyncio.sleep(delay)
+
+    async def poll(self) -> tuple[bool, float]:
+        """One poll; returns whether it succeeded and, if not, how long to back off."""
+        started, now = time.monotonic(), self.clock()
+        self.status.last_poll = now
+        self.client.bytes_read = 0
+        problem: Exception | None = None
+        stats = {"records": 0, "examined": 0, "events": 0, "invalid": 0}
+        try:
+            await self._read(now, stats)
+        except ApiError as error:
+            problem = error
+        except Exception as error:  # a bug must not end the loop; say so loudly and carry on
+            log.exception("poll crashed", extra={"org": self.org})
+            problem = error
+        result = "error" if problem else "success"
+        self.store.inc("callingbox_exporter_polls_total", (result,))
+        self.store.observe("callingbox_exporter_poll_duration_seconds", (), time.monotonic() - started)
+        summary = self.ledger.sweep(now, self.target.settle_window)
+        if summary.given_up:
+            log.warning("stragglers given up", extra={"org": self.org, "calls": summary.given_up})
+
+        durable = True
+        if self.target.state_file:
+            try:
+                await asyncio.to_thread(state.save, self.target.state_file, self.org, self.ledger, self.store)
+            except OSError as error:
+                # Not durable, so not published: the counts wait in memory for the next save.
+                log.error("state not saved", extra={"org": self.org, "path": self.target.state_file, "error": str(error)})
+                durable, problem = False, problem or error
+
+        if problem is None:
+            self.status.up, self.status.ready, self.status.last_error = True, True, None
+            self.status.failures, self.status.last_success = 0, now
+            backoff = 0.0
+        else:
+            self.status.up = False
+            self.status.failures += 1
+            self.status.last_error = str(problem)
+            backoff = self._backoff(problem)
+            level = logging.ERROR if isinstance(problem, Unauthorized) else logging.WARNING
+            message = "API key rejected" if isinstance(problem, Unauthorized) else "poll failed"
+            log.log(
+                level,
+                message,
+                extra={"org": self.org, "code": getattr(problem, "code", "error"), "error": str(problem), "backoff_s": round(backoff, 2)},
+            )
+        if durable:
+            self._publish(summary)
+        log.debug(
+            "poll done",
+            extra={"org": self.org, "result": result, "bytes": self.client.bytes_read, "tracked": summary.tracked,
+                   "duration_s": round(time.monotonic() - started, 3), **stats},
+        )
+        return problem is None, backoff
+
+    async def _read(self, now: float, stats: dict) -> None:
+        """Read the list until the settle window and account every record in it."""
+        for attempt in range(RATE_LIMIT_RETRIES + 1):
+            try:
+                await self._read_once(now, stats)
+                return
+            except RateLimited as error:
+                if attempt == RATE_LIMIT_RETRIES:
+                    raise
+                wait = min(MAX_BACKOFF, error.retry_after if error.retry_after is not None else self.target.poll_interval)
+                log.warning("rate limited", extra={"org": self.org, "retry_after_s": wait})
+                await asyncio.sleep(wait)
+
+    async def _read_once(self, now: float, stats: dict) -> None:
+        horizon = now - self.target.settle_window
+        overlap, ledger, store = self.target.overlap, self.ledger, self.store
+        newest: float | None = None
+        past_window = False
+        async with self.client.list_calls() as batches:
+            async for batch in batches:
+                for obj in batch:
+                    stats["records"] += 1
+                    record = decode_record(obj)
+                    if type(record) is Invalid:
+                        self._invalid(obj, record, stats)
+                        continue
+                    if record.created_at < horizon:
+                        past_window = True  # newest first: all that follows is settled history
+                        break
+                    if newest is None or record.updated_at > newest:
+                        newest = record.updated_at
+                    if ledger.examines(record.updated_at, overlap):
+                        stats["examined"] += 1
+                        events = ledger.account(record)
+                        if events:
+                            stats["events"] += len(events)
+                            store.count(events)
+                if past_window:
+                    break
+                await asyncio.sleep(0)  # a large read yields to scrapes between chunks
+        ledger.complete_poll(newest)
+
+    def _invalid(self, obj: object, invalid: Invalid, stats: dict) -> None:
+        """Count a malformed record once, however many polls read it again."""
+        fingerprint = json.dumps(obj, sort_keys=True, default=str)
+        if fingerprint in self._invalid_seen:
+            return
+        self._invalid_seen[fingerprint] = None
+        if len(self._invalid_seen) > INVALID_MEMORY:
+            del self._invalid_seen[next(iter(self._invalid_seen))]
+        self.store.inc("callingbox_exporter_invalid_records_total", (invalid.reason,))
+        stats["invalid"] += 1
+        if stats["invalid"] <= INVALID_LOG_LIMIT:
+            log.warning("invalid record skipped", extra={"org": self.org, "reason": invalid.reason, "call_id": invalid.call_id})
+        elif stats["invalid"] == INVALID_LOG_LIMIT + 1:
+            log.warning("more invalid records this poll; counted, not logged", extra={"org": self.org})
+
+    def _backoff(self, problem: Exception) -> float:
+        """Exponential with ±20 % jitter; a rejected key retries four times slower."""
+        base = self.target.poll_interval * (4 if isinstance(problem, Unauthorized) else 1)
+        delay = min(MAX_BACKOFF, base * 2 ** min(self.status.failures - 1, 20))
+        return delay * self.rng.uniform(0.8, 1.2)
+
+    def _publish(self, summary) -> None:
+        self.status.tracked, self.status.watermark = summary.tracked, self.ledger.watermark
+        health = Health(
+            up=self.status.up,
+            last_success=self.status.last_success,
+            watermark=self.ledger.watermark,
+            tracked=summary.tracked,
+            stragglers=summary.stragglers,
+            active=summary.active,
+            webhooks_pending=summary.webhooks_pending,
+            webhook_pending_oldest=summary.webhook_pending_oldest,
+        )
+        self.collector.publish(self.org, Snapshot(self.store.copy(), health))

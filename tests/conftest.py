@@ -1,0 +1,217 @@
+"""Fixtures that start real things: the simulator on a loopback port, the exporter as a process.
+
+Every wait has a deadline; every process and server is stopped at teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.simulator import Simulator, serve_in_thread
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1, message: str = "condition"):
+    """Poll `predicate` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse_metrics(text: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+class Exporter:
+    """The exporter as a real subprocess."""
+
+    def __init__(self, tmp: Path, config: dict, env: dict | None = None, name: str = "exporter"):
+        self.tmp = tmp
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = tmp / f"{name}.yml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = tmp / f"{name}.log"
+        self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        self.process: subprocess.Popen | None = None
+
+    def start(self, *extra: str, wait_healthy: bool = True) -> "Exporter":
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "exporter", "--config.file", str(self.config_path),
+             "--web.listen-address", f"127.0.0.1:{self.port}", "--log.level", "debug", *extra],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        if wait_healthy:
+            wait_until(lambda: self._healthy(), 20, message=f"exporter healthy (log: {self.log_path})")
+        return self
+
+    def _healthy(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"exporter exited with {self.process.returncode}: {self.log()[-2000:]}")
+        try:
+            return http_get(self.url + "/-/healthy", timeout=1)[0] == 200
+        except OSError:
+            return False
+
+    def ready(self) -> bool:
+        try:
+            return http_get(self.url + "/-/ready", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    def scrape(self) -> Samples:
+        status, text = http_get(self.url + "/metrics")
+        assert status == 200, text
+        return parse_metrics(text)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=20)
+
+    def rss_peak_kib(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmHWM")
+
+
+@pytest.fixture
+def stack(tmp_path):
+    """Start simulators and exporters; everything is stopped at the end of the test."""
+
+    class Stack:
+        def __init__(self, exits: ExitStack):
+            self.exits = exits
+            self.exporters: list[Exporter] = []
+
+        def simulator(self, **kwargs) -> tuple[Simulator, str]:
+            sim = Simulator(**kwargs)
+            url = self.exits.enter_context(serve_in_thread(sim))
+            return sim, url
+
+        def exporter(self, config: dict, env: dict | None = None, name: str = "exporter") -> Exporter:
+            exporter = Exporter(tmp_path, config, env, name)
+            self.exporters.append(exporter)
+            return exporter
+
+    with ExitStack() as exits:
+        s = Stack(exits)
+        try:
+            yield s
+        finally:
+            for exporter in s.exporters:
+                exporter.kill(signal.SIGTERM if exporter.process and exporter.process.poll() is None else signal.SIGKILL)
+
+
+def counters_of(samples: Samples, org: str = "default") -> Samples:
+    """Samples of one org with the org label dropped, for comparison with simulator truth."""
+    result: Samples = {}
+    for (name, labels), value in samples.items():
+        labels_dict = dict(labels)
+        if labels_dict.pop("org", None) != org:
+            continue
+        result[(name, tuple(sorted(labels_dict.items())))] = value
+    return result
+
+
+HISTOGRAMS = (
+    "callingbox_call_duration_seconds",
+    "callingbox_call_answer_delay_seconds",
+    "callingbox_call_setup_delay_seconds",
+    "callingbox_call_billed_duration_seconds",
+)
+COUNTERS = (
+    "callingbox_calls_created_total",
+    "callingbox_calls_total",
+    "callingbox_call_hangups_total",
+    "callingbox_call_errors_total",
+    "callingbox_webhook_deliveries_total",
+    "callingbox_result_extractions_total",
+)
+
+
+def differences(samples: Samples, truth, org: str = "default", buckets: dict | None = None) -> list[str]:
+    """Every way the exporter's numbers differ from the simulator's ground truth (empty: exact)."""
+    from exporter.metrics import DEFAULT_BUCKETS, MILLI_CENTS_PER_DOLLAR
+
+    got = counters_of(samples, org)
+    problems = []
+    expected: Samples = {}
+    for (name, labels), value in truth.counters.items():
+        if name == "callingbox_billed_amount_milli_cents":
+            expected[("callingbox_billed_amount_dollars_total", labels)] = value / MILLI_CENTS_PER_DOLLAR
+        else:
+            expected[(name, labels)] = value
+    for (name, labels), observations in truth.observations.items():
+        bounds = (buckets or {}).get(name, DEFAULT_BUCKETS[name])
+        expected[(name + "_count", labels)] = len(observations)
+        expected[(name + "_sum", labels)] = sum(observations)
+        for bound in (*bounds, float("inf")):
+            le = float(bound)
+            expected[(name + "_bucket", tuple(sorted(labels + (("le", _le(le)),))))] = sum(
+                1 for v in observations if v <= le
+            )
+    families = COUNTERS + ("callingbox_billed_amount_dollars_total",) + tuple(
+        h + suffix for h in HISTOGRAMS for suffix in ("_count", "_sum", "_bucket")
+    )
+    keys = {k for k in expected} | {k for k in got if k[0] in families}
+    for key in sorted(keys):
+        want, have = expected.get(key, 0), got.get(key, 0)
+        if key[0].endswith("_sum") or key[0].startswith("callingbox_billed_amount"):
+            if abs(want - have) > 1e-6 * max(1.0, abs(want)):
+                problems.append(f"{key}: exporter {have} != truth {want}")
+        elif want != have:
+            problems.append(f"{key}: exporter {have} != truth {want}")
+    return problems
+
+
+def _le(bound: float) -> str:
+    from prometheus_client.utils import floatToGoString
+
+    return floatToGoString(bound)
