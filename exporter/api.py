@@ -60,9 +60,9 @@ class ArrayStream:
         self._text = ""
         self._state = "start"  # start → first → comma ⇄ item → done
 
-    def feed(self, chunk: bytes) -> list[object]:
+    def feed(self, chunk: bytes, final: bool = False) -> list[object]:
         try:
-            text = self._text + self._utf8.decode(chunk)
+            text = self._text + self._utf8.decode(chunk, final)
         except UnicodeDecodeError:
             raise BodyError("response body is not UTF-8") from None
         items: list[object] = []
@@ -102,7 +102,7 @@ class ArrayStream:
 
     def finish(self) -> None:
         """The body ended: it must have closed the array."""
-        self.feed(b"")
+        self.feed(b"", final=True)
         if self._state != "done" or self._text.strip():
             raise BodyError("response body ended before the JSON array was complete")
 

@@ -7,6 +7,7 @@ never prints itself.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -110,6 +111,8 @@ def parse_duration(key: str, value: Any) -> float:
         seconds = sum(float(n) * _UNITS[unit] for n, unit in _DURATION.findall(value))
     else:
         raise ConfigError(key, f"{value!r} is not a duration (e.g. 15s, 2m)")
+    if not math.isfinite(seconds):
+        raise ConfigError(key, f"{value!r} is not a finite duration")
     if seconds < 0:
         raise ConfigError(key, f"{value!r} must not be negative")
     return seconds

@@ -54,6 +54,10 @@ def encode(org: str, ledger: Ledger, store: Store) -> bytes:
 
 def decode(data: bytes, buckets=None, label_limit: int = 50) -> Restored:
     document = json.loads(data)
+    if not isinstance(document, dict) or not all(
+        isinstance(document.get(key), dict) for key in ("calls", "store")
+    ):
+        raise ValueError("not a state document")
     if document.get("version") != FORMAT_VERSION:
         raise ValueError(f"unsupported state version {document.get('version')!r}")
     calls = {call_id: CallState(*fields) for call_id, fields in document["calls"].items()}
@@ -94,8 +98,8 @@ def load(path: str, org: str, buckets=None, label_limit: int = 50) -> Restored |
         return None
     try:
         restored = decode(data, buckets, label_limit)
-    except (ValueError, KeyError, TypeError) as error:
-        aside = f"{path}.corrupt-{int(time.time())}"
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        aside = f"{path}.corrupt-{time.time_ns()}"
         os.replace(path, aside)
         log.error("state file unreadable, starting afresh", extra={"org": org, "path": path, "moved_to": aside, "error": str(error)})
         return None

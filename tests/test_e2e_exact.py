@@ -1,0 +1,95 @@
+"""Whole system: the exporter process against the simulator over loopback HTTP.
+
+The story: a few thousand calls of mixed outcomes flow (late commits, webhook replays,
+billing settling after the end); once the simulator is quiet, every counter and histogram
+on /metrics equals the simulator's ground truth exactly, and stays so.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+
+from conftest import differences, http_get, parse_metrics, wait_until
+
+KEY = "sk_test_e2e_0123456789"
+
+
+def _config(url: str, **extra) -> dict:
+    return {"api_url": url, "poll_interval": "0.3s", "overlap": "10s", "initial_lookback": "1h", **extra}
+
+
+def _polls(exporter) -> float:
+    return exporter.scrape().get(("callingbox_exporter_polls_total", (("org", "default"), ("result", "success"))), 0)
+
+
+def settle_and_compare(sim, exporter, timeout: float = 90) -> list[str]:
+    """Wait until the simulator is quiet and the exporter has read it, then diff with truth."""
+    wait_until(sim.all_final, timeout, message="simulator calls final")
+    truth = sim.truth(0)
+    try:
+        wait_until(lambda: not differences(exporter.scrape(), truth), 30, message="exporter caught up with truth")
+    except AssertionError:
+        return differences(exporter.scrape(), truth)
+    polls = _polls(exporter)
+    wait_until(lambda: _polls(exporter) >= polls + 3, 20, message="three more polls")
+    return differences(exporter.scrape(), truth)
+
+
+def test_counts_equal_simulator_truth_for_thousands_of_mixed_calls(stack):
+    sim, url = stack.simulator(
+        seed=7, rate=300, max_calls=3000, time_scale=300, webhook_retry_base=0.05,
+        replay_share=0.05, late_commit=0.5, api_key=KEY,
+    )
+    exporter = stack.exporter(_config(url), env={"CALLINGBOX_API_KEY": KEY}).start()
+
+    assert settle_and_compare(sim, exporter) == []
+
+    samples = exporter.scrape()
+    org = (("org", "default"),)
+    created = sum(v for (n, _), v in samples.items() if n == "callingbox_calls_created_total")
+    assert created == 3000
+    ended = {labels: v for (n, labels), v in samples.items() if n == "callingbox_calls_total"}
+    assert sum(ended.values()) == 3000
+    assert len({dict(l)["status"] for l, v in ended.items() if v > 0}) == 5, "every terminal status occurs"
+    assert samples[("callingbox_webhook_deliveries_total", org + (("status", "failed"),))] > 0
+    assert samples[("callingbox_up", org)] == 1
+    assert samples[("callingbox_webhooks_pending", org)] == 0
+    assert sum(v for (n, _), v in samples.items() if n == "callingbox_calls_active") == 0
+    assert exporter.ready()
+
+
+def test_metrics_endpoint_negotiates_openmetrics(stack):
+    sim, url = stack.simulator(seed=1, rate=50, max_calls=20, time_scale=300, webhook_retry_base=0.05, api_key=KEY)
+    exporter = stack.exporter(_config(url), env={"CALLINGBOX_API_KEY": KEY}).start()
+    wait_until(exporter.ready, 20, message="ready")
+
+    request = urllib.request.Request(
+        exporter.url + "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0; charset=utf-8"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        body = response.read().decode()
+        assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+    assert body.rstrip().endswith("# EOF")
+    assert "# TYPE callingbox_calls counter" in body
+    assert "_created" not in body, "no _created samples unless they carry the original creation time"
+
+    status, text = http_get(exporter.url + "/metrics")
+    assert status == 200 and "# TYPE callingbox_calls_total counter" in text
+    assert parse_metrics(text)[("callingbox_exporter_build_info", (("version", "0.1.0"),))] == 1
+
+
+def test_landing_page_and_readiness(stack):
+    sim, url = stack.simulator(seed=2, rate=50, max_calls=30, time_scale=300, webhook_retry_base=0.05, api_key=KEY)
+    sim.inject("status", count=4, code=503)  # backoff 0.3 + 0.6 + 1.2 + 2.4 s before the first success
+    exporter = stack.exporter(_config(url), env={"CALLINGBOX_API_KEY": KEY}).start()
+
+    wait_until(lambda: "HTTP 503" in http_get(exporter.url + "/")[1], 20, message="error on the landing page")
+    status, _ = http_get(exporter.url + "/-/ready")
+    assert status == 503, "not ready before a successful poll"
+    assert http_get(exporter.url + "/-/healthy")[0] == 200
+
+    wait_until(exporter.ready, 30, message="ready after the API recovers")
+    status, page = http_get(exporter.url + "/")
+    assert status == 200
+    for needle in ("0.1.0", "default", "up", "/metrics", "/-/ready", "last poll"):
+        assert needle in page

@@ -1,0 +1,378 @@
+"""The aggregate Store (label caps, buckets, serialisation) and the Collector's exposition.
+
+The exposition is rendered by prometheus-client in both formats and read back with its
+parsers, so the tests see what Prometheus sees.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+
+from exporter.accounting import Billed, Created, Ended, ExtractionOutcome, WebhookOutcome
+from exporter.metrics import Collector, Health, Snapshot, Store
+
+OUT, IN = "outbound", "inbound"
+HANGUPS = "callingbox_call_hangups_total"
+ERRORS = "callingbox_call_errors_total"
+OVERFLOW = "callingbox_exporter_label_overflow_total"
+DURATION = "callingbox_call_duration_seconds"
+TERMINAL = ("completed", "no_answer", "busy", "canceled", "failed")
+ACTIVE = ("queued", "initiated", "ringing", "in_progress")
+
+
+def ended(hangup_cause=None, error_code=None, direction=OUT, status="completed", duration=None,
+          answer_delay=None, setup_delay=None) -> Ended:
+    return Ended(direction, status, hangup_cause, error_code, duration, answer_delay, setup_delay, "call-id")
+
+
+# --- Store: label caps ---------------------------------------------------------------------------
+
+
+def test_values_beyond_the_label_limit_fold_into_other_and_each_fold_is_counted():
+    store = Store(label_limit=3)
+    store.count([ended(cause) for cause in ("a", "b", "c", "d", "e", "d", "a")])
+    assert {k: v for k, v in store.counters[HANGUPS].items() if v} == {
+        (OUT, "completed", "a"): 2,
+        (OUT, "completed", "b"): 1,
+        (OUT, "completed", "c"): 1,
+        (OUT, "completed", "other"): 3,
+    }
+    assert store.counters[OVERFLOW] == {("hangup_cause",): 3}
+
+
+def test_values_already_seen_keep_their_own_label_once_the_cap_is_full():
+    store = Store(label_limit=2)
+    assert [store.capped("error_code", v) for v in ("x", "y", "z", "x", "y", "z")] == ["x", "y", "other", "x", "y", "other"]
+    assert store.counters[OVERFLOW] == {("error_code",): 2}
+
+
+def test_null_and_empty_values_export_as_none_without_using_up_the_cap():
+    store = Store(label_limit=3)
+    store.count([ended(None), ended(""), ended("a"), ended("b"), ended("c"), ended(None)])
+    assert {k: v for k, v in store.counters[HANGUPS].items() if v} == {
+        (OUT, "completed", "none"): 3,
+        (OUT, "completed", "a"): 1,
+        (OUT, "completed", "b"): 1,
+        (OUT, "completed", "c"): 1,
+    }
+    assert store.counters.get(OVERFLOW, {}) == {}
+
+
+def test_each_capped_label_has_its_own_cap():
+    store = Store(label_limit=1)
+    store.count([ended("hang", "err"), ended("hang2", "err2")])
+    assert store.counters[HANGUPS] == {(OUT, "completed", "hang"): 1, (OUT, "completed", "other"): 1}
+    assert store.counters[ERRORS] == {(OUT, "err"): 1, (OUT, "other"): 1}
+    assert store.counters[OVERFLOW] == {("hangup_cause",): 1, ("error_code",): 1}
+
+
+# --- Store: buckets ------------------------------------------------------------------------------
+
+
+def test_an_observation_equal_to_a_bound_goes_in_that_bucket():
+    store = Store(buckets={DURATION: (0, 5, 10)})
+    for value in (0, 5, 5.5, 10, 11, 3600):
+        store.observe(DURATION, (OUT, "completed"), value)
+    # per-bucket counts for le=0, le=5, le=10, then +Inf, then the sum
+    assert store.histograms[DURATION][(OUT, "completed")] == [1, 1, 2, 2, 3631.5]
+
+
+def test_default_duration_buckets_are_those_of_the_spec():
+    assert Store().buckets[DURATION] == (0, 5, 10, 20, 30, 60, 120, 180, 300, 600, 1200, 1800, 3600)
+    assert Store().buckets["callingbox_call_answer_delay_seconds"] == (0.5, 1, 2, 3, 5, 8, 10, 15, 20, 30, 45, 60)
+
+
+# --- Store: serialisation ------------------------------------------------------------------------
+
+
+def busy_store() -> Store:
+    store = Store(label_limit=3)
+    store.count(
+        [
+            Created(OUT),
+            Created(IN),
+            ended("normal_clearing", None, duration=61, answer_delay=5.5, setup_delay=2.0),
+            ended(None, "invalid_number", status="failed"),
+            ended("a"),
+            ended("b"),
+            ended("c", direction=IN, status="busy", duration=0),
+            Billed(OUT, 62, 123_457),
+            Billed(IN, None, 1),
+            WebhookOutcome("delivered"),
+            WebhookOutcome("failed"),
+            ExtractionOutcome("completed"),
+        ]
+    )
+    store.inc("callingbox_exporter_api_requests_total", ("200",))
+    store.inc("callingbox_exporter_invalid_records_total", ("bad_type",), 2)
+    store.observe("callingbox_exporter_poll_duration_seconds", (), 0.3)
+    return store
+
+
+def test_store_round_trips_through_json():
+    store = busy_store()
+    restored, reset = Store.from_json(json.loads(json.dumps(store.to_json())), label_limit=3)
+    assert reset == []
+    assert restored.counters == store.counters
+    assert restored.histograms == store.histograms
+    assert restored.seen == store.seen == {
+        "hangup_cause": {"normal_clearing", "a", "b"},
+        "error_code": {"invalid_number"},
+    }
+
+
+def test_restored_store_keeps_folding_into_other_where_it_left_off():
+    restored, _ = Store.from_json(json.loads(json.dumps(busy_store().to_json())), label_limit=3)
+    restored.count([ended("b"), ended("new")])
+    assert restored.counters[HANGUPS][(OUT, "completed", "b")] == 2
+    assert restored.counters[HANGUPS][(OUT, "completed", "other")] == 1  # "new" folds now; "c" folded under inbound busy
+    assert restored.counters[HANGUPS][(IN, "busy", "other")] == 1
+    assert restored.counters[OVERFLOW] == {("hangup_cause",): 2}
+
+
+def test_histograms_whose_buckets_changed_are_reported_and_restart_from_zero():
+    saved = json.loads(json.dumps(busy_store().to_json()))
+    restored, reset = Store.from_json(saved, buckets={DURATION: (1.0, 2.0, 3.0)})
+    assert reset == [DURATION]
+    assert restored.histograms[DURATION] == {(d, s): [0, 0, 0, 0, 0.0] for d in (OUT, IN) for s in TERMINAL}
+    # the unchanged histograms and all counters are restored
+    assert restored.histograms["callingbox_call_answer_delay_seconds"] == busy_store().histograms["callingbox_call_answer_delay_seconds"]
+    assert restored.counters == busy_store().counters
+
+
+# --- Collector: exposition -----------------------------------------------------------------------
+
+NOW = 1_700_000_000.0
+
+
+def registry_of(store: Store | None = None, health: Health | None = None, org: str = "default", clock=lambda: NOW):
+    collector = Collector("1.2.3", clock=clock)
+    collector.publish(org, Snapshot(store or Store(), health or Health()))
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return registry
+
+
+def text_samples(registry) -> dict:
+    """(sample name, sorted labels) → value, from the Prometheus text format."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in parse_text(generate_latest(registry).decode())
+        for s in family.samples
+    }
+
+
+def openmetrics_blocks(text: str) -> dict[str, str]:
+    """The OpenMetrics exposition cut into one parseable document per family."""
+    assert text.endswith("# EOF\n")
+    blocks: dict[str, list[str]] = {}
+    name = None
+    for line in text[: -len("# EOF\n")].splitlines():
+        if line.startswith("# HELP "):
+            name = line.split(" ")[2]
+        blocks.setdefault(name, []).append(line)
+    return {name: "\n".join(lines) + "\n# EOF\n" for name, lines in blocks.items()}
+
+
+def openmetrics_samples(registry) -> dict:
+    """Like text_samples, from the OpenMetrics format, each family parsed on its own."""
+    samples = {}
+    for block in openmetrics_blocks(generate_openmetrics(registry).decode()).values():
+        for family in parse_openmetrics(block):
+            for s in family.samples:
+                samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def labels(**pairs) -> tuple:
+    return tuple(sorted(pairs.items()))
+
+
+@pytest.mark.parametrize("samples_of", [text_samples, openmetrics_samples], ids=["text", "openmetrics"])
+@pytest.mark.parametrize("value", ['say "hi"', "back\\slash", "two\nlines", '\\"\n\\n mixed', "ünïcode ✓"])
+def test_label_values_round_trip_exactly(samples_of, value):
+    store = Store()
+    store.count([ended(value, value)])
+    samples = samples_of(registry_of(store))
+    hangup = labels(org="default", direction=OUT, status="completed", hangup_cause=value)
+    assert samples[(HANGUPS, hangup)] == 1
+    assert samples[(ERRORS, labels(org="default", direction=OUT, error_code=value))] == 1
+
+
+@pytest.mark.parametrize("samples_of", [text_samples, openmetrics_samples], ids=["text", "openmetrics"])
+def test_money_renders_milli_cents_as_dollars(samples_of):
+    store = Store()
+    store.count([Billed(OUT, 10, 10_000), Billed(OUT, 20, 20_000), Billed(OUT, 0, 1), Billed(IN, 5, 123_457)])
+    samples = samples_of(registry_of(store))
+    assert samples[("callingbox_billed_amount_dollars_total", labels(org="default", direction=OUT))] == 0.30001
+    assert samples[("callingbox_billed_amount_dollars_total", labels(org="default", direction=IN))] == 1.23457
+
+
+@pytest.mark.parametrize("samples_of", [text_samples, openmetrics_samples], ids=["text", "openmetrics"])
+def test_histogram_buckets_are_cumulative_and_inf_equals_count(samples_of):
+    store = Store()
+    store.count([ended(duration=d) for d in (0, 3, 10, 10, 4000)])
+    samples = samples_of(registry_of(store))
+    series = dict(org="default", direction=OUT, status="completed")
+    bounds = ["0.0", "5.0", "10.0", "20.0", "30.0", "60.0", "120.0", "180.0", "300.0", "600.0", "1200.0", "1800.0", "3600.0", "+Inf"]
+    expected = [1, 2, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 5]
+    assert [samples[(DURATION + "_bucket", labels(le=le, **series))] for le in bounds] == expected
+    assert samples[(DURATION + "_count", labels(**series))] == 5
+    assert samples[(DURATION + "_sum", labels(**series))] == 4023
+
+
+# The contract: SPEC §3, every family with its type and label names.
+SPEC_FAMILIES = [
+    ("callingbox_calls_created_total", "counter", {"org", "direction"}),
+    ("callingbox_calls_total", "counter", {"org", "direction", "status"}),
+    ("callingbox_calls_active", "gauge", {"org", "direction", "status"}),
+    ("callingbox_call_hangups_total", "counter", {"org", "direction", "status", "hangup_cause"}),
+    ("callingbox_call_errors_total", "counter", {"org", "direction", "error_code"}),
+    ("callingbox_webhook_deliveries_total", "counter", {"org", "status"}),
+    ("callingbox_result_extractions_total", "counter", {"org", "status"}),
+    ("callingbox_call_duration_seconds", "histogram", {"org", "direction", "status"}),
+    ("callingbox_call_answer_delay_seconds", "histogram", {"org", "direction"}),
+    ("callingbox_call_billed_duration_seconds", "histogram", {"org", "direction"}),
+    ("callingbox_billed_amount_dollars_total", "counter", {"org", "direction"}),
+    ("callingbox_call_setup_delay_seconds", "histogram", {"org", "direction"}),
+    ("callingbox_webhooks_pending", "gauge", {"org"}),
+    ("callingbox_webhook_pending_oldest_age_seconds", "gauge", {"org"}),
+    ("callingbox_up", "gauge", {"org"}),
+    ("callingbox_exporter_polls_total", "counter", {"org", "result"}),
+    ("callingbox_exporter_poll_duration_seconds", "histogram", {"org"}),
+    ("callingbox_exporter_last_success_timestamp_seconds", "gauge", {"org"}),
+    ("callingbox_exporter_api_requests_total", "counter", {"org", "code"}),
+    ("callingbox_exporter_watermark_timestamp_seconds", "gauge", {"org"}),
+    ("callingbox_exporter_tracked_calls", "gauge", {"org"}),
+    ("callingbox_exporter_invalid_records_total", "counter", {"org", "reason"}),
+    ("callingbox_exporter_label_overflow_total", "counter", {"org", "label"}),
+    ("callingbox_exporter_stragglers", "gauge", {"org"}),
+    ("callingbox_exporter_vanished_calls_total", "counter", {"org"}),
+    ("callingbox_exporter_build_info", "gauge", {"version"}),
+]
+
+
+def populated_registry():
+    store = busy_store()
+    store.count([ended("d"), ended("e")])  # overflow the cap of 3
+    return registry_of(store, Health(up=True, last_success=NOW - 5, watermark=NOW - 7, tracked=4, active={(OUT, "ringing"): 1}))
+
+
+@pytest.mark.parametrize("name, kind, label_names", SPEC_FAMILIES, ids=[f[0] for f in SPEC_FAMILIES])
+def test_every_spec_family_is_exposed_with_its_type_and_labels(name, kind, label_names):
+    families = {f.name: f for f in parse_text(generate_latest(populated_registry()).decode())}
+    family_name = name.removesuffix("_total") if kind == "counter" else name
+    family = families[family_name]
+    assert family.type == kind
+    sample_names = {name} if kind != "histogram" else {name + "_bucket", name + "_count", name + "_sum"}
+    assert {s.name for s in family.samples} == sample_names
+    assert {frozenset(s.labels) - {"le"} for s in family.samples} == {frozenset(label_names)}
+
+
+def test_no_family_outside_the_spec_is_exposed():
+    families = {f.name for f in parse_text(generate_latest(populated_registry()).decode())}
+    assert families == {n.removesuffix("_total") if k == "counter" else n for n, k, _ in SPEC_FAMILIES}
+
+
+def _without_family(text: str, family: str) -> str:
+    pattern = re.compile(rf"^(# (HELP|TYPE|UNIT) {family} |{family}_total[{{ ])")
+    return "\n".join(line for line in text.splitlines() if not pattern.match(line)) + "\n"
+
+
+def test_openmetrics_exposition_parses_with_the_reference_parser_but_for_the_spec_name_clash():
+    """SPEC §3 fixes both `callingbox_calls_total` and `callingbox_calls_created_total`.
+
+    In OpenMetrics the first counter reserves the sample name `callingbox_calls_created`,
+    which is the second counter's family name, so the strict reference parser refuses the
+    pair (Prometheus' own parser does not check this). Nothing else may clash.
+    """
+    text = generate_openmetrics(populated_registry()).decode()
+    with pytest.raises(ValueError, match="Clashing name: callingbox_calls_created$"):
+        list(parse_openmetrics(text))
+    names = {f.name for f in parse_openmetrics(_without_family(text, "callingbox_calls_created"))}
+    expected = {n.removesuffix("_total") if k == "counter" else n for n, k, _ in SPEC_FAMILIES}
+    assert names == expected - {"callingbox_calls_created"}
+
+
+def test_openmetrics_exposition_has_no_created_samples():
+    registry = populated_registry()
+    text = generate_openmetrics(registry).decode()
+    assert [line for line in text.splitlines() if re.match(r"^[a-z_]+_created[ {]", line)] == []
+    assert [key for key in openmetrics_samples(registry) if key[0].endswith("_created")] == []
+
+
+@pytest.mark.parametrize("samples_of", [text_samples, openmetrics_samples], ids=["text", "openmetrics"])
+def test_known_series_start_at_zero(samples_of):
+    samples = samples_of(registry_of(Store(), Health()))
+    expected = {}
+    for d in (OUT, IN):
+        for s in TERMINAL:
+            expected[("callingbox_calls_total", labels(org="default", direction=d, status=s))] = 0
+        for s in ACTIVE:
+            expected[("callingbox_calls_active", labels(org="default", direction=d, status=s))] = 0
+        expected[("callingbox_calls_created_total", labels(org="default", direction=d))] = 0
+    for s in ("delivered", "failed"):
+        expected[("callingbox_webhook_deliveries_total", labels(org="default", status=s))] = 0
+    for s in ("completed", "failed"):
+        expected[("callingbox_result_extractions_total", labels(org="default", status=s))] = 0
+    assert {k: samples.get(k) for k in expected} == expected
+
+
+def test_series_of_each_target_carry_its_org():
+    collector = Collector("1.2.3", clock=lambda: NOW)
+    a, b = Store(), Store()
+    a.count([Created(OUT)])
+    b.count([Created(OUT), Created(OUT)])
+    collector.publish("alpha", Snapshot(a, Health(up=True)))
+    collector.publish("beta", Snapshot(b, Health(up=False)))
+    registry = CollectorRegistry()
+    registry.register(collector)
+    samples = text_samples(registry)
+    assert samples[("callingbox_calls_created_total", labels(org="alpha", direction=OUT))] == 1
+    assert samples[("callingbox_calls_created_total", labels(org="beta", direction=OUT))] == 2
+    assert samples[("callingbox_up", labels(org="alpha"))] == 1
+    assert samples[("callingbox_up", labels(org="beta"))] == 0
+    assert samples[("callingbox_exporter_build_info", labels(version="1.2.3"))] == 1
+
+
+def test_health_gauges_render_from_the_snapshot():
+    health = Health(
+        up=True, last_success=NOW - 5, watermark=NOW - 7.5, tracked=9, stragglers=2,
+        active={(OUT, "ringing"): 3, (IN, "in_progress"): 1}, webhooks_pending=4,
+    )
+    samples = text_samples(registry_of(Store(), health))
+    org = labels(org="default")
+    assert samples[("callingbox_up", org)] == 1
+    assert samples[("callingbox_exporter_last_success_timestamp_seconds", org)] == NOW - 5
+    assert samples[("callingbox_exporter_watermark_timestamp_seconds", org)] == NOW - 7.5
+    assert samples[("callingbox_exporter_tracked_calls", org)] == 9
+    assert samples[("callingbox_exporter_stragglers", org)] == 2
+    assert samples[("callingbox_webhooks_pending", org)] == 4
+    assert samples[("callingbox_calls_active", labels(org="default", direction=OUT, status="ringing"))] == 3
+    assert samples[("callingbox_calls_active", labels(org="default", direction=IN, status="in_progress"))] == 1
+    assert samples[("callingbox_calls_active", labels(org="default", direction=OUT, status="queued"))] == 0
+
+
+def test_oldest_pending_webhook_age_is_now_minus_pending_since():
+    samples = text_samples(registry_of(Store(), Health(webhooks_pending=2, webhook_pending_oldest=NOW - 3600.5)))
+    assert samples[("callingbox_webhook_pending_oldest_age_seconds", labels(org="default"))] == 3600.5
+
+
+def test_oldest_pending_webhook_age_follows_the_clock_between_scrapes():
+    clock = [NOW]
+    registry = registry_of(Store(), Health(webhooks_pending=1, webhook_pending_oldest=NOW - 10), clock=lambda: clock[0])
+    assert text_samples(registry)[("callingbox_webhook_pending_oldest_age_seconds", labels(org="default"))] == 10
+    clock[0] = NOW + 50
+    assert text_samples(registry)[("callingbox_webhook_pending_oldest_age_seconds", labels(org="default"))] == 60
+
+
+def test_oldest_pending_webhook_age_is_zero_when_none_is_pending():
+    samples = text_samples(registry_of(Store(), Health(webhooks_pending=0, webhook_pending_oldest=None)))
+    assert samples[("callingbox_webhook_pending_oldest_age_seconds", labels(org="default"))] == 0
