@@ -1,8 +1,7 @@
-"""A faithful fake of the CallingBox HTTP API, with a ground-truth ledger.
+"""A faithful fake of the CallingBox HTTP API (SPEC §1), with faults on demand and a ground truth.
 
-`callingbox-exporter --demo` serves it in-process; tests serve it on a loopback port, inject
-faults, and compare the exporter's metrics with `Simulator.truth()`: what a perfect observer
-of every call version counts under SPEC §3/§4. Depends on the stdlib and aiohttp only.
+`callingbox-exporter --demo` serves it in-process; tests serve it on loopback and compare the
+exporter's metrics with `Simulator.truth()`. Stdlib and aiohttp only: it imports nothing of ours.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -53,10 +52,9 @@ _ORG_LINES = ("+14155550142", "+14155550199", "+13125550117")
 _LANGUAGES = ("en-US",) * 7 + ("es-US", "de-DE", "fr-FR")
 _WEBHOOKS = ("https://hooks.brightsmile.example/callingbox", "https://crm.lumen.example/api/calls/webhook")
 _PROMPT = (
-    "You are Maya, a warm and concise phone assistant for {business}. {task} Introduce yourself "
-    "and the business in one sentence, confirm you are speaking with {name}, and keep the call "
-    "under three minutes. Never discuss prices, diagnoses or payment details. On voicemail, leave "
-    "the callback number and hang up."
+    "You are Maya, a warm and concise phone assistant for {business}. {task} Confirm you are "
+    "speaking with {name} and keep the call under three minutes. Never discuss prices, diagnoses "
+    "or payment details. On voicemail, leave the callback number and hang up."
 )
 _TASKS = (
     "Confirm their appointment on {day} at {hour}:00, or offer the next two free slots.",
@@ -464,7 +462,8 @@ class Simulator:
             error_code, error_message = _FAILURES[stage]
             cause = error_code
         elif outcome == "completed":
-            cause = "max_duration" if talk >= 600 else rng.choice(("customer_hangup",) * 3 + ("agent_hangup",) * 2)
+            hangups = ("customer_hangup",) * 3 + ("agent_hangup",) * 2
+            cause = "max_duration" if talk >= 600 else rng.choice(hangups)
             if rng.random() < 0.02:  # answered, yet the platform reports a degraded call
                 error_code, error_message = "audio_degraded", "packet loss above 5% during the call"
         elif outcome == "no_answer" and rng.random() < 0.35:
@@ -484,8 +483,13 @@ class Simulator:
         }
 
     def _plan_webhook(self, rng: random.Random, at: Any, t: float) -> None:
-        first_retry = self.webhook_retry_base or WEBHOOK_FIRST_RETRY / self.time_scale
-        failures = WEBHOOK_ATTEMPTS if rng.random() < 0.10 else (0 if rng.random() < 0.85 else rng.randint(1, 3))
+        first_retry = (WEBHOOK_FIRST_RETRY / self.time_scale if self.webhook_retry_base is None
+                       else self.webhook_retry_base)
+        # 10 % of endpoints stay down through every attempt; most others answer the first one.
+        if rng.random() < 0.10:
+            failures = WEBHOOK_ATTEMPTS
+        else:
+            failures = 0 if rng.random() < 0.85 else rng.randint(1, 3)
         for attempt in range(1, failures + 1):
             error = rng.choice(_WEBHOOK_ERRORS)
             if attempt == WEBHOOK_ATTEMPTS:
@@ -565,7 +569,9 @@ class Simulator:
             return _error(400, "body must be a JSON object")
         if not isinstance(body, dict) or not isinstance(body.get("to_number"), str) or not body["to_number"]:
             return _error(400, "to_number is required")
-        overrides = {"direction": "outbound", "webhook_url": body.get("webhook_url"), "returns": body.get("returns")}
+        # No webhook and no extraction unless asked for, as with the real API.
+        overrides = {"direction": "outbound", "webhook_url": body.get("webhook_url"),
+                     "returns": body.get("returns")}
         for key in ("to_number", "from_number", "prompt", "language", "context", "metadata"):
             if key in body:
                 overrides[key] = body[key]
@@ -599,26 +605,25 @@ class Simulator:
 
     def _items(self, live: list[dict], kind: str | None, params: dict) -> Iterator[bytes]:
         """Each array element as JSON, with any injected malformed or duplicate records."""
-        records: Iterable[dict] = itertools.chain(live, map(self._history_record, range(self.history)))
-        n = int(params.get("n", 5 if kind == "malformed" else 10))
-        # Spread the damage over the live calls (or the history when there are none).
-        span = len(live) or self.history
-        at = [j * span // n for j in range(n)] if kind in ("malformed", "duplicates") else []
-        rng = random.Random(f"{self.seed}:faults:{self.stats['list_requests']}")
-        if kind == "duplicates":
-            at = sorted(set(at))  # each chosen record repeated once
-        template = live[0] if live else self._history_record(0) if self.history else None
-        bad = deque(_malformed(j, template, rng) for j in range(n)) if kind == "malformed" else None
+        records = itertools.chain(live, map(self._history_record, range(self.history)))
+        n = int(params.get("n", 5 if kind == "malformed" else 10)) if kind in ("malformed", "duplicates") else 0
+        span = len(live) or self.history  # damage the live calls, or the history if there are none
+        picks = [j * span // n for j in range(n)]
+        bad: dict[int, list[bytes]] = {}  # record index → malformed elements to put before it
+        if kind == "malformed":
+            rng = random.Random(f"{self.seed}:malformed:{self.stats['list_requests']}")
+            template = live[0] if live else self._history_record(0) if self.history else None
+            for j, i in enumerate(picks):
+                bad.setdefault(i, []).append(_malformed(j, template, rng))
+        doubled = set(picks) if kind == "duplicates" else set()
         for i, record in enumerate(records):
+            yield from bad.pop(i, ())
             item = _dumps(record)
-            while bad and at and at[0] == i:
-                at.pop(0)
-                yield bad.popleft()
             yield item
-            while kind == "duplicates" and at and at[0] == i:
-                at.pop(0)
+            if i in doubled:
                 yield item
-        yield from bad or ()
+        for rest in bad.values():  # more picks than records
+            yield from rest
 
     async def _stream(self, request: web.Request, items: Iterator[bytes], complete: bool) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "application/json"})

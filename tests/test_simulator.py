@@ -115,7 +115,8 @@ def test_every_call_becomes_final_and_truth_matches_what_the_api_shows():
             for k, v in truth.counters.items() if k[0] == "callingbox_calls_total"} == by_status
     causes = {dict(k[1])["hangup_cause"] for k in truth.counters if k[0] == "callingbox_call_hangups_total"}
     assert causes <= {'say "hi"', "back\\slash", "new\nline", "none"}
-    assert truth.total("callingbox_billed_amount_milli_cents") == sum(r["billing_amount_milli_cents"] for r in records)
+    billed = sum(r["billing_amount_milli_cents"] for r in records)
+    assert truth.total("callingbox_billed_amount_milli_cents") == billed
     for status in ("completed", "failed"):
         assert truth.total("callingbox_result_extractions_total", status=status) == sum(
             r["result_status"] == status for r in records)
