@@ -2,7 +2,8 @@
 
 Prints a table: a first poll that accounts every call of a large body, a second poll that
 skips them as unchanged, and, side by side on the same bytes, `json.loads` of the whole body
-(the parse every naive exporter does). Run: `.venv/bin/python benchmarks/ingest.py [CALLS]`.
+(the parse every naive exporter does) and the exporter's own decode+account without HTTP.
+The simulator runs in this process, so the HTTP rows include its record generation. Run: `.venv/bin/python benchmarks/ingest.py [CALLS]`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ import urllib.request
 
 import aiohttp
 
+from exporter.accounting import Ledger
+from exporter.api import CHUNK_BYTES, ArrayStream
 from exporter.config import Target
-from exporter.metrics import Collector
+from exporter.metrics import Collector, Store
 from exporter.poller import Poller
+from exporter.records import Invalid, decode_record
 from exporter.simulator import Simulator, serve_in_thread
 
 
@@ -40,6 +44,19 @@ async def polls(url: str) -> list[tuple[str, float, int, int]]:
     return rows
 
 
+def account_in_memory(body: bytes) -> tuple[float, int]:
+    """The exporter's own work on the same bytes, without HTTP: stream decode, validate, account."""
+    stream, ledger, store = ArrayStream(), Ledger(baseline=0.0), Store()
+    started = time.perf_counter()
+    for offset in range(0, len(body), CHUNK_BYTES):
+        for obj in stream.feed(body[offset : offset + CHUNK_BYTES]):
+            record = decode_record(obj)
+            if type(record) is not Invalid:
+                store.count(ledger.account(record))
+    stream.finish()
+    return time.perf_counter() - started, len(ledger.calls)
+
+
 def main() -> None:
     calls = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
     sim = Simulator(seed=1, rate=0.0, max_calls=0, history=calls)
@@ -50,15 +67,19 @@ def main() -> None:
         with urllib.request.urlopen(url + "/v1/calls") as response:
             body = response.read()
         fetched = time.perf_counter() - started
-        started = time.perf_counter()
-        parsed = json.loads(body)
-        parse = time.perf_counter() - started
-    print(f"{calls} calls, {len(body) / 1e6:.1f} MB body, {len(body) / len(parsed):.0f} B/call\n")
+    started = time.perf_counter()
+    parsed = json.loads(body)
+    parse = time.perf_counter() - started
+    del parsed
+    in_memory, tracked = account_in_memory(body)
+    print(f"{calls} calls, {len(body) / 1e6:.1f} MB body, {len(body) / calls:.0f} B/call\n")
     print(f"{'case':32} {'seconds':>8} {'calls/s':>10} {'MB read':>8} {'tracked':>8} {'vs json.loads':>13}")
     for label, seconds, read, tracked in rows:
         print(f"{label:32} {seconds:8.2f} {calls / seconds:10.0f} {read / 1e6:8.1f} {tracked:8d} {parse / seconds:12.2f}x")
     print(f"{'fetch whole body (urllib)':32} {fetched:8.2f} {calls / fetched:10.0f} {len(body) / 1e6:8.1f}")
     print(f"{'json.loads(whole body)':32} {parse:8.2f} {calls / parse:10.0f} {len(body) / 1e6:8.1f}")
+    print(f"{'decode+account in memory':32} {in_memory:8.2f} {calls / in_memory:10.0f} {len(body) / 1e6:8.1f} "
+          f"{tracked:8d} {parse / in_memory:12.2f}x")
     print(f"\npeak RSS after the polls: {rss_after_polls:.0f} MiB (process, incl. the simulator thread)")
 
 
