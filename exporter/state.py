@@ -26,30 +26,30 @@ class Restored(NamedTuple):
     reset_histograms: list[str]
 
 
+ENCODE_SLICE = 2000  # calls per json.dumps call: each C call holds the GIL, scrapes wait that long
+
+
+def _entry(s: CallState) -> list:
+    return [s.direction, s.status, s.created_at, s.updated_at, s.billed, s.webhook, s.result, s.webhook_pending_since]
+
+
 def encode(org: str, ledger: Ledger, store: Store) -> bytes:
-    calls = {
-        call_id: [
-            s.direction,
-            s.status,
-            s.created_at,
-            s.updated_at,
-            s.billed,
-            s.webhook,
-            s.result,
-            s.webhook_pending_since,
-        ]
-        for call_id, s in ledger
-    }
-    document = {
+    """The state document as JSON, the ledger encoded a slice at a time (see ENCODE_SLICE)."""
+    head = {
         "version": FORMAT_VERSION,
         "org": org,
         "saved_at": time.time(),
         "baseline": ledger.baseline,
         "watermark": ledger.watermark,
         "store": store.to_json(),
-        "calls": calls,
     }
-    return json.dumps(document, separators=(",", ":")).encode()
+    items = list(ledger.calls.items())
+    slices = (
+        json.dumps({call_id: _entry(s) for call_id, s in items[i : i + ENCODE_SLICE]}, separators=(",", ":"))[1:-1]
+        for i in range(0, len(items), ENCODE_SLICE)
+    )
+    calls = ",".join(slices)
+    return (json.dumps(head, separators=(",", ":"))[:-1] + ',"calls":{' + calls + "}}").encode()
 
 
 def decode(data: bytes, buckets=None, label_limit: int = 50) -> Restored:
