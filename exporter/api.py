@@ -45,7 +45,10 @@ class RateLimited(ApiError):
 
 
 class BodyError(ApiError):
-    """The response body was not a complete JSON array (truncated, HTML, garbage)."""
+    """A 200 whose body was not a complete JSON array (truncated, HTML, garbage)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "200")
 
 
 class ArrayStream:

@@ -150,14 +150,21 @@ def _buckets(key: str, value: Any) -> dict[str, tuple[float, ...]]:
     return result
 
 
+def _shown_path(path: str) -> str:
+    """The path for an error message, unless it is likely the key itself pasted by mistake."""
+    if path.startswith("sk_") or (os.sep not in path and "." not in path and len(path) >= 20):
+        return "the value (it looks like an API key, not a file path)"
+    return path
+
+
 def read_key_file(key: str, path: str) -> Secret:
     try:
         with open(path, encoding="utf-8") as handle:
             value = handle.read().strip()
     except OSError as error:
-        raise ConfigError(key, f"cannot read {path}: {error.strerror}") from None
+        raise ConfigError(key, f"cannot read {_shown_path(path)}: {error.strerror}") from None
     if not value:
-        raise ConfigError(key, f"{path} is empty")
+        raise ConfigError(key, f"{_shown_path(path)} is empty")
     return Secret(value)
 
 

@@ -1,0 +1,139 @@
+"""The API key, end to end: it appears in no log line, metric, page or error message (SPEC §2).
+
+The story: the exporter runs with a key the API rejects, so every poll fails and the key is the
+subject of every log line, given by the environment and by a file; then with the right key at
+debug level through faults; then `--check-config` on bad configurations. The key string, and
+its secret part without the `sk_live_` prefix, is found nowhere.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT, http_get, parse_metrics, wait_until
+from test_e2e_exact import KEY, _config
+
+WRONG_KEY = "sk_live_wr0ngKey_7d4c2b9e1f0a8c63"
+PAGES = ("/metrics", "/", "/-/ready", "/-/healthy")
+
+
+def _leaks(key: str, places: dict[str, str]) -> list[str]:
+    """Where the key, or its secret part, shows."""
+    secret = key.split("_", 2)[-1]
+    return [where for where, text in places.items() if key in text or secret in text]
+
+
+def _everything(exporter) -> dict[str, str]:
+    """Every text the exporter shows: its log and each page it serves."""
+    return {"log": exporter.log(), **{path: http_get(exporter.url + path)[1] for path in PAGES}}
+
+
+def _value(samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted({"org": "default", **labels}.items()))), 0)
+
+
+def _requests(samples) -> float:
+    return sum(v for (name, _), v in samples.items() if name == "callingbox_exporter_api_requests_total")
+
+
+@pytest.mark.parametrize("source", ["CALLINGBOX_API_KEY", "api_key_file"])
+def test_a_rejected_key_is_logged_as_rejected_and_shown_nowhere(stack, tmp_path, source):
+    sim, url = stack.simulator(seed=41, rate=20, max_calls=20, time_scale=300, api_key=KEY)
+    if source == "api_key_file":
+        key_file = tmp_path / "api_key"
+        key_file.write_text(WRONG_KEY + "\n")
+        config, env = _config(url, api_key_file=str(key_file)), {"CALLINGBOX_API_KEY": ""}
+    else:
+        config, env = _config(url), {"CALLINGBOX_API_KEY": WRONG_KEY}
+    exporter = stack.exporter(config, env=env).start()
+
+    # A rejected key retries four times slower: polls at ~0, ~1.2 and ~3.6 s.
+    wait_until(lambda: exporter.log().count('msg="API key rejected"') >= 3, 15, message="three rejected polls")
+
+    samples = parse_metrics(http_get(exporter.url + "/metrics")[1])
+    assert _value(samples, "callingbox_up") == 0
+    assert _value(samples, "callingbox_exporter_api_requests_total", code="401") >= 3
+    assert _value(samples, "callingbox_exporter_polls_total", result="success") == 0
+    assert http_get(exporter.url + "/-/ready")[0] == 503
+    rejected = [line for line in exporter.log().splitlines() if 'msg="API key rejected"' in line]
+    assert all("org=default" in line and "code=401" in line for line in rejected), rejected
+    assert "401" in http_get(exporter.url + "/")[1], "the landing page shows the error"
+    assert _leaks(WRONG_KEY, _everything(exporter)) == []
+
+
+def _recovered(samples, requests_before: float) -> bool:
+    """The faulty request and a good one after it are done (counts are published per poll)."""
+    return _requests(samples) >= requests_before + 2 and _value(samples, "callingbox_up") == 1
+
+
+@pytest.mark.parametrize("log_format", ["logfmt", "json"])
+def test_an_accepted_key_is_shown_nowhere_even_at_debug_level_through_faults(stack, log_format):
+    sim, url = stack.simulator(seed=42, rate=40, max_calls=60, time_scale=300, webhook_retry_base=0.01, api_key=KEY)
+    exporter = stack.exporter(_config(url), env={"CALLINGBOX_API_KEY": KEY})
+    exporter.start("--log.level", "debug", "--log.format", log_format)
+    wait_until(exporter.ready, 20, message="a first successful poll")
+
+    # Error paths format exceptions and response bodies: each kind once, then a good poll (two
+    # resets in a row, as aiohttp retries the first itself).
+    for kind, count, params in (("status", 1, {"code": 503}), ("reset", 2, {}), ("truncate", 1, {}),
+                                ("non_json", 1, {}), ("unauthorized", 1, {}), ("429", 1, {"retry_after": 0.2})):
+        before = _requests(exporter.scrape())
+        sim.inject(kind, count=count, **params)
+        wait_until(lambda: _recovered(exporter.scrape(), before), 15, message=f"a {kind} fault, then a good poll")
+    wait_until(sim.all_final, 30, message="simulator calls final")
+
+    log = exporter.log()
+    assert "debug" in log and "poll done" in log, "debug lines were written"
+    assert log.count("poll failed") == 4 and log.count("API key rejected") == 1 and log.count("rate limited") == 1
+    assert _leaks(KEY, _everything(exporter)) == []
+
+
+def _check_config(tmp_path, document: dict, env: dict) -> subprocess.CompletedProcess:
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(document))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CALLINGBOX_")}
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", "--config.file", str(path), "--check-config"],
+        cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, timeout=30,
+    )
+
+
+API_URL = "http://127.0.0.1:9"  # never contacted: --check-config only validates
+
+BAD_CONFIGS = {  # case: (YAML document, environment, the config key the error must name)
+    "bad_duration": ({"api_url": API_URL, "poll_interval": "fast"}, {"CALLINGBOX_API_KEY": KEY}, "poll_interval"),
+    "key_pasted_into_yaml": ({"api_url": API_URL, "api_key": KEY}, {}, "api_key"),
+    "key_given_as_key_file_env": ({"api_url": API_URL}, {"CALLINGBOX_API_KEY_FILE": KEY}, "api_key_file"),
+    "key_given_as_key_file_yaml": ({"api_url": API_URL, "api_key_file": KEY}, {}, "api_key_file"),
+    "bad_target_with_env_key": (
+        {"targets": [{"name": "eu", "api_url": API_URL, "overlap": "-1m"}]}, {"CALLINGBOX_API_KEY": KEY},
+        "targets[0].overlap",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_check_config_names_the_bad_key_in_one_line_without_the_api_key(tmp_path, case):
+    document, env, key = BAD_CONFIGS[case]
+    result = _check_config(tmp_path, document, env)
+
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 2, output
+    assert len(output.splitlines()) == 1, output
+    assert key in output, output
+    assert _leaks(KEY, {"output": output}) == [], output
+
+
+def test_check_config_accepts_a_good_config_without_printing_the_key(tmp_path):
+    key_file = tmp_path / "api_key"
+    key_file.write_text(KEY)
+    result = _check_config(tmp_path, {"api_url": API_URL, "api_key_file": str(key_file)}, {})
+
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 0, output
+    assert _leaks(KEY, {"output": output}) == [], output
