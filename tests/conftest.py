@@ -65,12 +65,13 @@ def parse_metrics(text: str) -> Samples:
 class Exporter:
     """The exporter as a real subprocess."""
 
-    def __init__(self, tmp: Path, config: dict, env: dict | None = None, name: str = "exporter"):
+    def __init__(self, tmp: Path, config: dict | None, env: dict | None = None, name: str = "exporter"):
         self.tmp = tmp
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = tmp / f"{name}.yml"
-        self.config_path.write_text(yaml.safe_dump(config))
+        if config is not None:
+            self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = tmp / f"{name}.log"
         self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.process: subprocess.Popen | None = None
@@ -78,14 +79,17 @@ class Exporter:
     def start(self, *extra: str, wait_healthy: bool = True) -> "Exporter":
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "--config.file", str(self.config_path),
-             "--web.listen-address", f"127.0.0.1:{self.port}", "--log.level", "debug", *extra],
+            [sys.executable, "-m", "exporter", "--web.listen-address", f"127.0.0.1:{self.port}",
+             "--log.level", "debug", *self._config_args(), *extra],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()
         if wait_healthy:
             wait_until(lambda: self._healthy(), 20, message=f"exporter healthy (log: {self.log_path})")
         return self
+
+    def _config_args(self) -> tuple[str, ...]:
+        return ("--config.file", str(self.config_path)) if self.config_path.exists() else ()
 
     def _healthy(self) -> bool:
         if self.process.poll() is not None:
