@@ -91,65 +91,77 @@ class Poller:
     async def run(self) -> None:
         """Poll forever; returns only when cancelled."""
         while True:
-            ok, backoff = await self.poll()
+            try:
+                ok, backoff = await self.poll()
+            except Exception:  # a bug must not end the loop; say so loudly and carry on
+                log.exception("poll crashed", extra={"org": self.org})
+                self.status.failures += 1
+                ok, backoff = False, self._backoff(None)
             delay = self.target.poll_interval if ok else backoff
             self.status.next_poll = self.clock() + delay
             await asyncio.sleep(delay)
 
     async def poll(self) -> tuple[bool, float]:
-        """One poll; returns whether it succeeded and, if not, how long to back off."""
+        """One poll: read and account, persist, then publish. Returns (succeeded, back-off)."""
         started, now = time.monotonic(), self.clock()
         self.status.last_poll = now
         self.client.bytes_read = 0
-        problem: Exception | None = None
         stats = {"records": 0, "examined": 0, "events": 0, "invalid": 0}
+        problem: Exception | None = None
         try:
             await self._read(now, stats)
         except ApiError as error:
             problem = error
-        except Exception as error:  # a bug must not end the loop; say so loudly and carry on
+        except Exception as error:
             log.exception("poll crashed", extra={"org": self.org})
             problem = error
-        result = "error" if problem else "success"
-        self.store.inc("callingbox_exporter_polls_total", (result,))
+        self.store.inc("callingbox_exporter_polls_total", ("error" if problem else "success",))
         self.store.observe("callingbox_exporter_poll_duration_seconds", (), time.monotonic() - started)
         summary = self.ledger.sweep(now, self.target.settle_window)
         if summary.given_up:
             log.warning("stragglers given up", extra={"org": self.org, "calls": summary.given_up})
-
-        durable = True
-        if self.target.state_file:
-            try:
-                await asyncio.to_thread(state.save, self.target.state_file, self.org, self.ledger, self.store)
-            except OSError as error:
-                # Not durable, so not published: the counts wait in memory for the next save.
-                log.error("state not saved", extra={"org": self.org, "path": self.target.state_file, "error": str(error)})
-                durable, problem = False, problem or error
-
-        if problem is None:
-            self.status.up, self.status.ready, self.status.last_error = True, True, None
-            self.status.failures, self.status.last_success = 0, now
-            backoff = 0.0
-        else:
-            self.status.up = False
-            self.status.failures += 1
-            self.status.last_error = str(problem)
-            backoff = self._backoff(problem)
-            level = logging.ERROR if isinstance(problem, Unauthorized) else logging.WARNING
-            message = "API key rejected" if isinstance(problem, Unauthorized) else "poll failed"
-            log.log(
-                level,
-                message,
-                extra={"org": self.org, "code": getattr(problem, "code", "error"), "error": str(problem), "backoff_s": round(backoff, 2)},
-            )
+        durable = await self._persist()
+        if not durable:
+            problem = problem or OSError("state not saved")
+        backoff = self._conclude(problem, now)
         if durable:
             self._publish(summary)
         log.debug(
             "poll done",
-            extra={"org": self.org, "result": result, "bytes": self.client.bytes_read, "tracked": summary.tracked,
-                   "duration_s": round(time.monotonic() - started, 3), **stats},
+            extra={"org": self.org, "result": "error" if problem else "success", "bytes": self.client.bytes_read,
+                   "tracked": summary.tracked, "duration_s": round(time.monotonic() - started, 3), **stats},
         )
         return problem is None, backoff
+
+    async def _persist(self) -> bool:
+        """Save the state file, if any. Not durable means not published: counts wait in memory."""
+        if not self.target.state_file:
+            return True
+        try:
+            await asyncio.to_thread(state.save, self.target.state_file, self.org, self.ledger, self.store)
+            return True
+        except Exception as error:
+            log.error("state not saved", extra={"org": self.org, "path": self.target.state_file, "error": str(error)})
+            return False
+
+    def _conclude(self, problem: Exception | None, now: float) -> float:
+        """Update the status the web pages show; log a failure once. Returns the back-off."""
+        status = self.status
+        if problem is None:
+            status.up, status.ready, status.last_error = True, True, None
+            status.failures, status.last_success = 0, now
+            return 0.0
+        status.up, status.last_error = False, str(problem)
+        status.failures += 1
+        backoff = self._backoff(problem)
+        rejected = isinstance(problem, Unauthorized)
+        log.log(
+            logging.ERROR if rejected else logging.WARNING,
+            "API key rejected" if rejected else "poll failed",
+            extra={"org": self.org, "code": getattr(problem, "code", "error"), "error": str(problem),
+                   "backoff_s": round(backoff, 2)},
+        )
+        return backoff
 
     async def _read(self, now: float, stats: dict) -> None:
         """Read the list until the settle window and account every record in it."""
@@ -208,7 +220,7 @@ class Poller:
         elif stats["invalid"] == INVALID_LOG_LIMIT + 1:
             log.warning("more invalid records this poll; counted, not logged", extra={"org": self.org})
 
-    def _backoff(self, problem: Exception) -> float:
+    def _backoff(self, problem: Exception | None) -> float:
         """Exponential with ±20 % jitter; a rejected key retries four times slower."""
         base = self.target.poll_interval * (4 if isinstance(problem, Unauthorized) else 1)
         delay = min(MAX_BACKOFF, base * 2 ** min(self.status.failures - 1, 20))
