@@ -72,6 +72,17 @@ _FAILURES = {  # the stage a failed call dies in → (hangup_cause = error_code,
 }
 
 
+def _outcome_table(weights: dict[str, float]) -> tuple[list[str], list[float]]:
+    """Validated outcome weights as the (outcomes, weights) pair `random.choices` takes."""
+    unknown = set(weights) - TERMINAL
+    if unknown:
+        raise ValueError(f"outcome weights for unknown statuses {sorted(unknown)}; "
+                         f"expected some of {sorted(TERMINAL)}")
+    if any(not w >= 0 for w in weights.values()) or not sum(weights.values()) > 0:
+        raise ValueError("outcome weights must be >= 0 with a positive sum")
+    return list(weights), [float(w) for w in weights.values()]
+
+
 def format_ts(t: float) -> str:
     """Unix seconds → RFC 3339 UTC with milliseconds, as CallingBox writes timestamps."""
     ms = int(t * 1000)  # floor, so a timestamp never lies after the moment it was taken
@@ -243,7 +254,7 @@ class Simulator:
                  history: int = 0, history_age: float = 30 * 86400.0,
                  webhook_retry_base: float | None = None, replay_share: float = 0.0,
                  late_commit: float = 0.0, api_key: str | None = None,
-                 chunk_size: int = 64 * 1024):
+                 chunk_size: int = 64 * 1024, outcome_weights: dict[str, float] | None = None):
         if time_scale <= 0 or rate < 0 or chunk_size < 1 or history < 0 or late_commit < 0:
             raise ValueError("time_scale and chunk_size must be positive; rate, history, late_commit >= 0")
         if not (0 <= inbound_share <= 1 and 0 <= replay_share <= 1):
@@ -253,6 +264,7 @@ class Simulator:
         self.hangup_causes, self.error_codes = hangup_causes or None, error_codes or None
         self.history, self.webhook_retry_base, self.api_key = history, webhook_retry_base, api_key
         self.chunk_size = chunk_size
+        self._outcomes = _outcome_table(OUTCOME_WEIGHTS if outcome_weights is None else outcome_weights)
         self.stats = {"list_requests": 0, "bytes_sent": 0, "last_list_bytes": 0,
                       "client_closed_early": 0, "by_id_requests": 0}
         self._rng = random.Random(seed)
@@ -298,6 +310,12 @@ class Simulator:
         with self._lock:
             self._paused = False
             self._next_arrival = time.time()
+
+    def set_outcome_weights(self, weights: dict[str, float]) -> None:
+        """Change the mix of terminal outcomes for calls created from now on (e.g. a failure spike)."""
+        table = _outcome_table(weights)
+        with self._lock:
+            self._outcomes = table
 
     def inject(self, kind: str, count: int = 1, **params: Any) -> None:
         """Make each of the next `count` list requests fail as `kind` (queued FIFO)."""
@@ -411,7 +429,9 @@ class Simulator:
         def sim(seconds: float) -> float:  # simulated seconds → wall seconds
             return seconds / self.time_scale
 
-        outcome = rng.choices(list(OUTCOME_WEIGHTS), weights=list(OUTCOME_WEIGHTS.values()))[0]
+        # A call's outcome is drawn at creation, so a new mix shows as calls created after it end.
+        outcomes, weights = self._outcomes
+        outcome = rng.choices(outcomes, weights=weights)[0]
         # Failed and canceled calls may end before the phone ever rings.
         stage = rng.choice(tuple(_FAILURES)) if outcome in ("failed", "canceled") else "ringing"
         t, ring, talk = t0, None, 0.0

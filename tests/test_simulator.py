@@ -282,3 +282,21 @@ def test_late_commit_hides_each_change_for_a_while():
             seen += [r["status"] for r in records]
             time.sleep(0.3)
         assert set(seen) - {"queued"}  # changes do arrive, just late
+
+
+def test_outcome_weights_set_the_mix_and_change_at_run_time():
+    with pytest.raises(ValueError):
+        Simulator(outcome_weights={"on_hold": 1})
+    sim = Simulator(seed=8, rate=1000, max_calls=200, outcome_weights={"completed": 1}, **FAST)
+    with pytest.raises(ValueError):
+        sim.set_outcome_weights({"failed": 0})
+    with serve_in_thread(sim) as url:
+        wait_until(lambda: len(list_calls(url)) == 200, 5, "200 calls created")
+        sim.set_outcome_weights({"failed": 3, "busy": 1})  # only calls created from now on
+        for _ in range(100):
+            post(f"{url}/v1/calls", {"to_number": "+15550100"})
+        wait_until(sim.all_final, 15, "every call final")
+        records = list_calls(url)
+    later, first = Counter(r["status"] for r in records[:100]), Counter(r["status"] for r in records[100:])
+    assert first == {"completed": 200}
+    assert set(later) == {"failed", "busy"} and later["failed"] > later["busy"]

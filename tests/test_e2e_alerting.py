@@ -1,0 +1,369 @@
+"""Whole alerting path: simulator → exporter → real Prometheus → real Alertmanager → a webhook.
+
+The story: normal traffic flows long enough to build the org's baseline and nothing pages; then
+the simulator's outcome mix turns to mostly `failed`, CallingBoxFailedCallsSpike fires in
+Prometheus, goes through Alertmanager and reaches the test's webhook receiver for org="default";
+the mix goes back to normal and the receiver gets the `resolved` notification. The exporter
+never looks down or absent meanwhile.
+
+Why the rules run time-compressed: the production rules speak in 5 m and 1 h windows, 1 d
+baselines and `for: 10m`; played in real time this story would take hours. The promtool unit
+tests (tests/test_alerting_rules.py) prove the production thresholds and windows exactly, in
+simulated time. This test proves what promtool cannot: the plumbing (exposition scraped by a
+real Prometheus, rules loaded from the shipped files, notifications through a real Alertmanager
+and webhook, resolution sent) and the rules' logic on live, noisy traffic. So it loads the
+shipped rule files with every window, offset and `for:` divided by FACTOR (5m → 5s, 10m → 10s,
+1h → 1m, 1d → 24m) and checks the result with `promtool check rules` before use. Durations
+written as plain numbers in comparisons (a pending age > 1800) are thresholds, not windows, and
+stay as they are: the alerts built on them are the promtool tests' to prove.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.parse
+from contextlib import ExitStack
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, free_port, http_get, wait_until
+from exporter.simulator import OUTCOME_WEIGHTS
+
+KEY = "sk_test_e2e_alerting_0123456789"
+RULE_FILES = (ROOT / "deploy/prometheus/callingbox-recording.rules.yml",
+              ROOT / "deploy/prometheus/callingbox-alerts.rules.yml")
+BINARIES = ("prometheus", "promtool", "prometheus-alertmanager")
+# Production minutes play as test seconds. The shortest window, 5m, becomes 5 s: five scrapes,
+# ten polls. The 1d baseline becomes 24 min, longer than the test, so it holds everything since
+# Prometheus started, as on a young production server: the rules build it as increase(...[1d])
+# (no `offset`, which would point before the first sample and yield nothing), and a ratio of two
+# increases over the same partial range is the ratio of what was seen.
+FACTOR = 60
+JOB = "callingbox"  # any name: the rules find the exporter by its callingbox_up, not by job
+SPIKE = {"completed": 20, "no_answer": 5, "busy": 2, "failed": 70, "canceled": 3}
+# Wall seconds of normal traffic before the spike: six times the spike alert's `for:` (10 s here),
+# long enough for the 1 h windows (1 min) to fill, and for the baseline to stay below half the
+# spike's share while the spike lasts (~15 s): 11 % normal and 72 % spike stay apart by 2x as long
+# as the spike is shorter than ~0.7 times the normal phase.
+NORMAL_PHASE = 60.0
+SPIKE_ALERT = "CallingBoxFailedCallsSpike"
+NEVER = re.compile(r"CallingBox(ExporterDown|.*Absent.*|NoAnswerSpike)")  # must not fire in this story
+
+# ---- time compression of rule files -----------------------------------------------------------
+
+_DURATION = r"(?:\d+(?:ms|[smhdwy]))+"
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+
+
+def duration_seconds(text: str) -> float:
+    return sum(int(n) * _UNIT_SECONDS[unit] for n, unit in re.findall(r"(\d+)(ms|[smhdwy])", text))
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as a Prometheus duration: 1440 → 24m, 90 → 1m30s, 1.5 → 1s500ms."""
+    ms, parts = round(seconds * 1000), []
+    for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1)):
+        if ms >= size:
+            parts.append(f"{ms // size}{unit}")
+            ms %= size
+    return "".join(parts) or "0s"
+
+
+def compress_rules(text: str, factor: float, minimum: float = 1.0) -> str:
+    """Rule file text with every range `[...]`, `offset` and `for:` duration divided by `factor`.
+
+    A result below `minimum` seconds becomes `minimum`. Names (`...:rate5m`) are left alone: they
+    still say which production window the series stands for.
+    """
+    def short(duration: str) -> str:
+        return format_duration(max(minimum, duration_seconds(duration) / factor))
+
+    def range_(match: re.Match) -> str:  # [5m] and subqueries [1h:1m] / [1h:]
+        step = f":{short(match[2]) if match[2] else ''}" if ":" in match[0] else ""
+        return f"[{short(match[1])}{step}]"
+
+    text = re.sub(rf"\[\s*({_DURATION})\s*(?::\s*({_DURATION})?\s*)?\]", range_, text)
+    text = re.sub(rf"\boffset(\s+)({_DURATION})\b", lambda m: f"offset{m[1]}{short(m[2])}", text)
+    return re.sub(rf"^(\s*(?:for|keep_firing_for):\s*)(['\"]?)({_DURATION})\2(\s*(?:#.*)?)$",
+                  lambda m: f"{m[1]}{m[2]}{short(m[3])}{m[2]}{m[4]}", text, flags=re.MULTILINE)
+
+
+@pytest.mark.parametrize("production, compressed", [
+    ("rate(x[5m])", "rate(x[5s])"),
+    ("increase(x[1h]) / increase(x[1d])", "increase(x[1m]) / increase(x[24m])"),
+    ("avg_over_time(r[1d:5m]) and x offset 1h", "avg_over_time(r[24m:5s]) and x offset 1m"),
+    ("max_over_time(r[1h:])", "max_over_time(r[1m:])"),
+    ("rate(x[30s])", "rate(x[1s])"),  # the minimum
+    ("rate(x[1h30m])", "rate(x[1m30s])"),
+    ("rate(x[90s])", "rate(x[1s500ms])"),
+    ('x{status=~"[a-z]+"} > 0.5', 'x{status=~"[a-z]+"} > 0.5'),  # not a duration: untouched
+    ("    for: 10m\n", "    for: 10s\n"),
+    ("    for: '1h'  # ride out a bad hour\n", "    for: '1m'  # ride out a bad hour\n"),
+    ("  - record: org:callingbox_failed:ratio_rate5m\n", "  - record: org:callingbox_failed:ratio_rate5m\n"),
+])
+def test_compress_rules_divides_every_window_offset_and_for(production, compressed):
+    assert compress_rules(production, 60) == compressed
+
+
+# ---- the servers -------------------------------------------------------------------------------
+
+class Receiver:
+    """An Alertmanager webhook endpoint on loopback that records every notification."""
+
+    def __init__(self):
+        self.notifications: list[tuple[float, dict]] = []  # (monotonic time received, payload)
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver._lock:
+                    receiver.notifications.append((time.monotonic(), json.loads(body)))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="webhook-receiver", daemon=True)
+        self.thread.start()
+
+    def alerts(self, name_pattern: str = ".*", status: str | None = None, **labels: str) -> list[tuple[float, dict]]:
+        """(time received, alert) for every notified alert matching name, status and labels."""
+        with self._lock:
+            notifications = list(self.notifications)
+        return [(at, alert) for at, payload in notifications for alert in payload["alerts"]
+                if re.fullmatch(name_pattern, alert["labels"].get("alertname", ""))
+                and (status is None or alert["status"] == status)
+                and all(alert["labels"].get(k) == v for k, v in labels.items())]
+
+    def states(self, name_pattern: str, **labels: str) -> dict[tuple[tuple[str, str], ...], str]:
+        """The last notified status (firing, resolved) of each matching alert, by its labels."""
+        return {tuple(sorted(alert["labels"].items())): alert["status"]
+                for _, alert in self.alerts(name_pattern, **labels)}
+
+    def summary(self) -> str:
+        with self._lock:
+            return "\n".join(f"  {a['status']} {a['labels']}" for _, p in self.notifications for a in p["alerts"])
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+class Server:
+    """A real Prometheus or Alertmanager process on a loopback port, its output in a log file."""
+
+    def __init__(self, tmp: Path, name: str, command: list[str]):
+        self.name, self.port = name, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / f"{name}.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen([*command, f"--web.listen-address=127.0.0.1:{self.port}"],
+                                            cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
+
+    def ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
+        try:
+            return http_get(self.url + "/-/ready", timeout=1)[0] == 200
+        except OSError:
+            return False
+
+    def api(self, path: str, **params: str) -> dict:
+        status, body = http_get(f"{self.url}{path}?{urllib.parse.urlencode(params)}")
+        assert status == 200, f"{self.name} {path}: HTTP {status} {body}"
+        return json.loads(body)["data"]
+
+    def log(self, tail: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-tail:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def servers(tmp_path):
+    """Start Prometheus, Alertmanager and the webhook receiver; all are stopped at the end."""
+    with ExitStack() as exits:
+        def start(name: str, command: list[str]) -> Server:
+            server = Server(tmp_path, name, command)
+            exits.callback(server.stop)
+            return server
+
+        receiver = Receiver()
+        exits.callback(receiver.close)
+        yield start, receiver
+
+
+def require_servers() -> None:
+    """A missing server fails the test, never skips it: alerting unproven is not alerting proven."""
+    missing = [binary for binary in BINARIES if shutil.which(binary) is None]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not on PATH: install Debian's prometheus and prometheus-alertmanager "
+                    "(`make test` does: apt-get install prometheus prometheus-alertmanager)", pytrace=False)
+
+
+def _write(path: Path, document: dict) -> Path:
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def compressed_rule_files(tmp: Path) -> list[Path]:
+    """The shipped rule files time-compressed into `tmp`, each checked by promtool."""
+    missing = [str(p.relative_to(ROOT)) for p in RULE_FILES if not p.exists()]
+    assert not missing, f"the shipped rule files are missing: {missing}"
+    paths = []
+    for source in RULE_FILES:
+        path = tmp / f"compressed-{source.name}"
+        path.write_text(compress_rules(source.read_text(), FACTOR))
+        check = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, f"promtool rejects the compressed {source.name}:\n{check.stdout}{check.stderr}"
+        paths.append(path)
+    return paths
+
+
+def start_alertmanager(start, tmp: Path, webhook_url: str) -> Server:
+    config = _write(tmp / "alertmanager.yml", {
+        "route": {"receiver": "test", "group_by": ["alertname", "org"],
+                  "group_wait": "1s", "group_interval": "1s", "repeat_interval": "1m"},
+        "receivers": [{"name": "test", "webhook_configs": [{"url": webhook_url, "send_resolved": True}]}],
+    })
+    return start("alertmanager", [
+        "prometheus-alertmanager", f"--config.file={config}", f"--storage.path={tmp / 'alertmanager-data'}",
+        "--cluster.listen-address=",  # empty: no gossip port, no peers
+    ])
+
+
+def start_prometheus(start, tmp: Path, exporter_url: str, alertmanager: Server, rule_files: list[Path]) -> Server:
+    config = _write(tmp / "prometheus.yml", {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(p) for p in rule_files],
+        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{alertmanager.port}"]}]}]},
+        "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [exporter_url.split("://")[1]]}]}],
+    })
+    return start("prometheus", [
+        "prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp / 'prometheus-data'}",
+    ])
+
+
+# ---- the story -----------------------------------------------------------------------------------
+
+def _prometheus_alerts(prometheus: Server, name: str, state: str, **labels: str) -> list[dict]:
+    return [a for a in prometheus.api("/api/v1/alerts")["alerts"]
+            if a["labels"].get("alertname") == name and a["state"] == state
+            and all(a["labels"].get(k) == v for k, v in labels.items())]
+
+
+def _alert_series(prometheus: Server, rule_files: list[Path], name: str) -> dict[str, int]:
+    """For each recorded series the alert `name` reads: how many series it has for org="default"."""
+    groups = [g for p in rule_files for g in yaml.safe_load(p.read_text())["groups"]]
+    rules = [r for g in groups for r in g["rules"]]
+    expr = next(r["expr"] for r in rules if r.get("alert") == name)
+    records = sorted({r["record"] for r in rules
+                      if "record" in r and re.search(rf"\b{re.escape(r['record'])}\b", expr)})
+    return {record: len(prometheus.api("/api/v1/query", query=f'{record}{{org="default"}}')["result"])
+            for record in records}
+
+
+def test_failed_call_spike_fires_reaches_the_webhook_and_resolves(stack, servers, tmp_path):
+    require_servers()
+    start, receiver = servers
+    rule_files = compressed_rule_files(tmp_path)
+    # 15 calls/s each way: a 5 s window ("5m") holds ~70 seizures per direction, so normal noise
+    # never reaches the 20 % threshold; the volume guard counts per window, so compressed windows
+    # need FACTOR times the production volume to pass it.
+    sim, url = stack.simulator(seed=11, rate=30, inbound_share=0.5, time_scale=300, webhook_retry_base=0.05,
+                               api_key=KEY, outcome_weights=OUTCOME_WEIGHTS)
+    exporter = stack.exporter({"api_url": url, "poll_interval": "0.5s", "overlap": "10s"},
+                              env={"CALLINGBOX_API_KEY": KEY}).start()
+    running: dict[str, Server] = {}
+
+    def diagnostics() -> str:
+        text = f"\nreceiver got:\n{receiver.summary()}"
+        if "prometheus" in running:
+            try:
+                alerts = [(a["labels"]["alertname"], a["state"])
+                          for a in running["prometheus"].api("/api/v1/alerts")["alerts"]]
+            except (AssertionError, OSError) as error:
+                alerts = [f"unavailable: {error}"]
+            text += f"\nPrometheus alerts now: {alerts}"
+        for server in running.values():
+            text += f"\n--- {server.name} log ({server.log_path}):\n{server.log()}"
+        return text + f"\n--- exporter log ({exporter.log_path}):\n{exporter.log()[-2000:]}"
+
+    def wait(predicate, timeout: float, what: str):
+        try:
+            return wait_until(predicate, timeout, interval=0.25, message=what)
+        except AssertionError as error:
+            raise AssertionError(f"{error}{diagnostics()}") from None
+
+    wait(exporter.ready, 20, "exporter ready")
+    alertmanager = running["alertmanager"] = start_alertmanager(start, tmp_path, receiver.url)
+    wait(alertmanager.ready, 30, "alertmanager ready")
+    prometheus = running["prometheus"] = start_prometheus(start, tmp_path, exporter.url, alertmanager, rule_files)
+    wait(prometheus.ready, 30, "prometheus ready")
+    began = time.monotonic()
+
+    def scraped() -> bool:
+        targets = prometheus.api("/api/v1/targets")["activeTargets"]
+        return bool(targets) and all(t["health"] == "up" for t in targets)
+
+    wait(scraped, 15, "Prometheus scraping the exporter")
+
+    # Normal traffic: the baseline fills, nothing pages.
+    time.sleep(max(0.0, NORMAL_PHASE - (time.monotonic() - began)))
+    baseline = _alert_series(prometheus, rule_files, SPIKE_ALERT)
+    assert baseline and all(baseline.values()), f"series {SPIKE_ALERT} reads, after the normal phase: {baseline}"
+    assert _prometheus_alerts(prometheus, SPIKE_ALERT, "firing") == [], diagnostics()
+    assert _prometheus_alerts(prometheus, SPIKE_ALERT, "pending") == [], diagnostics()
+    assert receiver.alerts(SPIKE_ALERT) == [], diagnostics()
+
+    # The spike: most new calls fail.
+    sim.set_outcome_weights(SPIKE)
+    spiked = time.monotonic()
+    wait(lambda: _prometheus_alerts(prometheus, SPIKE_ALERT, "firing", org="default"), 60,
+         f"{SPIKE_ALERT} firing in Prometheus")
+    fired = time.monotonic()
+    wait(lambda: receiver.alerts(SPIKE_ALERT, "firing", org="default"), 20, f"{SPIKE_ALERT} firing at the webhook")
+    notified = time.monotonic()
+
+    # Recovery: the normal mix again, and the page resolves.
+    sim.set_outcome_weights(OUTCOME_WEIGHTS)
+    restored = time.monotonic()
+    # Every direction that paged resolves (they need not resolve at the same evaluation).
+    wait(lambda: set(receiver.states(SPIKE_ALERT, org="default").values()) == {"resolved"}, 60,
+         f"every {SPIKE_ALERT} resolved at the webhook")
+    resolved = time.monotonic()
+    assert _prometheus_alerts(prometheus, SPIKE_ALERT, "firing") == [], diagnostics()
+    paged = sorted(dict(labels)["direction"] for labels in receiver.states(SPIKE_ALERT, org="default"))
+
+    # Paged for the right reason only: the exporter was up throughout, no_answer did not spike.
+    assert receiver.alerts(NEVER.pattern) == [], diagnostics()
+    window = format_duration(time.monotonic() - began + 5)
+    ever = prometheus.api("/api/v1/query", query=f'max_over_time(ALERTS{{alertstate="firing"}}[{window}])')["result"]
+    names = sorted({series["metric"]["alertname"] for series in ever})
+    assert not [n for n in names if NEVER.fullmatch(n)], f"fired: {names}{diagnostics()}"
+    print(f"\nalerting e2e (factor {FACTOR}): normal phase {spiked - began:.1f}s, spike → Prometheus firing "
+          f"{fired - spiked:.1f}s, → webhook {notified - spiked:.1f}s; restore → webhook resolved "
+          f"{resolved - restored:.1f}s; total {resolved - began:.1f}s; directions paged: {paged}; "
+          f"alerts that fired: {names}")
