@@ -1,0 +1,235 @@
+"""The alerting pack: rules, their unit tests, the Alertmanager example and the runbook agree.
+
+promtool and amtool are required, never skipped: `make test` installs Debian's `prometheus`
+and `prometheus-alertmanager` when they are missing. The exposition checks run the real
+exporter against the simulator, like the other end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, http_get, parse_metrics, wait_until
+
+PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
+RECORDING_RULES = PROMETHEUS_DIR / "callingbox-recording.rules.yml"
+ALERTING_RULES = PROMETHEUS_DIR / "callingbox-alerts.rules.yml"
+RULE_FILES = (RECORDING_RULES, ALERTING_RULES)
+RULE_TESTS = sorted((PROMETHEUS_DIR / "tests").glob("*.test.yml"))
+ALERTMANAGER_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
+RUNBOOK = ROOT / "docs" / "runbook.md"
+RUNBOOK_URL = "https://github.com/callingbox/callingbox-exporter/blob/main/docs/runbook.md#"
+
+# Another engineer's end-to-end test addresses the alerts by these names.
+ALERTS = {
+    "CallingBoxFailedCallsSpike", "CallingBoxNoAnswerSpike", "CallingBoxWebhookDeliveriesFailing",
+    "CallingBoxWebhookEndpointDown", "CallingBoxExtractionsFailing", "CallingBoxExporterDown",
+    "CallingBoxExporterAbsent", "CallingBoxApiKeyRejected", "CallingBoxApiErrors", "CallingBoxDataStale",
+}
+SYMPTOMS = {
+    "CallingBoxFailedCallsSpike", "CallingBoxNoAnswerSpike", "CallingBoxWebhookDeliveriesFailing",
+    "CallingBoxWebhookEndpointDown", "CallingBoxExtractionsFailing", "CallingBoxDataStale",
+}
+KEY = "sk_test_alerting_0123456789"
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: the alerting tests need Debian's prometheus and "
+                    f"prometheus-alertmanager packages (`make test` installs them)", pytrace=False)
+    return path
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def rules(path: Path) -> list[dict]:
+    return [rule for group in yaml.safe_load(path.read_text())["groups"] for rule in group["rules"]]
+
+
+def alerts() -> dict[str, dict]:
+    return {rule["alert"]: rule for rule in rules(ALERTING_RULES)}
+
+
+def recorded_names() -> set[str]:
+    return {rule["record"] for path in RULE_FILES for rule in rules(path) if "record" in rule}
+
+
+# ---------------------------------------------------------------- promtool and amtool
+
+@pytest.mark.parametrize("path", RULE_FILES, ids=lambda p: p.name)
+def test_rule_file_passes_promtool_check_without_warnings(path):
+    result = run(tool("promtool"), "check", "rules", "--lint=all", "--lint-fatal", str(path))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "SUCCESS" in output and "warn" not in output.lower(), output
+
+
+def test_rule_unit_tests_exist():
+    """An empty glob would parametrize the next test into a silent skip."""
+    assert {p.name for p in RULE_TESTS} >= {"recording.test.yml", "calls.test.yml"}, RULE_TESTS
+
+
+@pytest.mark.parametrize("path", RULE_TESTS, ids=lambda p: p.name)
+def test_promtool_rule_unit_tests_pass(path):
+    result = run(tool("promtool"), "test", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_is_unit_tested_firing_and_silent():
+    firing: set[str] = set()
+    silent: set[str] = set()
+    for path in RULE_TESTS:
+        for group in yaml.safe_load(path.read_text())["tests"]:
+            for case in group.get("alert_rule_test", []):
+                (firing if case.get("exp_alerts") else silent).add(case["alertname"])
+    assert ALERTS - firing == set(), "alerts never seen firing in a unit test"
+    assert ALERTS - silent == set(), "alerts never seen staying silent in a unit test"
+
+
+def test_alertmanager_example_passes_amtool():
+    result = run(tool("amtool"), "check-config", str(ALERTMANAGER_CONFIG))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+@pytest.mark.parametrize(("labels", "receiver"), [
+    ({"severity": "critical", "org": "acme", "alertname": "CallingBoxFailedCallsSpike"}, "pager"),
+    ({"severity": "warning", "org": "acme", "alertname": "CallingBoxWebhookEndpointDown"}, "chat"),
+])
+def test_alertmanager_routes_by_severity(labels, receiver):
+    result = run(tool("amtool"), "config", "routes", "test", f"--config.file={ALERTMANAGER_CONFIG}",
+                 *(f"{k}={v}" for k, v in labels.items()))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.split() == [receiver]
+
+
+def test_alertmanager_groups_by_org_and_inhibits_symptoms_while_exporter_is_down():
+    config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+    assert set(config["route"]["group_by"]) == {"org", "alertname"}
+    inhibited_by: dict[str, set[str]] = {}
+    for rule in config["inhibit_rules"]:
+        (source,) = rule["source_matchers"]
+        (target,) = rule["target_matchers"]
+        sources = matching_alerts(source)
+        assert sources, f"inhibit rule source {source} matches no alert"
+        for name in sources:
+            inhibited_by.setdefault(name, set()).update(matching_alerts(target))
+            if name != "CallingBoxExporterAbsent":  # absent() has no org label to compare
+                assert rule["equal"] == ["org"], "one org's alert must not silence another org"
+    assert inhibited_by["CallingBoxExporterDown"] == SYMPTOMS
+    assert inhibited_by["CallingBoxExporterAbsent"] == SYMPTOMS
+
+
+def matching_alerts(matcher: str) -> set[str]:
+    """The alert names an `alertname="..."` or `alertname=~"..."` matcher selects."""
+    equals, value = re.fullmatch(r'alertname(=~?)"(.+)"', matcher).groups()
+    return {name for name in ALERTS if (re.fullmatch(value, name) if equals == "=~" else name == value)}
+
+
+# ---------------------------------------------------------------- the rules' own shape
+
+def test_alerts_are_exactly_the_agreed_set():
+    assert set(alerts()) == ALERTS
+
+
+@pytest.mark.parametrize("name", sorted(ALERTS))
+def test_alert_has_severity_annotations_and_a_runbook_section(name):
+    rule = alerts()[name]
+    assert rule["labels"]["severity"] in {"critical", "warning", "info"}
+    annotations = rule["annotations"]
+    for key in ("summary", "description", "runbook_url"):
+        assert annotations.get(key, "").strip(), f"{name} has no {key}"
+    if name != "CallingBoxExporterAbsent":  # absent() has no labels to name
+        assert "$labels.org" in annotations["summary"] and "$labels.org" in annotations["description"]
+    assert annotations["runbook_url"] == RUNBOOK_URL + name.lower()
+    assert name.lower() in runbook_anchors()
+
+
+def runbook_anchors() -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to dashes."""
+    anchors, in_code = set(), False
+    for line in RUNBOOK.read_text().splitlines():
+        in_code ^= line.lstrip().startswith("```")
+        match = re.match(r"#{1,6}\s+(.*)", line)
+        if match and not in_code:
+            anchors.add(re.sub(r"[^\w\- ]", "", match.group(1).strip().lower()).replace(" ", "-"))
+    return anchors
+
+
+def test_windows_and_for_durations_are_plain_so_they_can_be_time_compressed():
+    duration = re.compile(r"\d+(ms|s|m|h|d|w|y)")
+    for path in RULE_FILES:
+        for rule in rules(path):
+            expr = rule["expr"]
+            for window in re.findall(r"\[([^\]]*)\]", expr):
+                assert duration.fullmatch(window), f"{window!r} in {expr}"
+            for window in re.findall(r"\boffset\s+(\S+)", expr):
+                assert duration.fullmatch(window), f"offset {window!r} in {expr}"
+            if "for" in rule:
+                assert duration.fullmatch(rule["for"]), rule
+
+
+def test_ratio_alerts_wait_longer_than_their_shortest_window():
+    """A burst brought by one poll stays in a window for at most that window: `for` outlasts it."""
+    seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    for name in ("CallingBoxFailedCallsSpike", "CallingBoxNoAnswerSpike", "CallingBoxWebhookDeliveriesFailing",
+                 "CallingBoxExtractionsFailing", "CallingBoxApiErrors"):
+        rule = alerts()[name]
+        # Recorded names end in their window (ratio_rate5m, increase1h); raw ranges are [15m].
+        windows = re.findall(r"(?:[a-z_]+:[a-z_]+:[a-z_]+?|\[)(\d+)([smhd])\b", rule["expr"])
+        assert windows, name
+        shortest = min(int(n) * seconds[unit] for n, unit in windows)
+        wait = int(rule["for"][:-1]) * seconds[rule["for"][-1]]
+        assert wait > shortest, f"{name}: for {rule['for']} does not outlast its {shortest} s window"
+
+
+# ---------------------------------------------------------------- against the real exporter
+
+def exposition(stack) -> str:
+    """The text exposition of a real exporter that has counted all calls of a simulator run."""
+    sim, url = stack.simulator(seed=3, rate=100, max_calls=200, time_scale=300, webhook_retry_base=0.05,
+                               api_key=KEY)
+    exporter = stack.exporter({"api_url": url, "poll_interval": "0.3s", "overlap": "10s",
+                               "initial_lookback": "1h"}, env={"CALLINGBOX_API_KEY": KEY}).start()
+    wait_until(exporter.ready, 20, message="exporter ready")
+    # Every call final and counted: every outcome, error code and webhook state is on show.
+    wait_until(sim.all_final, 60, message="simulator calls final")
+
+    def counted() -> bool:
+        samples = exporter.scrape()
+        return sum(v for (name, _), v in samples.items() if name == "callingbox_calls_total") == 200
+
+    wait_until(counted, 30, message="all 200 calls counted")
+    status, text = http_get(exporter.url + "/metrics")
+    assert status == 200
+    return text
+
+
+def test_real_exposition_passes_promtool_check_metrics(stack):
+    result = run(tool("promtool"), "check", "metrics", stdin=exposition(stack))
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_every_metric_the_rules_read_is_exposed_or_recorded(stack):
+    exposed = {name for name, _ in parse_metrics(exposition(stack))}
+    recorded = recorded_names()
+    texts = []
+    for path in RULE_FILES:
+        for rule in rules(path):
+            texts.append(rule["expr"])
+            texts.extend(rule.get("annotations", {}).values())  # template queries name series too
+    # Whole identifiers, colons included: `org:callingbox_up:x` is a recorded name, not callingbox_up.
+    used = {token for text in texts for token in re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", text)
+            if "callingbox_" in token}
+    assert used, "no metric names found in the rules"
+    unknown = sorted(name for name in used if name not in (recorded if ":" in name else exposed))
+    assert unknown == [], f"not on the exporter's /metrics and not a recording rule: {unknown}"
