@@ -172,7 +172,7 @@ def test_windows_and_for_durations_are_plain_so_they_can_be_time_compressed():
             expr = rule["expr"]
             for window in re.findall(r"\[([^\]]*)\]", expr):
                 assert duration.fullmatch(window), f"{window!r} in {expr}"
-            for window in re.findall(r"\boffset\s+(\S+)", expr):
+            for window in re.findall(r"\boffset\s+([^\s)]+)", expr):
                 assert duration.fullmatch(window), f"offset {window!r} in {expr}"
             if "for" in rule:
                 assert duration.fullmatch(rule["for"]), rule
