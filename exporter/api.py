@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
+import time
 from contextlib import asynccontextmanager
 from email.utils import parsedate_to_datetime
 from typing import AsyncIterator, Callable
@@ -118,9 +119,7 @@ def _retry_after(value: str | None) -> float | None:
     except ValueError:
         pass
     try:
-        from time import time
-
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time())
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
 

@@ -7,6 +7,7 @@ never prints itself.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -210,7 +211,7 @@ def _targets(document: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Targe
             overrides["api_key_file"] = env["CALLINGBOX_API_KEY_FILE"]
         target = _target(overrides, "", "default")
         if env.get("CALLINGBOX_API_KEY"):
-            target = Target(**{**target.__dict__, "api_key": Secret(env["CALLINGBOX_API_KEY"].strip())})
+            target = dataclasses.replace(target, api_key=Secret(env["CALLINGBOX_API_KEY"].strip()))
         return (target,)
 
     entries = document["targets"]

@@ -36,8 +36,10 @@ def _fields(record: logging.LogRecord) -> dict:
 
 
 def _logfmt_value(value: object) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str) if not isinstance(value, (int, float)) else str(value)
-    if text and not any(c in text for c in ' "=\n\\') :
+    if isinstance(value, (int, float)):
+        return str(value)
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if text and not any(c in text for c in ' "=\n\\'):
         return text
     return json.dumps(text)
 

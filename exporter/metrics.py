@@ -260,9 +260,6 @@ class Collector(_Collector):
     def publish(self, org: str, snapshot: Snapshot) -> None:
         self.snapshots[org] = snapshot  # one reference swap: scrapes see the old or the new whole
 
-    def forget(self, org: str) -> None:
-        self.snapshots.pop(org, None)
-
     def collect(self):
         snapshots = dict(self.snapshots)
         now = self.clock()

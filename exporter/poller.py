@@ -42,7 +42,6 @@ class Status:
     last_success: float | None = None
     last_error: str | None = None
     failures: int = 0
-    next_poll: float | None = None
     tracked: int = 0
     watermark: float | None = None
 
@@ -97,9 +96,7 @@ class Poller:
                 log.exception("poll crashed", extra={"org": self.org})
                 self.status.failures += 1
                 ok, backoff = False, self._backoff(None)
-            delay = self.target.poll_interval if ok else backoff
-            self.status.next_poll = self.clock() + delay
-            await asyncio.sleep(delay)
+            await asyncio.sleep(self.target.poll_interval if ok else backoff)
 
     async def poll(self) -> tuple[bool, float]:
         """One poll: read and account, persist, then publish. Returns (succeeded, back-off)."""
