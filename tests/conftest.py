@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.simulator import Simulator, serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["servers"]  # the `launch` fixture: real Prometheus and Alertmanager processes
 
 
 def free_port() -> int:

@@ -30,21 +30,18 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import signal
 import subprocess
 import threading
 import time
-import urllib.parse
-from contextlib import ExitStack
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, free_port, http_get, wait_until
+from conftest import ROOT, wait_until
 from exporter.simulator import OUTCOME_WEIGHTS
+from servers import Server, require, start_prometheus, write_yaml
 
 KEY = "sk_test_e2e_alerting_0123456789"
 RULE_FILES = (ROOT / "deploy/prometheus/callingbox-recording.rules.yml",
@@ -175,68 +172,14 @@ class Receiver:
         self.thread.join(timeout=5)
 
 
-class Server:
-    """A real Prometheus or Alertmanager process on a loopback port, its output in a log file."""
-
-    def __init__(self, tmp: Path, name: str, command: list[str]):
-        self.name, self.port = name, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / f"{name}.log"
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen([*command, f"--web.listen-address=127.0.0.1:{self.port}"],
-                                            cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
-
-    def ready(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
-        try:
-            return http_get(self.url + "/-/ready", timeout=1)[0] == 200
-        except OSError:
-            return False
-
-    def api(self, path: str, **params: str) -> dict:
-        status, body = http_get(f"{self.url}{path}?{urllib.parse.urlencode(params)}")
-        assert status == 200, f"{self.name} {path}: HTTP {status} {body}"
-        return json.loads(body)["data"]
-
-    def log(self, tail: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-tail:]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-
-
 @pytest.fixture
-def servers(tmp_path):
+def servers(launch):
     """Start Prometheus, Alertmanager and the webhook receiver; all are stopped at the end."""
-    with ExitStack() as exits:
-        def start(name: str, command: list[str]) -> Server:
-            server = Server(tmp_path, name, command)
-            exits.callback(server.stop)
-            return server
-
-        receiver = Receiver()
-        exits.callback(receiver.close)
-        yield start, receiver
-
-
-def require_servers() -> None:
-    """A missing server fails the test, never skips it: alerting unproven is not alerting proven."""
-    missing = [binary for binary in BINARIES if shutil.which(binary) is None]
-    if missing:
-        pytest.fail(f"{', '.join(missing)} not on PATH: install Debian's prometheus and prometheus-alertmanager "
-                    "(`make test` does: apt-get install prometheus prometheus-alertmanager)", pytrace=False)
-
-
-def _write(path: Path, document: dict) -> Path:
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-    return path
+    receiver = Receiver()
+    try:
+        yield launch, receiver
+    finally:
+        receiver.close()
 
 
 def compressed_rule_files(tmp: Path) -> list[Path]:
@@ -254,7 +197,7 @@ def compressed_rule_files(tmp: Path) -> list[Path]:
 
 
 def start_alertmanager(start, tmp: Path, webhook_url: str) -> Server:
-    config = _write(tmp / "alertmanager.yml", {
+    config = write_yaml(tmp / "alertmanager.yml", {
         "route": {"receiver": "test", "group_by": ["alertname", "org"],
                   "group_wait": "1s", "group_interval": "1s", "repeat_interval": "1m"},
         "receivers": [{"name": "test", "webhook_configs": [{"url": webhook_url, "send_resolved": True}]}],
@@ -262,18 +205,6 @@ def start_alertmanager(start, tmp: Path, webhook_url: str) -> Server:
     return start("alertmanager", [
         "prometheus-alertmanager", f"--config.file={config}", f"--storage.path={tmp / 'alertmanager-data'}",
         "--cluster.listen-address=",  # empty: no gossip port, no peers
-    ])
-
-
-def start_prometheus(start, tmp: Path, exporter_url: str, alertmanager: Server, rule_files: list[Path]) -> Server:
-    config = _write(tmp / "prometheus.yml", {
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(p) for p in rule_files],
-        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{alertmanager.port}"]}]}]},
-        "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [exporter_url.split("://")[1]]}]}],
-    })
-    return start("prometheus", [
-        "prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp / 'prometheus-data'}",
     ])
 
 
@@ -297,7 +228,7 @@ def _alert_series(prometheus: Server, rule_files: list[Path], name: str) -> dict
 
 
 def test_failed_call_spike_fires_reaches_the_webhook_and_resolves(stack, servers, tmp_path):
-    require_servers()
+    require(*BINARIES)
     start, receiver = servers
     rule_files = compressed_rule_files(tmp_path)
     # 15 calls/s each way: a 5 s window ("5m") holds ~70 seizures per direction, so normal noise
@@ -331,7 +262,7 @@ def test_failed_call_spike_fires_reaches_the_webhook_and_resolves(stack, servers
     wait(exporter.ready, 20, "exporter ready")
     alertmanager = running["alertmanager"] = start_alertmanager(start, tmp_path, receiver.url)
     wait(alertmanager.ready, 30, "alertmanager ready")
-    prometheus = running["prometheus"] = start_prometheus(start, tmp_path, exporter.url, alertmanager, rule_files)
+    prometheus = running["prometheus"] = start_prometheus(start, tmp_path, exporter.url, rule_files, alertmanager)
     wait(prometheus.ready, 30, "prometheus ready")
     began = time.monotonic()
 

@@ -1,0 +1,96 @@
+"""Real Prometheus and Alertmanager processes on loopback ports, for the end-to-end tests.
+
+A missing binary fails the test, never skips it: `make test` installs the Debian packages.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import urllib.parse
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import free_port, http_get
+
+
+class Server:
+    """A real Prometheus or Alertmanager process on a loopback port, its output in a log file."""
+
+    def __init__(self, tmp: Path, name: str, command: list[str]):
+        self.name, self.port = name, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / f"{name}.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen([*command, f"--web.listen-address=127.0.0.1:{self.port}"],
+                                            cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
+
+    def ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
+        try:
+            return http_get(self.url + "/-/ready", timeout=1)[0] == 200
+        except OSError:
+            return False
+
+    def api(self, path: str, **params: str) -> dict:
+        status, body = http_get(f"{self.url}{path}?{urllib.parse.urlencode(params)}")
+        assert status == 200, f"{self.name} {path}: HTTP {status} {body}"
+        return json.loads(body)["data"]
+
+    def log(self, tail: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-tail:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+def require(*binaries: str) -> None:
+    """Fail (not skip) when a server binary is missing: unproven is not proven."""
+    missing = [binary for binary in binaries if shutil.which(binary) is None]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not on PATH: `make test` installs them (apt-get install prometheus "
+                    "prometheus-alertmanager chromium)", pytrace=False)
+
+
+def write_yaml(path: Path, document: dict) -> Path:
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def start_prometheus(start, tmp: Path, exporter_url: str, rule_files=(), alertmanager: Server | None = None,
+                     flags=(), job: str = "callingbox") -> Server:
+    """Prometheus scraping the exporter every second, with the given rule files and flags."""
+    document = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(p) for p in rule_files],
+        "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [exporter_url.split("://")[1]]}]}],
+    }
+    if alertmanager is not None:
+        document["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{alertmanager.port}"]}]}]}
+    config = write_yaml(tmp / "prometheus.yml", document)
+    return start("prometheus", ["prometheus", f"--config.file={config}",
+                                f"--storage.tsdb.path={tmp / 'prometheus-data'}", *flags])
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """`launch(name, command)` starts a Server in tmp_path; all are stopped at teardown."""
+    with ExitStack() as exits:
+        def start(name: str, command: list[str]) -> Server:
+            server = Server(tmp_path, name, command)
+            exits.callback(server.stop)
+            return server
+
+        yield start
