@@ -2,8 +2,10 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-# Alerting tests run the real Prometheus, promtool and Alertmanager from Debian's packages.
-SERVERS := prometheus promtool prometheus-alertmanager amtool
+# End-to-end tests run the real Prometheus, promtool and Alertmanager, and headless Chromium for
+# the landing page, all from Debian's packages.
+SERVERS := prometheus promtool prometheus-alertmanager amtool chromium
+PACKAGES := prometheus prometheus-alertmanager chromium fonts-liberation
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test servers clean
@@ -20,10 +22,10 @@ demo: $(BIN)/.installed
 servers:
 	@for tool in $(SERVERS); do command -v $$tool >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then \
-		echo "installing Debian packages prometheus and prometheus-alertmanager"; \
+		echo "installing Debian packages $(PACKAGES)"; \
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
-			prometheus prometheus-alertmanager >/dev/null; \
+			$(PACKAGES) >/dev/null; \
 	fi
 
 test: $(BIN)/.installed servers

@@ -35,6 +35,7 @@ class Billed(NamedTuple):
     direction: str
     billed_seconds: int | None
     milli_cents: int
+    call_id: str | None = None
 
 
 class WebhookOutcome(NamedTuple):
@@ -121,7 +122,8 @@ def advance(state: CallState | None, record: Record, baseline: float) -> tuple[C
         state.billed = True
         if counted_after:
             events.append(
-                Billed(record.direction, record.billed_duration_seconds, record.billing_amount_milli_cents or 0)
+                Billed(record.direction, record.billed_duration_seconds, record.billing_amount_milli_cents or 0,
+                       record.id)
             )
 
     webhook = record.webhook_status

@@ -1,7 +1,9 @@
 """The aggregate store of counters and histograms, and the collector that renders it.
 
 A `Store` is plain dictionary arithmetic: accounting events go in, label caps are applied,
-and it serialises for the state file. The poller publishes immutable `Snapshot`s; the
+and it serialises for the state file. It also keeps, per series, the id of the latest call
+counted (an exemplar, so a panel can link a spike to one real call) and today's totals for
+the landing page. The poller publishes immutable `Snapshot`s; the
 `Collector` renders the latest one per target, so every scrape sees one consistent state.
 """
 
@@ -15,6 +17,7 @@ from typing import Iterable, NamedTuple
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector as _Collector
+from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 from .accounting import EXTRACTIONS, OUTCOMES, Billed, Created, Ended, Event, ExtractionOutcome, WebhookOutcome
@@ -91,6 +94,20 @@ DEFAULT_BUCKETS: dict[str, tuple[float, ...]] = {
 }
 
 
+# Families whose series carry the call_id of the latest call counted, as an OpenMetrics exemplar.
+EXEMPLAR_FAMILIES = frozenset({
+    "callingbox_calls_total",
+    "callingbox_call_hangups_total",
+    "callingbox_call_errors_total",
+    "callingbox_billed_amount_dollars_total",
+    "callingbox_call_duration_seconds",
+    "callingbox_call_answer_delay_seconds",
+    "callingbox_call_billed_duration_seconds",
+    "callingbox_call_setup_delay_seconds",
+})
+SECONDS_PER_DAY = 86_400
+
+
 def _initial_series() -> Iterable[tuple[str, tuple[str, ...]]]:
     """Series known to exist, exported at 0 so the first failure shows in increase()."""
     for d in DIRECTIONS:
@@ -125,6 +142,11 @@ class Store:
         # histogram series: per-bucket counts (not cumulative), then the +Inf overflow, then the sum
         self.histograms: dict[str, dict[tuple[str, ...], list[float]]] = {}
         self.seen: dict[str, set[str]] = {label: set() for label in CAPPED_LABELS}
+        # (family, labels, bucket index or -1 for a counter) → (call_id, value, when counted)
+        self.exemplars: dict[tuple[str, tuple[str, ...], int], tuple[str, float, float]] = {}
+        # Counted since 00:00 UTC of day `today_day`: created, each terminal status, milli_cents.
+        self.today_day: int | None = None
+        self.today: dict[str, int] = {}
         for name, labels in _initial_series():
             if FAMILIES[name].kind == "counter":
                 self.counters.setdefault(name, {})[labels] = 0
@@ -138,13 +160,16 @@ class Store:
         series = self.counters.setdefault(name, {})
         series[labels] = series.get(labels, 0) + amount
 
-    def observe(self, name: str, labels: tuple[str, ...], value: float) -> None:
+    def observe(self, name: str, labels: tuple[str, ...], value: float) -> int:
+        """Count `value` in its bucket; returns the bucket's index (len(bounds) for +Inf)."""
         series = self.histograms.setdefault(name, {})
         counts = series.get(labels)
         if counts is None:
             counts = series[labels] = self._empty(name)
-        counts[bisect.bisect_left(self.buckets[name], value)] += 1
+        index = bisect.bisect_left(self.buckets[name], value)
+        counts[index] += 1
         counts[-1] += value
+        return index
 
     def capped(self, label: str, value: str | None) -> str:
         """The label value to export: `none` for null, `other` once the cap is full."""
@@ -158,37 +183,68 @@ class Store:
         self.inc("callingbox_exporter_label_overflow_total", (label,))
         return "other"
 
-    def count(self, events: Iterable[Event]) -> None:
+    def count(self, events: Iterable[Event], now: float | None = None) -> None:
+        """Add the events to the counters; with `now`, also to today's totals and the exemplars."""
         for event in events:
             kind = type(event)
             if kind is Created:
                 self.inc("callingbox_calls_created_total", (event.direction,))
+                self._today(now, "created", 1)
             elif kind is Ended:
-                d, s = event.direction, event.status
-                self.inc("callingbox_calls_total", (d, s))
-                self.inc("callingbox_call_hangups_total", (d, s, self.capped("hangup_cause", event.hangup_cause)))
+                d, s, call = event.direction, event.status, event.call_id
+                self._counted("callingbox_calls_total", (d, s), 1, call, now)
+                cause = self.capped("hangup_cause", event.hangup_cause)
+                self._counted("callingbox_call_hangups_total", (d, s, cause), 1, call, now)
                 if event.error_code is not None:
-                    self.inc("callingbox_call_errors_total", (d, self.capped("error_code", event.error_code)))
+                    self._counted("callingbox_call_errors_total", (d, self.capped("error_code", event.error_code)),
+                                  1, call, now)
                 if event.duration is not None:
-                    self.observe("callingbox_call_duration_seconds", (d, s), event.duration)
+                    self._observed("callingbox_call_duration_seconds", (d, s), event.duration, call, now)
                 if event.answer_delay is not None:
-                    self.observe("callingbox_call_answer_delay_seconds", (d,), event.answer_delay)
+                    self._observed("callingbox_call_answer_delay_seconds", (d,), event.answer_delay, call, now)
                 if event.setup_delay is not None:
-                    self.observe("callingbox_call_setup_delay_seconds", (d,), event.setup_delay)
+                    self._observed("callingbox_call_setup_delay_seconds", (d,), event.setup_delay, call, now)
+                self._today(now, s, 1)
             elif kind is Billed:
-                self.inc("callingbox_billed_amount_dollars_total", (event.direction,), event.milli_cents)
+                d, call = event.direction, event.call_id
+                self._counted("callingbox_billed_amount_dollars_total", (d,), event.milli_cents, call, now)
                 if event.billed_seconds is not None:
-                    self.observe("callingbox_call_billed_duration_seconds", (event.direction,), event.billed_seconds)
+                    self._observed("callingbox_call_billed_duration_seconds", (d,), event.billed_seconds, call, now)
+                self._today(now, "milli_cents", event.milli_cents)
             elif kind is WebhookOutcome:
                 self.inc("callingbox_webhook_deliveries_total", (event.status,))
             elif kind is ExtractionOutcome:
                 self.inc("callingbox_result_extractions_total", (event.status,))
+
+    def _counted(self, name: str, labels: tuple[str, ...], amount: int, call_id: str | None, now: float | None):
+        self.inc(name, labels, amount)
+        if call_id and now is not None:
+            self.exemplars[name, labels, -1] = (call_id, amount, now)
+
+    def _observed(self, name: str, labels: tuple[str, ...], value: float, call_id: str | None, now: float | None):
+        index = self.observe(name, labels, value)
+        if call_id and now is not None:
+            self.exemplars[name, labels, index] = (call_id, value, now)
+
+    def _today(self, now: float | None, key: str, amount: int) -> None:
+        if now is None:
+            return
+        day = int(now // SECONDS_PER_DAY)
+        if day != self.today_day:
+            self.today_day, self.today = day, {}
+        self.today[key] = self.today.get(key, 0) + amount
+
+    def today_totals(self, now: float) -> dict[str, int]:
+        """What was counted since 00:00 UTC: `created`, each terminal status, `milli_cents`."""
+        return dict(self.today) if self.today_day == int(now // SECONDS_PER_DAY) else {}
 
     def copy(self) -> "Store":
         clone = copy.copy(self)
         clone.counters = {name: dict(series) for name, series in self.counters.items()}
         clone.histograms = {name: {k: list(v) for k, v in series.items()} for name, series in self.histograms.items()}
         clone.seen = {label: set(values) for label, values in self.seen.items()}
+        clone.exemplars = dict(self.exemplars)
+        clone.today = dict(self.today)
         return clone
 
     def to_json(self) -> dict:
@@ -198,6 +254,7 @@ class Store:
                 name: {"buckets": list(self.buckets[name]), "series": [[*k, *v] for k, v in series.items()]}
                 for name, series in self.histograms.items()
             },
+            "today": {"day": self.today_day, "totals": self.today},
         }
 
     @classmethod
@@ -223,6 +280,9 @@ class Store:
             position = FAMILIES[family].labels.index(label)
             values = {k[position] for k in store.counters.get(family, {})} - {"none", "other"}
             store.seen[label] = values
+        today = data.get("today") or {}
+        if isinstance(today.get("day"), int) and isinstance(today.get("totals"), dict):
+            store.today_day, store.today = today["day"], dict(today["totals"])
         return store, reset
 
 
@@ -249,6 +309,11 @@ class Snapshot:
 _NO_ACTIVE_CALLS = {(d, s): 0 for d in DIRECTIONS for s in ACTIVE_STATUSES}
 
 
+def _exemplar(kept: tuple[str, float, float], scale: int = 1) -> Exemplar:
+    call_id, value, when = kept
+    return Exemplar({"call_id": call_id}, value / scale if scale != 1 else value, when)
+
+
 class Collector(_Collector):
     """Renders the latest published snapshot of every target."""
 
@@ -268,18 +333,24 @@ class Collector(_Collector):
                 metric = CounterMetricFamily(name, family.doc, labels=("org", *family.labels))
                 scale = MILLI_CENTS_PER_DOLLAR if name == "callingbox_billed_amount_dollars_total" else 1
                 for org, snap in snapshots.items():
+                    exemplars = snap.store.exemplars
                     for labels, value in snap.store.counters.get(name, {}).items():
-                        metric.add_metric((org, *labels), value / scale if scale != 1 else value)
+                        exemplar = exemplars.get((name, labels, -1)) if name in EXEMPLAR_FAMILIES else None
+                        if exemplar is not None:
+                            exemplar = _exemplar(exemplar, scale)
+                        metric.add_metric((org, *labels), value / scale if scale != 1 else value, exemplar=exemplar)
             else:
                 metric = HistogramMetricFamily(name, family.doc, labels=("org", *family.labels))
+                with_exemplars = name in EXEMPLAR_FAMILIES
                 for org, snap in snapshots.items():
-                    bounds = snap.store.buckets[name]
+                    bounds, exemplars = snap.store.buckets[name], snap.store.exemplars
                     for labels, counts in snap.store.histograms.get(name, {}).items():
                         cumulative, running = [], 0
-                        for bound, count in zip(bounds, counts):
-                            running += count
-                            cumulative.append((floatToGoString(bound), running))
-                        cumulative.append(("+Inf", running + counts[len(bounds)]))
+                        for index, bound in enumerate((*bounds, "+Inf")):
+                            running += counts[index]
+                            bucket = (floatToGoString(bound) if index < len(bounds) else bound, running)
+                            exemplar = exemplars.get((name, labels, index)) if with_exemplars else None
+                            cumulative.append(bucket if exemplar is None else (*bucket, _exemplar(exemplar)))
                         metric.add_metric((org, *labels), cumulative, sum_value=counts[-1])
             yield metric
         yield from self._gauges(snapshots, now)

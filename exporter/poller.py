@@ -196,7 +196,7 @@ class Poller:
                         events = ledger.account(record)
                         if events:
                             stats["events"] += len(events)
-                            store.count(events)
+                            store.count(events, now)
                 if past_window:
                     break
                 await asyncio.sleep(0)  # a large read yields to scrapes between chunks
