@@ -376,3 +376,106 @@ def test_oldest_pending_webhook_age_follows_the_clock_between_scrapes():
 def test_oldest_pending_webhook_age_is_zero_when_none_is_pending():
     samples = text_samples(registry_of(Store(), Health(webhooks_pending=0, webhook_pending_oldest=None)))
     assert samples[("callingbox_webhook_pending_oldest_age_seconds", labels(org="default"))] == 0
+
+
+# --- Exemplars and today's totals ----------------------------------------------------------------
+
+EXEMPLAR_COUNTERS = ("callingbox_calls_total", HANGUPS, ERRORS, "callingbox_billed_amount_dollars_total")
+CALL_HISTOGRAMS = (DURATION, "callingbox_call_answer_delay_seconds", "callingbox_call_billed_duration_seconds",
+                   "callingbox_call_setup_delay_seconds")
+
+
+def exemplars_of(registry) -> dict:
+    """(sample name, sorted labels) → (exemplar labels, value, timestamp), from OpenMetrics."""
+    found = {}
+    for block in openmetrics_blocks(generate_openmetrics(registry).decode()).values():
+        for family in parse_openmetrics(block):
+            for s in family.samples:
+                if s.exemplar is not None:
+                    e = s.exemplar
+                    when = None if e.timestamp is None else e.timestamp.sec + e.timestamp.nsec / 1e9
+                    found[(s.name, tuple(sorted(s.labels.items())))] = (e.labels, e.value, when)
+    return found
+
+
+def call(call_id: str, status="completed", duration=None, cause="normal_clearing", error=None) -> Ended:
+    return Ended(OUT, status, cause, error, duration, 1.5, 2.5, call_id)
+
+
+def test_terminal_counters_carry_the_latest_counted_call_as_exemplar():
+    store = Store()
+    store.count([call("first", duration=40), call("second", duration=7)], now=NOW - 10)
+    store.count([call("third", status="failed", cause="rejected", error="E1"), Billed(OUT, 42, 12_345, "second")],
+                now=NOW)
+    found = exemplars_of(registry_of(store))
+    org = {"org": "default"}
+    assert found[("callingbox_calls_total", labels(**org, direction=OUT, status="completed"))] == (
+        {"call_id": "second"}, 1.0, NOW - 10)
+    assert found[("callingbox_calls_total", labels(**org, direction=OUT, status="failed"))] == (
+        {"call_id": "third"}, 1.0, NOW)
+    assert found[(HANGUPS, labels(**org, direction=OUT, status="failed", hangup_cause="rejected"))][0] == {
+        "call_id": "third"}
+    assert found[(ERRORS, labels(**org, direction=OUT, error_code="E1"))][0] == {"call_id": "third"}
+    # the money exemplar is in dollars, like its counter
+    assert found[("callingbox_billed_amount_dollars_total", labels(**org, direction=OUT))] == (
+        {"call_id": "second"}, 0.12345, NOW)
+    # series that counted nothing carry none; every exemplar names a call and nothing else
+    assert ("callingbox_calls_total", labels(**org, direction=IN, status="completed")) not in found
+    assert {tuple(e[0]) for e in found.values()} == {("call_id",)}
+
+
+def test_each_histogram_bucket_carries_the_latest_call_that_fell_in_it():
+    store = Store()
+    store.count([call("a", duration=40), call("b", duration=7), call("c", duration=45), call("d", duration=9000)],
+                now=NOW)
+    found = exemplars_of(registry_of(store))
+    bucket = lambda le: (f"{DURATION}_bucket", labels(org="default", direction=OUT, status="completed", le=le))  # noqa: E731
+    assert found[bucket("60.0")] == ({"call_id": "c"}, 45.0, NOW)  # a (40 s) was overwritten by c
+    assert found[bucket("10.0")] == ({"call_id": "b"}, 7.0, NOW)
+    assert found[bucket("+Inf")] == ({"call_id": "d"}, 9000.0, NOW)
+    assert bucket("30.0") not in found and bucket("120.0") not in found  # cumulative, but only where it fell
+    delay = ("callingbox_call_answer_delay_seconds_bucket", labels(org="default", direction=OUT, le="2.0"))
+    assert found[delay] == ({"call_id": "d"}, 1.5, NOW)
+    assert not [key for key in found if key[0].endswith(("_sum", "_count"))]
+
+
+def test_exemplars_add_no_series_and_stay_out_of_the_text_format():
+    plain, with_exemplars = Store(), Store()
+    events = [Created(OUT), call("x", duration=12), Billed(OUT, 12, 500, "x"), WebhookOutcome("delivered")]
+    plain.count(events)
+    with_exemplars.count(events, now=NOW)
+    assert openmetrics_samples(registry_of(plain)) == openmetrics_samples(registry_of(with_exemplars))
+    assert exemplars_of(registry_of(plain)) == {}
+    assert len(exemplars_of(registry_of(with_exemplars))) == 7  # calls, hangups, money; duration, billed, answer and setup delay
+    assert " # {" not in generate_latest(registry_of(with_exemplars)).decode()
+
+
+def test_exemplar_families_are_the_terminal_call_counters_and_call_histograms():
+    store = Store()
+    store.count([Created(OUT), call("x", duration=3, error="E"), Billed(OUT, 3, 10, "x"),
+                 WebhookOutcome("failed"), ExtractionOutcome("failed")], now=NOW)
+    families = {name.removesuffix("_bucket") for name, _ in exemplars_of(registry_of(store))}
+    assert families == set(EXEMPLAR_COUNTERS) | set(CALL_HISTOGRAMS)
+
+
+def test_today_totals_count_created_terminal_statuses_and_money_since_midnight_utc():
+    store = Store()
+    midnight = 20_000 * 86_400.0
+    store.count([Created(OUT), Created(IN), call("a"), call("b", status="failed"), Billed(OUT, 60, 2_500, "a")],
+                now=midnight + 100)
+    store.count([call("c", status="failed")], now=midnight + 86_399)
+    assert store.today_totals(midnight + 86_399.5) == {"created": 2, "completed": 1, "failed": 2, "milli_cents": 2_500}
+    assert store.today_totals(midnight + 86_400) == {}  # a new day with nothing counted yet
+    store.count([call("d", status="busy")], now=midnight + 86_400 + 5)
+    assert store.today_totals(midnight + 86_400 + 6) == {"busy": 1}
+    assert store.counters["callingbox_calls_total"][(OUT, "failed")] == 2  # the counters never reset
+
+
+def test_today_totals_survive_the_state_file_round_trip():
+    store = Store()
+    store.count([Created(OUT), call("a")], now=NOW)
+    restored, _ = Store.from_json(json.loads(json.dumps(store.to_json())))
+    assert restored.today_totals(NOW + 1) == {"created": 1, "completed": 1}
+    legacy = store.to_json()
+    del legacy["today"]  # a state file written before today's totals existed
+    assert Store.from_json(json.loads(json.dumps(legacy)))[0].today_totals(NOW) == {}
