@@ -142,6 +142,14 @@ class Client:
         self._on_response = on_response
         self.bytes_read = 0
 
+    @property
+    def key(self) -> Secret | None:
+        return self._key
+
+    def use_key(self, api_key: Secret) -> None:
+        """Authenticate the next requests with a rotated key."""
+        self._key = api_key
+
     def _scrub(self, text: str) -> str:
         if self._key is not None and self._key.reveal():
             text = text.replace(self._key.reveal(), "***")

@@ -211,7 +211,8 @@ def _targets(document: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Targe
             overrides["api_key_file"] = env["CALLINGBOX_API_KEY_FILE"]
         target = _target(overrides, "", "default")
         if env.get("CALLINGBOX_API_KEY"):
-            target = dataclasses.replace(target, api_key=Secret(env["CALLINGBOX_API_KEY"].strip()))
+            # The variable wins over any key file, for good: rotation then means a restart.
+            target = dataclasses.replace(target, api_key=Secret(env["CALLINGBOX_API_KEY"].strip()), api_key_file=None)
         return (target,)
 
     entries = document["targets"]

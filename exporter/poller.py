@@ -11,16 +11,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
 
 import aiohttp
 
-from . import state
+from . import logs, state
 from .accounting import Ledger
 from .api import ApiError, Client, RateLimited, Unauthorized
-from .config import Target
+from .config import ConfigError, Target, read_key_file
 from .metrics import Collector, Health, Snapshot, Store
 from .records import Invalid, decode_record
 
@@ -64,6 +65,7 @@ class Poller:
         self.store = Store(dict(target.buckets), target.max_label_values)
         self.ledger = Ledger(baseline=clock() - target.initial_lookback)
         self._invalid_seen: dict[str, None] = {}
+        self._key_stamp: tuple | None = ("unread",)  # the api_key_file version in use; read again at the first poll
 
     @property
     def org(self) -> str:
@@ -102,6 +104,7 @@ class Poller:
         """One poll: read and account, persist, then publish. Returns (succeeded, back-off)."""
         started, now = time.monotonic(), self.clock()
         self.status.last_poll = now
+        self._rotate_key()
         self.client.bytes_read = 0
         stats = {"records": 0, "examined": 0, "events": 0, "invalid": 0}
         problem: Exception | None = None
@@ -129,6 +132,32 @@ class Poller:
                    "tracked": summary.tracked, "duration_s": round(time.monotonic() - started, 3), **stats},
         )
         return problem is None, backoff
+
+    def _rotate_key(self) -> None:
+        """Re-read api_key_file when it changed, so a rotated (Kubernetes) Secret needs no restart."""
+        path = self.target.api_key_file
+        if not path:
+            return
+        try:
+            info = os.stat(path)
+            stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
+        except OSError:
+            stamp = None
+        if stamp is not None and stamp == self._key_stamp:
+            return
+        try:
+            key = read_key_file("api_key_file", path)
+        except ConfigError as error:
+            if stamp != self._key_stamp:
+                log.error("API key file unreadable; the previous key stays in use",
+                          extra={"org": self.org, "error": str(error)})
+            self._key_stamp = stamp
+            return
+        self._key_stamp = stamp
+        if key != self.client.key:
+            logs.redact(key.reveal())
+            self.client.use_key(key)
+            log.info("API key reloaded from its file", extra={"org": self.org})
 
     async def _persist(self) -> bool:
         """Save the state file, if any. Not durable means not published: counts wait in memory."""

@@ -137,3 +137,35 @@ def test_check_config_accepts_a_good_config_without_printing_the_key(tmp_path):
     output = (result.stdout + result.stderr).strip()
     assert result.returncode == 0, output
     assert _leaks(KEY, {"output": output}) == [], output
+
+
+def test_a_rotated_key_file_takes_effect_without_a_restart(stack, tmp_path):
+    """Kubernetes rotates a Secret by swapping the mounted file; the next poll uses the new key."""
+    old_key, new_key = "sk_live_old0Key_3e9f1a7c5b2d8e40", "sk_live_new0Key_9c1e5b7a3d2f6a81"
+    sim, url = stack.simulator(seed=43, rate=20, time_scale=300, api_key=old_key)
+    key_file = tmp_path / "api_key"
+    key_file.write_text(old_key + "\n")
+    exporter = stack.exporter(_config(url, api_key_file=str(key_file), poll_interval="0.2s"),
+                              env={"CALLINGBOX_API_KEY": ""}).start()
+    wait_until(exporter.ready, 20, message="first poll with the old key")
+    pid = exporter.process.pid
+
+    sim.api_key = new_key  # the platform revoked the old key: polls now get 401
+    wait_until(lambda: _value(exporter.scrape(), "callingbox_up") == 0, 20, message="up 0 on the revoked key")
+    assert _value(exporter.scrape(), "callingbox_exporter_api_requests_total", code="401") >= 1
+
+    swapped = tmp_path / "api_key.new"  # written aside, then renamed over: what a Secret update looks like
+    swapped.write_text(new_key + "\n")
+    os.replace(swapped, key_file)
+    wait_until(lambda: _value(exporter.scrape(), "callingbox_up") == 1, 20, message="up 1 with the rotated key")
+    assert exporter.process.pid == pid and exporter.process.poll() is None  # no restart
+    assert 'msg="API key reloaded from its file"' in exporter.log()
+    assert _leaks(old_key, _everything(exporter)) == []
+    assert _leaks(new_key, _everything(exporter)) == []
+
+    key_file.write_text("")  # an empty (half-written) file: keep the key in use, say so once
+    wait_until(lambda: 'msg="API key file unreadable' in exporter.log(), 10, message="unreadable key file logged")
+    polls = _value(exporter.scrape(), "callingbox_exporter_polls_total", result="success")
+    wait_until(lambda: _value(exporter.scrape(), "callingbox_exporter_polls_total", result="success") >= polls + 3,
+               10, message="polls still succeeding with the key in use")
+    assert exporter.log().count('msg="API key file unreadable') == 1
