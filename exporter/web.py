@@ -1,67 +1,148 @@
 """The HTTP face: /metrics, the landing page, /-/healthy and /-/ready.
 
 Handlers only read published snapshots and poller status, so a slow or failing API never
-holds a scrape up.
+holds a scrape up. The landing page is plain HTML with inline CSS: each target's health and
+what it counted today, readable at a glance and with no assets from anywhere else.
 """
 
 from __future__ import annotations
 
 import html
 import time
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from .metrics import MILLI_CENTS_PER_DOLLAR
 from .poller import Poller
 
-STATUSES_SHOWN = ("completed", "no_answer", "busy", "failed", "canceled")
+# Each figure on the page carries data-field="<name>" (cards data-org), so tests and scripts read it
+# without depending on the layout.
+TODAY_SHOWN = ("created", "completed", "no_answer", "busy", "canceled", "failed")
+ZERO = ' class="zero"'
+READY_HINT = "/-/ready answers 200 once every target has completed a successful poll since the start"
+
+STYLE = """
+:root{--ok:#1a7f37;--bad:#cf222e;--warn:#9a6700;--muted:#59636e;--line:#d1d9e0}
+body{margin:0;font:14px/1.45 system-ui,"Segoe UI","Liberation Sans","DejaVu Sans",Arial,sans-serif;
+color:#1f2328;background:#f6f8fa}
+.top{display:flex;flex-wrap:wrap;align-items:baseline;gap:6px 18px;padding:14px 24px;background:#fff;
+border-bottom:1px solid var(--line)}
+h1{margin:0;font-size:20px}.muted,.ago{color:var(--muted)}.summary{font-weight:600}.summary.down{color:var(--bad)}
+nav{margin-left:auto;display:flex;gap:16px}nav a{color:#0969da;text-decoration:none;font-family:monospace}
+main{display:grid;grid-template-columns:repeat(auto-fill,minmax(440px,600px));gap:16px;padding:16px 24px}
+.card{background:#fff;border:1px solid var(--line);border-left:6px solid var(--ok);border-radius:8px;
+padding:12px 16px}.card.down{border-left-color:var(--bad)}
+.card header{display:flex;align-items:center;gap:10px}h2{margin:0;font-size:17px;overflow-wrap:anywhere}
+.badge{padding:1px 9px;border-radius:99px;font-size:12px;font-weight:700;letter-spacing:.05em;color:#fff;
+background:var(--ok)}.badge.down{background:var(--bad)}
+.chip{padding:0 8px;border:1px solid var(--line);border-radius:99px;font-size:12px;color:var(--muted)}
+.chip.waiting{border-color:var(--warn);color:var(--warn)}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 16px;margin:10px 0}dt{color:var(--muted)}
+dd{margin:0;font-variant-numeric:tabular-nums}
+.error{margin:8px 0;padding:6px 10px;background:#ffebe9;border:1px solid #ffcecb;border-radius:6px}
+.error pre{margin:2px 0 0;white-space:pre-wrap;overflow-wrap:anywhere;font:12px/1.4 "DejaVu Sans Mono",monospace}
+table{width:100%;border-collapse:collapse;text-align:right;font-variant-numeric:tabular-nums}
+caption{text-align:left;font-weight:600;padding:4px 0}caption span{font-weight:400}
+th{padding:2px 6px;border-bottom:1px solid var(--line);font-size:12px;font-weight:500;color:var(--muted)}
+td{padding:3px 6px;font-size:17px;font-weight:600}td.zero{color:#8c959f;font-weight:400}
+footer{padding:0 24px 16px;font-size:12px;color:var(--muted)}
+"""
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value))
+
+
+def _span(seconds: float) -> str:
+    """42s, 5m 3s, 2h 5m, 3d 4h."""
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s}s"
+    if s < 2 * 3600:
+        return f"{s // 60}m {s % 60}s"
+    if s < 2 * 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
 def _when(timestamp: float | None, now: float) -> str:
     if timestamp is None:
-        return "never"
+        return '<span class="muted">never</span>'
     moment = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
-    return f"{moment} ({now - timestamp:.0f}s ago)"
+    return f'{moment} <span class="ago">({_span(now - timestamp)} ago)</span>'
 
 
-def landing_page(version: str, telemetry_path: str, pollers: Sequence[Poller], now: float) -> str:
-    rows = []
-    for poller in pollers:
-        s = poller.status
-        snapshot = poller.collector.snapshots.get(poller.org)
-        totals = snapshot.store.counters.get("callingbox_calls_total", {}) if snapshot else {}
-        by_status = {status: sum(v for (d, st), v in totals.items() if st == status) for status in STATUSES_SHOWN}
-        lag = "n/a" if s.watermark is None else f"{max(0.0, now - s.watermark):.0f}s"
-        rows.append(
-            "<tr>"
-            f"<td>{html.escape(poller.org)}</td>"
-            f"<td class={'up' if s.up else 'down'}>{'up' if s.up else 'down'}</td>"
-            f"<td>{html.escape(_when(s.last_poll, now))}</td>"
-            f"<td>{html.escape(_when(s.last_success, now))}</td>"
-            f"<td>{lag}</td>"
-            f"<td>{s.tracked}</td>"
-            f"<td>{' '.join(f'{k}={v:g}' for k, v in by_status.items())}</td>"
-            f"<td>{html.escape(s.last_error or '')}</td>"
-            "</tr>"
-        )
-    path = html.escape(telemetry_path)
+def dollars(milli_cents: int) -> str:
+    """$1,234.57, rounded half up to the cent in integers, so no float shows a stray cent."""
+    cents, rest = divmod(milli_cents, MILLI_CENTS_PER_DOLLAR // 100)
+    cents += rest * 2 >= MILLI_CENTS_PER_DOLLAR // 100
+    return f"${cents // 100:,}.{cents % 100:02d}"
+
+
+def _today(totals: dict[str, int]) -> str:
+    cells = [(key, totals.get(key, 0), f"{totals.get(key, 0):,}") for key in TODAY_SHOWN]
+    cells.append(("billed", totals.get("milli_cents", 0), dollars(totals.get("milli_cents", 0))))
+    head = "".join(f"<th>{_e(key.replace('_', ' '))}</th>" for key, _, _ in cells)
+    row = "".join(
+        f'<td data-field="{key}"{"" if amount else ZERO}>{_e(text)}</td>' for key, amount, text in cells
+    )
+    note = "" if totals else ' · <span data-field="nothing_today">nothing counted yet</span>'
+    return (f'<table><caption>Today <span class="muted">(since 00:00 UTC){note}</span></caption>'
+            f"<tr>{head}</tr><tr>{row}</tr></table>")
+
+
+def _card(poller: Poller, now: float) -> str:
+    status, org = poller.status, poller.org
+    snapshot = poller.collector.snapshots.get(org)
+    state = "up" if status.up else "down"
+    readiness = "ready" if status.ready else "catching up"
+    lag = "n/a" if status.watermark is None else _span(now - status.watermark)
+    rows = [
+        ("last poll", _when(status.last_poll, now)),
+        ("last success", _when(status.last_success, now)),
+        ("watermark lag", _e(lag)),
+        ("consecutive failures", _e(status.failures)),
+        ("tracked calls", _e(f"{status.tracked:,}")),
+    ]
+    if snapshot is not None and snapshot.health.stragglers:
+        rows.append(("stragglers", _e(f"{snapshot.health.stragglers:,}")))
+    details = "".join(f'<dt>{label}</dt><dd data-field="{label.replace(" ", "_")}">{value}</dd>' for label, value in rows)
+    error = ""
+    if status.last_error:
+        error = f'<div class="error">last error<pre data-field="last_error">{_e(status.last_error)}</pre></div>'
+    today = _today(snapshot.store.today_totals(now)) if snapshot is not None else ""
+    return (
+        f'<section class="card {state}" data-org="{_e(org)}"><header><h2 data-field="org">{_e(org)}</h2>'
+        f'<span class="badge {state}" data-field="state">{state.upper()}</span>'
+        f'<span class="chip{"" if status.ready else " waiting"}" title="{READY_HINT}" data-field="readiness">'
+        f"{readiness}</span></header>"
+        f"<dl>{details}</dl>{error}{today}</section>"
+    )
+
+
+def landing_page(version: str, telemetry_path: str, pollers: Iterable[Poller], now: float) -> str:
+    pollers = list(pollers)  # one view of the targets, even if a reload changes them meanwhile
+    down = sum(not p.status.up for p in pollers)
+    catching_up = sum(p.status.up and not p.status.ready for p in pollers)
+    parts = [f"{len(pollers)} target{'' if len(pollers) == 1 else 's'}", f"{down} down" if down else "all up"]
+    if catching_up:
+        parts.append(f"{catching_up} catching up")
+    summary = _e(", ".join(parts))
+    path = _e(telemetry_path)
+    rendered = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>CallingBox exporter</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}.up{{color:#070}}.down{{color:#b00}}</style>
-</head><body>
-<h1>CallingBox exporter</h1>
-<p>Version {html.escape(version)}</p>
-<h2>Targets</h2>
-<table><tr><th>org</th><th>state</th><th>last poll</th><th>last success</th><th>watermark lag</th>
-<th>tracked calls</th><th>terminal calls counted</th><th>last error</th></tr>
-{''.join(rows)}
-</table>
-<h2>Links</h2>
-<ul><li><a href="{path}">{path}</a></li><li><a href="/-/healthy">/-/healthy</a></li>
-<li><a href="/-/ready">/-/ready</a></li></ul>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="30">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>CallingBox exporter · {summary}</title><style>{STYLE}</style></head><body>
+<div class="top"><h1>CallingBox exporter</h1><span class="muted">version {_e(version)}</span>
+<span class="summary{' down' if down else ''}" data-field="summary">{summary}</span>
+<nav><a href="{path}">{path}</a><a href="/-/healthy">/-/healthy</a><a href="/-/ready">/-/ready</a></nav></div>
+<main>{''.join(_card(p, now) for p in pollers)}</main>
+<footer>Rendered {rendered}; refreshes every 30 s. Today's totals count what this exporter observed since
+00:00 UTC; billed is the money of calls whose billing settled today.</footer>
 </body></html>
 """
 

@@ -1,0 +1,253 @@
+"""The landing page, rendered from real pollers that polled a small local CallingBox API.
+
+The story: a target polls calls that ended today and one stays unreachable; the page shows
+each target up or down with its poll times, lag, failures and error, and today's totals by
+status and in dollars. Hostile text is escaped; a quiet day shows zeros; after midnight UTC
+yesterday's totals show as 0 while the counters keep them.
+"""
+
+from __future__ import annotations
+
+from html.parser import HTMLParser
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from conftest import free_port
+from exporter.accounting import Created
+from exporter.config import Target
+from exporter.metrics import Collector
+from exporter.poller import Poller
+from exporter.records import TERMINAL_STATUSES
+from exporter.simulator import format_ts
+from exporter.web import dollars, landing_page, make_app
+
+MIDNIGHT = 20_000 * 86_400.0  # 2024-10-04 00:00:00 UTC
+NOON = MIDNIGHT + 12 * 3600
+VERSION = "9.8.7"
+
+
+class Page(HTMLParser):
+    """The text of every `data-field` element: page-wide ones, and per target card (`data-org`)."""
+
+    VOID = frozenset({"meta", "br", "img", "hr", "input", "link", "wbr"})
+
+    def __init__(self, text: str):
+        super().__init__()  # convert_charrefs: the text read here is what a reader sees
+        self.fields: dict[str, str] = {}
+        self.targets: dict[str, dict[str, str]] = {}
+        self._org: str | None = None
+        self._open: list[tuple[str, str | None, bool, list[str]]] = []  # tag, field, is a card, text
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.VOID:
+            return
+        attrs = dict(attrs)
+        card = "data-org" in attrs
+        if card:
+            self._org = attrs["data-org"]
+            self.targets[self._org] = {}
+        self._open.append((tag, attrs.get("data-field"), card, []))
+
+    def handle_data(self, data):
+        for _, field, _, text in self._open:
+            if field:
+                text.append(data)
+
+    def handle_endtag(self, tag):
+        if tag in self.VOID:
+            return
+        opened, field, card, text = self._open.pop()
+        assert opened == tag, f"</{tag}> closes <{opened}>"
+        if field:
+            where = self.fields if self._org is None else self.targets[self._org]
+            where[field] = " ".join("".join(text).split())
+        if card:
+            self._org = None
+
+
+def today_of(card: dict[str, str]) -> dict[str, str]:
+    return {k: card[k] for k in ("created", "completed", "no_answer", "busy", "canceled", "failed", "billed")}
+
+
+class Clock:
+    def __init__(self, t: float):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Api:
+    """GET /v1/calls answers `calls` (newest first), or 503 with `error` when that is set."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+        self.error: str | None = None
+
+    async def list_calls(self, request: web.Request) -> web.Response:
+        if self.error is not None:
+            return web.json_response({"error": self.error}, status=503)
+        return web.json_response(self.calls)
+
+
+def call(n: int, status: str, at: float, direction: str = "outbound", milli_cents: int | None = None) -> dict:
+    """A call created a minute before `at`, last updated (and ended, if terminal) at `at`."""
+    terminal = status in TERMINAL_STATUSES
+    return {
+        "id": f"call-{n}", "status": status, "direction": direction, "created_at": format_ts(at - 60),
+        "updated_at": format_ts(at), "ended_at": format_ts(at) if terminal else None,
+        "reservation_status": "settled" if terminal else "reserved", "billing_amount_milli_cents": milli_cents,
+    }
+
+
+@pytest.fixture
+async def api(aiohttp_server):
+    fake = Api()
+    app = web.Application()
+    app.router.add_get("/v1/calls", fake.list_calls)
+    server = await aiohttp_server(app)
+    fake.url = str(server.make_url("")).rstrip("/")
+    return fake
+
+
+@pytest.fixture
+async def session():
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def poller(name: str, url: str, session, clock: Clock, collector: Collector, **target) -> Poller:
+    target = Target(name=name, api_url=url, initial_lookback=3600.0, **target)
+    return Poller(target, collector, session, clock=clock)
+
+
+async def test_each_target_shows_up_or_down_its_poll_and_today_totals(api, session):
+    api.calls = [  # newest first; billed 1 234.56 + 0.01 (half a cent rounds up) + 0 dollars
+        call(6, "in_progress", NOON - 20),
+        call(5, "failed", NOON - 30, "inbound"),
+        call(4, "no_answer", NOON - 40),
+        call(3, "completed", NOON - 50, milli_cents=123_456_000),
+        call(2, "completed", NOON - 60, "inbound", milli_cents=500),
+        call(1, "completed", NOON - 70, milli_cents=0),
+    ]
+    clock, collector = Clock(NOON), Collector(VERSION)
+    campaigns = poller("campaigns", api.url, session, clock, collector)
+    backup = poller("backup", f"http://127.0.0.1:{free_port()}", session, clock, collector)
+    assert (await campaigns.poll())[0]
+    assert not (await backup.poll())[0]
+    clock.t = NOON + 3
+    assert not (await backup.poll())[0]
+
+    page = Page(landing_page(VERSION, "/metrics", [campaigns, backup], NOON + 5))
+
+    assert page.fields["summary"] == "2 targets, 1 down"
+    up, down = page.targets["campaigns"], page.targets["backup"]
+    assert (up["org"], up["state"], up["readiness"]) == ("campaigns", "UP", "ready")
+    assert up["last_poll"] == up["last_success"] == "2024-10-04 12:00:00 UTC (5s ago)"
+    assert up["watermark_lag"] == "25s"  # the newest updated_at read, NOON - 20
+    assert (up["consecutive_failures"], up["tracked_calls"]) == ("0", "6")
+    assert "last_error" not in up and "stragglers" not in up
+    assert today_of(up) == {"created": "6", "completed": "3", "no_answer": "1", "busy": "0", "canceled": "0",
+                            "failed": "1", "billed": "$1,234.57"}
+    assert (down["state"], down["readiness"], down["consecutive_failures"]) == ("DOWN", "catching up", "2")
+    assert down["last_poll"] == "2024-10-04 12:00:03 UTC (2s ago)"
+    assert (down["last_success"], down["watermark_lag"]) == ("never", "n/a")
+    assert down["last_error"] == backup.status.last_error
+    assert down["last_error"].startswith("request failed: ClientConnectorError")
+    assert today_of(down)["created"] == "0" and down["nothing_today"] == "nothing counted yet"
+
+
+async def test_the_page_names_its_version_and_links_and_is_served_at_root(api, session, aiohttp_client):
+    collector = Collector(VERSION)
+    target = poller("default", api.url, session, Clock(NOON), collector)
+    await target.poll()
+    registry = CollectorRegistry()
+    registry.register(collector)
+    client = await aiohttp_client(make_app(registry, [target], VERSION, "/custom-metrics"))
+
+    response = await client.get("/")
+    text = await response.text()
+
+    assert response.status == 200 and response.content_type == "text/html"
+    assert f"version {VERSION}" in text and "1 target, all up" in text
+    for link in ("/custom-metrics", "/-/healthy", "/-/ready"):
+        assert f'href="{link}"' in text
+    assert "http://" not in text and "https://" not in text, "nothing from elsewhere"
+    assert "<script" not in text.lower(), "no JavaScript"
+    assert '<meta http-equiv="refresh" content="30">' in text
+
+
+async def test_a_hostile_org_name_and_error_text_are_escaped(api, session):
+    name = '<script>alert("org")</script>'
+    api.error = "<script>alert('error')</script> & <b>bold</b>"
+    collector = Collector(VERSION)
+    target = poller(name, api.url, session, Clock(NOON), collector)
+    assert not (await target.poll())[0]
+
+    text = landing_page(VERSION, "/metrics", [target], NOON)
+    page = Page(text)
+
+    assert "<script" not in text.lower() and "<b>" not in text
+    card = page.targets[name]
+    assert card["org"] == name
+    assert card["last_error"] == f'HTTP 503: {{"error": "{api.error}"}}'
+    assert "&lt;script&gt;alert(&quot;org&quot;)&lt;/script&gt;" in text
+
+
+async def test_a_day_with_nothing_counted_shows_zeros(api, session):
+    collector = Collector(VERSION)
+    target = poller("quiet", api.url, session, Clock(NOON), collector)
+    assert (await target.poll())[0]
+
+    card = Page(landing_page(VERSION, "/metrics", [target], NOON + 1)).targets["quiet"]
+
+    assert today_of(card) == {"created": "0", "completed": "0", "no_answer": "0", "busy": "0", "canceled": "0",
+                              "failed": "0", "billed": "$0.00"}
+    assert card["nothing_today"] == "nothing counted yet"
+
+
+async def test_after_midnight_utc_yesterdays_totals_show_as_zero_while_counters_keep_them(api, session):
+    before = MIDNIGHT - 10
+    api.calls = [call(2, "busy", before - 5), call(1, "completed", before - 6, milli_cents=250_000)]
+    collector = Collector(VERSION)
+    target = poller("campaigns", api.url, session, Clock(before), collector)
+    assert (await target.poll())[0]
+
+    evening = Page(landing_page(VERSION, "/metrics", [target], MIDNIGHT - 1)).targets["campaigns"]
+    morning = Page(landing_page(VERSION, "/metrics", [target], MIDNIGHT + 5)).targets["campaigns"]
+
+    assert today_of(evening) == {"created": "2", "completed": "1", "no_answer": "0", "busy": "1", "canceled": "0",
+                                 "failed": "0", "billed": "$2.50"}
+    assert set(today_of(morning).values()) == {"0", "$0.00"}
+    assert morning["last_poll"] == "2024-10-03 23:59:50 UTC (15s ago)"
+    counters = collector.snapshots["campaigns"].store.counters["callingbox_calls_total"]
+    assert counters[("outbound", "busy")] == counters[("outbound", "completed")] == 1
+
+
+async def test_the_page_shows_the_published_snapshot_and_stragglers_past_the_settle_window(api, session):
+    api.calls = [call(1, "in_progress", NOON - 10)]
+    clock, collector = Clock(NOON), Collector(VERSION)
+    target = poller("campaigns", api.url, session, clock, collector, settle_window=600.0)
+    assert (await target.poll())[0]
+    target.store.count([Created("outbound")], NOON)  # counted, but not published by a poll
+
+    card = Page(landing_page(VERSION, "/metrics", [target], NOON)).targets["campaigns"]
+    assert card["created"] == "1" and "stragglers" not in card
+
+    clock.t = NOON + 700  # the call is past the settle window and still not final
+    assert (await target.poll())[0]
+    card = Page(landing_page(VERSION, "/metrics", [target], clock.t)).targets["campaigns"]
+    assert card["stragglers"] == "1" and card["created"] == "2"
+
+
+@pytest.mark.parametrize("milli_cents, shown", [
+    (0, "$0.00"), (499, "$0.00"), (500, "$0.01"), (1_234_499, "$12.34"), (1_234_500, "$12.35"),
+    (123_456_789_000, "$1,234,567.89"),
+])
+def test_dollars_round_half_up_to_the_cent(milli_cents, shown):
+    assert dollars(milli_cents) == shown
