@@ -14,10 +14,16 @@ from .records import ACTIVE_STATUSES, Record
 
 OUTCOMES = ("delivered", "failed")  # webhook_status values that are counted
 EXTRACTIONS = ("completed", "failed")  # result_status values that are counted
+EXTRA_INTERN_LIMIT = 10_000  # distinct metadata value tuples shared between calls before starting afresh
+
+
+# `extra` on every event: the call's metadata label values (config `metadata_labels`), fixed at
+# the call's first sighting so all of one call's counts land in the same series.
 
 
 class Created(NamedTuple):
     direction: str
+    extra: tuple = ()
 
 
 class Ended(NamedTuple):
@@ -29,6 +35,7 @@ class Ended(NamedTuple):
     answer_delay: float | None
     setup_delay: float | None
     call_id: str
+    extra: tuple = ()
 
 
 class Billed(NamedTuple):
@@ -36,14 +43,17 @@ class Billed(NamedTuple):
     billed_seconds: int | None
     milli_cents: int
     call_id: str | None = None
+    extra: tuple = ()
 
 
 class WebhookOutcome(NamedTuple):
     status: str
+    extra: tuple = ()
 
 
 class ExtractionOutcome(NamedTuple):
     status: str
+    extra: tuple = ()
 
 
 Event = Union[Created, Ended, Billed, WebhookOutcome, ExtractionOutcome]
@@ -61,6 +71,7 @@ class CallState:
     webhook: str | None = None
     result: str | None = None
     webhook_pending_since: float | None = None
+    extra: tuple = ()  # metadata label values, as first seen
 
     @property
     def final(self) -> bool:
@@ -88,9 +99,9 @@ def advance(state: CallState | None, record: Record, baseline: float) -> tuple[C
     """
     events: list[Event] = []
     if state is None:
-        state = CallState(record.direction, record.status, record.created_at, record.updated_at)
+        state = CallState(record.direction, record.status, record.created_at, record.updated_at, extra=record.extra)
         if record.created_at > baseline:
-            events.append(Created(record.direction))
+            events.append(Created(record.direction, state.extra))
         was_active = True
     else:
         if record.updated_at < state.updated_at:
@@ -114,6 +125,7 @@ def advance(state: CallState | None, record: Record, baseline: float) -> tuple[C
                         _interval(record.started_at, record.answered_at),
                         _interval(record.created_at, record.started_at),
                         record.id,
+                        state.extra,
                     )
                 )
 
@@ -123,13 +135,13 @@ def advance(state: CallState | None, record: Record, baseline: float) -> tuple[C
         if counted_after:
             events.append(
                 Billed(record.direction, record.billed_duration_seconds, record.billing_amount_milli_cents or 0,
-                       record.id)
+                       record.id, state.extra)
             )
 
     webhook = record.webhook_status
     if webhook != state.webhook:
         if webhook in OUTCOMES and counted_after:
-            events.append(WebhookOutcome(webhook))
+            events.append(WebhookOutcome(webhook, state.extra))
         if webhook == "pending":
             # A first delivery is pending from the call's end; a manual replay from its own update.
             first = state.webhook is None and record.ended_at is not None
@@ -141,7 +153,7 @@ def advance(state: CallState | None, record: Record, baseline: float) -> tuple[C
     result = record.result_status
     if result != state.result:
         if result in EXTRACTIONS and counted_after:
-            events.append(ExtractionOutcome(result))
+            events.append(ExtractionOutcome(result, state.extra))
         state.result = result
 
     return state, events
@@ -150,7 +162,7 @@ def advance(state: CallState | None, record: Record, baseline: float) -> tuple[C
 class Summary(NamedTuple):
     """Gauges derived from the ledger in one pass."""
 
-    active: dict[tuple[str, str], int]  # (direction, status) → calls
+    active: dict[tuple, int]  # (direction, status, *metadata label values) → calls
     webhooks_pending: int
     webhook_pending_oldest: float | None  # the earliest pending-since timestamp
     tracked: int
@@ -165,6 +177,7 @@ class Ledger:
         self.baseline = baseline
         self.watermark = watermark
         self.calls: dict[str, CallState] = calls if calls is not None else {}
+        self._extras: dict[tuple, tuple] = {}
 
     def examines(self, updated_at: float, overlap: float) -> bool:
         """Whether a record may hold news; older ones are unchanged since a previous poll read them.
@@ -176,6 +189,10 @@ class Ledger:
 
     def account(self, record: Record) -> list[Event]:
         state, events = advance(self.calls.get(record.id), record, self.baseline)
+        if state.extra:  # calls of one campaign share one tuple of label values
+            if len(self._extras) > EXTRA_INTERN_LIMIT:
+                self._extras.clear()
+            state.extra = self._extras.setdefault(state.extra, state.extra)
         self.calls[record.id] = state
         return events
 
@@ -209,7 +226,7 @@ class Ledger:
                     continue
                 stragglers += 1
             if state.status in ACTIVE_STATUSES:
-                key = (state.direction, state.status)
+                key = (state.direction, state.status, *state.extra)
                 active[key] = active.get(key, 0) + 1
             if state.webhook == "pending":
                 pending += 1

@@ -5,19 +5,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import logging
 import signal
 import sys
+from typing import Callable
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 
-from . import __version__, config, logs
+from . import __version__, config, logs, webconfig
 from .metrics import Collector
-from .poller import Poller
 from .simulator import Simulator
+from .supervisor import Supervisor
 from .web import make_app
+from .webconfig import Guard
 
 log = logging.getLogger("exporter")
 
@@ -54,57 +57,100 @@ def registry_for(collector: Collector) -> CollectorRegistry:
     return registry
 
 
-async def run(cfg: config.Config) -> int:
+def _secrets_redacted(cfg: config.Config) -> config.Config:
+    for target in cfg.targets:
+        if target.api_key is not None:
+            logs.redact(target.api_key.reveal())
+    return cfg
+
+
+async def run(cfg: config.Config, load: Callable[[], config.Config], guard: Guard | None = None) -> int:
     collector = Collector(__version__)
     registry = registry_for(collector)
     simulator = None
-    targets = cfg.targets
+    demo_url = None
+
+    def targets_of(c: config.Config) -> tuple[config.Target, ...]:
+        if demo_url is None:
+            return c.targets
+        return tuple(
+            dataclasses.replace(t, api_url=demo_url, api_key=None, api_key_file=None,
+                                poll_interval=min(t.poll_interval, DEMO_POLL_INTERVAL))
+            for t in c.targets
+        )
+
     if cfg.demo:
         simulator = Simulator(rate=2.0, time_scale=10.0, webhook_retry_base=1.0, replay_share=0.02)
-        url = await simulator.start()
-        log.info("demo simulator started", extra={"url": url})
-        targets = tuple(
-            dataclasses.replace(t, api_url=url, api_key=None, poll_interval=min(t.poll_interval, DEMO_POLL_INTERVAL))
-            for t in targets
-        )
+        demo_url = await simulator.start()
+        log.info("demo simulator started", extra={"url": demo_url})
     try:
         async with aiohttp.ClientSession() as session:
-            pollers = [Poller(t, collector, session) for t in targets]
-            for poller in pollers:
-                await poller.restore()
+            supervisor = Supervisor(collector, session)
+            await supervisor.prepare(targets_of(cfg))
             if cfg.once:
-                results = [ok for ok, _ in await asyncio.gather(*(p.poll() for p in pollers))]
+                results = [ok for ok, _ in await asyncio.gather(*(p.poll() for p in supervisor))]
                 sys.stdout.write(generate_latest(registry).decode())
                 return 0 if all(results) else 1
-            return await serve(cfg, registry, pollers)
+
+            async def reload() -> dict[str, list[str]]:
+                """Re-read the config (SIGHUP, POST /-/reload); a bad one raises and changes nothing."""
+                try:
+                    new = _secrets_redacted(load())
+                except config.ConfigError as error:
+                    log.error("config not reloaded; the running one stays in force", extra={"error": str(error)})
+                    raise
+                fixed = ("listen_host", "listen_port", "telemetry_path", "log_level", "log_format")
+                if [k for k in fixed if getattr(new, k) != getattr(cfg, k)]:
+                    log.warning("listen address, telemetry path and log settings take effect on restart")
+                changes = await supervisor.apply(targets_of(new))
+                log.info("config reloaded", extra={k: ",".join(v) for k, v in changes.items() if v})
+                return changes
+
+            return await serve(cfg, registry, supervisor, reload, guard)
     finally:
         if simulator is not None:
             await simulator.stop()
 
 
-async def serve(cfg: config.Config, registry: CollectorRegistry, pollers: list[Poller]) -> int:
-    app = make_app(registry, pollers, __version__, cfg.telemetry_path)
+async def serve(cfg: config.Config, registry: CollectorRegistry, supervisor: Supervisor, reload, guard) -> int:
+    app = make_app(registry, supervisor, __version__, cfg.telemetry_path, reload=reload, guard=guard)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
+    address = f"{cfg.listen_host or ''}:{cfg.listen_port}"
     try:
-        site = web.TCPSite(runner, cfg.listen_host, cfg.listen_port)
+        site = web.TCPSite(runner, cfg.listen_host, cfg.listen_port,
+                           ssl_context=guard.server_context() if guard else None)
         await site.start()
     except OSError as error:
-        log.error("cannot listen", extra={"address": f"{cfg.listen_host or ''}:{cfg.listen_port}", "error": error.strerror})
+        log.error("cannot listen", extra={"address": address, "error": error.strerror})
         await runner.cleanup()
         return 1
-    log.info("listening", extra={"address": f"{cfg.listen_host or ''}:{cfg.listen_port}", "version": __version__,
-                                 "targets": ",".join(p.org for p in pollers)})
+    log.info("listening", extra={"address": address, "version": __version__,
+                                 "targets": ",".join(p.org for p in supervisor),
+                                 "tls": bool(guard and guard.config.tls),
+                                 "basic_auth": bool(guard and guard.config.users)})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    tasks = [asyncio.create_task(p.run(), name=f"poll-{p.org}") for p in pollers]
+    reloads: set[asyncio.Task] = set()
+
+    async def reload_logged() -> None:
+        try:
+            await reload()
+        except config.ConfigError:
+            pass  # logged by reload
+
+    def on_hangup() -> None:
+        task = loop.create_task(reload_logged())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    supervisor.start()
     await stop.wait()
     log.info("shutting down")
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await supervisor.stop()
     await runner.cleanup()
     return 0
 
@@ -112,28 +158,26 @@ async def serve(cfg: config.Config, registry: CollectorRegistry, pollers: list[P
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logs.setup(args.log_level, args.log_format)
+    load = functools.partial(
+        config.build,
+        config_file=args.config_file,
+        listen_address=args.listen_address,
+        telemetry_path=args.telemetry_path,
+        log_level=args.log_level,
+        log_format=args.log_format,
+        demo=args.demo,
+        once=args.once,
+    )
     try:
-        if args.web_config_file:
-            raise config.ConfigError("web.config.file", "TLS and basic auth are not supported by this version yet")
-        cfg = config.build(
-            config_file=args.config_file,
-            listen_address=args.listen_address,
-            telemetry_path=args.telemetry_path,
-            log_level=args.log_level,
-            log_format=args.log_format,
-            demo=args.demo,
-            once=args.once,
-        )
+        cfg = _secrets_redacted(load())
+        guard = Guard(args.web_config_file, webconfig.load(args.web_config_file)) if args.web_config_file else None
     except config.ConfigError as error:
         print(f"callingbox-exporter: config error: {error}", file=sys.stderr)
         return 2
-    for target in cfg.targets:
-        if target.api_key is not None:
-            logs.redact(target.api_key.reveal())
     if args.check_config:
         print(f"config ok: {len(cfg.targets)} target(s): {', '.join(t.name for t in cfg.targets)}")
         return 0
     try:
-        return asyncio.run(run(cfg))
+        return asyncio.run(run(cfg, load, guard))
     except KeyboardInterrupt:
         return 130

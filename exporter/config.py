@@ -38,7 +38,13 @@ TARGET_KEYS = {
     "overlap",
     "max_label_values",
     "buckets",
+    "metadata_labels",
 }
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+# Labels the exporter already uses, and those Prometheus attaches at scrape time.
+RESERVED_LABELS = frozenset({"org", "direction", "status", "hangup_cause", "error_code", "le", "code", "result",
+                             "reason", "label", "version", "call_id", "job", "instance"})
+MAX_METADATA_LABELS = 5
 
 
 class ConfigError(Exception):
@@ -86,6 +92,7 @@ class Target:
     overlap: float = 120.0
     max_label_values: int = 50
     buckets: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    metadata_labels: tuple[tuple[str, str], ...] = ()  # (metadata key, label name), in config order
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,28 @@ def _buckets(key: str, value: Any) -> dict[str, tuple[float, ...]]:
     return result
 
 
+def _metadata_labels(key: str, value: Any) -> tuple[tuple[str, str], ...]:
+    """`{metadata key: label name}`: which call metadata become labels on the call metrics."""
+    if not isinstance(value, dict):
+        raise ConfigError(key, "expected a mapping of metadata key to label name, e.g. {campaign_id: campaign}")
+    if len(value) > MAX_METADATA_LABELS:
+        raise ConfigError(key, f"{len(value)} labels: at most {MAX_METADATA_LABELS}, each multiplies the series count")
+    pairs, names = [], set()
+    for meta_key, label in value.items():
+        where = f"{key}.{meta_key}"
+        if not isinstance(meta_key, str) or not meta_key:
+            raise ConfigError(key, f"{meta_key!r} is not a metadata key")
+        if not isinstance(label, str) or not _LABEL_NAME.match(label) or label.startswith("__"):
+            raise ConfigError(where, f"{label!r} is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)")
+        if label in RESERVED_LABELS:
+            raise ConfigError(where, f"{label!r} is a label the exporter or Prometheus already uses")
+        if label in names:
+            raise ConfigError(where, f"{label!r} is given to another metadata key")
+        names.add(label)
+        pairs.append((meta_key, label))
+    return tuple(pairs)
+
+
 def _shown_path(path: str) -> str:
     """The path for an error message, unless it is likely the key itself pasted by mistake."""
     if path.startswith("sk_") or (os.sep not in path and "." not in path and len(path) >= 20):
@@ -192,6 +221,8 @@ def _target(raw: Mapping[str, Any], where: str, name: str) -> Target:
             values[key] = value
         elif key == "buckets":
             values[key] = _buckets(path, value)
+        elif key == "metadata_labels":
+            values[key] = _metadata_labels(path, value)
     if values.get("settle_window", Target.settle_window) <= 0:
         raise ConfigError(f"{where}settle_window", "must be greater than 0")
     if values.get("api_key_file"):
@@ -222,6 +253,7 @@ def _targets(document: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Targe
     unknown = sorted(set(defaults) - TARGET_KEYS)
     if unknown:
         raise ConfigError(unknown[0], "unknown key")
+    _target(defaults, "", "defaults")  # a bad default is named as the top-level key it is
     targets, names, state_files = [], set(), set()
     for index, entry in enumerate(entries):
         where = f"targets[{index}]."

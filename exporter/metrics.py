@@ -106,10 +106,20 @@ EXEMPLAR_FAMILIES = frozenset({
     "callingbox_call_setup_delay_seconds",
 })
 SECONDS_PER_DAY = 86_400
+# Families about calls: their series also carry the target's metadata labels, if configured.
+CALL_FAMILIES = frozenset(
+    {name for name, family in FAMILIES.items() if "direction" in family.labels}
+    | {"callingbox_webhook_deliveries_total", "callingbox_result_extractions_total"}
+)
 
 
-def _initial_series() -> Iterable[tuple[str, tuple[str, ...]]]:
+def _initial_series(none_extra: tuple[str, ...] = ()) -> Iterable[tuple[str, tuple[str, ...]]]:
     """Series known to exist, exported at 0 so the first failure shows in increase()."""
+    for name, labels in _base_series():
+        yield name, (*labels, *none_extra) if name in CALL_FAMILIES else labels
+
+
+def _base_series() -> Iterable[tuple[str, tuple[str, ...]]]:
     for d in DIRECTIONS:
         yield "callingbox_calls_created_total", (d,)
         yield "callingbox_billed_amount_dollars_total", (d,)
@@ -135,19 +145,24 @@ def label_value(value: str | None) -> str:
 class Store:
     """Counters and histograms of one target, keyed by label values (org excluded)."""
 
-    def __init__(self, buckets: dict[str, tuple[float, ...]] | None = None, label_limit: int = 50):
+    def __init__(self, buckets: dict[str, tuple[float, ...]] | None = None, label_limit: int = 50,
+                 extra_labels: tuple[str, ...] = ()):
         self.buckets = {**DEFAULT_BUCKETS, **(buckets or {})}
         self.label_limit = label_limit
+        # Metadata label names, appended (in this order) to the labels of CALL_FAMILIES series.
+        self.extra_labels = tuple(extra_labels)
+        self.none_extra = ("none",) * len(self.extra_labels)
+        self._zeroed: set[tuple] = set()  # (direction, extra) whose terminal series exist at 0
         self.counters: dict[str, dict[tuple[str, ...], int | float]] = {}
         # histogram series: per-bucket counts (not cumulative), then the +Inf overflow, then the sum
         self.histograms: dict[str, dict[tuple[str, ...], list[float]]] = {}
-        self.seen: dict[str, set[str]] = {label: set() for label in CAPPED_LABELS}
+        self.seen: dict[str, set[str]] = {label: set() for label in (*CAPPED_LABELS, *self.extra_labels)}
         # (family, labels, bucket index or -1 for a counter) → (call_id, value, when counted)
         self.exemplars: dict[tuple[str, tuple[str, ...], int], tuple[str, float, float]] = {}
         # Counted since 00:00 UTC of day `today_day`: created, each terminal status, milli_cents.
         self.today_day: int | None = None
         self.today: dict[str, int] = {}
-        for name, labels in _initial_series():
+        for name, labels in _initial_series(self.none_extra):
             if FAMILIES[name].kind == "counter":
                 self.counters.setdefault(name, {})[labels] = 0
             else:
@@ -183,38 +198,74 @@ class Store:
         self.inc("callingbox_exporter_label_overflow_total", (label,))
         return "other"
 
+    def capped_extra(self, extra: tuple) -> tuple[str, ...]:
+        """Metadata values as label values, each capped like hangup_cause."""
+        if not self.extra_labels:
+            return ()
+        if len(extra) != len(self.extra_labels):  # a call first seen under another metadata_labels config
+            extra = (*extra, *(None,) * len(self.extra_labels))[: len(self.extra_labels)]
+        return tuple(self.capped(label, value) for label, value in zip(self.extra_labels, extra))
+
+    def peek_extra(self, extra: tuple) -> tuple[str, ...]:
+        """Like capped_extra, without counting a fold: for gauges, rendered again at every poll."""
+        values = []
+        for label, value in zip(self.extra_labels, (*extra, *(None,) * len(self.extra_labels))):
+            value, seen = label_value(value), self.seen[label]
+            if value not in seen and value not in ("none", "other"):
+                if len(seen) >= self.label_limit:
+                    value = "other"
+                else:
+                    seen.add(value)
+            values.append(value)
+        return tuple(values)
+
+    def _zero_series(self, direction: str, x: tuple[str, ...]) -> None:
+        """A new campaign (metadata values) gets its terminal series at 0, as the first start does."""
+        self._zeroed.add((direction, x))
+        for s in TERMINAL_STATUSES:
+            self.counters["callingbox_calls_total"].setdefault((direction, s, *x), 0)
+        for s in OUTCOMES:
+            self.counters["callingbox_webhook_deliveries_total"].setdefault((s, *x), 0)
+        for s in EXTRACTIONS:
+            self.counters["callingbox_result_extractions_total"].setdefault((s, *x), 0)
+
     def count(self, events: Iterable[Event], now: float | None = None) -> None:
         """Add the events to the counters; with `now`, also to today's totals and the exemplars."""
+        with_extra = bool(self.extra_labels)
         for event in events:
             kind = type(event)
+            x = self.capped_extra(event.extra) if with_extra else ()
             if kind is Created:
-                self.inc("callingbox_calls_created_total", (event.direction,))
+                d = event.direction
+                self.inc("callingbox_calls_created_total", (d, *x))
+                if with_extra and (d, x) not in self._zeroed:
+                    self._zero_series(d, x)
                 self._today(now, "created", 1)
             elif kind is Ended:
                 d, s, call = event.direction, event.status, event.call_id
-                self._counted("callingbox_calls_total", (d, s), 1, call, now)
+                self._counted("callingbox_calls_total", (d, s, *x), 1, call, now)
                 cause = self.capped("hangup_cause", event.hangup_cause)
-                self._counted("callingbox_call_hangups_total", (d, s, cause), 1, call, now)
+                self._counted("callingbox_call_hangups_total", (d, s, cause, *x), 1, call, now)
                 if event.error_code is not None:
-                    self._counted("callingbox_call_errors_total", (d, self.capped("error_code", event.error_code)),
-                                  1, call, now)
+                    code = self.capped("error_code", event.error_code)
+                    self._counted("callingbox_call_errors_total", (d, code, *x), 1, call, now)
                 if event.duration is not None:
-                    self._observed("callingbox_call_duration_seconds", (d, s), event.duration, call, now)
+                    self._observed("callingbox_call_duration_seconds", (d, s, *x), event.duration, call, now)
                 if event.answer_delay is not None:
-                    self._observed("callingbox_call_answer_delay_seconds", (d,), event.answer_delay, call, now)
+                    self._observed("callingbox_call_answer_delay_seconds", (d, *x), event.answer_delay, call, now)
                 if event.setup_delay is not None:
-                    self._observed("callingbox_call_setup_delay_seconds", (d,), event.setup_delay, call, now)
+                    self._observed("callingbox_call_setup_delay_seconds", (d, *x), event.setup_delay, call, now)
                 self._today(now, s, 1)
             elif kind is Billed:
                 d, call = event.direction, event.call_id
-                self._counted("callingbox_billed_amount_dollars_total", (d,), event.milli_cents, call, now)
+                self._counted("callingbox_billed_amount_dollars_total", (d, *x), event.milli_cents, call, now)
                 if event.billed_seconds is not None:
-                    self._observed("callingbox_call_billed_duration_seconds", (d,), event.billed_seconds, call, now)
+                    self._observed("callingbox_call_billed_duration_seconds", (d, *x), event.billed_seconds, call, now)
                 self._today(now, "milli_cents", event.milli_cents)
             elif kind is WebhookOutcome:
-                self.inc("callingbox_webhook_deliveries_total", (event.status,))
+                self.inc("callingbox_webhook_deliveries_total", (event.status, *x))
             elif kind is ExtractionOutcome:
-                self.inc("callingbox_result_extractions_total", (event.status,))
+                self.inc("callingbox_result_extractions_total", (event.status, *x))
 
     def _counted(self, name: str, labels: tuple[str, ...], amount: int, call_id: str | None, now: float | None):
         self.inc(name, labels, amount)
@@ -255,31 +306,55 @@ class Store:
                 for name, series in self.histograms.items()
             },
             "today": {"day": self.today_day, "totals": self.today},
+            "extra_labels": list(self.extra_labels),
         }
 
     @classmethod
-    def from_json(cls, data: dict, buckets=None, label_limit: int = 50) -> tuple["Store", list[str]]:
-        """Restore a store; returns it and the histogram names whose buckets changed (reset)."""
-        store = cls(buckets, label_limit)
+    def from_json(cls, data: dict, buckets=None, label_limit: int = 50,
+                  extra_labels: tuple[str, ...] = ()) -> tuple["Store", list[str]]:
+        """Restore a store; returns it and the histogram names whose buckets changed (reset).
+
+        Series saved under other metadata labels are re-keyed by label name: a label no longer
+        configured is summed away, a new one reads `none`, so totals stay exact.
+        """
+        store = cls(buckets, label_limit, extra_labels)
+        saved_extra = tuple(data.get("extra_labels", ()))
+        merge = saved_extra != store.extra_labels  # several saved series may land in one
         reset: list[str] = []
+
+        def keyed(name: str, row: list) -> tuple[tuple, list]:
+            width = len(FAMILIES[name].labels)
+            if name not in CALL_FAMILIES:
+                return tuple(row[:width]), row[width:]
+            saved = dict(zip(saved_extra, row[width:width + len(saved_extra)]))
+            extra = tuple(saved.get(label, "none") for label in store.extra_labels)
+            return (*row[:width], *extra), row[width + len(saved_extra):]
+
         for name, rows in data["counters"].items():
             if name not in FAMILIES:
                 continue
-            width = len(FAMILIES[name].labels)
-            store.counters.setdefault(name, {}).update({tuple(row[:width]): row[width] for row in rows})
+            series = store.counters.setdefault(name, {})
+            for row in rows:
+                labels, (value,) = keyed(name, row)
+                series[labels] = series.get(labels, 0) + value if merge and name in CALL_FAMILIES else value
         for name, saved in data["histograms"].items():
             if name not in FAMILIES:
                 continue
             if tuple(saved["buckets"]) != tuple(store.buckets[name]):
                 reset.append(name)
                 continue
-            width = len(FAMILIES[name].labels)
             series = store.histograms.setdefault(name, {})
-            series.update({tuple(row[:width]): list(row[width:]) for row in saved["series"]})
-        for label, family in (("hangup_cause", "callingbox_call_hangups_total"), ("error_code", "callingbox_call_errors_total")):
-            position = FAMILIES[family].labels.index(label)
-            values = {k[position] for k in store.counters.get(family, {})} - {"none", "other"}
-            store.seen[label] = values
+            for row in saved["series"]:
+                labels, counts = keyed(name, row)
+                if merge and labels in series:
+                    counts = [a + b for a, b in zip(series[labels], counts)]
+                series[labels] = list(counts)
+        # Values already exported keep their label under the caps: read them off the series.
+        positions = {"hangup_cause": ("callingbox_call_hangups_total", 2), "error_code": ("callingbox_call_errors_total", 1)}
+        for index, label in enumerate(store.extra_labels):
+            positions[label] = ("callingbox_calls_created_total", 1 + index)
+        for label, (family, position) in positions.items():
+            store.seen[label] = {k[position] for k in store.counters.get(family, {})} - {"none", "other"}
         today = data.get("today") or {}
         if isinstance(today.get("day"), int) and isinstance(today.get("totals"), dict):
             store.today_day, store.today = today["day"], dict(today["totals"])
@@ -309,6 +384,14 @@ class Snapshot:
 _NO_ACTIVE_CALLS = {(d, s): 0 for d in DIRECTIONS for s in ACTIVE_STATUSES}
 
 
+def _relabeling(own: tuple[str, ...], union: tuple[str, ...]):
+    """Maps a target's metadata label values (in its own order) onto the union's order."""
+    if own == union:
+        return lambda values: values
+    positions = [own.index(label) if label in own else None for label in union]
+    return lambda values: tuple("" if i is None else values[i] for i in positions)
+
+
 def _exemplar(kept: tuple[str, float, float], scale: int = 1) -> Exemplar:
     call_id, value, when = kept
     return Exemplar({"call_id": call_id}, value / scale if scale != 1 else value, when)
@@ -325,12 +408,28 @@ class Collector(_Collector):
     def publish(self, org: str, snapshot: Snapshot) -> None:
         self.snapshots[org] = snapshot  # one reference swap: scrapes see the old or the new whole
 
+    def withdraw(self, org: str) -> None:
+        """A target removed by a reload: its series leave the exposition."""
+        self.snapshots.pop(org, None)
+
     def collect(self):
         snapshots = dict(self.snapshots)
         now = self.clock()
+        # Metadata label names of all targets; a target without one exports it empty (= absent).
+        extra = tuple(dict.fromkeys(label for snap in snapshots.values() for label in snap.store.extra_labels))
+        relabel = {org: _relabeling(snap.store.extra_labels, extra) for org, snap in snapshots.items()}
         for name, family in FAMILIES.items():
+            call_family = name in CALL_FAMILIES and extra
+            label_names = ("org", *family.labels, *(extra if call_family else ()))
+
+            def full(org: str, labels: tuple) -> tuple:
+                if not call_family:
+                    return (org, *labels)
+                width = len(family.labels)
+                return (org, *labels[:width], *relabel[org](labels[width:]))
+
             if family.kind == "counter":
-                metric = CounterMetricFamily(name, family.doc, labels=("org", *family.labels))
+                metric = CounterMetricFamily(name, family.doc, labels=label_names)
                 scale = MILLI_CENTS_PER_DOLLAR if name == "callingbox_billed_amount_dollars_total" else 1
                 for org, snap in snapshots.items():
                     exemplars = snap.store.exemplars
@@ -338,9 +437,9 @@ class Collector(_Collector):
                         exemplar = exemplars.get((name, labels, -1)) if name in EXEMPLAR_FAMILIES else None
                         if exemplar is not None:
                             exemplar = _exemplar(exemplar, scale)
-                        metric.add_metric((org, *labels), value / scale if scale != 1 else value, exemplar=exemplar)
+                        metric.add_metric(full(org, labels), value / scale if scale != 1 else value, exemplar=exemplar)
             else:
-                metric = HistogramMetricFamily(name, family.doc, labels=("org", *family.labels))
+                metric = HistogramMetricFamily(name, family.doc, labels=label_names)
                 with_exemplars = name in EXEMPLAR_FAMILIES
                 for org, snap in snapshots.items():
                     bounds, exemplars = snap.store.buckets[name], snap.store.exemplars
@@ -351,15 +450,16 @@ class Collector(_Collector):
                             bucket = (floatToGoString(bound) if index < len(bounds) else bound, running)
                             exemplar = exemplars.get((name, labels, index)) if with_exemplars else None
                             cumulative.append(bucket if exemplar is None else (*bucket, _exemplar(exemplar)))
-                        metric.add_metric((org, *labels), cumulative, sum_value=counts[-1])
+                        metric.add_metric(full(org, labels), cumulative, sum_value=counts[-1])
             yield metric
-        yield from self._gauges(snapshots, now)
+        yield from self._gauges(snapshots, now, extra, relabel)
 
-    def _gauges(self, snapshots: dict[str, Snapshot], now: float):
+    def _gauges(self, snapshots: dict[str, Snapshot], now: float, extra: tuple[str, ...], relabel: dict):
         def gauge(name, doc, labels=()):
             return GaugeMetricFamily(name, doc, labels=("org", *labels))
 
-        active = gauge("callingbox_calls_active", "Calls now queued, initiated, ringing or in progress.", ("direction", "status"))
+        active = gauge("callingbox_calls_active", "Calls now queued, initiated, ringing or in progress.",
+                       ("direction", "status", *extra))
         pending = gauge("callingbox_webhooks_pending", "Tracked calls whose webhook delivery is pending.")
         oldest = gauge(
             "callingbox_webhook_pending_oldest_age_seconds",
@@ -374,8 +474,10 @@ class Collector(_Collector):
         )
         for org, snap in snapshots.items():
             h = snap.health
-            for (direction, status), value in ({**_NO_ACTIVE_CALLS, **h.active}).items():
-                active.add_metric((org, direction, status), value)
+            none = snap.store.none_extra
+            zeros = {(d, s, *none): 0 for d, s in _NO_ACTIVE_CALLS}
+            for (direction, status, *values), value in ({**zeros, **h.active}).items():
+                active.add_metric((org, direction, status, *relabel[org](tuple(values))), value)
             pending.add_metric((org,), h.webhooks_pending)
             age = 0.0 if h.webhook_pending_oldest is None else max(0.0, now - h.webhook_pending_oldest)
             oldest.add_metric((org,), age)

@@ -62,7 +62,9 @@ class Poller:
         self.clock = clock
         self.rng = rng or random.Random()
         self.status = Status()
-        self.store = Store(dict(target.buckets), target.max_label_values)
+        self.metadata_keys = tuple(key for key, _ in target.metadata_labels)
+        self.extra_labels = tuple(label for _, label in target.metadata_labels)
+        self.store = Store(dict(target.buckets), target.max_label_values, self.extra_labels)
         self.ledger = Ledger(baseline=clock() - target.initial_lookback)
         self._invalid_seen: dict[str, None] = {}
         self._key_stamp: tuple | None = ("unread",)  # the api_key_file version in use; read again at the first poll
@@ -78,7 +80,8 @@ class Poller:
         """Load the state file, if any, and serve its values at once (not ready until a poll)."""
         if self.target.state_file:
             restored = await asyncio.to_thread(
-                state.load, self.target.state_file, self.org, dict(self.target.buckets), self.target.max_label_values
+                state.load, self.target.state_file, self.org, dict(self.target.buckets), self.target.max_label_values,
+                self.extra_labels,
             )
             if restored is not None:
                 self.ledger, self.store = restored.ledger, restored.store
@@ -88,6 +91,28 @@ class Poller:
                 )
         summary = self.ledger.sweep(self.clock(), self.target.settle_window)
         self._publish(summary)
+
+    def adopt(self, old: "Poller") -> None:
+        """Take over a stopped poller of the same org (a reload changed its settings).
+
+        Its ledger and counters carry on; with new buckets or label caps the store is rebuilt
+        as a restore would. Nothing is published here: what the old poller had counted but not
+        yet persisted is published after this poller's first save, as always.
+        """
+        self.ledger, self.status, self._invalid_seen = old.ledger, old.status, old._invalid_seen
+        self._key_stamp = ("unread",)
+        settings = ("buckets", "max_label_values", "metadata_labels")
+        if all(getattr(old.target, s) == getattr(self.target, s) for s in settings):
+            self.store = old.store
+        else:
+            self.store, reset = Store.from_json(old.store.to_json(), dict(self.target.buckets),
+                                                self.target.max_label_values, self.extra_labels)
+            if old.extra_labels != self.extra_labels:
+                for call in self.ledger.calls.values():
+                    saved = dict(zip(old.extra_labels, call.extra))
+                    call.extra = tuple(saved.get(label) for label in self.extra_labels)
+            if reset:
+                log.warning("histograms restarted: buckets changed", extra={"org": self.org, "histograms": ",".join(reset)})
 
     async def run(self) -> None:
         """Poll forever; returns only when cancelled."""
@@ -211,7 +236,7 @@ class Poller:
             async for batch in batches:
                 for obj in batch:
                     stats["records"] += 1
-                    record = decode_record(obj)
+                    record = decode_record(obj, self.metadata_keys)
                     if type(record) is Invalid:
                         self._invalid(obj, record, stats)
                         continue
@@ -252,6 +277,16 @@ class Poller:
         delay = min(MAX_BACKOFF, base * 2 ** min(self.status.failures - 1, 20))
         return delay * self.rng.uniform(0.8, 1.2)
 
+    def _active(self, active: dict[tuple, int]) -> dict[tuple, int]:
+        """Active calls by direction, status and capped metadata values."""
+        if not self.extra_labels:
+            return active
+        capped: dict[tuple, int] = {}
+        for (direction, status, *extra), calls in active.items():
+            key = (direction, status, *self.store.peek_extra(tuple(extra)))
+            capped[key] = capped.get(key, 0) + calls
+        return capped
+
     def _publish(self, summary) -> None:
         self.status.tracked, self.status.watermark = summary.tracked, self.ledger.watermark
         health = Health(
@@ -260,7 +295,7 @@ class Poller:
             watermark=self.ledger.watermark,
             tracked=summary.tracked,
             stragglers=summary.stragglers,
-            active=summary.active,
+            active=self._active(summary.active),
             webhooks_pending=summary.webhooks_pending,
             webhook_pending_oldest=summary.webhook_pending_oldest,
         )

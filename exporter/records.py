@@ -33,6 +33,7 @@ class Record(NamedTuple):
     result_status: str | None
     hangup_cause: str | None
     error_code: str | None
+    extra: tuple[str | None, ...] = ()  # the configured metadata values, as label values
 
     @property
     def terminal(self) -> bool:
@@ -94,8 +95,26 @@ def _text(obj: dict, key: str) -> str | None:
     raise _Reject("bad_type")
 
 
-def decode_record(obj: object) -> Record | Invalid:
-    """Validate one array element; never raises."""
+def metadata_value(value: object) -> str | None:
+    """A metadata value as a label value: scalars as text, anything nested as `other`."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return "other"
+
+
+def _extra(obj: dict, keys: tuple[str, ...]) -> tuple[str | None, ...]:
+    metadata = obj.get("metadata")
+    if not isinstance(metadata, dict):
+        return (None,) * len(keys)
+    return tuple(metadata_value(metadata.get(key)) for key in keys)
+
+
+def decode_record(obj: object, metadata_keys: tuple[str, ...] = ()) -> Record | Invalid:
+    """Validate one array element; never raises. `metadata_keys` are read into `extra`."""
     if not isinstance(obj, dict):
         return Invalid("not_object")
     call_id = obj.get("id")
@@ -129,6 +148,7 @@ def decode_record(obj: object) -> Record | Invalid:
             result_status=_text(obj, "result_status"),
             hangup_cause=_text(obj, "hangup_cause"),
             error_code=_text(obj, "error_code"),
+            extra=_extra(obj, metadata_keys) if metadata_keys else (),
         )
     except _Reject as reject:
         return Invalid(reject.reason, call_id)

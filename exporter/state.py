@@ -30,7 +30,18 @@ ENCODE_SLICE = 2000  # calls per json.dumps call: each C call holds the GIL, scr
 
 
 def _entry(s: CallState) -> list:
-    return [s.direction, s.status, s.created_at, s.updated_at, s.billed, s.webhook, s.result, s.webhook_pending_since]
+    entry = [s.direction, s.status, s.created_at, s.updated_at, s.billed, s.webhook, s.result, s.webhook_pending_since]
+    if s.extra:
+        entry.append(s.extra)
+    return entry
+
+
+def _call(fields: list, saved_extra: tuple[str, ...], extra_labels: tuple[str, ...]) -> CallState:
+    state = CallState(*fields[:8])
+    if extra_labels:
+        saved = dict(zip(saved_extra, fields[8] if len(fields) > 8 else ()))
+        state.extra = tuple(saved.get(label) for label in extra_labels)
+    return state
 
 
 def encode(org: str, ledger: Ledger, store: Store) -> bytes:
@@ -52,7 +63,7 @@ def encode(org: str, ledger: Ledger, store: Store) -> bytes:
     return (json.dumps(head, separators=(",", ":"))[:-1] + ',"calls":{' + calls + "}}").encode()
 
 
-def decode(data: bytes, buckets=None, label_limit: int = 50) -> Restored:
+def decode(data: bytes, buckets=None, label_limit: int = 50, extra_labels: tuple[str, ...] = ()) -> Restored:
     document = json.loads(data)
     if not isinstance(document, dict) or not all(
         isinstance(document.get(key), dict) for key in ("calls", "store")
@@ -60,9 +71,13 @@ def decode(data: bytes, buckets=None, label_limit: int = 50) -> Restored:
         raise ValueError("not a state document")
     if document.get("version") != FORMAT_VERSION:
         raise ValueError(f"unsupported state version {document.get('version')!r}")
-    calls = {call_id: CallState(*fields) for call_id, fields in document["calls"].items()}
+    saved_extra = tuple(document["store"].get("extra_labels", ()))
+    if extra_labels:
+        calls = {call_id: _call(fields, saved_extra, extra_labels) for call_id, fields in document["calls"].items()}
+    else:
+        calls = {call_id: CallState(*fields[:8]) for call_id, fields in document["calls"].items()}
     ledger = Ledger(document["baseline"], document["watermark"], calls)
-    store, reset = Store.from_json(document["store"], buckets, label_limit)
+    store, reset = Store.from_json(document["store"], buckets, label_limit, extra_labels)
     return Restored(ledger, store, reset)
 
 
@@ -85,7 +100,7 @@ def save(path: str, org: str, ledger: Ledger, store: Store) -> None:
     write_atomically(path, encode(org, ledger, store))
 
 
-def load(path: str, org: str, buckets=None, label_limit: int = 50) -> Restored | None:
+def load(path: str, org: str, buckets=None, label_limit: int = 50, extra_labels: tuple[str, ...] = ()) -> Restored | None:
     """The saved state, or None when there is none.
 
     An unreadable file cannot come from our own writes (they are atomic); it is moved aside
@@ -97,7 +112,7 @@ def load(path: str, org: str, buckets=None, label_limit: int = 50) -> Restored |
     except FileNotFoundError:
         return None
     try:
-        restored = decode(data, buckets, label_limit)
+        restored = decode(data, buckets, label_limit, extra_labels)
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         aside = f"{path}.corrupt-{time.time_ns()}"
         os.replace(path, aside)

@@ -1,4 +1,4 @@
-"""The HTTP face: /metrics, the landing page, /-/healthy and /-/ready.
+"""The HTTP face: /metrics, the landing page, /-/healthy, /-/ready and /-/reload.
 
 Handlers only read published snapshots and poller status, so a slow or failing API never
 holds a scrape up. The landing page is plain HTML with inline CSS: each target's health and
@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import html
 import time
-from typing import Iterable, Sequence
+from typing import Awaitable, Callable, Iterable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from .config import ConfigError
 from .metrics import MILLI_CENTS_PER_DOLLAR
 from .poller import Poller
+from .webconfig import Guard
 
 # Each figure on the page carries data-field="<name>" (cards data-org), so tests and scripts read it
 # without depending on the layout.
@@ -148,8 +150,15 @@ def landing_page(version: str, telemetry_path: str, pollers: Iterable[Poller], n
 
 
 def make_app(
-    registry: CollectorRegistry, pollers: Sequence[Poller], version: str, telemetry_path: str = "/metrics"
+    registry: CollectorRegistry,
+    pollers: Iterable[Poller],
+    version: str,
+    telemetry_path: str = "/metrics",
+    reload: Callable[[], Awaitable[dict[str, list[str]]]] | None = None,
+    guard: Guard | None = None,
 ) -> web.Application:
+    """`pollers` is read afresh on each request (a reload changes it); `guard` is the web config."""
+
     async def index(request: web.Request) -> web.Response:
         page = landing_page(version, telemetry_path, pollers, time.time())
         return web.Response(text=page, content_type="text/html")
@@ -158,14 +167,54 @@ def make_app(
         return web.Response(text="Healthy.\n")
 
     async def ready(request: web.Request) -> web.Response:
-        waiting = [p.org for p in pollers if not p.status.ready]
+        targets = list(pollers)
+        waiting = [p.org for p in targets if not p.status.ready]
         if waiting:
-            return web.Response(status=503, text=f"Not ready: waiting for a first poll of {', '.join(waiting)}.\n")
+            # Probes reach this page without a password: name the targets only when no one needs one.
+            which = f" of {', '.join(waiting)}" if guard is None or not guard.config.users else (
+                f": {len(waiting)} of {len(targets)} targets")
+            return web.Response(status=503, text=f"Not ready: waiting for a first poll{which}.\n")
         return web.Response(text="Ready.\n")
 
-    app = web.Application()
+    async def reloaded(request: web.Request) -> web.Response:
+        try:
+            changes = await reload()
+        except ConfigError as error:
+            return web.Response(status=500, text=f"failed to reload config: {error}\n")
+        done = "; ".join(f"{what} {', '.join(names)}" for what, names in changes.items() if names)
+        return web.Response(text=f"Reloaded{': ' + done if done else ', nothing changed'}.\n")
+
+    middlewares = [_guarded(guard)] if guard is not None else []
+    app = web.Application(middlewares=middlewares)
     app.router.add_get(telemetry_path, make_aiohttp_handler(registry))
     app.router.add_get("/", index)
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)
+    if reload is not None:
+        app.router.add_post("/-/reload", reloaded)
+        app.router.add_put("/-/reload", reloaded)
     return app
+
+
+def _guarded(guard: Guard):
+    """Basic auth on every path but the probes', allowed client certificates, security headers."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler) -> web.StreamResponse:
+        guard.refresh()
+        headers = guard.config.headers
+        if not guard.client_allowed(request.transport.get_extra_info("peercert") if request.transport else None):
+            response: web.StreamResponse = web.Response(status=403, text="Client certificate not allowed.\n")
+        elif guard.needs_auth(request.path) and not await guard.authorized(request.headers.get("Authorization")):
+            response = web.Response(status=401, text="Unauthorized.\n",
+                                    headers={"WWW-Authenticate": 'Basic realm="callingbox-exporter"'})
+        else:
+            try:
+                response = await handler(request)
+            except web.HTTPException as error:
+                error.headers.update(headers)
+                raise
+        response.headers.update(headers)
+        return response
+
+    return middleware

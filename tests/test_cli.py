@@ -43,12 +43,20 @@ def test_a_config_error_is_one_line_naming_the_key_with_exit_2(tmp_path):
     ]
 
 
-def test_web_config_file_is_refused_rather_than_serving_plain_text(tmp_path):
+@pytest.mark.parametrize("content, problem", [
+    ("basic_auth_users: {prometheus: hunter2}\n", "web.config.file: basic_auth_users.prometheus: is not a bcrypt hash"),
+    ("tls_server_config: {cert_file: /nonexistent.pem, key_file: /nonexistent.key}\n",
+     "web.config.file: tls_server_config.cert_file: cannot read /nonexistent.pem"),
+    (None, "web.config.file: cannot read"),
+])
+def test_a_bad_web_config_file_exits_2_with_one_line_naming_the_key(tmp_path, content, problem):
     web = tmp_path / "web.yml"
-    web.write_text("basic_auth_users: {}\n")
+    if content is not None:
+        web.write_text(content)
     result = run("--demo", "--web.config.file", str(web), "--check-config")
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("callingbox-exporter: config error: web.config.file:")
+    assert result.stderr.strip().startswith(f"callingbox-exporter: config error: {problem}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("failing", [False, True], ids=["api-up", "api-down"])

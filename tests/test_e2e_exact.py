@@ -7,6 +7,7 @@ on /metrics equals the simulator's ground truth exactly, and stays so.
 
 from __future__ import annotations
 
+import json
 import re
 import urllib.request
 
@@ -95,3 +96,43 @@ def test_landing_page_and_readiness(stack):
     assert status == 200
     for needle in ("0.1.0", "default", "up", "/metrics", "/-/ready", "last poll"):
         assert needle in page
+
+
+def test_metadata_labels_split_the_counts_exactly_by_campaign(stack):
+    """`metadata_labels: {campaign: campaign}`: each campaign's counts equal the API's own calls."""
+    sim, url = stack.simulator(seed=17, rate=200, max_calls=800, time_scale=300, webhook_retry_base=0.05,
+                               late_commit=0.3, api_key=KEY)
+    exporter = stack.exporter(_config(url, metadata_labels={"campaign": "campaign"}),
+                              env={"CALLINGBOX_API_KEY": KEY}).start()
+    wait_until(sim.all_final, 90, message="simulator calls final")
+    request = urllib.request.Request(url + "/v1/calls", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        calls = json.loads(response.read())
+    expected: dict[tuple[str, str, str], int] = {}
+    for c in calls:
+        key = (c["direction"], c["status"], c["metadata"]["campaign"])
+        expected[key] = expected.get(key, 0) + 1
+
+    def counted() -> dict[tuple[str, str, str], float]:
+        found = {}
+        for (name, labels), value in exporter.scrape().items():
+            labels = dict(labels)
+            if name == "callingbox_calls_total" and value:
+                found[(labels["direction"], labels["status"], labels["campaign"])] = value
+        return found
+
+    wait_until(lambda: counted() == expected, 30, message=f"per-campaign counts equal the API's calls ({expected})")
+    samples = exporter.scrape()
+    campaigns = {c["metadata"]["campaign"] for c in calls}
+    created: dict[str, float] = {}
+    for (name, labels), value in samples.items():
+        if name == "callingbox_calls_created_total":
+            created[dict(labels)["campaign"]] = created.get(dict(labels)["campaign"], 0) + value
+    assert {k for k, v in created.items() if v} == campaigns
+    assert sum(created.values()) == len(calls)
+    # every call family carries the label; the exporter's own families do not
+    for (name, labels) in samples:
+        if name.startswith("callingbox_call") or name.startswith(("callingbox_webhook_deliveries", "callingbox_result")):
+            assert "campaign" in dict(labels), name
+        if name.startswith("callingbox_exporter_"):
+            assert "campaign" not in dict(labels), name

@@ -56,7 +56,9 @@ def call(**overrides) -> dict:
 def test_full_record_decodes_every_field_the_accounting_reads():
     obj = call(sentiment="happy", transcript=[{"role": "agent"}], cost={"usd": 1})  # newer API fields
     # timestamps to the microsecond: exactly what RFC 3339 text can carry
-    assert decode_record(obj) == exact_to_microsecond(Record(
+    record = decode_record(obj)
+    assert record.extra == ()  # no metadata_labels configured: nothing read from metadata
+    assert record[:-1] == exact_to_microsecond(Record(
         id=ID,
         status="completed",
         direction="outbound",
@@ -73,7 +75,7 @@ def test_full_record_decodes_every_field_the_accounting_reads():
         result_status="completed",
         hangup_cause="normal_clearing",
         error_code=None,
-    ))
+    )[:-1])
 
 
 def test_minimal_record_with_nullable_fields_null_decodes():
@@ -150,3 +152,16 @@ def test_every_api_status_is_accepted(status):
 )
 def test_invalid_record_names_the_reason(obj, reason, call_id):
     assert decode_record(obj) == Invalid(reason, call_id)
+
+
+@pytest.mark.parametrize("metadata, expected", [
+    ({"campaign_id": "spring-24", "tier": "gold"}, ("spring-24", "gold")),
+    ({"campaign_id": 42, "tier": True}, ("42", "true")),
+    ({"campaign_id": {"nested": 1}, "tier": None}, ("other", None)),
+    ({}, (None, None)),
+    (None, (None, None)),
+    ("not a mapping", (None, None)),
+])
+def test_configured_metadata_keys_are_read_as_label_values(metadata, expected):
+    record = decode_record(call(metadata=metadata), ("campaign_id", "tier"))
+    assert record.extra == expected
