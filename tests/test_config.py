@@ -319,3 +319,25 @@ def test_target_and_config_reprs_hide_the_key(write_config, key_file):
 def test_key_from_env_never_shows_in_config_repr():
     config = build(env={"CALLINGBOX_API_KEY": KEY})
     assert KEY not in repr(config)
+
+
+# --- metadata labels ------------------------------------------------------------------------------
+
+
+def test_metadata_labels_map_metadata_keys_to_label_names_in_order(write_config, key_file):
+    cfg = build(config_file=write_config(
+        f"api_key_file: {key_file}\nmetadata_labels: {{campaign_id: campaign, tier: customer_tier}}\n"), env={})
+    assert cfg.targets[0].metadata_labels == (("campaign_id", "campaign"), ("tier", "customer_tier"))
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[campaign]", "metadata_labels: expected a mapping of metadata key to label name, e.g. {campaign_id: campaign}"),
+    ("{campaign: 2cool}", "metadata_labels.campaign: '2cool' is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)"),
+    ("{campaign: __name__}", "metadata_labels.campaign: '__name__' is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)"),
+    ("{campaign: status}", "metadata_labels.campaign: 'status' is a label the exporter or Prometheus already uses"),
+    ("{campaign: instance}", "metadata_labels.campaign: 'instance' is a label the exporter or Prometheus already uses"),
+    ("{a: x, b: x}", "metadata_labels.b: 'x' is given to another metadata key"),
+    ("{a: a, b: b, c: c, d: d, e: e, f: f}", "metadata_labels: 6 labels: at most 5, each multiplies the series count"),
+])
+def test_bad_metadata_labels_are_named(write_config, key_file, value, message):
+    assert config_error(config_file=write_config(f"api_key_file: {key_file}\nmetadata_labels: {value}\n")) == message

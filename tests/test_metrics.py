@@ -479,3 +479,55 @@ def test_today_totals_survive_the_state_file_round_trip():
     legacy = store.to_json()
     del legacy["today"]  # a state file written before today's totals existed
     assert Store.from_json(json.loads(json.dumps(legacy)))[0].today_totals(NOW) == {}
+
+
+# --- metadata labels ------------------------------------------------------------------------------
+
+
+def campaign_call(campaign, status="completed", direction=OUT, call_id="c1") -> list:
+    extra = (campaign,)
+    return [Created(direction, extra), Ended(direction, status, "normal_clearing", None, 30, 1.0, 2.0, call_id, extra)]
+
+
+def test_metadata_values_become_a_capped_label_on_call_series_only():
+    store = Store(label_limit=2, extra_labels=("campaign",))
+    for campaign in ("spring", "autumn", "winter", None, "spring"):
+        store.count(campaign_call(campaign))
+    assert store.counters["callingbox_calls_created_total"] == {
+        (OUT, "none"): 1, (IN, "none"): 0, (OUT, "spring"): 2, (OUT, "autumn"): 1, (OUT, "other"): 1}
+    assert store.counters["callingbox_calls_total"][(OUT, "completed", "spring")] == 2
+    assert store.counters[OVERFLOW] == {("campaign",): 2}  # winter's creation and end folded
+    # a new campaign's terminal and delivery series exist at 0 from its first call
+    assert store.counters["callingbox_calls_total"][(OUT, "failed", "autumn")] == 0
+    assert store.counters["callingbox_webhook_deliveries_total"][("failed", "autumn")] == 0
+    assert ("callingbox_exporter_polls_total" in store.counters
+            and all(len(k) == 1 for k in store.counters["callingbox_exporter_polls_total"]))
+
+
+def test_a_restore_under_other_metadata_labels_sums_exactly():
+    store = Store(extra_labels=("campaign", "tier"))
+    store.count([Created(OUT, ("a", "gold")), Created(OUT, ("a", "silver")), Created(OUT, ("b", "gold"))])
+    saved = json.loads(json.dumps(store.to_json()))
+    dropped, _ = Store.from_json(saved, extra_labels=("campaign",))
+    assert dropped.counters["callingbox_calls_created_total"][(OUT, "a")] == 2
+    assert dropped.counters["callingbox_calls_created_total"][(OUT, "b")] == 1
+    swapped, _ = Store.from_json(saved, extra_labels=("tier", "region"))
+    assert swapped.counters["callingbox_calls_created_total"][(OUT, "gold", "none")] == 2
+    none, _ = Store.from_json(saved)
+    assert none.counters["callingbox_calls_created_total"][(OUT,)] == 3
+    assert dropped.seen["campaign"] == {"a", "b"}
+
+
+def test_targets_with_other_metadata_labels_share_a_family_with_empty_values():
+    with_campaign = Store(extra_labels=("campaign",))
+    with_campaign.count(campaign_call("spring"))
+    collector = Collector("1.2.3", clock=lambda: NOW)
+    collector.publish("agency", Snapshot(with_campaign, Health()))
+    collector.publish("plain", Snapshot(Store(), Health()))
+    registry = CollectorRegistry()
+    registry.register(collector)
+    samples = text_samples(registry)
+    assert samples[("callingbox_calls_total", labels(org="agency", direction=OUT, status="completed", campaign="spring"))] == 1
+    assert samples[("callingbox_calls_total", labels(org="plain", direction=OUT, status="completed", campaign=""))] == 0
+    assert samples[("callingbox_calls_active", labels(org="agency", direction=OUT, status="ringing", campaign="none"))] == 0
+    assert samples[("callingbox_up", labels(org="plain"))] == 0

@@ -152,3 +152,27 @@ def test_state_file_records_org_and_format_version(tmp_path):
     assert (document["version"], document["org"], document["baseline"], document["watermark"]) == (
         1, "acme", BASELINE, BASELINE + 500.5
     )
+
+
+def test_metadata_label_values_of_tracked_calls_survive_and_follow_a_config_change():
+    ledger, store = Ledger(BASELINE), Store(extra_labels=("campaign", "tier"))
+    store.count(ledger.account(record("a", "ringing", BASELINE + 20, extra=("spring", "gold"))))
+    store.count(ledger.account(record("b", "ringing", BASELINE + 21, extra=("autumn", None))))
+    data = encode("default", ledger, store)
+
+    same = decode(data, extra_labels=("campaign", "tier"))
+    assert same.ledger.calls == ledger.calls
+    assert same.store.counters == store.counters
+    assert same.ledger.calls["a"].extra == ("spring", "gold")
+
+    moved = decode(data, extra_labels=("tier", "region"))  # campaign dropped, region added
+    assert moved.ledger.calls["a"].extra == ("gold", None)
+    assert moved.store.counters["callingbox_calls_created_total"][("outbound", "gold", "none")] == 1
+    assert decode(data).ledger.calls["b"].extra == ()  # labels turned off
+
+
+def test_a_state_file_without_metadata_reads_into_a_config_with_metadata_labels():
+    ledger, store = accounted()
+    restored = decode(encode("default", ledger, store), label_limit=2, extra_labels=("campaign",))
+    assert restored.ledger.calls["a"].extra == (None,)
+    assert restored.store.counters["callingbox_calls_total"][("outbound", "failed", "none")] == 2
