@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import trustme
 
 from conftest import ROOT, Exporter, parse_metrics, wait_until
-from exporter import __version__, config
+from exporter import __version__, config, webconfig
 
 SPEC_FLAGS = (
     "--config.file", "--web.listen-address", "--web.telemetry-path", "--web.config.file", "--log.level",
@@ -93,9 +94,25 @@ def test_demo_shows_counters_moving_within_seconds(tmp_path):
         exporter.kill()
 
 
-def _readme_yaml_blocks() -> list[str]:
+WEB_CONFIG = "# --web.config.file\n"  # first line of the README's web config examples
+
+
+def _readme_yaml_blocks(web: bool = False) -> list[str]:
     text = (ROOT / "README.md").read_text()
-    return re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    return [b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if b.startswith(WEB_CONFIG) == web]
+
+
+def test_readme_web_config_example_is_valid(tmp_path):
+    (block,) = _readme_yaml_blocks(web=True)
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    files = {"tls.crt": server.cert_chain_pems[0], "tls.key": server.private_key_pem, "ca.crt": ca.cert_pem}
+    for name, pem in files.items():
+        pem.write_to_path(str(tmp_path / name))
+    path = tmp_path / "web.yml"
+    path.write_text(block.replace("/etc/callingbox-exporter/tls/", f"{tmp_path}/"))
+    loaded = webconfig.load(str(path))
+    assert loaded.tls is not None and loaded.users and loaded.headers
 
 
 def test_readme_configuration_examples_are_valid(tmp_path):
