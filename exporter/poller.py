@@ -9,7 +9,6 @@ end the loop.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import random
@@ -23,7 +22,7 @@ from .accounting import Ledger
 from .api import ApiError, Client, RateLimited, Unauthorized
 from .config import ConfigError, Target, read_key_file
 from .metrics import Collector, Health, Snapshot, Store
-from .records import Invalid, decode_record
+from .records import Invalid, decode_record, fields_type, fingerprint, timestamp_of
 
 MAX_BACKOFF = 300.0
 RATE_LIMIT_RETRIES = 3
@@ -229,19 +228,32 @@ class Poller:
 
     async def _read_once(self, now: float, stats: dict) -> None:
         horizon = now - self.target.settle_window
-        overlap, ledger, store = self.target.overlap, self.ledger, self.store
+        overlap, ledger, store, keys = self.target.overlap, self.ledger, self.store, self.metadata_keys
+        fields = fields_type(bool(keys))
+        cutoff = None if ledger.watermark is None else ledger.watermark - overlap  # older: unchanged, skipped
         newest: float | None = None
         past_window = False
-        async with self.client.list_calls() as batches:
+        async with self.client.list_calls(fields) as batches:
             async for batch in batches:
                 for obj in batch:
                     stats["records"] += 1
-                    record = decode_record(obj, self.metadata_keys)
+                    if type(obj) is fields:
+                        # The common case, read without building a Record: where is it, has it changed?
+                        created, updated = timestamp_of(obj.created_at), timestamp_of(obj.updated_at)
+                        if created is not None and updated is not None:
+                            if created < horizon:
+                                past_window = True  # newest first: all that follows is settled history
+                                break
+                            if newest is None or updated > newest:
+                                newest = updated
+                            if cutoff is not None and updated < cutoff:
+                                continue
+                    record = decode_record(obj, keys)
                     if type(record) is Invalid:
                         self._invalid(obj, record, stats)
                         continue
                     if record.created_at < horizon:
-                        past_window = True  # newest first: all that follows is settled history
+                        past_window = True
                         break
                     if newest is None or record.updated_at > newest:
                         newest = record.updated_at
@@ -258,10 +270,10 @@ class Poller:
 
     def _invalid(self, obj: object, invalid: Invalid, stats: dict) -> None:
         """Count a malformed record once, however many polls read it again."""
-        fingerprint = json.dumps(obj, sort_keys=True, default=str)
-        if fingerprint in self._invalid_seen:
+        seen = fingerprint(obj)
+        if seen in self._invalid_seen:
             return
-        self._invalid_seen[fingerprint] = None
+        self._invalid_seen[seen] = None
         if len(self._invalid_seen) > INVALID_MEMORY:
             del self._invalid_seen[next(iter(self._invalid_seen))]
         self.store.inc("callingbox_exporter_invalid_records_total", (invalid.reason,))
