@@ -14,6 +14,7 @@ from .records import ACTIVE_STATUSES, Record
 
 OUTCOMES = ("delivered", "failed")  # webhook_status values that are counted
 EXTRACTIONS = ("completed", "failed")  # result_status values that are counted
+STRAGGLER_GIVE_UP = 7 * 86400.0  # default age after creation at which a straggler is given up
 EXTRA_INTERN_LIMIT = 10_000  # distinct metadata value tuples shared between calls before starting afresh
 
 
@@ -71,6 +72,7 @@ class CallState:
     webhook: str | None = None
     result: str | None = None
     webhook_pending_since: float | None = None
+    amount: int | None = None  # milli-cents billed, kept for the self-audit
     extra: tuple = ()  # metadata label values, as first seen
 
     @property
@@ -131,7 +133,7 @@ def advance(state: CallState | None, record: Record, baseline: float) -> tuple[C
 
     # Billing settles once: the first time the call is seen terminal and no longer `reserved`.
     if not state.billed and record.terminal and record.reservation_status != "reserved":
-        state.billed = True
+        state.billed, state.amount = True, record.billing_amount_milli_cents or 0
         if counted_after:
             events.append(
                 Billed(record.direction, record.billed_duration_seconds, record.billing_amount_milli_cents or 0,
@@ -203,14 +205,15 @@ class Ledger:
         if self.watermark is None or newest_updated_at > self.watermark:
             self.watermark = newest_updated_at
 
-    def sweep(self, now: float, settle_window: float) -> Summary:
+    def sweep(self, now: float, settle_window: float, give_up_after: float = STRAGGLER_GIVE_UP) -> Summary:
         """Drop final calls past the settle window (list reads no longer show them) and summarise.
 
-        A call past the window that is not final is a straggler; list reads cannot see it any
-        more, so after a second window it is given up rather than kept forever.
+        A call past the window that is not final is a straggler: list reads cannot see it any
+        more (the poller refreshes it by id), and once it is `give_up_after` old (never less
+        than the window) it is given up rather than kept forever.
         """
         horizon = now - settle_window
-        give_up = horizon - settle_window
+        give_up = now - max(give_up_after, settle_window)
         active: dict[tuple[str, str], int] = {}
         pending = stragglers = given_up = 0
         oldest: float | None = None

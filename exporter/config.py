@@ -35,10 +35,14 @@ TARGET_KEYS = {
     "state_file",
     "initial_lookback",
     "settle_window",
+    "straggler_give_up",
+    "straggler_concurrency",
+    "straggler_batch",
     "overlap",
     "max_label_values",
     "buckets",
     "metadata_labels",
+    "audit_interval",
 }
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 # Labels the exporter already uses, and those Prometheus attaches at scrape time.
@@ -89,10 +93,14 @@ class Target:
     state_file: str | None = None
     initial_lookback: float = 0.0
     settle_window: float = 72 * 3600.0
+    straggler_give_up: float = 7 * 86400.0  # after creation; stragglers are refreshed by id until then
+    straggler_concurrency: int = 4  # GET /v1/calls/{id} in flight at once
+    straggler_batch: int = 100  # refreshes per poll at most
     overlap: float = 120.0
     max_label_values: int = 50
     buckets: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     metadata_labels: tuple[tuple[str, str], ...] = ()  # (metadata key, label name), in config order
+    audit_interval: float = 3600.0  # 0: no self-audit
 
 
 @dataclass(frozen=True)
@@ -207,7 +215,7 @@ def _target(raw: Mapping[str, Any], where: str, name: str) -> Target:
         path = f"{where}{key}"
         if key in ("poll_interval", "request_timeout"):
             values[key] = _positive(path, value)
-        elif key in ("initial_lookback", "settle_window", "overlap"):
+        elif key in ("initial_lookback", "settle_window", "overlap", "audit_interval"):
             values[key] = parse_duration(path, value)
         elif key == "api_url":
             values[key] = _url(path, value)
@@ -223,8 +231,16 @@ def _target(raw: Mapping[str, Any], where: str, name: str) -> Target:
             values[key] = _buckets(path, value)
         elif key == "metadata_labels":
             values[key] = _metadata_labels(path, value)
+        elif key == "straggler_give_up":
+            values[key] = _positive(path, value)
+        elif key in ("straggler_concurrency", "straggler_batch"):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(path, f"{value!r} is not a whole number of at least 1")
+            values[key] = value
     if values.get("settle_window", Target.settle_window) <= 0:
         raise ConfigError(f"{where}settle_window", "must be greater than 0")
+    if "straggler_give_up" in values and values["straggler_give_up"] < values.get("settle_window", Target.settle_window):
+        raise ConfigError(f"{where}straggler_give_up", f"{raw['straggler_give_up']!r} is shorter than settle_window")
     if values.get("api_key_file"):
         values["api_key"] = read_key_file(f"{where}api_key_file", values["api_key_file"])
     return Target(**values)

@@ -23,6 +23,8 @@ from prometheus_client.utils import floatToGoString
 from .accounting import EXTRACTIONS, OUTCOMES, Billed, Created, Ended, Event, ExtractionOutcome, WebhookOutcome
 from .records import ACTIVE_STATUSES, DIRECTIONS, TERMINAL_STATUSES
 
+AUDIT_KINDS = ("missing", "extra", "status", "billing", "webhook", "extraction")
+
 MILLI_CENTS_PER_DOLLAR = 100_000
 CAPPED_LABELS = ("hangup_cause", "error_code")
 
@@ -83,6 +85,12 @@ FAMILIES: dict[str, Family] = {
     "callingbox_exporter_vanished_calls_total": Family(
         "counter", (), "Tracked calls that the API no longer knows (404 by id)."
     ),
+    "callingbox_exporter_audit_mismatches_total": Family(
+        "counter", ("kind",), "Self-audit: calls whose counts disagree with the API (missing, extra, status, ...)."
+    ),
+    "callingbox_exporter_audit_calls_checked_total": Family(
+        "counter", (), "Self-audit: settled calls recounted against the API."
+    ),
 }
 
 DEFAULT_BUCKETS: dict[str, tuple[float, ...]] = {
@@ -136,6 +144,9 @@ def _base_series() -> Iterable[tuple[str, tuple[str, ...]]]:
         yield "callingbox_exporter_polls_total", (result,)
     yield "callingbox_exporter_poll_duration_seconds", ()
     yield "callingbox_exporter_vanished_calls_total", ()
+    yield "callingbox_exporter_audit_calls_checked_total", ()
+    for kind in AUDIT_KINDS:
+        yield "callingbox_exporter_audit_mismatches_total", (kind,)
 
 
 def label_value(value: str | None) -> str:
@@ -373,6 +384,7 @@ class Health:
     active: dict = field(default_factory=dict)
     webhooks_pending: int = 0
     webhook_pending_oldest: float | None = None
+    last_audit: float | None = None
 
 
 @dataclass(frozen=True)
@@ -472,6 +484,7 @@ class Collector(_Collector):
         stragglers = gauge(
             "callingbox_exporter_stragglers", "Tracked calls past the settle window that are not final yet."
         )
+        audited = gauge("callingbox_exporter_last_audit_timestamp_seconds", "When the last self-audit completed.")
         for org, snap in snapshots.items():
             h = snap.health
             none = snap.store.none_extra
@@ -486,7 +499,8 @@ class Collector(_Collector):
             watermark.add_metric((org,), h.watermark or 0)
             tracked.add_metric((org,), h.tracked)
             stragglers.add_metric((org,), h.stragglers)
-        yield from (active, pending, oldest, up, last, watermark, tracked, stragglers)
+            audited.add_metric((org,), h.last_audit or 0)
+        yield from (active, pending, oldest, up, last, watermark, tracked, stragglers, audited)
         info = GaugeMetricFamily("callingbox_exporter_build_info", "The exporter's version.", labels=("version",))
         info.add_metric((self.version,), 1)
         yield info

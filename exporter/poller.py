@@ -19,10 +19,12 @@ import aiohttp
 
 from . import logs, state
 from .accounting import Ledger
+from .audit import Audit
 from .api import ApiError, Client, RateLimited, Unauthorized
 from .config import ConfigError, Target, read_key_file
 from .metrics import Collector, Health, Snapshot, Store
 from .records import Invalid, decode_record, fields_type, fingerprint, timestamp_of
+from .stragglers import Refresher
 
 MAX_BACKOFF = 300.0
 RATE_LIMIT_RETRIES = 3
@@ -63,10 +65,16 @@ class Poller:
         self.status = Status()
         self.metadata_keys = tuple(key for key, _ in target.metadata_labels)
         self.extra_labels = tuple(label for _, label in target.metadata_labels)
+        self.stragglers = Refresher(target.name, target.straggler_concurrency, target.straggler_batch,
+                                    target.straggler_give_up, self.metadata_keys)
         self.store = Store(dict(target.buckets), target.max_label_values, self.extra_labels)
         self.ledger = Ledger(baseline=clock() - target.initial_lookback)
         self._invalid_seen: dict[str, None] = {}
         self._key_stamp: tuple | None = ("unread",)  # the api_key_file version in use; read again at the first poll
+        self._next_audit = 0.0  # the first complete read after a start audits
+        self._audit: Audit | None = None  # the audit riding on the current read, if one is due
+        self.last_audit: float | None = None
+        self._audited_until: float | None = None  # created_at up to which calls have been audited
 
     @property
     def org(self) -> str:
@@ -88,7 +96,7 @@ class Poller:
                     "state restored",
                     extra={"org": self.org, "tracked_calls": len(self.ledger.calls), "watermark": self.ledger.watermark},
                 )
-        summary = self.ledger.sweep(self.clock(), self.target.settle_window)
+        summary = self.ledger.sweep(self.clock(), self.target.settle_window, self.target.straggler_give_up)
         self._publish(summary)
 
     def adopt(self, old: "Poller") -> None:
@@ -132,16 +140,23 @@ class Poller:
         self.client.bytes_read = 0
         stats = {"records": 0, "examined": 0, "events": 0, "invalid": 0}
         problem: Exception | None = None
+        audit_due = self.target.audit_interval > 0 and now >= self._next_audit
         try:
-            await self._read(now, stats)
+            await self._read(now, stats, audit_due)
+            if self._audit is not None:
+                self._conclude_audit(self._audit, now)
         except ApiError as error:
             problem = error
         except Exception as error:
             log.exception("poll crashed", extra={"org": self.org})
             problem = error
+        self._audit = None
+        if problem is None:  # then the calls the list no longer shows; their failures do not fail the poll
+            stats.update(await self.stragglers.refresh(self.client, self.ledger, self.store, now,
+                                                       self.target.settle_window))
         self.store.inc("callingbox_exporter_polls_total", ("error" if problem else "success",))
         self.store.observe("callingbox_exporter_poll_duration_seconds", (), time.monotonic() - started)
-        summary = self.ledger.sweep(now, self.target.settle_window)
+        summary = self.ledger.sweep(now, self.target.settle_window, self.target.straggler_give_up)
         if summary.given_up:
             log.warning("stragglers given up", extra={"org": self.org, "calls": summary.given_up})
         durable = await self._persist()
@@ -213,9 +228,26 @@ class Poller:
         )
         return backoff
 
-    async def _read(self, now: float, stats: dict) -> None:
+    def _conclude_audit(self, audit: Audit, now: float) -> None:
+        """Count and log what a complete read's audit found; the next window is due an interval later."""
+        mismatches = audit.finish(self.ledger)
+        for mismatch in mismatches:
+            self.store.inc("callingbox_exporter_audit_mismatches_total", (mismatch.kind,))
+            log.warning("audit mismatch", extra={"org": self.org, "kind": mismatch.kind, "call_id": mismatch.call_id,
+                                                 "detail": mismatch.detail})
+        self.store.inc("callingbox_exporter_audit_calls_checked_total", (), audit.checked)
+        self.last_audit, self._next_audit, self._audited_until = now, now + self.target.audit_interval, audit.end
+        log.info("audit done", extra={"org": self.org, "checked": audit.checked, "mismatches": len(mismatches)})
+
+    async def _read(self, now: float, stats: dict, audit_due: bool = False) -> None:
         """Read the list until the settle window and account every record in it."""
         for attempt in range(RATE_LIMIT_RETRIES + 1):
+            if audit_due:
+                # The oldest interval still inside the settle window (settled, and read anyway),
+                # joined to the last audited one so no call slips between two audits.
+                horizon = now - self.target.settle_window
+                start = self._audited_until if self._audited_until is not None and self._audited_until >= horizon else horizon
+                self._audit = Audit(start, horizon + self.target.audit_interval, self.ledger.baseline)
             try:
                 await self._read_once(now, stats)
                 return
@@ -228,7 +260,7 @@ class Poller:
 
     async def _read_once(self, now: float, stats: dict) -> None:
         horizon = now - self.target.settle_window
-        overlap, ledger, store, keys = self.target.overlap, self.ledger, self.store, self.metadata_keys
+        overlap, ledger, store, keys, audit = self.target.overlap, self.ledger, self.store, self.metadata_keys, self._audit
         fields = fields_type(bool(keys))
         cutoff = None if ledger.watermark is None else ledger.watermark - overlap  # older: unchanged, skipped
         newest: float | None = None
@@ -246,7 +278,7 @@ class Poller:
                                 break
                             if newest is None or updated > newest:
                                 newest = updated
-                            if cutoff is not None and updated < cutoff:
+                            if cutoff is not None and updated < cutoff and (audit is None or not audit.covers(created)):
                                 continue
                     record = decode_record(obj, keys)
                     if type(record) is Invalid:
@@ -263,6 +295,8 @@ class Poller:
                         if events:
                             stats["events"] += len(events)
                             store.count(events, now)
+                    if audit is not None and audit.covers(record.created_at):
+                        audit.check(record, ledger.calls.get(record.id))
                 if past_window:
                     break
                 await asyncio.sleep(0)  # a large read yields to scrapes between chunks
@@ -310,5 +344,6 @@ class Poller:
             active=self._active(summary.active),
             webhooks_pending=summary.webhooks_pending,
             webhook_pending_oldest=summary.webhook_pending_oldest,
+            last_audit=self.last_audit,
         )
         self.collector.publish(self.org, Snapshot(self.store.copy(), health))

@@ -254,7 +254,10 @@ class Simulator:
                  history: int = 0, history_age: float = 30 * 86400.0,
                  webhook_retry_base: float | None = None, replay_share: float = 0.0,
                  late_commit: float = 0.0, api_key: str | None = None,
-                 chunk_size: int = 64 * 1024, outcome_weights: dict[str, float] | None = None):
+                 chunk_size: int = 64 * 1024, outcome_weights: dict[str, float] | None = None,
+                 by_id_delay: float = 0.0):
+        if by_id_delay < 0:
+            raise ValueError("by_id_delay must be >= 0")
         if time_scale <= 0 or rate < 0 or chunk_size < 1 or history < 0 or late_commit < 0:
             raise ValueError("time_scale and chunk_size must be positive; rate, history, late_commit >= 0")
         if not (0 <= inbound_share <= 1 and 0 <= replay_share <= 1):
@@ -264,9 +267,11 @@ class Simulator:
         self.hangup_causes, self.error_codes = hangup_causes or None, error_codes or None
         self.history, self.webhook_retry_base, self.api_key = history, webhook_retry_base, api_key
         self.chunk_size = chunk_size
+        self.by_id_delay = by_id_delay  # wall seconds GET /v1/calls/{id} takes, so concurrency shows
         self._outcomes = _outcome_table(OUTCOME_WEIGHTS if outcome_weights is None else outcome_weights)
         self.stats = {"list_requests": 0, "bytes_sent": 0, "last_list_bytes": 0,
-                      "client_closed_early": 0, "by_id_requests": 0}
+                      "client_closed_early": 0, "by_id_requests": 0,
+                      "by_id_in_flight": 0, "by_id_max_in_flight": 0}
         self._rng = random.Random(seed)
         self._lock = threading.Lock()  # tests drive inject/pause/truth from another thread
         self._calls: dict[str, _Call] = {}  # insertion order = created_at order
@@ -275,6 +280,7 @@ class Simulator:
         self._events: list[_Event] = []  # append-only
         self._faults: deque[tuple[str, dict]] = deque()
         self._paused = False
+        self._held: dict[str, list] = {}  # call id → [held since, its heap entry was dropped]
         self._created = 0
         self._next_arrival = 0.0
         self._history_top = time.time() - history_age  # history is fixed at construction
@@ -327,7 +333,51 @@ class Simulator:
     def delete(self, call_id: str) -> bool:
         """Remove a call: it leaves the list and answers 404 from then on."""
         with self._lock:
+            self._held.pop(call_id, None)
             return self._calls.pop(call_id, None) is not None
+
+    def hold(self, call_id: str) -> None:
+        """Freeze one call as it is now: its planned steps wait for `release` (a straggler on demand)."""
+        with self._lock:
+            if call_id not in self._calls:
+                raise KeyError(call_id)
+            self._held.setdefault(call_id, [time.time(), False])
+
+    def release(self, call_id: str) -> None:
+        """Let a held call go on; its remaining steps keep their spacing, counted from now."""
+        with self._lock:
+            held_since, dropped = self._held.pop(call_id)
+            call = self._calls[call_id]
+            delay = time.time() - held_since
+            for step in call.steps:
+                step.due += delay
+            if dropped:
+                self._schedule(call)
+
+    def tamper(self, call_id: str, **fields: Any) -> dict:
+        """Change a call without bumping `updated_at`: an API that rewrites history silently.
+
+        For the self-audit tests; the truth is not told (that is the point). Returns the record.
+        """
+        with self._lock:
+            call = self._calls[call_id]
+            visible_at, record = call.versions[-1]
+            call.versions[-1] = (visible_at, {**record, **fields})
+            return call.versions[-1][1]
+
+    def insert_past(self, age: float, **fields: Any) -> str:
+        """A final call that appears `age` seconds in the past, as if committed late and unannounced."""
+        with self._lock:
+            now = time.time()
+            stamp = format_ts(now - age)
+            record = {**_new_record(self._rng, "outbound", stamp), "status": "completed", "updated_at": stamp,
+                      "started_at": stamp, "answered_at": stamp, "ended_at": stamp, "duration_seconds": 30,
+                      "billed_duration_seconds": 30, "billing_amount_milli_cents": 5_000,
+                      "reservation_status": "settled", "webhook_status": None, "result_status": None, **fields}
+            self._calls[record["id"]] = _Call(record["id"], deque(), [(now - age, record)], billed=True)
+            # the list is newest first by created_at: put the newcomer in its place
+            self._calls = dict(sorted(self._calls.items(), key=lambda kv: _seconds(kv[1].versions[0][1]["created_at"])))
+            return record["id"]
 
     def all_final(self) -> bool:
         """Creation is over and every call is final and visible as such."""
@@ -387,6 +437,9 @@ class Simulator:
             call = self._calls.get(heapq.heappop(self._heap)[2])
             if call is None:
                 continue  # deleted
+            if call.id in self._held:
+                self._held[call.id][1] = True  # release() schedules it again
+                continue
             while call.steps and call.steps[0].due <= now:
                 self._apply(call, call.steps.popleft(), now)
             self._schedule(call)
@@ -576,8 +629,17 @@ class Simulator:
         call_id = request.match_info["call_id"]
         with self._lock:
             self.stats["by_id_requests"] += 1
-            call = self._calls.get(call_id)
-            record = call.visible(time.time()) if call else None
+            self.stats["by_id_in_flight"] += 1
+            self.stats["by_id_max_in_flight"] = max(self.stats["by_id_max_in_flight"], self.stats["by_id_in_flight"])
+        try:
+            if self.by_id_delay:
+                await asyncio.sleep(self.by_id_delay)
+            with self._lock:
+                call = self._calls.get(call_id)
+                record = call.visible(time.time()) if call else None
+        finally:
+            with self._lock:
+                self.stats["by_id_in_flight"] -= 1
         if record is None:
             return _error(404, f"call {call_id} not found")
         return web.json_response(record)

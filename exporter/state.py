@@ -30,16 +30,17 @@ ENCODE_SLICE = 2000  # calls per json.dumps call: each C call holds the GIL, scr
 
 
 def _entry(s: CallState) -> list:
-    entry = [s.direction, s.status, s.created_at, s.updated_at, s.billed, s.webhook, s.result, s.webhook_pending_since]
+    entry = [s.direction, s.status, s.created_at, s.updated_at, s.billed, s.webhook, s.result, s.webhook_pending_since,
+             s.amount]
     if s.extra:
         entry.append(s.extra)
     return entry
 
 
 def _call(fields: list, saved_extra: tuple[str, ...], extra_labels: tuple[str, ...]) -> CallState:
-    state = CallState(*fields[:8])
+    state = CallState(*fields[:9])
     if extra_labels:
-        saved = dict(zip(saved_extra, fields[8] if len(fields) > 8 else ()))
+        saved = dict(zip(saved_extra, fields[9] if len(fields) > 9 else ()))
         state.extra = tuple(saved.get(label) for label in extra_labels)
     return state
 
@@ -75,7 +76,7 @@ def decode(data: bytes, buckets=None, label_limit: int = 50, extra_labels: tuple
     if extra_labels:
         calls = {call_id: _call(fields, saved_extra, extra_labels) for call_id, fields in document["calls"].items()}
     else:
-        calls = {call_id: CallState(*fields[:8]) for call_id, fields in document["calls"].items()}
+        calls = {call_id: CallState(*fields[:9]) for call_id, fields in document["calls"].items()}
     ledger = Ledger(document["baseline"], document["watermark"], calls)
     store, reset = Store.from_json(document["store"], buckets, label_limit, extra_labels)
     return Restored(ledger, store, reset)

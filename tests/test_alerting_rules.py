@@ -31,6 +31,7 @@ ALERTS = {
     "CallingBoxFailedCallsSpike", "CallingBoxNoAnswerSpike", "CallingBoxWebhookDeliveriesFailing",
     "CallingBoxWebhookEndpointDown", "CallingBoxExtractionsFailing", "CallingBoxExporterDown",
     "CallingBoxExporterAbsent", "CallingBoxApiKeyRejected", "CallingBoxApiErrors", "CallingBoxDataStale",
+    "CallingBoxAuditMismatches",
 }
 SYMPTOMS = {
     "CallingBoxFailedCallsSpike", "CallingBoxNoAnswerSpike", "CallingBoxWebhookDeliveriesFailing",

@@ -256,6 +256,10 @@ SPEC_FAMILIES = [
     ("callingbox_exporter_stragglers", "gauge", {"org"}),
     ("callingbox_exporter_vanished_calls_total", "counter", {"org"}),
     ("callingbox_exporter_build_info", "gauge", {"version"}),
+    # issue 8: the self-audit
+    ("callingbox_exporter_audit_mismatches_total", "counter", {"org", "kind"}),
+    ("callingbox_exporter_audit_calls_checked_total", "counter", {"org"}),
+    ("callingbox_exporter_last_audit_timestamp_seconds", "gauge", {"org"}),
 ]
 
 

@@ -63,7 +63,7 @@ def test_decoded_call_state_keeps_every_field():
     restored = decode(encode("default", ledger, store), label_limit=2)
     assert restored.ledger.calls["b"] == CallState(
         direction="outbound", status="completed", created_at=BASELINE + 10, updated_at=BASELINE + 80,
-        billed=True, webhook="pending", result="completed", webhook_pending_since=BASELINE + 75,
+        billed=True, webhook="pending", result="completed", webhook_pending_since=BASELINE + 75, amount=1550,
     )
     assert restored.ledger.calls["c"] == CallState("inbound", "failed", BASELINE + 10, BASELINE + 11, False)
 
