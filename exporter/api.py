@@ -15,10 +15,12 @@ import time
 from contextlib import asynccontextmanager
 from email.utils import parsedate_to_datetime
 from typing import AsyncIterator, Callable
+from urllib.parse import quote
 
 import aiohttp
 import msgspec
 
+from .budget import Budget
 from .config import Secret
 
 CHUNK_BYTES = 64 * 1024
@@ -45,6 +47,10 @@ class RateLimited(ApiError):
     def __init__(self, message: str, retry_after: float | None):
         super().__init__(message, "429")
         self.retry_after = retry_after
+
+
+class NotFound(ApiError):
+    """404 with the API's own `{"error": ...}` body: the call does not exist (any more)."""
 
 
 class BodyError(ApiError):
@@ -231,6 +237,15 @@ class PlainArrayStream:
         return items
 
 
+def _conditions(validators: dict[str, str]) -> dict[str, str]:
+    """If-None-Match when the API gave an ETag, else If-Modified-Since for a Last-Modified."""
+    if "ETag" in validators:
+        return {"If-None-Match": validators["ETag"]}
+    if "Last-Modified" in validators:
+        return {"If-Modified-Since": validators["Last-Modified"]}
+    return {}
+
+
 def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
@@ -254,13 +269,20 @@ class Client:
         api_key: Secret | None,
         timeout: float,
         on_response: Callable[[str], None] = lambda code: None,
+        budget: Budget | None = None,
     ):
         self._session = session
         self._base_url = base_url.rstrip("/")
         self._key = api_key
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
         self._on_response = on_response
+        self.budget = budget
         self.bytes_read = 0
+        # Conditional list reads: the validators of the last list read in full, and those of the
+        # current one (confirmed by the poller once its read succeeded).
+        self._validators: dict[str, str] = {}
+        self._received: dict[str, str] = {}
+        self.not_modified = False
 
     @property
     def key(self) -> Secret | None:
@@ -275,17 +297,19 @@ class Client:
             text = text.replace(self._key.reveal(), "***")
         return text[:300]
 
-    async def _get(self, path: str) -> aiohttp.ClientResponse:
-        headers = {"Accept": "application/json"}
+    async def _get(self, path: str, conditions: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+        headers = {"Accept": "application/json", **(conditions or {})}
         if self._key is not None:
             headers["Authorization"] = f"Bearer {self._key.reveal()}"
+        if self.budget is not None:
+            await self.budget.acquire()
         try:
             response = await self._session.get(self._base_url + path, headers=headers, timeout=self._timeout)
         except (aiohttp.ClientError, TimeoutError) as error:
             self._on_response("error")
             raise ApiError(self._scrub(f"request failed: {type(error).__name__}: {error}")) from None
         self._on_response(str(response.status))
-        if response.status == 200:
+        if response.status == 200 or (response.status == 304 and conditions):
             return response
         try:
             detail = self._scrub((await response.text(errors="replace"))[:300])
@@ -297,7 +321,10 @@ class Client:
         if response.status == 401:
             raise Unauthorized(message, "401")
         if response.status == 429:
-            raise RateLimited(message, _retry_after(response.headers.get("Retry-After")))
+            retry_after = _retry_after(response.headers.get("Retry-After"))
+            if self.budget is not None and retry_after:
+                self.budget.hold(retry_after)  # every target on this key waits, not only this one
+            raise RateLimited(message, retry_after)
         raise ApiError(message, str(response.status))
 
     @asynccontextmanager
@@ -307,8 +334,19 @@ class Client:
         Elements come as `item_type` structs where the fast path could decode them, else as plain
         JSON values. Leaving the block early closes the connection, so the server stops sending.
         """
-        response = await self._get("/v1/calls")
+        response = await self._get("/v1/calls", _conditions(self._validators))
         complete = False
+        self.not_modified = response.status == 304  # the list is as it was at the last full read
+        self._received = {k: response.headers[k] for k in ("ETag", "Last-Modified") if k in response.headers}
+        if self.not_modified:
+            response.release()
+
+            async def nothing() -> AsyncIterator[list[object]]:
+                return
+                yield
+
+            yield nothing()
+            return
 
         async def batches() -> AsyncIterator[list[object]]:
             nonlocal complete
@@ -333,3 +371,48 @@ class Client:
                 response.release()
             else:
                 response.close()
+
+    def read_succeeded(self) -> None:
+        """The last list read was accounted in full: its validators may spare the next one."""
+        if not self.not_modified:
+            self._validators = self._received
+
+    async def get_call(self, call_id: str) -> dict:
+        """`GET /v1/calls/{id}`: the call object as decoded JSON.
+
+        Raises NotFound only for a 404 whose body is the API's JSON error: a 404 page from a
+        proxy or a wrong base URL says nothing about the call, so it stays an ApiError.
+        """
+        try:
+            response = await self._get("/v1/calls/" + quote(call_id, safe=""))
+        except ApiError as error:
+            if error.code == "404" and _is_api_error(str(error).partition(": ")[2]):
+                raise NotFound(str(error), "404") from None
+            raise
+        try:
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+                body += chunk
+                if len(body) > MAX_PENDING_CHARS:
+                    raise BodyError("response body holds an oversized call object")
+            self.bytes_read += len(body)
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise BodyError(self._scrub(f"reading the response failed: {type(error).__name__}: {error}")) from None
+        finally:
+            response.release()
+        try:
+            value = json.loads(body)
+        except ValueError:  # also UnicodeDecodeError
+            raise BodyError("response body is not JSON") from None
+        if not isinstance(value, dict):
+            raise BodyError("response body is not a JSON object")
+        return value
+
+
+def _is_api_error(body: str) -> bool:
+    """Whether a body is the API's `{"error": "..."}`."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(value, dict) and isinstance(value.get("error"), str)

@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 
-from . import __version__, config, logs, webconfig
+from . import __version__, config, explain, logs, webconfig
 from .metrics import Collector
 from .simulator import Simulator
 from .supervisor import Supervisor
@@ -45,6 +45,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="poll once, print the exposition, exit non-zero if a poll failed")
     p.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
     p.add_argument("--version", action="version", version=f"callingbox-exporter {__version__}")
+    p.add_argument("command", nargs="?", choices=("explain",), metavar="explain",
+                   help="explain CALL_ID: the call as the API returns it now, and what the exporter counted of it")
+    p.add_argument("call_id", nargs="?", metavar="CALL_ID", help="the call to explain")
+    p.add_argument("--target", metavar="NAME", help="explain: the target to look in, when there are several")
     return p
 
 
@@ -174,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as error:
         print(f"callingbox-exporter: config error: {error}", file=sys.stderr)
         return 2
+    if args.command or args.call_id or args.target:
+        if not (args.command and args.call_id):
+            print("callingbox-exporter: usage: callingbox-exporter [--config.file PATH] explain CALL_ID"
+                  " [--target NAME]", file=sys.stderr)
+            return 2
+        return explain.main(cfg, args.call_id, args.target)
     if args.check_config:
         print(f"config ok: {len(cfg.targets)} target(s): {', '.join(t.name for t in cfg.targets)}")
         return 0

@@ -43,6 +43,7 @@ TARGET_KEYS = {
     "buckets",
     "metadata_labels",
     "audit_interval",
+    "max_requests_per_minute",
 }
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 # Labels the exporter already uses, and those Prometheus attaches at scrape time.
@@ -101,6 +102,7 @@ class Target:
     buckets: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     metadata_labels: tuple[tuple[str, str], ...] = ()  # (metadata key, label name), in config order
     audit_interval: float = 3600.0  # 0: no self-audit
+    max_requests_per_minute: int = 600  # per API key, shared by every target using that key
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,7 @@ def _target(raw: Mapping[str, Any], where: str, name: str) -> Target:
             if not isinstance(value, str) or not value:
                 raise ConfigError(path, f"{value!r} is not a file path")
             values[key] = value
-        elif key == "max_label_values":
+        elif key in ("max_label_values", "max_requests_per_minute"):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(path, f"{value!r} is not a whole number of at least 1")
             values[key] = value

@@ -385,6 +385,8 @@ class Health:
     webhooks_pending: int = 0
     webhook_pending_oldest: float | None = None
     last_audit: float | None = None
+    backoff: float = 0.0
+    next_poll: float | None = None
 
 
 @dataclass(frozen=True)
@@ -485,6 +487,9 @@ class Collector(_Collector):
             "callingbox_exporter_stragglers", "Tracked calls past the settle window that are not final yet."
         )
         audited = gauge("callingbox_exporter_last_audit_timestamp_seconds", "When the last self-audit completed.")
+        backoff = gauge("callingbox_exporter_backoff_seconds",
+                        "Seconds the next poll waits beyond poll_interval: failures back off, slow reads slow down.")
+        next_poll = gauge("callingbox_exporter_next_poll_timestamp_seconds", "When the next poll of the API starts.")
         for org, snap in snapshots.items():
             h = snap.health
             none = snap.store.none_extra
@@ -500,7 +505,9 @@ class Collector(_Collector):
             tracked.add_metric((org,), h.tracked)
             stragglers.add_metric((org,), h.stragglers)
             audited.add_metric((org,), h.last_audit or 0)
-        yield from (active, pending, oldest, up, last, watermark, tracked, stragglers, audited)
+            backoff.add_metric((org,), h.backoff)
+            next_poll.add_metric((org,), h.next_poll or 0)
+        yield from (active, pending, oldest, up, last, watermark, tracked, stragglers, audited, backoff, next_poll)
         info = GaugeMetricFamily("callingbox_exporter_build_info", "The exporter's version.", labels=("version",))
         info.add_metric((self.version,), 1)
         yield info

@@ -20,6 +20,7 @@ import aiohttp
 from . import logs, state
 from .accounting import Ledger
 from .audit import Audit
+from .budget import Budgets
 from .api import ApiError, Client, RateLimited, Unauthorized
 from .config import ConfigError, Target, read_key_file
 from .metrics import Collector, Health, Snapshot, Store
@@ -46,6 +47,8 @@ class Status:
     failures: int = 0
     tracked: int = 0
     watermark: float | None = None
+    backoff: float = 0.0  # seconds the next poll waits beyond poll_interval
+    next_poll: float | None = None
 
 
 class Poller:
@@ -56,10 +59,14 @@ class Poller:
         session: aiohttp.ClientSession,
         clock=time.time,
         rng: random.Random | None = None,
+        budgets: Budgets | None = None,
     ):
         self.target = target
         self.collector = collector
-        self.client = Client(session, target.api_url, target.api_key, target.request_timeout, self._count_response)
+        key = target.api_key.reveal() if target.api_key is not None else None
+        budget = (budgets or Budgets()).for_key(key, target.max_requests_per_minute)
+        self.client = Client(session, target.api_url, target.api_key, target.request_timeout, self._count_response,
+                             budget)
         self.clock = clock
         self.rng = rng or random.Random()
         self.status = Status()
@@ -125,15 +132,15 @@ class Poller:
         """Poll forever; returns only when cancelled."""
         while True:
             try:
-                ok, backoff = await self.poll()
+                _, wait = await self.poll()
             except Exception:  # a bug must not end the loop; say so loudly and carry on
                 log.exception("poll crashed", extra={"org": self.org})
                 self.status.failures += 1
-                ok, backoff = False, self._backoff(None)
-            await asyncio.sleep(self.target.poll_interval if ok else backoff)
+                wait = self._backoff(None)
+            await asyncio.sleep(wait)
 
     async def poll(self) -> tuple[bool, float]:
-        """One poll: read and account, persist, then publish. Returns (succeeded, back-off)."""
+        """One poll: read and account, persist, then publish. Returns (succeeded, wait before the next)."""
         started, now = time.monotonic(), self.clock()
         self.status.last_poll = now
         self._rotate_key()
@@ -143,7 +150,8 @@ class Poller:
         audit_due = self.target.audit_interval > 0 and now >= self._next_audit
         try:
             await self._read(now, stats, audit_due)
-            if self._audit is not None:
+            self.client.read_succeeded()
+            if self._audit is not None and not self.client.not_modified:  # a 304 read nothing to audit
                 self._conclude_audit(self._audit, now)
         except ApiError as error:
             problem = error
@@ -151,6 +159,7 @@ class Poller:
             log.exception("poll crashed", extra={"org": self.org})
             problem = error
         self._audit = None
+        read_seconds = time.monotonic() - started
         if problem is None:  # then the calls the list no longer shows; their failures do not fail the poll
             stats.update(await self.stragglers.refresh(self.client, self.ledger, self.store, now,
                                                        self.target.settle_window))
@@ -163,6 +172,11 @@ class Poller:
         if not durable:
             problem = problem or OSError("state not saved")
         backoff = self._conclude(problem, now)
+        # A list read slower than the interval slows the polls down to its pace: the API is never
+        # read back to back, however large the window grows.
+        delay = backoff if problem else max(self.target.poll_interval, read_seconds)
+        self.status.backoff = max(0.0, delay - self.target.poll_interval)
+        self.status.next_poll = self.clock() + delay
         if durable:
             self._publish(summary)
         log.debug(
@@ -170,7 +184,7 @@ class Poller:
             extra={"org": self.org, "result": "error" if problem else "success", "bytes": self.client.bytes_read,
                    "tracked": summary.tracked, "duration_s": round(time.monotonic() - started, 3), **stats},
         )
-        return problem is None, backoff
+        return problem is None, delay
 
     def _rotate_key(self) -> None:
         """Re-read api_key_file when it changed, so a rotated (Kubernetes) Secret needs no restart."""
@@ -345,5 +359,7 @@ class Poller:
             webhooks_pending=summary.webhooks_pending,
             webhook_pending_oldest=summary.webhook_pending_oldest,
             last_audit=self.last_audit,
+            backoff=self.status.backoff,
+            next_poll=self.status.next_poll,
         )
         self.collector.publish(self.org, Snapshot(self.store.copy(), health))

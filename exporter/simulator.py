@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import hashlib
 import hmac
 import itertools
 import json
@@ -255,7 +256,7 @@ class Simulator:
                  webhook_retry_base: float | None = None, replay_share: float = 0.0,
                  late_commit: float = 0.0, api_key: str | None = None,
                  chunk_size: int = 64 * 1024, outcome_weights: dict[str, float] | None = None,
-                 by_id_delay: float = 0.0):
+                 by_id_delay: float = 0.0, conditional: bool = False):
         if by_id_delay < 0:
             raise ValueError("by_id_delay must be >= 0")
         if time_scale <= 0 or rate < 0 or chunk_size < 1 or history < 0 or late_commit < 0:
@@ -268,6 +269,8 @@ class Simulator:
         self.history, self.webhook_retry_base, self.api_key = history, webhook_retry_base, api_key
         self.chunk_size = chunk_size
         self.by_id_delay = by_id_delay  # wall seconds GET /v1/calls/{id} takes, so concurrency shows
+        self.conditional = conditional  # ETag on the list, 304 to a matching If-None-Match
+        self.requests: deque[tuple[float, str, int]] = deque(maxlen=100_000)  # (arrival, path, status), latest
         self._outcomes = _outcome_table(OUTCOME_WEIGHTS if outcome_weights is None else outcome_weights)
         self.stats = {"list_requests": 0, "bytes_sent": 0, "last_list_bytes": 0,
                       "client_closed_early": 0, "by_id_requests": 0,
@@ -614,6 +617,13 @@ class Simulator:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        arrived = time.time()
+        response = await self._answer(request, handler)
+        with self._lock:
+            self.requests.append((arrived, request.path, response.status))  # what an API budget test reads
+        return response
+
+    async def _answer(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if self.api_key is not None:
             expected = f"Bearer {self.api_key}".encode()
             if not hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected):
@@ -680,10 +690,17 @@ class Simulator:
         with self._lock:
             now = time.time()
             live = [r for r in (c.visible(now) for c in reversed(self._calls.values())) if r is not None]
+        headers = {}
+        if self.conditional and kind is None:
+            # The list's version: it changes whenever a visible record does (or one appears or goes).
+            tag = hashlib.sha256(repr([(r["id"], r["updated_at"]) for r in live]).encode()).hexdigest()[:16]
+            headers["ETag"] = f'"{tag}-{self.history}"'
+            if request.headers.get("If-None-Match") == headers["ETag"]:
+                return web.Response(status=304, headers=headers)
         items = self._items(live, kind, params)
         if kind == "truncate":
             items = itertools.islice(items, (len(live) + self.history) // 2)
-        return await self._stream(request, items, complete=kind != "truncate")
+        return await self._stream(request, items, complete=kind != "truncate", headers=headers)
 
     def _items(self, live: list[dict], kind: str | None, params: dict) -> Iterator[bytes]:
         """Each array element as JSON, with any injected malformed or duplicate records."""
@@ -707,8 +724,9 @@ class Simulator:
         for rest in bad.values():  # more picks than records
             yield from rest
 
-    async def _stream(self, request: web.Request, items: Iterator[bytes], complete: bool) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    async def _stream(self, request: web.Request, items: Iterator[bytes], complete: bool,
+                      headers: dict | None = None) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json", **(headers or {})})
         sent = 0
         try:
             await response.prepare(request)

@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Sequence
 
 import aiohttp
 
+from .budget import Budgets
 from .config import Target
 from .metrics import Collector
 from .poller import Poller
@@ -27,6 +28,7 @@ class Supervisor:
         self.collector, self.session, self.make_poller = collector, session, make_poller
         self.pollers: dict[str, Poller] = {}
         self._tasks: dict[str, asyncio.Task] = {}
+        self.budgets = Budgets()  # one per API key, shared by the targets using it, across reloads
 
     def __iter__(self) -> Iterator[Poller]:
         return iter(list(self.pollers.values()))
@@ -37,7 +39,7 @@ class Supervisor:
     async def prepare(self, targets: Sequence[Target]) -> None:
         """Create and restore the pollers of a first config; nothing polls yet."""
         for target in targets:
-            poller = self.make_poller(target, self.collector, self.session)
+            poller = self.make_poller(target, self.collector, self.session, budgets=self.budgets)
             await poller.restore()
             self.pollers[target.name] = poller
 
@@ -65,7 +67,7 @@ class Supervisor:
             current = self.pollers.get(name)
             if current is not None and current.target == target:
                 continue
-            poller = self.make_poller(target, self.collector, self.session)
+            poller = self.make_poller(target, self.collector, self.session, budgets=self.budgets)
             if current is None:
                 await poller.restore()
                 changes["added"].append(name)

@@ -512,7 +512,8 @@ def test_complete_poll_never_moves_watermark_backwards():
 # --- Ledger.sweep ------------------------------------------------------------------------------
 
 NOW = BASELINE + 1_000_000.0
-WINDOW = 1000.0  # horizon NOW-1000, give up before NOW-2000
+WINDOW = 1000.0  # horizon NOW-1000
+GIVE_UP = 2000.0  # give up stragglers created before NOW-2000
 
 
 def ledger_of(*records: Record) -> Ledger:
@@ -553,17 +554,27 @@ def test_sweep_keeps_calls_past_the_window_that_are_not_final_as_stragglers():
     assert (summary.tracked, summary.stragglers, summary.given_up) == (4, 4, 0)
 
 
-def test_sweep_gives_up_on_stragglers_after_two_windows():
+def test_sweep_gives_up_on_stragglers_past_the_give_up_age():
     ledger = ledger_of(
         finished("ancient", NOW - 2500, reservation_status="reserved"),
-        finished("at_give_up", NOW - 2 * WINDOW, reservation_status="reserved"),
+        finished("at_give_up", NOW - GIVE_UP, reservation_status="reserved"),
         finished("straggler", NOW - 1500, webhook_status="pending"),
     )
-    summary = ledger.sweep(NOW, WINDOW)
+    summary = ledger.sweep(NOW, WINDOW, GIVE_UP)
     assert set(ledger.calls) == {"at_give_up", "straggler"}
     assert (summary.tracked, summary.stragglers, summary.given_up) == (2, 2, 1)
     # Given up once: a second sweep has nothing more to give up.
-    assert ledger.sweep(NOW, WINDOW).given_up == 0
+    assert ledger.sweep(NOW, WINDOW, GIVE_UP).given_up == 0
+
+
+def test_sweep_keeps_stragglers_for_seven_days_by_default_and_never_gives_up_inside_the_window():
+    ledger = ledger_of(
+        finished("six_days", NOW - 6 * 86400, webhook_status="pending"),
+        finished("eight_days", NOW - 8 * 86400, webhook_status="pending"),
+    )
+    assert ledger.sweep(NOW, WINDOW).given_up == 1 and set(ledger.calls) == {"six_days"}
+    # A give-up age shorter than the window is read as the window: calls inside it are kept.
+    assert ledger.sweep(NOW, 7 * 86400, give_up_after=1.0).given_up == 0 and set(ledger.calls) == {"six_days"}
 
 
 def test_sweep_counts_active_calls_by_direction_and_status():
@@ -609,7 +620,7 @@ def test_sweep_reports_no_pending_webhook_when_none_is_pending():
 
 def test_sweep_forgets_pending_webhooks_of_calls_it_gives_up():
     ledger = ledger_of(finished("ancient", NOW - 2500, ended_at=NOW - 2400, webhook_status="pending"))
-    summary = ledger.sweep(NOW, WINDOW)
+    summary = ledger.sweep(NOW, WINDOW, GIVE_UP)
     assert (summary.webhooks_pending, summary.webhook_pending_oldest, summary.given_up) == (0, None, 1)
 
 

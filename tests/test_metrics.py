@@ -260,6 +260,9 @@ SPEC_FAMILIES = [
     ("callingbox_exporter_audit_mismatches_total", "counter", {"org", "kind"}),
     ("callingbox_exporter_audit_calls_checked_total", "counter", {"org"}),
     ("callingbox_exporter_last_audit_timestamp_seconds", "gauge", {"org"}),
+    # issue 8: the API budget
+    ("callingbox_exporter_backoff_seconds", "gauge", {"org"}),
+    ("callingbox_exporter_next_poll_timestamp_seconds", "gauge", {"org"}),
 ]
 
 

@@ -1,0 +1,100 @@
+"""The API budget on a real exporter: the load on a key is the exporter's choice, not the scrapers'.
+
+Every request reaching the simulator is logged with its arrival time and answer, so the tests
+read the load as the API sees it: two targets sharing a key never exceed its ceiling together;
+nothing is sent on that key before a 429's Retry-After has passed; an unchanged list costs a
+304; and a list read slower than the interval slows the polls down (and says so).
+"""
+
+from __future__ import annotations
+
+import time
+
+from conftest import differences, wait_until
+
+KEY, OTHER_KEY = "sk_test_budget_shared_0123456789", "sk_test_budget_other_0123456789"
+
+
+def _value(samples, name: str, org: str = "default", **labels: str) -> float:
+    return samples.get((name, tuple(sorted({"org": org, **labels}.items()))), 0)
+
+
+def _list_requests(sim) -> list[tuple[float, int]]:
+    with sim._lock:
+        return [(at, status) for at, path, status in sim.requests if path == "/v1/calls"]
+
+
+def test_targets_sharing_a_key_share_its_ceiling_and_wait_out_retry_after(stack, tmp_path):
+    sim_a, url_a = stack.simulator(seed=71, rate=10, time_scale=300, api_key=KEY)
+    sim_b, url_b = stack.simulator(seed=72, rate=10, time_scale=300, api_key=KEY)
+    sim_c, url_c = stack.simulator(seed=73, rate=10, time_scale=300, api_key=OTHER_KEY)
+    keys = {}
+    for name, key in (("shared", KEY), ("other", OTHER_KEY)):
+        keys[name] = tmp_path / f"{name}.key"
+        keys[name].write_text(key + "\n")
+    exporter = stack.exporter({"poll_interval": "0.1s", "max_requests_per_minute": 20, "targets": [
+        {"name": "a", "api_url": url_a, "api_key_file": str(keys["shared"])},
+        {"name": "b", "api_url": url_b, "api_key_file": str(keys["shared"])},
+        {"name": "c", "api_url": url_c, "api_key_file": str(keys["other"])},
+    ]}).start()
+    began = time.time()
+    wait_until(lambda: len(_list_requests(sim_c)) >= 20, 20, message="c uses its own budget to the full")
+    time.sleep(2)
+    shared = sorted(_list_requests(sim_a) + _list_requests(sim_b))
+    # Polls every 0.1 s would be ~600 a minute per target; the key allows 20 a minute, together.
+    assert len(shared) == 20, f"{len(shared)} requests on the shared key in {time.time() - began:.1f}s"
+    assert _list_requests(sim_a) and _list_requests(sim_b)  # both targets got their share
+    assert len(_list_requests(sim_c)) == 20  # a separate key, a separate budget
+    samples = exporter.scrape()
+    assert _value(samples, "callingbox_exporter_next_poll_timestamp_seconds", "a") > 0
+
+
+def test_retry_after_is_honoured_and_an_unchanged_list_costs_a_304(stack):
+    sim, url = stack.simulator(seed=74, rate=20, max_calls=200, time_scale=300, webhook_retry_base=0.05,
+                               api_key=KEY, conditional=True)
+    exporter = stack.exporter({"api_url": url, "poll_interval": "0.2s", "overlap": "10s", "initial_lookback": "1h"},
+                              env={"CALLINGBOX_API_KEY": KEY}).start()
+    wait_until(exporter.ready, 20, message="first poll")
+
+    sim.inject("429", count=2, retry_after=2)
+    wait_until(lambda: [s for _, s in _list_requests(sim)].count(429) == 2, 20, message="two 429s answered")
+    wait_until(lambda: _list_requests(sim)[-1][1] == 200, 20, message="a request answered again")
+    requests = _list_requests(sim)
+    for (at, status), (next_at, _) in zip(requests, requests[1:]):
+        if status == 429:
+            assert next_at - at >= 2 - 0.05, f"retried {next_at - at:.2f}s after a 429 with Retry-After: 2"
+
+    # Quiet: nothing changes, so the list is not sent again, and the counts are exact.
+    wait_until(sim.all_final, 60, message="all calls final")
+    truth = sim.truth(0)
+    wait_until(lambda: not differences(exporter.scrape(), truth), 20,
+               message=f"exact with 304s: {differences(exporter.scrape(), truth)}")
+    answered = _value(exporter.scrape(), "callingbox_exporter_api_requests_total", code="304")
+    wait_until(lambda: _value(exporter.scrape(), "callingbox_exporter_api_requests_total", code="304") >= answered + 5,
+               20, message="unchanged list answered 304")
+    assert differences(exporter.scrape(), truth) == []  # 304s lose nothing
+    sent = sim.stats["bytes_sent"]
+    time.sleep(1)
+    assert sim.stats["bytes_sent"] == sent  # 304s carry no body
+    assert _value(exporter.scrape(), "callingbox_up") == 1
+
+
+def test_a_list_read_slower_than_the_interval_slows_the_polls(stack):
+    sim, url = stack.simulator(seed=75, rate=10, time_scale=300, api_key=KEY)
+    exporter = stack.exporter({"api_url": url, "poll_interval": "0.5s", "request_timeout": "10s"},
+                              env={"CALLINGBOX_API_KEY": KEY}).start()
+    wait_until(exporter.ready, 20, message="first poll")
+    assert _value(exporter.scrape(), "callingbox_exporter_backoff_seconds") == 0
+    sim.inject("timeout", count=1, delay=3.0)  # the next list read takes 3 s
+    backoff = wait_until(lambda: _value(exporter.scrape(), "callingbox_exporter_backoff_seconds"), 20,
+                         message="the slow read slowing the polls")
+    assert 2.0 <= backoff <= 4.0, backoff  # ~3 s read - 0.5 s interval
+    slow_end = time.time()
+    next_poll = _value(exporter.scrape(), "callingbox_exporter_next_poll_timestamp_seconds")
+    assert next_poll > slow_end - 1
+    # The request after the slow one comes its length later (3 s reading + ~2.5 s waiting), not 0.5 s.
+    slow = max(_list_requests(sim), key=lambda r: r[0])[0]  # logged once answered: the slow one is last
+    after = wait_until(lambda: [at for at, _ in _list_requests(sim) if at > slow], 20, message="the next poll")
+    assert after[0] - slow >= 5.0, after[0] - slow
+    wait_until(lambda: _value(exporter.scrape(), "callingbox_exporter_backoff_seconds") == 0, 20,
+               message="back to the normal pace")

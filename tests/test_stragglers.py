@@ -1,0 +1,413 @@
+"""Stragglers: calls past the settle window that are not final, refreshed by `GET /v1/calls/{id}`.
+
+The story: the list read stops at the settle window, so a call still changing after it (a
+webhook retrying, a reservation settling, a call held up) is asked for by id, a bounded batch
+per poll and a few at a time, until it is final or too old. What comes back is counted exactly
+once, as the simulator's truth says; a call the API no longer knows is counted as vanished,
+once, and forgotten. A failing refresh never fails the poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from conftest import differences, wait_until
+from exporter.accounting import CallState, Ledger
+from exporter.api import ApiError, BodyError, Client, NotFound, RateLimited
+from exporter.config import ConfigError, Secret, Target, build
+from exporter.metrics import Collector, Store
+from exporter.poller import Poller
+from exporter.simulator import OUTCOME_WEIGHTS, format_ts, serve_in_thread, Simulator
+from exporter.stragglers import Refresher
+
+KEY = "sk_test_stragglers_0123456789"
+NOW = 1_800_000_000.0
+WINDOW = 1000.0
+GIVE_UP = 5000.0
+CREATED = "callingbox_calls_created_total"
+CALLS = "callingbox_calls_total"
+WEBHOOKS = "callingbox_webhook_deliveries_total"
+MONEY = "callingbox_billed_amount_dollars_total"
+VANISHED = "callingbox_exporter_vanished_calls_total"
+
+
+# ---- the refresher against a scripted API -------------------------------------------------
+
+def api_call(call_id: str, status: str, created_at: float, updated_at: float, **fields) -> dict:
+    """A call object as the API sends it: outbound, timestamps as text."""
+    terminal = status not in ("queued", "initiated", "ringing", "in_progress")
+    record = {
+        "id": call_id, "status": status, "direction": "outbound", "created_at": format_ts(created_at),
+        "updated_at": format_ts(updated_at), "ended_at": format_ts(updated_at) if terminal else None,
+        "reservation_status": "settled" if terminal else "reserved", "billing_amount_milli_cents": 9000,
+        "webhook_status": None, "result_status": None, "to_number": "+14155550100",
+    }
+    record.update(fields)
+    return record
+
+
+class ScriptedApi:
+    """`get_call` answers from `answers[id]` (a list consumed in order; the last one repeats).
+
+    An answer may be an exception to raise. Records how many requests were in flight at most.
+    """
+
+    def __init__(self, answers: dict[str, list], delay: float = 0.0):
+        self.answers, self.delay = answers, delay
+        self.asked: list[str] = []
+        self.in_flight = self.max_in_flight = 0
+
+    async def get_call(self, call_id: str) -> dict:
+        self.asked.append(call_id)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay)
+            queue = self.answers[call_id]
+            answer = queue.pop(0) if len(queue) > 1 else queue[0]
+        finally:
+            self.in_flight -= 1
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def tracked(*calls: tuple[str, CallState]) -> Ledger:
+    return Ledger(baseline=NOW - 10 * GIVE_UP, watermark=NOW, calls=dict(calls))
+
+
+def pending_webhook(created_at: float, updated_at: float | None = None) -> CallState:
+    """Ended, billed, its webhook still pending: a typical straggler."""
+    return CallState("outbound", "completed", created_at, updated_at or created_at + 60, billed=True,
+                     webhook="pending", webhook_pending_since=created_at + 60)
+
+
+def refresher(concurrency: int = 4, batch: int = 100) -> Refresher:
+    return Refresher("default", concurrency, batch, GIVE_UP)
+
+
+def test_only_calls_past_the_window_not_final_and_not_given_up_are_due():
+    ledger = tracked(
+        ("inside", pending_webhook(NOW - WINDOW + 10)),
+        ("straggler", pending_webhook(NOW - 2 * WINDOW)),
+        ("ringing", CallState("outbound", "ringing", NOW - 3 * WINDOW, NOW - 3 * WINDOW + 5)),
+        ("final", CallState("outbound", "completed", NOW - 2 * WINDOW, NOW - 2 * WINDOW + 60, billed=True)),
+        ("too_old", pending_webhook(NOW - GIVE_UP - 1)),
+    )
+    assert refresher().due(ledger, NOW, WINDOW) == ["ringing", "straggler"]  # never asked: oldest first
+
+
+def test_a_batch_per_poll_takes_the_least_recently_refreshed_first_so_every_straggler_gets_its_turn():
+    ledger = tracked(*((f"s{i}", pending_webhook(NOW - WINDOW - 100 - i)) for i in range(7)))
+    r = refresher(batch=3)
+    turns = []
+    for poll in range(3):
+        due = r.due(ledger, NOW + poll, WINDOW)
+        turns.append(due)
+        for call_id in due:
+            r.last_refreshed[call_id] = NOW + poll
+    assert turns == [["s6", "s5", "s4"], ["s3", "s2", "s1"], ["s0", "s6", "s5"]]
+
+
+async def test_refreshed_records_count_their_final_events_exactly_once():
+    created = NOW - WINDOW - 500
+    ledger = tracked(("a", CallState("outbound", "in_progress", created, created + 30)))
+    answers = {"a": [
+        api_call("a", "completed", created, created + 90, webhook_status="pending", reservation_status="reserved"),
+        api_call("a", "completed", created, created + 95, webhook_status="pending"),  # settles: billed now
+        api_call("a", "completed", created, created + 95, webhook_status="pending"),  # the same again
+        api_call("a", "completed", created, created + 300, webhook_status="delivered"),
+    ]}
+    api, store, r = ScriptedApi(answers), Store(), refresher()
+    for poll in range(5):
+        stats = await r.refresh(api, ledger, store, NOW + poll, WINDOW)
+    assert api.asked == ["a"] * 4, "final after the fourth answer: not asked again"
+    assert stats == {"stragglers_refreshed": 0, "stragglers_vanished": 0, "straggler_errors": 0}
+    assert store.counters[CALLS][("outbound", "completed")] == 1
+    assert store.counters[MONEY][("outbound",)] == 9000
+    assert store.counters[WEBHOOKS][("delivered",)] == 1
+    assert store.counters[CREATED][("outbound",)] == 0, "creation was counted by the list read, not here"
+    assert ledger.calls["a"].final
+
+
+async def test_a_call_the_api_no_longer_knows_is_counted_as_vanished_once_and_forgotten():
+    ledger = tracked(("gone", pending_webhook(NOW - 2 * WINDOW)), ("kept", pending_webhook(NOW - 2 * WINDOW)))
+    api = ScriptedApi({"gone": [NotFound('HTTP 404: {"error": "call gone not found"}', "404")],
+                       "kept": [api_call("kept", "completed", NOW - 2 * WINDOW, NOW - 2 * WINDOW + 60,
+                                         webhook_status="pending")]})
+    store, r = Store(), refresher()
+    stats = await r.refresh(api, ledger, store, NOW, WINDOW)
+    assert stats["stragglers_vanished"] == 1 and set(ledger.calls) == {"kept"}
+    await r.refresh(api, ledger, store, NOW + 1, WINDOW)
+    assert store.counters[VANISHED][()] == 1
+    assert api.asked.count("gone") == 1
+
+
+async def test_other_errors_keep_the_call_for_the_next_poll_and_a_429_stops_the_batch():
+    ledger = tracked(*((f"c{i}", pending_webhook(NOW - WINDOW - 100 - i)) for i in range(6)))
+    answers = {f"c{i}": [api_call(f"c{i}", "completed", NOW - WINDOW - 100 - i, NOW - WINDOW, webhook_status="pending")]
+               for i in range(6)}
+    answers["c5"] = [ApiError("HTTP 503: upstream unavailable", "503"), answers["c5"][0]]
+    answers["c3"] = [RateLimited("HTTP 429: slow down", 1.0), answers["c3"][0]]
+    api, store, r = ScriptedApi(answers), Store(), refresher(concurrency=1)
+    stats = await r.refresh(api, ledger, store, NOW, WINDOW)
+    assert api.asked == ["c5", "c4", "c3"], "oldest first; nothing more after the 429"
+    assert stats == {"stragglers_refreshed": 1, "stragglers_vanished": 0, "straggler_errors": 2}
+    assert len(ledger.calls) == 6
+    stats = await r.refresh(api, ledger, store, NOW + 1, WINDOW)
+    assert api.asked[3:] == ["c2", "c1", "c0", "c5", "c4", "c3"], "those never asked first, then the rest"
+    assert stats["straggler_errors"] == 0
+
+
+async def test_a_malformed_answer_is_counted_once_and_the_call_kept():
+    ledger = tracked(("bad", pending_webhook(NOW - 2 * WINDOW)))
+    broken = api_call("bad", "on_hold", NOW - 2 * WINDOW, NOW - 2 * WINDOW + 70)
+    api, store, r = ScriptedApi({"bad": [broken]}), Store(), refresher()
+    for poll in range(3):
+        await r.refresh(api, ledger, store, NOW + poll, WINDOW)
+    assert store.counters["callingbox_exporter_invalid_records_total"] == {("unknown_status",): 1}
+    assert "bad" in ledger.calls and len(api.asked) == 3
+
+
+@pytest.mark.parametrize("concurrency, batch", [(1, 5), (3, 10), (4, 100)])
+async def test_refreshes_stay_within_the_concurrency_bound_and_the_batch(concurrency, batch):
+    ledger = tracked(*((f"c{i}", pending_webhook(NOW - WINDOW - 100 - i)) for i in range(30)))
+    answers = {f"c{i}": [api_call(f"c{i}", "completed", NOW - WINDOW - 100 - i, NOW - WINDOW, webhook_status="pending")]
+               for i in range(30)}
+    api = ScriptedApi(answers, delay=0.01)
+    stats = await refresher(concurrency, batch).refresh(api, ledger, Store(), NOW, WINDOW)
+    assert len(api.asked) == stats["stragglers_refreshed"] == min(batch, 30)
+    assert api.max_in_flight == concurrency
+
+
+async def test_an_unexpected_error_is_logged_and_does_not_escape(caplog):
+    ledger = tracked(("a", pending_webhook(NOW - 2 * WINDOW)))
+
+    class Broken:
+        async def get_call(self, call_id):
+            raise KeyError("bug")
+
+    stats = await refresher().refresh(Broken(), ledger, Store(), NOW, WINDOW)
+    assert stats["straggler_errors"] == 1 and "a" in ledger.calls
+    assert "straggler refresh crashed" in caplog.text
+
+
+# ---- Client.get_call -----------------------------------------------------------------------
+
+@pytest.fixture
+async def by_id(aiohttp_server):
+    """An API whose answers by id the test sets: call_id → (status, body, content type)."""
+    answers: dict[str, tuple[int, str, str]] = {}
+    seen: list[str] = []
+
+    async def get_call(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        status, body, kind = answers[request.match_info["call_id"]]
+        return web.Response(status=status, text=body, content_type=kind)
+
+    app = web.Application()
+    app.router.add_get("/v1/calls/{call_id}", get_call)
+    server = await aiohttp_server(app)
+    return answers, str(server.make_url("")).rstrip("/"), seen
+
+
+async def test_get_call_returns_the_object_and_tells_a_404_of_the_api_from_any_other(by_id):
+    answers, url, seen = by_id
+    answers["ok"] = (200, json.dumps({"id": "ok", "status": "queued"}), "application/json")
+    answers["gone"] = (404, '{"error": "call gone not found"}', "application/json")
+    answers["proxy"] = (404, "<html>not here</html>", "text/html")
+    answers["list"] = (200, "[]", "application/json")
+    answers["boom"] = (503, '{"error": "upstream unavailable"}', "application/json")
+    codes: list[str] = []
+    async with aiohttp.ClientSession() as session:
+        client = Client(session, url, Secret(KEY), 5.0, codes.append)
+        assert await client.get_call("ok") == {"id": "ok", "status": "queued"}
+        with pytest.raises(NotFound):
+            await client.get_call("gone")
+        with pytest.raises(ApiError) as proxy:
+            await client.get_call("proxy")
+        assert not isinstance(proxy.value, NotFound), "a 404 page that is not the API's says nothing of the call"
+        with pytest.raises(BodyError):
+            await client.get_call("list")
+        with pytest.raises(ApiError) as boom:
+            await client.get_call("boom")
+    assert boom.value.code == "503"
+    assert codes == ["200", "404", "404", "200", "503"]
+    assert seen[0] == f"Bearer {KEY}"
+
+
+# ---- configuration -------------------------------------------------------------------------
+
+def test_straggler_keys_have_defaults_and_are_validated(tmp_path):
+    target = Target()
+    assert (target.straggler_give_up, target.straggler_concurrency, target.straggler_batch) == (7 * 86400, 4, 100)
+    path = tmp_path / "c.yml"
+    path.write_text("straggler_give_up: 96h\nstraggler_concurrency: 2\nstraggler_batch: 10\n")
+    (target,) = build(config_file=str(path), demo=True).targets
+    assert (target.straggler_give_up, target.straggler_concurrency, target.straggler_batch) == (96 * 3600, 2, 10)
+    for text, message in [
+        ("straggler_concurrency: 0\n", "straggler_concurrency: 0 is not a whole number of at least 1"),
+        ("straggler_batch: many\n", "straggler_batch: 'many' is not a whole number of at least 1"),
+        ("straggler_give_up: soon\n", "straggler_give_up: 'soon' is not a duration (e.g. 15s, 2m)"),
+        ("straggler_give_up: 24h\n", "straggler_give_up: '24h' is shorter than settle_window"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ConfigError) as error:
+            build(config_file=str(path), demo=True)
+        assert str(error.value) == message
+
+
+# ---- the poller against the simulator, in process ------------------------------------------
+
+def post_call(url: str, **body) -> str:
+    request = urllib.request.Request(
+        url + "/v1/calls", data=json.dumps({"to_number": "+14155550123", **body}).encode(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}, method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())["id"]
+
+
+def held_calls(sim: Simulator, url: str, n: int, **body) -> list[str]:
+    """`n` calls created now that will answer every outcome (webhook, extraction), frozen as queued.
+
+    Every call is to be `completed` (the slowest path), so holding it at once always finds it
+    long before its end, whatever the machine's load.
+    """
+    sim.set_outcome_weights({"completed": 1})
+    ids = []
+    for _ in range(n):
+        call_id = post_call(url, webhook_url="https://hooks.example/cb", returns={"ok": "boolean"}, **body)
+        sim.hold(call_id)
+        ids.append(call_id)
+    sim.set_outcome_weights(OUTCOME_WEIGHTS)
+    return ids
+
+
+async def test_the_poller_refreshes_stragglers_by_id_a_batch_per_poll_within_the_concurrency_bound():
+    sim = Simulator(seed=5, rate=0, time_scale=30, api_key=KEY, by_id_delay=0.05)
+    with serve_in_thread(sim) as url:
+        ids = held_calls(sim, url, 12)
+        target = Target(api_url=url, api_key=Secret(KEY), settle_window=2.0,
+                        initial_lookback=60.0, straggler_concurrency=3, straggler_batch=5)
+        async with aiohttp.ClientSession() as session:
+            poller = Poller(target, Collector("test"), session)
+            assert (await poller.poll())[0]
+            assert set(poller.ledger.calls) == set(ids) and sim.stats["by_id_requests"] == 0
+            await asyncio.sleep(2.2)  # now every call is past the settle window, not final: stragglers
+            per_poll = []
+            for _ in range(3):
+                before = sim.stats["by_id_requests"]
+                assert (await poller.poll())[0]
+                per_poll.append(sim.stats["by_id_requests"] - before)
+        assert per_poll == [5, 5, 5], "a full batch each poll, never more"
+        assert sim.stats["by_id_max_in_flight"] == 3, "three at a time: concurrent, and never more"
+        assert set(poller.stragglers.last_refreshed) == set(ids), "each straggler had its turn"
+        requests = poller.store.counters["callingbox_exporter_api_requests_total"]
+        assert requests == {("200",): sim.stats["list_requests"] + sim.stats["by_id_requests"]}
+        assert poller.collector.snapshots["default"].health.stragglers == 12
+
+
+async def test_failing_refreshes_do_not_fail_the_poll_nor_drop_up():
+    sim = Simulator(seed=6, rate=0, time_scale=30, api_key=KEY)
+    with serve_in_thread(sim) as url:
+        ids = held_calls(sim, url, 2)
+        target = Target(api_url=url, api_key=Secret(KEY), settle_window=2.0,
+                        initial_lookback=60.0)
+        async with aiohttp.ClientSession() as session:
+            poller = Poller(target, Collector("test"), session)
+            assert (await poller.poll())[0]
+            await asyncio.sleep(2.2)
+
+            async def unavailable(call_id: str) -> dict:
+                raise ApiError("HTTP 503: upstream unavailable", "503")
+
+            poller.client.get_call = unavailable
+            ok, _ = await poller.poll()
+        assert ok and poller.status.up and poller.status.last_error is None
+        assert set(poller.ledger.calls) == set(ids), "kept for the next poll"
+        snapshot = poller.collector.snapshots["default"]
+        assert snapshot.health.up and snapshot.health.stragglers == 2
+
+
+# ---- the whole system: exporter process, simulator, truth ----------------------------------
+
+def _config(url: str, **extra) -> dict:
+    # One poll a second: the refreshes stay well inside the key's default request budget.
+    return {"api_url": url, "poll_interval": "1s", "overlap": "10s", "initial_lookback": "1h",
+            "settle_window": "4s", **extra}
+
+
+def _value(exporter, name: str, **labels) -> float:
+    return exporter.scrape().get((name, tuple(sorted({"org": "default", **labels}.items()))), 0)
+
+
+def _polls(exporter) -> float:
+    return _value(exporter, "callingbox_exporter_polls_total", result="success")
+
+
+def _more_polls(exporter, n: int = 3) -> None:
+    polls = _polls(exporter)
+    wait_until(lambda: _polls(exporter) >= polls + n, 30, message=f"{n} more polls")
+
+
+def _equal_to_truth(sim, exporter) -> list[str]:
+    wait_until(sim.all_final, 120, message="simulator calls final")
+    truth = sim.truth(0)
+    try:
+        wait_until(lambda: not differences(exporter.scrape(), truth), 60, message="exporter caught up with truth")
+    except AssertionError:
+        return differences(exporter.scrape(), truth)
+    _more_polls(exporter)
+    return differences(exporter.scrape(), truth)
+
+
+def test_stragglers_past_the_settle_window_are_refreshed_by_id_and_counted_exactly_once(stack):
+    # Webhooks retry from 0.1 s: the ~10 % that keep failing stay pending for ~13 s, well past
+    # the 4 s settle window, so some calls become stragglers by themselves.
+    sim, url = stack.simulator(seed=23, rate=40, max_calls=60, time_scale=30, webhook_retry_base=0.1,
+                               late_commit=0.2, api_key=KEY)
+    exporter = stack.exporter(_config(url, straggler_batch=3), env={"CALLINGBOX_API_KEY": KEY}).start()
+    wait_until(exporter.ready, 30, message="ready")
+    (held,) = held_calls(sim, url, 1)
+    created = time.time()
+
+    wait_until(lambda: time.time() > created + 5, 10, message="the held call past the settle window")
+    _more_polls(exporter)  # read without it: only its refresh by id can see it now
+    assert _value(exporter, "callingbox_exporter_stragglers") >= 1
+    sim.release(held)  # it rings, talks, settles, extracts and delivers its webhook, all unlisted
+
+    assert _equal_to_truth(sim, exporter) == []
+    assert _value(exporter, CALLS, direction="outbound", status="completed") >= 1
+    assert _value(exporter, "callingbox_exporter_stragglers") == 0
+    assert _value(exporter, VANISHED) == 0
+    assert sim.stats["by_id_requests"] > 0
+    assert _value(exporter, "callingbox_up") == 1
+
+
+def test_a_straggler_deleted_from_the_api_is_counted_as_vanished_once_and_dropped(stack):
+    sim, url = stack.simulator(seed=29, rate=0, time_scale=30, webhook_retry_base=0.1, api_key=KEY)
+    exporter = stack.exporter(_config(url), env={"CALLINGBOX_API_KEY": KEY}).start()
+    wait_until(exporter.ready, 30, message="ready")
+    gone, other = held_calls(sim, url, 2)
+    wait_until(lambda: _value(exporter, "callingbox_exporter_stragglers") == 2, 30, message="two stragglers")
+
+    assert sim.delete(gone)
+    wait_until(lambda: _value(exporter, VANISHED) == 1, 30, message="the deleted call counted as vanished")
+    _more_polls(exporter)
+    assert _value(exporter, VANISHED) == 1, "once"
+    assert _value(exporter, "callingbox_exporter_stragglers") == 1
+    assert _value(exporter, "callingbox_exporter_tracked_calls") == 1
+    assert _value(exporter, "callingbox_exporter_api_requests_total", code="404") >= 1
+
+    sim.release(other)
+    assert _equal_to_truth(sim, exporter) == []
+    assert _value(exporter, VANISHED) == 1
+    assert _value(exporter, "callingbox_exporter_tracked_calls") == 0
