@@ -43,6 +43,7 @@ TARGET_KEYS = {
     "buckets",
     "metadata_labels",
     "audit_interval",
+    "audit_sample",
     "max_requests_per_minute",
 }
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -102,6 +103,7 @@ class Target:
     buckets: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     metadata_labels: tuple[tuple[str, str], ...] = ()  # (metadata key, label name), in config order
     audit_interval: float = 3600.0  # 0: no self-audit
+    audit_sample: int = 10  # tracked calls fetched by id at each audit (spot-checks); 0: none
     max_requests_per_minute: int = 600  # per API key, shared by every target using that key
 
 
@@ -224,6 +226,10 @@ def _target(raw: Mapping[str, Any], where: str, name: str) -> Target:
         elif key in ("api_key_file", "state_file"):
             if not isinstance(value, str) or not value:
                 raise ConfigError(path, f"{value!r} is not a file path")
+            values[key] = value
+        elif key == "audit_sample":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(path, f"{value!r} is not a whole number of at least 0")
             values[key] = value
         elif key in ("max_label_values", "max_requests_per_minute"):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -19,9 +19,9 @@ import aiohttp
 
 from . import logs, state
 from .accounting import Ledger
-from .audit import Audit
+from .audit import Audit, Mismatch
 from .budget import Budgets
-from .api import ApiError, Client, RateLimited, Unauthorized
+from .api import ApiError, Client, NotFound, RateLimited, Unauthorized
 from .config import ConfigError, Target, read_key_file
 from .metrics import Collector, Health, Snapshot, Store
 from .records import Invalid, decode_record, fields_type, fingerprint, timestamp_of
@@ -30,6 +30,7 @@ from .stragglers import Refresher
 MAX_BACKOFF = 300.0
 RATE_LIMIT_RETRIES = 3
 INVALID_LOG_LIMIT = 10  # malformed records logged one by one per poll; the rest are summed up
+REPORTED_MEMORY = 10_000  # audit mismatches remembered so a lie found twice counts once
 INVALID_MEMORY = 10_000  # malformed records remembered so a re-read does not count them again
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class Poller:
         self._audit: Audit | None = None  # the audit riding on the current read, if one is due
         self.last_audit: float | None = None
         self._audited_until: float | None = None  # created_at up to which calls have been audited
+        self._reported: set[tuple[str, str]] = set()  # (call id, kind) already counted as a mismatch
 
     @property
     def org(self) -> str:
@@ -153,6 +155,8 @@ class Poller:
             self.client.read_succeeded()
             if self._audit is not None and not self.client.not_modified:  # a 304 read nothing to audit
                 self._conclude_audit(self._audit, now)
+                if self.target.audit_sample:
+                    await self._spot_check()
         except ApiError as error:
             problem = error
         except Exception as error:
@@ -242,16 +246,56 @@ class Poller:
         )
         return backoff
 
-    def _conclude_audit(self, audit: Audit, now: float) -> None:
-        """Count and log what a complete read's audit found; the next window is due an interval later."""
-        mismatches = audit.finish(self.ledger)
-        for mismatch in mismatches:
+    def _report(self, audit: Audit) -> int:
+        """Count and log an audit's mismatches, each call and kind once however often it is found."""
+        found = 0
+        for mismatch in audit.mismatches:
+            if (mismatch.call_id, mismatch.kind) in self._reported:
+                continue
+            self._reported.add((mismatch.call_id, mismatch.kind))
+            found += 1
             self.store.inc("callingbox_exporter_audit_mismatches_total", (mismatch.kind,))
             log.warning("audit mismatch", extra={"org": self.org, "kind": mismatch.kind, "call_id": mismatch.call_id,
                                                  "detail": mismatch.detail})
+        if len(self._reported) > REPORTED_MEMORY:  # forget calls no longer tracked
+            self._reported = {r for r in self._reported if r[0] in self.ledger.calls}
         self.store.inc("callingbox_exporter_audit_calls_checked_total", (), audit.checked)
+        return found
+
+    def _conclude_audit(self, audit: Audit, now: float) -> None:
+        """Count and log what a complete read's audit found; the next window is due an interval later."""
+        audit.finish(self.ledger)
+        mismatches = self._report(audit)
         self.last_audit, self._next_audit, self._audited_until = now, now + self.target.audit_interval, audit.end
-        log.info("audit done", extra={"org": self.org, "checked": audit.checked, "mismatches": len(mismatches)})
+        log.info("audit done", extra={"org": self.org, "checked": audit.checked, "mismatches": mismatches})
+
+    async def _spot_check(self) -> None:
+        """The audit's second half: a sample of tracked calls fetched by id and compared.
+
+        Only a call whose API version is no newer than the one accounted can disagree: news is
+        for the next list read, while a change that kept its `updated_at` is a silent rewrite.
+        """
+        candidates = [call_id for call_id, s in self.ledger.calls.items() if s.created_at > self.ledger.baseline]
+        sample = self.rng.sample(candidates, min(self.target.audit_sample, len(candidates)))
+        audit = Audit(float("-inf"), float("inf"), self.ledger.baseline)
+        for call_id in sample:
+            state = self.ledger.calls.get(call_id)
+            try:
+                obj = await self.client.get_call(call_id)
+            except NotFound:
+                if state is not None:
+                    audit.checked += 1
+                    audit.mismatches.append(Mismatch("extra", call_id, "counted, but the API answers 404 for it"))
+                continue
+            except ApiError as error:
+                log.warning("audit spot-check stopped", extra={"org": self.org, "error": str(error)})
+                break
+            record = decode_record(obj, self.metadata_keys)
+            if type(record) is Invalid or state is None or record.updated_at > state.updated_at:
+                continue
+            audit.check(record, state)
+        if sample:
+            self._report(audit)
 
     async def _read(self, now: float, stats: dict, audit_due: bool = False) -> None:
         """Read the list until the settle window and account every record in it."""

@@ -80,3 +80,24 @@ def test_an_honest_api_audits_clean_and_each_lie_is_caught_once(stack):
     # The ledger stays bounded by the settle window: ~8 s of calls at 25/s, not the whole run.
     tracked = exporter.scrape()[("callingbox_exporter_tracked_calls", (("org", "default"),))]
     assert tracked < 25 * 8 * 2.5, tracked
+
+
+def test_spot_checks_fetch_tracked_calls_by_id_and_find_a_rewrite(stack):
+    """With a settle window of an hour the window audit reaches no call: only spot-checks can."""
+    sim, url = stack.simulator(seed=62, rate=20, max_calls=60, time_scale=300, webhook_retry_base=0.05,
+                               api_key=KEY)
+    exporter = stack.exporter({"api_url": url, "poll_interval": "0.3s", "overlap": "1s", "settle_window": "1h",
+                               "audit_interval": "1s", "audit_sample": 1000, "initial_lookback": "1h"},
+                              env={"CALLINGBOX_API_KEY": KEY}).start()
+    wait_until(sim.all_final, 60, message="all calls final")
+    by_id = sim.stats["by_id_requests"]
+    wait_until(lambda: sim.stats["by_id_requests"] >= by_id + 120, 30, message="two rounds of spot-checks")
+    assert checked(exporter) >= 100
+    assert mismatches(exporter) == dict.fromkeys(KINDS, 0), exporter.log()[-3000:]
+
+    victim = next(r for r in final_calls(sim, 0, 3600) if r["status"] == "completed")["id"]
+    sim.tamper(victim, status="busy")
+    wait_until(lambda: mismatches(exporter)["status"] == 1, 20, message="the rewrite found by a spot-check")
+    time.sleep(2)  # more spot-checks find it again: still counted once
+    assert mismatches(exporter) == {**dict.fromkeys(KINDS, 0), "status": 1}
+    assert victim in exporter.log()
