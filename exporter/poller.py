@@ -79,7 +79,7 @@ class Poller:
         self.ledger = Ledger(baseline=clock() - target.initial_lookback)
         self._invalid_seen: dict[str, None] = {}
         self._key_stamp: tuple | None = ("unread",)  # the api_key_file version in use; read again at the first poll
-        self._next_audit = 0.0  # the first complete read after a start audits
+        self._next_audit = clock() + target.audit_interval  # the first audit comes an interval after the start
         self._audit: Audit | None = None  # the audit riding on the current read, if one is due
         self.last_audit: float | None = None
         self._audited_until: float | None = None  # created_at up to which calls have been audited

@@ -87,7 +87,8 @@ def test_spot_checks_fetch_tracked_calls_by_id_and_find_a_rewrite(stack):
     sim, url = stack.simulator(seed=62, rate=20, max_calls=60, time_scale=300, webhook_retry_base=0.05,
                                api_key=KEY)
     exporter = stack.exporter({"api_url": url, "poll_interval": "0.3s", "overlap": "1s", "settle_window": "1h",
-                               "audit_interval": "1s", "audit_sample": 1000, "initial_lookback": "1h"},
+                               "audit_interval": "1s", "audit_sample": 1000, "initial_lookback": "1h",
+                               "max_requests_per_minute": 100_000},  # every call checked every second
                               env={"CALLINGBOX_API_KEY": KEY}).start()
     wait_until(sim.all_final, 60, message="all calls final")
     by_id = sim.stats["by_id_requests"]
