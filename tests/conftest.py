@@ -220,3 +220,15 @@ def _le(bound: float) -> str:
     from prometheus_client.utils import floatToGoString
 
     return floatToGoString(bound)
+
+
+def assert_orgs_exact(exporter: Exporter, sims: dict, timeout: float = 30) -> None:
+    """Once every org's simulator is quiet, each org's counters equal its simulator's truth."""
+    for org, sim in sims.items():
+        wait_until(sim.all_final, 90, message=f"{org}'s calls final")
+    for org, sim in sims.items():
+        truth = sim.truth(0)
+        try:
+            wait_until(lambda: not differences(exporter.scrape(), truth, org=org), timeout, message=org)
+        except AssertionError:
+            raise AssertionError(f"{org} differs from its truth: {differences(exporter.scrape(), truth, org=org)[:5]}")

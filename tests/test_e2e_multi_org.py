@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from conftest import differences, wait_until
+from conftest import assert_orgs_exact, wait_until
 
 KEYS = {"alpha": "sk_test_alpha_0123456789", "bravo": "sk_test_bravo_0123456789",
         "flaky": "sk_test_flaky_0123456789"}
@@ -76,9 +76,4 @@ def test_one_org_failing_in_every_way_never_delays_or_corrupts_the_others(stack,
         # polls every 0.3-0.4 s: a second or two of age at worst on this shared machine, never the 8 s stall
         assert staleness[org] < 4.0, f"{org}'s last success got {staleness[org]:.1f}s old while flaky was troubled"
 
-    for org, sim in sims.items():
-        wait_until(sim.all_final, 90, message=f"{org}'s calls final")
-    for org, sim in sims.items():
-        truth = sim.truth(0)
-        wait_until(lambda: not differences(exporter.scrape(), truth, org=org), 30,
-                   message=f"{org} equal to its truth: {differences(exporter.scrape(), truth, org=org)[:5]}")
+    assert_orgs_exact(exporter, sims)

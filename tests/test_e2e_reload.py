@@ -16,7 +16,7 @@ import urllib.request
 
 import yaml
 
-from conftest import differences, http_get, wait_until
+from conftest import assert_orgs_exact, http_get, wait_until
 
 KEY = "sk_test_reload_0123456789"
 
@@ -91,9 +91,4 @@ def test_reload_adds_removes_and_changes_targets_without_losing_counts(stack, tm
     assert created(exporter.scrape(), "b") >= created(before, "b")  # restored, not restarted from zero
     assert exporter.process.poll() is None
 
-    for org, sim in sims.items():
-        wait_until(sim.all_final, 90, message=f"{org}'s calls final")
-    for org, sim in sims.items():
-        truth = sim.truth(0)
-        wait_until(lambda: not differences(exporter.scrape(), truth, org=org), 30,
-                   message=f"{org} equal to its truth: {differences(exporter.scrape(), truth, org=org)[:5]}")
+    assert_orgs_exact(exporter, sims)
