@@ -8,7 +8,7 @@ SERVERS := prometheus promtool prometheus-alertmanager amtool chromium
 PACKAGES := prometheus prometheus-alertmanager chromium fonts-liberation
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test servers clean
+.PHONY: demo test servers clean bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ servers:
 
 test: $(BIN)/.installed servers
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The benchmark suite of BENCHMARKS.md: one table, ~6 min; BENCH_ARGS=--quick for a 30 s smoke run.
+bench: $(BIN)/.installed
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

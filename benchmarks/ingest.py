@@ -1,86 +1,208 @@
-"""Ingest benchmark: one poller against the simulator, over loopback HTTP.
+"""Case 1, ingest: calls per second of a first poll (all new, full accounting) and a second one
+(nothing changed: the incremental path), in memory on one response's bytes and over loopback
+HTTP, beside the parse limit (msgspec on the same bytes) and the naive peer.
 
-Prints a table: a first poll that accounts every call of a large body, a second poll that
-skips them as unchanged, and, side by side on the same bytes, `json.loads` of the whole body
-(the parse every naive exporter does) and the exporter's own decode+account without HTTP.
-The simulator runs in this process, so the HTTP rows include its record generation. Run: `.venv/bin/python benchmarks/ingest.py [CALLS]`.
+The HTTP rows poll the `replay` server, which serves captured bytes from its own process, so
+they measure the client; they include the poller's sweep and snapshot publish. Standalone:
+`python benchmarks/ingest.py [CALLS]` prints just this case.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
-import resource
 import sys
+import tempfile
 import time
-import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `exporter` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
+from prometheus_client import CollectorRegistry
 
+from benchmarks import parse_limit
+from benchmarks.common import LOOKBACK, Facts, PollReport, Row, Sizes, median, ratio, verdict
+from benchmarks.naive_peer import NaiveMetrics, NaivePeer
+from benchmarks.procs import ApiServer, http_get
 from exporter.accounting import Ledger
 from exporter.api import CHUNK_BYTES, ArrayStream
 from exporter.config import Target
 from exporter.metrics import Collector, Store
 from exporter.poller import Poller
 from exporter.records import Invalid, decode_record
-from exporter.simulator import Simulator, serve_in_thread
+
+try:  # the msgspec fast path (commit c5aa2a7); an older exporter decodes plain JSON values only
+    from exporter.records import fields_type, timestamp_of
+except ImportError:
+    fields_type = timestamp_of = None
+
+CASE = "1 ingest"
+GOAL = 0.5  # of the parse limit's calls/s
+OVERLAP = Target.overlap
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def exporter_decode_account(body: bytes, ledger: Ledger, store: Store, now: float, horizon: float,
+                            overlap: float) -> dict:
+    """The exporter's work on one response already in memory: Poller._read_once without HTTP.
+
+    Stream-decode in CHUNK_BYTES pieces (msgspec structs where the exporter has its fast path),
+    stop at the settle window, skip records unchanged since the watermark, validate and account
+    the rest (an hourly self-audit riding on a read, where the exporter has one, is left out).
+    Keep this one function in step with Poller._read_once; returns records read and examined.
+    """
+    fields = fields_type(False) if fields_type is not None else None
+    stream = ArrayStream(fields) if fields is not None else ArrayStream()
+    cutoff = None if ledger.watermark is None else ledger.watermark - overlap
+    stats, newest = {"records": 0, "examined": 0}, None
+
+    def elements():
+        for offset in range(0, len(body), CHUNK_BYTES):
+            yield from stream.feed(body[offset : offset + CHUNK_BYTES])
+        yield from stream.finish() or ()
+
+    for obj in elements():
+        stats["records"] += 1
+        if fields is not None and type(obj) is fields:
+            created, updated = timestamp_of(obj.created_at), timestamp_of(obj.updated_at)
+            if created is not None and updated is not None:
+                if created < horizon:
+                    break
+                if newest is None or updated > newest:
+                    newest = updated
+                if cutoff is not None and updated < cutoff:
+                    continue
+        record = decode_record(obj)
+        if type(record) is Invalid:
+            continue
+        if record.created_at < horizon:
+            break
+        if newest is None or record.updated_at > newest:
+            newest = record.updated_at
+        if ledger.examines(record.updated_at, overlap):
+            stats["examined"] += 1
+            events = ledger.account(record)
+            if events:
+                store.count(events, now)
+    ledger.complete_poll(newest)
+    return stats
 
 
-async def polls(url: str) -> list[tuple[str, float, int, int]]:
-    rows = []
-    async with aiohttp.ClientSession() as session:
-        target = Target(api_url=url, settle_window=3650 * 86400.0, initial_lookback=3650 * 86400.0, overlap=0.0)
-        poller = Poller(target, Collector("bench"), session)
-        await poller.restore()
-        for label in ("first poll (all new)", "second poll (unchanged)"):
-            started = time.perf_counter()
-            ok, _ = await poller.poll()
-            assert ok, poller.status.last_error
-            rows.append((label, time.perf_counter() - started, poller.client.bytes_read, len(poller.ledger.calls)))
+def _timed(work) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
+def _in_memory_round(body: bytes, timings: dict[str, list[float]]) -> dict:
+    """Parse limit, naive peer and exporter, one after the other on the same bytes."""
+    if parse_limit.available():
+        timings["parse"].append(_timed(lambda: parse_limit.decode(body)))
+    peer = NaivePeer("default", NaiveMetrics(CollectorRegistry()))
+    timings["naive first memory"].append(_timed(lambda: peer.ingest(body)))
+    timings["naive second memory"].append(_timed(lambda: peer.ingest(body)))
+    now, stats = time.time(), []
+    ledger, store = Ledger(baseline=now - LOOKBACK), Store()
+    for poll in ("first", "second"):
+        timings[f"{poll} memory"].append(_timed(
+            lambda: stats.append(exporter_decode_account(body, ledger, store, now, now - LOOKBACK, OVERLAP))))
+    return {"tracked": len(ledger.calls), "first": stats[0], "second": stats[1]}
+
+
+async def _exporter_http_round(url: str, timings: dict[str, list[float]]) -> list[dict]:
+    """A fresh poller's first and second poll; returns what the poller reported of each."""
+    reports = []
+    with PollReport() as report:
+        async with aiohttp.ClientSession() as session:
+            target = Target(api_url=url, settle_window=LOOKBACK, initial_lookback=LOOKBACK)
+            poller = Poller(target, Collector("bench"), session)
+            await poller.restore()
+            for poll in ("first", "second"):
+                started = time.perf_counter()
+                ok, _ = await poller.poll()
+                timings[f"{poll} http"].append(time.perf_counter() - started)
+                if not ok:
+                    raise RuntimeError(f"poll failed: {poller.status.last_error}")
+                reports.append(dict(report.last, tracked=poller.status.tracked))
+    return reports
+
+
+def _measure(url: str, body: bytes, rounds: int) -> tuple[dict[str, float], dict, list[dict]]:
+    """Every figure once per round, interleaved, so a noisy neighbour hits all alike; medians."""
+    timings: dict[str, list[float]] = collections.defaultdict(list)
+    for _ in range(rounds):
+        memory = _in_memory_round(body, timings)
+        http = asyncio.run(_exporter_http_round(url, timings))
+        peer = NaivePeer("default", NaiveMetrics(CollectorRegistry()))
+        for poll in ("first", "second"):
+            timings[f"naive {poll} http"].append(_timed(lambda peer=peer: peer.poll(url)))
+    return {key: median(values) for key, values in timings.items()}, memory, http
+
+
+def _overlap_calls(body: bytes) -> int:
+    """Records a second poll must re-examine: updated within `overlap` of the newest update."""
+    updated = [datetime.fromisoformat(c["updated_at"]).timestamp() for c in json.loads(body)]
+    return sum(u >= max(updated) - OVERLAP for u in updated)
+
+
+def run(api: ApiServer, sizes: Sizes, facts: Facts) -> list[Row]:
+    status, body = http_get(api.url + "/v1/calls", timeout=300)
+    assert status == 200, status
+    n = sizes.ingest_calls
+    t, memory, http = _measure(api.url, body, sizes.repeats)
+    facts[CASE].update(
+        calls=n, body_bytes=len(body), bytes_per_call=len(body) / n, overlap_calls=_overlap_calls(body),
+        tracked_memory=memory["tracked"], examined_first_memory=memory["first"]["examined"],
+        examined_second_memory=memory["second"]["examined"],
+        tracked_http=http[0]["tracked"], records_http=http[0]["records"],
+        examined_first_http=http[0]["examined"], examined_second_http=http[1]["examined"],
+        bytes_read_http=http[0]["bytes"],
+    )
+    parse = t.get("parse")
+    parse_cps = n / parse if parse else None
+    mb = len(body) / 1e6
+
+    def cps(seconds: float) -> float:
+        return n / seconds
+
+    rows = [Row(CASE, f"parse limit: msgspec decode, in memory ({n:,} calls of {len(body) / n:,.0f} B: {mb:.0f} MB)",
+                parse_cps, "calls/s", 1.0 if parse_cps else None)]
+    if parse_cps is None:
+        rows[0].figure = "parse limit: n/a (msgspec not installed: pip install .[bench])"
+    polls = (("first", "first poll (all new)"), ("second", "second poll (unchanged)"))
+    ways = (("memory", "in memory"), ("http", "HTTP"))
+    for poll, label in polls:
+        for way, where in ways:
+            seconds = t[f"naive {poll} {way}"]
+            rows.append(Row(CASE, f"naive peer: {label}, {where}", cps(seconds), "calls/s",
+                            ratio(cps(seconds), parse_cps), 1.0))
+    for poll, label in polls:
+        for way, where in ways:
+            seconds, peer = t[f"{poll} {way}"], t[f"naive {poll} {way}"]
+            vs_parse = ratio(cps(seconds), parse_cps)
+            rows.append(Row(CASE, f"exporter: {label}, {where}", cps(seconds), "calls/s", vs_parse,
+                            ratio(cps(seconds), cps(peer)),
+                            f">= {GOAL:.2f}x parse", verdict(None if vs_parse is None else vs_parse >= GOAL)))
+    examined = http[1]["examined"]
+    rows.append(Row(CASE, f"exporter: records examined on the second poll (overlap {OVERLAP:.0f} s holds "
+                          f"{facts[CASE]['overlap_calls']})", examined, "calls", goal="= overlap",
+                    verdict=verdict(examined == facts[CASE]["overlap_calls"])))
     return rows
 
 
-def account_in_memory(body: bytes) -> tuple[float, int]:
-    """The exporter's own work on the same bytes, without HTTP: stream decode, validate, account."""
-    stream, ledger, store = ArrayStream(), Ledger(baseline=0.0), Store()
-    started = time.perf_counter()
-    for offset in range(0, len(body), CHUNK_BYTES):
-        for obj in stream.feed(body[offset : offset + CHUNK_BYTES]):
-            record = decode_record(obj)
-            if type(record) is not Invalid:
-                store.count(ledger.account(record))
-    stream.finish()
-    return time.perf_counter() - started, len(ledger.calls)
-
-
 def main() -> None:
-    calls = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
-    sim = Simulator(seed=1, rate=0.0, max_calls=0, history=calls)
-    with serve_in_thread(sim) as url:
-        rows = asyncio.run(polls(url))
-        rss_after_polls = peak_rss_mib()
-        started = time.perf_counter()
-        with urllib.request.urlopen(url + "/v1/calls") as response:
-            body = response.read()
-        fetched = time.perf_counter() - started
-    started = time.perf_counter()
-    parsed = json.loads(body)
-    parse = time.perf_counter() - started
-    del parsed
-    in_memory, tracked = account_in_memory(body)
-    print(f"{calls} calls, {len(body) / 1e6:.1f} MB body, {len(body) / calls:.0f} B/call\n")
-    print(f"{'case':32} {'seconds':>8} {'calls/s':>10} {'MB read':>8} {'tracked':>8} {'vs json.loads':>13}")
-    for label, seconds, read, tracked in rows:
-        print(f"{label:32} {seconds:8.2f} {calls / seconds:10.0f} {read / 1e6:8.1f} {tracked:8d} {parse / seconds:12.2f}x")
-    print(f"{'fetch whole body (urllib)':32} {fetched:8.2f} {calls / fetched:10.0f} {len(body) / 1e6:8.1f}")
-    print(f"{'json.loads(whole body)':32} {parse:8.2f} {calls / parse:10.0f} {len(body) / 1e6:8.1f}")
-    print(f"{'decode+account in memory':32} {in_memory:8.2f} {calls / in_memory:10.0f} {len(body) / 1e6:8.1f} "
-          f"{tracked:8d} {parse / in_memory:12.2f}x")
-    print(f"\npeak RSS after the polls: {rss_after_polls:.0f} MiB (process, incl. the simulator thread)")
+    from benchmarks.common import FULL
+    from benchmarks.report import table
+
+    calls = int(sys.argv[1]) if len(sys.argv) > 1 else FULL.ingest_calls
+    sizes = Sizes(**{**FULL.__dict__, "name": "ingest only", "ingest_calls": calls})
+    facts = Facts()
+    with tempfile.TemporaryDirectory(prefix="callingbox-bench-") as tmp, ApiServer("replay", calls, Path(tmp)) as api:
+        print(table(run(api, sizes, facts)))
+    print(json.dumps(facts[CASE], indent=1))
 
 
 if __name__ == "__main__":

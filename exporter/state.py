@@ -13,6 +13,8 @@ import os
 import time
 from typing import NamedTuple
 
+import msgspec
+
 from .accounting import CallState, Ledger
 from .metrics import Store
 
@@ -26,7 +28,8 @@ class Restored(NamedTuple):
     reset_histograms: list[str]
 
 
-ENCODE_SLICE = 2000  # calls per json.dumps call: each C call holds the GIL, scrapes wait that long
+ENCODE_SLICE = 2000  # calls per encode call: each C call holds the GIL, scrapes wait that long
+_encoder = msgspec.json.Encoder()  # 3x json.dumps on the ledger (BENCHMARKS.md, case 3)
 
 
 def _entry(s: CallState) -> list:
@@ -57,11 +60,11 @@ def encode(org: str, ledger: Ledger, store: Store) -> bytes:
     }
     items = list(ledger.calls.items())
     slices = (
-        json.dumps({call_id: _entry(s) for call_id, s in items[i : i + ENCODE_SLICE]}, separators=(",", ":"))[1:-1]
+        _encoder.encode({call_id: _entry(s) for call_id, s in items[i : i + ENCODE_SLICE]})[1:-1]
         for i in range(0, len(items), ENCODE_SLICE)
     )
-    calls = ",".join(slices)
-    return (json.dumps(head, separators=(",", ":"))[:-1] + ',"calls":{' + calls + "}}").encode()
+    calls = b",".join(slices)
+    return _encoder.encode(head)[:-1] + b',"calls":{' + calls + b"}}"
 
 
 def decode(data: bytes, buckets=None, label_limit: int = 50, extra_labels: tuple[str, ...] = ()) -> Restored:

@@ -1,0 +1,183 @@
+"""Processes the benchmarks start: the fake API, the exporter, the naive peer. Loopback only.
+
+Each is a `Child` stopped by its own pid (SIGTERM, then SIGKILL after a deadline). Memory is
+read from /proc/<pid>/status: VmHWM is the peak resident set since the process started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_KEY = "sk_bench_not_a_real_key"  # the simulator runs without a key; the exporter insists on one
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def memory(pid: int) -> dict[str, int]:
+    """VmHWM (peak) and VmRSS (now) of a process, in bytes."""
+    found = {}
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            key, _, rest = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                found[key] = int(rest.split()[0]) * 1024
+    return found
+
+
+def http_get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+    except (urllib.error.URLError, OSError):
+        return 0, b""
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def sample(text: bytes | str, name: str, labels: str = "") -> float | None:
+    """One sample's value from a text exposition: `sample(body, "x_total", 'org="a"')`."""
+    if isinstance(text, bytes):
+        text = text.decode()
+    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else r"(?:\{\})?") + r" (\S+)$"
+    match = re.search(pattern, text, re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
+class Child:
+    """A subprocess of ours; JSON lines on its stdout are queued, stderr goes to a log file."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict | None = None):
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("CALLINGBOX_")}
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                env={**clean, "PYTHONUNBUFFERED": "1", **(env or {})},
+            )
+        self.pid = self.process.pid
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.process.stdout:
+            if line.startswith(b"{"):
+                self._lines.put(json.loads(line))
+        self._lines.put(None)  # end of output
+
+    def line(self, timeout: float) -> dict:
+        """The next JSON line the child printed."""
+        try:
+            item = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"{self.log_path.name}: no report within {timeout:.0f}s") from None
+        if item is None:
+            raise RuntimeError(f"{self.log_path.name}: exited ({self.process.poll()}); see {self.log_path}")
+        return item
+
+    def memory(self) -> dict[str, int]:
+        return memory(self.pid)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=15)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class ApiServer(Child):
+    """`benchmarks.servers` in its own process: the simulator (live) or its captured response (replay)."""
+
+    def __init__(self, mode: str, history: int, log_dir: Path, history_age: float = 0.0, seed: int = 1):
+        argv = [sys.executable, "-m", "benchmarks.servers", "--mode", mode, "--history", str(history),
+                "--history-age", str(history_age), "--seed", str(seed)]
+        super().__init__(argv, log_dir / f"api-{mode}-{history}.log")
+        try:
+            hello = self.line(timeout=60 + history / 5000)  # replay generates the whole body first
+        except Exception:
+            self.stop()
+            raise
+        self.url, self.top, self.body_bytes = hello["url"], hello["top"], hello.get("body_bytes")
+
+    def stats(self) -> dict:
+        status, body = http_get(self.url + "/_bench/stats")
+        return json.loads(body) if status == 200 else {}
+
+
+class ExporterProcess(Child):
+    """`python -m exporter` with a config file, debug logs as JSON lines (the poller reports each poll)."""
+
+    def __init__(self, name: str, log_dir: Path, **target):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = log_dir / f"{name}.yml"
+        config.write_text(yaml.safe_dump(target))
+        argv = [sys.executable, "-m", "exporter", "--config.file", str(config),
+                "--web.listen-address", f"127.0.0.1:{self.port}", "--log.level", "debug", "--log.format", "json"]
+        super().__init__(argv, log_dir / f"{name}.log", env={"CALLINGBOX_API_KEY": BENCH_KEY})
+
+    def wait(self, path: str, timeout: float) -> None:
+        def answered():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"exporter exited ({self.process.returncode}); see {self.log_path}")
+            return http_get(self.url + path, timeout=5)[0] == 200
+        wait_until(answered, timeout, f"{self.url}{path}")
+
+    def polls(self) -> list[dict]:
+        """The `poll done` lines logged so far: records, examined, bytes, tracked, duration_s."""
+        done = []
+        for line in self.log_path.read_bytes().splitlines():
+            if line.startswith(b"{") and b'"poll done"' in line:
+                done.append(json.loads(line))
+        return done
+
+
+class NaiveProcess(Child):
+    """`benchmarks.naive_peer` as a hand-written exporter would run: serve metrics, poll, sleep."""
+
+    def __init__(self, name: str, log_dir: Path, api_url: str, interval: float, polls: int = 0, serve: bool = True):
+        self.port = free_port() if serve else None
+        self.url = f"http://127.0.0.1:{self.port}" if serve else None
+        argv = [sys.executable, "-m", "benchmarks.naive_peer", "--api-url", api_url, "--interval", str(interval),
+                "--polls", str(polls)]
+        if serve:
+            argv += ["--listen", f"127.0.0.1:{self.port}"]
+        super().__init__(argv, log_dir / f"{name}.log")

@@ -1,0 +1,99 @@
+"""`python -m benchmarks [--quick] [--json PATH] [--cases 1,2,3,4,5]`: run the cases, print one table.
+
+Servers and processes are started per case group and always stopped: the `replay` server of
+the ingest window serves cases 1 and 3; two `live` simulators (the window plus a small or a
+1M-call history) serve cases 2 and 4. Progress goes to stderr, the report to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from benchmarks import exposition, history, ingest, memory, scrape
+from benchmarks.common import FULL, QUICK, Facts, Row
+from benchmarks.procs import ROOT, ApiServer
+from benchmarks.report import machine, table
+
+CASES = {"1": ingest.CASE, "2": history.CASE, "3": scrape.CASE, "4": memory.CASE, "5": exposition.CASE}
+GOALS = ("ingest >= 50 % of the parse limit's calls/s; per-poll CPU flat within 1.2x from 10k to 1M old calls "
+         "and bytes read bounded by the window; scrape p99 busy <= 2x idle; peak RSS <= 100 MB on the 1.4 GB "
+         "history; exposition <= 20 ms median")
+
+
+def _progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def exporter_revision() -> str:
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False)
+            return done.stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + (" + uncommitted changes in exporter/" if git("status", "--porcelain", "--", "exporter") else "")
+
+
+def run(sizes, wanted: set[str], log_dir: Path, facts: Facts) -> list[Row]:
+    rows: list[Row] = []
+    if "5" in wanted:
+        _progress("case 5: exposition")
+        rows += exposition.run(sizes, facts)
+    if wanted & {"1", "3"}:
+        _progress(f"replay server: capturing {sizes.ingest_calls:,} calls from the simulator")
+        with ApiServer("replay", sizes.ingest_calls, log_dir) as api:
+            if "1" in wanted:
+                _progress("case 1: ingest")
+                rows += ingest.run(api, sizes, facts)
+            if "3" in wanted:
+                _progress("case 3: scrape latency")
+                rows += scrape.run(api, sizes, facts, log_dir)
+    if wanted & {"2", "4"}:
+        n = sizes.window_calls
+        with (ApiServer("live", n + sizes.old_small, log_dir) as small,
+              ApiServer("live", n + sizes.old_big, log_dir) as big):
+            _progress("case 2: history scaling (the naive peer reads the whole big history: the longest step)")
+            rows += history.run(small, big, sizes, facts, log_dir)
+            if "4" in wanted:
+                _progress("case 4: memory")
+                rows += memory.run(small, big, sizes, facts, log_dir)
+    return sorted(rows, key=lambda row: row.case[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description="callingbox-exporter, measured side by side")
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke test of the same code (~1 min)")
+    p.add_argument("--json", metavar="PATH", help="also write rows, facts and the machine as JSON")
+    p.add_argument("--cases", default="1,2,3,4,5", help="which cases to run (4 needs 2; default all)")
+    p.add_argument("--revision", help="how to name the exporter measured (default: the git commit of this checkout)")
+    args = p.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    wanted = set(args.cases.split(","))
+    if "4" in wanted:
+        wanted.add("2")
+    started = time.monotonic()
+    facts = Facts()
+    about = {**machine(), "exporter": args.revision or exporter_revision()}
+    with tempfile.TemporaryDirectory(prefix="callingbox-bench-") as tmp:
+        rows = run(sizes, wanted, Path(tmp), facts)
+    elapsed = time.monotonic() - started
+    print(f"# callingbox-exporter benchmarks: {sizes.name} run, {elapsed / 60:.1f} min\n")
+    for key, value in about.items():
+        print(f"- {key}: {value}")
+    print(f"- goals: {GOALS}")
+    print("- ratios are value ÷ reference: for calls/s higher is better, for ms, MB and x lower is better\n")
+    print(table(rows))
+    missed = [row for row in rows if row.verdict == "MISS"]
+    print(f"\n{sum(row.verdict == 'PASS' for row in rows)} PASS, {len(missed)} MISS")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"sizes": asdict(sizes), "machine": about, "seconds": elapsed,
+                                               "rows": [asdict(r) for r in rows], "facts": facts.by_case}, indent=1))
+    return 0

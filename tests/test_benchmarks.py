@@ -1,0 +1,65 @@
+"""The benchmark suite, smoke-tested: `python -m benchmarks --quick` runs every case end to end.
+
+Only what holds on any machine is asserted: every case has its rows, a poll reads as much with
+a 50x larger history past the window as with a small one, an unchanged second poll examines
+only the overlap, and the exporter tracks exactly the calls in its window. Never timings.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+CASES = ("1 ingest", "2 history", "3 scrape", "4 memory", "5 exposition")
+ONE_READ = 64 * 1024  # the client reads at most this much at a time (exporter.api.CHUNK_BYTES)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"table": done.stdout, **json.loads(out.read_text())}
+
+
+def test_the_table_has_rows_for_every_case(report):
+    assert {row["case"] for row in report["rows"]} == set(CASES)
+    table_cases = {line.split("|")[1].strip() for line in report["table"].splitlines() if line.startswith("| ")}
+    assert set(CASES) <= table_cases
+    assert all(row["verdict"] in ("", "PASS", "MISS") for row in report["rows"])
+
+
+def test_bytes_read_per_poll_do_not_grow_with_the_history_past_the_window(report):
+    history = report["facts"]["2 history"]
+    small, big, n = history["small"], history["big"], history["window_calls"]
+    # Each poll stops at the first call past the window: the same calls, so the same bytes,
+    # give or take where the last read of the body happened to end.
+    assert set(small["records_steady"]) == set(big["records_steady"]) == {n + 1}
+    assert max(big["bytes_steady"]) - min(small["bytes_steady"]) <= ONE_READ
+    assert max(big["bytes_steady"]) < history["naive"]["small"]["bytes"]  # not even the small body whole
+    assert history["naive"]["big"]["calls"] == n + history["old"]["big"]  # the peer reads it all
+
+
+def test_an_unchanged_second_poll_examines_only_the_overlap(report):
+    ingest = report["facts"]["1 ingest"]
+    assert ingest["examined_first_http"] == ingest["examined_first_memory"] == ingest["calls"]
+    assert ingest["examined_second_http"] == ingest["examined_second_memory"] == ingest["overlap_calls"]
+    assert ingest["overlap_calls"] < ingest["calls"] / 100
+    history = report["facts"]["2 history"]
+    assert set(history["small"]["examined_first"]) == set(history["big"]["examined_first"]) == {history["window_calls"]}
+    assert set(history["small"]["examined_steady"]) == set(history["big"]["examined_steady"])
+    assert max(history["big"]["examined_steady"]) < history["window_calls"] / 100
+
+
+def test_the_exporter_tracks_exactly_the_calls_in_its_window(report):
+    ingest, history = report["facts"]["1 ingest"], report["facts"]["2 history"]
+    assert ingest["tracked_http"] == ingest["tracked_memory"] == ingest["calls"]
+    n = history["window_calls"]
+    for size in ("small", "big"):
+        assert set(history[size]["tracked_first"]) == set(history[size]["tracked_steady"]) == {n}
+    assert report["facts"]["3 scrape"]["idle_tracked"] == report["sizes"]["ingest_calls"]
