@@ -21,7 +21,7 @@ from exporter.accounting import CallState, Ledger
 from exporter.config import Target
 from exporter.explain import PHONE, Held, api_lines, explain, redact, tracked_lines, ts, untracked_lines
 from exporter.records import decode_record
-from exporter.simulator import format_ts
+from exporter.simulator import Simulator, format_ts, serve_in_thread
 
 KEY = "sk_test_explain_0123456789"
 T0 = 1_800_000_000.0  # a call's created_at in the unit tests
@@ -158,21 +158,25 @@ def list_calls(url: str) -> list[dict]:
         return json.loads(response.read())
 
 
-@pytest.fixture
-def counted(stack, tmp_path):
-    """A quiet simulator, and the state files of two real exporter runs: lookback 1h and 0s."""
-    sim, url = stack.simulator(seed=41, rate=200, max_calls=40, time_scale=300, webhook_retry_base=0.05,
-                               api_key=KEY)
-    wait_until(sim.all_final, 60, message="simulator calls final")
-    configs = {}
-    for name, lookback in (("counted", "1h"), ("history", "0s")):
-        path = tmp_path / f"{name}.yml"
-        path.write_text(yaml.safe_dump({"api_url": url, "initial_lookback": lookback,
-                                        "state_file": str(tmp_path / f"{name}.json")}))
-        run = cli("--config.file", str(path), "--once", env={"CALLINGBOX_API_KEY": KEY})
-        assert run.returncode == 0, run.stderr
-        configs[name] = path
-    return sim, url, configs, tmp_path
+@pytest.fixture(scope="module")
+def counted(tmp_path_factory):
+    """A quiet simulator, and the state files of two real exporter runs: lookback 1h and 0s.
+
+    Shared by the tests of this module, which only read it: `explain` never writes.
+    """
+    tmp_path = tmp_path_factory.mktemp("explain")
+    sim = Simulator(seed=41, rate=200, max_calls=40, time_scale=300, webhook_retry_base=0.05, api_key=KEY)
+    with serve_in_thread(sim) as url:
+        wait_until(sim.all_final, 60, message="simulator calls final")
+        configs = {}
+        for name, lookback in (("counted", "1h"), ("history", "0s")):
+            path = tmp_path / f"{name}.yml"
+            path.write_text(yaml.safe_dump({"api_url": url, "initial_lookback": lookback,
+                                            "state_file": str(tmp_path / f"{name}.json")}))
+            run = cli("--config.file", str(path), "--once", env={"CALLINGBOX_API_KEY": KEY})
+            assert run.returncode == 0, run.stderr
+            configs[name] = path
+        yield sim, url, configs, tmp_path
 
 
 def test_explain_shows_the_call_and_the_counters_it_moved_without_key_or_phone_numbers(counted):
@@ -225,13 +229,13 @@ def test_explain_of_an_id_the_api_does_not_know_says_so_and_exits_1(counted):
 
 
 def test_explain_needs_a_target_when_there_are_several_and_keeps_help_working(counted, tmp_path):
-    sim, url, configs, _ = counted
+    sim, url, configs, shared = counted
     call = list_calls(url)[0]
     key_file = tmp_path / "key"
     key_file.write_text(KEY)
     path = tmp_path / "two.yml"
     path.write_text(yaml.safe_dump({"api_url": url, "api_key_file": str(key_file), "targets": [
-        {"name": "acme", "state_file": str(tmp_path / "counted.json")},
+        {"name": "acme", "state_file": str(shared / "counted.json")},
         {"name": "globex", "state_file": str(tmp_path / "globex.json")},
     ]}))
     env = {}
