@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Iterable, NamedTuple
 
 from .accounting import EXTRACTIONS, OUTCOMES, CallState
-from .metrics import AUDIT_KINDS as KINDS  # noqa: F401  (the mismatch kinds, as exported)
 from .records import Record
 
 
