@@ -158,7 +158,7 @@ def tracked_lines(call: CallState, ledger: Ledger, record: Record | None, saved_
         ended = record.ended_at if record is not None and record.ended_at is not None else None
         when = _when(ended, ended, base) if ended is not None else _when(*span, base)
         series = _labels(direction=d, status=call.status)
-        lines.append(f"ended as {call.status}: {when} in callingbox_calls_total{series}"
+        lines.append(f"ended as {call.status}: {when} in callingbox_calls_ended_total{series}"
                      " (with its hangup, error and duration series)")
         if record is not None:
             lines.append(f"hangup_cause label: {record.hangup_cause or 'none'} (other if past max_label_values)")

@@ -41,7 +41,7 @@ class Family(NamedTuple):
 
 FAMILIES: dict[str, Family] = {
     "callingbox_calls_created_total": Family("counter", ("direction",), "Calls first observed, by direction."),
-    "callingbox_calls_total": Family(
+    "callingbox_calls_ended_total": Family(
         "counter", ("direction", "status"), "Calls first observed in a terminal status."
     ),
     "callingbox_call_hangups_total": Family(
@@ -104,7 +104,7 @@ DEFAULT_BUCKETS: dict[str, tuple[float, ...]] = {
 
 # Families whose series carry the call_id of the latest call counted, as an OpenMetrics exemplar.
 EXEMPLAR_FAMILIES = frozenset({
-    "callingbox_calls_total",
+    "callingbox_calls_ended_total",
     "callingbox_call_hangups_total",
     "callingbox_call_errors_total",
     "callingbox_billed_amount_dollars_total",
@@ -114,6 +114,9 @@ EXEMPLAR_FAMILIES = frozenset({
     "callingbox_call_setup_delay_seconds",
 })
 SECONDS_PER_DAY = 86_400
+# Saved family names of an older version → today's: a state file written before a rename keeps
+# its counts (a silent zero would read as a counter reset in Prometheus).
+RENAMED = {"callingbox_calls_total": "callingbox_calls_ended_total"}
 # Families about calls: their series also carry the target's metadata labels, if configured.
 CALL_FAMILIES = frozenset(
     {name for name, family in FAMILIES.items() if "direction" in family.labels}
@@ -132,7 +135,7 @@ def _base_series() -> Iterable[tuple[str, tuple[str, ...]]]:
         yield "callingbox_calls_created_total", (d,)
         yield "callingbox_billed_amount_dollars_total", (d,)
         for s in TERMINAL_STATUSES:
-            yield "callingbox_calls_total", (d, s)
+            yield "callingbox_calls_ended_total", (d, s)
             yield "callingbox_call_duration_seconds", (d, s)
         for name in ("answer_delay", "billed_duration", "setup_delay"):
             yield f"callingbox_call_{name}_seconds", (d,)
@@ -234,7 +237,7 @@ class Store:
         """A new campaign (metadata values) gets its terminal series at 0, as the first start does."""
         self._zeroed.add((direction, x))
         for s in TERMINAL_STATUSES:
-            self.counters["callingbox_calls_total"].setdefault((direction, s, *x), 0)
+            self.counters["callingbox_calls_ended_total"].setdefault((direction, s, *x), 0)
         for s in OUTCOMES:
             self.counters["callingbox_webhook_deliveries_total"].setdefault((s, *x), 0)
         for s in EXTRACTIONS:
@@ -254,7 +257,7 @@ class Store:
                 self._today(now, "created", 1)
             elif kind is Ended:
                 d, s, call = event.direction, event.status, event.call_id
-                self._counted("callingbox_calls_total", (d, s, *x), 1, call, now)
+                self._counted("callingbox_calls_ended_total", (d, s, *x), 1, call, now)
                 cause = self.capped("hangup_cause", event.hangup_cause)
                 self._counted("callingbox_call_hangups_total", (d, s, cause, *x), 1, call, now)
                 if event.error_code is not None:
@@ -342,6 +345,7 @@ class Store:
             return (*row[:width], *extra), row[width + len(saved_extra):]
 
         for name, rows in data["counters"].items():
+            name = RENAMED.get(name, name)
             if name not in FAMILIES:
                 continue
             series = store.counters.setdefault(name, {})

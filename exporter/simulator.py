@@ -129,7 +129,7 @@ def ledger(prev: dict | None, new: dict, billed: bool) -> tuple[list[_Event], bo
     status = new["status"]
     if status in TERMINAL and (prev is None or prev["status"] not in TERMINAL):
         when = new["ended_at"] or new["updated_at"]
-        add(when, "callingbox_calls_total", direction=direction, status=status)
+        add(when, "callingbox_calls_ended_total", direction=direction, status=status)
         add(when, "callingbox_call_hangups_total", direction=direction, status=status,
             hangup_cause=new["hangup_cause"])
         if new["error_code"] is not None:

@@ -173,7 +173,7 @@ HISTOGRAMS = (
 )
 COUNTERS = (
     "callingbox_calls_created_total",
-    "callingbox_calls_total",
+    "callingbox_calls_ended_total",
     "callingbox_call_hangups_total",
     "callingbox_call_errors_total",
     "callingbox_webhook_deliveries_total",

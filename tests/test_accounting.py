@@ -24,7 +24,7 @@ POLL = object()  # history marker: the poll that read the records before it comp
 
 OUT, IN = "outbound", "inbound"
 CREATED = "callingbox_calls_created_total"
-CALLS = "callingbox_calls_total"
+CALLS = "callingbox_calls_ended_total"
 HANGUPS = "callingbox_call_hangups_total"
 ERRORS = "callingbox_call_errors_total"
 WEBHOOKS = "callingbox_webhook_deliveries_total"

@@ -207,7 +207,7 @@ def exposition(stack) -> str:
 
     def counted() -> bool:
         samples = exporter.scrape()
-        return sum(v for (name, _), v in samples.items() if name == "callingbox_calls_total") == 200
+        return sum(v for (name, _), v in samples.items() if name == "callingbox_calls_ended_total") == 200
 
     wait_until(counted, 30, message="all 200 calls counted")
     status, text = http_get(exporter.url + "/metrics")

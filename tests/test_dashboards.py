@@ -46,7 +46,7 @@ NEEDS_UNIT = frozenset({"timeseries", "stat", "gauge", "bargauge"})
 SHOWS_EXEMPLARS = frozenset({"timeseries", "heatmap"})
 # Panels the issue names for exemplars: jump from a spike to one real call.
 EXEMPLAR_PANELS = {
-    "callingbox_calls_total": "callingbox-overview",
+    "callingbox_calls_ended_total": "callingbox-overview",
     "callingbox_call_duration_seconds_bucket": "callingbox-overview",
     "callingbox_call_answer_delay_seconds_bucket": "callingbox-overview",
 }

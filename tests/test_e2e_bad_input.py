@@ -119,7 +119,7 @@ def test_hangup_causes_with_quotes_backslashes_and_newlines_round_trip_through_t
     assert exported == truth_causes
 
     # The same values through OpenMetrics. Only the hangups family is parsed: the whole page
-    # trips the strict parser on the contract's own names (callingbox_calls_total's `_created`
+    # trips the strict parser on the contract's own names (callingbox_calls_ended_total's `_created`
     # sample name is the family callingbox_calls_created), which says nothing about escaping.
     request = urllib.request.Request(
         exporter.url + "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0; charset=utf-8"}
@@ -182,8 +182,8 @@ def test_ten_thousand_hangup_causes_are_capped_at_fifty_plus_other_and_nothing_i
             folded[key] = folded.get(key, 0) + value
     assert {labels: v for labels, v in got.items() if dict(labels)["hangup_cause"] == "other"} == folded
 
-    ended = _total(samples, "callingbox_calls_total")
-    assert ended == truth.total("callingbox_calls_total") == sum(got.values()), "no hangup lost"
+    ended = _total(samples, "callingbox_calls_ended_total")
+    assert ended == truth.total("callingbox_calls_ended_total") == sum(got.values()), "no hangup lost"
     overflow = _value(samples, "callingbox_exporter_label_overflow_total", label="hangup_cause")
     assert overflow == sum(folded.values()), "overflow counts each hangup exported as other"
 

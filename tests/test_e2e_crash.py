@@ -86,7 +86,7 @@ def test_restart_resumes_counters_without_reset_and_counts_downtime_once(stack, 
     exporter.start()
     after_restart = exporter.scrape()
     for key, value in before.items():
-        if key[0].startswith("callingbox_calls_total"):
+        if key[0].startswith("callingbox_calls_ended_total"):
             assert after_restart[key] >= value
     wait_until(exporter.ready, 20, message="ready after catch-up")
     assert differences(exporter.scrape(), sim.truth(0)) == []

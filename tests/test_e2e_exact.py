@@ -50,7 +50,7 @@ def test_counts_equal_simulator_truth_for_thousands_of_mixed_calls(stack):
     org = (("org", "default"),)
     created = sum(v for (n, _), v in samples.items() if n == "callingbox_calls_created_total")
     assert created == 3000
-    ended = {labels: v for (n, labels), v in samples.items() if n == "callingbox_calls_total"}
+    ended = {labels: v for (n, labels), v in samples.items() if n == "callingbox_calls_ended_total"}
     assert sum(ended.values()) == 3000
     assert len({dict(l)["status"] for l, v in ended.items() if v > 0}) == 5, "every terminal status occurs"
     assert samples[("callingbox_webhook_deliveries_total", org + (("status", "failed"),))] > 0
@@ -77,7 +77,7 @@ def test_metrics_endpoint_negotiates_openmetrics(stack):
     assert created == [], "no _created samples unless they carry the original creation time"
 
     status, text = http_get(exporter.url + "/metrics")
-    assert status == 200 and "# TYPE callingbox_calls_total counter" in text
+    assert status == 200 and "# TYPE callingbox_calls_ended_total counter" in text
     assert parse_metrics(text)[("callingbox_exporter_build_info", (("version", "0.1.0"),))] == 1
 
 
@@ -117,7 +117,7 @@ def test_metadata_labels_split_the_counts_exactly_by_campaign(stack):
         found = {}
         for (name, labels), value in exporter.scrape().items():
             labels = dict(labels)
-            if name == "callingbox_calls_total" and value:
+            if name == "callingbox_calls_ended_total" and value:
                 found[(labels["direction"], labels["status"], labels["campaign"])] = value
         return found
 

@@ -78,7 +78,7 @@ def test_openmetrics_exemplars_name_real_calls_and_prometheus_stores_them(stack,
     def enough() -> list:
         found = exemplars(openmetrics(exporter.url))
         names = {name for name, *_ in found}
-        return found if {"callingbox_calls_total", "callingbox_call_duration_seconds_bucket",
+        return found if {"callingbox_calls_ended_total", "callingbox_call_duration_seconds_bucket",
                          "callingbox_billed_amount_dollars_total"} <= names else []
 
     found = wait_until(enough, 30, interval=0.5, message="exemplars on calls, duration buckets and money")
@@ -86,7 +86,7 @@ def test_openmetrics_exemplars_name_real_calls_and_prometheus_stores_them(stack,
         assert labels["org"] == "default"
         assert_exemplar_is_that_call(sim_url, name, labels, call_id, value)
     names = {name for name, *_ in found}
-    assert names <= {"callingbox_calls_total", "callingbox_call_hangups_total", "callingbox_call_errors_total",
+    assert names <= {"callingbox_calls_ended_total", "callingbox_call_hangups_total", "callingbox_call_errors_total",
                      "callingbox_billed_amount_dollars_total", "callingbox_call_duration_seconds_bucket",
                      "callingbox_call_answer_delay_seconds_bucket", "callingbox_call_setup_delay_seconds_bucket",
                      "callingbox_call_billed_duration_seconds_bucket"}, names
@@ -103,7 +103,7 @@ def test_openmetrics_exemplars_name_real_calls_and_prometheus_stores_them(stack,
         data = prometheus.api("/api/v1/query_exemplars", query=query, start=str(began - 60), end=str(time.time() + 60))
         return [(series["seriesLabels"], e) for series in data for e in series["exemplars"]]
 
-    for query in ('callingbox_calls_total{org="default"}', 'callingbox_call_duration_seconds_bucket{org="default"}'):
+    for query in ('callingbox_calls_ended_total{org="default"}', 'callingbox_call_duration_seconds_bucket{org="default"}'):
         got = wait_until(lambda: stored(query), 30, interval=0.5, message=f"Prometheus exemplars of {query}")
         for series, exemplar in got[:20]:
             value = float(exemplar["value"])

@@ -53,7 +53,7 @@ def figures(samples, org: str = "campaigns") -> dict[str, float]:
             continue
         if name == "callingbox_calls_created_total":
             totals["created"] += value
-        elif name == "callingbox_calls_total":
+        elif name == "callingbox_calls_ended_total":
             totals[labels["status"]] += value
         elif name == "callingbox_billed_amount_dollars_total":
             totals["dollars"] += value

@@ -91,7 +91,7 @@ def test_a_tracked_call_after_the_baseline_shows_every_counter_it_moved():
     ledger = ledger_with(call, baseline=T0 - 60)
     lines = tracked_lines(call, ledger, record_of(), T0 + 200, Target())
     assert f"created {ts(T0)}: counted in callingbox_calls_created_total{{direction=\"outbound\"}}" in lines
-    assert ("ended as completed: counted in callingbox_calls_total{direction=\"outbound\",status=\"completed\"}"
+    assert ("ended as completed: counted in callingbox_calls_ended_total{direction=\"outbound\",status=\"completed\"}"
             " (with its hangup, error and duration series)") in lines
     assert ("billed 18000 milli-cents ($0.18): counted in"
             " callingbox_billed_amount_dollars_total{direction=\"outbound\"}") in lines
@@ -196,7 +196,7 @@ def test_explain_shows_the_call_and_the_counters_it_moved_without_key_or_phone_n
     assert "ledger: tracked" in lines
     expected = [
         f'created {call["created_at"][:-1]}',
-        f'ended as completed: counted in callingbox_calls_total{{direction="{d}",status="completed"}}',
+        f'ended as completed: counted in callingbox_calls_ended_total{{direction="{d}",status="completed"}}',
         f'billed {call["billing_amount_milli_cents"]} milli-cents',
         'webhook delivered (last outcome seen): counted in callingbox_webhook_deliveries_total{status="delivered"}',
         'extraction completed (last outcome seen): counted in callingbox_result_extractions_total{status="completed"}',

@@ -231,7 +231,7 @@ def test_histogram_buckets_are_cumulative_and_inf_equals_count(samples_of):
 # The contract: SPEC §3, every family with its type and label names.
 SPEC_FAMILIES = [
     ("callingbox_calls_created_total", "counter", {"org", "direction"}),
-    ("callingbox_calls_total", "counter", {"org", "direction", "status"}),
+    ("callingbox_calls_ended_total", "counter", {"org", "direction", "status"}),
     ("callingbox_calls_active", "gauge", {"org", "direction", "status"}),
     ("callingbox_call_hangups_total", "counter", {"org", "direction", "status", "hangup_cause"}),
     ("callingbox_call_errors_total", "counter", {"org", "direction", "error_code"}),
@@ -288,24 +288,13 @@ def test_no_family_outside_the_spec_is_exposed():
     assert families == {n.removesuffix("_total") if k == "counter" else n for n, k, _ in SPEC_FAMILIES}
 
 
-def _without_family(text: str, family: str) -> str:
-    pattern = re.compile(rf"^(# (HELP|TYPE|UNIT) {family} |{family}_total[{{ ])")
-    return "\n".join(line for line in text.splitlines() if not pattern.match(line)) + "\n"
-
-
-def test_openmetrics_exposition_parses_with_the_reference_parser_but_for_the_spec_name_clash():
-    """SPEC §3 fixes both `callingbox_calls_total` and `callingbox_calls_created_total`.
-
-    In OpenMetrics the first counter reserves the sample name `callingbox_calls_created`,
-    which is the second counter's family name, so the strict reference parser refuses the
-    pair (Prometheus' own parser does not check this). Nothing else may clash.
-    """
+def test_openmetrics_exposition_parses_whole_with_the_strict_reference_parser():
+    """No two families clash (SPEC §3): a counter `x_total` reserves the sample name `x_created`,
+    which is why the terminal-calls counter is `callingbox_calls_ended_total`, not
+    `callingbox_calls_total` beside `callingbox_calls_created_total`."""
     text = generate_openmetrics(populated_registry()).decode()
-    with pytest.raises(ValueError, match="Clashing name: callingbox_calls_created$"):
-        list(parse_openmetrics(text))
-    names = {f.name for f in parse_openmetrics(_without_family(text, "callingbox_calls_created"))}
-    expected = {n.removesuffix("_total") if k == "counter" else n for n, k, _ in SPEC_FAMILIES}
-    assert names == expected - {"callingbox_calls_created"}
+    names = {f.name for f in parse_openmetrics(text)}
+    assert names == {n.removesuffix("_total") if k == "counter" else n for n, k, _ in SPEC_FAMILIES}
 
 
 def test_openmetrics_exposition_has_no_created_samples():
@@ -321,7 +310,7 @@ def test_known_series_start_at_zero(samples_of):
     expected = {}
     for d in (OUT, IN):
         for s in TERMINAL:
-            expected[("callingbox_calls_total", labels(org="default", direction=d, status=s))] = 0
+            expected[("callingbox_calls_ended_total", labels(org="default", direction=d, status=s))] = 0
         for s in ACTIVE:
             expected[("callingbox_calls_active", labels(org="default", direction=d, status=s))] = 0
         expected[("callingbox_calls_created_total", labels(org="default", direction=d))] = 0
@@ -387,7 +376,7 @@ def test_oldest_pending_webhook_age_is_zero_when_none_is_pending():
 
 # --- Exemplars and today's totals ----------------------------------------------------------------
 
-EXEMPLAR_COUNTERS = ("callingbox_calls_total", HANGUPS, ERRORS, "callingbox_billed_amount_dollars_total")
+EXEMPLAR_COUNTERS = ("callingbox_calls_ended_total", HANGUPS, ERRORS, "callingbox_billed_amount_dollars_total")
 CALL_HISTOGRAMS = (DURATION, "callingbox_call_answer_delay_seconds", "callingbox_call_billed_duration_seconds",
                    "callingbox_call_setup_delay_seconds")
 
@@ -416,9 +405,9 @@ def test_terminal_counters_carry_the_latest_counted_call_as_exemplar():
                 now=NOW)
     found = exemplars_of(registry_of(store))
     org = {"org": "default"}
-    assert found[("callingbox_calls_total", labels(**org, direction=OUT, status="completed"))] == (
+    assert found[("callingbox_calls_ended_total", labels(**org, direction=OUT, status="completed"))] == (
         {"call_id": "second"}, 1.0, NOW - 10)
-    assert found[("callingbox_calls_total", labels(**org, direction=OUT, status="failed"))] == (
+    assert found[("callingbox_calls_ended_total", labels(**org, direction=OUT, status="failed"))] == (
         {"call_id": "third"}, 1.0, NOW)
     assert found[(HANGUPS, labels(**org, direction=OUT, status="failed", hangup_cause="rejected"))][0] == {
         "call_id": "third"}
@@ -427,7 +416,7 @@ def test_terminal_counters_carry_the_latest_counted_call_as_exemplar():
     assert found[("callingbox_billed_amount_dollars_total", labels(**org, direction=OUT))] == (
         {"call_id": "second"}, 0.12345, NOW)
     # series that counted nothing carry none; every exemplar names a call and nothing else
-    assert ("callingbox_calls_total", labels(**org, direction=IN, status="completed")) not in found
+    assert ("callingbox_calls_ended_total", labels(**org, direction=IN, status="completed")) not in found
     assert {tuple(e[0]) for e in found.values()} == {("call_id",)}
 
 
@@ -475,7 +464,7 @@ def test_today_totals_count_created_terminal_statuses_and_money_since_midnight_u
     assert store.today_totals(midnight + 86_400) == {}  # a new day with nothing counted yet
     store.count([call("d", status="busy")], now=midnight + 86_400 + 5)
     assert store.today_totals(midnight + 86_400 + 6) == {"busy": 1}
-    assert store.counters["callingbox_calls_total"][(OUT, "failed")] == 2  # the counters never reset
+    assert store.counters["callingbox_calls_ended_total"][(OUT, "failed")] == 2  # the counters never reset
 
 
 def test_today_totals_survive_the_state_file_round_trip():
@@ -502,10 +491,10 @@ def test_metadata_values_become_a_capped_label_on_call_series_only():
         store.count(campaign_call(campaign))
     assert store.counters["callingbox_calls_created_total"] == {
         (OUT, "none"): 1, (IN, "none"): 0, (OUT, "spring"): 2, (OUT, "autumn"): 1, (OUT, "other"): 1}
-    assert store.counters["callingbox_calls_total"][(OUT, "completed", "spring")] == 2
+    assert store.counters["callingbox_calls_ended_total"][(OUT, "completed", "spring")] == 2
     assert store.counters[OVERFLOW] == {("campaign",): 2}  # winter's creation and end folded
     # a new campaign's terminal and delivery series exist at 0 from its first call
-    assert store.counters["callingbox_calls_total"][(OUT, "failed", "autumn")] == 0
+    assert store.counters["callingbox_calls_ended_total"][(OUT, "failed", "autumn")] == 0
     assert store.counters["callingbox_webhook_deliveries_total"][("failed", "autumn")] == 0
     assert ("callingbox_exporter_polls_total" in store.counters
             and all(len(k) == 1 for k in store.counters["callingbox_exporter_polls_total"]))
@@ -534,7 +523,7 @@ def test_targets_with_other_metadata_labels_share_a_family_with_empty_values():
     registry = CollectorRegistry()
     registry.register(collector)
     samples = text_samples(registry)
-    assert samples[("callingbox_calls_total", labels(org="agency", direction=OUT, status="completed", campaign="spring"))] == 1
-    assert samples[("callingbox_calls_total", labels(org="plain", direction=OUT, status="completed", campaign=""))] == 0
+    assert samples[("callingbox_calls_ended_total", labels(org="agency", direction=OUT, status="completed", campaign="spring"))] == 1
+    assert samples[("callingbox_calls_ended_total", labels(org="plain", direction=OUT, status="completed", campaign=""))] == 0
     assert samples[("callingbox_calls_active", labels(org="agency", direction=OUT, status="ringing", campaign="none"))] == 0
     assert samples[("callingbox_up", labels(org="plain"))] == 0

@@ -112,7 +112,7 @@ def test_every_call_becomes_final_and_truth_matches_what_the_api_shows():
     assert all(r["webhook_status"] != "pending" and r["result_status"] != "pending" for r in records)
     by_status = Counter((r["direction"], r["status"]) for r in records)
     assert {(dict(k[1])["direction"], dict(k[1])["status"]): v
-            for k, v in truth.counters.items() if k[0] == "callingbox_calls_total"} == by_status
+            for k, v in truth.counters.items() if k[0] == "callingbox_calls_ended_total"} == by_status
     causes = {dict(k[1])["hangup_cause"] for k in truth.counters if k[0] == "callingbox_call_hangups_total"}
     assert causes <= {'say "hi"', "back\\slash", "new\nline", "none"}
     billed = sum(r["billing_amount_milli_cents"] for r in records)

@@ -175,4 +175,16 @@ def test_a_state_file_without_metadata_reads_into_a_config_with_metadata_labels(
     ledger, store = accounted()
     restored = decode(encode("default", ledger, store), label_limit=2, extra_labels=("campaign",))
     assert restored.ledger.calls["a"].extra == (None,)
-    assert restored.store.counters["callingbox_calls_total"][("outbound", "failed", "none")] == 2
+    assert restored.store.counters["callingbox_calls_ended_total"][("outbound", "failed", "none")] == 2
+
+
+def test_a_state_file_from_before_the_ended_rename_keeps_its_terminal_counts():
+    """`callingbox_calls_total` became `callingbox_calls_ended_total`: a saved count must not
+    restart at zero, which Prometheus would read as a counter reset."""
+    ledger, store = accounted()
+    document = json.loads(encode("default", ledger, store))
+    counters = document["store"]["counters"]
+    counters["callingbox_calls_total"] = counters.pop("callingbox_calls_ended_total")
+    restored = decode(json.dumps(document).encode())
+    assert restored.store.counters["callingbox_calls_ended_total"] == store.counters["callingbox_calls_ended_total"]
+    assert restored.store.counters["callingbox_calls_ended_total"][("outbound", "failed")] == 2  # d and e

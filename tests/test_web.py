@@ -225,7 +225,7 @@ async def test_after_midnight_utc_yesterdays_totals_show_as_zero_while_counters_
                                  "failed": "0", "billed": "$2.50"}
     assert set(today_of(morning).values()) == {"0", "$0.00"}
     assert morning["last_poll"] == "2024-10-03 23:59:50 UTC (15s ago)"
-    counters = collector.snapshots["campaigns"].store.counters["callingbox_calls_total"]
+    counters = collector.snapshots["campaigns"].store.counters["callingbox_calls_ended_total"]
     assert counters[("outbound", "busy")] == counters[("outbound", "completed")] == 1
 
 
