@@ -116,7 +116,13 @@ def advance(state: CallState | None, record: Record, baseline: float) -> tuple[C
         state.status = record.status
         if record.terminal:
             ended = record.ended_at if record.ended_at is not None else record.updated_at
-            if ended > baseline:
+            if ended <= baseline:
+                # Billing belongs to the terminal transition (SPEC §3): an end before the baseline
+                # is history, and so is its money, however late it settles or the record changes.
+                state.billed = True
+                if record.reservation_status != "reserved":
+                    state.amount = record.billing_amount_milli_cents or 0
+            else:
                 events.append(
                     Ended(
                         record.direction,
@@ -132,13 +138,13 @@ def advance(state: CallState | None, record: Record, baseline: float) -> tuple[C
                 )
 
     # Billing settles once: the first time the call is seen terminal and no longer `reserved`.
+    # Only a call whose end counted gets here unbilled, so its money counts too.
     if not state.billed and record.terminal and record.reservation_status != "reserved":
         state.billed, state.amount = True, record.billing_amount_milli_cents or 0
-        if counted_after:
-            events.append(
-                Billed(record.direction, record.billed_duration_seconds, record.billing_amount_milli_cents or 0,
-                       record.id, state.extra)
-            )
+        events.append(
+            Billed(record.direction, record.billed_duration_seconds, record.billing_amount_milli_cents or 0,
+                   record.id, state.extra)
+        )
 
     webhook = record.webhook_status
     if webhook != state.webhook:

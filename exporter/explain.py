@@ -162,8 +162,8 @@ def tracked_lines(call: CallState, ledger: Ledger, record: Record | None, saved_
                      " (with its hangup, error and duration series)")
         if record is not None:
             lines.append(f"hangup_cause label: {record.hangup_cause or 'none'} (other if past max_label_values)")
-    if call.billed:
-        lines.append(f"billed {_money(call.amount)}: {_when(*span, base)}"
+    if call.billed:  # only a terminal call is billed; its money counts when its end does (SPEC §3)
+        lines.append(f"billed {_money(call.amount)}: {when}"
                      f" in callingbox_billed_amount_dollars_total{_labels(direction=d)}")
     elif call.status in ACTIVE_STATUSES:
         lines.append("billed: not yet (the call has not ended)")

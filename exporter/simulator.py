@@ -148,11 +148,13 @@ def ledger(prev: dict | None, new: dict, billed: bool) -> tuple[list[_Event], bo
         if new[key] in outcomes and (prev is None or prev[key] != new[key]):
             add(new["updated_at"], metric, status=new[key])
     if not billed and status in TERMINAL and new["reservation_status"] != "reserved":
-        billed = True
-        add(new["updated_at"], "callingbox_billed_amount_milli_cents", new["billing_amount_milli_cents"] or 0,
+        # Billing belongs to the terminal transition (SPEC §3): dated by the call's end, however
+        # late it settles. Every terminal version here carries `ended_at`.
+        billed, ended = True, new["ended_at"] or new["updated_at"]
+        add(ended, "callingbox_billed_amount_milli_cents", new["billing_amount_milli_cents"] or 0,
             direction=direction)
         if new["billed_duration_seconds"] is not None:
-            add(new["updated_at"], "callingbox_call_billed_duration_seconds", new["billed_duration_seconds"],
+            add(ended, "callingbox_call_billed_duration_seconds", new["billed_duration_seconds"],
                 True, direction=direction)
     return events, billed
 

@@ -72,7 +72,7 @@ def test_metrics_endpoint_negotiates_openmetrics(stack):
         body = response.read().decode()
         assert response.headers["Content-Type"].startswith("application/openmetrics-text")
     assert body.rstrip().endswith("# EOF")
-    assert "# TYPE callingbox_calls counter" in body
+    assert "# TYPE callingbox_calls_ended counter" in body
     created = [line for line in body.splitlines() if re.match(r"^[a-z_]+_created[ {]", line)]
     assert created == [], "no _created samples unless they carry the original creation time"
 

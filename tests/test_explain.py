@@ -110,7 +110,8 @@ def test_events_before_the_baseline_are_said_not_counted_and_unknowable_ones_are
     across = tracked_lines(call, ledger_with(call, baseline=T0 + 95), record_of(), T0 + 600, Target())
     assert any(line.startswith("created") and "not counted" in line for line in across)
     assert any(line.startswith("ended") and "not counted" in line for line in across), "ended_at T0+90 < baseline"
-    assert any(line.startswith("billed") and "the state does not say when" in line for line in across)
+    # Money belongs to the end (SPEC §3): not counted with it, however late it settled.
+    assert any(line.startswith("billed") and "not counted" in line for line in across)
 
 
 def test_a_straggler_says_when_it_will_be_given_up_and_news_from_the_api_is_flagged():

@@ -1,0 +1,58 @@
+"""Whole system, first start with a lookback: money is counted with the calls it belongs to.
+
+The story: the simulator has been placing 8 calls a second for a while when the exporter
+starts for the first time with `initial_lookback: 15s`. Settlements, extractions and webhook
+outcomes land seconds after each call ends, so many calls that ended before the baseline have
+records bumped after it. Billing belongs to the terminal transition (SPEC §3): once the
+simulator is quiet, every family, money included, equals the truth of events after the
+baseline, exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+from conftest import differences, wait_until
+from exporter.simulator import _seconds
+
+KEY = "sk_test_first_start_0123456789"
+RATE, CALLS = 8, 360  # 45 s of traffic
+
+
+def _ended_before_and_bumped_after(url: str, baseline: float) -> int:
+    """Calls that ended at or before the baseline but whose record changed after it."""
+    request = urllib.request.Request(url + "/v1/calls", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        calls = json.loads(response.read())
+    return sum(
+        1 for call in calls
+        if call["ended_at"] is not None and _seconds(call["ended_at"]) <= baseline < _seconds(call["updated_at"])
+    )
+
+
+def test_first_start_with_a_lookback_counts_money_only_for_calls_whose_end_counts(stack, tmp_path):
+    sim, url = stack.simulator(seed=13, rate=RATE, max_calls=CALLS, time_scale=20, webhook_retry_base=0.1,
+                               api_key=KEY)
+    # History before the exporter exists: ended calls, some not yet settled, delivered or extracted.
+    wait_until(lambda: sim.truth(0).total("callingbox_calls_ended_total") >= 100, 60,
+               message="100 calls ended before the first start")
+    state_file = tmp_path / "state.json"
+    config = {"api_url": url, "poll_interval": "0.5s", "overlap": "10s", "initial_lookback": "15s",
+              "state_file": str(state_file)}
+    exporter = stack.exporter(config, env={"CALLINGBOX_API_KEY": KEY}).start()
+    wait_until(exporter.ready, 30, message="first poll done")
+    baseline = json.loads(state_file.read_bytes())["baseline"]  # the exporter's own first start, durable
+
+    wait_until(sim.all_final, 120, message="simulator calls final")
+    truth = sim.truth(baseline)
+    try:
+        wait_until(lambda: not differences(exporter.scrape(), truth), 30, message="exporter equals truth")
+    except AssertionError:
+        raise AssertionError(differences(exporter.scrape(), truth)[:10])
+
+    # The story holds the case that was miscounted: ends before the baseline, records bumped after.
+    assert _ended_before_and_bumped_after(url, baseline) > 0
+    # ... and money was counted at all (the comparison above is exact, per series).
+    assert truth.total("callingbox_billed_amount_milli_cents") > 0
+    assert exporter.scrape()[("callingbox_up", (("org", "default"),))] == 1
