@@ -32,6 +32,7 @@ RATE_LIMIT_RETRIES = 3
 INVALID_LOG_LIMIT = 10  # malformed records logged one by one per poll; the rest are summed up
 REPORTED_MEMORY = 10_000  # audit mismatches remembered so a lie found twice counts once
 INVALID_MEMORY = 10_000  # malformed records remembered so a re-read does not count them again
+KEY_CHECK_INTERVAL = 1.0  # seconds between looks at api_key_file while waiting for the next poll
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ class Poller:
         self.ledger = Ledger(baseline=clock() - target.initial_lookback)
         self._invalid_seen: dict[str, None] = {}
         self._key_stamp: tuple | None = ("unread",)  # the api_key_file version in use; read again at the first poll
+        self._wake = asyncio.Event()  # set to end the wait before the next poll
+        self._streak: tuple[tuple[str, str], int, float] | None = None  # failing: (kind, polls, since)
         self._next_audit = clock() + target.audit_interval  # the first audit comes an interval after the start
         self._audit: Audit | None = None  # the audit riding on the current read, if one is due
         self.last_audit: float | None = None
@@ -116,6 +119,7 @@ class Poller:
         yet persisted is published after this poller's first save, as always.
         """
         self.ledger, self.status, self._invalid_seen = old.ledger, old.status, old._invalid_seen
+        self._streak = old._streak
         self._key_stamp = ("unread",)
         settings = ("buckets", "max_label_values", "metadata_labels")
         if all(getattr(old.target, s) == getattr(self.target, s) for s in settings):
@@ -139,7 +143,26 @@ class Poller:
                 log.exception("poll crashed", extra={"org": self.org})
                 self.status.failures += 1
                 wait = self._backoff(None)
-            await asyncio.sleep(wait)
+            await self._wait(wait)
+
+    def wake(self) -> None:
+        """End the wait before the next poll (a reload, a rotated key): it runs now."""
+        self._wake.set()
+
+    async def _wait(self, seconds: float) -> None:
+        """Sleep until the next poll is due, or less: a changed api_key_file ends the wait at once,
+        so a rotated Secret fixes a rejected key within seconds, not after a long back-off."""
+        deadline = time.monotonic() + seconds
+        self._wake.clear()
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(self._wake.wait(), min(left, KEY_CHECK_INTERVAL))
+                return
+            except asyncio.TimeoutError:
+                if self.target.api_key_file and self._key_stamp != _stamp(self.target.api_key_file):
+                    if self.status.failures:
+                        log.info("API key file changed; the back-off ends", extra={"org": self.org})
+                    return
 
     async def poll(self) -> tuple[bool, float]:
         """One poll: read and account, persist, then publish. Returns (succeeded, wait before the next)."""
@@ -173,8 +196,11 @@ class Poller:
         if summary.given_up:
             log.warning("stragglers given up", extra={"org": self.org, "calls": summary.given_up})
         durable = await self._persist()
-        if not durable:
-            problem = problem or OSError("state not saved")
+        if not durable and problem is None:
+            # Neither saved nor shown, so this poll's `success` can still become the error it is.
+            self.store.inc("callingbox_exporter_polls_total", ("success",), -1)
+            self.store.inc("callingbox_exporter_polls_total", ("error",))
+            problem = OSError("state not saved")
         backoff = self._conclude(problem, now)
         # A list read slower than the interval slows the polls down to its pace: the API is never
         # read back to back, however large the window grows.
@@ -195,11 +221,7 @@ class Poller:
         path = self.target.api_key_file
         if not path:
             return
-        try:
-            info = os.stat(path)
-            stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
-        except OSError:
-            stamp = None
+        stamp = _stamp(path)
         if stamp is not None and stamp == self._key_stamp:
             return
         try:
@@ -214,6 +236,7 @@ class Poller:
         if key != self.client.key:
             logs.redact(key.reveal())
             self.client.use_key(key)
+            self.status.failures = 0  # a new key starts its own back-off, from the shortest
             log.info("API key reloaded from its file", extra={"org": self.org})
 
     async def _persist(self) -> bool:
@@ -228,22 +251,31 @@ class Poller:
             return False
 
     def _conclude(self, problem: Exception | None, now: float) -> float:
-        """Update the status the web pages show; log a failure once. Returns the back-off."""
+        """Update the status the web pages show and log the streak. Returns the back-off.
+
+        Expected trouble logs once per streak (STYLE.md): the first failure and each change of
+        kind at warn (a rejected key at error), repeats at debug, and one info line on recovery.
+        """
         status = self.status
         if problem is None:
             status.up, status.ready, status.last_error = True, True, None
             status.failures, status.last_success = 0, now
+            if self._streak is not None:
+                _, polls, since = self._streak
+                log.info("poll recovered", extra={"org": self.org, "failures": polls, "down_s": round(now - since, 1)})
+                self._streak = None
             return 0.0
         status.up, status.last_error = False, str(problem)
         status.failures += 1
         backoff = self._backoff(problem)
+        code = getattr(problem, "code", "error")
+        kind = (type(problem).__name__, code)
+        previous, polls, since = self._streak or (None, 0, now)
+        self._streak = (kind, polls + 1, since)
         rejected = isinstance(problem, Unauthorized)
-        log.log(
-            logging.ERROR if rejected else logging.WARNING,
-            "API key rejected" if rejected else "poll failed",
-            extra={"org": self.org, "code": getattr(problem, "code", "error"), "error": str(problem),
-                   "backoff_s": round(backoff, 2)},
-        )
+        level = logging.DEBUG if kind == previous else logging.ERROR if rejected else logging.WARNING
+        log.log(level, "API key rejected" if rejected else "poll failed",
+                extra={"org": self.org, "code": code, "error": str(problem), "backoff_s": round(backoff, 2)})
         return backoff
 
     def _report(self, audit: Audit) -> int:
@@ -376,10 +408,10 @@ class Poller:
             log.warning("more invalid records this poll; counted, not logged", extra={"org": self.org})
 
     def _backoff(self, problem: Exception | None) -> float:
-        """Exponential with ±20 % jitter; a rejected key retries four times slower."""
+        """Exponential with ±20 % jitter, never past MAX_BACKOFF; a rejected key retries four times slower."""
         base = self.target.poll_interval * (4 if isinstance(problem, Unauthorized) else 1)
-        delay = min(MAX_BACKOFF, base * 2 ** min(self.status.failures - 1, 20))
-        return delay * self.rng.uniform(0.8, 1.2)
+        delay = base * 2 ** min(self.status.failures - 1, 20)
+        return min(MAX_BACKOFF, delay * self.rng.uniform(0.8, 1.2))
 
     def _active(self, active: dict[tuple, int]) -> dict[tuple, int]:
         """Active calls by direction, status and capped metadata values."""
@@ -407,3 +439,12 @@ class Poller:
             next_poll=self.status.next_poll,
         )
         self.collector.publish(self.org, Snapshot(self.store.copy(), health))
+
+
+def _stamp(path: str) -> tuple | None:
+    """The version of a file as the file system tells it (inode, size, mtime): a cheap change check."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns

@@ -679,8 +679,11 @@ class Simulator:
             kind, params = self._faults.popleft() if self._faults else (None, {})
         if kind == "status":
             return _error(int(params.get("code", 503)), "upstream unavailable")
-        if kind == "429":
-            return _error(429, "rate limit exceeded", {"Retry-After": f"{params.get('retry_after', 1):g}"})
+        if kind == "429":  # retry_after: seconds, an HTTP date as a string, or None for no header
+            retry_after = params.get("retry_after", 1)
+            headers = {} if retry_after is None else {
+                "Retry-After": retry_after if isinstance(retry_after, str) else f"{retry_after:g}"}
+            return _error(429, "rate limit exceeded", headers)
         if kind == "unauthorized":
             return _error(401, "invalid api key")
         if kind == "non_json":

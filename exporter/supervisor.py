@@ -66,6 +66,8 @@ class Supervisor:
         for name, target in wanted.items():
             current = self.pollers.get(name)
             if current is not None and current.target == target:
+                if current.status.failures:
+                    current.wake()  # a reload is an operator's "try again now": it ends a back-off
                 continue
             poller = self.make_poller(target, self.collector, self.session, budgets=self.budgets)
             if current is None:

@@ -1,0 +1,74 @@
+"""Whole system: a rotated key ends the back-off at once (SPEC §4, key rotation).
+
+The story: two orgs. One answers 503 for a while, then rejects its key (the key was revoked),
+so its back-off has grown long; the operator replaces its key file, atomically as Kubernetes
+does with a Secret. The org is up again long before the back-off it announced would have
+ended, while the other org never failed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from conftest import log_records, log_seconds, wait_until
+
+OLD, NEW, OTHER = "sk_test_old_key_0123456789", "sk_test_new_key_9876543210", "sk_test_other_key_000000"
+FAILURES = 5  # 503s in a row before the key is revoked: the back-off doubles each time
+
+
+def _value(samples, name: str, org: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted({"org": org, **labels}.items()))), 0)
+
+
+def _lines(exporter, msg: str, org: str = "rotated") -> list[dict]:
+    return [r for r in log_records(exporter.log()) if r["msg"] == msg and r.get("org") == org]
+
+
+def test_a_replaced_key_file_ends_the_back_off_of_a_rejected_key(stack, tmp_path):
+    rotated, url = stack.simulator(seed=61, rate=20, max_calls=400, time_scale=300, webhook_retry_base=0.05,
+                                   api_key=OLD)
+    other, other_url = stack.simulator(seed=62, rate=20, max_calls=400, time_scale=300, webhook_retry_base=0.05,
+                                       api_key=OTHER)
+    key_file, other_key = tmp_path / "rotated.key", tmp_path / "other.key"
+    key_file.write_text(OLD + "\n")
+    other_key.write_text(OTHER + "\n")
+    targets = [{"name": "rotated", "api_url": url, "api_key_file": str(key_file)},
+               {"name": "other", "api_url": other_url, "api_key_file": str(other_key)}]
+    exporter = stack.exporter({"poll_interval": "0.5s", "overlap": "10s", "initial_lookback": "1h",
+                               "targets": targets}).start()
+    wait_until(exporter.ready, 30, message="both orgs polled once")
+
+    # 503s, then the key is revoked: the back-off grows at each failure, four times faster at the 401.
+    rotated.inject("status", count=FAILURES, code=503)
+    wait_until(lambda: _value(exporter.scrape(), "callingbox_exporter_api_requests_total", "rotated",
+                              code="503") == FAILURES, 60, message="the 503 streak")
+    rotated.api_key = NEW
+    rejected = wait_until(lambda: _lines(exporter, "API key rejected"), 60, message="the key rejected")[-1]
+    backoff = float(rejected["backoff_s"])
+    back_off_ends = log_seconds(rejected["ts"]) + backoff
+    assert backoff >= 0.5 * 4 * 2 ** FAILURES * 0.8, f"a long back-off is what this story ends: {backoff}s"
+
+    # The Secret is rotated: a new file renamed over the old one.
+    staged = tmp_path / "rotated.key.new"
+    staged.write_text(NEW + "\n")
+    os.replace(staged, key_file)
+    rotated_at = time.time()
+    wait_until(lambda: _value(exporter.scrape(), "callingbox_up", "rotated") == 1,
+               max(1.0, back_off_ends - time.time()), message="up again before the announced back-off ended")
+
+    # The order of events, from the exporter's own log: rotation noticed, then recovery, all
+    # before the back-off the rejected poll announced would have run out.
+    recovered = wait_until(lambda: _lines(exporter, "poll recovered"), 10, message="the recovery line")[-1]
+    noticed = _lines(exporter, "API key file changed; the back-off ends")
+    reloaded = _lines(exporter, "API key reloaded from its file")
+    assert noticed and reloaded, "the wait ended because the file changed, and the new key was read"
+    assert log_seconds(noticed[-1]["ts"]) <= log_seconds(reloaded[-1]["ts"]) <= log_seconds(recovered["ts"])
+    assert log_seconds(recovered["ts"]) < back_off_ends
+    assert int(recovered["failures"]) == FAILURES + 1
+    print(f"\nback-off announced {backoff:.1f}s; up again {log_seconds(recovered['ts']) - rotated_at:.1f}s "
+          f"after the key file was replaced")
+
+    samples = exporter.scrape()
+    assert _value(samples, "callingbox_exporter_polls_total", "other", result="error") == 0
+    assert _value(samples, "callingbox_up", "other") == 1
