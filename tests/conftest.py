@@ -5,7 +5,10 @@ Every wait has a deadline; every process and server is stopped at teardown.
 
 from __future__ import annotations
 
+import calendar
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -41,6 +44,26 @@ def wait_until(predicate, timeout: float, interval: float = 0.1, message: str = 
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def wait_while_progressing(predicate, progress, stall: float, interval: float = 0.1, message: str = "condition"):
+    """Poll `predicate` until it returns a truthy value; fail only once `progress()` stops changing.
+
+    For work whose length depends on the machine (a poll reading a 100 MB body): the deadline is
+    `stall` seconds without any change of `progress()`, so a slow machine makes the wait longer,
+    and only a stuck one makes it fail.
+    """
+    last, since = progress(), time.monotonic()
+    while True:
+        value = predicate()
+        if value:
+            return value
+        now, current = time.monotonic(), progress()
+        if current != last:
+            last, since = current, now
+        elif now - since > stall:
+            raise AssertionError(f"no progress for {stall}s ({current!r}) waiting for {message}")
         time.sleep(interval)
 
 
@@ -120,10 +143,16 @@ class Exporter:
             self.process.wait(timeout=20)
 
     def rss_peak_kib(self) -> int:
+        return self._status_kib("VmHWM")
+
+    def rss_kib(self) -> int:
+        return self._status_kib("VmRSS")
+
+    def _status_kib(self, field: str) -> int:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-        raise AssertionError("no VmHWM")
+        raise AssertionError(f"no {field}")
 
 
 @pytest.fixture
@@ -181,15 +210,25 @@ COUNTERS = (
 )
 
 
+MILLI_CENTS_PER_DOLLAR = 100_000  # SPEC §1: 100 000 milli-cents = 1 USD
+# The only sums compared with a tolerance: each delay is a difference of two float timestamps,
+# and the exporter adds them up in the order it reads the calls, the truth in the order they
+# happened. Float addition is not associative, so the last bits may differ. Everything else is
+# exact: counts, buckets, the sums of integer durations, and money (integer milli-cents summed,
+# then divided once, by the exporter as here).
+FLOAT_SUMS = ("callingbox_call_answer_delay_seconds_sum", "callingbox_call_setup_delay_seconds_sum")
+
+
 def differences(samples: Samples, truth, org: str = "default", buckets: dict | None = None) -> list[str]:
     """Every way the exporter's numbers differ from the simulator's ground truth (empty: exact)."""
-    from exporter.metrics import DEFAULT_BUCKETS, MILLI_CENTS_PER_DOLLAR
+    from exporter.metrics import DEFAULT_BUCKETS
 
     got = counters_of(samples, org)
     problems = []
     expected: Samples = {}
     for (name, labels), value in truth.counters.items():
         if name == "callingbox_billed_amount_milli_cents":
+            assert isinstance(value, int), f"truth's money is not integer milli-cents: {value!r}"
             expected[("callingbox_billed_amount_dollars_total", labels)] = value / MILLI_CENTS_PER_DOLLAR
         else:
             expected[(name, labels)] = value
@@ -208,7 +247,7 @@ def differences(samples: Samples, truth, org: str = "default", buckets: dict | N
     keys = {k for k in expected} | {k for k in got if k[0] in families}
     for key in sorted(keys):
         want, have = expected.get(key, 0), got.get(key, 0)
-        if key[0].endswith("_sum") or key[0].startswith("callingbox_billed_amount"):
+        if key[0] in FLOAT_SUMS:
             if abs(want - have) > 1e-6 * max(1.0, abs(want)):
                 problems.append(f"{key}: exporter {have} != truth {want}")
         elif want != have:
@@ -220,6 +259,32 @@ def _le(bound: float) -> str:
     from prometheus_client.utils import floatToGoString
 
     return floatToGoString(bound)
+
+
+_LOGFMT_FIELD = re.compile(r'([\w.]+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+def log_records(text: str) -> list[dict]:
+    """The exporter's log lines (logfmt or json) as dicts of strings, in order."""
+    records = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                fields = {key: str(value) for key, value in json.loads(line).items()}
+            except ValueError:
+                continue
+        else:
+            fields = {key: json.loads(value) if value.startswith('"') else value
+                      for key, value in _LOGFMT_FIELD.findall(line)}
+        if "msg" in fields and "ts" in fields:
+            records.append(fields)
+    return records
+
+
+def log_seconds(ts: str) -> float:
+    """A log line's `ts` (`2024-05-01T12:00:00.123Z`) as Unix seconds."""
+    whole, millis = ts.rstrip("Z").split(".")
+    return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + int(millis) / 1000
 
 
 def assert_orgs_exact(exporter: Exporter, sims: dict, timeout: float = 30) -> None:

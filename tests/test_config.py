@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from exporter.config import Config, ConfigError, Secret, Target, build, parse_duration
+from exporter.metrics import DEFAULT_BUCKETS, Store
 
 KEY = "sk_live_9f8e7d6c5b4a"
 
@@ -51,6 +52,24 @@ def test_defaults_follow_the_spec(write_config, key_file):
         "https://api.callingbox.io", 15.0, 259200.0, 120.0
     )
     assert (target.initial_lookback, target.state_file, target.max_label_values) == (0.0, None, 50)
+
+
+# SPEC §3, typed out: a change to the defaults in the code must fail here, not pass unnoticed.
+SPEC_DURATIONS = (0, 5, 10, 20, 30, 60, 120, 180, 300, 600, 1200, 1800, 3600)
+SPEC_DELAYS = (0.5, 1, 2, 3, 5, 8, 10, 15, 20, 30, 45, 60)
+SPEC_BUCKETS = {
+    "callingbox_call_duration_seconds": SPEC_DURATIONS,
+    "callingbox_call_billed_duration_seconds": SPEC_DURATIONS,
+    "callingbox_call_answer_delay_seconds": SPEC_DELAYS,
+    "callingbox_call_setup_delay_seconds": SPEC_DELAYS,
+}
+
+
+def test_default_histogram_buckets_are_the_specs(write_config, key_file):
+    assert {name: tuple(DEFAULT_BUCKETS.get(name, ())) for name in SPEC_BUCKETS} == SPEC_BUCKETS
+    (target,) = build(config_file=write_config(f"api_key_file: {key_file}\n"), env={}).targets
+    loaded = Store(dict(target.buckets), target.max_label_values).buckets  # as the poller builds its store
+    assert {name: tuple(loaded[name]) for name in SPEC_BUCKETS} == SPEC_BUCKETS
 
 
 def test_demo_needs_no_config_file_and_no_key():

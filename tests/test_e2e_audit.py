@@ -29,6 +29,17 @@ def checked(exporter) -> float:
     return exporter.scrape().get(("callingbox_exporter_audit_calls_checked_total", (("org", "default"),)), 0)
 
 
+def last_audit(exporter) -> float:
+    return exporter.scrape().get(("callingbox_exporter_last_audit_timestamp_seconds", (("org", "default"),)), 0)
+
+
+def wait_for_audits(exporter, n: int) -> None:
+    """Until `n` more audits are done and published (each one interval after the last)."""
+    for i in range(n):
+        previous = last_audit(exporter)
+        wait_until(lambda: last_audit(exporter) > previous, 30, message=f"audit {i + 1} of {n} more")
+
+
 def final_calls(sim, age_from: float, age_to: float) -> list[dict]:
     """Visible, final calls created between `age_to` and `age_from` seconds ago, oldest first."""
     now = time.time()
@@ -71,8 +82,8 @@ def test_an_honest_api_audits_clean_and_each_lie_is_caught_once(stack):
 
     wait_until(lambda: min(mismatches(exporter).values()) >= 1, 30,
                message=f"every kind caught: {mismatches(exporter)}")
-    time.sleep(3)  # two more audits: nothing is counted twice
-    assert mismatches(exporter) == dict.fromkeys(KINDS, 1), exporter.log()[-3000:]
+    wait_for_audits(exporter, 2)
+    assert mismatches(exporter) == dict.fromkeys(KINDS, 1), exporter.log()[-3000:]  # nothing counted twice
     log = exporter.log()
     for kind, call_id in told.items():
         assert 'msg="audit mismatch"' in log and f"kind={kind}" in log and call_id in log, (kind, call_id)
@@ -99,6 +110,7 @@ def test_spot_checks_fetch_tracked_calls_by_id_and_find_a_rewrite(stack):
     victim = next(r for r in final_calls(sim, 0, 3600) if r["status"] == "completed")["id"]
     sim.tamper(victim, status="busy")
     wait_until(lambda: mismatches(exporter)["status"] == 1, 20, message="the rewrite found by a spot-check")
-    time.sleep(2)  # more spot-checks find it again: still counted once
-    assert mismatches(exporter) == {**dict.fromkeys(KINDS, 0), "status": 1}
+    by_id = sim.stats["by_id_requests"]
+    wait_until(lambda: sim.stats["by_id_requests"] >= by_id + 120, 30, message="two more rounds of spot-checks")
+    assert mismatches(exporter) == {**dict.fromkeys(KINDS, 0), "status": 1}  # found again, counted once
     assert victim in exporter.log()

@@ -15,7 +15,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, http_get, parse_metrics, wait_until
+from conftest import ROOT, http_get, log_records, parse_metrics, wait_until
 from test_e2e_exact import KEY, _config
 
 WRONG_KEY = "sk_live_wr0ngKey_7d4c2b9e1f0a8c63"
@@ -52,18 +52,30 @@ def test_a_rejected_key_is_logged_as_rejected_and_shown_nowhere(stack, tmp_path,
         config, env = _config(url), {"CALLINGBOX_API_KEY": WRONG_KEY}
     exporter = stack.exporter(config, env=env).start()
 
-    # A rejected key retries four times slower: polls at ~0, ~1.2 and ~3.6 s.
-    wait_until(lambda: exporter.log().count('msg="API key rejected"') >= 3, 15, message="three rejected polls")
+    # A rejected key retries four times slower: each poll comes after the back-off the last one logged.
+    rejected = wait_until(lambda: _lines(exporter, "API key rejected"), 20, message="a rejected poll")
+    while len(rejected) < 3:
+        count, backoff = len(rejected), float(rejected[-1]["backoff_s"])
+        rejected = wait_until(lambda: len(_lines(exporter, "API key rejected")) > count and
+                              _lines(exporter, "API key rejected"), backoff + 15, message=f"rejected poll {count + 1}")
 
     samples = parse_metrics(http_get(exporter.url + "/metrics")[1])
     assert _value(samples, "callingbox_up") == 0
     assert _value(samples, "callingbox_exporter_api_requests_total", code="401") >= 3
     assert _value(samples, "callingbox_exporter_polls_total", result="success") == 0
     assert http_get(exporter.url + "/-/ready")[0] == 503
-    rejected = [line for line in exporter.log().splitlines() if 'msg="API key rejected"' in line]
-    assert all("org=default" in line and "code=401" in line for line in rejected), rejected
+    rejected = _lines(exporter, "API key rejected")
+    assert all(line["org"] == "default" and line["code"] == "401" for line in rejected), rejected
+    # One streak: said once at error, then repeated at debug only; never recovered, nothing else failed.
+    assert [line["level"] for line in rejected] == ["error"] + ["debug"] * (len(rejected) - 1), rejected
+    assert _lines(exporter, "poll recovered") == [] and _lines(exporter, "poll failed") == []
     assert "401" in http_get(exporter.url + "/")[1], "the landing page shows the error"
     assert _leaks(WRONG_KEY, _everything(exporter)) == []
+
+
+def _lines(exporter, msg: str) -> list[dict]:
+    """The exporter's log lines with message `msg`, as dicts, in order."""
+    return [record for record in log_records(exporter.log()) if record["msg"] == msg]
 
 
 def _recovered(samples, requests_before: float) -> bool:
@@ -87,9 +99,16 @@ def test_an_accepted_key_is_shown_nowhere_even_at_debug_level_through_faults(sta
         wait_until(lambda: _recovered(exporter.scrape(), before), 15, message=f"a {kind} fault, then a good poll")
     wait_until(sim.all_final, 30, message="simulator calls final")
 
-    log = exporter.log()
-    assert "debug" in log and "poll done" in log, "debug lines were written"
-    assert log.count("poll failed") == 4 and log.count("API key rejected") == 1 and log.count("rate limited") == 1
+    records = log_records(exporter.log())
+    assert {"debug"} <= {r["level"] for r in records} and any(r["msg"] == "poll done" for r in records), \
+        "debug lines were written"
+    # Each fault is a streak of one failed poll, said at warn (error for the key), and its end
+    # said once at info; the 429 is waited out inside a poll that does not fail.
+    said = [(r["msg"], r["level"], r.get("failures")) for r in records
+            if r["msg"] in ("poll failed", "API key rejected", "poll recovered", "rate limited")]
+    streak = [("poll failed", "warn", None), ("poll recovered", "info", "1")]
+    assert said == streak * 4 + [("API key rejected", "error", None), ("poll recovered", "info", "1"),
+                                 ("rate limited", "warn", None)], said
     assert _leaks(KEY, _everything(exporter)) == []
 
 
