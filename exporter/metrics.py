@@ -21,7 +21,7 @@ from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 from .accounting import EXTRACTIONS, OUTCOMES, Billed, Created, Ended, Event, ExtractionOutcome, WebhookOutcome
-from .records import ACTIVE_STATUSES, DIRECTIONS, TERMINAL_STATUSES
+from .records import ACTIVE_STATUSES, DIRECTIONS, INVALID_REASONS, TERMINAL_STATUSES
 
 AUDIT_KINDS = ("missing", "extra", "status", "billing", "webhook", "extraction")
 
@@ -124,10 +124,14 @@ CALL_FAMILIES = frozenset(
 )
 
 
-def _initial_series(none_extra: tuple[str, ...] = ()) -> Iterable[tuple[str, tuple[str, ...]]]:
+def _initial_series(extra_labels: tuple[str, ...] = ()) -> Iterable[tuple[str, tuple[str, ...]]]:
     """Series known to exist, exported at 0 so the first failure shows in increase()."""
+    none_extra = ("none",) * len(extra_labels)
     for name, labels in _base_series():
         yield name, (*labels, *none_extra) if name in CALL_FAMILIES else labels
+    # Every label capped by Store.capped: the free-text ones and the metadata labels.
+    for label in (*CAPPED_LABELS, *extra_labels):
+        yield "callingbox_exporter_label_overflow_total", (label,)
 
 
 def _base_series() -> Iterable[tuple[str, tuple[str, ...]]]:
@@ -145,6 +149,8 @@ def _base_series() -> Iterable[tuple[str, tuple[str, ...]]]:
         yield "callingbox_result_extractions_total", (s,)
     for result in ("success", "error"):
         yield "callingbox_exporter_polls_total", (result,)
+    for reason in INVALID_REASONS:
+        yield "callingbox_exporter_invalid_records_total", (reason,)
     yield "callingbox_exporter_poll_duration_seconds", ()
     yield "callingbox_exporter_vanished_calls_total", ()
     yield "callingbox_exporter_audit_calls_checked_total", ()
@@ -176,7 +182,7 @@ class Store:
         # Counted since 00:00 UTC of day `today_day`: created, each terminal status, milli_cents.
         self.today_day: int | None = None
         self.today: dict[str, int] = {}
-        for name, labels in _initial_series(self.none_extra):
+        for name, labels in _initial_series(self.extra_labels):
             if FAMILIES[name].kind == "counter":
                 self.counters.setdefault(name, {})[labels] = 0
             else:

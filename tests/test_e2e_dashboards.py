@@ -2,14 +2,16 @@
 
 The story: the simulator places calls fast enough that every status, webhook and extraction
 failures, errors and billing happen within seconds; the exporter polls it with a small label
-cap (so values fold into `other`); a real Prometheus scrapes it every second with the shipped
-recording rules, as they are (a 5m or 1h window over half a minute of data still yields a
-value), and stores exemplars. Malformed records and a 503 are injected once it scrapes, so the
-invalid-records and API-error panels have data. Then each variable's query must list the org
-and direction, and every target of every panel of both dashboards, with the variables
-substituted as Grafana would (a chosen org and direction, then "All"), must succeed and return
-a number; each target that asks for exemplars must find some. A panel that stays empty on live
-traffic names its dashboard, title and expression.
+cap (so hangup causes fold into `other`; the three error codes fit under it); a real Prometheus
+scrapes it every second with the shipped recording rules, as they are (a 5m or 1h window over
+half a minute of data still yields a value), and stores exemplars. First, on that healthy run,
+each variable's query must list the org and direction, and every target of every panel of both
+dashboards, with the variables substituted as Grafana would (a chosen org and direction, then
+"All"), must succeed and return a number; each target that asks for exemplars must find some;
+and the panels about trouble (invalid records, label overflow, API error ratio) must read 0,
+not "No data" (SPEC §3). Then malformed records and a 503 are injected, and the invalid-records
+and API-error panels must rise above 0. A panel that stays empty names its dashboard, title and
+expression.
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ CHOSEN = {"org": "default", "direction": "outbound"}  # a concrete selection; in
 ALL = ".*"  # each multi-value variable's allValue
 WINDOW, STEP = 30, 5  # query_range over the last 30 s, a point every 5 s
 DEADLINE = 40.0  # seconds after the rate window has filled for every panel to show data
+# Panels that read 0, not "No data", while nothing is wrong: (dashboard, title) → the labels of
+# the series that must be there, each at 0 at every point of the range.
+ZERO_WHEN_HEALTHY = {
+    ("callingbox-exporter", "Invalid records by reason"): {"org": "default"},
+    ("callingbox-exporter", "Label overflow"): {"org": "default", "label": "error_code"},
+    ("callingbox-exporter", "API error ratio (15m)"): {"org": "default"},
+}
+# Of those, the panels the injected faults (malformed records, a 503) must lift above 0.
+RAISED_BY_FAULTS = (("callingbox-exporter", "Invalid records by reason"),
+                    ("callingbox-exporter", "API error ratio (15m)"))
+ERROR_CODES = ["insufficient_credits", "invalid_number", "carrier_error"]  # as many as max_label_values
 
 
 def _api(prometheus: Server, path: str, params: list[tuple[str, str]]) -> tuple[dict | None, str]:
@@ -66,6 +79,27 @@ def label_values(prometheus: Server, query: str, values: dict[str, str]) -> tupl
     return (data or []), error
 
 
+def _run(prometheus: Server, target: dict, expr: str, now: float) -> tuple[dict | None, str]:
+    """A panel target as Grafana runs it: an instant query, or a range over the last WINDOW seconds."""
+    if target.get("instant") and not target.get("range"):
+        return _api(prometheus, "/api/v1/query", [("query", expr), ("time", str(now))])
+    return _api(prometheus, "/api/v1/query_range", [
+        ("query", expr), ("start", str(now - WINDOW)), ("end", str(now)), ("step", str(STEP))])
+
+
+def _series_values(data: dict) -> list[tuple[dict[str, str], list[float]]]:
+    """(labels, values) of each series of a vector or matrix result."""
+    if data["resultType"] == "matrix":
+        return [(series["metric"], [float(v) for _, v in series["values"]]) for series in data["result"]]
+    return [(series["metric"], [float(series["value"][1])]) for series in data["result"]]
+
+
+def panel_targets(uid: str, title: str) -> list[dict]:
+    targets = [target for panel_title, _, target in queries(load(uid)) if panel_title == title]
+    assert targets, f"{uid} has no panel {title!r}"
+    return targets
+
+
 def problems(prometheus: Server, values: dict[str, str], selection: str) -> list[str]:
     """Every target of every panel that fails or shows nothing, as `dashboard / panel / refId: expr: why`."""
     found, now = [], time.time()
@@ -74,11 +108,7 @@ def problems(prometheus: Server, values: dict[str, str], selection: str) -> list
         for title, panel, target in queries(dashboard):
             expr = substitute(target["expr"], values)
             where = f"{uid} / {title!r} / {target['refId']} ({selection}): {expr}"
-            if target.get("instant") and not target.get("range"):
-                data, error = _api(prometheus, "/api/v1/query", [("query", expr), ("time", str(now))])
-            else:
-                data, error = _api(prometheus, "/api/v1/query_range", [
-                    ("query", expr), ("start", str(now - WINDOW)), ("end", str(now)), ("step", str(STEP))])
+            data, error = _run(prometheus, target, expr, now)
             if data is None:
                 found.append(f"{where}: {error}")
                 continue
@@ -98,13 +128,56 @@ def problems(prometheus: Server, values: dict[str, str], selection: str) -> list
     return found
 
 
+def zero_panels(prometheus: Server, values: dict[str, str], selection: str) -> tuple[list[str], list[str]]:
+    """The ZERO_WHEN_HEALTHY panels: the series still missing ("No data"), and those reading anything but 0."""
+    missing, wrong, now = [], [], time.time()
+    for (uid, title), wanted in ZERO_WHEN_HEALTHY.items():
+        for target in panel_targets(uid, title):
+            expr = substitute(target["expr"], values)
+            where = f"{uid} / {title!r} / {target['refId']} ({selection}): {expr}"
+            data, error = _run(prometheus, target, expr, now)
+            if data is None:
+                missing.append(f"{where}: {error}")
+                continue
+            series = [(labels, vs) for labels, vs in _series_values(data) if wanted.items() <= labels.items()]
+            if not any(vs for _, vs in series):
+                missing.append(f"{where}: no series {wanted}, only {[labels for labels, _ in _series_values(data)]}")
+            wrong.extend(f"{where}: {labels} reads {vs}, not 0" for labels, vs in series if any(v != 0 for v in vs))
+    return missing, wrong
+
+
+def raised(prometheus: Server, uid: str, title: str, values: dict[str, str]) -> str:
+    """'' once the panel reads above 0 for the org at the end of the range, else what it reads."""
+    for target in panel_targets(uid, title):
+        expr = substitute(target["expr"], values)
+        data, error = _run(prometheus, target, expr, time.time())
+        series = _series_values(data) if data else []
+        latest = [vs[-1] for labels, vs in series if labels.get("org") == "default" and vs]
+        if not any(v > 0 for v in latest):
+            return f"{uid} / {title!r} / {target['refId']}: {expr}: reads {latest} {error}"
+    return ""
+
+
+def settle(check, what: str, diagnostics) -> float:
+    """Run `check` (→ a list of problems) until it finds none; fail after DEADLINE seconds. Returns the wait."""
+    began = time.monotonic()
+    while True:
+        found = check()
+        if not found:
+            return time.monotonic() - began
+        if time.monotonic() - began > DEADLINE:
+            raise AssertionError(f"{len(found)} {what} after {DEADLINE:.0f} s:\n" + "\n".join(found) + diagnostics())
+        time.sleep(1)
+
+
 def test_every_dashboard_query_shows_data_on_a_real_prometheus(stack, launch, tmp_path):
     require("prometheus")
     assert RECORDING_RULES.exists(), RECORDING_RULES
     # time_scale 300 and fast webhook retries: every outcome, failed webhooks and extractions within
-    # seconds. max_label_values 3: the simulator's ten hangup causes overflow the cap.
+    # seconds. max_label_values 3: the simulator's ten hangup causes overflow the cap, its three
+    # error codes do not (label_overflow{label="error_code"} stays 0).
     sim, url = stack.simulator(seed=17, rate=20, inbound_share=0.3, time_scale=300, webhook_retry_base=0.05,
-                               api_key=KEY)
+                               error_codes=ERROR_CODES, api_key=KEY)
     exporter = stack.exporter({"api_url": url, "poll_interval": "0.5s", "overlap": "10s", "max_label_values": 3},
                               env={"CALLINGBOX_API_KEY": KEY}).start()
     wait_until(exporter.ready, 20, message=f"exporter ready ({exporter.log_path})")
@@ -122,8 +195,6 @@ def test_every_dashboard_query_shows_data_on_a_real_prometheus(stack, launch, tm
         return bool(targets) and all(t["health"] == "up" for t in targets)
 
     wait_until(scraped, 15, interval=0.25, message=f"Prometheus scraping the exporter{diagnostics()}")
-    sim.inject("malformed", count=2)  # → callingbox_exporter_invalid_records_total{reason}
-    sim.inject("status", count=1, code=503)  # → api_requests_total{code="503"}, a failed poll
 
     # Data must cover the panels' rate window ($__rate_interval) before an empty panel means anything.
     rate_window = int(BUILTINS["__rate_interval"].rstrip("s"))
@@ -150,17 +221,31 @@ def test_every_dashboard_query_shows_data_on_a_real_prometheus(stack, launch, tm
             chosen[name] = CHOSEN.get(name, listed[0])
     everything = {**BUILTINS, **{name: ALL for name in chosen if name not in BUILTINS}}
 
-    began = time.monotonic()
-    deadline = began + DEADLINE
-    while True:
-        found = problems(prometheus, chosen, "chosen") + problems(prometheus, everything, "All")
-        if not found:
-            break
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{len(found)} dashboard queries show nothing after {DEADLINE:.0f} s:\n"
-                                 + "\n".join(found) + diagnostics())
-        time.sleep(1)
+    # A healthy run: every panel shows a number, and the panels about trouble read 0.
+    waited = settle(lambda: problems(prometheus, chosen, "chosen") + problems(prometheus, everything, "All"),
+                    "dashboard queries show nothing on a healthy run", diagnostics)
+    selections = ((chosen, "chosen"), (everything, "All"))
+    settle(lambda: [m for values, name in selections for m in zero_panels(prometheus, values, name)[0]],
+           "panels read \"No data\" instead of 0 on a healthy run", diagnostics)
+    wrong = [w for values, name in selections for w in zero_panels(prometheus, values, name)[1]]
+    assert not wrong, "panels about trouble do not read 0 on a healthy run:\n" + "\n".join(wrong) + diagnostics()
+
+    # Trouble: the zeros were live, not stuck.
+    sim.inject("malformed", count=2)  # → callingbox_exporter_invalid_records_total{reason}
+    # Three failed polls, backing off 0.5 s then 1 s: the new code="503" series rises between two
+    # scrapes (increase() ignores a series' first sample, so a single 503 would never show).
+    sim.inject("status", count=3, code=503)
+    waiting = set(RAISED_BY_FAULTS)  # a rate falls back to 0 once its window has passed: each is seen once
+
+    def still_zero() -> list[str]:
+        found = {panel: raised(prometheus, *panel, chosen) for panel in waiting}
+        waiting.difference_update(panel for panel, why in found.items() if not why)
+        return [why for why in found.values() if why]
+
+    settle(still_zero, "panels do not rise above 0 after the faults", diagnostics)
+    settle(lambda: problems(prometheus, chosen, "chosen") + problems(prometheus, everything, "All"),
+           "dashboard queries show nothing after the faults", diagnostics)
     checked = sum(len(queries(load(uid))) for uid in DASHBOARDS)
     print(f"\ndashboards e2e: {checked} targets x 2 selections showed data "
-          f"{time.monotonic() - began:.1f} s after the rate window filled; chosen: "
+          f"{waited:.1f} s after the rate window filled; chosen: "
           f"{ {k: v for k, v in chosen.items() if k not in BUILTINS} }")

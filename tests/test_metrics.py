@@ -6,8 +6,10 @@ parsers, so the tests see what Prometheus sees.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -16,7 +18,9 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from exporter.accounting import Billed, Created, Ended, ExtractionOutcome, WebhookOutcome
+from exporter import records
 from exporter.metrics import Collector, Health, Snapshot, Store
+from exporter.records import INVALID_REASONS, decode_record
 
 OUT, IN = "outbound", "inbound"
 HANGUPS = "callingbox_call_hangups_total"
@@ -44,13 +48,13 @@ def test_values_beyond_the_label_limit_fold_into_other_and_each_fold_is_counted(
         (OUT, "completed", "c"): 1,
         (OUT, "completed", "other"): 3,
     }
-    assert store.counters[OVERFLOW] == {("hangup_cause",): 3}
+    assert store.counters[OVERFLOW] == {("hangup_cause",): 3, ("error_code",): 0}
 
 
 def test_values_already_seen_keep_their_own_label_once_the_cap_is_full():
     store = Store(label_limit=2)
     assert [store.capped("error_code", v) for v in ("x", "y", "z", "x", "y", "z")] == ["x", "y", "other", "x", "y", "other"]
-    assert store.counters[OVERFLOW] == {("error_code",): 2}
+    assert store.counters[OVERFLOW] == {("hangup_cause",): 0, ("error_code",): 2}
 
 
 def test_null_and_empty_values_export_as_none_without_using_up_the_cap():
@@ -62,7 +66,7 @@ def test_null_and_empty_values_export_as_none_without_using_up_the_cap():
         (OUT, "completed", "b"): 1,
         (OUT, "completed", "c"): 1,
     }
-    assert store.counters.get(OVERFLOW, {}) == {}
+    assert store.counters[OVERFLOW] == {("hangup_cause",): 0, ("error_code",): 0}
 
 
 def test_each_capped_label_has_its_own_cap():
@@ -134,7 +138,7 @@ def test_restored_store_keeps_folding_into_other_where_it_left_off():
     assert restored.counters[HANGUPS][(OUT, "completed", "b")] == 2
     assert restored.counters[HANGUPS][(OUT, "completed", "other")] == 1  # "new" folds now; "c" folded under inbound busy
     assert restored.counters[HANGUPS][(IN, "busy", "other")] == 1
-    assert restored.counters[OVERFLOW] == {("hangup_cause",): 2}
+    assert restored.counters[OVERFLOW] == {("hangup_cause",): 2, ("error_code",): 0}
 
 
 def test_histograms_whose_buckets_changed_are_reported_and_restart_from_zero():
@@ -318,7 +322,49 @@ def test_known_series_start_at_zero(samples_of):
         expected[("callingbox_webhook_deliveries_total", labels(org="default", status=s))] = 0
     for s in ("completed", "failed"):
         expected[("callingbox_result_extractions_total", labels(org="default", status=s))] = 0
+    for reason in {decode_record(obj).reason for _, obj in MALFORMED}:
+        expected[("callingbox_exporter_invalid_records_total", labels(org="default", reason=reason))] = 0
+    for label in ("hangup_cause", "error_code"):
+        expected[(OVERFLOW, labels(org="default", label=label))] = 0
     assert {k: samples.get(k) for k in expected} == expected
+
+
+def test_overflow_of_each_metadata_label_starts_at_zero():
+    """Metadata labels are capped like hangup_cause, so their folds show in increase() from the start."""
+    samples = text_samples(registry_of(Store(extra_labels=("campaign", "tier")), Health()))
+    overflow = {dict(k[1])["label"]: v for k, v in samples.items() if k[0] == OVERFLOW}
+    assert overflow == {"hangup_cause": 0, "error_code": 0, "campaign": 0, "tier": 0}
+
+
+GOOD_CALL = {"id": "c1", "status": "completed", "direction": OUT,
+             "created_at": "2024-05-01T12:00:00Z", "updated_at": "2024-05-01T12:01:00Z"}
+# One element of GET /v1/calls per way the decoder rejects a record, with the reason it gives.
+MALFORMED = [
+    ("not_object", ["a", "list"]),
+    ("missing_field", {**GOOD_CALL, "id": None}),
+    ("bad_type", {**GOOD_CALL, "id": 42}),
+    ("bad_value", {**GOOD_CALL, "duration_seconds": -1}),
+    ("bad_timestamp", {**GOOD_CALL, "created_at": "yesterday"}),
+    ("unknown_status", {**GOOD_CALL, "status": "on_hold"}),
+]
+
+
+def test_invalid_reasons_are_exactly_the_reasons_the_decoder_gives():
+    assert [decode_record(obj).reason for _, obj in MALFORMED] == [reason for reason, _ in MALFORMED]
+    assert sorted(reason for reason, _ in MALFORMED) == sorted(INVALID_REASONS)
+
+
+def test_every_reason_named_in_the_decoder_is_an_invalid_reason():
+    """A reason records.py passes to Invalid or _Reject outside INVALID_REASONS would have no zero series."""
+    named = set()
+    for node in ast.walk(ast.parse(Path(records.__file__).read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("Invalid", "_Reject") and node.args:
+            for part in ast.walk(node.args[0]):
+                if isinstance(part, ast.Constant) and isinstance(part.value, str):
+                    named.add(part.value)
+                elif isinstance(part, ast.Name) and part.id.isupper():
+                    named.add(getattr(records, part.id))
+    assert named == set(INVALID_REASONS)
 
 
 def test_series_of_each_target_carry_its_org():
@@ -492,7 +538,8 @@ def test_metadata_values_become_a_capped_label_on_call_series_only():
     assert store.counters["callingbox_calls_created_total"] == {
         (OUT, "none"): 1, (IN, "none"): 0, (OUT, "spring"): 2, (OUT, "autumn"): 1, (OUT, "other"): 1}
     assert store.counters["callingbox_calls_ended_total"][(OUT, "completed", "spring")] == 2
-    assert store.counters[OVERFLOW] == {("campaign",): 2}  # winter's creation and end folded
+    # winter's creation and end folded; the other capped labels exist at 0
+    assert store.counters[OVERFLOW] == {("hangup_cause",): 0, ("error_code",): 0, ("campaign",): 2}
     # a new campaign's terminal and delivery series exist at 0 from its first call
     assert store.counters["callingbox_calls_ended_total"][(OUT, "failed", "autumn")] == 0
     assert store.counters["callingbox_webhook_deliveries_total"][("failed", "autumn")] == 0
