@@ -17,8 +17,10 @@ from benchmarks.naive_peer import NaiveMetrics, NaivePeer
 from exporter import __version__
 from exporter.accounting import Billed, Created, Ended, ExtractionOutcome, WebhookOutcome
 from exporter.cli import registry_for
-from exporter.metrics import DELAY_BUCKETS, DURATION_BUCKETS, Collector, Health, Snapshot, Store
-from exporter.records import ACTIVE_STATUSES, DIRECTIONS, TERMINAL_STATUSES
+from exporter.catalogue import ACTIVE_STATUSES, DELAY_BUCKETS, DIRECTIONS, DURATION_BUCKETS, TERMINAL_STATUSES
+from exporter.metrics import Collector, Health, Snapshot
+from exporter.store import Store
+
 
 CASE = "5 exposition"
 GOAL_MS = 20.0

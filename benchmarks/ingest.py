@@ -31,7 +31,8 @@ from benchmarks.procs import ApiServer, http_get
 from exporter.accounting import Ledger
 from exporter.api import CHUNK_BYTES, ArrayStream
 from exporter.config import Target
-from exporter.metrics import Collector, Store
+from exporter.metrics import Collector
+from exporter.store import Store
 from exporter.poller import Poller
 from exporter.records import Invalid, decode_record
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Union
 
-from .records import ACTIVE_STATUSES, Record
+from .catalogue import ACTIVE_STATUSES, EXTRACTIONS, OUTCOMES
+from .records import Record
 
-OUTCOMES = ("delivered", "failed")  # webhook_status values that are counted
-EXTRACTIONS = ("completed", "failed")  # result_status values that are counted
 STRAGGLER_GIVE_UP = 7 * 86400.0  # default age after creation at which a straggler is given up
 EXTRA_INTERN_LIMIT = 10_000  # distinct metadata value tuples shared between calls before starting afresh
 

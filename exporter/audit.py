@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Iterable, NamedTuple
 
-from .accounting import EXTRACTIONS, OUTCOMES, CallState
+from .accounting import CallState
+from .catalogue import EXTRACTIONS, OUTCOMES
 from .records import Record
 
 

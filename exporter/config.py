@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .metrics import DEFAULT_BUCKETS
+from .catalogue import DEFAULT_BUCKETS
 
 DEFAULT_API_URL = "https://api.callingbox.io"
 DEFAULT_LISTEN = ":9860"

@@ -24,7 +24,8 @@ from . import state
 from .accounting import CallState, Ledger
 from .api import ApiError, Client, NotFound
 from .config import Config, Target
-from .records import ACTIVE_STATUSES, Invalid, Record, decode_record
+from .catalogue import ACTIVE_STATUSES
+from .records import Invalid, Record, decode_record
 
 WITHHELD = ("to_number", "from_number", "prompt", "context")
 FREE_FORM = ("metadata", "result")  # the customer's own data: numbers in it may be phone numbers too

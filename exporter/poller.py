@@ -23,7 +23,8 @@ from .audit import Audit, Mismatch
 from .budget import Budgets
 from .api import ApiError, Client, NotFound, RateLimited, Unauthorized
 from .config import ConfigError, Target, read_key_file
-from .metrics import Collector, Health, Snapshot, Store
+from .metrics import Collector, Health, Snapshot
+from .store import Store
 from .records import Invalid, decode_record, fields_type, fingerprint, timestamp_of
 from .stragglers import Refresher
 

@@ -15,20 +15,10 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-ACTIVE_STATUSES = ("queued", "initiated", "ringing", "in_progress")
-TERMINAL_STATUSES = ("completed", "no_answer", "busy", "canceled", "failed")
-STATUSES = frozenset(ACTIVE_STATUSES + TERMINAL_STATUSES)
-DIRECTIONS = ("outbound", "inbound")
-
-# Why a record cannot be accounted: the `reason` label of invalid_records_total. The decoder
-# names its reasons only through these; metrics.py exports each at 0 from the start.
-NOT_OBJECT = "not_object"
-MISSING_FIELD = "missing_field"
-BAD_TYPE = "bad_type"
-BAD_VALUE = "bad_value"
-BAD_TIMESTAMP = "bad_timestamp"
-UNKNOWN_STATUS = "unknown_status"
-INVALID_REASONS = (NOT_OBJECT, MISSING_FIELD, BAD_TYPE, BAD_VALUE, BAD_TIMESTAMP, UNKNOWN_STATUS)
+from .catalogue import (
+    BAD_TIMESTAMP, BAD_TYPE, BAD_VALUE, DIRECTIONS, MISSING_FIELD, NOT_OBJECT, STATUSES,
+    TERMINAL_STATUSES, UNKNOWN_STATUS,
+)
 
 
 class Record(NamedTuple):

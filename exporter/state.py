@@ -16,7 +16,7 @@ from typing import NamedTuple
 import msgspec
 
 from .accounting import CallState, Ledger
-from .metrics import Store
+from .store import Store
 
 FORMAT_VERSION = 1
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import logging
 
 from .accounting import Ledger
 from .api import ApiError, NotFound, RateLimited, Unauthorized
-from .metrics import Store
+from .store import Store
 from .records import Invalid, decode_record, fingerprint
 
 INVALID_MEMORY = 10_000  # malformed answers remembered so a refresh does not count them again

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from .config import ConfigError
-from .metrics import MILLI_CENTS_PER_DOLLAR
+from .catalogue import MILLI_CENTS_PER_DOLLAR
 from .poller import Poller
 from .webconfig import Guard
 

@@ -221,7 +221,7 @@ FLOAT_SUMS = ("callingbox_call_answer_delay_seconds_sum", "callingbox_call_setup
 
 def differences(samples: Samples, truth, org: str = "default", buckets: dict | None = None) -> list[str]:
     """Every way the exporter's numbers differ from the simulator's ground truth (empty: exact)."""
-    from exporter.metrics import DEFAULT_BUCKETS
+    from exporter.catalogue import DEFAULT_BUCKETS
 
     got = counters_of(samples, org)
     problems = []

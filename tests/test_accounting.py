@@ -1,7 +1,7 @@
 """The accounting core, table-driven: each row is a history of records and the counts it must produce.
 
 A row's history is fed, in order, through one `Ledger.account` and the events are summed in a
-`metrics.Store`. `POLL` marks the end of a complete poll (the watermark advances to the newest
+`store.Store`. `POLL` marks the end of a complete poll (the watermark advances to the newest
 `updated_at` read so far), and records are gated by `Ledger.examines` as the poller gates them.
 The expectation lists every counter series that is not zero and every histogram series that
 observed something, so a row fails on a missing count and on an extra one alike.
@@ -14,7 +14,7 @@ from typing import NamedTuple
 import pytest
 
 from exporter.accounting import CallState, Ledger
-from exporter.metrics import Store
+from exporter.store import Store
 from exporter.records import Record
 
 BASELINE = 1_700_000_000.0

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from exporter.config import Config, ConfigError, Secret, Target, build, parse_duration
-from exporter.metrics import DEFAULT_BUCKETS, Store
+from exporter.catalogue import DEFAULT_BUCKETS
+from exporter.store import Store
 
 KEY = "sk_live_9f8e7d6c5b4a"
 

@@ -23,7 +23,9 @@ import yaml
 
 from conftest import ROOT
 from exporter.cli import registry_for
-from exporter.metrics import EXEMPLAR_FAMILIES, FAMILIES, Collector, Health, Snapshot, Store
+from exporter.catalogue import EXEMPLAR_FAMILIES, FAMILIES
+from exporter.metrics import Collector, Health, Snapshot
+from exporter.store import Store
 
 GRAFANA = ROOT / "grafana"
 DASHBOARDS = {

@@ -19,8 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 from exporter.accounting import Billed, Created, Ended, ExtractionOutcome, WebhookOutcome
 from exporter import records
-from exporter.metrics import Collector, Health, Snapshot, Store
-from exporter.records import INVALID_REASONS, decode_record
+from exporter.metrics import Collector, Health, Snapshot
+from exporter.store import Store
+from exporter.catalogue import INVALID_REASONS
+from exporter.records import decode_record
 
 OUT, IN = "outbound", "inbound"
 HANGUPS = "callingbox_call_hangups_total"
@@ -574,3 +576,13 @@ def test_targets_with_other_metadata_labels_share_a_family_with_empty_values():
     assert samples[("callingbox_calls_ended_total", labels(org="plain", direction=OUT, status="completed", campaign=""))] == 0
     assert samples[("callingbox_calls_active", labels(org="agency", direction=OUT, status="ringing", campaign="none"))] == 0
     assert samples[("callingbox_up", labels(org="plain"))] == 0
+
+
+def test_the_store_refuses_a_family_the_catalogue_does_not_name():
+    """A misspelt family name is an error, not a silent new series."""
+    store = Store()
+    with pytest.raises(KeyError, match="callingbox_calls_endd_total"):
+        store.inc("callingbox_calls_endd_total", ("outbound", "completed"))
+    with pytest.raises(KeyError, match="callingbox_call_duration"):
+        store.observe("callingbox_call_duration", ("outbound", "completed"), 3)
+    assert "callingbox_calls_endd_total" not in store.counters

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from exporter.accounting import CallState, Ledger
-from exporter.metrics import Store
+from exporter.store import Store
 from exporter.records import Record
 from exporter.state import decode, encode, load, save, write_atomically
 

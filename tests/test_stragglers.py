@@ -22,7 +22,8 @@ from conftest import differences, wait_until
 from exporter.accounting import CallState, Ledger
 from exporter.api import ApiError, BodyError, Client, NotFound, RateLimited
 from exporter.config import ConfigError, Secret, Target, build
-from exporter.metrics import Collector, Store
+from exporter.metrics import Collector
+from exporter.store import Store
 from exporter.poller import Poller
 from exporter.simulator import OUTCOME_WEIGHTS, format_ts, serve_in_thread, Simulator
 from exporter.stragglers import Refresher

@@ -20,7 +20,7 @@ from exporter.accounting import Created
 from exporter.config import Target
 from exporter.metrics import Collector
 from exporter.poller import Poller
-from exporter.records import TERMINAL_STATUSES
+from exporter.catalogue import TERMINAL_STATUSES
 from exporter.simulator import format_ts
 from exporter.web import dollars, landing_page, make_app
 

@@ -1,0 +1,164 @@
+"""The fixed names: the API's vocabulary and the metric families built on it (SPEC §1, §3).
+
+The top of the flow: every other module, config included, takes its names from here, so a
+metric family is written once and a typo in a name is an error (`Store.inc`), not a new series.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple
+
+ACTIVE_STATUSES = ("queued", "initiated", "ringing", "in_progress")
+TERMINAL_STATUSES = ("completed", "no_answer", "busy", "canceled", "failed")
+STATUSES = frozenset(ACTIVE_STATUSES + TERMINAL_STATUSES)
+DIRECTIONS = ("outbound", "inbound")
+
+# Why a record cannot be accounted: the `reason` label of invalid_records_total. The decoder
+# names its reasons only through these; each is exported at 0 from the start.
+NOT_OBJECT = "not_object"
+MISSING_FIELD = "missing_field"
+BAD_TYPE = "bad_type"
+BAD_VALUE = "bad_value"
+BAD_TIMESTAMP = "bad_timestamp"
+UNKNOWN_STATUS = "unknown_status"
+INVALID_REASONS = (NOT_OBJECT, MISSING_FIELD, BAD_TYPE, BAD_VALUE, BAD_TIMESTAMP, UNKNOWN_STATUS)
+
+
+OUTCOMES = ("delivered", "failed")  # webhook_status values that are counted
+EXTRACTIONS = ("completed", "failed")  # result_status values that are counted
+
+AUDIT_KINDS = ("missing", "extra", "status", "billing", "webhook", "extraction")
+
+MILLI_CENTS_PER_DOLLAR = 100_000
+CAPPED_LABELS = ("hangup_cause", "error_code")
+
+DURATION_BUCKETS = (0, 5, 10, 20, 30, 60, 120, 180, 300, 600, 1200, 1800, 3600)
+DELAY_BUCKETS = (0.5, 1, 2, 3, 5, 8, 10, 15, 20, 30, 45, 60)
+POLL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Family(NamedTuple):
+    kind: str  # counter | histogram
+    labels: tuple[str, ...]  # without org
+    doc: str
+
+
+FAMILIES: dict[str, Family] = {
+    "callingbox_calls_created_total": Family("counter", ("direction",), "Calls first observed, by direction."),
+    "callingbox_calls_ended_total": Family(
+        "counter", ("direction", "status"), "Calls first observed in a terminal status."
+    ),
+    "callingbox_call_hangups_total": Family(
+        "counter", ("direction", "status", "hangup_cause"), "Terminal calls by hangup cause."
+    ),
+    "callingbox_call_errors_total": Family(
+        "counter", ("direction", "error_code"), "Terminal calls with an error code."
+    ),
+    "callingbox_webhook_deliveries_total": Family(
+        "counter", ("status",), "Webhook outcomes observed (delivered, failed); a replay counts again."
+    ),
+    "callingbox_result_extractions_total": Family(
+        "counter", ("status",), "Structured-data extraction outcomes observed (completed, failed)."
+    ),
+    "callingbox_billed_amount_dollars_total": Family(
+        "counter", ("direction",), "Money billed for settled calls, in US dollars."
+    ),
+    "callingbox_call_duration_seconds": Family(
+        "histogram", ("direction", "status"), "duration_seconds of terminal calls."
+    ),
+    "callingbox_call_answer_delay_seconds": Family(
+        "histogram", ("direction",), "Time from ringing to answer (answered_at - started_at)."
+    ),
+    "callingbox_call_billed_duration_seconds": Family(
+        "histogram", ("direction",), "billed_duration_seconds of settled calls."
+    ),
+    "callingbox_call_setup_delay_seconds": Family(
+        "histogram", ("direction",), "Time from creation to ringing (started_at - created_at)."
+    ),
+    "callingbox_exporter_polls_total": Family("counter", ("result",), "Polls of the CallingBox API by result."),
+    "callingbox_exporter_poll_duration_seconds": Family("histogram", (), "Wall time of a poll, fetch to publish."),
+    "callingbox_exporter_api_requests_total": Family(
+        "counter", ("code",), "Requests to the CallingBox API by HTTP status, or error when none came back."
+    ),
+    "callingbox_exporter_invalid_records_total": Family(
+        "counter", ("reason",), "API records skipped because they could not be read."
+    ),
+    "callingbox_exporter_label_overflow_total": Family(
+        "counter", ("label",), "Label values folded into 'other' by the per-label cap."
+    ),
+    "callingbox_exporter_vanished_calls_total": Family(
+        "counter", (), "Tracked calls that the API no longer knows (404 by id)."
+    ),
+    "callingbox_exporter_audit_mismatches_total": Family(
+        "counter", ("kind",), "Self-audit: calls whose counts disagree with the API (missing, extra, status, ...)."
+    ),
+    "callingbox_exporter_audit_calls_checked_total": Family(
+        "counter", (), "Self-audit: settled calls recounted against the API."
+    ),
+}
+
+DEFAULT_BUCKETS: dict[str, tuple[float, ...]] = {
+    "callingbox_call_duration_seconds": DURATION_BUCKETS,
+    "callingbox_call_answer_delay_seconds": DELAY_BUCKETS,
+    "callingbox_call_billed_duration_seconds": DURATION_BUCKETS,
+    "callingbox_call_setup_delay_seconds": DELAY_BUCKETS,
+    "callingbox_exporter_poll_duration_seconds": POLL_BUCKETS,
+}
+
+
+# Families whose series carry the call_id of the latest call counted, as an OpenMetrics exemplar.
+EXEMPLAR_FAMILIES = frozenset({
+    "callingbox_calls_ended_total",
+    "callingbox_call_hangups_total",
+    "callingbox_call_errors_total",
+    "callingbox_billed_amount_dollars_total",
+    "callingbox_call_duration_seconds",
+    "callingbox_call_answer_delay_seconds",
+    "callingbox_call_billed_duration_seconds",
+    "callingbox_call_setup_delay_seconds",
+})
+SECONDS_PER_DAY = 86_400
+# Saved family names of an older version → today's: a state file written before a rename keeps
+# its counts (a silent zero would read as a counter reset in Prometheus).
+RENAMED = {"callingbox_calls_total": "callingbox_calls_ended_total"}
+# Families about calls: their series also carry the target's metadata labels, if configured.
+CALL_FAMILIES = frozenset(
+    {name for name, family in FAMILIES.items() if "direction" in family.labels}
+    | {"callingbox_webhook_deliveries_total", "callingbox_result_extractions_total"}
+)
+
+
+def initial_series(extra_labels: tuple[str, ...] = ()) -> Iterable[tuple[str, tuple[str, ...]]]:
+    """Series known to exist, exported at 0 so the first failure shows in increase()."""
+    none_extra = ("none",) * len(extra_labels)
+    for name, labels in _base_series():
+        yield name, (*labels, *none_extra) if name in CALL_FAMILIES else labels
+    # Every label capped by Store.capped: the free-text ones and the metadata labels.
+    for label in (*CAPPED_LABELS, *extra_labels):
+        yield "callingbox_exporter_label_overflow_total", (label,)
+
+
+def _base_series() -> Iterable[tuple[str, tuple[str, ...]]]:
+    for d in DIRECTIONS:
+        yield "callingbox_calls_created_total", (d,)
+        yield "callingbox_billed_amount_dollars_total", (d,)
+        for s in TERMINAL_STATUSES:
+            yield "callingbox_calls_ended_total", (d, s)
+            yield "callingbox_call_duration_seconds", (d, s)
+        for name in ("answer_delay", "billed_duration", "setup_delay"):
+            yield f"callingbox_call_{name}_seconds", (d,)
+    for s in OUTCOMES:
+        yield "callingbox_webhook_deliveries_total", (s,)
+    for s in EXTRACTIONS:
+        yield "callingbox_result_extractions_total", (s,)
+    for result in ("success", "error"):
+        yield "callingbox_exporter_polls_total", (result,)
+    for reason in INVALID_REASONS:
+        yield "callingbox_exporter_invalid_records_total", (reason,)
+    yield "callingbox_exporter_poll_duration_seconds", ()
+    yield "callingbox_exporter_vanished_calls_total", ()
+    yield "callingbox_exporter_audit_calls_checked_total", ()
+    for kind in AUDIT_KINDS:
+        yield "callingbox_exporter_audit_mismatches_total", (kind,)
+
+

@@ -1,0 +1,246 @@
+"""The aggregate store of one target: integer counters and histogram buckets, keyed by labels.
+
+Plain dictionary arithmetic: accounting events go in, label caps are applied, and it
+serialises for the state file. It also keeps, per series, the id of the latest call counted
+(an exemplar, so a panel can link a spike to one real call) and today's totals for the
+landing page.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+from typing import Iterable
+
+from .accounting import Billed, Created, Ended, Event, ExtractionOutcome, WebhookOutcome
+from .catalogue import (
+    CALL_FAMILIES, CAPPED_LABELS, DEFAULT_BUCKETS, EXTRACTIONS, FAMILIES, OUTCOMES, RENAMED, SECONDS_PER_DAY,
+    TERMINAL_STATUSES, initial_series,
+)
+
+
+def label_value(value: str | None) -> str:
+    return value if value else "none"
+
+class Store:
+    """Counters and histograms of one target, keyed by label values (org excluded)."""
+
+    def __init__(self, buckets: dict[str, tuple[float, ...]] | None = None, label_limit: int = 50,
+                 extra_labels: tuple[str, ...] = ()):
+        self.buckets = {**DEFAULT_BUCKETS, **(buckets or {})}
+        self.label_limit = label_limit
+        # Metadata label names, appended (in this order) to the labels of CALL_FAMILIES series.
+        self.extra_labels = tuple(extra_labels)
+        self.none_extra = ("none",) * len(self.extra_labels)
+        self._zeroed: set[tuple] = set()  # (direction, extra) whose terminal series exist at 0
+        self.counters: dict[str, dict[tuple[str, ...], int | float]] = {}
+        # histogram series: per-bucket counts (not cumulative), then the +Inf overflow, then the sum
+        self.histograms: dict[str, dict[tuple[str, ...], list[float]]] = {}
+        self.seen: dict[str, set[str]] = {label: set() for label in (*CAPPED_LABELS, *self.extra_labels)}
+        # (family, labels, bucket index or -1 for a counter) → (call_id, value, when counted)
+        self.exemplars: dict[tuple[str, tuple[str, ...], int], tuple[str, float, float]] = {}
+        # Counted since 00:00 UTC of day `today_day`: created, each terminal status, milli_cents.
+        self.today_day: int | None = None
+        self.today: dict[str, int] = {}
+        for name, labels in initial_series(self.extra_labels):
+            if FAMILIES[name].kind == "counter":
+                self.counters.setdefault(name, {})[labels] = 0
+            else:
+                self.histograms.setdefault(name, {})[labels] = self._empty(name)
+
+    def _empty(self, name: str) -> list[float]:
+        return [0] * (len(self.buckets[name]) + 1) + [0.0]
+
+    def inc(self, name: str, labels: tuple[str, ...], amount: int | float = 1) -> None:
+        if name not in FAMILIES:  # a misspelt name would otherwise be a silent new series
+            raise KeyError(f"unknown metric family {name!r}")
+        series = self.counters.setdefault(name, {})
+        series[labels] = series.get(labels, 0) + amount
+
+    def observe(self, name: str, labels: tuple[str, ...], value: float) -> int:
+        """Count `value` in its bucket; returns the bucket's index (len(bounds) for +Inf)."""
+        if name not in FAMILIES:
+            raise KeyError(f"unknown metric family {name!r}")
+        series = self.histograms.setdefault(name, {})
+        counts = series.get(labels)
+        if counts is None:
+            counts = series[labels] = self._empty(name)
+        index = bisect.bisect_left(self.buckets[name], value)
+        counts[index] += 1
+        counts[-1] += value
+        return index
+
+    def capped(self, label: str, value: str | None) -> str:
+        """The label value to export: `none` for null, `other` once the cap is full."""
+        value = label_value(value)
+        seen = self.seen[label]
+        if value in seen or value in ("none", "other"):
+            return value
+        if len(seen) < self.label_limit:
+            seen.add(value)
+            return value
+        self.inc("callingbox_exporter_label_overflow_total", (label,))
+        return "other"
+
+    def capped_extra(self, extra: tuple) -> tuple[str, ...]:
+        """Metadata values as label values, each capped like hangup_cause."""
+        if not self.extra_labels:
+            return ()
+        if len(extra) != len(self.extra_labels):  # a call first seen under another metadata_labels config
+            extra = (*extra, *(None,) * len(self.extra_labels))[: len(self.extra_labels)]
+        return tuple(self.capped(label, value) for label, value in zip(self.extra_labels, extra))
+
+    def peek_extra(self, extra: tuple) -> tuple[str, ...]:
+        """Like capped_extra, without counting a fold: for gauges, rendered again at every poll."""
+        values = []
+        for label, value in zip(self.extra_labels, (*extra, *(None,) * len(self.extra_labels))):
+            value, seen = label_value(value), self.seen[label]
+            if value not in seen and value not in ("none", "other"):
+                if len(seen) >= self.label_limit:
+                    value = "other"
+                else:
+                    seen.add(value)
+            values.append(value)
+        return tuple(values)
+
+    def _zero_series(self, direction: str, x: tuple[str, ...]) -> None:
+        """A new campaign (metadata values) gets its terminal series at 0, as the first start does."""
+        self._zeroed.add((direction, x))
+        for s in TERMINAL_STATUSES:
+            self.counters["callingbox_calls_ended_total"].setdefault((direction, s, *x), 0)
+        for s in OUTCOMES:
+            self.counters["callingbox_webhook_deliveries_total"].setdefault((s, *x), 0)
+        for s in EXTRACTIONS:
+            self.counters["callingbox_result_extractions_total"].setdefault((s, *x), 0)
+
+    def count(self, events: Iterable[Event], now: float | None = None) -> None:
+        """Add the events to the counters; with `now`, also to today's totals and the exemplars."""
+        with_extra = bool(self.extra_labels)
+        for event in events:
+            kind = type(event)
+            x = self.capped_extra(event.extra) if with_extra else ()
+            if kind is Created:
+                d = event.direction
+                self.inc("callingbox_calls_created_total", (d, *x))
+                if with_extra and (d, x) not in self._zeroed:
+                    self._zero_series(d, x)
+                self._today(now, "created", 1)
+            elif kind is Ended:
+                d, s, call = event.direction, event.status, event.call_id
+                self._counted("callingbox_calls_ended_total", (d, s, *x), 1, call, now)
+                cause = self.capped("hangup_cause", event.hangup_cause)
+                self._counted("callingbox_call_hangups_total", (d, s, cause, *x), 1, call, now)
+                if event.error_code is not None:
+                    code = self.capped("error_code", event.error_code)
+                    self._counted("callingbox_call_errors_total", (d, code, *x), 1, call, now)
+                if event.duration is not None:
+                    self._observed("callingbox_call_duration_seconds", (d, s, *x), event.duration, call, now)
+                if event.answer_delay is not None:
+                    self._observed("callingbox_call_answer_delay_seconds", (d, *x), event.answer_delay, call, now)
+                if event.setup_delay is not None:
+                    self._observed("callingbox_call_setup_delay_seconds", (d, *x), event.setup_delay, call, now)
+                self._today(now, s, 1)
+            elif kind is Billed:
+                d, call = event.direction, event.call_id
+                self._counted("callingbox_billed_amount_dollars_total", (d, *x), event.milli_cents, call, now)
+                if event.billed_seconds is not None:
+                    self._observed("callingbox_call_billed_duration_seconds", (d, *x), event.billed_seconds, call, now)
+                self._today(now, "milli_cents", event.milli_cents)
+            elif kind is WebhookOutcome:
+                self.inc("callingbox_webhook_deliveries_total", (event.status, *x))
+            elif kind is ExtractionOutcome:
+                self.inc("callingbox_result_extractions_total", (event.status, *x))
+
+    def _counted(self, name: str, labels: tuple[str, ...], amount: int, call_id: str | None, now: float | None):
+        self.inc(name, labels, amount)
+        if call_id and now is not None:
+            self.exemplars[name, labels, -1] = (call_id, amount, now)
+
+    def _observed(self, name: str, labels: tuple[str, ...], value: float, call_id: str | None, now: float | None):
+        index = self.observe(name, labels, value)
+        if call_id and now is not None:
+            self.exemplars[name, labels, index] = (call_id, value, now)
+
+    def _today(self, now: float | None, key: str, amount: int) -> None:
+        if now is None:
+            return
+        day = int(now // SECONDS_PER_DAY)
+        if day != self.today_day:
+            self.today_day, self.today = day, {}
+        self.today[key] = self.today.get(key, 0) + amount
+
+    def today_totals(self, now: float) -> dict[str, int]:
+        """What was counted since 00:00 UTC: `created`, each terminal status, `milli_cents`."""
+        return dict(self.today) if self.today_day == int(now // SECONDS_PER_DAY) else {}
+
+    def copy(self) -> "Store":
+        clone = copy.copy(self)
+        clone.counters = {name: dict(series) for name, series in self.counters.items()}
+        clone.histograms = {name: {k: list(v) for k, v in series.items()} for name, series in self.histograms.items()}
+        clone.seen = {label: set(values) for label, values in self.seen.items()}
+        clone.exemplars = dict(self.exemplars)
+        clone.today = dict(self.today)
+        return clone
+
+    def to_json(self) -> dict:
+        return {
+            "counters": {name: [[*k, v] for k, v in series.items()] for name, series in self.counters.items()},
+            "histograms": {
+                name: {"buckets": list(self.buckets[name]), "series": [[*k, *v] for k, v in series.items()]}
+                for name, series in self.histograms.items()
+            },
+            "today": {"day": self.today_day, "totals": self.today},
+            "extra_labels": list(self.extra_labels),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, buckets=None, label_limit: int = 50,
+                  extra_labels: tuple[str, ...] = ()) -> tuple["Store", list[str]]:
+        """Restore a store; returns it and the histogram names whose buckets changed (reset).
+
+        Series saved under other metadata labels are re-keyed by label name: a label no longer
+        configured is summed away, a new one reads `none`, so totals stay exact.
+        """
+        store = cls(buckets, label_limit, extra_labels)
+        saved_extra = tuple(data.get("extra_labels", ()))
+        merge = saved_extra != store.extra_labels  # several saved series may land in one
+        reset: list[str] = []
+
+        def keyed(name: str, row: list) -> tuple[tuple, list]:
+            width = len(FAMILIES[name].labels)
+            if name not in CALL_FAMILIES:
+                return tuple(row[:width]), row[width:]
+            saved = dict(zip(saved_extra, row[width:width + len(saved_extra)]))
+            extra = tuple(saved.get(label, "none") for label in store.extra_labels)
+            return (*row[:width], *extra), row[width + len(saved_extra):]
+
+        for name, rows in data["counters"].items():
+            name = RENAMED.get(name, name)
+            if name not in FAMILIES:
+                continue
+            series = store.counters.setdefault(name, {})
+            for row in rows:
+                labels, (value,) = keyed(name, row)
+                series[labels] = series.get(labels, 0) + value if merge and name in CALL_FAMILIES else value
+        for name, saved in data["histograms"].items():
+            if name not in FAMILIES:
+                continue
+            if tuple(saved["buckets"]) != tuple(store.buckets[name]):
+                reset.append(name)
+                continue
+            series = store.histograms.setdefault(name, {})
+            for row in saved["series"]:
+                labels, counts = keyed(name, row)
+                if merge and labels in series:
+                    counts = [a + b for a, b in zip(series[labels], counts)]
+                series[labels] = list(counts)
+        # Values already exported keep their label under the caps: read them off the series.
+        positions = {"hangup_cause": ("callingbox_call_hangups_total", 2), "error_code": ("callingbox_call_errors_total", 1)}
+        for index, label in enumerate(store.extra_labels):
+            positions[label] = ("callingbox_calls_created_total", 1 + index)
+        for label, (family, position) in positions.items():
+            store.seen[label] = {k[position] for k in store.counters.get(family, {})} - {"none", "other"}
+        today = data.get("today") or {}
+        if isinstance(today.get("day"), int) and isinstance(today.get("totals"), dict):
+            store.today_day, store.today = today["day"], dict(today["totals"])
+        return store, reset
