@@ -18,8 +18,9 @@ from exporter import __version__
 from exporter.accounting import Billed, Created, Ended, ExtractionOutcome, WebhookOutcome
 from exporter.cli import registry_for
 from exporter.catalogue import ACTIVE_STATUSES, DELAY_BUCKETS, DIRECTIONS, DURATION_BUCKETS, TERMINAL_STATUSES
-from exporter.metrics import Collector, Health, Snapshot
+from exporter.metrics import Collector, Snapshot
 from exporter.store import Store
+from exporter.tally import Health, Status
 
 
 CASE = "5 exposition"
@@ -81,7 +82,7 @@ def exporter_registry(orgs: int, records: list[dict]) -> CollectorRegistry:
         store.inc("callingbox_exporter_invalid_records_total", (reason,))
     for seconds in (0.04, 0.3, 2, 20, 200):
         store.observe("callingbox_exporter_poll_duration_seconds", (), seconds)
-    health = Health(up=True, last_success=now, watermark=now, tracked=100_000, stragglers=3,
+    health = Health(Status(up=True, last_success=now), watermark=now, tracked=100_000, stragglers=3,
                     active={(d, s): 5 for d in DIRECTIONS for s in ACTIVE_STATUSES}, webhooks_pending=10,
                     webhook_pending_oldest=now - 3600)
     collector = Collector(__version__)

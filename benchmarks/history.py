@@ -49,7 +49,7 @@ async def _polls(api: ApiServer, window_calls: int, steady: int) -> list[dict]:
                 if not ok:
                     raise RuntimeError(f"poll failed: {poller.status.last_error}")
                 results.append({"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall,
-                                **report.last, "tracked": poller.status.tracked})
+                                **report.last, "tracked": len(poller.ledger.calls)})
     return results
 
 

@@ -29,67 +29,35 @@ from benchmarks.common import LOOKBACK, Facts, PollReport, Row, Sizes, median, r
 from benchmarks.naive_peer import NaiveMetrics, NaivePeer
 from benchmarks.procs import ApiServer, http_get
 from exporter.accounting import Ledger
-from exporter.api import CHUNK_BYTES, ArrayStream
+from exporter.api import CHUNK_BYTES
 from exporter.config import Target
+from exporter.jsonstream import ArrayStream
 from exporter.metrics import Collector
 from exporter.store import Store
 from exporter.poller import Poller
-from exporter.records import Invalid, decode_record
+from exporter.tally import Tally
 
-try:  # the msgspec fast path (commit c5aa2a7); an older exporter decodes plain JSON values only
-    from exporter.records import fields_type, timestamp_of
-except ImportError:
-    fields_type = timestamp_of = None
 
 CASE = "1 ingest"
 GOAL = 0.5  # of the parse limit's calls/s
 OVERLAP = Target.overlap
 
 
-def exporter_decode_account(body: bytes, ledger: Ledger, store: Store, now: float, horizon: float,
-                            overlap: float) -> dict:
-    """The exporter's work on one response already in memory: Poller._read_once without HTTP.
+def exporter_decode_account(body: bytes, tally: Tally, now: float) -> dict:
+    """The exporter's work on one response already in memory: the poller's list read without HTTP.
 
-    Stream-decode in CHUNK_BYTES pieces (msgspec structs where the exporter has its fast path),
-    stop at the settle window, skip records unchanged since the watermark, validate and account
-    the rest (an hourly self-audit riding on a read, where the exporter has one, is left out).
-    Keep this one function in step with Poller._read_once; returns records read and examined.
+    Stream-decode in CHUNK_BYTES pieces and hand each element to the target's tally, as
+    `Poller._read` does (an audit riding on the read is left out); returns what the read counted.
     """
-    fields = fields_type(False) if fields_type is not None else None
-    stream = ArrayStream(fields) if fields is not None else ArrayStream()
-    cutoff = None if ledger.watermark is None else ledger.watermark - overlap
-    stats, newest = {"records": 0, "examined": 0}, None
-
-    def elements():
-        for offset in range(0, len(body), CHUNK_BYTES):
-            yield from stream.feed(body[offset : offset + CHUNK_BYTES])
-        yield from stream.finish() or ()
-
-    for obj in elements():
-        stats["records"] += 1
-        if fields is not None and type(obj) is fields:
-            created, updated = timestamp_of(obj.created_at), timestamp_of(obj.updated_at)
-            if created is not None and updated is not None:
-                if created < horizon:
-                    break
-                if newest is None or updated > newest:
-                    newest = updated
-                if cutoff is not None and updated < cutoff:
-                    continue
-        record = decode_record(obj)
-        if type(record) is Invalid:
-            continue
-        if record.created_at < horizon:
+    read = tally.list_read(now)
+    stream = ArrayStream(read.fields)
+    for offset in range(0, len(body), CHUNK_BYTES):
+        if not all(map(read.take, stream.feed(body[offset : offset + CHUNK_BYTES]))):
             break
-        if newest is None or record.updated_at > newest:
-            newest = record.updated_at
-        if ledger.examines(record.updated_at, overlap):
-            stats["examined"] += 1
-            events = ledger.account(record)
-            if events:
-                store.count(events, now)
-    ledger.complete_poll(newest)
-    return stats
+    else:
+        all(map(read.take, stream.finish() or ()))
+    read.finish()
+    return read.stats
 
 
 def _timed(work) -> float:
@@ -106,11 +74,11 @@ def _in_memory_round(body: bytes, timings: dict[str, list[float]]) -> dict:
     timings["naive first memory"].append(_timed(lambda: peer.ingest(body)))
     timings["naive second memory"].append(_timed(lambda: peer.ingest(body)))
     now, stats = time.time(), []
-    ledger, store = Ledger(baseline=now - LOOKBACK), Store()
+    tally = Tally("default", Ledger(baseline=now - LOOKBACK), Store(), settle_window=LOOKBACK, overlap=OVERLAP,
+                  give_up_after=Target.straggler_give_up)
     for poll in ("first", "second"):
-        timings[f"{poll} memory"].append(_timed(
-            lambda: stats.append(exporter_decode_account(body, ledger, store, now, now - LOOKBACK, OVERLAP))))
-    return {"tracked": len(ledger.calls), "first": stats[0], "second": stats[1]}
+        timings[f"{poll} memory"].append(_timed(lambda: stats.append(exporter_decode_account(body, tally, now))))
+    return {"tracked": len(tally.ledger.calls), "first": stats[0], "second": stats[1]}
 
 
 async def _exporter_http_round(url: str, timings: dict[str, list[float]]) -> list[dict]:
@@ -127,7 +95,7 @@ async def _exporter_http_round(url: str, timings: dict[str, list[float]]) -> lis
                 timings[f"{poll} http"].append(time.perf_counter() - started)
                 if not ok:
                     raise RuntimeError(f"poll failed: {poller.status.last_error}")
-                reports.append(dict(report.last, tracked=poller.status.tracked))
+                reports.append(dict(report.last, tracked=len(poller.ledger.calls)))
     return reports
 
 

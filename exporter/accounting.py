@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Union
 
-from .catalogue import ACTIVE_STATUSES, EXTRACTIONS, OUTCOMES
+from .catalogue import ACTIVE_STATUSES, EXTRACTIONS, OUTCOMES, STRAGGLER_GIVE_UP
 from .records import Record
 
-STRAGGLER_GIVE_UP = 7 * 86400.0  # default age after creation at which a straggler is given up
 EXTRA_INTERN_LIMIT = 10_000  # distinct metadata value tuples shared between calls before starting afresh
 
 
@@ -166,6 +165,11 @@ def advance(state: CallState | None, record: Record, baseline: float) -> tuple[C
     return state, events
 
 
+def give_up_age(settle_window: float, give_up_after: float) -> float:
+    """How old a call that is not final may grow before it is given up: never less than the window."""
+    return max(give_up_after, settle_window)
+
+
 class Summary(NamedTuple):
     """Gauges derived from the ledger in one pass."""
 
@@ -218,7 +222,7 @@ class Ledger:
         than the window) it is given up rather than kept forever.
         """
         horizon = now - settle_window
-        give_up = now - max(give_up_after, settle_window)
+        give_up = now - give_up_age(settle_window, give_up_after)
         active: dict[tuple[str, str], int] = {}
         pending = stragglers = given_up = 0
         oldest: float | None = None

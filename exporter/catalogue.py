@@ -24,6 +24,7 @@ UNKNOWN_STATUS = "unknown_status"
 INVALID_REASONS = (NOT_OBJECT, MISSING_FIELD, BAD_TYPE, BAD_VALUE, BAD_TIMESTAMP, UNKNOWN_STATUS)
 
 
+STRAGGLER_GIVE_UP = 7 * 86400.0  # default age after creation at which a straggler is given up
 OUTCOMES = ("delivered", "failed")  # webhook_status values that are counted
 EXTRACTIONS = ("completed", "failed")  # result_status values that are counted
 
@@ -162,3 +163,8 @@ def _base_series() -> Iterable[tuple[str, tuple[str, ...]]]:
         yield "callingbox_exporter_audit_mismatches_total", (kind,)
 
 
+def relabel(saved_labels: tuple[str, ...], values: tuple, labels: tuple[str, ...], missing=None) -> tuple:
+    """Metadata label values saved under `saved_labels`, re-keyed by name onto `labels`: a label
+    no longer configured is dropped, a new one reads `missing`."""
+    saved = dict(zip(saved_labels, values))
+    return tuple(saved.get(label, missing) for label in labels)

@@ -117,7 +117,7 @@ async def run(cfg: config.Config, load: Callable[[], config.Config], guard: Guar
 
 
 async def serve(cfg: config.Config, registry: CollectorRegistry, supervisor: Supervisor, reload, guard) -> int:
-    app = make_app(registry, supervisor, __version__, cfg.telemetry_path, reload=reload, guard=guard)
+    app = make_app(registry, supervisor.collector.snapshots, __version__, cfg.telemetry_path, reload=reload, guard=guard)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     address = f"{cfg.listen_host or ''}:{cfg.listen_port}"

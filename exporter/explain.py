@@ -3,7 +3,8 @@
 The API half is `GET /v1/calls/{id}` without phone numbers, prompt or context. The exporter half
 is read from the target's state file, never written: the call's ledger entry, the baseline and
 the watermark, and what they mean for each counter. The formatting functions are pure; `run`
-does the two reads, `main` is what the command line calls.
+does the two reads, `main` is what the command line calls. Past 300 lines: one sentence per
+counter and per fate of a call, each next to the rule it explains.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from . import state
-from .accounting import CallState, Ledger
+from .accounting import CallState, Ledger, give_up_age
 from .api import ApiError, Client, NotFound
 from .config import Config, Target
 from .catalogue import ACTIVE_STATUSES
@@ -197,7 +198,7 @@ def _fate(call: CallState, saved_at: float | None, target: Target) -> list[str]:
         return ["final: yes, nothing more expected; it leaves the ledger once created before the settle window"]
     lines = ["final: no, still expected to change"]
     if saved_at is not None and call.created_at < saved_at - target.settle_window:
-        give_up = call.created_at + max(target.straggler_give_up, target.settle_window)
+        give_up = call.created_at + give_up_age(target.settle_window, target.straggler_give_up)
         lines.append(f"straggler: yes, past the settle window; refreshed by id each poll until final,"
                      f" given up at {ts(give_up)}")
     return lines

@@ -7,7 +7,7 @@ renders the latest one per target, so every scrape sees one consistent state.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector as _Collector
@@ -18,27 +18,13 @@ from .catalogue import (
     ACTIVE_STATUSES, CALL_FAMILIES, DIRECTIONS, EXEMPLAR_FAMILIES, FAMILIES, MILLI_CENTS_PER_DOLLAR,
 )
 from .store import Store
-
-
-@dataclass(frozen=True)
-class Health:
-    """Gauges of one target at publish time."""
-
-    up: bool = False
-    last_success: float | None = None
-    watermark: float | None = None
-    tracked: int = 0
-    stragglers: int = 0
-    active: dict = field(default_factory=dict)
-    webhooks_pending: int = 0
-    webhook_pending_oldest: float | None = None
-    last_audit: float | None = None
-    backoff: float = 0.0
-    next_poll: float | None = None
+from .tally import Health
 
 
 @dataclass(frozen=True)
 class Snapshot:
+    """What a target published: counts that are on disk, and its health at that moment."""
+
     store: Store
     health: Health
 
@@ -147,14 +133,14 @@ class Collector(_Collector):
             pending.add_metric((org,), h.webhooks_pending)
             age = 0.0 if h.webhook_pending_oldest is None else max(0.0, now - h.webhook_pending_oldest)
             oldest.add_metric((org,), age)
-            up.add_metric((org,), 1 if h.up else 0)
-            last.add_metric((org,), h.last_success or 0)
+            up.add_metric((org,), 1 if h.status.up else 0)
+            last.add_metric((org,), h.status.last_success or 0)
             watermark.add_metric((org,), h.watermark or 0)
             tracked.add_metric((org,), h.tracked)
             stragglers.add_metric((org,), h.stragglers)
             audited.add_metric((org,), h.last_audit or 0)
-            backoff.add_metric((org,), h.backoff)
-            next_poll.add_metric((org,), h.next_poll or 0)
+            backoff.add_metric((org,), h.status.backoff)
+            next_poll.add_metric((org,), h.status.next_poll or 0)
         yield from (active, pending, oldest, up, last, watermark, tracked, stragglers, audited, backoff, next_poll)
         info = GaugeMetricFamily("callingbox_exporter_build_info", "The exporter's version.", labels=("version",))
         info.add_metric((self.version,), 1)

@@ -1,9 +1,10 @@
-"""The loop of one target: fetch → account → persist → publish, then wait.
+"""The loop of one target: read the API → count (the tally) → persist → publish, then wait.
 
-A poll reads `GET /v1/calls` newest first and stops at the settle window. Its counts reach
+Only what is asynchronous lives here: the schedule, the key, the reads, the state file and
+the back-off. Each poll hands what it reads to the target's `Tally`, whose counts reach
 `/metrics` only after the state holding them is on disk (persist, then publish), so a crash
-never shows Prometheus a counter going backwards. Faults back off with jitter; they never
-end the loop.
+never shows Prometheus a counter going backwards. Faults back off with jitter; they never end
+the loop.
 """
 
 from __future__ import annotations
@@ -13,45 +14,25 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass
 
 import aiohttp
 
 from . import logs, state
 from .accounting import Ledger
-from .audit import Audit, Mismatch
-from .budget import Budgets
 from .api import ApiError, Client, NotFound, RateLimited, Unauthorized
+from .audit import Audit
+from .budget import Budgets
 from .config import ConfigError, Target, read_key_file
-from .metrics import Collector, Health, Snapshot
+from .metrics import Collector, Snapshot
 from .store import Store
-from .records import Invalid, decode_record, fields_type, fingerprint, timestamp_of
 from .stragglers import Refresher
+from .tally import ListRead, Status, Tally
 
 MAX_BACKOFF = 300.0
 RATE_LIMIT_RETRIES = 3
-INVALID_LOG_LIMIT = 10  # malformed records logged one by one per poll; the rest are summed up
-REPORTED_MEMORY = 10_000  # audit mismatches remembered so a lie found twice counts once
-INVALID_MEMORY = 10_000  # malformed records remembered so a re-read does not count them again
 KEY_CHECK_INTERVAL = 1.0  # seconds between looks at api_key_file while waiting for the next poll
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Status:
-    """What the landing page and /-/ready say about a target."""
-
-    up: bool = False
-    ready: bool = False
-    last_poll: float | None = None
-    last_success: float | None = None
-    last_error: str | None = None
-    failures: int = 0
-    tracked: int = 0
-    watermark: float | None = None
-    backoff: float = 0.0  # seconds the next poll waits beyond poll_interval
-    next_poll: float | None = None
 
 
 class Poller:
@@ -73,28 +54,34 @@ class Poller:
         self.clock = clock
         self.rng = rng or random.Random()
         self.status = Status()
-        self.metadata_keys = tuple(key for key, _ in target.metadata_labels)
         self.extra_labels = tuple(label for _, label in target.metadata_labels)
-        self.stragglers = Refresher(target.name, target.straggler_concurrency, target.straggler_batch,
-                                    target.straggler_give_up, self.metadata_keys)
-        self.store = Store(dict(target.buckets), target.max_label_values, self.extra_labels)
-        self.ledger = Ledger(baseline=clock() - target.initial_lookback)
-        self._invalid_seen: dict[str, None] = {}
+        self.tally = self._tally(Ledger(baseline=clock() - target.initial_lookback),
+                                 Store(dict(target.buckets), target.max_label_values, self.extra_labels))
+        self.stragglers = Refresher(target.name, target.straggler_concurrency, target.straggler_batch)
         self._key_stamp: tuple | None = ("unread",)  # the api_key_file version in use; read again at the first poll
         self._wake = asyncio.Event()  # set to end the wait before the next poll
         self._streak: tuple[tuple[str, str], int, float] | None = None  # failing: (kind, polls, since)
-        self._next_audit = clock() + target.audit_interval  # the first audit comes an interval after the start
-        self._audit: Audit | None = None  # the audit riding on the current read, if one is due
-        self.last_audit: float | None = None
-        self._audited_until: float | None = None  # created_at up to which calls have been audited
-        self._reported: set[tuple[str, str]] = set()  # (call id, kind) already counted as a mismatch
+
+    def _tally(self, ledger: Ledger, store: Store) -> Tally:
+        t = self.target
+        return Tally(t.name, ledger, store, tuple(key for key, _ in t.metadata_labels),
+                     settle_window=t.settle_window, overlap=t.overlap, give_up_after=t.straggler_give_up,
+                     audit_interval=t.audit_interval, now=self.clock())
 
     @property
     def org(self) -> str:
         return self.target.name
 
+    @property
+    def ledger(self) -> Ledger:
+        return self.tally.ledger
+
+    @property
+    def store(self) -> Store:
+        return self.tally.store
+
     def _count_response(self, code: str) -> None:
-        self.store.inc("callingbox_exporter_api_requests_total", (code,))
+        self.tally.store.inc("callingbox_exporter_api_requests_total", (code,))
 
     async def restore(self) -> None:
         """Load the state file, if any, and serve its values at once (not ready until a poll)."""
@@ -104,13 +91,12 @@ class Poller:
                 self.extra_labels,
             )
             if restored is not None:
-                self.ledger, self.store = restored.ledger, restored.store
+                self.tally = self._tally(restored.ledger, restored.store)
                 log.info(
                     "state restored",
                     extra={"org": self.org, "tracked_calls": len(self.ledger.calls), "watermark": self.ledger.watermark},
                 )
-        summary = self.ledger.sweep(self.clock(), self.target.settle_window, self.target.straggler_give_up)
-        self._publish(summary)
+        self._publish(self.clock(), durable=True)
 
     def adopt(self, old: "Poller") -> None:
         """Take over a stopped poller of the same org (a reload changed its settings).
@@ -119,21 +105,13 @@ class Poller:
         as a restore would. Nothing is published here: what the old poller had counted but not
         yet persisted is published after this poller's first save, as always.
         """
-        self.ledger, self.status, self._invalid_seen = old.ledger, old.status, old._invalid_seen
-        self._streak = old._streak
-        self._key_stamp = ("unread",)
+        self.status, self._streak = old.status, old._streak
         settings = ("buckets", "max_label_values", "metadata_labels")
-        if all(getattr(old.target, s) == getattr(self.target, s) for s in settings):
-            self.store = old.store
-        else:
-            self.store, reset = Store.from_json(old.store.to_json(), dict(self.target.buckets),
-                                                self.target.max_label_values, self.extra_labels)
-            if old.extra_labels != self.extra_labels:
-                for call in self.ledger.calls.values():
-                    saved = dict(zip(old.extra_labels, call.extra))
-                    call.extra = tuple(saved.get(label) for label in self.extra_labels)
-            if reset:
-                log.warning("histograms restarted: buckets changed", extra={"org": self.org, "histograms": ",".join(reset)})
+        same = all(getattr(old.target, s) == getattr(self.target, s) for s in settings)
+        reset = self.tally.adopt(old.tally, self.extra_labels, old.extra_labels, same, dict(self.target.buckets),
+                                 self.target.max_label_values)
+        if reset:
+            log.warning("histograms restarted: buckets changed", extra={"org": self.org, "histograms": ",".join(reset)})
 
     async def run(self) -> None:
         """Poll forever; returns only when cancelled."""
@@ -166,19 +144,20 @@ class Poller:
                     return
 
     async def poll(self) -> tuple[bool, float]:
-        """One poll: read and account, persist, then publish. Returns (succeeded, wait before the next)."""
+        """One poll: read and count, persist, then publish. Returns (succeeded, wait before the next)."""
         started, now = time.monotonic(), self.clock()
         self.status.last_poll = now
         self._rotate_key()
         self.client.bytes_read = 0
-        stats = {"records": 0, "examined": 0, "events": 0, "invalid": 0}
+        tally, store = self.tally, self.tally.store
+        stats: dict[str, int] = {}
         problem: Exception | None = None
-        audit_due = self.target.audit_interval > 0 and now >= self._next_audit
         try:
-            await self._read(now, stats, audit_due)
+            read = await self._read(now)
+            stats.update(read.stats)
             self.client.read_succeeded()
-            if self._audit is not None and not self.client.not_modified:  # a 304 read nothing to audit
-                self._conclude_audit(self._audit, now)
+            if read.audit is not None and not self.client.not_modified:  # a 304 read nothing to audit
+                tally.conclude_audit(read.audit, now)
                 if self.target.audit_sample:
                     await self._spot_check()
         except ApiError as error:
@@ -186,21 +165,17 @@ class Poller:
         except Exception as error:
             log.exception("poll crashed", extra={"org": self.org})
             problem = error
-        self._audit = None
         read_seconds = time.monotonic() - started
         if problem is None:  # then the calls the list no longer shows; their failures do not fail the poll
-            stats.update(await self.stragglers.refresh(self.client, self.ledger, self.store, now,
-                                                       self.target.settle_window))
-        self.store.inc("callingbox_exporter_polls_total", ("error" if problem else "success",))
-        self.store.observe("callingbox_exporter_poll_duration_seconds", (), time.monotonic() - started)
-        summary = self.ledger.sweep(now, self.target.settle_window, self.target.straggler_give_up)
-        if summary.given_up:
-            log.warning("stragglers given up", extra={"org": self.org, "calls": summary.given_up})
+            stats.update(await self.stragglers.refresh(self.client, tally, now))
+        store.inc("callingbox_exporter_polls_total", ("error" if problem else "success",))
+        store.observe("callingbox_exporter_poll_duration_seconds", (), time.monotonic() - started)
+        summary = tally.sweep(now)
         durable = await self._persist()
         if not durable and problem is None:
             # Neither saved nor shown, so this poll's `success` can still become the error it is.
-            self.store.inc("callingbox_exporter_polls_total", ("success",), -1)
-            self.store.inc("callingbox_exporter_polls_total", ("error",))
+            store.inc("callingbox_exporter_polls_total", ("success",), -1)
+            store.inc("callingbox_exporter_polls_total", ("error",))
             problem = OSError("state not saved")
         backoff = self._conclude(problem, now)
         # A list read slower than the interval slows the polls down to its pace: the API is never
@@ -208,8 +183,7 @@ class Poller:
         delay = backoff if problem else max(self.target.poll_interval, read_seconds)
         self.status.backoff = max(0.0, delay - self.target.poll_interval)
         self.status.next_poll = self.clock() + delay
-        if durable:
-            self._publish(summary)
+        self._publish(now, durable, summary)
         log.debug(
             "poll done",
             extra={"org": self.org, "result": "error" if problem else "success", "bytes": self.client.bytes_read,
@@ -279,134 +253,41 @@ class Poller:
                 extra={"org": self.org, "code": code, "error": str(problem), "backoff_s": round(backoff, 2)})
         return backoff
 
-    def _report(self, audit: Audit) -> int:
-        """Count and log an audit's mismatches, each call and kind once however often it is found."""
-        found = 0
-        for mismatch in audit.mismatches:
-            if (mismatch.call_id, mismatch.kind) in self._reported:
-                continue
-            self._reported.add((mismatch.call_id, mismatch.kind))
-            found += 1
-            self.store.inc("callingbox_exporter_audit_mismatches_total", (mismatch.kind,))
-            log.warning("audit mismatch", extra={"org": self.org, "kind": mismatch.kind, "call_id": mismatch.call_id,
-                                                 "detail": mismatch.detail})
-        if len(self._reported) > REPORTED_MEMORY:  # forget calls no longer tracked
-            self._reported = {r for r in self._reported if r[0] in self.ledger.calls}
-        self.store.inc("callingbox_exporter_audit_calls_checked_total", (), audit.checked)
-        return found
-
-    def _conclude_audit(self, audit: Audit, now: float) -> None:
-        """Count and log what a complete read's audit found; the next window is due an interval later."""
-        audit.finish(self.ledger)
-        mismatches = self._report(audit)
-        self.last_audit, self._next_audit, self._audited_until = now, now + self.target.audit_interval, audit.end
-        log.info("audit done", extra={"org": self.org, "checked": audit.checked, "mismatches": mismatches})
-
     async def _spot_check(self) -> None:
-        """The audit's second half: a sample of tracked calls fetched by id and compared.
-
-        Only a call whose API version is no newer than the one accounted can disagree: news is
-        for the next list read, while a change that kept its `updated_at` is a silent rewrite.
-        """
-        candidates = [call_id for call_id, s in self.ledger.calls.items() if s.created_at > self.ledger.baseline]
-        sample = self.rng.sample(candidates, min(self.target.audit_sample, len(candidates)))
+        """The audit's second half: a sample of tracked calls fetched by id and compared."""
+        sample = self.tally.spot_sample(self.rng, self.target.audit_sample)
         audit = Audit(float("-inf"), float("inf"), self.ledger.baseline)
         for call_id in sample:
-            state = self.ledger.calls.get(call_id)
             try:
                 obj = await self.client.get_call(call_id)
             except NotFound:
-                if state is not None:
-                    audit.checked += 1
-                    audit.mismatches.append(Mismatch("extra", call_id, "counted, but the API answers 404 for it"))
-                continue
+                obj = None
             except ApiError as error:
                 log.warning("audit spot-check stopped", extra={"org": self.org, "error": str(error)})
                 break
-            record = decode_record(obj, self.metadata_keys)
-            if type(record) is Invalid or state is None or record.updated_at > state.updated_at:
-                continue
-            audit.check(record, state)
+            self.tally.spot_check(audit, call_id, obj)
         if sample:
-            self._report(audit)
+            self.tally.report(audit)
 
-    async def _read(self, now: float, stats: dict, audit_due: bool = False) -> None:
-        """Read the list until the settle window and account every record in it."""
+    async def _read(self, now: float) -> ListRead:
+        """Read the list until the settle window, a 429 waited out a few times; returns the read."""
         for attempt in range(RATE_LIMIT_RETRIES + 1):
-            if audit_due:
-                # The oldest interval still inside the settle window (settled, and read anyway),
-                # joined to the last audited one so no call slips between two audits.
-                horizon = now - self.target.settle_window
-                start = self._audited_until if self._audited_until is not None and self._audited_until >= horizon else horizon
-                self._audit = Audit(start, horizon + self.target.audit_interval, self.ledger.baseline)
+            read = self.tally.list_read(now, self.tally.audit_due(now))
             try:
-                await self._read_once(now, stats)
-                return
+                async with self.client.list_calls(read.fields) as batches:
+                    async for batch in batches:
+                        if not all(map(read.take, batch)):
+                            break  # past the settle window: the response is closed here
+                        await asyncio.sleep(0)  # a large read yields to scrapes between chunks
+                read.finish()
+                return read
             except RateLimited as error:
                 if attempt == RATE_LIMIT_RETRIES:
                     raise
                 wait = min(MAX_BACKOFF, error.retry_after if error.retry_after is not None else self.target.poll_interval)
                 log.warning("rate limited", extra={"org": self.org, "retry_after_s": wait})
                 await asyncio.sleep(wait)
-
-    async def _read_once(self, now: float, stats: dict) -> None:
-        horizon = now - self.target.settle_window
-        overlap, ledger, store, keys, audit = self.target.overlap, self.ledger, self.store, self.metadata_keys, self._audit
-        fields = fields_type(bool(keys))
-        cutoff = None if ledger.watermark is None else ledger.watermark - overlap  # older: unchanged, skipped
-        newest: float | None = None
-        past_window = False
-        async with self.client.list_calls(fields) as batches:
-            async for batch in batches:
-                for obj in batch:
-                    stats["records"] += 1
-                    if type(obj) is fields:
-                        # The common case, read without building a Record: where is it, has it changed?
-                        created, updated = timestamp_of(obj.created_at), timestamp_of(obj.updated_at)
-                        if created is not None and updated is not None:
-                            if created < horizon:
-                                past_window = True  # newest first: all that follows is settled history
-                                break
-                            if newest is None or updated > newest:
-                                newest = updated
-                            if cutoff is not None and updated < cutoff and (audit is None or not audit.covers(created)):
-                                continue
-                    record = decode_record(obj, keys)
-                    if type(record) is Invalid:
-                        self._invalid(obj, record, stats)
-                        continue
-                    if record.created_at < horizon:
-                        past_window = True
-                        break
-                    if newest is None or record.updated_at > newest:
-                        newest = record.updated_at
-                    if ledger.examines(record.updated_at, overlap):
-                        stats["examined"] += 1
-                        events = ledger.account(record)
-                        if events:
-                            stats["events"] += len(events)
-                            store.count(events, now)
-                    if audit is not None and audit.covers(record.created_at):
-                        audit.check(record, ledger.calls.get(record.id))
-                if past_window:
-                    break
-                await asyncio.sleep(0)  # a large read yields to scrapes between chunks
-        ledger.complete_poll(newest)
-
-    def _invalid(self, obj: object, invalid: Invalid, stats: dict) -> None:
-        """Count a malformed record once, however many polls read it again."""
-        seen = fingerprint(obj)
-        if seen in self._invalid_seen:
-            return
-        self._invalid_seen[seen] = None
-        if len(self._invalid_seen) > INVALID_MEMORY:
-            del self._invalid_seen[next(iter(self._invalid_seen))]
-        self.store.inc("callingbox_exporter_invalid_records_total", (invalid.reason,))
-        stats["invalid"] += 1
-        if stats["invalid"] <= INVALID_LOG_LIMIT:
-            log.warning("invalid record skipped", extra={"org": self.org, "reason": invalid.reason, "call_id": invalid.call_id})
-        elif stats["invalid"] == INVALID_LOG_LIMIT + 1:
-            log.warning("more invalid records this poll; counted, not logged", extra={"org": self.org})
+        raise AssertionError("unreachable")
 
     def _backoff(self, problem: Exception | None) -> float:
         """Exponential with ±20 % jitter, never past MAX_BACKOFF; a rejected key retries four times slower."""
@@ -414,33 +295,13 @@ class Poller:
         delay = base * 2 ** min(self.status.failures - 1, 20)
         return min(MAX_BACKOFF, delay * self.rng.uniform(0.8, 1.2))
 
-    def _active(self, active: dict[tuple, int]) -> dict[tuple, int]:
-        """Active calls by direction, status and capped metadata values."""
-        if not self.extra_labels:
-            return active
-        capped: dict[tuple, int] = {}
-        for (direction, status, *extra), calls in active.items():
-            key = (direction, status, *self.store.peek_extra(tuple(extra)))
-            capped[key] = capped.get(key, 0) + calls
-        return capped
-
-    def _publish(self, summary) -> None:
-        self.status.tracked, self.status.watermark = summary.tracked, self.ledger.watermark
-        health = Health(
-            up=self.status.up,
-            last_success=self.status.last_success,
-            watermark=self.ledger.watermark,
-            tracked=summary.tracked,
-            stragglers=summary.stragglers,
-            active=self._active(summary.active),
-            webhooks_pending=summary.webhooks_pending,
-            webhook_pending_oldest=summary.webhook_pending_oldest,
-            last_audit=self.last_audit,
-            backoff=self.status.backoff,
-            next_poll=self.status.next_poll,
-        )
-        self.collector.publish(self.org, Snapshot(self.store.copy(), health))
-
+    def _publish(self, now: float, durable: bool, summary=None) -> None:
+        """Publish the health; the counts too when durable, else the counts last published stay."""
+        summary = summary if summary is not None else self.tally.sweep(now)
+        health = self.tally.health(summary, self.status, self.extra_labels)
+        previous = self.collector.snapshots.get(self.org)
+        store = self.tally.store.copy() if durable or previous is None else previous.store
+        self.collector.publish(self.org, Snapshot(store, health))
 
 def _stamp(path: str) -> tuple | None:
     """The version of a file as the file system tells it (inode, size, mtime): a cheap change check."""

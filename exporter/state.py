@@ -16,6 +16,7 @@ from typing import NamedTuple
 import msgspec
 
 from .accounting import CallState, Ledger
+from .catalogue import relabel
 from .store import Store
 
 FORMAT_VERSION = 1
@@ -43,8 +44,7 @@ def _entry(s: CallState) -> list:
 def _call(fields: list, saved_extra: tuple[str, ...], extra_labels: tuple[str, ...]) -> CallState:
     state = CallState(*fields[:9])
     if extra_labels:
-        saved = dict(zip(saved_extra, fields[9] if len(fields) > 9 else ()))
-        state.extra = tuple(saved.get(label) for label in extra_labels)
+        state.extra = relabel(saved_extra, fields[9] if len(fields) > 9 else (), extra_labels)
     return state
 
 

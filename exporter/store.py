@@ -15,7 +15,7 @@ from typing import Iterable
 from .accounting import Billed, Created, Ended, Event, ExtractionOutcome, WebhookOutcome
 from .catalogue import (
     CALL_FAMILIES, CAPPED_LABELS, DEFAULT_BUCKETS, EXTRACTIONS, FAMILIES, OUTCOMES, RENAMED, SECONDS_PER_DAY,
-    TERMINAL_STATUSES, initial_series,
+    TERMINAL_STATUSES, initial_series, relabel,
 )
 
 
@@ -210,8 +210,7 @@ class Store:
             width = len(FAMILIES[name].labels)
             if name not in CALL_FAMILIES:
                 return tuple(row[:width]), row[width:]
-            saved = dict(zip(saved_extra, row[width:width + len(saved_extra)]))
-            extra = tuple(saved.get(label, "none") for label in store.extra_labels)
+            extra = relabel(saved_extra, row[width:width + len(saved_extra)], store.extra_labels, "none")
             return (*row[:width], *extra), row[width + len(saved_extra):]
 
         for name, rows in data["counters"].items():

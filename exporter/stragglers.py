@@ -3,8 +3,8 @@
 The list read stops at the settle window, so a call that is still changing after it (webhook
 retries for ~42 h, a late settlement, a restart after a long outage) is never listed again.
 After each successful list read the poller asks `GET /v1/calls/{id}` for a bounded batch of
-them, least recently asked first, a few at a time. Each answer takes the list's path (decode →
-ledger → store), so its events count once; a 404 means the call is gone and counts as vanished.
+them, least recently asked first, a few at a time. Each answer takes the list's path through
+the target's tally, so its events count once; a 404 means the call is gone and counts as vanished.
 """
 
 from __future__ import annotations
@@ -13,51 +13,35 @@ import asyncio
 import heapq
 import logging
 
-from .accounting import Ledger
 from .api import ApiError, NotFound, RateLimited, Unauthorized
-from .store import Store
-from .records import Invalid, decode_record, fingerprint
-
-INVALID_MEMORY = 10_000  # malformed answers remembered so a refresh does not count them again
+from .tally import Tally
 
 log = logging.getLogger(__name__)
 
 
 class Refresher:
-    """One target's stragglers: which to ask for this poll, and accounting what the API answers."""
+    """One target's stragglers: which to ask for this poll, and handing what the API answers to the tally."""
 
-    def __init__(self, org: str, concurrency: int, batch: int, give_up_after: float,
-                 metadata_keys: tuple[str, ...] = ()):
+    def __init__(self, org: str, concurrency: int, batch: int):
         self.org, self.concurrency, self.batch = org, concurrency, batch
-        self.give_up_after, self.metadata_keys = give_up_after, metadata_keys
         # straggler id → poll time it was last asked for. Not persisted: after a restart every
         # straggler is simply due at once, which only changes the order.
         self.last_refreshed: dict[str, float] = {}
-        self._invalid_seen: set[str] = set()
 
-    def due(self, ledger: Ledger, now: float, settle_window: float) -> list[str]:
-        """The stragglers to ask for now: at most `batch`, least recently asked (then oldest) first.
-
-        The same bounds as `Ledger.sweep`: created before the window, after the give-up age.
-        """
-        horizon = now - settle_window
-        give_up = now - max(self.give_up_after, settle_window)
+    def due(self, tally: Tally, now: float) -> list[str]:
+        """The stragglers to ask for now: at most `batch`, least recently asked (then oldest) first."""
         last = self.last_refreshed
-        stragglers = [
-            (last.get(call_id, float("-inf")), state.created_at, call_id)
-            for call_id, state in ledger.calls.items()
-            if give_up <= state.created_at < horizon and not state.final
-        ]
+        stragglers = [(last.get(call_id, float("-inf")), created, call_id) for call_id, created in tally.stragglers(now)]
         self.last_refreshed = {call_id: last[call_id] for _, _, call_id in stragglers if call_id in last}
         return [call_id for _, _, call_id in heapq.nsmallest(self.batch, stragglers)]
 
-    async def refresh(self, client, ledger: Ledger, store: Store, now: float, settle_window: float) -> dict[str, int]:
+    async def refresh(self, client, tally: Tally, now: float) -> dict[str, int]:
         """Refresh the due stragglers and account what comes back. Never raises (bar cancellation):
         a failed refresh keeps its call for the next poll and does not fail the poll."""
         stats = {"stragglers_refreshed": 0, "stragglers_vanished": 0, "straggler_errors": 0}
         failures: list[Exception] = []
         try:
-            due = self.due(ledger, now, settle_window)
+            due = self.due(tally, now)
             pending = iter(due)
             halted = False
 
@@ -68,7 +52,7 @@ class Refresher:
                         return
                     self.last_refreshed[call_id] = now
                     try:
-                        await self._refresh_one(client, ledger, store, now, call_id, stats)
+                        await self._refresh_one(client, tally, now, call_id, stats)
                     except Exception as error:  # kept for the next poll; a bug is logged below with its traceback
                         stats["straggler_errors"] += 1
                         failures.append(error)
@@ -87,31 +71,19 @@ class Refresher:
             log.error("straggler refresh crashed", exc_info=bugs[0], extra={"org": self.org, "calls": len(bugs)})
         return stats
 
-    async def _refresh_one(self, client, ledger: Ledger, store: Store, now: float, call_id: str,
-                           stats: dict[str, int]) -> None:
+    async def _refresh_one(self, client, tally: Tally, now: float, call_id: str, stats: dict[str, int]) -> None:
         try:
             obj = await client.get_call(call_id)
         except NotFound:
-            if ledger.calls.pop(call_id, None) is not None:  # once per call: it is no longer tracked
+            if tally.vanished(call_id):  # once per call: it is no longer tracked
                 self.last_refreshed.pop(call_id, None)
-                store.inc("callingbox_exporter_vanished_calls_total", ())
                 stats["stragglers_vanished"] += 1
                 log.warning("tracked call vanished from the API", extra={"org": self.org, "call_id": call_id})
             return
-        record = decode_record(obj, self.metadata_keys)
-        if type(record) is Invalid:  # kept and asked again; counted once however often it comes back
-            seen = fingerprint(obj)
-            if seen not in self._invalid_seen:
-                if len(self._invalid_seen) >= INVALID_MEMORY:
-                    self._invalid_seen.clear()
-                self._invalid_seen.add(seen)
-                store.inc("callingbox_exporter_invalid_records_total", (record.reason,))
-                log.warning("invalid record skipped",
-                            extra={"org": self.org, "reason": record.reason, "call_id": call_id})
+        record = tally.decode(obj)
+        if record is None:  # malformed: counted once however often it comes back; the call is kept
             return
         if record.id != call_id:
             raise ApiError(f"GET /v1/calls/{call_id} answered call {record.id}", "200")
-        events = ledger.account(record)
-        if events:
-            store.count(events, now)
+        tally.account(record, now)
         stats["stragglers_refreshed"] += 1

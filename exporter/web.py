@@ -1,7 +1,7 @@
 """The HTTP face: /metrics, the landing page, /-/healthy, /-/ready and /-/reload.
 
-Handlers only read published snapshots and poller status, so a slow or failing API never
-holds a scrape up. The landing page is plain HTML with inline CSS: each target's health and
+Handlers only read the snapshots the pollers published (counts and health), so a slow or
+failing API never holds a scrape up. The landing page is plain HTML with inline CSS: each target's health and
 what it counted today, readable at a glance and with no assets from anywhere else.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 import time
-from typing import Awaitable, Callable, Iterable
+from typing import Awaitable, Callable, Mapping
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -17,7 +17,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from .config import ConfigError
 from .catalogue import MILLI_CENTS_PER_DOLLAR
-from .poller import Poller
+from .metrics import Snapshot
 from .webconfig import Guard
 
 # Each figure on the page carries data-field="<name>" (cards data-org), so tests and scripts read it
@@ -96,26 +96,26 @@ def _today(totals: dict[str, int]) -> str:
             f"<tr>{head}</tr><tr>{row}</tr></table>")
 
 
-def _card(poller: Poller, now: float) -> str:
-    status, org = poller.status, poller.org
-    snapshot = poller.collector.snapshots.get(org)
+def _card(org: str, snapshot: Snapshot, now: float) -> str:
+    health = snapshot.health
+    status = health.status
     state = "up" if status.up else "down"
     readiness = "ready" if status.ready else "catching up"
-    lag = "n/a" if status.watermark is None else _span(now - status.watermark)
+    lag = "n/a" if health.watermark is None else _span(now - health.watermark)
     rows = [
         ("last poll", _when(status.last_poll, now)),
         ("last success", _when(status.last_success, now)),
         ("watermark lag", _e(lag)),
         ("consecutive failures", _e(status.failures)),
-        ("tracked calls", _e(f"{status.tracked:,}")),
+        ("tracked calls", _e(f"{health.tracked:,}")),
     ]
-    if snapshot is not None and snapshot.health.stragglers:
-        rows.append(("stragglers", _e(f"{snapshot.health.stragglers:,}")))
+    if health.stragglers:
+        rows.append(("stragglers", _e(f"{health.stragglers:,}")))
     details = "".join(f'<dt>{label}</dt><dd data-field="{label.replace(" ", "_")}">{value}</dd>' for label, value in rows)
     error = ""
     if status.last_error:
         error = f'<div class="error">last error<pre data-field="last_error">{_e(status.last_error)}</pre></div>'
-    today = _today(snapshot.store.today_totals(now)) if snapshot is not None else ""
+    today = _today(snapshot.store.today_totals(now))
     return (
         f'<section class="card {state}" data-org="{_e(org)}"><header><h2 data-field="org">{_e(org)}</h2>'
         f'<span class="badge {state}" data-field="state">{state.upper()}</span>'
@@ -125,11 +125,12 @@ def _card(poller: Poller, now: float) -> str:
     )
 
 
-def landing_page(version: str, telemetry_path: str, pollers: Iterable[Poller], now: float) -> str:
-    pollers = list(pollers)  # one view of the targets, even if a reload changes them meanwhile
-    down = sum(not p.status.up for p in pollers)
-    catching_up = sum(p.status.up and not p.status.ready for p in pollers)
-    parts = [f"{len(pollers)} target{'' if len(pollers) == 1 else 's'}", f"{down} down" if down else "all up"]
+def landing_page(version: str, telemetry_path: str, snapshots: Mapping[str, Snapshot], now: float) -> str:
+    targets = dict(snapshots)  # one view of the targets, even if a reload changes them meanwhile
+    statuses = [snapshot.health.status for snapshot in targets.values()]
+    down = sum(not s.up for s in statuses)
+    catching_up = sum(s.up and not s.ready for s in statuses)
+    parts = [f"{len(targets)} target{'' if len(targets) == 1 else 's'}", f"{down} down" if down else "all up"]
     if catching_up:
         parts.append(f"{catching_up} catching up")
     summary = _e(", ".join(parts))
@@ -142,7 +143,7 @@ def landing_page(version: str, telemetry_path: str, pollers: Iterable[Poller], n
 <div class="top"><h1>CallingBox exporter</h1><span class="muted">version {_e(version)}</span>
 <span class="summary{' down' if down else ''}" data-field="summary">{summary}</span>
 <nav><a href="{path}">{path}</a><a href="/-/healthy">/-/healthy</a><a href="/-/ready">/-/ready</a></nav></div>
-<main>{''.join(_card(p, now) for p in pollers)}</main>
+<main>{''.join(_card(org, snapshot, now) for org, snapshot in targets.items())}</main>
 <footer>Rendered {rendered}; refreshes every 30 s. Today's totals count what this exporter observed since
 00:00 UTC; billed is the money of calls whose billing settled today.</footer>
 </body></html>
@@ -151,24 +152,25 @@ def landing_page(version: str, telemetry_path: str, pollers: Iterable[Poller], n
 
 def make_app(
     registry: CollectorRegistry,
-    pollers: Iterable[Poller],
+    snapshots: Mapping[str, Snapshot],
     version: str,
     telemetry_path: str = "/metrics",
     reload: Callable[[], Awaitable[dict[str, list[str]]]] | None = None,
     guard: Guard | None = None,
 ) -> web.Application:
-    """`pollers` is read afresh on each request (a reload changes it); `guard` is the web config."""
+    """`snapshots` (the collector's) is read afresh on each request, as a reload changes it;
+    `guard` is the web config."""
 
     async def index(request: web.Request) -> web.Response:
-        page = landing_page(version, telemetry_path, pollers, time.time())
+        page = landing_page(version, telemetry_path, snapshots, time.time())
         return web.Response(text=page, content_type="text/html")
 
     async def healthy(request: web.Request) -> web.Response:
         return web.Response(text="Healthy.\n")
 
     async def ready(request: web.Request) -> web.Response:
-        targets = list(pollers)
-        waiting = [p.org for p in targets if not p.status.ready]
+        targets = dict(snapshots)
+        waiting = [org for org, snapshot in targets.items() if not snapshot.health.status.ready]
         if waiting:
             # Probes reach this page without a password: name the targets only when no one needs one.
             which = f" of {', '.join(waiting)}" if guard is None or not guard.config.users else (

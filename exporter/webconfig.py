@@ -4,6 +4,8 @@
 key (exit 2). `Guard` serves it at run time: like the toolkit, it re-reads the file and the
 certificate files it names when they change, so rotated certificates and passwords take effect
 without a restart, and a broken new file is logged while the last good one keeps serving.
+Past 300 lines because the format is one schema (TLS, client auth, users, headers) checked key
+by key, as the toolkit does.
 """
 
 from __future__ import annotations

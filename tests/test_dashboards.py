@@ -24,8 +24,9 @@ import yaml
 from conftest import ROOT
 from exporter.cli import registry_for
 from exporter.catalogue import EXEMPLAR_FAMILIES, FAMILIES
-from exporter.metrics import Collector, Health, Snapshot
+from exporter.metrics import Collector, Snapshot
 from exporter.store import Store
+from exporter.tally import Health
 
 GRAFANA = ROOT / "grafana"
 DASHBOARDS = {

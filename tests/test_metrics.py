@@ -19,8 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 from exporter.accounting import Billed, Created, Ended, ExtractionOutcome, WebhookOutcome
 from exporter import records
-from exporter.metrics import Collector, Health, Snapshot
+from exporter.metrics import Collector, Snapshot
 from exporter.store import Store
+from exporter.tally import Health, Status
 from exporter.catalogue import INVALID_REASONS
 from exporter.records import decode_record
 
@@ -275,7 +276,7 @@ SPEC_FAMILIES = [
 def populated_registry():
     store = busy_store()
     store.count([ended("d"), ended("e")])  # overflow the cap of 3
-    return registry_of(store, Health(up=True, last_success=NOW - 5, watermark=NOW - 7, tracked=4, active={(OUT, "ringing"): 1}))
+    return registry_of(store, Health(Status(up=True, last_success=NOW - 5), watermark=NOW - 7, tracked=4, active={(OUT, "ringing"): 1}))
 
 
 @pytest.mark.parametrize("name, kind, label_names", SPEC_FAMILIES, ids=[f[0] for f in SPEC_FAMILIES])
@@ -374,8 +375,8 @@ def test_series_of_each_target_carry_its_org():
     a, b = Store(), Store()
     a.count([Created(OUT)])
     b.count([Created(OUT), Created(OUT)])
-    collector.publish("alpha", Snapshot(a, Health(up=True)))
-    collector.publish("beta", Snapshot(b, Health(up=False)))
+    collector.publish("alpha", Snapshot(a, Health(Status(up=True))))
+    collector.publish("beta", Snapshot(b, Health(Status(up=False))))
     registry = CollectorRegistry()
     registry.register(collector)
     samples = text_samples(registry)
@@ -388,7 +389,7 @@ def test_series_of_each_target_carry_its_org():
 
 def test_health_gauges_render_from_the_snapshot():
     health = Health(
-        up=True, last_success=NOW - 5, watermark=NOW - 7.5, tracked=9, stragglers=2,
+        Status(up=True, last_success=NOW - 5), watermark=NOW - 7.5, tracked=9, stragglers=2,
         active={(OUT, "ringing"): 3, (IN, "in_progress"): 1}, webhooks_pending=4,
     )
     samples = text_samples(registry_of(Store(), health))

@@ -93,8 +93,9 @@ async def test_a_state_that_cannot_be_saved_publishes_nothing_and_reports_down(t
                     break
                 await asyncio.sleep(0.2)  # the scenario: polls keep coming while the disk is broken
             assert ended(poller.store) == 20, "the calls were read and counted in memory"
-            assert collector.snapshots["default"] is start, "nothing unsaved reached /metrics"
-            assert not poller.status.up and poller.status.last_error == "state not saved"
+            shown = collector.snapshots["default"]
+            assert shown.store is start.store, "no count that is not on disk reached /metrics"
+            assert not shown.health.status.up and shown.health.status.last_error == "state not saved"
             assert poller.store.counters["callingbox_exporter_polls_total"][("error",)] >= 1
 
             # The directory comes back: the next poll saves, then publishes everything held.
@@ -102,7 +103,7 @@ async def test_a_state_that_cannot_be_saved_publishes_nothing_and_reports_down(t
             blocker.mkdir()
             assert (await poller.poll())[0]
     published = collector.snapshots["default"]
-    assert ended(published.store) == 20 and published.health.up
+    assert ended(published.store) == 20 and published.health.status.up
     assert ended(load(state_file, "default").store) == 20
 
 

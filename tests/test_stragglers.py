@@ -24,6 +24,7 @@ from exporter.api import ApiError, BodyError, Client, NotFound, RateLimited
 from exporter.config import ConfigError, Secret, Target, build
 from exporter.metrics import Collector
 from exporter.store import Store
+from exporter.tally import Tally
 from exporter.poller import Poller
 from exporter.simulator import OUTCOME_WEIGHTS, format_ts, serve_in_thread, Simulator
 from exporter.stragglers import Refresher
@@ -91,7 +92,13 @@ def pending_webhook(created_at: float, updated_at: float | None = None) -> CallS
 
 
 def refresher(concurrency: int = 4, batch: int = 100) -> Refresher:
-    return Refresher("default", concurrency, batch, GIVE_UP)
+    return Refresher("default", concurrency, batch)
+
+
+def tally_of(ledger: Ledger, store: Store | None = None) -> Tally:
+    """The target's counting core over `ledger` and `store`, with this file's window and give-up age."""
+    return Tally("default", ledger, store if store is not None else Store(), settle_window=WINDOW,
+                 overlap=120.0, give_up_after=GIVE_UP)
 
 
 def test_only_calls_past_the_window_not_final_and_not_given_up_are_due():
@@ -102,7 +109,7 @@ def test_only_calls_past_the_window_not_final_and_not_given_up_are_due():
         ("final", CallState("outbound", "completed", NOW - 2 * WINDOW, NOW - 2 * WINDOW + 60, billed=True)),
         ("too_old", pending_webhook(NOW - GIVE_UP - 1)),
     )
-    assert refresher().due(ledger, NOW, WINDOW) == ["ringing", "straggler"]  # never asked: oldest first
+    assert refresher().due(tally_of(ledger), NOW) == ["ringing", "straggler"]  # never asked: oldest first
 
 
 def test_a_batch_per_poll_takes_the_least_recently_refreshed_first_so_every_straggler_gets_its_turn():
@@ -110,7 +117,7 @@ def test_a_batch_per_poll_takes_the_least_recently_refreshed_first_so_every_stra
     r = refresher(batch=3)
     turns = []
     for poll in range(3):
-        due = r.due(ledger, NOW + poll, WINDOW)
+        due = r.due(tally_of(ledger), NOW + poll)
         turns.append(due)
         for call_id in due:
             r.last_refreshed[call_id] = NOW + poll
@@ -128,7 +135,7 @@ async def test_refreshed_records_count_their_final_events_exactly_once():
     ]}
     api, store, r = ScriptedApi(answers), Store(), refresher()
     for poll in range(5):
-        stats = await r.refresh(api, ledger, store, NOW + poll, WINDOW)
+        stats = await r.refresh(api, tally_of(ledger, store), NOW + poll)
     assert api.asked == ["a"] * 4, "final after the fourth answer: not asked again"
     assert stats == {"stragglers_refreshed": 0, "stragglers_vanished": 0, "straggler_errors": 0}
     assert store.counters[CALLS][("outbound", "completed")] == 1
@@ -144,9 +151,9 @@ async def test_a_call_the_api_no_longer_knows_is_counted_as_vanished_once_and_fo
                        "kept": [api_call("kept", "completed", NOW - 2 * WINDOW, NOW - 2 * WINDOW + 60,
                                          webhook_status="pending")]})
     store, r = Store(), refresher()
-    stats = await r.refresh(api, ledger, store, NOW, WINDOW)
+    stats = await r.refresh(api, tally_of(ledger, store), NOW)
     assert stats["stragglers_vanished"] == 1 and set(ledger.calls) == {"kept"}
-    await r.refresh(api, ledger, store, NOW + 1, WINDOW)
+    await r.refresh(api, tally_of(ledger, store), NOW + 1)
     assert store.counters[VANISHED][()] == 1
     assert api.asked.count("gone") == 1
 
@@ -158,11 +165,11 @@ async def test_other_errors_keep_the_call_for_the_next_poll_and_a_429_stops_the_
     answers["c5"] = [ApiError("HTTP 503: upstream unavailable", "503"), answers["c5"][0]]
     answers["c3"] = [RateLimited("HTTP 429: slow down", 1.0), answers["c3"][0]]
     api, store, r = ScriptedApi(answers), Store(), refresher(concurrency=1)
-    stats = await r.refresh(api, ledger, store, NOW, WINDOW)
+    stats = await r.refresh(api, tally_of(ledger, store), NOW)
     assert api.asked == ["c5", "c4", "c3"], "oldest first; nothing more after the 429"
     assert stats == {"stragglers_refreshed": 1, "stragglers_vanished": 0, "straggler_errors": 2}
     assert len(ledger.calls) == 6
-    stats = await r.refresh(api, ledger, store, NOW + 1, WINDOW)
+    stats = await r.refresh(api, tally_of(ledger, store), NOW + 1)
     assert api.asked[3:] == ["c2", "c1", "c0", "c5", "c4", "c3"], "those never asked first, then the rest"
     assert stats["straggler_errors"] == 0
 
@@ -171,8 +178,9 @@ async def test_a_malformed_answer_is_counted_once_and_the_call_kept():
     ledger = tracked(("bad", pending_webhook(NOW - 2 * WINDOW)))
     broken = api_call("bad", "on_hold", NOW - 2 * WINDOW, NOW - 2 * WINDOW + 70)
     api, store, r = ScriptedApi({"bad": [broken]}), Store(), refresher()
+    tally = tally_of(ledger, store)  # one target: its memory of malformed records lasts across polls
     for poll in range(3):
-        await r.refresh(api, ledger, store, NOW + poll, WINDOW)
+        await r.refresh(api, tally, NOW + poll)
     counted = {reason: n for reason, n in store.counters["callingbox_exporter_invalid_records_total"].items() if n}
     assert counted == {("unknown_status",): 1}  # every other reason stays at its 0 (SPEC §3)
     assert "bad" in ledger.calls and len(api.asked) == 3
@@ -184,7 +192,7 @@ async def test_refreshes_stay_within_the_concurrency_bound_and_the_batch(concurr
     answers = {f"c{i}": [api_call(f"c{i}", "completed", NOW - WINDOW - 100 - i, NOW - WINDOW, webhook_status="pending")]
                for i in range(30)}
     api = ScriptedApi(answers, delay=0.01)
-    stats = await refresher(concurrency, batch).refresh(api, ledger, Store(), NOW, WINDOW)
+    stats = await refresher(concurrency, batch).refresh(api, tally_of(ledger, Store()), NOW)
     assert len(api.asked) == stats["stragglers_refreshed"] == min(batch, 30)
     assert api.max_in_flight == concurrency
 
@@ -196,7 +204,7 @@ async def test_an_unexpected_error_is_logged_and_does_not_escape(caplog):
         async def get_call(self, call_id):
             raise KeyError("bug")
 
-    stats = await refresher().refresh(Broken(), ledger, Store(), NOW, WINDOW)
+    stats = await refresher().refresh(Broken(), tally_of(ledger, Store()), NOW)
     assert stats["straggler_errors"] == 1 and "a" in ledger.calls
     assert "straggler refresh crashed" in caplog.text
 
@@ -348,7 +356,7 @@ async def test_failing_refreshes_do_not_fail_the_poll_nor_drop_up():
         assert ok and poller.status.up and poller.status.last_error is None
         assert set(poller.ledger.calls) == set(ids), "kept for the next poll"
         snapshot = poller.collector.snapshots["default"]
-        assert snapshot.health.up and snapshot.health.stragglers == 2
+        assert snapshot.health.status.up and snapshot.health.stragglers == 2
 
 
 # ---- the whole system: exporter process, simulator, truth ----------------------------------

@@ -143,7 +143,7 @@ async def test_each_target_shows_up_or_down_its_poll_and_today_totals(api, sessi
     clock.t = NOON + 3
     assert not (await backup.poll())[0]
 
-    page = Page(landing_page(VERSION, "/metrics", [campaigns, backup], NOON + 5))
+    page = Page(landing_page(VERSION, "/metrics", collector.snapshots, NOON + 5))
 
     assert page.fields["summary"] == "2 targets, 1 down"
     up, down = page.targets["campaigns"], page.targets["backup"]
@@ -168,7 +168,7 @@ async def test_the_page_names_its_version_and_links_and_is_served_at_root(api, s
     await target.poll()
     registry = CollectorRegistry()
     registry.register(collector)
-    client = await aiohttp_client(make_app(registry, [target], VERSION, "/custom-metrics"))
+    client = await aiohttp_client(make_app(registry, collector.snapshots, VERSION, "/custom-metrics"))
 
     response = await client.get("/")
     text = await response.text()
@@ -189,7 +189,7 @@ async def test_a_hostile_org_name_and_error_text_are_escaped(api, session):
     target = poller(name, api.url, session, Clock(NOON), collector)
     assert not (await target.poll())[0]
 
-    text = landing_page(VERSION, "/metrics", [target], NOON)
+    text = landing_page(VERSION, "/metrics", collector.snapshots, NOON)
     page = Page(text)
 
     assert "<script" not in text.lower() and "<b>" not in text
@@ -204,7 +204,7 @@ async def test_a_day_with_nothing_counted_shows_zeros(api, session):
     target = poller("quiet", api.url, session, Clock(NOON), collector)
     assert (await target.poll())[0]
 
-    card = Page(landing_page(VERSION, "/metrics", [target], NOON + 1)).targets["quiet"]
+    card = Page(landing_page(VERSION, "/metrics", collector.snapshots, NOON + 1)).targets["quiet"]
 
     assert today_of(card) == {"created": "0", "completed": "0", "no_answer": "0", "busy": "0", "canceled": "0",
                               "failed": "0", "billed": "$0.00"}
@@ -218,8 +218,8 @@ async def test_after_midnight_utc_yesterdays_totals_show_as_zero_while_counters_
     target = poller("campaigns", api.url, session, Clock(before), collector)
     assert (await target.poll())[0]
 
-    evening = Page(landing_page(VERSION, "/metrics", [target], MIDNIGHT - 1)).targets["campaigns"]
-    morning = Page(landing_page(VERSION, "/metrics", [target], MIDNIGHT + 5)).targets["campaigns"]
+    evening = Page(landing_page(VERSION, "/metrics", collector.snapshots, MIDNIGHT - 1)).targets["campaigns"]
+    morning = Page(landing_page(VERSION, "/metrics", collector.snapshots, MIDNIGHT + 5)).targets["campaigns"]
 
     assert today_of(evening) == {"created": "2", "completed": "1", "no_answer": "0", "busy": "1", "canceled": "0",
                                  "failed": "0", "billed": "$2.50"}
@@ -236,12 +236,12 @@ async def test_the_page_shows_the_published_snapshot_and_stragglers_past_the_set
     assert (await target.poll())[0]
     target.store.count([Created("outbound")], NOON)  # counted, but not published by a poll
 
-    card = Page(landing_page(VERSION, "/metrics", [target], NOON)).targets["campaigns"]
+    card = Page(landing_page(VERSION, "/metrics", collector.snapshots, NOON)).targets["campaigns"]
     assert card["created"] == "1" and "stragglers" not in card
 
     clock.t = NOON + 700  # the call is past the settle window and still not final
     assert (await target.poll())[0]
-    card = Page(landing_page(VERSION, "/metrics", [target], clock.t)).targets["campaigns"]
+    card = Page(landing_page(VERSION, "/metrics", collector.snapshots, clock.t)).targets["campaigns"]
     assert card["stragglers"] == "1" and card["created"] == "2"
 
 

@@ -1,0 +1,294 @@
+"""`Simulator`: CallingBox in a box. It owns the call store, the clock-driven task that plays the
+lifecycles (lifecycle.py), the control methods tests call from any thread and the events behind
+`truth()`; its HTTP handlers live in handlers.py. `serve_in_thread` runs it for synchronous tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from aiohttp import web
+
+from .faults import FAULT_KINDS
+from .handlers import Handlers
+from .lifecycle import (
+    HISTORY_LIFETIME, HISTORY_SPACING, NOW, OUTCOME_WEIGHTS, Lifecycles, _Call, _new_record, _outcome_table,
+    _seconds, _Step, format_ts,
+)
+from .truth import Truth, _Event, ledger
+
+log = logging.getLogger(__name__)
+
+TICK = 0.025  # lifecycle wake-up period, wall seconds
+
+
+class Simulator(Lifecycles, Handlers):
+    """CallingBox in a box: calls with realistic lifecycles, faults on demand, and the truth."""
+
+    def __init__(self, *, seed: int = 0, rate: float = 2.0, max_calls: int | None = None,
+                 time_scale: float = 1.0, inbound_share: float = 0.2,
+                 hangup_causes: list[str] | None = None, error_codes: list[str] | None = None,
+                 history: int = 0, history_age: float = 30 * 86400.0,
+                 webhook_retry_base: float | None = None, replay_share: float = 0.0,
+                 late_commit: float = 0.0, api_key: str | None = None,
+                 chunk_size: int = 64 * 1024, outcome_weights: dict[str, float] | None = None,
+                 by_id_delay: float = 0.0, conditional: bool = False):
+        if by_id_delay < 0:
+            raise ValueError("by_id_delay must be >= 0")
+        if time_scale <= 0 or rate < 0 or chunk_size < 1 or history < 0 or late_commit < 0:
+            raise ValueError("time_scale and chunk_size must be positive; rate, history, late_commit >= 0")
+        if not (0 <= inbound_share <= 1 and 0 <= replay_share <= 1):
+            raise ValueError("inbound_share and replay_share must lie in [0, 1]")
+        self.seed, self.rate, self.max_calls, self.time_scale = seed, rate, max_calls, time_scale
+        self.inbound_share, self.replay_share, self.late_commit = inbound_share, replay_share, late_commit
+        self.hangup_causes, self.error_codes = hangup_causes or None, error_codes or None
+        self.history, self.webhook_retry_base, self.api_key = history, webhook_retry_base, api_key
+        self.chunk_size = chunk_size
+        self.by_id_delay = by_id_delay  # wall seconds GET /v1/calls/{id} takes, so concurrency shows
+        self.conditional = conditional  # ETag on the list, 304 to a matching If-None-Match
+        self.requests: deque[tuple[float, str, int]] = deque(maxlen=100_000)  # (arrival, path, status), latest
+        self._outcomes = _outcome_table(OUTCOME_WEIGHTS if outcome_weights is None else outcome_weights)
+        self.stats = {"list_requests": 0, "bytes_sent": 0, "last_list_bytes": 0,
+                      "client_closed_early": 0, "by_id_requests": 0,
+                      "by_id_in_flight": 0, "by_id_max_in_flight": 0}
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()  # tests drive inject/pause/truth from another thread
+        self._calls: dict[str, _Call] = {}  # insertion order = created_at order
+        self._heap: list[tuple[float, int, str]] = []  # (next step due, tie-break, call id)
+        self._seq = itertools.count()
+        self._events: list[_Event] = []  # append-only
+        self._faults: deque[tuple[str, dict]] = deque()
+        self._paused = False
+        self._held: dict[str, list] = {}  # call id → [held since, its heap entry was dropped]
+        self._created = 0
+        self._next_arrival = 0.0
+        self._history_top = time.time() - history_age  # history is fixed at construction
+        self._runner: web.AppRunner | None = None
+        self.app = web.Application(middlewares=[self._guard])
+        self.app.router.add_get("/v1/calls", self._list_calls)
+        self.app.router.add_post("/v1/calls", self._create_call_http)
+        self.app.router.add_get("/v1/calls/{call_id}", self._get_call)
+        self.app.cleanup_ctx.append(self._lifecycle)
+
+    # ---- control, from any thread -------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve the API and run the call lifecycles; returns the base URL."""
+        # A short shutdown_timeout: a stop must not wait for a client stuck in a "timeout" fault.
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+        bound_host, bound_port = self._runner.addresses[0][:2]
+        return f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def pause(self) -> None:
+        """Stop creating new calls; existing calls keep progressing."""
+        with self._lock:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = False
+            self._next_arrival = time.time()
+
+    def set_outcome_weights(self, weights: dict[str, float]) -> None:
+        """Change the mix of terminal outcomes for calls created from now on (e.g. a failure spike)."""
+        table = _outcome_table(weights)
+        with self._lock:
+            self._outcomes = table
+
+    def inject(self, kind: str, count: int = 1, **params: Any) -> None:
+        """Make each of the next `count` list requests fail as `kind` (queued FIFO)."""
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}; expected one of {sorted(FAULT_KINDS)}")
+        with self._lock:
+            self._faults.extend((kind, dict(params)) for _ in range(count))
+
+    def delete(self, call_id: str) -> bool:
+        """Remove a call: it leaves the list and answers 404 from then on."""
+        with self._lock:
+            self._held.pop(call_id, None)
+            return self._calls.pop(call_id, None) is not None
+
+    def hold(self, call_id: str) -> None:
+        """Freeze one call as it is now: its planned steps wait for `release` (a straggler on demand)."""
+        with self._lock:
+            if call_id not in self._calls:
+                raise KeyError(call_id)
+            self._held.setdefault(call_id, [time.time(), False])
+
+    def release(self, call_id: str) -> None:
+        """Let a held call go on; its remaining steps keep their spacing, counted from now."""
+        with self._lock:
+            held_since, dropped = self._held.pop(call_id)
+            call = self._calls[call_id]
+            delay = time.time() - held_since
+            for step in call.steps:
+                step.due += delay
+            if dropped:
+                self._schedule(call)
+
+    def tamper(self, call_id: str, **fields: Any) -> dict:
+        """Change a call without bumping `updated_at`: an API that rewrites history silently.
+
+        For the self-audit tests; the truth is not told (that is the point). Returns the record.
+        """
+        with self._lock:
+            call = self._calls[call_id]
+            visible_at, record = call.versions[-1]
+            call.versions[-1] = (visible_at, {**record, **fields})
+            return call.versions[-1][1]
+
+    def insert_past(self, age: float, **fields: Any) -> str:
+        """A final call that appears `age` seconds in the past, as if committed late and unannounced."""
+        with self._lock:
+            now = time.time()
+            stamp = format_ts(now - age)
+            record = {**_new_record(self._rng, "outbound", stamp), "status": "completed", "updated_at": stamp,
+                      "started_at": stamp, "answered_at": stamp, "ended_at": stamp, "duration_seconds": 30,
+                      "billed_duration_seconds": 30, "billing_amount_milli_cents": 5_000,
+                      "reservation_status": "settled", "webhook_status": None, "result_status": None, **fields}
+            self._calls[record["id"]] = _Call(record["id"], deque(), [(now - age, record)], billed=True)
+            # the list is newest first by created_at: put the newcomer in its place
+            self._calls = dict(sorted(self._calls.items(), key=lambda kv: _seconds(kv[1].versions[0][1]["created_at"])))
+            return record["id"]
+
+    def all_final(self) -> bool:
+        """Creation is over and every call is final and visible as such."""
+        with self._lock:
+            now = time.time()
+            creating = not self._paused and self.rate > 0 and (
+                self.max_calls is None or self._created < self.max_calls)
+            return not creating and all(call.final(now) for call in self._calls.values())
+
+    def truth(self, after: float) -> Truth:
+        """Everything the exporter must have counted for events dated strictly after `after`."""
+        with self._lock:
+            events = self._events[:]
+        counters: dict = {}
+        observations: dict = {}
+        for date, name, labels, value, observed in itertools.chain(events, self._history_events(after)):
+            if date <= after:
+                continue
+            if observed:
+                observations.setdefault((name, labels), []).append(value)
+            else:
+                counters[(name, labels)] = counters.get((name, labels), 0) + value
+        return Truth(counters, observations)
+
+    # ---- lifecycles ---------------------------------------------------------------------
+
+    async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        with self._lock:
+            self._next_arrival = time.time()
+        task = asyncio.create_task(self._run())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def _run(self) -> None:
+        # One task drives every call from a heap of due steps, so thousands of live calls
+        # cost one wake-up per tick, not a task each.
+        while True:
+            try:
+                with self._lock:
+                    self._advance(time.time())
+            except Exception:
+                log.exception("simulator step failed")
+            await asyncio.sleep(TICK)
+
+    def _advance(self, now: float) -> None:
+        if self.rate > 0:
+            # A stalled loop catches up at most one second of arrivals, not a burst of hours.
+            self._next_arrival = max(self._next_arrival, now - 1.0)
+            while not self._paused and self._next_arrival <= now and (
+                    self.max_calls is None or self._created < self.max_calls):
+                self._create(now)
+                self._created += 1
+                self._next_arrival += self._rng.expovariate(self.rate)
+        while self._heap and self._heap[0][0] <= now:
+            call = self._calls.get(heapq.heappop(self._heap)[2])
+            if call is None:
+                continue  # deleted
+            if call.id in self._held:
+                self._held[call.id][1] = True  # release() schedules it again
+                continue
+            while call.steps and call.steps[0].due <= now:
+                self._apply(call, call.steps.popleft(), now)
+            self._schedule(call)
+
+    def _create(self, now: float, overrides: dict | None = None) -> _Call:
+        rng = self._rng
+        direction = "inbound" if rng.random() < self.inbound_share else "outbound"
+        record = _new_record(rng, direction, format_ts(now))
+        record.update(overrides or {})
+        call = _Call(record["id"], deque(sorted(self._plan(rng, record, now))))
+        self._commit(call, record, now + self._hide(rng), now)
+        self._calls[call.id] = call
+        self._schedule(call)
+        return call
+
+    def _apply(self, call: _Call, step: _Step, now: float) -> None:
+        stamp = format_ts(now)
+        changes = {k: stamp if v is NOW else v for k, v in step.changes.items()}
+        self._commit(call, {**call.latest, **changes, "updated_at": stamp}, now + step.hide, now)
+
+    def _commit(self, call: _Call, record: dict, visible_at: float, now: float) -> None:
+        events, call.billed = ledger(call.latest if call.versions else None, record, call.billed)
+        self._events.extend(events)
+        call.commit(record, visible_at, now)
+
+    def _schedule(self, call: _Call) -> None:
+        if call.steps:
+            heapq.heappush(self._heap, (call.steps[0].due, next(self._seq), call.id))
+
+    def _history_events(self, after: float) -> Iterator[_Event]:
+        for i in range(self.history):
+            if self._history_top - i * HISTORY_SPACING + HISTORY_LIFETIME <= after:
+                return  # this and every older history call happened entirely before `after`
+            yield from ledger(None, self._history_record(i), False)[0]
+
+
+@contextlib.contextmanager
+def serve_in_thread(sim: Simulator, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run `sim` on its own event loop in a daemon thread; yields the base URL."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="callingbox-simulator", daemon=True)
+    thread.start()
+    try:
+        url = asyncio.run_coroutine_threadsafe(sim.start(host, port), loop).result(timeout=10)
+        try:
+            yield url
+        finally:
+            asyncio.run_coroutine_threadsafe(_shutdown(sim), loop).result(timeout=10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        if not thread.is_alive():
+            loop.close()
+
+
+async def _shutdown(sim: Simulator) -> None:
+    await sim.stop()
+    # Handlers of clients that already left are not the server's to wait for: end them, so
+    # the loop closes without "Task was destroyed but it is pending".
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
