@@ -1,0 +1,157 @@
+"""The counting core of one target, by plain calls: no event loop, no HTTP, no clock.
+
+Raw call objects (as the API's JSON decodes) go through `Tally`: a list read, a refresh by id,
+a spot-check. Each path counts an event once, a malformed record once however often it comes
+back, an audit mismatch once, and the health summary says what the ledger holds.
+"""
+
+from __future__ import annotations
+
+import random
+
+from exporter.accounting import Ledger
+from exporter.audit import Audit
+from exporter.simulator import format_ts
+from exporter.store import Store
+from exporter.tally import INVALID_MEMORY, ListRead, Status, Tally
+
+NOW = 1_700_000_000.0
+WINDOW, OVERLAP, GIVE_UP = 3600.0, 120.0, 7 * 86400.0
+ENDED, CREATED = "callingbox_calls_ended_total", "callingbox_calls_created_total"
+INVALID = "callingbox_exporter_invalid_records_total"
+
+
+def tally(baseline: float = NOW - 600, audit_interval: float = 0.0) -> Tally:
+    return Tally("default", Ledger(baseline), Store(), settle_window=WINDOW, overlap=OVERLAP,
+                 give_up_after=GIVE_UP, audit_interval=audit_interval, now=NOW)
+
+
+def call(id: str, status: str, created: float, updated: float, **fields) -> dict:
+    """A call object as `GET /v1/calls` decodes it into plain JSON values."""
+    terminal = status not in ("queued", "initiated", "ringing", "in_progress")
+    return {"id": id, "status": status, "direction": "outbound", "created_at": format_ts(created),
+            "updated_at": format_ts(updated), "ended_at": format_ts(updated) if terminal else None,
+            "reservation_status": "released" if terminal else "reserved", **fields}
+
+
+def read_all(t: Tally, now: float, objects: list) -> ListRead:
+    read = t.list_read(now)
+    for obj in objects:
+        if not read.take(obj):
+            break
+    read.finish()
+    return read
+
+
+def counted(t: Tally, name: str) -> int:
+    return sum(t.store.counters[name].values())
+
+
+def test_a_list_read_counts_each_call_once_and_stops_at_the_settle_window():
+    t = tally()
+    listed = [call("c", "completed", NOW - 30, NOW - 5), call("b", "ringing", NOW - 60, NOW - 50),
+              call("a", "completed", NOW - 100, NOW - 90), call("old", "completed", NOW - WINDOW - 1, NOW - 10)]
+    first = read_all(t, NOW, listed)
+    assert (first.records, first.examined) == (4, 3), "the call past the window ends the read"
+    assert (counted(t, CREATED), counted(t, ENDED)) == (3, 2)
+    assert t.ledger.watermark == NOW - 5 and "old" not in t.ledger.calls
+
+    second = read_all(t, NOW + 15, listed)
+    assert second.events == 0 and (counted(t, CREATED), counted(t, ENDED)) == (3, 2), "a re-read counts nothing"
+    assert second.examined == 3, "everything is inside the overlap here, so re-examined"
+
+
+def test_records_older_than_the_overlap_are_skipped_unexamined():
+    t = tally()
+    read_all(t, NOW, [call("new", "ringing", NOW - 10, NOW - 1), call("old", "completed", NOW - 900, NOW - 800)])
+    again = read_all(t, NOW + 15, [call("new", "ringing", NOW - 10, NOW - 1),
+                                   call("old", "completed", NOW - 900, NOW - 800)])
+    assert again.examined == 1
+
+
+def test_a_malformed_record_is_counted_once_whichever_path_reads_it():
+    t = tally()
+    broken = call("x", "on_hold", NOW - 30, NOW - 20)
+    read_all(t, NOW, [broken])
+    read_all(t, NOW + 15, [broken])
+    assert t.decode(broken) is None  # the by-id path: same memory
+    assert {k: v for k, v in t.store.counters[INVALID].items() if v} == {("unknown_status",): 1}
+    assert "x" not in t.ledger.calls
+
+
+def test_the_malformed_record_memory_is_bounded_and_forgets_the_oldest():
+    t = tally()
+    for i in range(INVALID_MEMORY + 1):
+        t.decode({"id": f"m{i}", "status": "on_hold"})
+    assert len(t._invalid_seen) == INVALID_MEMORY
+    t.decode({"id": "m0", "status": "on_hold"})  # forgotten, so counted again
+    assert counted(t, INVALID) == INVALID_MEMORY + 2
+
+
+def test_a_refresh_by_id_takes_the_same_path_and_counts_once():
+    t = tally()
+    read_all(t, NOW, [call("a", "in_progress", NOW - 300, NOW - 290)])
+    for _ in range(3):
+        record = t.decode(call("a", "completed", NOW - 300, NOW - 10))
+        t.account(record, NOW)
+    assert counted(t, ENDED) == 1 and t.ledger.calls["a"].status == "completed"
+
+
+def test_a_vanished_call_is_forgotten_and_counted_once():
+    t = tally()
+    read_all(t, NOW, [call("a", "ringing", NOW - 300, NOW - 290)])
+    assert t.vanished("a") and not t.vanished("a")
+    assert t.store.counters["callingbox_exporter_vanished_calls_total"][()] == 1
+
+
+def test_stragglers_are_tracked_calls_past_the_window_not_final_and_not_given_up():
+    t = tally(baseline=NOW - 10 * 86400)
+    read_all(t, NOW - 5000, [call("open", "completed", NOW - 5000, NOW - 4990, webhook_status="pending"),
+                             call("done", "completed", NOW - 5001, NOW - 4990)])
+    assert [call_id for call_id, _ in t.stragglers(NOW)] == ["open"]
+    assert t.stragglers(NOW + GIVE_UP) == [], "given up once older than straggler_give_up"
+
+
+def test_an_audit_is_due_an_interval_after_the_start_and_its_mismatches_count_once():
+    t = tally(baseline=NOW - 10 * WINDOW, audit_interval=600.0)
+    assert t.audit_due(NOW) is None
+    later = NOW + 600
+    created = later - WINDOW + 10  # inside the oldest interval of the window
+    read_all(t, later - 1000, [call("a", "completed", created, created + 5)])
+    audit = t.audit_due(later)
+    assert audit is not None and audit.covers(created)
+    read = t.list_read(later, audit)
+    read.take(call("a", "failed", created, created + 5))  # failed now, updated_at not bumped: a silent rewrite
+    read.finish()
+    t.conclude_audit(audit, later)
+    assert t.audit_due(later) is None and t.next_audit == later + 600
+    again = Audit(float("-inf"), float("inf"), t.ledger.baseline)  # the same lie found again, by id
+    t.spot_check(again, "a", call("a", "failed", created, created + 5))
+    t.report(again)
+    assert t.store.counters["callingbox_exporter_audit_mismatches_total"][("status",)] == 1
+    assert t.store.counters["callingbox_exporter_audit_calls_checked_total"][()] == 2
+    assert t.last_audit == later
+
+
+def test_a_spot_check_finds_a_silent_rewrite_and_a_404():
+    t = tally()
+    read_all(t, NOW, [call("a", "completed", NOW - 30, NOW - 20), call("b", "completed", NOW - 40, NOW - 30)])
+    sample = t.spot_sample(random.Random(1), 5)
+    assert sorted(sample) == ["a", "b"]
+    audit = Audit(float("-inf"), float("inf"), t.ledger.baseline)
+    t.spot_check(audit, "a", call("a", "busy", NOW - 30, NOW - 20))
+    t.spot_check(audit, "b", None)
+    t.report(audit)
+    mismatches = t.store.counters["callingbox_exporter_audit_mismatches_total"]
+    assert (mismatches[("status",)], mismatches[("extra",)]) == (1, 1)
+
+
+def test_the_health_summary_holds_the_status_and_what_the_ledger_says():
+    t = tally()
+    read_all(t, NOW, [call("r", "ringing", NOW - 30, NOW - 20),
+                      call("w", "completed", NOW - 60, NOW - 50, webhook_status="pending")])
+    status = Status(up=True, ready=True, last_success=NOW)
+    health = t.health(t.sweep(NOW), status)
+    status.up = False  # the published health is a copy: later changes do not reach it
+    assert health.status.up and health.tracked == 2 and health.watermark == NOW - 20
+    assert health.active == {("outbound", "ringing"): 1} and health.webhooks_pending == 1
