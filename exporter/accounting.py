@@ -190,13 +190,18 @@ class Ledger:
         self.calls: dict[str, CallState] = calls if calls is not None else {}
         self._extras: dict[tuple, tuple] = {}
 
-    def examines(self, updated_at: float, overlap: float) -> bool:
-        """Whether a record may hold news; older ones are unchanged since a previous poll read them.
+    def is_news(self, call_id: str, updated_at: float, overlap: float) -> bool:
+        """Whether a record may hold news: a call not tracked yet, or a newer version of one.
 
-        Before the first complete poll there is no watermark and every record is examined, so
-        calls already in flight are tracked (their later events count; their past ones do not).
+        Every change bumps `updated_at` (SPEC §1), so an older version than the one accounted is
+        stale, however deep or late the read that shows it. Two changes may share a timestamp,
+        so one with the same `updated_at` is looked at again while it lies within `overlap` of
+        the watermark, where a late-committed twin can still appear.
         """
-        return self.watermark is None or updated_at >= self.watermark - overlap
+        state = self.calls.get(call_id)
+        if state is None or updated_at > state.updated_at:
+            return True
+        return updated_at == state.updated_at and (self.watermark is None or updated_at >= self.watermark - overlap)
 
     def account(self, record: Record) -> list[Event]:
         state, events = advance(self.calls.get(record.id), record, self.baseline)

@@ -87,6 +87,7 @@ class Client:
         timeout: float,
         on_response: Callable[[str], None] = lambda code: None,
         budget: Budget | None = None,
+        on_bytes: Callable[[str, int], None] = lambda endpoint, size: None,
     ):
         self._session = session
         self._base_url = base_url.rstrip("/")
@@ -94,7 +95,7 @@ class Client:
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
         self._on_response = on_response
         self.budget = budget
-        self.bytes_read = 0
+        self._on_bytes = on_bytes  # body bytes read, by endpoint ("list", "call"): the API's cost
         # Conditional list reads: the validators of the last list read in full, and those of the
         # current one (confirmed by the poller once its read succeeded).
         self._validators: dict[str, str] = {}
@@ -170,7 +171,7 @@ class Client:
             stream = ArrayStream(item_type)
             try:
                 async for chunk in response.content.iter_chunked(CHUNK_BYTES):
-                    self.bytes_read += len(chunk)
+                    self._on_bytes("list", len(chunk))
                     items = stream.feed(chunk)
                     if items:
                         yield items
@@ -214,7 +215,7 @@ class Client:
                 body += chunk
                 if len(body) > MAX_PENDING_CHARS:
                     raise BodyError("response body holds an oversized call object")
-            self.bytes_read += len(body)
+            self._on_bytes("call", len(body))
         except (aiohttp.ClientError, TimeoutError) as error:
             raise BodyError(self._scrub(f"reading the response failed: {type(error).__name__}: {error}")) from None
         finally:

@@ -28,6 +28,8 @@ STRAGGLER_GIVE_UP = 7 * 86400.0  # default age after creation at which a straggl
 OUTCOMES = ("delivered", "failed")  # webhook_status values that are counted
 EXTRACTIONS = ("completed", "failed")  # result_status values that are counted
 
+ENDPOINTS = ("list", "call")  # GET /v1/calls and GET /v1/calls/{id}
+READ_PATHS = ("list", "by_id")  # how an open call is kept up to date: each list read, or by id
 AUDIT_KINDS = ("missing", "extra", "status", "billing", "webhook", "extraction")
 
 MILLI_CENTS_PER_DOLLAR = 100_000
@@ -80,6 +82,9 @@ FAMILIES: dict[str, Family] = {
     "callingbox_exporter_poll_duration_seconds": Family("histogram", (), "Wall time of a poll, fetch to publish."),
     "callingbox_exporter_api_requests_total": Family(
         "counter", ("code",), "Requests to the CallingBox API by HTTP status, or error when none came back."
+    ),
+    "callingbox_exporter_api_response_bytes_total": Family(
+        "counter", ("endpoint",), "Body bytes read from the CallingBox API: list reads, and calls by id."
     ),
     "callingbox_exporter_invalid_records_total": Family(
         "counter", ("reason",), "API records skipped because they could not be read."
@@ -154,6 +159,8 @@ def _base_series() -> Iterable[tuple[str, tuple[str, ...]]]:
         yield "callingbox_result_extractions_total", (s,)
     for result in ("success", "error"):
         yield "callingbox_exporter_polls_total", (result,)
+    for endpoint in ENDPOINTS:
+        yield "callingbox_exporter_api_response_bytes_total", (endpoint,)
     for reason in INVALID_REASONS:
         yield "callingbox_exporter_invalid_records_total", (reason,)
     yield "callingbox_exporter_poll_duration_seconds", ()

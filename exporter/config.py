@@ -40,6 +40,9 @@ TARGET_KEYS = {
     "straggler_concurrency",
     "straggler_batch",
     "overlap",
+    "hot_window",
+    "full_read_interval",
+    "open_refresh_interval",
     "max_label_values",
     "buckets",
     "metadata_labels",
@@ -100,6 +103,12 @@ class Target:
     straggler_concurrency: int = 4  # GET /v1/calls/{id} in flight at once
     straggler_batch: int = 100  # refreshes per poll at most
     overlap: float = 120.0
+    # Read tiers (SPEC §4, read only what can have changed): each poll reads the list this deep,
+    # older open calls are refreshed by id (or by reading deeper, whichever costs less) at most
+    # this far apart, and the whole settle window is read this often (0: every poll).
+    hot_window: float = 1800.0
+    open_refresh_interval: float = 300.0
+    full_read_interval: float = 3600.0
     max_label_values: int = 50
     buckets: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     metadata_labels: tuple[tuple[str, str], ...] = ()  # (metadata key, label name), in config order
@@ -218,9 +227,10 @@ def _target(raw: Mapping[str, Any], where: str, name: str) -> Target:
     values: dict[str, Any] = {"name": name}
     for key, value in raw.items():
         path = f"{where}{key}"
-        if key in ("poll_interval", "request_timeout"):
+        if key in ("poll_interval", "request_timeout", "open_refresh_interval"):
             values[key] = _positive(path, value)
-        elif key in ("initial_lookback", "settle_window", "overlap", "audit_interval"):
+        elif key in ("initial_lookback", "settle_window", "overlap", "audit_interval", "hot_window",
+                     "full_read_interval"):
             values[key] = parse_duration(path, value)
         elif key == "api_url":
             values[key] = _url(path, value)

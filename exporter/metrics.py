@@ -15,7 +15,7 @@ from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 from .catalogue import (
-    ACTIVE_STATUSES, CALL_FAMILIES, DIRECTIONS, EXEMPLAR_FAMILIES, FAMILIES, MILLI_CENTS_PER_DOLLAR,
+    ACTIVE_STATUSES, CALL_FAMILIES, DIRECTIONS, EXEMPLAR_FAMILIES, FAMILIES, MILLI_CENTS_PER_DOLLAR, READ_PATHS,
 )
 from .store import Store
 from .tally import Health
@@ -124,6 +124,13 @@ class Collector(_Collector):
         backoff = gauge("callingbox_exporter_backoff_seconds",
                         "Seconds the next poll waits beyond poll_interval: failures back off, slow reads slow down.")
         next_poll = gauge("callingbox_exporter_next_poll_timestamp_seconds", "When the next poll of the API starts.")
+        depth = gauge("callingbox_exporter_read_depth_seconds",
+                      "How far back in created_at the last list read went: the settle window on a full read.")
+        full = gauge("callingbox_exporter_last_full_read_timestamp_seconds",
+                     "When the list was last read down to the settle window.")
+        open_calls = gauge("callingbox_exporter_open_calls",
+                           "Tracked calls not final yet, by how they are kept up to date: each list read, or by id.",
+                           ("path",))
         for org, snap in snapshots.items():
             h = snap.health
             none = snap.store.none_extra
@@ -141,7 +148,12 @@ class Collector(_Collector):
             audited.add_metric((org,), h.last_audit or 0)
             backoff.add_metric((org,), h.status.backoff)
             next_poll.add_metric((org,), h.status.next_poll or 0)
-        yield from (active, pending, oldest, up, last, watermark, tracked, stragglers, audited, backoff, next_poll)
+            depth.add_metric((org,), h.read_depth)
+            full.add_metric((org,), h.last_full_read or 0)
+            for path in READ_PATHS:
+                open_calls.add_metric((org, path), h.open_calls.get(path, 0))
+        yield from (active, pending, oldest, up, last, watermark, tracked, stragglers, audited, backoff, next_poll,
+                    depth, full, open_calls)
         info = GaugeMetricFamily("callingbox_exporter_build_info", "The exporter's version.", labels=("version",))
         info.add_metric((self.version,), 1)
         yield info

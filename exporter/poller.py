@@ -26,7 +26,7 @@ from .config import ConfigError, Target, read_key_file
 from .metrics import Collector, Snapshot
 from .store import Store
 from .stragglers import Refresher
-from .tally import ListRead, Status, Tally
+from .tally import ListRead, Plan, Status, Tally
 
 MAX_BACKOFF = 300.0
 RATE_LIMIT_RETRIES = 3
@@ -50,7 +50,7 @@ class Poller:
         key = target.api_key.reveal() if target.api_key is not None else None
         budget = (budgets or Budgets()).for_key(key, target.max_requests_per_minute)
         self.client = Client(session, target.api_url, target.api_key, target.request_timeout, self._count_response,
-                             budget)
+                             budget, self._count_bytes)
         self.clock = clock
         self.rng = rng or random.Random()
         self.status = Status()
@@ -66,7 +66,9 @@ class Poller:
         t = self.target
         return Tally(t.name, ledger, store, tuple(key for key, _ in t.metadata_labels),
                      settle_window=t.settle_window, overlap=t.overlap, give_up_after=t.straggler_give_up,
-                     audit_interval=t.audit_interval, now=self.clock())
+                     audit_interval=t.audit_interval, now=self.clock(), hot_window=t.hot_window,
+                     full_read_interval=t.full_read_interval, refresh_interval=t.open_refresh_interval,
+                     poll_interval=t.poll_interval)
 
     @property
     def org(self) -> str:
@@ -82,6 +84,12 @@ class Poller:
 
     def _count_response(self, code: str) -> None:
         self.tally.store.inc("callingbox_exporter_api_requests_total", (code,))
+
+    def _count_bytes(self, endpoint: str, size: int) -> None:
+        self.tally.store.inc("callingbox_exporter_api_response_bytes_total", (endpoint,), size)
+
+    def _bytes(self, endpoint: str) -> int:
+        return self.tally.store.counters["callingbox_exporter_api_response_bytes_total"][(endpoint,)]
 
     async def restore(self) -> None:
         """Load the state file, if any, and serve its values at once (not ready until a poll)."""
@@ -148,12 +156,13 @@ class Poller:
         started, now = time.monotonic(), self.clock()
         self.status.last_poll = now
         self._rotate_key()
-        self.client.bytes_read = 0
         tally, store = self.tally, self.tally.store
+        bytes_before = self._bytes("list") + self._bytes("call")
+        plan = tally.plan(now, self.stragglers.last_refreshed, self.target.straggler_batch)
         stats: dict[str, int] = {}
         problem: Exception | None = None
         try:
-            read = await self._read(now)
+            read = await self._read(now, plan)
             stats.update(read.stats)
             self.client.read_succeeded()
             if read.audit is not None and not self.client.not_modified:  # a 304 read nothing to audit
@@ -167,7 +176,7 @@ class Poller:
             problem = error
         read_seconds = time.monotonic() - started
         if problem is None:  # then the calls the list no longer shows; their failures do not fail the poll
-            stats.update(await self.stragglers.refresh(self.client, tally, now))
+            stats.update(await self.stragglers.refresh(self.client, tally, now, plan.by_id))
         store.inc("callingbox_exporter_polls_total", ("error" if problem else "success",))
         store.observe("callingbox_exporter_poll_duration_seconds", (), time.monotonic() - started)
         summary = tally.sweep(now)
@@ -186,7 +195,8 @@ class Poller:
         self._publish(now, durable, summary)
         log.debug(
             "poll done",
-            extra={"org": self.org, "result": "error" if problem else "success", "bytes": self.client.bytes_read,
+            extra={"org": self.org, "result": "error" if problem else "success", "full": plan.full,
+                   "depth_s": round(now - plan.horizon), "bytes": self._bytes("list") + self._bytes("call") - bytes_before,
                    "tracked": summary.tracked, "duration_s": round(time.monotonic() - started, 3), **stats},
         )
         return problem is None, delay
@@ -269,10 +279,12 @@ class Poller:
         if sample:
             self.tally.report(audit)
 
-    async def _read(self, now: float) -> ListRead:
-        """Read the list until the settle window, a 429 waited out a few times; returns the read."""
+    async def _read(self, now: float, plan: Plan) -> ListRead:
+        """Read the list down to the plan's depth, a 429 waited out a few times; returns the read."""
         for attempt in range(RATE_LIMIT_RETRIES + 1):
-            read = self.tally.list_read(now, self.tally.audit_due(now))
+            audit = self.tally.audit_due(now) if plan.full else None
+            read = self.tally.list_read(now, audit, plan.horizon)
+            before = self._bytes("list")
             try:
                 async with self.client.list_calls(read.fields) as batches:
                     async for batch in batches:
@@ -280,6 +292,7 @@ class Poller:
                             break  # past the settle window: the response is closed here
                         await asyncio.sleep(0)  # a large read yields to scrapes between chunks
                 read.finish()
+                self.tally.read_done(read, plan, self._bytes("list") - before)
                 return read
             except RateLimited as error:
                 if attempt == RATE_LIMIT_RETRIES:

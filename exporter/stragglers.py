@@ -1,16 +1,16 @@
-"""Stragglers: tracked calls past the settle window that are not final yet, refreshed by id.
+"""Open calls past the list read, refreshed by id: stragglers past the settle window, and the
+calls an ordinary poll's shorter read does not reach (SPEC §4, read only what can have changed).
 
-The list read stops at the settle window, so a call that is still changing after it (webhook
-retries for ~42 h, a late settlement, a restart after a long outage) is never listed again.
-After each successful list read the poller asks `GET /v1/calls/{id}` for a bounded batch of
-them, least recently asked first, a few at a time. Each answer takes the list's path through
-the target's tally, so its events count once; a 404 means the call is gone and counts as vanished.
+A call still changing after the read's depth (webhook retries for ~42 h, a late settlement, a
+long call) is not listed by it. After each successful list read the poller asks
+`GET /v1/calls/{id}` for those whose turn the read plan says has come, a few at a time. Each
+answer takes the list's path through the target's tally, so its events count once; a 404 means
+the call is gone and counts as vanished.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 
 from .api import ApiError, NotFound, RateLimited, Unauthorized
@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 class Refresher:
-    """One target's stragglers: which to ask for this poll, and handing what the API answers to the tally."""
+    """One target's open calls past the list read, asked by id: a few at a time, each answer
+    handed to the tally; `last_refreshed` tells the read plan whose turn has come."""
 
     def __init__(self, org: str, concurrency: int, batch: int):
         self.org, self.concurrency, self.batch = org, concurrency, batch
@@ -28,20 +29,14 @@ class Refresher:
         # straggler is simply due at once, which only changes the order.
         self.last_refreshed: dict[str, float] = {}
 
-    def due(self, tally: Tally, now: float) -> list[str]:
-        """The stragglers to ask for now: at most `batch`, least recently asked (then oldest) first."""
-        last = self.last_refreshed
-        stragglers = [(last.get(call_id, float("-inf")), created, call_id) for call_id, created in tally.stragglers(now)]
-        self.last_refreshed = {call_id: last[call_id] for _, _, call_id in stragglers if call_id in last}
-        return [call_id for _, _, call_id in heapq.nsmallest(self.batch, stragglers)]
-
-    async def refresh(self, client, tally: Tally, now: float) -> dict[str, int]:
+    async def refresh(self, client, tally: Tally, now: float, due: list[str]) -> dict[str, int]:
         """Refresh the due stragglers and account what comes back. Never raises (bar cancellation):
         a failed refresh keeps its call for the next poll and does not fail the poll."""
         stats = {"stragglers_refreshed": 0, "stragglers_vanished": 0, "straggler_errors": 0}
         failures: list[Exception] = []
         try:
-            due = self.due(tally, now)
+            # Forget calls no longer tracked; those not asked yet are due at once.
+            self.last_refreshed = {c: t for c, t in self.last_refreshed.items() if c in tally.ledger.calls}
             pending = iter(due)
             halted = False
 

@@ -8,9 +8,11 @@ and no clock: the poller reads the API and passes `now`, so every path here is a
 
 from __future__ import annotations
 
+import bisect
 import logging
 import random
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from .accounting import Ledger, Summary, give_up_age
 from .audit import Audit, Mismatch
@@ -21,6 +23,8 @@ from .store import Store
 INVALID_MEMORY = 10_000  # malformed records remembered so a re-read does not count them again
 INVALID_LOG_LIMIT = 10  # malformed records logged one by one per read; the rest are summed up
 REPORTED_MEMORY = 10_000  # audit mismatches remembered so a lie found twice counts once
+BYTES_PER_CALL = 1500.0  # a call object's size in a list read, until a read has measured it
+REQUEST_BYTES = 500.0  # what a request by id costs beyond its body: headers both ways
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +55,41 @@ class Health:
     webhooks_pending: int = 0
     webhook_pending_oldest: float | None = None
     last_audit: float | None = None
+    read_depth: float = 0.0  # seconds of history the last list read covered
+    last_full_read: float | None = None
+    open_calls: dict = field(default_factory=dict)  # refresh path ("list", "by_id") → open calls
+
+
+class Plan(NamedTuple):
+    """What one poll reads: the list down to `horizon`, then `by_id` calls by id."""
+
+    horizon: float
+    full: bool
+    by_id: list[str]
+    open_calls: dict[str, int]  # refresh path → open calls
 
 
 class Tally:
     def __init__(self, org: str, ledger: Ledger, store: Store, metadata_keys: tuple[str, ...] = (), *,
                  settle_window: float, overlap: float, give_up_after: float, audit_interval: float = 0.0,
-                 now: float = 0.0):
+                 now: float = 0.0, hot_window: float = 1800.0, full_read_interval: float = 3600.0,
+                 refresh_interval: float = 300.0, poll_interval: float = 15.0):
         self.org, self.ledger, self.store, self.metadata_keys = org, ledger, store, metadata_keys
         self.settle_window, self.overlap, self.give_up_after = settle_window, overlap, give_up_after
         self.audit_interval = audit_interval
+        self.hot_window, self.full_read_interval = hot_window, full_read_interval
+        self.refresh_interval, self.poll_interval = refresh_interval, poll_interval
         self._invalid_seen: dict[str, None] = {}  # fingerprints, oldest first
         self._reported: set[tuple[str, str]] = set()  # (call id, kind) already counted as a mismatch
         self.invalid_logged = 0  # malformed records logged in the current read
         self.next_audit = now + audit_interval  # the first audit comes an interval after the start
         self.last_audit: float | None = None
         self.audited_until: float | None = None  # created_at up to which calls have been audited
+        self.next_full_read = now  # the first poll reads the whole settle window
+        self.last_full_read: float | None = None
+        self.bytes_per_call = BYTES_PER_CALL  # measured by each list read
+        self.last_read: tuple[float, float] | None = None  # (horizon, time) of the last complete list read
+        self.last_plan: Plan | None = None
 
     # ---- raw call object → counts ---------------------------------------------------------
 
@@ -95,9 +119,70 @@ class Tally:
             self.store.count(events, now)
         return len(events)
 
-    def list_read(self, now: float, audit: Audit | None = None) -> "ListRead":
+    def list_read(self, now: float, audit: Audit | None = None, horizon: float | None = None) -> "ListRead":
         self.invalid_logged = 0
-        return ListRead(self, now, audit)
+        return ListRead(self, now, audit, now - self.settle_window if horizon is None else horizon)
+
+    # ---- the read plan: read only what can have changed (SPEC §4) ---------------------------
+
+    def plan(self, now: float, last_refreshed: dict[str, float], batch: int) -> Plan:
+        """How deep this poll reads the list, and which open calls past that depth it asks by id.
+
+        A full read of the settle window comes first, then every `full_read_interval` (and with
+        each audit). Otherwise the read covers `hot_window`, where new calls and their normal
+        lifecycle show, and never less than back to the newest update already read, less the
+        overlap (a restart after downtime reads what it missed). An open call older than that
+        is due by id once its refresh interval, which grows with its age up to
+        `refresh_interval`, has passed; the read goes deeper instead where the calls in between
+        cost fewer bytes than the requests would, or where more are due than one poll may ask.
+        """
+        window = now - self.settle_window
+        watermark = self.ledger.watermark
+        full = watermark is None or now >= self.next_full_read or self.audit_due(now) is not None
+        horizon = window if full else max(window, min(now - self.hot_window, watermark - self.overlap))
+        give_up = now - give_up_age(self.settle_window, self.give_up_after)
+        created_older: list[float] = []  # tracked calls the read does not reach: the cost of reaching them
+        due: list[tuple[float, str]] = []  # (created_at, id): open calls past the read whose turn has come
+        listed = past = 0  # open calls the list read reaches; those it does not
+        for call_id, s in self.ledger.calls.items():
+            created = s.created_at
+            if created >= horizon:
+                listed += not s.final
+                continue
+            if created >= window:
+                created_older.append(created)
+            if s.final or created < give_up:
+                continue
+            past += 1
+            every = min(self.refresh_interval, max(self.poll_interval, (now - created) / 20))
+            if now - last_refreshed.get(call_id, float("-inf")) >= every:
+                due.append((created, call_id))
+        due.sort(reverse=True)  # newest first: the cheapest to reach by reading deeper
+        if due and not full:
+            created_older.sort()
+            by_id_cost = self.bytes_per_call + REQUEST_BYTES
+            reach = None
+            for i, (created, _) in enumerate(due):
+                if created < window:
+                    break  # past the settle window: only by id
+                between = len(created_older) - bisect.bisect_left(created_older, created)
+                if between * self.bytes_per_call <= (i + 1) * by_id_cost or len(due) - i - 1 >= batch:
+                    reach = i
+            if reach is not None:
+                horizon = due[reach][0]
+                listed, past = listed + reach + 1, past - reach - 1
+                due = due[reach + 1:]
+        # By id, the least recently asked first (then the oldest), so each gets its turn.
+        asked = sorted(due, key=lambda d: (last_refreshed.get(d[1], float("-inf")), d[0]))
+        return Plan(horizon, full, [call_id for _, call_id in asked[:batch]], {"list": listed, "by_id": past})
+
+    def read_done(self, read: "ListRead", plan: Plan, bytes_read: int) -> None:
+        """Learn from a complete list read: the size of a call, when the next full read is due."""
+        if read.records:
+            self.bytes_per_call = max(200.0, bytes_read / read.records)
+        if plan.full:
+            self.last_full_read, self.next_full_read = read.now, read.now + self.full_read_interval
+        self.last_plan = plan
 
     # ---- the self-audit ------------------------------------------------------------------
 
@@ -120,8 +205,12 @@ class Tally:
 
     def report(self, audit: Audit) -> int:
         """Count and log an audit's mismatches, each call and kind once however often it is found."""
+        self.store.inc("callingbox_exporter_audit_calls_checked_total", (), audit.checked)
+        return self.report_mismatches(audit.mismatches)
+
+    def report_mismatches(self, mismatches: list[Mismatch]) -> int:
         found = 0
-        for mismatch in audit.mismatches:
+        for mismatch in mismatches:
             if (mismatch.call_id, mismatch.kind) in self._reported:
                 continue
             self._reported.add((mismatch.call_id, mismatch.kind))
@@ -131,7 +220,6 @@ class Tally:
                                                  "detail": mismatch.detail})
         if len(self._reported) > REPORTED_MEMORY:  # forget calls no longer tracked
             self._reported = {r for r in self._reported if r[0] in self.ledger.calls}
-        self.store.inc("callingbox_exporter_audit_calls_checked_total", (), audit.checked)
         return found
 
     def spot_sample(self, rng: random.Random, size: int) -> list[str]:
@@ -190,8 +278,11 @@ class Tally:
             for (direction, call_status, *extra), calls in summary.active.items():
                 key = (direction, call_status, *self.store.peek_extra(tuple(extra)))
                 active[key] = active.get(key, 0) + calls
+        plan = self.last_plan
         return Health(replace(status), self.ledger.watermark, summary.tracked, summary.stragglers, active,
-                      summary.webhooks_pending, summary.webhook_pending_oldest, self.last_audit)
+                      summary.webhooks_pending, summary.webhook_pending_oldest, self.last_audit,
+                      0.0 if plan is None else max(0.0, (status.last_poll or 0.0) - plan.horizon),
+                      self.last_full_read, {} if plan is None else dict(plan.open_calls))
 
     def adopt(self, old: "Tally", extra_labels: tuple[str, ...], old_extra_labels: tuple[str, ...],
               same_store: bool, buckets: dict, label_limit: int) -> list[str]:
@@ -209,18 +300,25 @@ class Tally:
 
 
 class ListRead:
-    """One read of `GET /v1/calls` in progress: newest first, to the settle window.
+    """One read of `GET /v1/calls` in progress: newest first, down to its horizon.
 
-    Records unchanged since the watermark (less the overlap) are skipped before a `Record` is
-    built, unless the audit riding on this read covers them.
+    A record whose `updated_at` is no newer than the version the ledger holds is unchanged and
+    skipped before a `Record` is built (unless the audit riding on this read covers it). The
+    check is per call, so a read may reach deeper than the last one (a full read, an open call)
+    and still count each change once; a late-committed update is newer, so it is examined.
     """
 
-    def __init__(self, tally: Tally, now: float, audit: Audit | None):
-        self.tally, self.now, self.audit = tally, now, audit
-        self.horizon = now - tally.settle_window
+    def __init__(self, tally: Tally, now: float, audit: Audit | None, horizon: float):
+        self.tally, self.now, self.audit, self.horizon = tally, now, audit, horizon
         self.fields = fields_type(bool(tally.metadata_keys))
+        self.calls = tally.ledger.calls
         watermark = tally.ledger.watermark
-        self.cutoff = None if watermark is None else watermark - tally.overlap  # older: unchanged, skipped
+        self.settled = float("inf") if watermark is None else watermark - tally.overlap  # older twins: unchanged
+        # Created in here, a call the ledger does not know appeared in the past: the last read saw
+        # that stretch of the list without it (bar the overlap's late commits).
+        last = tally.last_read
+        self.seen = (last[0], last[1] - tally.overlap) if last is not None else (0.0, 0.0)
+        self.appeared: list[Mismatch] = []
         self.newest: float | None = None
         self.records = self.examined = self.events = 0
 
@@ -236,8 +334,10 @@ class ListRead:
                     return False  # newest first: all that follows is settled history
                 if self.newest is None or updated > self.newest:
                     self.newest = updated
-                if self.cutoff is not None and updated < self.cutoff and (audit is None or not audit.covers(created)):
-                    return True
+                state = self.calls.get(obj.id) if type(obj.id) is str else None
+                if state is not None and (updated < state.updated_at or updated == state.updated_at < self.settled) \
+                        and (audit is None or not audit.covers(created)):
+                    return True  # not news (Ledger.is_news), known before building a Record
         record = self.tally.decode(obj)
         if record is None:
             return True
@@ -245,16 +345,25 @@ class ListRead:
             return False
         if self.newest is None or record.updated_at > self.newest:
             self.newest = record.updated_at
-        if ledger.examines(record.updated_at, self.tally.overlap):
+        known = record.id in self.calls
+        if not known and self.seen[0] <= record.created_at < self.seen[1] and record.created_at > ledger.baseline:
+            self.appeared.append(Mismatch("missing", record.id, "appeared in the past, after a read of its time"
+                                          " had not listed it; counted now"))
+        if ledger.is_news(record.id, record.updated_at, self.tally.overlap):
             self.examined += 1
             self.events += self.tally.account(record, self.now)
         if audit is not None and audit.covers(record.created_at):
-            audit.check(record, ledger.calls.get(record.id))
+            # A settled call the ledger did not know before this read appeared in the past: it is
+            # counted now like any news, and reported as missing from what had been counted.
+            audit.check(record, self.calls.get(record.id) if known else None)
         return True
 
     def finish(self) -> None:
         """The read reached its end: the watermark moves to the newest update it saw."""
         self.tally.ledger.complete_poll(self.newest)
+        self.tally.last_read = (self.horizon, self.now)
+        if self.appeared:
+            self.tally.report_mismatches(self.appeared)
 
     @property
     def stats(self) -> dict[str, int]:

@@ -270,6 +270,10 @@ SPEC_FAMILIES = [
     # issue 8: the API budget
     ("callingbox_exporter_backoff_seconds", "gauge", {"org"}),
     ("callingbox_exporter_next_poll_timestamp_seconds", "gauge", {"org"}),
+    ("callingbox_exporter_api_response_bytes_total", "counter", {"org", "endpoint"}),
+    ("callingbox_exporter_read_depth_seconds", "gauge", {"org"}),
+    ("callingbox_exporter_last_full_read_timestamp_seconds", "gauge", {"org"}),
+    ("callingbox_exporter_open_calls", "gauge", {"org", "path"}),
 ]
 
 

@@ -98,7 +98,16 @@ def refresher(concurrency: int = 4, batch: int = 100) -> Refresher:
 def tally_of(ledger: Ledger, store: Store | None = None) -> Tally:
     """The target's counting core over `ledger` and `store`, with this file's window and give-up age."""
     return Tally("default", ledger, store if store is not None else Store(), settle_window=WINDOW,
-                 overlap=120.0, give_up_after=GIVE_UP)
+                 overlap=120.0, give_up_after=GIVE_UP, hot_window=WINDOW, now=NOW)
+
+
+def due(r: Refresher, tally: Tally, now: float) -> list[str]:
+    """The calls the read plan asks by id this poll (every poll reads the whole window here)."""
+    return tally.plan(now, r.last_refreshed, r.batch).by_id
+
+
+async def refresh(r: Refresher, api, tally: Tally, now: float) -> dict[str, int]:
+    return await r.refresh(api, tally, now, due(r, tally, now))
 
 
 def test_only_calls_past_the_window_not_final_and_not_given_up_are_due():
@@ -109,19 +118,19 @@ def test_only_calls_past_the_window_not_final_and_not_given_up_are_due():
         ("final", CallState("outbound", "completed", NOW - 2 * WINDOW, NOW - 2 * WINDOW + 60, billed=True)),
         ("too_old", pending_webhook(NOW - GIVE_UP - 1)),
     )
-    assert refresher().due(tally_of(ledger), NOW) == ["ringing", "straggler"]  # never asked: oldest first
+    assert due(refresher(), tally_of(ledger), NOW) == ["ringing", "straggler"]  # never asked: oldest first
 
 
 def test_a_batch_per_poll_takes_the_least_recently_refreshed_first_so_every_straggler_gets_its_turn():
     ledger = tracked(*((f"s{i}", pending_webhook(NOW - WINDOW - 100 - i)) for i in range(7)))
     r = refresher(batch=3)
     turns = []
-    for poll in range(3):
-        due = r.due(tally_of(ledger), NOW + poll)
-        turns.append(due)
-        for call_id in due:
+    for poll in (0, 1, 2, 300, 301):  # seconds: a straggler's turn comes again within 5 minutes
+        asked = due(r, tally_of(ledger), NOW + poll)
+        turns.append(asked)
+        for call_id in asked:
             r.last_refreshed[call_id] = NOW + poll
-    assert turns == [["s6", "s5", "s4"], ["s3", "s2", "s1"], ["s0", "s6", "s5"]]
+    assert turns == [["s6", "s5", "s4"], ["s3", "s2", "s1"], ["s0"], ["s6", "s5", "s4"], ["s3", "s2", "s1"]]
 
 
 async def test_refreshed_records_count_their_final_events_exactly_once():
@@ -135,7 +144,7 @@ async def test_refreshed_records_count_their_final_events_exactly_once():
     ]}
     api, store, r = ScriptedApi(answers), Store(), refresher()
     for poll in range(5):
-        stats = await r.refresh(api, tally_of(ledger, store), NOW + poll)
+        stats = await refresh(r, api, tally_of(ledger, store), NOW + 300 * poll)  # its turn each time
     assert api.asked == ["a"] * 4, "final after the fourth answer: not asked again"
     assert stats == {"stragglers_refreshed": 0, "stragglers_vanished": 0, "straggler_errors": 0}
     assert store.counters[CALLS][("outbound", "completed")] == 1
@@ -151,9 +160,9 @@ async def test_a_call_the_api_no_longer_knows_is_counted_as_vanished_once_and_fo
                        "kept": [api_call("kept", "completed", NOW - 2 * WINDOW, NOW - 2 * WINDOW + 60,
                                          webhook_status="pending")]})
     store, r = Store(), refresher()
-    stats = await r.refresh(api, tally_of(ledger, store), NOW)
+    stats = await refresh(r, api, tally_of(ledger, store), NOW)
     assert stats["stragglers_vanished"] == 1 and set(ledger.calls) == {"kept"}
-    await r.refresh(api, tally_of(ledger, store), NOW + 1)
+    await refresh(r, api, tally_of(ledger, store), NOW + 1)
     assert store.counters[VANISHED][()] == 1
     assert api.asked.count("gone") == 1
 
@@ -165,12 +174,14 @@ async def test_other_errors_keep_the_call_for_the_next_poll_and_a_429_stops_the_
     answers["c5"] = [ApiError("HTTP 503: upstream unavailable", "503"), answers["c5"][0]]
     answers["c3"] = [RateLimited("HTTP 429: slow down", 1.0), answers["c3"][0]]
     api, store, r = ScriptedApi(answers), Store(), refresher(concurrency=1)
-    stats = await r.refresh(api, tally_of(ledger, store), NOW)
+    stats = await refresh(r, api, tally_of(ledger, store), NOW)
     assert api.asked == ["c5", "c4", "c3"], "oldest first; nothing more after the 429"
     assert stats == {"stragglers_refreshed": 1, "stragglers_vanished": 0, "straggler_errors": 2}
     assert len(ledger.calls) == 6
-    stats = await r.refresh(api, tally_of(ledger, store), NOW + 1)
-    assert api.asked[3:] == ["c2", "c1", "c0", "c5", "c4", "c3"], "those never asked first, then the rest"
+    stats = await refresh(r, api, tally_of(ledger, store), NOW + 1)
+    assert api.asked[3:] == ["c2", "c1", "c0"], "those not asked yet; the others wait their turn"
+    stats = await refresh(r, api, tally_of(ledger, store), NOW + 301)
+    assert api.asked[6:] == ["c5", "c4", "c3", "c2", "c1", "c0"], "the least recently asked first"
     assert stats["straggler_errors"] == 0
 
 
@@ -180,7 +191,7 @@ async def test_a_malformed_answer_is_counted_once_and_the_call_kept():
     api, store, r = ScriptedApi({"bad": [broken]}), Store(), refresher()
     tally = tally_of(ledger, store)  # one target: its memory of malformed records lasts across polls
     for poll in range(3):
-        await r.refresh(api, tally, NOW + poll)
+        await refresh(r, api, tally, NOW + 300 * poll)  # its turn each time
     counted = {reason: n for reason, n in store.counters["callingbox_exporter_invalid_records_total"].items() if n}
     assert counted == {("unknown_status",): 1}  # every other reason stays at its 0 (SPEC §3)
     assert "bad" in ledger.calls and len(api.asked) == 3
@@ -192,7 +203,7 @@ async def test_refreshes_stay_within_the_concurrency_bound_and_the_batch(concurr
     answers = {f"c{i}": [api_call(f"c{i}", "completed", NOW - WINDOW - 100 - i, NOW - WINDOW, webhook_status="pending")]
                for i in range(30)}
     api = ScriptedApi(answers, delay=0.01)
-    stats = await refresher(concurrency, batch).refresh(api, tally_of(ledger, Store()), NOW)
+    stats = await refresh(refresher(concurrency, batch), api, tally_of(ledger, Store()), NOW)
     assert len(api.asked) == stats["stragglers_refreshed"] == min(batch, 30)
     assert api.max_in_flight == concurrency
 
@@ -204,7 +215,7 @@ async def test_an_unexpected_error_is_logged_and_does_not_escape(caplog):
         async def get_call(self, call_id):
             raise KeyError("bug")
 
-    stats = await refresher().refresh(Broken(), tally_of(ledger, Store()), NOW)
+    stats = await refresh(refresher(), Broken(), tally_of(ledger, Store()), NOW)
     assert stats["straggler_errors"] == 1 and "a" in ledger.calls
     assert "straggler refresh crashed" in caplog.text
 
@@ -328,7 +339,7 @@ async def test_the_poller_refreshes_stragglers_by_id_a_batch_per_poll_within_the
                 before = sim.stats["by_id_requests"]
                 assert (await poller.poll())[0]
                 per_poll.append(sim.stats["by_id_requests"] - before)
-        assert per_poll == [5, 5, 5], "a full batch each poll, never more"
+        assert per_poll == [5, 5, 2], "a full batch while more are due, never more; then the last two (the rest wait their turn)"
         assert sim.stats["by_id_max_in_flight"] == 3, "three at a time: concurrent, and never more"
         assert set(poller.stragglers.last_refreshed) == set(ids), "each straggler had its turn"
         requests = poller.store.counters["callingbox_exporter_api_requests_total"]

@@ -21,7 +21,7 @@ ENDED, CREATED = "callingbox_calls_ended_total", "callingbox_calls_created_total
 INVALID = "callingbox_exporter_invalid_records_total"
 
 
-def tally(baseline: float = NOW - 600, audit_interval: float = 0.0) -> Tally:
+def tally(baseline: float = NOW - 3000, audit_interval: float = 0.0) -> Tally:
     return Tally("default", Ledger(baseline), Store(), settle_window=WINDOW, overlap=OVERLAP,
                  give_up_after=GIVE_UP, audit_interval=audit_interval, now=NOW)
 
@@ -58,15 +58,49 @@ def test_a_list_read_counts_each_call_once_and_stops_at_the_settle_window():
 
     second = read_all(t, NOW + 15, listed)
     assert second.events == 0 and (counted(t, CREATED), counted(t, ENDED)) == (3, 2), "a re-read counts nothing"
-    assert second.examined == 3, "everything is inside the overlap here, so re-examined"
+    assert second.examined == 3, "the same versions, still within the overlap: looked at again"
+    t.ledger.complete_poll(NOW + 200)  # newer updates have been read since: these have settled
+    assert read_all(t, NOW + 215, listed).examined == 0
 
 
-def test_records_older_than_the_overlap_are_skipped_unexamined():
+def test_only_news_is_examined_however_old_the_call_or_late_the_commit():
     t = tally()
     read_all(t, NOW, [call("new", "ringing", NOW - 10, NOW - 1), call("old", "completed", NOW - 900, NOW - 800)])
+    # "old" changes with an updated_at older than everything read since: a late commit, deep down.
     again = read_all(t, NOW + 15, [call("new", "ringing", NOW - 10, NOW - 1),
-                                   call("old", "completed", NOW - 900, NOW - 800)])
-    assert again.examined == 1
+                                   call("old", "completed", NOW - 900, NOW - 700, webhook_status="delivered")])
+    assert again.examined == 2, "the changed call, and the unchanged one still within the overlap"
+    assert t.store.counters["callingbox_webhook_deliveries_total"][("delivered",)] == 1
+
+
+def test_an_ordinary_poll_reads_the_hot_window_and_asks_older_open_calls_by_id():
+    t = tally(baseline=NOW - 86400)
+    t.settle_window, t.hot_window = 6 * 3600.0, 1800.0
+    old_open = [call(f"o{i}", "completed", NOW - 3 * 3600 - i, NOW - 3 * 3600 + 60, webhook_status="pending")
+                for i in range(3)]
+    history = [call(f"h{i}", "completed", NOW - 2 * 3600 - i * 10, NOW - 2 * 3600) for i in range(200)]
+    read_all(t, NOW, [call("hot", "ringing", NOW - 60, NOW - 50)] + history + old_open)
+    first = t.plan(NOW, {}, batch=10)
+    assert first.full, "the first poll reads the whole settle window"
+    t.read_done(read_all(t, NOW, []), first, 0)
+
+    plan = t.plan(NOW + 15, {}, batch=10)
+    assert not plan.full and plan.horizon == NOW + 15 - 1800
+    assert sorted(plan.by_id) == ["o0", "o1", "o2"], "200 calls in between cost more than 3 requests"
+    assert plan.open_calls == {"list": 1, "by_id": 3}
+    assert t.plan(NOW + 30, {f"o{i}": NOW + 15 for i in range(3)}, batch=10).by_id == [], "not due again yet"
+    assert t.plan(NOW + 15 + 300, {f"o{i}": NOW + 15 for i in range(3)}, batch=10).by_id, "due within 5 minutes"
+
+
+def test_the_read_goes_deeper_where_that_costs_less_than_asking_by_id():
+    t = tally(baseline=NOW - 86400)
+    t.settle_window, t.hot_window = 6 * 3600.0, 1800.0
+    open_calls = [call(f"o{i}", "completed", NOW - 2000 - i, NOW - 1990, webhook_status="pending") for i in range(5)]
+    read_all(t, NOW, [call("hot", "ringing", NOW - 60, NOW - 50)] + open_calls)
+    t.read_done(read_all(t, NOW, []), t.plan(NOW, {}, batch=10), 0)
+    plan = t.plan(NOW + 15, {}, batch=10)
+    assert plan.by_id == [] and plan.horizon == NOW - 2004, "five calls just past the hot window: read them"
+    assert plan.open_calls == {"list": 6, "by_id": 0}
 
 
 def test_a_malformed_record_is_counted_once_whichever_path_reads_it():
