@@ -151,6 +151,22 @@ def test_negative_overlap_is_rejected(write_config, key_file):
     assert message == "overlap: -1 must not be negative"
 
 
+@pytest.mark.parametrize("line, message", [
+    ("hot_window: soon", "hot_window: 'soon' is not a duration (e.g. 15s, 2m)"),
+    ("full_read_interval: -1h", "full_read_interval: '-1h' is not a duration (e.g. 15s, 2m)"),
+    ("open_refresh_interval: 0s", "open_refresh_interval: '0s' must be greater than 0"),
+])
+def test_bad_read_tier_settings_are_named(write_config, key_file, line, message):
+    assert config_error(config_file=write_config(f"api_key_file: {key_file}\n{line}\n")) == message
+
+
+def test_read_tiers_default_to_a_hot_half_hour_an_hourly_full_read_and_five_minute_refreshes(write_config, key_file):
+    target = build(config_file=write_config(f"api_key_file: {key_file}\n"), env={}).targets[0]
+    assert (target.hot_window, target.full_read_interval, target.open_refresh_interval) == (1800.0, 3600.0, 300.0)
+    cautious = build(config_file=write_config(f"api_key_file: {key_file}\nfull_read_interval: 0s\n"), env={})
+    assert cautious.targets[0].full_read_interval == 0.0
+
+
 # --- errors: one line, key first -----------------------------------------------------------------
 
 

@@ -143,6 +143,16 @@ class Simulator(Lifecycles, Handlers):
             if dropped:
                 self._schedule(call)
 
+    def replay(self, call_id: str, outcome: str = "delivered", after: float = 1.0) -> None:
+        """An operator replays a call's webhook by hand now: `pending`, then `outcome` `after`
+        seconds later, each change bumping `updated_at` and told to the truth."""
+        with self._lock:
+            call = self._calls[call_id]
+            now = time.time()
+            call.steps.extend([_Step(now, {"webhook_status": "pending", "webhook_error": None}),
+                               _Step(now + after, {"webhook_status": outcome})])
+            self._schedule(call)
+
     def tamper(self, call_id: str, **fields: Any) -> dict:
         """Change a call without bumping `updated_at`: an API that rewrites history silently.
 
