@@ -188,6 +188,9 @@ class Ledger:
         self.baseline = baseline
         self.watermark = watermark
         self.calls: dict[str, CallState] = calls if calls is not None else {}
+        # The calls not final yet: a poll's plan and summary walk these, not the whole ledger.
+        self.open: set[str] = {call_id for call_id, state in self.calls.items() if not state.final}
+        self._finished: list[str] = []  # calls that turned final since the last sweep
         self._extras: dict[tuple, tuple] = {}
 
     def is_news(self, call_id: str, updated_at: float, overlap: float) -> bool:
@@ -210,7 +213,18 @@ class Ledger:
                 self._extras.clear()
             state.extra = self._extras.setdefault(state.extra, state.extra)
         self.calls[record.id] = state
+        if state.final:
+            if record.id in self.open:
+                self.open.discard(record.id)
+                self._finished.append(record.id)
+        else:
+            self.open.add(record.id)
         return events
+
+    def forget(self, call_id: str) -> bool:
+        """Stop tracking a call (the API no longer knows it); whether it was tracked."""
+        self.open.discard(call_id)
+        return self.calls.pop(call_id, None) is not None
 
     def complete_poll(self, newest_updated_at: float | None) -> None:
         """A full read succeeded: advance the watermark to the newest update it saw."""
@@ -219,26 +233,41 @@ class Ledger:
         if self.watermark is None or newest_updated_at > self.watermark:
             self.watermark = newest_updated_at
 
-    def sweep(self, now: float, settle_window: float, give_up_after: float = STRAGGLER_GIVE_UP) -> Summary:
-        """Drop final calls past the settle window (list reads no longer show them) and summarise.
+    def sweep(self, now: float, settle_window: float, give_up_after: float = STRAGGLER_GIVE_UP,
+              everything: bool = True) -> Summary:
+        """Drop calls the ledger need not keep and summarise the open ones.
 
-        A call past the window that is not final is a straggler: list reads cannot see it any
-        more (the poller refreshes it by id), and once it is `give_up_after` old (never less
-        than the window) it is given up rather than kept forever.
+        A final call past the settle window is dropped: list reads no longer show it. Only an
+        `everything` sweep walks the whole ledger for those (a full read's poll); the others walk
+        the open calls alone, so their cost follows the live calls, not the window. A call past
+        the window that is not final is a straggler: list reads cannot see it any more (the
+        poller refreshes it by id), and once it is `give_up_after` old (never less than the
+        window) it is given up rather than kept forever.
         """
         horizon = now - settle_window
         give_up = now - give_up_age(settle_window, give_up_after)
+        calls = self.calls
+        if everything:
+            for call_id in [c for c, state in calls.items() if state.final and state.created_at < horizon]:
+                del calls[call_id]
+            self.open = {call_id for call_id, state in calls.items() if not state.final}
+        else:  # a straggler that has just become final leaves at once
+            for call_id in self._finished:
+                state = calls.get(call_id)
+                if state is not None and state.final and state.created_at < horizon:
+                    del calls[call_id]
+        self._finished = []
         active: dict[tuple[str, str], int] = {}
         pending = stragglers = given_up = 0
         oldest: float | None = None
-        drop: list[str] = []
-        for call_id, state in self.calls.items():
+        for call_id in list(self.open):
+            state = calls.get(call_id)
+            if state is None or state.final:
+                self.open.discard(call_id)
+                continue
             if state.created_at < horizon:
-                if state.final:
-                    drop.append(call_id)
-                    continue
                 if state.created_at < give_up:
-                    drop.append(call_id)
+                    self.forget(call_id)
                     given_up += 1
                     continue
                 stragglers += 1
@@ -250,9 +279,7 @@ class Ledger:
                 since = state.webhook_pending_since
                 if since is not None and (oldest is None or since < oldest):
                     oldest = since
-        for call_id in drop:
-            del self.calls[call_id]
-        return Summary(active, pending, oldest, len(self.calls), stragglers, given_up)
+        return Summary(active, pending, oldest, len(calls), stragglers, given_up)
 
     def __iter__(self) -> Iterator[tuple[str, CallState]]:
         return iter(self.calls.items())

@@ -179,7 +179,7 @@ class Poller:
             stats.update(await self.stragglers.refresh(self.client, tally, now, plan.by_id))
         store.inc("callingbox_exporter_polls_total", ("error" if problem else "success",))
         store.observe("callingbox_exporter_poll_duration_seconds", (), time.monotonic() - started)
-        summary = tally.sweep(now)
+        summary = tally.sweep(now, everything=plan.full)
         durable = await self._persist()
         if not durable and problem is None:
             # Neither saved nor shown, so this poll's `success` can still become the error it is.

@@ -8,7 +8,6 @@ and no clock: the poller reads the API and passes `now`, so every path here is a
 
 from __future__ import annotations
 
-import bisect
 import logging
 import random
 from dataclasses import dataclass, field, replace
@@ -88,6 +87,7 @@ class Tally:
         self.next_full_read = now  # the first poll reads the whole settle window
         self.last_full_read: float | None = None
         self.bytes_per_call = BYTES_PER_CALL  # measured by each list read
+        self.calls_per_second = 1.0  # how fast the list grows, in created_at: measured by each list read
         self.last_read: tuple[float, float] | None = None  # (horizon, time) of the last complete list read
         self.last_plan: Plan | None = None
 
@@ -141,17 +141,18 @@ class Tally:
         full = watermark is None or now >= self.next_full_read or self.audit_due(now) is not None
         horizon = window if full else max(window, min(now - self.hot_window, watermark - self.overlap))
         give_up = now - give_up_age(self.settle_window, self.give_up_after)
-        created_older: list[float] = []  # tracked calls the read does not reach: the cost of reaching them
         due: list[tuple[float, str]] = []  # (created_at, id): open calls past the read whose turn has come
         listed = past = 0  # open calls the list read reaches; those it does not
-        for call_id, s in self.ledger.calls.items():
+        calls = self.ledger.calls
+        for call_id in self.ledger.open:
+            s = calls.get(call_id)
+            if s is None:
+                continue
             created = s.created_at
             if created >= horizon:
-                listed += not s.final
+                listed += 1
                 continue
-            if created >= window:
-                created_older.append(created)
-            if s.final or created < give_up:
+            if created < give_up:
                 continue
             past += 1
             every = min(self.refresh_interval, max(self.poll_interval, (now - created) / 20))
@@ -159,13 +160,13 @@ class Tally:
                 due.append((created, call_id))
         due.sort(reverse=True)  # newest first: the cheapest to reach by reading deeper
         if due and not full:
-            created_older.sort()
+            # Reading down to a call costs the calls created in between, at the rate the list grows.
             by_id_cost = self.bytes_per_call + REQUEST_BYTES
             reach = None
             for i, (created, _) in enumerate(due):
                 if created < window:
                     break  # past the settle window: only by id
-                between = len(created_older) - bisect.bisect_left(created_older, created)
+                between = (horizon - created) * self.calls_per_second
                 if between * self.bytes_per_call <= (i + 1) * by_id_cost or len(due) - i - 1 >= batch:
                     reach = i
             if reach is not None:
@@ -180,6 +181,7 @@ class Tally:
         """Learn from a complete list read: the size of a call, when the next full read is due."""
         if read.records:
             self.bytes_per_call = max(200.0, bytes_read / read.records)
+            self.calls_per_second = read.records / max(1.0, read.now - read.horizon)
         if plan.full:
             self.last_full_read, self.next_full_read = read.now, read.now + self.full_read_interval
         self.last_plan = plan
@@ -246,26 +248,16 @@ class Tally:
 
     # ---- bounded memory and the health summary ---------------------------------------------
 
-    def sweep(self, now: float) -> Summary:
-        """Drop final calls past the settle window from the ledger and summarise what is left."""
-        summary = self.ledger.sweep(now, self.settle_window, self.give_up_after)
+    def sweep(self, now: float, everything: bool = True) -> Summary:
+        """Drop calls the ledger need not keep (see Ledger.sweep) and summarise the open ones."""
+        summary = self.ledger.sweep(now, self.settle_window, self.give_up_after, everything)
         if summary.given_up:
             log.warning("stragglers given up", extra={"org": self.org, "calls": summary.given_up})
         return summary
 
-    def stragglers(self, now: float) -> list[tuple[str, float]]:
-        """Tracked calls the list no longer shows that are not final: (call id, created_at).
-
-        The same bounds as `Ledger.sweep`: created before the window, after the give-up age.
-        """
-        horizon = now - self.settle_window
-        give_up = now - give_up_age(self.settle_window, self.give_up_after)
-        return [(call_id, s.created_at) for call_id, s in self.ledger.calls.items()
-                if give_up <= s.created_at < horizon and not s.final]
-
     def vanished(self, call_id: str) -> bool:
         """The API answers 404 for a tracked call: it is forgotten and counted once."""
-        if self.ledger.calls.pop(call_id, None) is None:
+        if not self.ledger.forget(call_id):
             return False
         self.store.inc("callingbox_exporter_vanished_calls_total", ())
         return True

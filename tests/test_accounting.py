@@ -681,3 +681,19 @@ def test_call_state_is_final_only_when_nothing_is_expected_to_change():
     assert CallState(OUT, "completed", C, C + 70, billed=True, webhook="pending").final is False
     assert CallState(OUT, "completed", C, C + 70, billed=True, result="pending").final is False
     assert CallState(OUT, "completed", C, C + 70, billed=True, webhook="failed", result="completed").final is True
+
+
+def test_the_ledger_keeps_its_open_calls_apart_and_an_ordinary_sweep_walks_only_those():
+    ledger = Ledger(BASELINE)
+    ledger.account(rec("open", "ringing", C + 5))
+    ledger.account(done("final", C + 70))
+    assert ledger.open == {"open"}
+    late = C + 2 * 3600  # both calls are now past a one-hour window
+    summary = ledger.sweep(late, 3600.0, everything=False)
+    assert set(ledger.calls) == {"open", "final"}, "an ordinary sweep leaves final calls to the full one"
+    assert (summary.stragglers, summary.active) == (1, {("outbound", "ringing"): 1})
+    ledger.account(done("open", C + 7000))  # the straggler ends: it leaves at the next sweep
+    ledger.sweep(late, 3600.0, everything=False)
+    assert set(ledger.calls) == {"final"} and ledger.open == set()
+    ledger.sweep(late, 3600.0)
+    assert ledger.calls == {}

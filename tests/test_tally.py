@@ -79,10 +79,9 @@ def test_an_ordinary_poll_reads_the_hot_window_and_asks_older_open_calls_by_id()
     old_open = [call(f"o{i}", "completed", NOW - 3 * 3600 - i, NOW - 3 * 3600 + 60, webhook_status="pending")
                 for i in range(3)]
     history = [call(f"h{i}", "completed", NOW - 2 * 3600 - i * 10, NOW - 2 * 3600) for i in range(200)]
-    read_all(t, NOW, [call("hot", "ringing", NOW - 60, NOW - 50)] + history + old_open)
     first = t.plan(NOW, {}, batch=10)
     assert first.full, "the first poll reads the whole settle window"
-    t.read_done(read_all(t, NOW, []), first, 0)
+    t.read_done(read_all(t, NOW, [call("hot", "ringing", NOW - 60, NOW - 50)] + history + old_open), first, 0)
 
     plan = t.plan(NOW + 15, {}, batch=10)
     assert not plan.full and plan.horizon == NOW + 15 - 1800
@@ -96,8 +95,8 @@ def test_the_read_goes_deeper_where_that_costs_less_than_asking_by_id():
     t = tally(baseline=NOW - 86400)
     t.settle_window, t.hot_window = 6 * 3600.0, 1800.0
     open_calls = [call(f"o{i}", "completed", NOW - 2000 - i, NOW - 1990, webhook_status="pending") for i in range(5)]
-    read_all(t, NOW, [call("hot", "ringing", NOW - 60, NOW - 50)] + open_calls)
-    t.read_done(read_all(t, NOW, []), t.plan(NOW, {}, batch=10), 0)
+    first = t.plan(NOW, {}, batch=10)
+    t.read_done(read_all(t, NOW, [call("hot", "ringing", NOW - 60, NOW - 50)] + open_calls), first, 0)
     plan = t.plan(NOW + 15, {}, batch=10)
     assert plan.by_id == [] and plan.horizon == NOW - 2004, "five calls just past the hot window: read them"
     assert plan.open_calls == {"list": 6, "by_id": 0}
@@ -142,8 +141,8 @@ def test_stragglers_are_tracked_calls_past_the_window_not_final_and_not_given_up
     t = tally(baseline=NOW - 10 * 86400)
     read_all(t, NOW - 5000, [call("open", "completed", NOW - 5000, NOW - 4990, webhook_status="pending"),
                              call("done", "completed", NOW - 5001, NOW - 4990)])
-    assert [call_id for call_id, _ in t.stragglers(NOW)] == ["open"]
-    assert t.stragglers(NOW + GIVE_UP) == [], "given up once older than straggler_give_up"
+    assert t.plan(NOW, {}, batch=10).by_id == ["open"], "a full read cannot list it: asked by id"
+    assert t.plan(NOW + GIVE_UP, {}, batch=10).by_id == [], "given up once older than straggler_give_up"
 
 
 def test_an_audit_is_due_an_interval_after_the_start_and_its_mismatches_count_once():
