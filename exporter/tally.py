@@ -281,6 +281,10 @@ class Tally:
         """Carry an old tally of the same org over a reload; returns histograms restarted."""
         self.ledger, self._invalid_seen, self._reported = old.ledger, old._invalid_seen, old._reported
         self.next_audit, self.last_audit, self.audited_until = old.next_audit, old.last_audit, old.audited_until
+        # The read plan carries on too: a reload is no reason for a full read.
+        self.next_full_read = min(old.next_full_read, (old.last_full_read or old.next_full_read) + self.full_read_interval)
+        self.last_full_read, self.last_read, self.last_plan = old.last_full_read, old.last_read, old.last_plan
+        self.bytes_per_call, self.calls_per_second = old.bytes_per_call, old.calls_per_second
         if same_store:
             self.store = old.store
             return []
