@@ -8,10 +8,11 @@ half a minute of data still yields a value), and stores exemplars. First, on tha
 each variable's query must list the org and direction, and every target of every panel of both
 dashboards, with the variables substituted as Grafana would (a chosen org and direction, then
 "All"), must succeed and return a number; each target that asks for exemplars must find some;
-and the panels about trouble (invalid records, label overflow, API error ratio) must read 0,
-not "No data" (SPEC §3). Then malformed records and a 503 are injected, and the invalid-records
-and API-error panels must rise above 0. A panel that stays empty names its dashboard, title and
-expression.
+the panels about trouble (invalid records, label overflow, API error ratio) must read 0, not
+"No data" (SPEC §3); and the API cost panels must show a series for each endpoint and refresh
+path, with the list's bytes and the read depth above 0 (SPEC §4). Then malformed records and a
+503 are injected, and the invalid-records and API-error panels must rise above 0. A panel that
+stays empty names its dashboard, title and expression.
 """
 
 from __future__ import annotations
@@ -46,6 +47,19 @@ ZERO_WHEN_HEALTHY = {
 # Of those, the panels the injected faults (malformed records, a 503) must lift above 0.
 RAISED_BY_FAULTS = (("callingbox-exporter", "Invalid records by reason"),
                     ("callingbox-exporter", "API error ratio (15m)"))
+# The API cost panels (SPEC §4, read only what can have changed): (dashboard, title) → the series
+# each must show at the end of the range, and whether it must be above 0 (else any number). Polls
+# read the list, so its bytes and the depth are positive; by-id reads and open calls may be 0.
+SHOWN_WHEN_HEALTHY = {
+    ("callingbox-exporter", "API bytes read per second by endpoint"):
+        [({"org": "default", "endpoint": "list"}, True), ({"org": "default", "endpoint": "call"}, False)],
+    ("callingbox-exporter", "API bytes read over 24h"):
+        [({"org": "default", "endpoint": "list"}, True), ({"org": "default", "endpoint": "call"}, False)],
+    ("callingbox-exporter", "Read depth of the last list read"): [({"org": "default"}, True)],
+    ("callingbox-exporter", "Time since last full read"): [({"org": "default"}, False)],
+    ("callingbox-exporter", "Open calls by refresh path"):
+        [({"org": "default", "path": "list"}, False), ({"org": "default", "path": "by_id"}, False)],
+}
 ERROR_CODES = ["insufficient_credits", "invalid_number", "carrier_error"]  # as many as max_label_values
 
 
@@ -146,6 +160,24 @@ def zero_panels(prometheus: Server, values: dict[str, str], selection: str) -> t
     return missing, wrong
 
 
+def unshown(prometheus: Server, values: dict[str, str], selection: str) -> list[str]:
+    """The SHOWN_WHEN_HEALTHY series missing at the end of the range, or not above 0 where they must be."""
+    found, now = [], time.time()
+    for (uid, title), wanted in SHOWN_WHEN_HEALTHY.items():
+        exprs, latest, errors = [], [], []
+        for target in panel_targets(uid, title):
+            exprs.append(substitute(target["expr"], values))
+            data, error = _run(prometheus, target, exprs[-1], now)
+            latest += [(labels, vs[-1]) for labels, vs in (_series_values(data) if data else []) if vs]
+            errors += [error] if error else []
+        for labels, positive in wanted:
+            read = [v for got, v in latest if labels.items() <= got.items() and math.isfinite(v)]
+            if not read or (positive and not any(v > 0 for v in read)):
+                found.append(f"{uid} / {title!r} ({selection}): {' ; '.join(exprs)}: {labels} reads {read}"
+                             f"{' (must be > 0)' if positive else ''}; shown: {latest} {' '.join(errors)}")
+    return found
+
+
 def raised(prometheus: Server, uid: str, title: str, values: dict[str, str]) -> str:
     """'' once the panel reads above 0 for the org at the end of the range, else what it reads."""
     for target in panel_targets(uid, title):
@@ -229,6 +261,8 @@ def test_every_dashboard_query_shows_data_on_a_real_prometheus(stack, launch, tm
            "panels read \"No data\" instead of 0 on a healthy run", diagnostics)
     wrong = [w for values, name in selections for w in zero_panels(prometheus, values, name)[1]]
     assert not wrong, "panels about trouble do not read 0 on a healthy run:\n" + "\n".join(wrong) + diagnostics()
+    settle(lambda: [u for values, name in selections for u in unshown(prometheus, values, name)],
+           "API cost panels miss a series on a healthy run", diagnostics)
 
     # Trouble: the zeros were live, not stuck.
     sim.inject("malformed", count=2)  # → callingbox_exporter_invalid_records_total{reason}
