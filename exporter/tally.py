@@ -2,8 +2,11 @@
 
 It owns the ledger and the store, the memories that keep counts exact however often the API
 shows the same thing (a malformed record counted once, an audit mismatch reported once), the
-audit window, and the health summary that /metrics, the landing page and /-/ready read. No I/O
-and no clock: the poller reads the API and passes `now`, so every path here is a plain call.
+audit window, the read plan (how deep each poll reads, which open calls it asks by id) and the
+health summary that /metrics, the landing page and /-/ready read. No I/O and no clock: the
+poller reads the API and passes `now`, so every path here is a plain call. Past 300 lines
+because the plan, the list read and the audit all decide what one call object means for the
+counts, and read best side by side.
 """
 
 from __future__ import annotations
