@@ -14,7 +14,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-CASES = ("1 ingest", "2 history", "3 scrape", "4 memory", "5 exposition")
+CASES = ("1 ingest", "2 history", "3 scrape", "4 memory", "5 exposition", "6 read tiers")
 ONE_READ = 64 * 1024  # the client reads at most this much at a time (exporter.api.CHUNK_BYTES)
 
 
@@ -66,3 +66,13 @@ def test_the_exporter_tracks_exactly_the_calls_in_its_window(report):
     for size in ("small", "big"):
         assert set(history[size]["tracked_first"]) == set(history[size]["tracked_steady"]) == {n}
     assert report["facts"]["3 scrape"]["idle_tracked"] == report["sizes"]["ingest_calls"]
+
+
+def test_read_tiers_count_exactly_and_an_ordinary_poll_reads_a_sliver_of_the_window(report):
+    tiers = report["facts"]["6 read tiers"]
+    # Exact against the simulator's truth after ordinary polls only, after the hourly full read,
+    # and for the full-window read; the audits found nothing either.
+    assert tiers["differences"] == {"tiers_before_full_read": [], "tiers_after_full_read": [], "full_window": []}
+    assert tiers["audit_mismatches"] == {"tiers": 0, "full": 0}
+    assert tiers["list_bytes"]["tiers"] * 20 < tiers["list_bytes"]["full"]
+    assert tiers["day_bytes"]["tiers"] * 20 < tiers["day_bytes"]["full"]

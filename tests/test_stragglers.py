@@ -333,7 +333,7 @@ async def test_the_poller_refreshes_stragglers_by_id_a_batch_per_poll_within_the
             poller = Poller(target, Collector("test"), session, clock=clock)
             assert (await poller.poll())[0]
             assert set(poller.ledger.calls) == set(ids) and sim.stats["by_id_requests"] == 0
-            clock.skipped = 2.2  # now every call is past the settle window, not final: stragglers
+            clock.skipped = 17.2  # every call past the settle window, not final, and its turn by id come (15 s)
             per_poll = []
             for _ in range(3):
                 before = sim.stats["by_id_requests"]
