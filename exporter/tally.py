@@ -92,7 +92,6 @@ class Tally:
         self.bytes_per_call = BYTES_PER_CALL  # measured by each list read
         self.calls_per_second = 1.0  # how fast the list grows, in created_at: measured by each list read
         self.last_read: tuple[float, float] | None = None  # (horizon, time) of the last complete list read
-        self.list_seen: dict[str, float] = {}  # open call → when a list read last showed it
         self.last_plan: Plan | None = None
 
     # ---- raw call object → counts ---------------------------------------------------------
@@ -138,7 +137,8 @@ class Tally:
         overlap (a restart after downtime reads what it missed). An open call older than that
         is due by id once its refresh interval, which grows with its age up to
         `refresh_interval`, has passed; the read goes deeper instead where the calls in between
-        cost fewer bytes than the requests would, or where more are due than one poll may ask.
+        cost fewer bytes than the requests would, or where more are due than `batch` a poll can ask
+        within a refresh interval.
         """
         window = now - self.settle_window
         watermark = self.ledger.watermark
@@ -148,8 +148,6 @@ class Tally:
         due: list[tuple[float, str]] = []  # (created_at, id): open calls past the read whose turn has come
         listed = past = 0  # open calls the list read reaches; those it does not
         calls = self.ledger.calls
-        seen = self.list_seen
-        self.list_seen = {call_id: seen[call_id] for call_id in self.ledger.open if call_id in seen}
         for call_id in self.ledger.open:
             s = calls.get(call_id)
             if s is None:
@@ -162,22 +160,23 @@ class Tally:
                 continue
             past += 1
             # Its turn: a twentieth of its age, within [poll_interval, refresh_interval], shortened by
-            # up to half by its id, so calls that a full read saw together do not fall due together.
+            # up to half by its id, so calls asked together do not stay in step.
             every = min(self.refresh_interval, max(self.poll_interval, (now - created) / 20))
             every *= 0.5 + (hash(call_id) & 1023) / 2048
-            last = max(last_refreshed.get(call_id, float("-inf")), seen.get(call_id, float("-inf")))
-            if now - last >= every:
+            if now - last_refreshed.get(call_id, float("-inf")) >= every:
                 due.append((created, call_id))
         due.sort(reverse=True)  # newest first: the cheapest to reach by reading deeper
         if due and not full:
             # Reading down to a call costs the calls created in between, at the rate the list grows.
+            # By id, `batch` a poll serve a refresh interval's turns; a backlog beyond that is read.
             by_id_cost = self.bytes_per_call + REQUEST_BYTES
+            capacity = batch * max(1.0, self.refresh_interval / self.poll_interval)
             reach = None
             for i, (created, _) in enumerate(due):
                 if created < window:
                     break  # past the settle window: only by id
                 between = (horizon - created) * self.calls_per_second
-                if between * self.bytes_per_call <= (i + 1) * by_id_cost or len(due) - i - 1 >= batch:
+                if between * self.bytes_per_call <= (i + 1) * by_id_cost or len(due) - i - 1 >= capacity:
                     reach = i
             if reach is not None:
                 horizon = due[reach][0]
@@ -294,7 +293,6 @@ class Tally:
         # The read plan carries on too: a reload is no reason for a full read.
         self.next_full_read = min(old.next_full_read, (old.last_full_read or old.next_full_read) + self.full_read_interval)
         self.last_full_read, self.last_read, self.last_plan = old.last_full_read, old.last_read, old.last_plan
-        self.list_seen = old.list_seen
         self.bytes_per_call, self.calls_per_second = old.bytes_per_call, old.calls_per_second
         if same_store:
             self.store = old.store
@@ -344,8 +342,6 @@ class ListRead:
                 state = self.calls.get(obj.id) if type(obj.id) is str else None
                 if state is not None and (updated < state.updated_at or updated == state.updated_at < self.settled) \
                         and (audit is None or not audit.covers(created)):
-                    if not state.final:
-                        self.tally.list_seen[obj.id] = self.now  # looked at: its turn by id comes later
                     return True  # not news (Ledger.is_news), known before building a Record
         record = self.tally.decode(obj)
         if record is None:
@@ -361,8 +357,6 @@ class ListRead:
         if ledger.is_news(record.id, record.updated_at, self.tally.overlap):
             self.examined += 1
             self.events += self.tally.account(record, self.now)
-        if record.id in ledger.open:
-            self.tally.list_seen[record.id] = self.now
         if audit is not None and audit.covers(record.created_at):
             # A settled call the ledger did not know before this read appeared in the past: it is
             # counted now like any news, and reported as missing from what had been counted.
