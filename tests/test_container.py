@@ -206,7 +206,7 @@ def test_dockerignore_lets_in_exactly_what_the_build_copies():
     for source in ("pyproject.toml", "README.md", "exporter", "exporter/cli.py"):
         assert not ignored(source), source
     for path in (".git", ".git/config", ".venv/bin/python", "tests/test_cli.py", "exporter/__pycache__/cli.cpython-311.pyc",
-                 "deploy/kubernetes/base/secret.yaml", "state.json"):
+                 "deploy/kubernetes/overlays/example/acme.key", "state.json"):
         assert ignored(path), path
 
 

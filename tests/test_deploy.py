@@ -9,6 +9,7 @@ amtool are Debian's (`make test` installs them).
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import os
 import re
@@ -51,8 +52,10 @@ SCALING = ROOT / "docs" / "scaling.md"
 # The oldest Kubernetes release the manifests are meant for, and the newest one whose schemas
 # kubernetes-validate bundles.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
-BASE_KINDS = {"ServiceAccount", "Secret", "ConfigMap", "StatefulSet", "Service", "ServiceMonitor",
-              "PrometheusRule", "NetworkPolicy"}
+BASE_KINDS = {"ServiceAccount", "ConfigMap", "StatefulSet", "Service", "ServiceMonitor", "PrometheusRule",
+              "NetworkPolicy"}  # no Secret: the base ships no key, not even a placeholder
+SECRET = "callingbox-exporter-api-key"
+OVERLAY_KEYS = ("acme.key", "globex.key")  # local files the example overlay's secretGenerator reads
 
 
 def tool(name: str) -> str:
@@ -73,9 +76,19 @@ def kustomize(directory: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
+def overlay_with_keys(root: Path) -> Path:
+    """A copy of the base and the example overlay, with the local key files an operator writes."""
+    shutil.copytree(BASE, root / "base")
+    overlay = root / "overlays" / "example"
+    shutil.copytree(OVERLAY, overlay)
+    for name in OVERLAY_KEYS:
+        (overlay / name).write_text(f"sk_test_{name.split('.')[0]}_0123456789")
+    return overlay
+
+
 @pytest.fixture(scope="module")
-def rendered() -> dict[str, list[dict]]:
-    return {"base": kustomize(BASE), "overlay": kustomize(OVERLAY)}
+def rendered(tmp_path_factory) -> dict[str, list[dict]]:
+    return {"base": kustomize(BASE), "overlay": kustomize(overlay_with_keys(tmp_path_factory.mktemp("kubernetes")))}
 
 
 def one(objects: list[dict], kind: str) -> dict:
@@ -115,7 +128,7 @@ def exporter_config_of(objects: list[dict]) -> dict:
 
 def test_base_and_overlay_render_with_kustomize(rendered):
     assert {o["kind"] for o in rendered["base"]} == BASE_KINDS
-    assert {o["kind"] for o in rendered["overlay"]} == BASE_KINDS | {"Namespace"}
+    assert {o["kind"] for o in rendered["overlay"]} == BASE_KINDS | {"Namespace", "Secret"}
     for objects in rendered.values():
         names = [(o["kind"], o["metadata"]["name"]) for o in objects]
         assert len(names) == len(set(names))
@@ -126,9 +139,26 @@ def test_everything_a_kustomization_names_exists(directory):
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     for entry in kustomization.get("resources", []):
         assert (directory / entry).exists(), f"{directory.name}/kustomization.yaml lists missing {entry}"
-    for generator in kustomization.get("configMapGenerator", []) + kustomization.get("secretGenerator", []):
+    for generator in kustomization.get("configMapGenerator", []):
         for entry in generator.get("files", []):
             assert (directory / entry.split("=")[-1]).is_file(), entry
+    ignored = (directory / ".gitignore").read_text().split() if (directory / ".gitignore").exists() else []
+    for generator in kustomization.get("secretGenerator", []):
+        for entry in generator.get("files", []):
+            # Keys are the operator's local files: ignored by git, so none is ever committed.
+            assert any(fnmatch.fnmatch(entry.split("=")[-1], pattern) for pattern in ignored), entry
+
+
+def test_nothing_applied_carries_a_placeholder_key(rendered):
+    """`apply -k` of the overlay as cloned stops on the missing key file; nothing renders a fake key."""
+    result = run(tool("kubectl"), "kustomize", str(OVERLAY))
+    assert result.returncode != 0 and "acme.key" in result.stderr, result.stderr
+    tracked = run("git", "ls-files", "deploy").stdout.split()
+    assert not [path for path in tracked if path.endswith(".key")]
+    for variant, objects in rendered.items():
+        assert "REPLACE" not in yaml.safe_dump_all(objects), variant
+        secrets = [o for o in objects if o["kind"] == "Secret"]
+        assert all("stringData" not in o for o in secrets), "keys come from files, never from literals"
 
 
 def test_overlay_patches_each_apply_to_a_named_base_resource(rendered):
@@ -261,9 +291,9 @@ def test_config_secret_and_state_volume_fit_together(rendered, variant, tmp_path
     mounts = {m["name"]: m for m in exporter["volumeMounts"]}
     claims = {c["metadata"]["name"] for c in one(objects, "StatefulSet")["spec"]["volumeClaimTemplates"]}
     assert set(mounts) == set(volumes) | claims
-    configmap, secret = one(objects, "ConfigMap"), one(objects, "Secret")
+    configmap = one(objects, "ConfigMap")
     assert volumes["config"]["configMap"]["name"] == configmap["metadata"]["name"]
-    assert volumes["api-key"]["secret"]["secretName"] == secret["metadata"]["name"]
+    assert volumes["api-key"]["secret"]["secretName"] == SECRET
     assert all(mounts[name]["readOnly"] for name in ("config", "api-key"))
     assert not mounts["state"].get("readOnly")
     config_path = f"{mounts['config']['mountPath']}/config.yml"
@@ -272,13 +302,17 @@ def test_config_secret_and_state_volume_fit_together(rendered, variant, tmp_path
     document = exporter_config_of(objects)
     targets = document.get("targets", [document])
     key_dir, state_dir = mounts["api-key"]["mountPath"], mounts["state"]["mountPath"]
+    # The base's Secret is made out of band with one key, `api_key`; the overlay generates its own.
+    keys = {"api_key"} if variant == "base" else set(one(objects, "Secret")["data"])
+    if variant == "overlay":
+        assert one(objects, "Secret")["metadata"]["name"] == SECRET
     for target in targets:
         key_file = target["api_key_file"]
-        assert key_file.startswith(key_dir + "/") and key_file[len(key_dir) + 1:] in secret["stringData"]
+        assert key_file.startswith(key_dir + "/") and key_file[len(key_dir) + 1:] in keys
         assert target["state_file"].startswith(state_dir + "/")
     # The exporter itself accepts the config, with the mounted paths mapped to this machine.
     text = configmap["data"]["config.yml"].replace(key_dir, str(tmp_path)).replace(state_dir, str(tmp_path))
-    for name in secret["stringData"]:
+    for name in keys:
         (tmp_path / name).write_text("sk_test_deploy_0123456789\n")
     (tmp_path / "config.yml").write_text(text)
     cfg = exporter_config.build(config_file=str(tmp_path / "config.yml"), env={})
@@ -354,7 +388,7 @@ def test_overlay_sets_namespace_image_orgs_and_selection_labels(rendered):
     assert config["poll_interval"] != exporter_config_of(rendered["base"])["poll_interval"]
     for kind in ("ServiceMonitor", "PrometheusRule"):
         assert one(objects, kind)["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert sorted(one(objects, "Secret")["stringData"]) == ["acme", "globex"]
+    assert sorted(one(objects, "Secret")["data"]) == ["acme", "globex"]
 
 
 # --- YAML style -----------------------------------------------------------------------------------
