@@ -127,3 +127,16 @@ def test_readme_configuration_examples_are_valid(tmp_path):
         path.write_text(text)
         cfg = config.build(config_file=str(path), env={})
         assert all(t.api_key is not None for t in cfg.targets)
+
+
+def test_the_quick_start_config_for_the_real_api_exists_and_is_valid():
+    """README's "Against the real API" runs `--config.file X`: X ships with the repo and passes."""
+    commands = re.findall(r"\.venv/bin/callingbox-exporter --config\.file (\S+)", (ROOT / "README.md").read_text())
+    assert commands, "the README's quick start names a config file"
+    for name in commands:
+        assert (ROOT / name).is_file(), f"README runs --config.file {name}, which does not exist"
+        result = run("--config.file", name, "--check-config",
+                     env={"CALLINGBOX_API_KEY": "sk_test_quick_start_0123456789", "PATH": "/usr/bin:/bin"})
+        assert result.returncode == 0 and result.stdout.startswith("config ok: 1 target(s)"), result.stderr
+    without_key = run("--config.file", commands[0], "--check-config", env={"PATH": "/usr/bin:/bin"})
+    assert without_key.returncode == 2 and "key" in without_key.stderr  # it really needs the key from the environment
