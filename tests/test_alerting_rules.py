@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -28,15 +29,42 @@ RUNBOOK_URL = "https://github.com/callingbox/callingbox-exporter/blob/main/docs/
 
 # Another engineer's end-to-end test addresses the alerts by these names.
 ALERTS = {
-    "CallingBoxFailedCallsSpike", "CallingBoxNoAnswerSpike", "CallingBoxWebhookDeliveriesFailing",
+    "CallingBoxFailedCallsSpike", "CallingBoxFailedCallsSustained", "CallingBoxNoAnswerSpike",
+    "CallingBoxAnsweredCallsDrop", "CallingBoxCampaignStalled", "CallingBoxShortCallsSpike",
+    "CallingBoxCallsStuckBeforeRinging", "CallingBoxSpendSpike", "CallingBoxWebhookDeliveriesFailing",
     "CallingBoxWebhookEndpointDown", "CallingBoxExtractionsFailing", "CallingBoxExporterDown",
     "CallingBoxExporterAbsent", "CallingBoxApiKeyRejected", "CallingBoxApiErrors", "CallingBoxDataStale",
     "CallingBoxAuditMismatches",
 }
+# What the exporter measures for an org: blind (and inhibited) while its exporter is down.
 SYMPTOMS = {
-    "CallingBoxFailedCallsSpike", "CallingBoxNoAnswerSpike", "CallingBoxWebhookDeliveriesFailing",
+    "CallingBoxFailedCallsSpike", "CallingBoxFailedCallsSustained", "CallingBoxNoAnswerSpike",
+    "CallingBoxAnsweredCallsDrop", "CallingBoxCampaignStalled", "CallingBoxShortCallsSpike",
+    "CallingBoxCallsStuckBeforeRinging", "CallingBoxSpendSpike", "CallingBoxWebhookDeliveriesFailing",
     "CallingBoxWebhookEndpointDown", "CallingBoxExtractionsFailing", "CallingBoxDataStale",
 }
+# Who reads them: campaign owners (what the calls achieve and cost) or SREs (what runs them).
+AUDIENCE = {
+    "business": {
+        "CallingBoxNoAnswerSpike", "CallingBoxAnsweredCallsDrop", "CallingBoxCampaignStalled",
+        "CallingBoxShortCallsSpike", "CallingBoxSpendSpike", "CallingBoxExtractionsFailing",
+    },
+    "platform": {
+        "CallingBoxFailedCallsSpike", "CallingBoxFailedCallsSustained", "CallingBoxCallsStuckBeforeRinging",
+        "CallingBoxWebhookDeliveriesFailing", "CallingBoxWebhookEndpointDown", "CallingBoxExporterDown",
+        "CallingBoxExporterAbsent", "CallingBoxApiKeyRejected", "CallingBoxApiErrors", "CallingBoxDataStale",
+        "CallingBoxAuditMismatches",
+    },
+}
+# The alerts that compare a call share with the org's own baseline: only that path pages.
+BASELINE_ALERTS = {
+    "CallingBoxFailedCallsSpike", "CallingBoxFailedCallsSustained", "CallingBoxNoAnswerSpike",
+    "CallingBoxAnsweredCallsDrop", "CallingBoxShortCallsSpike", "CallingBoxSpendSpike",
+}
+RECEIVERS = {("business", "critical"): "callingbox-campaign-owners-pager",
+             ("business", "warning"): "callingbox-campaign-owners-chat",
+             ("platform", "critical"): "callingbox-sre-pager",
+             ("platform", "warning"): "callingbox-sre-chat"}
 KEY = "sk_test_alerting_0123456789"
 
 
@@ -56,8 +84,13 @@ def rules(path: Path) -> list[dict]:
     return [rule for group in yaml.safe_load(path.read_text())["groups"] for rule in group["rules"]]
 
 
-def alerts() -> dict[str, dict]:
-    return {rule["alert"]: rule for rule in rules(ALERTING_RULES)}
+def alerts() -> dict[str, list[dict]]:
+    """Each alert name with its rules: a baseline alert has one rule per path (baseline, none)."""
+    named: dict[str, list[dict]] = {}
+    for rule in rules(ALERTING_RULES):
+        if "alert" in rule:
+            named.setdefault(rule["alert"], []).append(rule)
+    return named
 
 
 def recorded_names() -> set[str]:
@@ -76,12 +109,21 @@ def test_rule_file_passes_promtool_check_without_warnings(path):
 
 def test_rule_unit_tests_exist():
     """An empty glob would parametrize the next test into a silent skip."""
-    assert {p.name for p in RULE_TESTS} >= {"recording.test.yml", "calls.test.yml"}, RULE_TESTS
+    assert {p.name for p in RULE_TESTS} >= {"recording.test.yml", "calls.test.yml", "history.test.yml"}, RULE_TESTS
+
+
+@pytest.fixture(scope="module")
+def rule_test_results() -> dict[str, subprocess.CompletedProcess]:
+    """`promtool test rules` of every test file, run side by side: each is one CPU-bound process."""
+    promtool = tool("promtool")
+    with ThreadPoolExecutor(max_workers=len(RULE_TESTS)) as pool:
+        results = pool.map(lambda path: run(promtool, "test", "rules", str(path)), RULE_TESTS)
+        return {path.name: result for path, result in zip(RULE_TESTS, results)}
 
 
 @pytest.mark.parametrize("path", RULE_TESTS, ids=lambda p: p.name)
-def test_promtool_rule_unit_tests_pass(path):
-    result = run(tool("promtool"), "test", "rules", str(path))
+def test_promtool_rule_unit_tests_pass(path, rule_test_results):
+    result = rule_test_results[path.name]
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -102,36 +144,69 @@ def test_alertmanager_example_passes_amtool():
     assert "SUCCESS" in result.stdout
 
 
-@pytest.mark.parametrize(("labels", "receiver"), [
-    ({"severity": "critical", "org": "acme", "alertname": "CallingBoxFailedCallsSpike"}, "pager"),
-    ({"severity": "warning", "org": "acme", "alertname": "CallingBoxWebhookEndpointDown"}, "chat"),
-])
-def test_alertmanager_routes_by_severity(labels, receiver):
+def routed_to(labels: dict[str, str]) -> list[str]:
+    """The receivers `amtool config routes test` picks for an alert with these labels."""
     result = run(tool("amtool"), "config", "routes", "test", f"--config.file={ALERTMANAGER_CONFIG}",
                  *(f"{k}={v}" for k, v in labels.items()))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.split() == [receiver]
+    return result.stdout.split()
+
+
+@pytest.mark.parametrize(("labels", "receiver"), [
+    ({"alertname": "CallingBoxAnsweredCallsDrop", "severity": "critical", "audience": "business", "org": "acme"},
+     "callingbox-campaign-owners-pager"),
+    ({"alertname": "CallingBoxCampaignStalled", "severity": "warning", "audience": "business", "org": "acme"},
+     "callingbox-campaign-owners-chat"),
+    ({"alertname": "CallingBoxExporterDown", "severity": "critical", "audience": "platform", "org": "acme"},
+     "callingbox-sre-pager"),
+    ({"alertname": "CallingBoxWebhookEndpointDown", "severity": "warning", "audience": "platform", "org": "acme"},
+     "callingbox-sre-chat"),
+    # The example merges into an existing config: other alerts keep going where they went.
+    ({"alertname": "NodeFilesystemFull", "severity": "critical", "audience": "business"}, "default"),
+], ids=["business-critical", "business-warning", "platform-critical", "platform-warning", "not-callingbox"])
+def test_alertmanager_routes_by_audience_and_severity(labels, receiver):
+    assert routed_to(labels) == [receiver]
+
+
+def test_every_alert_rule_reaches_its_audience():
+    for name, named in alerts().items():
+        for rule in named:
+            labels = {"alertname": name, "org": "acme", **rule["labels"]}
+            expected = RECEIVERS[labels["audience"], labels["severity"]]
+            assert routed_to(labels) == [expected], labels
+
+
+def callingbox_route(config: dict) -> dict:
+    (route,) = [r for r in config["route"]["routes"] if r["matchers"] == ['alertname=~"CallingBox.+"']]
+    return route
 
 
 def test_alertmanager_groups_by_org_and_inhibits_symptoms_while_exporter_is_down():
     config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
-    assert set(config["route"]["group_by"]) == {"org", "alertname"}
+    assert set(callingbox_route(config)["group_by"]) == {"org", "alertname"}
     inhibited_by: dict[str, set[str]] = {}
+    every_org: set[str] = set()
     for rule in config["inhibit_rules"]:
-        (source,) = rule["source_matchers"]
-        (target,) = rule["target_matchers"]
-        sources = matching_alerts(source)
-        assert sources, f"inhibit rule source {source} matches no alert"
+        sources = matching_alerts(rule["source_matchers"])
+        assert sources, f"inhibit rule source {rule['source_matchers']} matches no alert"
+        for matcher in rule["source_matchers"] + rule["target_matchers"]:
+            assert re.fullmatch(r'alertname=~?"CallingBox.+"|org!?=""', matcher), \
+                f"{matcher}: an inhibit rule must select CallingBox alerts only, to merge safely"
         for name in sources:
-            inhibited_by.setdefault(name, set()).update(matching_alerts(target))
-            if name != "CallingBoxExporterAbsent":  # absent() has no org label to compare
+            inhibited_by.setdefault(name, set()).update(matching_alerts(rule["target_matchers"]))
+            if 'org=""' in rule["source_matchers"]:  # absent(): no org label, every org inhibited
+                assert "equal" not in rule
+                every_org.add(name)
+            else:
                 assert rule["equal"] == ["org"], "one org's alert must not silence another org"
     assert inhibited_by["CallingBoxExporterDown"] == SYMPTOMS
     assert inhibited_by["CallingBoxExporterAbsent"] == SYMPTOMS
+    assert every_org == {"CallingBoxExporterAbsent"}
 
 
-def matching_alerts(matcher: str) -> set[str]:
-    """The alert names an `alertname="..."` or `alertname=~"..."` matcher selects."""
+def matching_alerts(matchers: list[str]) -> set[str]:
+    """The alert names the `alertname="..."` or `alertname=~"..."` matcher of a list selects."""
+    (matcher,) = [m for m in matchers if m.startswith("alertname")]
     equals, value = re.fullmatch(r'alertname(=~?)"(.+)"', matcher).groups()
     return {name for name in ALERTS if (re.fullmatch(value, name) if equals == "=~" else name == value)}
 
@@ -140,19 +215,36 @@ def matching_alerts(matcher: str) -> set[str]:
 
 def test_alerts_are_exactly_the_agreed_set():
     assert set(alerts()) == ALERTS
+    assert AUDIENCE["business"] | AUDIENCE["platform"] == ALERTS
+    assert AUDIENCE["business"] & AUDIENCE["platform"] == set()
 
 
 @pytest.mark.parametrize("name", sorted(ALERTS))
-def test_alert_has_severity_annotations_and_a_runbook_section(name):
-    rule = alerts()[name]
-    assert rule["labels"]["severity"] in {"critical", "warning", "info"}
-    annotations = rule["annotations"]
-    for key in ("summary", "description", "runbook_url"):
-        assert annotations.get(key, "").strip(), f"{name} has no {key}"
-    if name != "CallingBoxExporterAbsent":  # absent() has no labels to name
-        assert "$labels.org" in annotations["summary"] and "$labels.org" in annotations["description"]
-    assert annotations["runbook_url"] == RUNBOOK_URL + name.lower()
+def test_alert_has_severity_audience_annotations_and_a_runbook_section(name):
+    for rule in alerts()[name]:
+        assert rule["labels"]["severity"] in {"critical", "warning", "info"}
+        assert name in AUDIENCE[rule["labels"]["audience"]]
+        annotations = rule["annotations"]
+        for key in ("summary", "description", "runbook_url"):
+            assert annotations.get(key, "").strip(), f"{name} has no {key}"
+        if name != "CallingBoxExporterAbsent":  # absent() has no labels to name
+            assert "$labels.org" in annotations["summary"] and "$labels.org" in annotations["description"]
+        assert annotations["runbook_url"] == RUNBOOK_URL + name.lower()
     assert name.lower() in runbook_anchors()
+
+
+@pytest.mark.parametrize("name", sorted(BASELINE_ALERTS))
+def test_only_the_baseline_path_pages(name):
+    """A new org has no baseline: its normal mix may warn (label baseline=none), never page."""
+    for rule in alerts()[name]:
+        reads_baseline = "7d_offset1d" in rule["expr"]
+        assert reads_baseline, f"{name}: every path is judged against the org's baseline or its absence"
+        without = re.search(r"\bunless on \([a-z, ]+\) \S+7d_offset1d\b", rule["expr"]) is not None
+        if without:
+            assert rule["labels"]["severity"] == "warning" and rule["labels"].get("baseline") == "none", name
+        else:
+            assert rule["labels"].get("baseline") is None, name
+    assert any(r["labels"]["severity"] == "critical" for r in alerts()[name]), f"{name} never pages"
 
 
 def runbook_anchors() -> set[str]:
@@ -168,29 +260,44 @@ def runbook_anchors() -> set[str]:
 
 def test_windows_and_for_durations_are_plain_so_they_can_be_time_compressed():
     duration = re.compile(r"\d+(ms|s|m|h|d|w|y)")
+    subquery = re.compile(rf"{duration.pattern}:(?:{duration.pattern})?")
     for path in RULE_FILES:
-        for rule in rules(path):
-            expr = rule["expr"]
-            for window in re.findall(r"\[([^\]]*)\]", expr):
-                assert duration.fullmatch(window), f"{window!r} in {expr}"
-            for window in re.findall(r"\boffset\s+([^\s)]+)", expr):
-                assert duration.fullmatch(window), f"offset {window!r} in {expr}"
-            if "for" in rule:
-                assert duration.fullmatch(rule["for"]), rule
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            if "interval" in group:
+                assert duration.fullmatch(group["interval"]), group["name"]
+            for rule in group["rules"]:
+                expr = rule["expr"]
+                for window in re.findall(r"\[([^\]]*)\]", expr):
+                    assert duration.fullmatch(window) or subquery.fullmatch(window), f"{window!r} in {expr}"
+                for window in re.findall(r"\boffset\s+([^\s)]+)", expr):
+                    assert duration.fullmatch(window), f"offset {window!r} in {expr}"
+                if "for" in rule:
+                    assert duration.fullmatch(rule["for"]), rule
+
+
+def test_baselines_read_recorded_hourly_increases_not_raw_counters():
+    """The baselines' cost: [7d] over raw series read ~40 000 samples per series at every evaluation."""
+    (group,) = [g for g in yaml.safe_load(RECORDING_RULES.read_text())["groups"] if g["name"] == "callingbox-baselines"]
+    assert group.get("interval"), "a baseline moves once an hour: no need to evaluate it at every scrape"
+    for rule in group["rules"]:
+        for name, window in re.findall(r"([A-Za-z_:][\w:]*)(?:\{[^}]*\})?\[([^\]]+)\]", rule["expr"]):
+            assert ":" in name and name.endswith(":increase1h"), f"{rule['record']} reads {name}[{window}]"
+            assert window == "7d:1h", f"{rule['record']} reads {name}[{window}]"
 
 
 def test_ratio_alerts_wait_longer_than_their_shortest_window():
     """A burst brought by one poll stays in a window for at most that window: `for` outlasts it."""
     seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    for name in ("CallingBoxFailedCallsSpike", "CallingBoxNoAnswerSpike", "CallingBoxWebhookDeliveriesFailing",
-                 "CallingBoxExtractionsFailing", "CallingBoxApiErrors"):
-        rule = alerts()[name]
-        # Recorded names end in their window (ratio_rate5m, increase1h); raw ranges are [15m].
-        windows = re.findall(r"(?:[a-z_]+:[a-z_]+:[a-z_]+?|\[)(\d+)([smhd])\b", rule["expr"])
-        assert windows, name
-        shortest = min(int(n) * seconds[unit] for n, unit in windows)
-        wait = int(rule["for"][:-1]) * seconds[rule["for"][-1]]
-        assert wait > shortest, f"{name}: for {rule['for']} does not outlast its {shortest} s window"
+    for name in ("CallingBoxFailedCallsSpike", "CallingBoxFailedCallsSustained", "CallingBoxNoAnswerSpike",
+                 "CallingBoxAnsweredCallsDrop", "CallingBoxShortCallsSpike", "CallingBoxSpendSpike",
+                 "CallingBoxWebhookDeliveriesFailing", "CallingBoxExtractionsFailing", "CallingBoxApiErrors"):
+        for rule in alerts()[name]:
+            # Recorded names end in their window (ratio_rate5m, increase1h); raw ranges are [15m].
+            windows = re.findall(r"(?:[a-z_]+:[a-z_]+:[a-z_]+?|\[)(\d+)([smhd])\b", rule["expr"])
+            assert windows, name
+            shortest = min(int(n) * seconds[unit] for n, unit in windows)
+            wait = int(rule["for"][:-1]) * seconds[rule["for"][-1]]
+            assert wait > shortest, f"{name}: for {rule['for']} does not outlast its {shortest} s window"
 
 
 # ---------------------------------------------------------------- against the real exporter
