@@ -26,10 +26,12 @@ def _poll_once(name: str, api: ApiServer, log_dir: Path, settle_window: float) -
     """Start an exporter, let it poll once (and save its state), read its memory and report."""
     sent_before = api.stats().get("bytes_sent", 0)
     with ExporterProcess(name, log_dir, api_url=api.url, poll_interval=3600, request_timeout=300,
-                         state_file=str(log_dir / f"{name}.state.json"), initial_lookback=LOOKBACK,
+                         state_file=str(log_dir / f"{name}.state.db"), initial_lookback=LOOKBACK,
                          settle_window=settle_window) as exporter:
         exporter.wait("/-/ready", timeout=900)
-        result = {**exporter.memory(), **exporter.polls()[-1]}
+        # Ready comes with the published snapshot; the poll's log line once its pages are rendered.
+        polls = wait_until(exporter.polls, 60, "the first poll's log line")
+        result = {**exporter.memory(), **polls[-1]}
     # The server learns of the closed connection at its next write; then it books what it sent.
     try:
         sent = wait_until(lambda: api.stats().get("bytes_sent", 0) - sent_before, 30, "the server's byte count")

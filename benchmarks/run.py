@@ -1,8 +1,9 @@
-"""`python -m benchmarks [--quick] [--json PATH] [--cases 1,2,3,4,5,6]`: run the cases, print one table.
+"""`python -m benchmarks [--quick] [--json PATH] [--cases 1,2,3,4,5,6,7]`: run the cases, print one table.
 
 Servers and processes are started per case group and always stopped: the `replay` server of
 the ingest window serves cases 1 and 3; two `live` simulators (the window plus a small or a
-1M-call history) serve cases 2 and 4; case 6 starts its own two simulators on a virtual clock.
+1M-call history) serve cases 2 and 4; case 6 starts its own two simulators on a virtual clock;
+cases 5 and 7 run in this process.
 Progress goes to stderr, the report to stdout.
 """
 
@@ -17,17 +18,18 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks import exposition, history, ingest, memory, scrape, tiers
+from benchmarks import exposition, history, ingest, memory, persistence, scrape, tiers
 from benchmarks.common import FULL, QUICK, Facts, Row
 from benchmarks.procs import ROOT, ApiServer
 from benchmarks.report import machine, table
 
 CASES = {"1": ingest.CASE, "2": history.CASE, "3": scrape.CASE, "4": memory.CASE, "5": exposition.CASE,
-         "6": tiers.CASE}
+         "6": tiers.CASE, "7": persistence.CASE}
 GOALS = ("ingest >= 50 % of the parse limit's calls/s; per-poll CPU flat within 1.2x from 10k to 1M old calls "
          "and bytes read bounded by the window; scrape p99 busy <= 2x idle; peak RSS <= 100 MB on the 1.4 GB "
          "history; exposition <= 20 ms median; read tiers vs a full-window read: list bytes per ordinary poll "
-         "<= 1/100, API bytes per day <= 1/50, CPU per ordinary poll <= 1/20, every counter exact")
+         "<= 1/100, API bytes per day <= 1/50, CPU per ordinary poll <= 1/20, every counter exact; "
+         "state save CPU per ordinary poll <= 1/30 of the whole-file JSON save")
 
 
 def _progress(message: str) -> None:
@@ -71,6 +73,9 @@ def run(sizes, wanted: set[str], log_dir: Path, facts: Facts) -> list[Row]:
     if "6" in wanted:
         _progress(f"case 6: read tiers on a reference org ({sizes.tier_calls:,} calls in the window, a simulated hour)")
         rows += tiers.run(sizes, facts, log_dir, _progress)
+    if "7" in wanted:
+        _progress(f"case 7: state save ({sizes.state_calls:,} tracked calls, JSON file vs SQLite)")
+        rows += persistence.run(sizes, facts, log_dir)
     return sorted(rows, key=lambda row: row.case[0])
 
 
@@ -78,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description="callingbox-exporter, measured side by side")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke test of the same code (~1 min)")
     p.add_argument("--json", metavar="PATH", help="also write rows, facts and the machine as JSON")
-    p.add_argument("--cases", default="1,2,3,4,5,6", help="which cases to run (4 needs 2; default all)")
+    p.add_argument("--cases", default="1,2,3,4,5,6,7", help="which cases to run (4 needs 2; default all)")
     p.add_argument("--revision", help="how to name the exporter measured (default: the git commit of this checkout)")
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else FULL

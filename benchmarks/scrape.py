@@ -60,7 +60,7 @@ def polls_at_least(pattern: re.Pattern, polls: int):
 
 def _exporter(name: str, api: ApiServer, log_dir: Path, interval: float) -> ExporterProcess:
     return ExporterProcess(name, log_dir, api_url=api.url, poll_interval=interval, request_timeout=300,
-                           state_file=str(log_dir / f"{name}.state.json"),
+                           state_file=str(log_dir / f"{name}.state.db"),
                            initial_lookback=LOOKBACK, settle_window=LOOKBACK)
 
 

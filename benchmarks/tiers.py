@@ -417,7 +417,7 @@ async def timeline(server: OrgServer, target: Target, polls: list[float], checks
 def _run_one(name: str, sizes: Sizes, log_dir: Path, polls: list[float], checks: tuple[float, ...],
              progress, **settings) -> dict:
     with OrgServer(f"org-{name}", log_dir, sizes.tier_calls) as server:
-        target = Target(api_url=server.url, initial_lookback=LOOKBACK, state_file=str(log_dir / f"{name}.state.json"),
+        target = Target(api_url=server.url, initial_lookback=LOOKBACK, state_file=str(log_dir / f"{name}.state.db"),
                         max_requests_per_minute=UNBUDGETED, **settings)
         result = asyncio.run(timeline(server, target, polls, checks, name, progress))
         result["open_history"] = server.open

@@ -13,6 +13,7 @@ from typing import Iterator, NamedTuple, Union
 from .catalogue import ACTIVE_STATUSES, EXTRACTIONS, OUTCOMES, STRAGGLER_GIVE_UP
 from .records import Record
 
+PRUNE_SLICE = 5_000  # calls walked between two yields of Ledger.prune (about a millisecond)
 EXTRA_INTERN_LIMIT = 10_000  # distinct metadata value tuples shared between calls before starting afresh
 
 
@@ -192,6 +193,8 @@ class Ledger:
         self.open: set[str] = {call_id for call_id, state in self.calls.items() if not state.final}
         self._finished: list[str] = []  # calls that turned final since the last sweep
         self._extras: dict[tuple, tuple] = {}
+        # Calls accounted or dropped since the last save: the state file writes only these.
+        self.changed: set[str] = set()
 
     def is_news(self, call_id: str, updated_at: float, overlap: float) -> bool:
         """Whether a record may hold news: a call not tracked yet, or a newer version of one.
@@ -213,6 +216,7 @@ class Ledger:
                 self._extras.clear()
             state.extra = self._extras.setdefault(state.extra, state.extra)
         self.calls[record.id] = state
+        self.changed.add(record.id)
         if state.final:
             if record.id in self.open:
                 self.open.discard(record.id)
@@ -224,7 +228,19 @@ class Ledger:
     def forget(self, call_id: str) -> bool:
         """Stop tracking a call (the API no longer knows it); whether it was tracked."""
         self.open.discard(call_id)
-        return self.calls.pop(call_id, None) is not None
+        if self.calls.pop(call_id, None) is None:
+            return False
+        self.changed.add(call_id)
+        return True
+
+    def take_changed(self) -> set[str]:
+        """The calls changed since the last call of this, for a save; what changes meanwhile is kept."""
+        taken, self.changed = self.changed, set()
+        return taken
+
+    def touch_all(self) -> None:
+        """Every call is to be saved again (their metadata labels were re-keyed in place)."""
+        self.changed.update(self.calls)
 
     def complete_poll(self, newest_updated_at: float | None) -> None:
         """A full read succeeded: advance the watermark to the newest update it saw."""
@@ -233,13 +249,32 @@ class Ledger:
         if self.watermark is None or newest_updated_at > self.watermark:
             self.watermark = newest_updated_at
 
+    def prune(self, horizon: float, slice_size: int = PRUNE_SLICE) -> Iterator[int]:
+        """Drop the final calls created before `horizon` and recount the open ones, walking the
+        whole ledger a slice at a time: it yields after each slice (the calls walked so far), so
+        the caller can let the event loop serve scrapes between slices. The caller owns the
+        ledger meanwhile: nothing else may account or forget until the walk ends.
+        """
+        calls, ids, still_open = self.calls, list(self.calls), set()
+        for start in range(0, len(ids), slice_size):
+            for call_id in ids[start:start + slice_size]:
+                state = calls[call_id]
+                if not state.final:
+                    still_open.add(call_id)
+                elif state.created_at < horizon:
+                    del calls[call_id]
+                    self.changed.add(call_id)
+            yield min(start + slice_size, len(ids))
+        self.open = still_open
+
     def sweep(self, now: float, settle_window: float, give_up_after: float = STRAGGLER_GIVE_UP,
               everything: bool = True) -> Summary:
         """Drop calls the ledger need not keep and summarise the open ones.
 
         A final call past the settle window is dropped: list reads no longer show it. Only an
-        `everything` sweep walks the whole ledger for those (a full read's poll); the others walk
-        the open calls alone, so their cost follows the live calls, not the window. A call past
+        `everything` sweep walks the whole ledger for those (in one go; the poller runs `prune`
+        in slices instead); the others walk the open calls alone, so their cost follows the live
+        calls, not the window. A call past
         the window that is not final is a straggler: list reads cannot see it any more (the
         poller refreshes it by id), and once it is `give_up_after` old (never less than the
         window) it is given up rather than kept forever.
@@ -248,14 +283,14 @@ class Ledger:
         give_up = now - give_up_age(settle_window, give_up_after)
         calls = self.calls
         if everything:
-            for call_id in [c for c, state in calls.items() if state.final and state.created_at < horizon]:
-                del calls[call_id]
-            self.open = {call_id for call_id, state in calls.items() if not state.final}
+            for _ in self.prune(horizon):
+                pass
         else:  # a straggler that has just become final leaves at once
             for call_id in self._finished:
                 state = calls.get(call_id)
                 if state is not None and state.final and state.created_at < horizon:
                     del calls[call_id]
+                    self.changed.add(call_id)
         self._finished = []
         active: dict[tuple[str, str], int] = {}
         pending = stragglers = given_up = 0

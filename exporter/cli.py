@@ -13,9 +13,11 @@ from typing import Callable
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.registry import Collector as _Collector
 
-from . import __version__, config, explain, logs, webconfig
+from . import __version__, config, explain, logs, state, webconfig
+from .exposition import Exposition, runtime_registry
 from .metrics import Collector
 from .simulator import Simulator
 from .supervisor import Supervisor
@@ -52,12 +54,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def registry_for(collector: Collector) -> CollectorRegistry:
-    registry = CollectorRegistry()
+def registry_for(collector: Collector, runtime: _Collector | None = None) -> CollectorRegistry:
+    """All of /metrics rendered live (--once, `name[]` filters, the reference in tests): the
+    targets' families, then the process, platform and GC collectors (`runtime`)."""
+    registry = CollectorRegistry(support_collectors_without_names=True)  # so `name[]` finds ours too
     registry.register(collector)
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
-    GCCollector(registry=registry)
+    registry.register(runtime if runtime is not None else runtime_registry())
     return registry
 
 
@@ -69,8 +71,8 @@ def _secrets_redacted(cfg: config.Config) -> config.Config:
 
 
 async def run(cfg: config.Config, load: Callable[[], config.Config], guard: Guard | None = None) -> int:
-    collector = Collector(__version__)
-    registry = registry_for(collector)
+    collector = Exposition(__version__)
+    registry = registry_for(collector, collector.runtime)
     simulator = None
     demo_url = None
 
@@ -117,7 +119,7 @@ async def run(cfg: config.Config, load: Callable[[], config.Config], guard: Guar
 
 
 async def serve(cfg: config.Config, registry: CollectorRegistry, supervisor: Supervisor, reload, guard) -> int:
-    app = make_app(registry, supervisor.collector.snapshots, __version__, cfg.telemetry_path, reload=reload, guard=guard)
+    app = make_app(supervisor.collector, registry, __version__, cfg.telemetry_path, reload=reload, guard=guard)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     address = f"{cfg.listen_host or ''}:{cfg.listen_port}"
@@ -189,5 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return asyncio.run(run(cfg, load, guard))
+    except state.StateError as error:  # a state file that cannot be used: never count from zero over it
+        print(f"callingbox-exporter: state error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130

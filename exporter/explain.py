@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import sys
 from datetime import datetime, timezone
@@ -259,24 +258,19 @@ def explain(call_id: str, target: Target, call: dict | None, api_problem: str | 
 
 
 def read_state(target: Target) -> Held:
-    """The target's saved ledger, read only (a corrupt file is reported, not moved aside)."""
+    """The target's saved ledger, read only: a file that cannot be used is reported, never moved,
+    changed or migrated (an unmigrated JSON file is read as it is)."""
     path = target.state_file
     if not path:
         return Held(None, None, f"none: target {target.name} has no state_file (a running exporter keeps it in memory)")
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-            saved_at = os.fstat(handle.fileno()).st_mtime
-    except FileNotFoundError:
-        return Held(None, None, f"none: {path} does not exist yet (no poll saved)")
-    except OSError as error:
-        return Held(None, None, f"unreadable: {path}: {error.strerror}")
     labels = tuple(label for _, label in target.metadata_labels)
     try:
-        restored = state.decode(data, dict(target.buckets), target.max_label_values, labels)
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        return Held(None, None, f"unreadable: {path}: {error}")
-    return Held(restored.ledger, saved_at, path)
+        restored = state.read(path, dict(target.buckets), target.max_label_values, labels)
+    except state.StateError as error:
+        return Held(None, None, f"unreadable: {error}")
+    if restored is None:
+        return Held(None, None, f"none: {path} does not exist yet (no poll saved)")
+    return Held(restored.ledger, restored.saved_at, path)
 
 
 async def run(target: Target, call_id: str, out: TextIO) -> int:

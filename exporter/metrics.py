@@ -1,15 +1,19 @@
-"""The prometheus_client Collector that renders the last published snapshot of every target.
+"""The metric families of one target's published snapshot, and the Collector that renders them live.
 
-The poller publishes immutable `Snapshot`s (a store copy and the health gauges); `collect`
-renders the latest one per target, so every scrape sees one consistent state.
+The poller publishes immutable `Snapshot`s (a store copy and the health gauges). Each family is
+built one target at a time (`family` + `add_target`): the live `collect` here (--once, `name[]`,
+the reference in tests) and the pages rendered at publish (exposition.py) share that one
+definition of every series.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector as _Collector
 from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
@@ -29,7 +33,76 @@ class Snapshot:
     health: Health
 
 
+ACTIVE = "callingbox_calls_active"
+PENDING_AGE = "callingbox_webhook_pending_oldest_age_seconds"  # moves with the clock, not with a publish
+BUILD_INFO = "callingbox_exporter_build_info"
+
+
+def _or_zero(value: float | None) -> float:
+    return value or 0
+
+
+# The health gauges, in the order they are rendered: family → (help, labels without org, values by labels).
+GAUGES: dict[str, tuple[str, tuple[str, ...], Callable[[Health], dict]]] = {
+    ACTIVE: ("Calls now queued, initiated, ringing or in progress.", ("direction", "status"),
+             lambda h: h.active),  # add_target adds the zeros and the metadata labels
+    "callingbox_webhooks_pending": ("Tracked calls whose webhook delivery is pending.", (),
+                                    lambda h: {(): h.webhooks_pending}),
+    "callingbox_up": ("1 when the last poll of the CallingBox API succeeded.", (),
+                      lambda h: {(): 1 if h.status.up else 0}),
+    "callingbox_exporter_last_success_timestamp_seconds": ("When the last poll succeeded.", (),
+                                                           lambda h: {(): _or_zero(h.status.last_success)}),
+    "callingbox_exporter_watermark_timestamp_seconds": ("Newest updated_at processed.", (),
+                                                        lambda h: {(): _or_zero(h.watermark)}),
+    "callingbox_exporter_tracked_calls": ("Calls held in the per-call ledger.", (), lambda h: {(): h.tracked}),
+    "callingbox_exporter_stragglers": ("Tracked calls past the settle window that are not final yet.", (),
+                                       lambda h: {(): h.stragglers}),
+    "callingbox_exporter_last_audit_timestamp_seconds": ("When the last self-audit completed.", (),
+                                                         lambda h: {(): _or_zero(h.last_audit)}),
+    "callingbox_exporter_backoff_seconds": (
+        "Seconds the next poll waits beyond poll_interval: failures back off, slow reads slow down.", (),
+        lambda h: {(): h.status.backoff}),
+    "callingbox_exporter_next_poll_timestamp_seconds": ("When the next poll of the API starts.", (),
+                                                        lambda h: {(): _or_zero(h.status.next_poll)}),
+    "callingbox_exporter_read_depth_seconds": (
+        "How far back in created_at the last list read went: the settle window on a full read.", (),
+        lambda h: {(): h.read_depth}),
+    "callingbox_exporter_last_full_read_timestamp_seconds": ("When the list was last read down to the settle window.",
+                                                             (), lambda h: {(): _or_zero(h.last_full_read)}),
+    "callingbox_exporter_open_calls": (
+        "Tracked calls not final yet, by how they are kept up to date: each list read, or by id.", ("path",),
+        lambda h: {(path,): h.open_calls.get(path, 0) for path in READ_PATHS}),
+}
+PENDING_AGE_HELP = "Age of the oldest pending webhook delivery: a dead endpoint shows here two days before failed."
+# Every family with an org label, in the order of the exposition; the pending age comes last
+# because it alone is rendered at each scrape (exposition.py serves the rest as rendered bytes).
+TARGET_FAMILIES = (*FAMILIES, *GAUGES, PENDING_AGE)
+# Families whose label names include the metadata labels of all targets.
+WITH_METADATA = CALL_FAMILIES | {ACTIVE}
+
 _NO_ACTIVE_CALLS = {(d, s): 0 for d in DIRECTIONS for s in ACTIVE_STATUSES}
+
+
+def metadata_labels(snapshots: Iterable[Snapshot]) -> tuple[str, ...]:
+    """Metadata label names of all targets; a target without one exports it empty (= absent)."""
+    return tuple(dict.fromkeys(label for snap in snapshots for label in snap.store.extra_labels))
+
+
+def family(name: str, extra: tuple[str, ...] = ()) -> Metric:
+    """Family `name` with no samples yet; `extra` is `metadata_labels` of all targets."""
+    own = (*extra,) if name in WITH_METADATA else ()
+    if name in FAMILIES:
+        spec = FAMILIES[name]
+        kind = CounterMetricFamily if spec.kind == "counter" else HistogramMetricFamily
+        return kind(name, spec.doc, labels=("org", *spec.labels, *own))
+    doc, labels = (PENDING_AGE_HELP, ()) if name == PENDING_AGE else GAUGES[name][:2]
+    return GaugeMetricFamily(name, doc, labels=("org", *labels, *own))
+
+
+def build_info(version: str) -> Metric:
+    info = GaugeMetricFamily(BUILD_INFO, "The exporter's version.", labels=("version",))
+    info.add_metric((version,), 1)
+    return info
 
 
 def _relabeling(own: tuple[str, ...], union: tuple[str, ...]):
@@ -45,15 +118,59 @@ def _exemplar(kept: tuple[str, float, float], scale: int = 1) -> Exemplar:
     return Exemplar({"call_id": call_id}, value / scale if scale != 1 else value, when)
 
 
+def add_target(metric: Metric, name: str, org: str, snapshot: Snapshot, extra: tuple[str, ...], now: float) -> None:
+    """Add one target's samples to `metric`, made by `family(name, extra)`."""
+    store, relabel = snapshot.store, _relabeling(snapshot.store.extra_labels, extra)
+    if name in FAMILIES:
+        _add_counts(metric, name, org, store, relabel if name in CALL_FAMILIES and extra else None)
+    elif name == PENDING_AGE:
+        oldest = snapshot.health.webhook_pending_oldest
+        metric.add_metric((org,), 0.0 if oldest is None else max(0.0, now - oldest))
+    elif name == ACTIVE:
+        zeros = {(d, s, *store.none_extra): 0 for d, s in _NO_ACTIVE_CALLS}
+        for (direction, status, *values), value in ({**zeros, **snapshot.health.active}).items():
+            metric.add_metric((org, direction, status, *relabel(tuple(values))), value)
+    else:
+        for labels, value in GAUGES[name][2](snapshot.health).items():
+            metric.add_metric((org, *labels), value)
+
+
+def _add_counts(metric: Metric, name: str, org: str, store: Store, relabel) -> None:
+    width = len(FAMILIES[name].labels)
+
+    def full(labels: tuple) -> tuple:
+        return (org, *labels) if relabel is None else (org, *labels[:width], *relabel(labels[width:]))
+
+    exemplars = store.exemplars if name in EXEMPLAR_FAMILIES else {}
+    if FAMILIES[name].kind == "counter":
+        scale = MILLI_CENTS_PER_DOLLAR if name == "callingbox_billed_amount_dollars_total" else 1
+        for labels, value in store.counters.get(name, {}).items():
+            exemplar = exemplars.get((name, labels, -1))
+            if exemplar is not None:
+                exemplar = _exemplar(exemplar, scale)
+            metric.add_metric(full(labels), value / scale if scale != 1 else value, exemplar=exemplar)
+        return
+    bounds = store.buckets[name]
+    les = [*map(floatToGoString, bounds), "+Inf"]
+    for labels, counts in store.histograms.get(name, {}).items():
+        cumulative, running = [], 0
+        for index, le in enumerate(les):
+            running += counts[index]
+            exemplar = exemplars.get((name, labels, index))
+            cumulative.append((le, running) if exemplar is None else (le, running, _exemplar(exemplar)))
+        metric.add_metric(full(labels), cumulative, sum_value=counts[-1])
+
+
 class Collector(_Collector):
-    """Renders the latest published snapshot of every target."""
+    """Holds the latest published snapshot of every target and renders them all at each collect."""
 
     def __init__(self, version: str, clock=time.time):
         self.version = version
         self.clock = clock
         self.snapshots: dict[str, Snapshot] = {}
 
-    def publish(self, org: str, snapshot: Snapshot) -> None:
+    async def publish(self, org: str, snapshot: Snapshot) -> None:
+        """A coroutine so that a subclass (exposition.Exposition) can render its pages here."""
         self.snapshots[org] = snapshot  # one reference swap: scrapes see the old or the new whole
 
     def withdraw(self, org: str) -> None:
@@ -63,97 +180,11 @@ class Collector(_Collector):
     def collect(self):
         snapshots = dict(self.snapshots)
         now = self.clock()
-        # Metadata label names of all targets; a target without one exports it empty (= absent).
-        extra = tuple(dict.fromkeys(label for snap in snapshots.values() for label in snap.store.extra_labels))
-        relabel = {org: _relabeling(snap.store.extra_labels, extra) for org, snap in snapshots.items()}
-        for name, family in FAMILIES.items():
-            call_family = name in CALL_FAMILIES and extra
-            label_names = ("org", *family.labels, *(extra if call_family else ()))
-
-            def full(org: str, labels: tuple) -> tuple:
-                if not call_family:
-                    return (org, *labels)
-                width = len(family.labels)
-                return (org, *labels[:width], *relabel[org](labels[width:]))
-
-            if family.kind == "counter":
-                metric = CounterMetricFamily(name, family.doc, labels=label_names)
-                scale = MILLI_CENTS_PER_DOLLAR if name == "callingbox_billed_amount_dollars_total" else 1
-                for org, snap in snapshots.items():
-                    exemplars = snap.store.exemplars
-                    for labels, value in snap.store.counters.get(name, {}).items():
-                        exemplar = exemplars.get((name, labels, -1)) if name in EXEMPLAR_FAMILIES else None
-                        if exemplar is not None:
-                            exemplar = _exemplar(exemplar, scale)
-                        metric.add_metric(full(org, labels), value / scale if scale != 1 else value, exemplar=exemplar)
-            else:
-                metric = HistogramMetricFamily(name, family.doc, labels=label_names)
-                with_exemplars = name in EXEMPLAR_FAMILIES
-                for org, snap in snapshots.items():
-                    bounds, exemplars = snap.store.buckets[name], snap.store.exemplars
-                    for labels, counts in snap.store.histograms.get(name, {}).items():
-                        cumulative, running = [], 0
-                        for index, bound in enumerate((*bounds, "+Inf")):
-                            running += counts[index]
-                            bucket = (floatToGoString(bound) if index < len(bounds) else bound, running)
-                            exemplar = exemplars.get((name, labels, index)) if with_exemplars else None
-                            cumulative.append(bucket if exemplar is None else (*bucket, _exemplar(exemplar)))
-                        metric.add_metric(full(org, labels), cumulative, sum_value=counts[-1])
+        extra = metadata_labels(snapshots.values())
+        for name in TARGET_FAMILIES:
+            if name == PENDING_AGE:
+                yield build_info(self.version)
+            metric = family(name, extra)
+            for org, snap in snapshots.items():
+                add_target(metric, name, org, snap, extra, now)
             yield metric
-        yield from self._gauges(snapshots, now, extra, relabel)
-
-    def _gauges(self, snapshots: dict[str, Snapshot], now: float, extra: tuple[str, ...], relabel: dict):
-        def gauge(name, doc, labels=()):
-            return GaugeMetricFamily(name, doc, labels=("org", *labels))
-
-        active = gauge("callingbox_calls_active", "Calls now queued, initiated, ringing or in progress.",
-                       ("direction", "status", *extra))
-        pending = gauge("callingbox_webhooks_pending", "Tracked calls whose webhook delivery is pending.")
-        oldest = gauge(
-            "callingbox_webhook_pending_oldest_age_seconds",
-            "Age of the oldest pending webhook delivery: a dead endpoint shows here two days before failed.",
-        )
-        up = gauge("callingbox_up", "1 when the last poll of the CallingBox API succeeded.")
-        last = gauge("callingbox_exporter_last_success_timestamp_seconds", "When the last poll succeeded.")
-        watermark = gauge("callingbox_exporter_watermark_timestamp_seconds", "Newest updated_at processed.")
-        tracked = gauge("callingbox_exporter_tracked_calls", "Calls held in the per-call ledger.")
-        stragglers = gauge(
-            "callingbox_exporter_stragglers", "Tracked calls past the settle window that are not final yet."
-        )
-        audited = gauge("callingbox_exporter_last_audit_timestamp_seconds", "When the last self-audit completed.")
-        backoff = gauge("callingbox_exporter_backoff_seconds",
-                        "Seconds the next poll waits beyond poll_interval: failures back off, slow reads slow down.")
-        next_poll = gauge("callingbox_exporter_next_poll_timestamp_seconds", "When the next poll of the API starts.")
-        depth = gauge("callingbox_exporter_read_depth_seconds",
-                      "How far back in created_at the last list read went: the settle window on a full read.")
-        full = gauge("callingbox_exporter_last_full_read_timestamp_seconds",
-                     "When the list was last read down to the settle window.")
-        open_calls = gauge("callingbox_exporter_open_calls",
-                           "Tracked calls not final yet, by how they are kept up to date: each list read, or by id.",
-                           ("path",))
-        for org, snap in snapshots.items():
-            h = snap.health
-            none = snap.store.none_extra
-            zeros = {(d, s, *none): 0 for d, s in _NO_ACTIVE_CALLS}
-            for (direction, status, *values), value in ({**zeros, **h.active}).items():
-                active.add_metric((org, direction, status, *relabel[org](tuple(values))), value)
-            pending.add_metric((org,), h.webhooks_pending)
-            age = 0.0 if h.webhook_pending_oldest is None else max(0.0, now - h.webhook_pending_oldest)
-            oldest.add_metric((org,), age)
-            up.add_metric((org,), 1 if h.status.up else 0)
-            last.add_metric((org,), h.status.last_success or 0)
-            watermark.add_metric((org,), h.watermark or 0)
-            tracked.add_metric((org,), h.tracked)
-            stragglers.add_metric((org,), h.stragglers)
-            audited.add_metric((org,), h.last_audit or 0)
-            backoff.add_metric((org,), h.status.backoff)
-            next_poll.add_metric((org,), h.status.next_poll or 0)
-            depth.add_metric((org,), h.read_depth)
-            full.add_metric((org,), h.last_full_read or 0)
-            for path in READ_PATHS:
-                open_calls.add_metric((org, path), h.open_calls.get(path, 0))
-        yield from (active, pending, oldest, up, last, watermark, tracked, stragglers, audited, backoff, next_poll,
-                    depth, full, open_calls)
-        info = GaugeMetricFamily("callingbox_exporter_build_info", "The exporter's version.", labels=("version",))
-        info.add_metric((self.version,), 1)
-        yield info

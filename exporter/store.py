@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import copy
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from .accounting import Billed, Created, Ended, Event, ExtractionOutcome, WebhookOutcome
 from .catalogue import (
@@ -47,15 +47,31 @@ class Store:
                 self.counters.setdefault(name, {})[labels] = 0
             else:
                 self.histograms.setdefault(name, {})[labels] = self._empty(name)
+        # (family, labels) of the series changed since the last save: the state file writes only
+        # these. A new store has never been saved, so all it holds counts as changed.
+        self.changed: set[tuple[str, tuple[str, ...]]] = set(self.series())
 
     def _empty(self, name: str) -> list[float]:
         return [0] * (len(self.buckets[name]) + 1) + [0.0]
+
+    def series(self) -> Iterator[tuple[str, tuple[str, ...]]]:
+        """(family, labels) of every counter and histogram series held."""
+        for families in (self.counters, self.histograms):
+            for name, series in families.items():
+                for labels in series:
+                    yield name, labels
+
+    def take_changed(self) -> set[tuple[str, tuple[str, ...]]]:
+        """The series changed since the last call of this, for a save; what changes meanwhile is kept."""
+        taken, self.changed = self.changed, set()
+        return taken
 
     def inc(self, name: str, labels: tuple[str, ...], amount: int | float = 1) -> None:
         if name not in FAMILIES:  # a misspelt name would otherwise be a silent new series
             raise KeyError(f"unknown metric family {name!r}")
         series = self.counters.setdefault(name, {})
         series[labels] = series.get(labels, 0) + amount
+        self.changed.add((name, labels))
 
     def observe(self, name: str, labels: tuple[str, ...], value: float) -> int:
         """Count `value` in its bucket; returns the bucket's index (len(bounds) for +Inf)."""
@@ -68,6 +84,7 @@ class Store:
         index = bisect.bisect_left(self.buckets[name], value)
         counts[index] += 1
         counts[-1] += value
+        self.changed.add((name, labels))
         return index
 
     def capped(self, label: str, value: str | None) -> str:
@@ -106,12 +123,13 @@ class Store:
     def _zero_series(self, direction: str, x: tuple[str, ...]) -> None:
         """A new campaign (metadata values) gets its terminal series at 0, as the first start does."""
         self._zeroed.add((direction, x))
-        for s in TERMINAL_STATUSES:
-            self.counters["callingbox_calls_ended_total"].setdefault((direction, s, *x), 0)
-        for s in OUTCOMES:
-            self.counters["callingbox_webhook_deliveries_total"].setdefault((s, *x), 0)
-        for s in EXTRACTIONS:
-            self.counters["callingbox_result_extractions_total"].setdefault((s, *x), 0)
+        zeroed = [("callingbox_calls_ended_total", (direction, s, *x)) for s in TERMINAL_STATUSES]
+        zeroed += [("callingbox_webhook_deliveries_total", (s, *x)) for s in OUTCOMES]
+        zeroed += [("callingbox_result_extractions_total", (s, *x)) for s in EXTRACTIONS]
+        for name, labels in zeroed:
+            if labels not in self.counters[name]:
+                self.counters[name][labels] = 0
+                self.changed.add((name, labels))
 
     def count(self, events: Iterable[Event], now: float | None = None) -> None:
         """Add the events to the counters; with `now`, also to today's totals and the exemplars."""
@@ -180,6 +198,7 @@ class Store:
         clone.seen = {label: set(values) for label, values in self.seen.items()}
         clone.exemplars = dict(self.exemplars)
         clone.today = dict(self.today)
+        clone.changed = set()  # a snapshot is shown, never saved
         return clone
 
     def to_json(self) -> dict:
@@ -242,4 +261,5 @@ class Store:
         today = data.get("today") or {}
         if isinstance(today.get("day"), int) and isinstance(today.get("totals"), dict):
             store.today_day, store.today = today["day"], dict(today["totals"])
+        store.changed = set(store.series())  # rebuilt: none of it has been saved in this shape
         return store, reset

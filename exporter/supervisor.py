@@ -14,8 +14,9 @@ from typing import Callable, Iterator, Sequence
 
 import aiohttp
 
+from . import state
 from .budget import Budgets
-from .config import Target
+from .config import ConfigError, Target
 from .metrics import Collector
 from .poller import Poller
 
@@ -53,30 +54,54 @@ class Supervisor:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        return self.pollers.pop(name)
+        poller = self.pollers.pop(name)
+        await poller.settle()
+        return poller
+
+    async def _restored(self, targets: Sequence[Target]) -> dict[str, Poller]:
+        """Pollers for added targets, restored. A state file refused fails the reload like a bad
+        config (ConfigError), and the pollers restored so far are closed and withdrawn."""
+        pollers: dict[str, Poller] = {}
+        for target in targets:
+            poller = pollers[target.name] = self.make_poller(target, self.collector, self.session,
+                                                              budgets=self.budgets)
+            try:
+                await poller.restore()
+            except state.StateError as error:
+                for name, restored in pollers.items():
+                    await restored.close()
+                    self.collector.withdraw(name)
+                log.error("config not reloaded; the running one stays in force", extra={"error": str(error)})
+                raise ConfigError(f"targets[{target.name}].state_file", str(error)) from error
+        return pollers
 
     async def apply(self, targets: Sequence[Target]) -> dict[str, list[str]]:
-        """Make the running targets those of `targets`; returns what was added, removed, changed."""
+        """Make the running targets those of `targets`; returns what was added, removed, changed.
+
+        Added targets restore their state first, so a refused state file changes nothing running.
+        """
         wanted = {t.name: t for t in targets}
         changes: dict[str, list[str]] = {"added": [], "removed": [], "changed": []}
+        added = await self._restored([t for name, t in wanted.items() if name not in self.pollers])
         for name in [n for n in self.pollers if n not in wanted]:
-            await self._stop(name)
+            await (await self._stop(name)).close()
             self.collector.withdraw(name)
             changes["removed"].append(name)
         for name, target in wanted.items():
             current = self.pollers.get(name)
-            if current is not None and current.target == target:
+            if name in added:
+                self.pollers[name] = added[name]
+                changes["added"].append(name)
+            elif current.target == target:
                 if current.status.failures:
                     current.wake()  # a reload is an operator's "try again now": it ends a back-off
-                continue
-            poller = self.make_poller(target, self.collector, self.session, budgets=self.budgets)
-            if current is None:
-                await poller.restore()
-                changes["added"].append(name)
             else:
-                poller.adopt(await self._stop(name))
+                poller = self.make_poller(target, self.collector, self.session, budgets=self.budgets)
+                old = await self._stop(name)
+                poller.adopt(old)
+                await old.close()  # its state database, unless the new poller took it over (same file)
+                self.pollers[name] = poller
                 changes["changed"].append(name)
-            self.pollers[name] = poller
         self.pollers = {name: self.pollers[name] for name in wanted}  # the config's order
         self.start()
         return changes
@@ -86,3 +111,5 @@ class Supervisor:
             task = self._tasks.pop(name)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        for poller in self.pollers.values():
+            await poller.close()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 from .accounting import Ledger, Summary, give_up_age
 from .audit import Audit, Mismatch
@@ -257,6 +257,10 @@ class Tally:
 
     # ---- bounded memory and the health summary ---------------------------------------------
 
+    def prune(self, now: float) -> Iterator[int]:
+        """The whole-ledger part of a sweep, in slices (Ledger.prune): a full read's poll runs it."""
+        return self.ledger.prune(now - self.settle_window)
+
     def sweep(self, now: float, everything: bool = True) -> Summary:
         """Drop calls the ledger need not keep (see Ledger.sweep) and summarise the open ones."""
         summary = self.ledger.sweep(now, self.settle_window, self.give_up_after, everything)
@@ -301,6 +305,7 @@ class Tally:
         if old_extra_labels != extra_labels:
             for call in self.ledger.calls.values():
                 call.extra = relabel(old_extra_labels, call.extra, extra_labels)
+            self.ledger.touch_all()
         return reset
 
 

@@ -1,8 +1,10 @@
 """The HTTP face: /metrics, the landing page, /-/healthy, /-/ready and /-/reload.
 
-Handlers only read the snapshots the pollers published (counts and health), so a slow or
-failing API never holds a scrape up. The landing page is plain HTML with inline CSS: each target's health and
-what it counted today, readable at a glance and with no assets from anywhere else.
+Handlers only read what the pollers published (counts and health), so a slow or failing API
+never holds a scrape up: /metrics serves the pages rendered at publish (exposition.py) plus a
+small live tail, negotiated as prometheus-client's own aiohttp handler does. The landing page
+is plain HTML with inline CSS: each target's health and what it counted today, readable at a
+glance and with no assets from anywhere else.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import html
 import time
 from typing import Awaitable, Callable, Mapping
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CollectorRegistry
-from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from .config import ConfigError
 from .catalogue import MILLI_CENTS_PER_DOLLAR
+from .exposition import Exposition, page_format
 from .metrics import Snapshot
 from .webconfig import Guard
 
@@ -150,16 +153,41 @@ def landing_page(version: str, telemetry_path: str, snapshots: Mapping[str, Snap
 """
 
 
+def metrics_handler(exposition: Exposition, registry: CollectorRegistry):
+    """/metrics from the cached pages. `registry` renders everything live, for what the pages
+    cannot answer: `name[]` filters and escapings that rewrite names."""
+
+    async def metrics(request: web.Request) -> web.Response:
+        encoder, content_type = choose_encoder(",".join(request.headers.getall(hdrs.ACCEPT, [])))
+        names = request.query.getall("name[]", [])
+        kind = None if names else page_format(content_type)
+        gzip = kind is not None and gzip_accepted(request.headers.get(hdrs.ACCEPT_ENCODING, ""))
+        if kind is None:
+            body = encoder(registry.restricted_registry(names) if names else registry)
+        else:
+            pages = await exposition.pages()
+            page, tail = pages.page(kind), exposition.tail(pages, kind)
+            body = page.gzipped(tail) if gzip else page.body + tail
+        headers = {hdrs.CONTENT_TYPE: content_type, **({hdrs.CONTENT_ENCODING: "gzip"} if gzip else {})}
+        response = web.Response(body=body, headers=headers)
+        if not gzip:
+            response.enable_compression()  # as prometheus-client's own handler: aiohttp's pick, if asked
+        return response
+
+    return metrics
+
+
 def make_app(
+    exposition: Exposition,
     registry: CollectorRegistry,
-    snapshots: Mapping[str, Snapshot],
     version: str,
     telemetry_path: str = "/metrics",
     reload: Callable[[], Awaitable[dict[str, list[str]]]] | None = None,
     guard: Guard | None = None,
 ) -> web.Application:
-    """`snapshots` (the collector's) is read afresh on each request, as a reload changes it;
-    `guard` is the web config."""
+    """`exposition.snapshots` is read afresh on each request, as a reload changes it; `registry`
+    is the live rendering of everything (`cli.registry_for`); `guard` is the web config."""
+    snapshots: Mapping[str, Snapshot] = exposition.snapshots
 
     async def index(request: web.Request) -> web.Response:
         page = landing_page(version, telemetry_path, snapshots, time.time())
@@ -188,7 +216,7 @@ def make_app(
 
     middlewares = [_guarded(guard)] if guard is not None else []
     app = web.Application(middlewares=middlewares)
-    app.router.add_get(telemetry_path, make_aiohttp_handler(registry))
+    app.router.add_get(telemetry_path, metrics_handler(exposition, registry))
     app.router.add_get("/", index)
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)

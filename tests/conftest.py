@@ -183,6 +183,13 @@ def stack(tmp_path):
                 exporter.kill(signal.SIGTERM if exporter.process and exporter.process.poll() is None else signal.SIGKILL)
 
 
+def saved_baseline(state_file) -> float:
+    """The baseline an exporter saved in its state file, read as `explain` reads it (never written)."""
+    from exporter.state import read
+
+    return read(str(state_file)).ledger.baseline
+
+
 def counters_of(samples: Samples, org: str = "default") -> Samples:
     """Samples of one org with the org label dropped, for comparison with simulator truth."""
     result: Samples = {}

@@ -697,3 +697,40 @@ def test_the_ledger_keeps_its_open_calls_apart_and_an_ordinary_sweep_walks_only_
     assert set(ledger.calls) == {"final"} and ledger.open == set()
     ledger.sweep(late, 3600.0)
     assert ledger.calls == {}
+
+
+def test_the_ledger_marks_what_a_save_must_write_and_hands_it_over_once():
+    """The state file writes only these calls: accounted, forgotten, dropped or given up."""
+    ledger = Ledger(BASELINE, calls={"restored": CallState(OUT, "ringing", C, C + 1)})
+    assert ledger.changed == set(), "calls given to a new ledger are as saved"
+    ledger.account(rec("open", "ringing", C + 5))
+    ledger.account(done("final", C + 70))
+    ledger.forget("restored")
+    assert ledger.forget("never tracked") is False
+    assert ledger.take_changed() == {"open", "final", "restored"} and ledger.changed == set()
+    late = C + 2 * 3600
+    ledger.sweep(late, 3600.0)  # "final" is dropped
+    ledger.sweep(late + 8 * 86400, 3600.0, give_up_after=86400.0)  # "open" is given up
+    assert ledger.take_changed() == {"final", "open"} and ledger.calls == {}
+
+
+def test_prune_walks_the_ledger_in_slices_and_drops_what_a_whole_sweep_drops():
+    """The full read's sweep yields between slices (scrapes are served meanwhile) and ends with
+    the same ledger, open set and changes as the one-go sweep."""
+    def ledger_of(n: int) -> Ledger:
+        ledger = Ledger(BASELINE)
+        for i in range(n):
+            created = BASELINE + i
+            status = "ringing" if i % 3 == 0 else "completed"
+            ledger.account(rec(f"c{i}", status, created + 1, created_at=created, ended_at=None if i % 3 == 0 else created + 1,
+                               reservation_status=None if i % 3 == 0 else "settled", billing_amount_milli_cents=10))
+        ledger.take_changed()
+        return ledger
+
+    sliced, whole = ledger_of(23), ledger_of(23)
+    horizon = BASELINE + 12
+    progress = list(sliced.prune(horizon, slice_size=5))
+    assert progress == [5, 10, 15, 20, 23]  # one yield per slice, counting the calls walked
+    whole.sweep(horizon + 3600.0, 3600.0)
+    assert sliced.calls == whole.calls and sliced.open == whole.open
+    assert sliced.take_changed() == whole.take_changed() == {f"c{i}" for i in range(12) if i % 3}

@@ -2,7 +2,9 @@
 
 Only what holds on any machine is asserted: every case has its rows, a poll reads as much with
 a 50x larger history past the window as with a small one, an unchanged second poll examines
-only the overlap, and the exporter tracks exactly the calls in its window. Never timings.
+only the overlap, the exporter tracks exactly the calls in its window, a state save writes the
+rows of the calls that changed, not the ledger, and the pages /metrics serves show the samples of
+the live render. Never timings.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import sys
 import pytest
 from conftest import ROOT
 
-CASES = ("1 ingest", "2 history", "3 scrape", "4 memory", "5 exposition", "6 read tiers")
+from exporter.exposition import CACHED
+
+CASES = ("1 ingest", "2 history", "3 scrape", "4 memory", "5 exposition", "6 read tiers", "7 state save")
+META_ROWS = 6  # the meta rows every state save writes (exporter.state._meta)
 ONE_READ = 64 * 1024  # the client reads at most this much at a time (exporter.api.CHUNK_BYTES)
 
 
@@ -76,3 +81,29 @@ def test_read_tiers_count_exactly_and_an_ordinary_poll_reads_a_sliver_of_the_win
     assert tiers["audit_mismatches"] == {"tiers": 0, "full": 0}
     assert tiers["list_bytes"]["tiers"] * 20 < tiers["list_bytes"]["full"]
     assert tiers["day_bytes"]["tiers"] * 20 < tiers["day_bytes"]["full"]
+
+
+def test_an_ordinary_state_save_writes_the_changed_calls_not_the_ledger(report):
+    saves = report["facts"]["7 state save"]
+    changed = saves["changed_per_poll"]
+    for poll in saves["polls"]:
+        # Rows inserted, updated or deleted: one per changed call and series, plus the meta rows.
+        assert poll["changed_calls"] == changed
+        assert poll["rows"] == changed + poll["series_rows"] + META_ROWS
+        assert poll["series_rows"] < changed
+    assert saves["calls"] == report["sizes"]["state_calls"] > 50 * changed
+    written = sorted(poll["bytes"] for poll in saves["polls"] if poll["bytes"] is not None)
+    if written:  # /proc/self/io: Linux only. At most two 4 KiB pages (a row's, an index entry's) per changed call:
+        assert written[len(written) // 2] <= changed * 2 * 4096  # the ledger's size does not come into it
+    assert saves["restored_exactly"]
+
+
+def test_the_served_pages_show_the_samples_of_the_live_render(report):
+    exposition = report["facts"]["5 exposition"]
+    for orgs in (1, 10):
+        for label in ("text", "OpenMetrics"):
+            identity, gzip = exposition[f"served {label} {orgs} identity"], exposition[f"served {label} {orgs} gzip"]
+            assert identity["same_samples_as_live"] and gzip["same_samples_as_live"]
+            assert gzip["bytes_sent"] * 5 < identity["bytes_sent"]
+        # a publish whose call families changed renders those and the health gauges, not every family
+        assert 0 < exposition[f"publish {orgs}"]["families_rendered"] < len(CACHED)

@@ -8,6 +8,7 @@ amtool are Debian's (`make test` installs them).
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import fnmatch
 import json
@@ -535,7 +536,7 @@ def test_compose_alertmanager_routes_like_the_example_but_needs_no_receiver():
 def series_per_org(store: Store) -> dict[str, int]:
     """Series of org `acme` per metric family, as the exporter exposes them."""
     collector = Collector("test")
-    collector.publish("acme", Snapshot(store, Health()))
+    asyncio.run(collector.publish("acme", Snapshot(store, Health())))
     counts: dict[str, int] = {}
     for family in collector.collect():
         name = family.name + ("_total" if family.type == "counter" else "")

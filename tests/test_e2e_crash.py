@@ -1,7 +1,9 @@
-"""Crashes: the exporter is killed with SIGKILL at random moments while calls flow.
+"""Crashes: the exporter is killed with SIGKILL while calls flow, at random moments and the
+moment a save starts writing its state database.
 
-With a state file, no counter ever decreases between consecutive scrapes (across restarts
-too: persist, then publish), and once the simulator is quiet the totals are exact.
+With a state file of thousands of tracked calls, no counter ever decreases between consecutive
+scrapes (across restarts too: persist, then publish), every restart restores, and once the
+simulator is quiet the totals are exact.
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ from __future__ import annotations
 import random
 import signal
 import time
+from pathlib import Path
 
-from conftest import differences, wait_until
+from conftest import differences, log_records, wait_until
 from test_e2e_exact import KEY, _config, settle_and_compare
 
 MONOTONIC_SUFFIXES = ("_total", "_count", "_sum", "_bucket")
@@ -46,37 +49,91 @@ def _scrape_for(exporter, seconds: float, watch: MonotonicWatch) -> None:
         time.sleep(0.05)
 
 
-def test_kill_9_at_random_moments_keeps_counters_exact_and_monotonic(stack, tmp_path):
-    # No webhook replays here: one that starts and ends while the exporter is down is invisible
-    # to any reader of the API, yet the simulator's truth would count it.
-    sim, url = stack.simulator(seed=11, rate=60, max_calls=1500, time_scale=300, webhook_retry_base=0.05, api_key=KEY)
-    exporter = stack.exporter(_config(url, state_file=str(tmp_path / "state.json")), env={"CALLINGBOX_API_KEY": KEY})
+def _kill_during_a_save(exporter, wal: Path, deadline: float) -> bool:
+    """SIGKILL the exporter the moment its WAL is written (a save under way); False if none came."""
+    last = _stamp(wal)
+    while time.monotonic() < deadline:
+        if _stamp(wal) != last:
+            exporter.kill(signal.SIGKILL)
+            return True
+    return False
+
+
+def _stamp(path: Path) -> tuple | None:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return info.st_size, info.st_mtime_ns
+
+
+def _torn(wal: Path) -> bool:
+    """Whether the WAL ends in frames of a transaction that never committed: a save cut short.
+
+    WAL format (sqlite.org/fileformat2.html#walformat): a 32-byte header with the page size and two
+    salts, then frames of a 24-byte header and a page; a commit frame carries the database size.
+    Frames of the current WAL repeat the header's salts.
+    """
+    data = wal.read_bytes() if wal.exists() else b""
+    if len(data) < 32:
+        return False
+    page, salts = int.from_bytes(data[8:12], "big"), data[16:24]
+    committed, offset = True, 32
+    while offset + 24 <= len(data) and data[offset + 8:offset + 16] == salts:
+        committed = int.from_bytes(data[offset + 4:offset + 8], "big") != 0
+        offset += 24 + page
+    return not committed
+
+
+def test_kill_9_during_saves_and_at_random_moments_keeps_a_large_ledger_exact_and_monotonic(stack, tmp_path):
+    # Thousands of tracked calls: 4000 settled ones in the window (10 min to 4.5 h old) plus live
+    # traffic. No webhook replays: one that starts and ends while the exporter is down is
+    # invisible to any reader of the API, yet the simulator's truth would count it.
+    history = 4000
+    sim, url = stack.simulator(seed=11, rate=60, max_calls=1500, time_scale=300, webhook_retry_base=0.05,
+                               history=history, history_age=600.0, api_key=KEY)
+    state_file = tmp_path / "state.db"
+    # The baseline precedes all history, so every event counts and the truth is simulator.truth(0).
+    exporter = stack.exporter(_config(url, state_file=str(state_file), initial_lookback="6h"),
+                              env={"CALLINGBOX_API_KEY": KEY})
+    wal = Path(f"{state_file}-wal")
     rng = random.Random(5)
     watch = MonotonicWatch()
+    kills = {"during a save": 0, "at random": 0, "cut a save short": 0}
 
-    for round_ in range(6):
+    for round_ in range(14):
         exporter.start()
-        _scrape_for(exporter, rng.uniform(0.4, 2.5), watch)
-        exporter.kill(signal.SIGKILL)
-        if round_ == 2:
+        if round_ == 0:
+            wait_until(exporter.ready, 30, message="the first poll saved")  # from here on, every start restores
+        _scrape_for(exporter, rng.uniform(0.3, 1.5), watch)
+        if round_ % 2 and _kill_during_a_save(exporter, wal, time.monotonic() + 5):
+            kills["during a save"] += 1
+        else:
+            exporter.kill(signal.SIGKILL)
+            kills["at random"] += 1
+        kills["cut a save short"] += _torn(wal)
+        if round_ == 4:
             time.sleep(4)  # left down for a while: calls start and finish unseen
 
     exporter.start()
     restored = exporter.scrape()
     watch.check(restored)
-    assert sum(v for (n, _), v in restored.items() if n == "callingbox_calls_created_total") > 0, \
-        "restored values are served at once"
+    created = sum(v for (n, _), v in restored.items() if n == "callingbox_calls_created_total")
+    assert created >= history, "restored values are served at once"
     _scrape_for(exporter, 1.0, watch)
     assert settle_and_compare(sim, exporter) == []
     watch.check(exporter.scrape())
     assert watch.violations == []
     assert watch.scrapes > 50
-    assert "state restored" in exporter.log()
+    assert kills["during a save"] >= 5, kills
+    restores = [r for r in log_records(exporter.log()) if r["msg"] == "state restored"]
+    assert len(restores) == 14, "every start after the first restored its state, none was refused"
+    assert min(int(r["tracked_calls"]) for r in restores) >= history, "a large ledger each time"
 
 
 def test_restart_resumes_counters_without_reset_and_counts_downtime_once(stack, tmp_path):
     sim, url = stack.simulator(seed=12, rate=100, max_calls=400, time_scale=300, webhook_retry_base=0.05, api_key=KEY)
-    exporter = stack.exporter(_config(url, state_file=str(tmp_path / "state.json")), env={"CALLINGBOX_API_KEY": KEY})
+    exporter = stack.exporter(_config(url, state_file=str(tmp_path / "state.db")), env={"CALLINGBOX_API_KEY": KEY})
     exporter.start()
     wait_until(exporter.ready, 20, message="ready")
     before = exporter.scrape()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import urllib.request
 
-from conftest import differences, wait_until
+from conftest import differences, saved_baseline, wait_until
 from exporter.simulator import _seconds
 
 KEY = "sk_test_first_start_0123456789"
@@ -48,12 +48,12 @@ def test_first_start_with_a_lookback_counts_money_only_for_calls_whose_end_count
     # History before the exporter exists: ended calls, some not yet settled, delivered or extracted.
     wait_until(lambda: sim.truth(0).total("callingbox_calls_ended_total") >= 100, 60,
                message="100 calls ended before the first start")
-    state_file = tmp_path / "state.json"
+    state_file = tmp_path / "state.db"
     config = {"api_url": url, "poll_interval": "0.5s", "overlap": "10s", "initial_lookback": "5s",
               "state_file": str(state_file)}
     exporter = stack.exporter(config, env={"CALLINGBOX_API_KEY": KEY}).start()
     wait_until(exporter.ready, 30, message="first poll done")
-    baseline = json.loads(state_file.read_bytes())["baseline"]  # the exporter's own first start, durable
+    baseline = saved_baseline(state_file)  # the exporter's own first start, durable
 
     wait_until(sim.all_final, 120, message="simulator calls final")
     truth = sim.truth(baseline)

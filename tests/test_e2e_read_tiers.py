@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import signal
 
-from conftest import differences, log_records, wait_until
+from conftest import differences, log_records, saved_baseline, wait_until
 
 KEY = "sk_test_read_tiers_0123456789"
 ORG = (("org", "default"),)
@@ -37,22 +37,18 @@ def _exact(exporter, sim, baseline: float, timeout: float = 60) -> None:
         raise AssertionError(differences(exporter.scrape(), truth)[:10])
 
 
-def _baseline(state_file) -> float:
-    return json.loads(state_file.read_bytes())["baseline"]
-
-
 def test_ordinary_polls_stop_at_the_hot_depth_of_a_large_window_and_stay_exact(stack, tmp_path):
     history = 3000  # old final calls, 10 min to 3.4 h old, every one inside the settle window
     sim, url = stack.simulator(seed=81, rate=20, max_calls=400, time_scale=300, webhook_retry_base=0.05,
                                history=history, history_age=600.0, api_key=KEY)
-    state_file = tmp_path / "state.json"
+    state_file = tmp_path / "state.db"
     # The baseline before all history: no outcome straddles it (the one first-start case the API
     # cannot date, see README), so the comparison is exact.
     exporter = stack.exporter({"api_url": url, "poll_interval": "0.3s", "settle_window": "4h", "hot_window": "5m",
                                "initial_lookback": "5h", "state_file": str(state_file)},
                               env={"CALLINGBOX_API_KEY": KEY}).start()
     wait_until(lambda: len(_polls(exporter)) >= 10, 60, message="ten polls")
-    _exact(exporter, sim, _baseline(state_file))
+    _exact(exporter, sim, saved_baseline(state_file))
 
     polls = _polls(exporter)
     first, ordinary = polls[0], [p for p in polls[1:] if p["full"] == "False"]
@@ -73,7 +69,7 @@ def test_open_calls_past_the_hot_read_are_refreshed_by_id_and_counted_once_befor
                       if len(_listed(sim, url)) >= 20 else None, 30, message="calls in flight to hold")
     for call_id in held:
         sim.hold(call_id)  # open, and staying so while they fall past the hot read
-    state_file = tmp_path / "state.json"
+    state_file = tmp_path / "state.db"
     exporter = stack.exporter({"api_url": url, "poll_interval": "0.3s", "settle_window": "1h", "hot_window": "2s", "overlap": "1s",
                                "open_refresh_interval": "2s", "full_read_interval": "1h", "audit_interval": "0s",
                                "initial_lookback": "1h", "state_file": str(state_file)},
@@ -84,7 +80,7 @@ def test_open_calls_past_the_hot_read_are_refreshed_by_id_and_counted_once_befor
     by_id = sim.stats["by_id_requests"]
     for call_id in held:
         sim.release(call_id)
-    _exact(exporter, sim, _baseline(state_file))
+    _exact(exporter, sim, saved_baseline(state_file))
 
     assert sim.stats["by_id_requests"] > by_id, "the released calls were asked by id"
     samples = exporter.scrape()
@@ -96,7 +92,7 @@ def test_open_calls_past_the_hot_read_are_refreshed_by_id_and_counted_once_befor
 def test_a_replay_of_an_old_final_call_is_counted_once_by_the_next_full_read_across_a_kill_9(stack, tmp_path):
     sim, url = stack.simulator(seed=83, rate=20, max_calls=100, time_scale=300, webhook_retry_base=0.05,
                                api_key=KEY)
-    state_file = tmp_path / "state.json"
+    state_file = tmp_path / "state.db"
     config = {"api_url": url, "poll_interval": "0.3s", "settle_window": "1h", "hot_window": "2s", "overlap": "1s",
               "full_read_interval": "1h", "audit_interval": "0s", "initial_lookback": "1h",
               "state_file": str(state_file)}
@@ -104,7 +100,7 @@ def test_a_replay_of_an_old_final_call_is_counted_once_by_the_next_full_read_acr
     wait_until(sim.all_final, 60, message="simulator calls final")
     # The oldest delivered call: far past the hot read (the list is newest first).
     delivered = [r["id"] for r in _listed(sim, url) if r["webhook_status"] == "delivered"][-1]
-    _exact(exporter, sim, _baseline(state_file))  # every call final and counted
+    _exact(exporter, sim, saved_baseline(state_file))  # every call final and counted
     before = _value(exporter.scrape(), "callingbox_webhook_deliveries_total", status="failed")
 
     sim.replay(delivered, outcome="failed", after=0.5)
@@ -117,7 +113,7 @@ def test_a_replay_of_an_old_final_call_is_counted_once_by_the_next_full_read_acr
     exporter.kill(signal.SIGKILL)  # between the tiers: the replay not yet read
     exporter.start()
     wait_until(exporter.ready, 30, message="restarted and caught up")
-    _exact(exporter, sim, _baseline(state_file))
+    _exact(exporter, sim, saved_baseline(state_file))
     assert _value(exporter.scrape(), "callingbox_webhook_deliveries_total", status="failed") == before + 1
     records = log_records(exporter.log())
     restored = max(i for i, r in enumerate(records) if r["msg"] == "state restored")

@@ -19,8 +19,11 @@ import yaml
 from conftest import ROOT, wait_until
 from exporter.accounting import CallState, Ledger
 from exporter.config import Target
-from exporter.explain import PHONE, Held, api_lines, explain, redact, tracked_lines, ts, untracked_lines
+from exporter import state
+from exporter.explain import (PHONE, Held, api_lines, explain, read_state, redact, tracked_lines, ts,
+                              untracked_lines)
 from exporter.records import decode_record
+from exporter.store import Store
 from exporter.simulator import Simulator, format_ts, serve_in_thread
 
 KEY = "sk_test_explain_0123456789"
@@ -144,6 +147,21 @@ def test_a_call_missing_from_the_ledger_is_told_apart_old_new_or_unknown():
 def test_without_a_state_file_the_answer_says_so():
     text = explain("c-1", Target(), api_object(), None, Held(None, None, "none: target default has no state_file"))
     assert text.endswith("exporter state:\nnone: target default has no state_file\n")
+
+
+def test_the_state_is_read_as_it_is_an_unmigrated_json_file_too_and_a_bad_one_is_reported(tmp_path):
+    ledger = ledger_with(CallState("outbound", "ringing", T0, T0 + 5), T0 - 60)
+    old = tmp_path / "old.json"
+    old.write_bytes(state.encode_v1("default", ledger, Store()))
+    held = read_state(Target(state_file=str(old)))
+    assert held.source == str(old) and held.ledger.calls == ledger.calls
+    assert not (tmp_path / "old.json.v1.json").exists(), "explain never migrates: it only reads"
+    bad = tmp_path / "bad.db"
+    damaged = b"SQLite format 3\x00" + b"\xff" * 600
+    bad.write_bytes(damaged)
+    held = read_state(Target(state_file=str(bad)))
+    assert held.ledger is None and held.source.startswith(f"unreadable: {bad}: unreadable state database")
+    assert bad.read_bytes() == damaged and sorted(p.name for p in tmp_path.iterdir()) == ["bad.db", "old.json"]
 
 
 # ---- the real command against the simulator and a real exporter's state file ---------------

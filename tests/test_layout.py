@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
 FLOW = (
     "catalogue", "logs", "config", "budget", "jsonstream", "api", "records", "accounting", "audit", "store",
-    "tally", "state", "metrics", "stragglers", "poller", "supervisor", "webconfig", "web", "explain", "cli",
+    "tally", "state", "metrics", "exposition", "stragglers", "poller", "supervisor", "webconfig", "web", "explain", "cli",
 )
 
 

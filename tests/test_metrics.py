@@ -7,6 +7,7 @@ parsers, so the tests see what Prometheus sees.
 from __future__ import annotations
 
 import ast
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -161,7 +162,7 @@ NOW = 1_700_000_000.0
 
 def registry_of(store: Store | None = None, health: Health | None = None, org: str = "default", clock=lambda: NOW):
     collector = Collector("1.2.3", clock=clock)
-    collector.publish(org, Snapshot(store or Store(), health or Health()))
+    asyncio.run(collector.publish(org, Snapshot(store or Store(), health or Health())))
     registry = CollectorRegistry()
     registry.register(collector)
     return registry
@@ -379,8 +380,8 @@ def test_series_of_each_target_carry_its_org():
     a, b = Store(), Store()
     a.count([Created(OUT)])
     b.count([Created(OUT), Created(OUT)])
-    collector.publish("alpha", Snapshot(a, Health(Status(up=True))))
-    collector.publish("beta", Snapshot(b, Health(Status(up=False))))
+    asyncio.run(collector.publish("alpha", Snapshot(a, Health(Status(up=True)))))
+    asyncio.run(collector.publish("beta", Snapshot(b, Health(Status(up=False)))))
     registry = CollectorRegistry()
     registry.register(collector)
     samples = text_samples(registry)
@@ -572,8 +573,8 @@ def test_targets_with_other_metadata_labels_share_a_family_with_empty_values():
     with_campaign = Store(extra_labels=("campaign",))
     with_campaign.count(campaign_call("spring"))
     collector = Collector("1.2.3", clock=lambda: NOW)
-    collector.publish("agency", Snapshot(with_campaign, Health()))
-    collector.publish("plain", Snapshot(Store(), Health()))
+    asyncio.run(collector.publish("agency", Snapshot(with_campaign, Health())))
+    asyncio.run(collector.publish("plain", Snapshot(Store(), Health())))
     registry = CollectorRegistry()
     registry.register(collector)
     samples = text_samples(registry)

@@ -17,7 +17,7 @@ from exporter.config import Secret, Target
 from exporter.metrics import Collector, Snapshot
 from exporter.poller import MAX_BACKOFF, RATE_LIMIT_RETRIES, Poller
 from exporter.simulator import Simulator, serve_in_thread
-from exporter.state import load
+from exporter.state import read
 
 KEY = "sk_test_poller_0123456789"
 ENDED = "callingbox_calls_ended_total"
@@ -44,10 +44,10 @@ class DiskCheckingCollector(Collector):
         self.state_file = state_file
         self.published: list[tuple[int, int | None]] = []  # (ended calls published, ended calls on disk)
 
-    def publish(self, org: str, snapshot: Snapshot) -> None:
-        on_disk = load(self.state_file, org)
+    async def publish(self, org: str, snapshot: Snapshot) -> None:
+        on_disk = read(self.state_file)
         self.published.append((ended(snapshot.store), None if on_disk is None else ended(on_disk.store)))
-        super().publish(org, snapshot)
+        await super().publish(org, snapshot)
 
 
 def calls_requests(sim: Simulator) -> list[tuple[float, int]]:
@@ -58,7 +58,7 @@ def calls_requests(sim: Simulator) -> list[tuple[float, int]]:
 async def test_a_snapshot_is_published_only_once_the_state_holding_it_is_on_disk(tmp_path):
     sim = quiet_simulator(seed=71)
     with serve_in_thread(sim) as url:
-        state_file = str(tmp_path / "state.json")
+        state_file = str(tmp_path / "state.db")
         collector = DiskCheckingCollector(state_file)
         async with aiohttp.ClientSession() as session:
             poller = Poller(target(url, state_file=state_file), collector, session)
@@ -79,7 +79,7 @@ async def test_a_state_that_cannot_be_saved_publishes_nothing_and_reports_down(t
     sim = quiet_simulator(seed=72)
     with serve_in_thread(sim) as url:
         blocker = tmp_path / "not-a-directory"
-        state_file = str(blocker / "state.json")
+        state_file = str(blocker / "state.db")
         collector = Collector("test")
         async with aiohttp.ClientSession() as session:
             poller = Poller(target(url, state_file=state_file), collector, session)
@@ -104,7 +104,7 @@ async def test_a_state_that_cannot_be_saved_publishes_nothing_and_reports_down(t
             assert (await poller.poll())[0]
     published = collector.snapshots["default"]
     assert ended(published.store) == 20 and published.health.status.up
-    assert ended(load(state_file, "default").store) == 20
+    assert ended(read(state_file).store) == 20
 
 
 async def test_a_retry_after_given_as_an_http_date_is_waited_for():

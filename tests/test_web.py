@@ -8,16 +8,25 @@ yesterday's totals show as 0 while the counters keep them.
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 from html.parser import HTMLParser
 
 import aiohttp
 import pytest
 from aiohttp import web
-from prometheus_client import CollectorRegistry
-
+from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_text
 from conftest import free_port
+from exporter.cli import registry_for
 from exporter.accounting import Created
 from exporter.config import Target
+from exporter.exposition import Exposition
+from exporter.metrics import Snapshot
+from exporter.store import Store
+from exporter.tally import Health
 from exporter.metrics import Collector
 from exporter.poller import Poller
 from exporter.catalogue import TERMINAL_STATUSES
@@ -163,12 +172,11 @@ async def test_each_target_shows_up_or_down_its_poll_and_today_totals(api, sessi
 
 
 async def test_the_page_names_its_version_and_links_and_is_served_at_root(api, session, aiohttp_client):
-    collector = Collector(VERSION)
+    collector = Exposition(VERSION)
     target = poller("default", api.url, session, Clock(NOON), collector)
     await target.poll()
-    registry = CollectorRegistry()
-    registry.register(collector)
-    client = await aiohttp_client(make_app(registry, collector.snapshots, VERSION, "/custom-metrics"))
+    client = await aiohttp_client(make_app(collector, registry_for(collector, collector.runtime), VERSION,
+                                           "/custom-metrics"))
 
     response = await client.get("/")
     text = await response.text()
@@ -251,3 +259,162 @@ async def test_the_page_shows_the_published_snapshot_and_stragglers_past_the_set
 ])
 def test_dollars_round_half_up_to_the_cent(milli_cents, shown):
     assert dollars(milli_cents) == shown
+
+
+# --- /metrics: the pages rendered at publish, plus a live tail --------------------------------------
+
+OPENMETRICS_ACCEPT = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+ACCEPTS = {  # what scrapers send; choose_encoder picks the format
+    "none": None,
+    "prometheus 2": "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+                    "text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    "prometheus 3": "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
+                    "application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=1.0.0;escaping=allow-utf-8;"
+                    "q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1",
+    "text 1.0.0": "text/plain;version=1.0.0;escaping=underscores",
+    "escaping=dots (rendered live)": "text/plain;version=1.0.0;escaping=dots",
+}
+
+
+def metric_samples(body: bytes, content_type: str) -> dict:
+    """(sample name, sorted labels) → value, by the strict parser of the format; process_* and
+    python_* left out, as they move between two renders."""
+    parse = parse_openmetrics if content_type.startswith("application/openmetrics-text") else parse_text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in parse(body.decode()) if not family.name.startswith(("process_", "python_"))
+            for s in family.samples}
+
+
+async def scrape(client, accept: str | None, compressed: bool, query: str = "") -> tuple[bytes, str]:
+    """The body (gunzipped here, so the gzip stream is checked) and its content type."""
+    headers = {"Accept-Encoding": "gzip" if compressed else "identity", **({"Accept": accept} if accept else {})}
+    response = await client.get(f"/metrics{query}", headers=headers, auto_decompress=False)
+    assert response.status == 200
+    raw = await response.read()
+    assert response.headers.get("Content-Encoding") == ("gzip" if compressed else None)
+    return (gzip.decompress(raw) if compressed else raw), response.headers["Content-Type"]
+
+
+def created(body: bytes, content_type: str, org: str = "acme") -> float:
+    return metric_samples(body, content_type)[("callingbox_calls_created_total",
+                                               (("direction", "outbound"), ("org", org)))]
+
+
+def counted(calls: int) -> Store:
+    store = Store()
+    store.count([Created("outbound")] * calls)
+    return store
+
+
+@pytest.fixture
+async def served(aiohttp_client):
+    """An Exposition with one target, `acme`, and a test client of the app that serves it."""
+    clock = Clock(NOON)
+    collector = Exposition(VERSION, clock=clock)
+    await collector.publish("acme", Snapshot(counted(1), Health(webhooks_pending=1, webhook_pending_oldest=NOON - 10)))
+    client = await aiohttp_client(make_app(collector, registry_for(collector, collector.runtime), VERSION))
+    return collector, client, clock
+
+
+@pytest.mark.parametrize("accept", list(ACCEPTS.values()), ids=list(ACCEPTS))
+async def test_metrics_are_negotiated_as_prometheus_clients_own_handler_and_show_the_live_samples(served, accept,
+                                                                                                 aiohttp_client):
+    collector, client, _ = served
+    registry = registry_for(collector, collector.runtime)
+    app = web.Application()
+    app.router.add_get("/metrics", make_aiohttp_handler(registry))
+    reference = await aiohttp_client(app)
+    encoder, content_type = choose_encoder(accept)
+    for compressed in (False, True):
+        body, served_type = await scrape(client, accept, compressed)
+        _, reference_type = await scrape(reference, accept, compressed)
+        assert served_type == reference_type == content_type
+        assert metric_samples(body, content_type) == metric_samples(encoder(registry), content_type)
+        assert metric_samples(body, content_type)  # not two empty pages
+
+
+async def test_a_name_filter_is_rendered_live_with_only_the_families_named(served):
+    _, client, _ = served
+    body, content_type = await scrape(client, None, True, "?name[]=callingbox_up&name[]=process_open_fds")
+    assert {name for name, _ in metric_samples(body, content_type)} == {"callingbox_up"}
+    assert b"process_open_fds " in body and b"callingbox_calls_created_total" not in body
+
+
+async def test_a_scrape_during_a_publish_gets_the_previous_pages_whole_and_after_it_the_new_ones(served, monkeypatch):
+    collector, client, _ = served
+    previous = await collector.pages()
+    rendered, release = asyncio.Event(), asyncio.Event()
+    compress = collector._compress
+
+    async def held(*args):
+        rendered.set()
+        await release.wait()
+        return await compress(*args)
+
+    monkeypatch.setattr(collector, "_compress", held)
+    publish = asyncio.create_task(collector.publish("acme", Snapshot(counted(3), Health())))
+    await rendered.wait()  # the new blocks are rendered and assembled, not swapped in yet
+    combinations = [(accept, compressed) for accept in (None, OPENMETRICS_ACCEPT) for compressed in (False, True)]
+    for accept, compressed in combinations:
+        body, content_type = await scrape(client, accept, compressed)
+        page = previous.openmetrics if accept else previous.text
+        assert body.startswith(page.body) and created(body, content_type) == 1
+    # The landing page and /-/ready read `snapshots`: they switch with the pages, not before.
+    assert collector.snapshots["acme"].store.counters["callingbox_calls_created_total"][("outbound",)] == 1
+    assert not publish.done()
+    release.set()
+    await publish
+    assert collector.snapshots["acme"].store.counters["callingbox_calls_created_total"][("outbound",)] == 3
+    now = await collector.pages()
+    for accept, compressed in combinations:
+        body, content_type = await scrape(client, accept, compressed)
+        assert body.startswith((now.openmetrics if accept else now.text).body) and created(body, content_type) == 3
+
+
+async def test_publishes_queued_behind_an_assembly_share_the_next_one_and_never_go_back(served, monkeypatch):
+    collector, client, _ = served
+    compress, assemblies, reached = collector._compress, [], asyncio.Queue()
+    gates = [asyncio.Event(), asyncio.Event()]  # the first two assemblies wait for the test
+
+    async def gated(*args):
+        assemblies.append(args)
+        if len(assemblies) <= len(gates):
+            await reached.put(len(assemblies))
+            await gates[len(assemblies) - 1].wait()
+        return await compress(*args)
+
+    async def shown() -> dict[str, float]:
+        body, content_type = await scrape(client, OPENMETRICS_ACCEPT, True)
+        found = metric_samples(body, content_type)
+        return {org: created(body, content_type, org) for org in ("acme", "beta", "gamma")
+                if ("callingbox_calls_created_total", (("direction", "outbound"), ("org", org))) in found}
+
+    monkeypatch.setattr(collector, "_compress", gated)
+    acme = asyncio.create_task(collector.publish("acme", Snapshot(counted(2), Health())))
+    assert await reached.get() == 1  # acme's assembly, of the snapshots published so far
+    beta = asyncio.create_task(collector.publish("beta", Snapshot(counted(5), Health())))
+    gamma = asyncio.create_task(collector.publish("gamma", Snapshot(counted(7), Health())))
+    assert await shown() == {"acme": 1}
+    gates[0].set()
+    await acme
+    assert await shown() == {"acme": 2}  # beta and gamma came after that assembly began
+    assert await reached.get() == 2  # beta's, which covers gamma too
+    assert await shown() == {"acme": 2}
+    gates[1].set()
+    await asyncio.gather(beta, gamma)
+    assert len(assemblies) == 2  # gamma's publish found its snapshot already shown
+    assert await shown() == {"acme": 2, "beta": 5, "gamma": 7}
+
+
+async def test_the_live_tail_has_the_process_metrics_and_an_age_that_moves_with_the_clock(served):
+    collector, client, clock = served
+    age = ("callingbox_webhook_pending_oldest_age_seconds", (("org", "acme"),))
+    for accept in (None, OPENMETRICS_ACCEPT):
+        for compressed in (False, True):
+            clock.t = NOON
+            body, content_type = await scrape(client, accept, compressed)
+            assert metric_samples(body, content_type)[age] == 10
+            assert b"\nprocess_cpu_seconds_total " in body and b"\npython_info{" in body
+            clock.t = NOON + 50  # no publish in between
+            body, content_type = await scrape(client, accept, compressed)
+            assert metric_samples(body, content_type)[age] == 60
