@@ -6,12 +6,21 @@ the Grafana 10/11 model, unique panel ids, a grid without overlaps, every panel 
 metric one the exporter exports or the recording rules record, every query filtered by the
 selected org (and direction), exemplars asked for where the exporter exposes them, and, where an
 alert compares a series with a constant, the panel showing that series draws a threshold at that
-very constant, read from the alert rules file. tests/test_e2e_dashboards.py runs every query on a
-real Prometheus fed by the exporter.
+very constant, read from the alert rules file.
+
+The overview shows the KPI pack the recording rules record (ASR, ABR, NER, ACD, ALOC, short-call
+ratio, carried Erlangs, cost per billed minute and per answered call), each read from its recorded
+series (no panel divides raw call counters: one definition per KPI) and drawn against the org's
+previous week (the same expression `offset 7d`, dashed); a table with one row per org and every
+column; a `campaign` variable over a metadata label that filters every raw call series and no
+recorded one. The exporter dashboard shows API bytes and requests, the self-audit and the back-off;
+the provisioned datasource links an exemplar's `call_id` to the call.
+tests/test_e2e_dashboards.py runs every query on a real Prometheus fed by the exporter.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -23,7 +32,7 @@ import yaml
 
 from conftest import ROOT
 from exporter.cli import registry_for
-from exporter.catalogue import EXEMPLAR_FAMILIES, FAMILIES
+from exporter.catalogue import CALL_FAMILIES, EXEMPLAR_FAMILIES, FAMILIES
 from exporter.metrics import Collector, Snapshot
 from exporter.store import Store
 from exporter.tally import Health
@@ -52,6 +61,44 @@ EXEMPLAR_PANELS = {
     "callingbox_calls_ended_total": "callingbox-overview",
     "callingbox_call_duration_seconds_bucket": "callingbox-overview",
     "callingbox_call_answer_delay_seconds_bucket": "callingbox-overview",
+}
+# The telephony KPI pack of the recording rules: KPI → the middle of its recorded name,
+# org_direction:callingbox_<middle>:<operation><window>. Each is drawn from that series on the overview.
+KPI_PACK = {
+    "ASR": "asr",
+    "ABR": "abr",
+    "NER": "ner",
+    "ACD": "acd_seconds",
+    "ALOC": "aloc_seconds",
+    "short-call ratio": "short_calls",
+    "carried Erlangs": "carried_erlangs",
+    "cost per billed minute": "cost_per_billed_minute_dollars",
+    "cost per answered call": "cost_per_answered_call_dollars",
+}
+PREVIOUS_WEEK = "offset 7d"  # a KPI's overlay: the org's previous week
+# The per-org table: its title, and each column with the series its query must read.
+ORG_TABLE = "Orgs today"
+ORG_TABLE_COLUMNS = {
+    "Calls ended today": {"callingbox_calls_ended_total"},
+    "ASR (last hour)": {"org_direction:callingbox_answered:increase1h", "org_direction:callingbox_seizures:increase1h"},
+    "Failed % (last hour)": {"org_direction_status:callingbox_calls_ended:increase1h",
+                             "org_direction:callingbox_seizures:increase1h"},
+    "Webhook failures today": {"callingbox_webhook_deliveries_total"},
+    "Spend today": {"callingbox_billed_amount_dollars_total"},
+}
+# Series that carry the configured metadata labels (exporter/metrics.py): the call families and the
+# active-calls gauge. Each selector of one of them takes the campaign matcher; recorded series have none.
+METADATA_SERIES = frozenset(CALL_FAMILIES | {"callingbox_calls_active"})
+CAMPAIGN_MATCHER = ("metadata_label", "=~", "$campaign")  # `$metadata_label=~"$campaign"` as selectors() reads it
+# The exporter dashboard: each series it must show, and the label it breaks the series down by.
+EXPORTER_SHOWS = {
+    "callingbox_exporter_api_response_bytes_total": "endpoint",
+    "callingbox_exporter_api_requests_total": "code",
+    "callingbox_exporter_audit_mismatches_total": "kind",
+    "callingbox_exporter_audit_calls_checked_total": "org",
+    "callingbox_exporter_last_audit_timestamp_seconds": "org",
+    "callingbox_exporter_backoff_seconds": "org",
+    "callingbox_exporter_next_poll_timestamp_seconds": "org",
 }
 
 # ---- reading dashboards (also used by test_e2e_dashboards.py) ---------------------------------
@@ -104,7 +151,18 @@ def substitute(text: str, values: dict[str, str]) -> str:
     return VARIABLE.sub(lambda m: values[m[1] or m[2]], text)
 
 
-LABEL_VALUES = re.compile(r"^\s*label_values\(\s*(?P<selector>.+?)\s*,\s*(?P<label>\w+)\s*\)\s*$")
+# The label may be a variable (`$metadata_label`): Grafana substitutes it before it runs the query.
+LABEL_VALUES = re.compile(r"^\s*label_values\(\s*(?P<selector>.+?)\s*,\s*(?P<label>\$?\w+)\s*\)\s*$")
+
+
+def is_previous_week(target: dict) -> bool:
+    """A KPI's previous-week overlay: its twin, the same expression, `offset 7d`."""
+    return PREVIOUS_WEEK in target["expr"]
+
+
+def this_week(expr: str) -> str:
+    """The twin of a previous-week overlay: the expression without its `offset 7d`."""
+    return re.sub(r"\s+" + PREVIOUS_WEEK + r"\b", "", expr)
 
 # ---- reading PromQL: which series an expression selects ----------------------------------------
 
@@ -151,12 +209,31 @@ def metric_names(expr: str) -> set[str]:
     return {name for name, _ in selectors(expr)}
 
 
+# `/` followed by a series or a function (not a number): one series divided by another.
+SERIES_DIVISION = re.compile(r"/[\s(]*[A-Za-z_:]")
+
+
+def shown_series(expr: str) -> set[str]:
+    """The series an expression draws: all it reads, less the denominators of a ratio (a panel of
+    answered ÷ seizures shows a share, not the seizures, and draws no seizure threshold)."""
+    division = SERIES_DIVISION.search(expr)
+    return metric_names(expr[:division.start()] if division else expr)
+
+
+def family_of(series: str) -> str:
+    """The exporter family a sample name belongs to (a histogram's _bucket, _sum, _count → the histogram)."""
+    base = re.sub(r"_(bucket|sum|count)$", "", series)
+    return base if base in FAMILIES and FAMILIES[base].kind == "histogram" else series
+
+
 @pytest.mark.parametrize("expr, expected", [
     ('sum by (org, le) (rate(a_bucket{org=~"$org", le=~"1|2"}[5m])) / on (org) group_left b',
      [("a_bucket", [("org", "=~", "$org"), ("le", "=~", "1|2")]), ("b", [])]),
     ('histogram_quantile(0.9, sum without (instance) (rate(x[$__rate_interval])))', [("x", [])]),
     ("max by (instance) (p and on (instance, job) up{org!=\"a\"}) > bool 0", [("p", []), ("up", [("org", "!=", "a")])]),
     ("org:x:ratio_rate5m{org=~\"$org\"} offset 1d * 1e-3", [("org:x:ratio_rate5m", [("org", "=~", "$org")])]),
+    ('sum(c_total{org=~"$org", $metadata_label=~"$campaign"}[1m])',
+     [("c_total", [("org", "=~", "$org"), ("metadata_label", "=~", "$campaign")])]),
     ('sort_desc(topk(10, sum(increase(c_total{s="{}"}[1m]))))', [("c_total", [("s", "=", "{}")])]),
 ])
 def test_selectors_finds_every_series_an_expression_reads(expr, expected):
@@ -177,7 +254,7 @@ def exported_series() -> dict[str, frozenset[str]]:
         else:
             series[name] = labels
     collector = Collector("test")
-    collector.publish("default", Snapshot(Store(), Health()))
+    asyncio.run(collector.publish("default", Snapshot(Store(), Health())))
     for family in registry_for(collector).collect():
         for sample in family.samples:
             series.setdefault(sample.name, frozenset(sample.labels))
@@ -319,11 +396,14 @@ def test_variables_are_datasource_then_org_from_callingbox_up(uid):
     assert (datasource["type"], datasource["query"]) == ("datasource", "prometheus")
     assert variable_query(org) == "label_values(callingbox_up, org)"
     if uid == "callingbox-overview":
-        assert names == ["datasource", "org", "direction"]
+        assert names == ["datasource", "org", "direction", "metadata_label", "campaign"]
         assert LABEL_VALUES.match(variable_query(defined["direction"]))["label"] == "direction"
         assert 'org=~"$org"' in variable_query(defined["direction"]), "directions of the chosen org"
     for variable in names[1:]:
         v = defined[variable]
+        if v["type"] == "constant":  # a name for the queries (metadata_label), hidden
+            assert v["hide"] == 2 and re.fullmatch(r"[A-Za-z_]\w*", v["query"]), v
+            continue
         assert v["type"] == "query" and v["multi"] and v["includeAll"], variable
         assert LABEL_VALUES.match(variable_query(v)), f"{variable}: {variable_query(v)}"
 
@@ -402,7 +482,7 @@ def test_alert_thresholds_are_drawn_on_the_series_the_alerts_evaluate():
     panels = [(uid, p) for uid in DASHBOARDS for p in data_panels(load(uid))]
     for alert, series, op, value in thresholds:
         readers = [(uid, p) for uid, p in panels
-                   if any(series in metric_names(t["expr"]) for t in p["targets"])]
+                   if any(series in shown_series(t["expr"]) for t in p["targets"])]
         if op == ">":  # a threshold (>= ones are volume guards: drawn wherever the series is shown)
             assert readers, f"{alert} compares {series} > {value}, but no panel shows {series}"
         for uid, panel in readers:
@@ -440,6 +520,111 @@ def test_exemplars_are_asked_for_where_the_exporter_exposes_them():
         assert uid in asked.get(name, set()), f"no {uid} panel reads {name} with exemplars"
 
 
+# ---- the KPI pack, the per-org table, the campaign variable, the exporter's own cost ---------------
+
+
+def test_overview_draws_every_kpi_of_the_pack_from_its_recorded_series_against_the_previous_week():
+    recorded = set(recorded_series())
+    panels = data_panels(load("callingbox-overview"))
+    for kpi, middle in KPI_PACK.items():
+        prefix = f"org_direction:callingbox_{middle}:"
+        assert any(r.startswith(prefix) for r in recorded), f"the recording rules record no {kpi} ({prefix}*)"
+        drawing = [p for p in panels if p["type"] == "timeseries"
+                   and any(n.startswith(prefix) for t in p["targets"] for n in metric_names(t["expr"]))]
+        assert drawing, f"no overview timeseries draws {kpi} from its recorded series {prefix}*"
+        for panel in drawing:
+            where = f"{panel['title']!r} ({kpi})"
+            names = {n for t in panel["targets"] for n in metric_names(t["expr"])}
+            assert names <= recorded, f"{where} reads {sorted(names - recorded)}: a KPI panel reads recorded series"
+            overlays = [t for t in panel["targets"] if is_previous_week(t) and prefix in t["expr"]]
+            assert overlays, f"{where} has no previous-week overlay ({PREVIOUS_WEEK}) of {prefix}*"
+
+
+@dashboard_uids
+def test_no_panel_derives_a_ratio_from_raw_call_counters(uid):
+    """A ratio of call counters is a KPI: the recording rules define it once, and panels read that."""
+    for title, _, target in queries(load(uid)):
+        raw = {n for n in metric_names(target["expr"]) if family_of(n) in CALL_FAMILIES}
+        if raw and SERIES_DIVISION.search(target["expr"]):
+            pytest.fail(f"{uid} {title!r} {target['refId']} divides raw call series {sorted(raw)}: read the KPI's "
+                        f"recorded series instead: {target['expr']}")
+
+
+@dashboard_uids
+def test_previous_week_overlays_are_their_twin_offset_by_7d_and_drawn_dashed(uid):
+    for panel in data_panels(load(uid)):
+        lines = [t["expr"] for t in panel["targets"] if not is_previous_week(t)]
+        styles = {o["matcher"]["options"]: {prop["id"]: prop["value"] for prop in o["properties"]}
+                  for o in panel["fieldConfig"]["overrides"] if o["matcher"]["id"] == "byFrameRefID"}
+        for target in filter(is_previous_week, panel["targets"]):
+            where, expr = f"{uid} {panel['title']!r} {target['refId']}", target["expr"]
+            twin = this_week(expr)
+            assert twin in lines, f"{where}: {expr} is not a line of the panel with {PREVIOUS_WEEK}: {lines}"
+            if len(selectors(twin)) == 1:
+                assert expr == f"{twin} {PREVIOUS_WEEK}", f"{where}: {expr}"
+            assert expr.count(PREVIOUS_WEEK) == len(selectors(twin)), f"{where}: every selector is offset: {expr}"
+            assert target["legendFormat"].endswith("previous week"), f"{where}: legend {target['legendFormat']!r}"
+            assert target["range"] and not target["instant"] and not target["exemplar"], where
+            style = styles.get(target["refId"], {})
+            assert style.get("custom.lineStyle", {}).get("fill") == "dash", f"{where}: not drawn dashed: {style}"
+
+
+def test_org_table_is_one_row_per_org_with_every_column():
+    (panel,) = [p for p in data_panels(load("callingbox-overview")) if p["title"] == ORG_TABLE]
+    assert panel["type"] == "table"
+    assert panel["timeFrom"] == "now/d", "today so far: the range of the increases is since midnight"
+    assert [t["id"] for t in panel["transformations"]] == ["merge", "organize"], "merge on org, then name the columns"
+    organize = panel["transformations"][1]["options"]
+    assert organize["excludeByName"] == {"Time": True}
+    assert organize["renameByName"]["org"] == "Org" and organize["indexByName"]["org"] == 0
+    columns = {organize["renameByName"].get(f"Value #{t['refId']}"): t for t in panel["targets"]}
+    assert set(columns) == set(ORG_TABLE_COLUMNS), f"{sorted(map(str, columns))}, want {sorted(ORG_TABLE_COLUMNS)}"
+    for name, target in columns.items():
+        expr, where = target["expr"], f"{ORG_TABLE} column {name!r}"
+        assert target["instant"] and target["format"] == "table", f"{where}: an instant table query"
+        groupings = re.findall(r"\bby\s*\(([^)]*)\)", expr)
+        assert groupings and {g.replace(" ", "") for g in groupings} == {"org"}, f"{where}: one row per org: {expr}"
+        assert ORG_TABLE_COLUMNS[name] <= metric_names(expr), f"{where} reads {sorted(metric_names(expr))}"
+    units = {o["matcher"]["options"]: {prop["id"]: prop["value"] for prop in o["properties"]}
+             for o in panel["fieldConfig"]["overrides"]}
+    assert units["Spend today"]["unit"] == "currencyUSD"
+    assert units["ASR (last hour)"]["unit"] == units["Failed % (last hour)"]["unit"] == "percentunit"
+
+
+def test_campaign_variable_lists_the_values_of_the_configured_metadata_label():
+    defined = variables(load("callingbox-overview"))
+    label, campaign = defined["metadata_label"], defined["campaign"]
+    assert (label["type"], label["query"]) == ("constant", "campaign"), "README's example: {campaign_id: campaign}"
+    match = LABEL_VALUES.match(variable_query(campaign))
+    assert match and match["label"] == "$metadata_label", variable_query(campaign)
+    assert metric_names(match["selector"]) == {"callingbox_calls_created_total"} <= METADATA_SERIES
+    assert 'org=~"$org"' in match["selector"], "the campaigns of the chosen orgs"
+    assert campaign["includeAll"] and campaign["multi"]
+    assert campaign["allValue"] == ".*", "All must match series without the label too (no metadata labels)"
+    assert "without metadata_labels" in campaign["description"].lower(), "say what happens without them"
+
+
+def test_campaign_filters_every_raw_call_series_and_no_recorded_one():
+    filtered = 0
+    for title, _, target in queries(load("callingbox-overview")):
+        for name, matchers in selectors(target["expr"]):
+            where = f"{title!r} {target['refId']} {name}"
+            if family_of(name) in METADATA_SERIES:
+                assert CAMPAIGN_MATCHER in matchers, f"{where} lacks $metadata_label=~\"$campaign\": {target['expr']}"
+                filtered += 1
+            else:
+                assert CAMPAIGN_MATCHER not in matchers, f"{where} has no metadata label: {target['expr']}"
+    assert filtered, "no panel reads a raw call family"
+
+
+def test_exporter_dashboard_shows_api_cost_audit_and_backoff():
+    targets = queries(load("callingbox-exporter"))
+    for series, label in EXPORTER_SHOWS.items():
+        shown = [t for _, _, t in targets if series in metric_names(t["expr"])]
+        assert shown, f"no panel of the exporter dashboard shows {series}"
+        assert any("{{%s}}" % label in t["legendFormat"] for t in shown), f"{series}: no panel by {label}"
+
+
 # ---- provisioning -------------------------------------------------------------------------------
 
 
@@ -458,6 +643,24 @@ def test_provisioned_datasource_is_the_default_prometheus_the_dashboards_expect(
         variable = variables(load(uid))["datasource"]
         assert variable["query"] == source["type"]
         assert variable["current"].get("value") in (None, source["uid"]), f"{uid}: {variable['current']}"
+
+
+def exemplar_link() -> dict:
+    """The provisioned datasource's exemplar link: which exemplar label opens which URL."""
+    document = yaml.safe_load((GRAFANA / "provisioning/datasources/callingbox.yml").read_text())
+    source = next(s for s in document["datasources"] if s["uid"] == "prometheus")
+    (link,) = source["jsonData"]["exemplarTraceIdDestinations"]
+    return link
+
+
+def test_exemplar_links_open_the_call_named_by_call_id():
+    """The exporter's exemplars carry `call_id` (tests/test_e2e_dashboards.py checks them on Prometheus)."""
+    link = exemplar_link()
+    assert link["name"] == "call_id"
+    assert "datasourceUid" not in link, "an external link to the call, not a tracing datasource"
+    # Provisioning expands $VAR and ${VAR} from the environment: `$$` keeps Grafana's own ${__value.raw}.
+    assert link["url"].startswith("https://") and link["url"].endswith("/$${__value.raw}"), link["url"]
+    assert link["urlDisplayLabel"]
 
 
 def test_provisioned_dashboards_load_from_the_mounted_folder():
