@@ -86,7 +86,8 @@ async def _exporter_http_round(url: str, timings: dict[str, list[float]]) -> lis
     reports = []
     with PollReport() as report:
         async with aiohttp.ClientSession() as session:
-            target = Target(api_url=url, settle_window=LOOKBACK, initial_lookback=LOOKBACK)
+            # Every poll reads the whole window (full_read_interval 0s): the skip path over all of it.
+            target = Target(api_url=url, settle_window=LOOKBACK, initial_lookback=LOOKBACK, full_read_interval=0.0)
             poller = Poller(target, Collector("bench"), session)
             await poller.restore()
             for poll in ("first", "second"):

@@ -345,8 +345,28 @@ def test_pod_runs_non_root_read_only_with_probes_and_resources(rendered, variant
     resources = exporter["resources"]
     for kind in ("cpu", "memory"):
         assert quantity(resources["requests"][kind]) <= quantity(resources["limits"][kind])
-    # The measured figures in the comment: ~41 MiB + ~480 B per tracked call, 90 MiB at 100 000.
-    assert quantity(resources["requests"]["memory"]) >= 90 * 2**20
+    # Sized from the measured figures (BENCHMARKS.md): the request holds the peak of a first poll
+    # that tracks 100 000 calls; the limit holds at least 300 000 tracked calls in steady state.
+    figures = benchmark_memory()
+    assert quantity(resources["requests"]["memory"]) >= figures["peak"] * 1e6 * 1.2
+    steady_300k = (figures["nothing"] + 300_000 * figures["per_call"] / 1e6) * 1e6
+    assert quantity(resources["limits"]["memory"]) >= steady_300k * 1.2
+
+
+def benchmark_memory() -> dict[str, float]:
+    """Case 4's memory rows of BENCHMARKS.md's table: MB, and bytes per tracked call."""
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    rows = {
+        "nothing": r"RSS tracking nothing[^|]*\|\s*([\d.,]+) \| MB",
+        "per_call": r"RSS per tracked call\s*\|\s*([\d.,]+) \| B/call",
+        "peak": r"peak RSS, 100,000 calls in window[^|]*\|\s*([\d.,]+) \| MB",
+    }
+    figures = {}
+    for key, pattern in rows.items():
+        found = re.findall(pattern, text)
+        assert found, f"BENCHMARKS.md has no {key} row"
+        figures[key] = float(found[0].replace(",", ""))
+    return figures
 
 
 def quantity(value: str | int) -> float:
