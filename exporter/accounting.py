@@ -268,7 +268,7 @@ class Ledger:
         self.open = still_open
 
     def sweep(self, now: float, settle_window: float, give_up_after: float = STRAGGLER_GIVE_UP,
-              everything: bool = True) -> Summary:
+              everything: bool = True, keep_from: float | None = None) -> Summary:
         """Drop calls the ledger need not keep and summarise the open ones.
 
         A final call past the settle window is dropped: list reads no longer show it. Only an
@@ -277,18 +277,20 @@ class Ledger:
         calls, not the window. A call past
         the window that is not final is a straggler: list reads cannot see it any more (the
         poller refreshes it by id), and once it is `give_up_after` old (never less than the
-        window) it is given up rather than kept forever.
+        window) it is given up rather than kept forever. A final call created at or after
+        `keep_from` stays, past the window too: the self-audit has yet to read it.
         """
         horizon = now - settle_window
+        dropped = horizon if keep_from is None else min(horizon, keep_from)  # final calls created before go
         give_up = now - give_up_age(settle_window, give_up_after)
         calls = self.calls
         if everything:
-            for _ in self.prune(horizon):
+            for _ in self.prune(dropped):
                 pass
         else:  # a straggler that has just become final leaves at once
             for call_id in self._finished:
                 state = calls.get(call_id)
-                if state is not None and state.final and state.created_at < horizon:
+                if state is not None and state.final and state.created_at < dropped:
                     del calls[call_id]
                     self.changed.add(call_id)
         self._finished = []

@@ -1,8 +1,9 @@
 """Self-audit: recount one closed window of long-settled calls and compare with the ledger.
 
 Pure, like the accounting: the poller feeds it the records of the window as its list read
-passes them (the window is the oldest hour still inside the settle window, so the read reaches
-it anyway and the calls in it are settled), together with the ledger's state of each call.
+passes them (the window runs from where the last one ended to an `audit_interval` past the settle
+window, so the calls in it are settled; see Tally.audit_due), together with the ledger's state of
+each call.
 A mismatch means the exporter's counts and the API disagree about a call: the API changed a
 call without bumping `updated_at`, a call appeared in the past, one vanished, or a bug.
 """
@@ -36,6 +37,8 @@ class Audit:
 
     def check(self, record: Record, state: CallState | None) -> None:
         """Compare one record of the window with what the ledger counted for it."""
+        if record.id in self.seen:
+            return  # listed twice in one read: one call, checked once
         self.seen.add(record.id)
         if record.created_at <= self.baseline:
             return  # counted nothing by design: history before the first start

@@ -31,6 +31,8 @@ EXTRACTIONS = ("completed", "failed")  # result_status values that are counted
 ENDPOINTS = ("list", "call")  # GET /v1/calls and GET /v1/calls/{id}
 READ_PATHS = ("list", "by_id")  # how an open call is kept up to date: each list read, or by id
 AUDIT_KINDS = ("missing", "extra", "status", "billing", "webhook", "extraction")
+# How the self-audit reached a call: its window of created_at, or a spot-check by id.
+AUDIT_METHODS = ("window", "spot_check")
 
 MILLI_CENTS_PER_DOLLAR = 100_000
 CAPPED_LABELS = ("hangup_cause", "error_code")
@@ -99,7 +101,11 @@ FAMILIES: dict[str, Family] = {
         "counter", ("kind",), "Self-audit: calls whose counts disagree with the API (missing, extra, status, ...)."
     ),
     "callingbox_exporter_audit_calls_checked_total": Family(
-        "counter", (), "Self-audit: settled calls recounted against the API."
+        "counter", ("method",), "Self-audit: calls recounted against the API, by window of created_at or by spot-check."
+    ),
+    "callingbox_exporter_audit_skipped_seconds_total": Family(
+        "counter", (), "Self-audit: seconds of created_at that no window audited (after reads stopped for longer"
+        " than the settle window, or audits fell more than twice the settle window behind)."
     ),
 }
 
@@ -127,6 +133,9 @@ SECONDS_PER_DAY = 86_400
 # Saved family names of an older version → today's: a state file written before a rename keeps
 # its counts (a silent zero would read as a counter reset in Prometheus).
 RENAMED = {"callingbox_calls_total": "callingbox_calls_ended_total"}
+# Families that gained labels: the values a series saved without them takes (its count carries
+# on, no counter reset). Before spot-checks had their own label, the checked count was one series.
+ADDED_LABELS: dict[str, dict[str, str]] = {"callingbox_exporter_audit_calls_checked_total": {"method": "window"}}
 # Families about calls: their series also carry the target's metadata labels, if configured.
 CALL_FAMILIES = frozenset(
     {name for name, family in FAMILIES.items() if "direction" in family.labels}
@@ -165,9 +174,23 @@ def _base_series() -> Iterable[tuple[str, tuple[str, ...]]]:
         yield "callingbox_exporter_invalid_records_total", (reason,)
     yield "callingbox_exporter_poll_duration_seconds", ()
     yield "callingbox_exporter_vanished_calls_total", ()
-    yield "callingbox_exporter_audit_calls_checked_total", ()
+    for method in AUDIT_METHODS:
+        yield "callingbox_exporter_audit_calls_checked_total", (method,)
+    yield "callingbox_exporter_audit_skipped_seconds_total", ()
     for kind in AUDIT_KINDS:
         yield "callingbox_exporter_audit_mismatches_total", (kind,)
+
+
+def added_labels(name: str, labels: list) -> list | None:
+    """The label values of a counter series saved under `name` before the family gained labels
+    (ADDED_LABELS), in today's order with the added ones filled in; None when it has them all.
+    For families without metadata labels only (they are not CALL_FAMILIES)."""
+    added = ADDED_LABELS.get(name)
+    if not added or len(labels) != len(FAMILIES[name].labels) - len(added):
+        return None
+    names = FAMILIES[name].labels
+    saved = iter(labels)
+    return [added[label] if label in added else next(saved) for label in names]
 
 
 def relabel(saved_labels: tuple[str, ...], values: tuple, labels: tuple[str, ...], missing=None) -> tuple:

@@ -59,6 +59,9 @@ GAUGES: dict[str, tuple[str, tuple[str, ...], Callable[[Health], dict]]] = {
                                        lambda h: {(): h.stragglers}),
     "callingbox_exporter_last_audit_timestamp_seconds": ("When the last self-audit completed.", (),
                                                          lambda h: {(): _or_zero(h.last_audit)}),
+    "callingbox_exporter_audited_until_timestamp_seconds": (
+        "Self-audit: created_at up to which every call has been audited, window after window (0 before the first).",
+        (), lambda h: {(): _or_zero(h.audited_until)}),
     "callingbox_exporter_backoff_seconds": (
         "Seconds the next poll waits beyond poll_interval: failures back off, slow reads slow down.", (),
         lambda h: {(): h.status.backoff}),

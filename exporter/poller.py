@@ -109,6 +109,7 @@ class Poller:
             )
             if restored is not None:
                 self.tally = self._tally(restored.ledger, restored.store)
+                self.tally.resume_audit(restored.extra)  # where the last audit window ended
                 log.info(
                     "state restored",
                     extra={"org": self.org, "tracked_calls": len(self.ledger.calls), "watermark": self.ledger.watermark},
@@ -208,7 +209,12 @@ class Poller:
             stats.update(await self.stragglers.refresh(self.client, tally, now, plan.by_id))
         store.inc("callingbox_exporter_polls_total", ("error" if problem else "success",))
         store.observe("callingbox_exporter_poll_duration_seconds", (), time.monotonic() - started)
-        if plan.full:  # the whole ledger, walked in slices with scrapes served between them
+        # Final calls past the settle window leave the ledger only here, after the read (the whole
+        # ledger on a full read, in slices with scrapes served between them; calls that just turned
+        # final otherwise), and not those created from `audited_until` on (Tally.keep_from): when
+        # the next audit comes late and reads back past the settle window to where the last window
+        # ended, the ledger still holds what it counted there, so an honest call is not `missing`.
+        if plan.full:
             for _ in tally.prune(now):
                 await asyncio.sleep(0)
         summary = tally.sweep(now, everything=False)
@@ -266,7 +272,8 @@ class Poller:
             self.db = state.StateDB(self.target.state_file, self.org)
         try:
             # Shielded: a poll cancelled by a reload lets its save finish; `settle` waits for it.
-            self._saving = asyncio.ensure_future(asyncio.to_thread(self.db.save, self.ledger, self.store))
+            self._saving = asyncio.ensure_future(asyncio.to_thread(
+                self.db.save, self.ledger, self.store, self.tally.audit_state()))
             await asyncio.shield(self._saving)
             return True
         except Exception as error:
@@ -315,7 +322,7 @@ class Poller:
                 break
             self.tally.spot_check(audit, call_id, obj)
         if sample:
-            self.tally.report(audit)
+            self.tally.report(audit, "spot_check")
 
     async def _read(self, now: float, plan: Plan) -> ListRead:
         """Read the list down to the plan's depth, a 429 waited out a few times; returns the read."""

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import msgspec
 
 from .accounting import CallState, Ledger
-from .catalogue import FAMILIES, relabel
+from .catalogue import FAMILIES, added_labels, relabel
 from .store import Store
 
 SCHEMA_VERSION = 2  # PRAGMA user_version; format 1 was the JSON file
@@ -391,6 +391,10 @@ def _restore(db: sqlite3.Connection, path: str, buckets, label_limit: int,
         raise _unreadable(path, "state database with unreadable content", error)
     same_labels = saved_extra == tuple(extra_labels)
     known = all(name in FAMILIES for kind in ("counters", "histograms") for name in data[kind])
+    # A series saved before its family gained a label is restored under today's labels: the old
+    # row must go, so the store is written whole (otherwise both would be restored next time).
+    known = known and not any(added_labels(name, row[:-1]) is not None
+                              for name, rows in data["counters"].items() for row in rows)
     extra = {key[len(EXTRA):]: value for key, value in meta.items() if key.startswith(EXTRA)}
     restored = Restored(ledger, store, reset, extra, meta.get("saved_at"))
     return restored, same_labels, same_labels and known and not reset

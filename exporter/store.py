@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 from .accounting import Billed, Created, Ended, Event, ExtractionOutcome, WebhookOutcome
 from .catalogue import (
     CALL_FAMILIES, CAPPED_LABELS, DEFAULT_BUCKETS, EXTRACTIONS, FAMILIES, OUTCOMES, RENAMED, SECONDS_PER_DAY,
-    TERMINAL_STATUSES, initial_series, relabel,
+    TERMINAL_STATUSES, added_labels, initial_series, relabel,
 )
 
 
@@ -238,6 +238,9 @@ class Store:
                 continue
             series = store.counters.setdefault(name, {})
             for row in rows:
+                filled = added_labels(name, row[:-1])  # saved before the family gained a label
+                if filled is not None:
+                    row = [*filled, row[-1]]
                 labels, (value,) = keyed(name, row)
                 series[labels] = series.get(labels, 0) + value if merge and name in CALL_FAMILIES else value
         for name, saved in data["histograms"].items():

@@ -27,6 +27,9 @@ INVALID_LOG_LIMIT = 10  # malformed records logged one by one per read; the rest
 REPORTED_MEMORY = 10_000  # audit mismatches remembered so a lie found twice counts once
 BYTES_PER_CALL = 1500.0  # a call object's size in a list read, until a read has measured it
 REQUEST_BYTES = 500.0  # what a request by id costs beyond its body: headers both ways
+# An audit reaches back at most this many settle windows: after audits stalled for longer (an
+# idle org answering 304s, audits turned off a while) the rest of the backlog is skipped, not read.
+CATCH_UP = 2.0
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ class Health:
     webhooks_pending: int = 0
     webhook_pending_oldest: float | None = None
     last_audit: float | None = None
+    audited_until: float | None = None  # created_at up to which the audit windows reach
     read_depth: float = 0.0  # seconds of history the last list read covered
     last_full_read: float | None = None
     open_calls: dict = field(default_factory=dict)  # refresh path ("list", "by_id") → open calls
@@ -86,7 +90,10 @@ class Tally:
         self.invalid_logged = 0  # malformed records logged in the current read
         self.next_audit = now + audit_interval  # the first audit comes an interval after the start
         self.last_audit: float | None = None
-        self.audited_until: float | None = None  # created_at up to which calls have been audited
+        # created_at up to which calls have been audited: where the next window starts. Saved in
+        # the state file (audit_state), so a restart neither skips nor repeats a slice.
+        self.audited_until: float | None = None
+        self.read_at: float | None = None  # when the last complete list read ran (saved too)
         self.next_full_read = now  # the first poll reads the whole settle window
         self.last_full_read: float | None = None
         self.bytes_per_call = BYTES_PER_CALL  # measured by each list read
@@ -142,8 +149,14 @@ class Tally:
         """
         window = now - self.settle_window
         watermark = self.ledger.watermark
-        full = watermark is None or now >= self.next_full_read or self.audit_due(now) is not None
+        audit = self.audit_due(now)
+        full = watermark is None or now >= self.next_full_read or audit is not None
         horizon = window if full else max(window, min(now - self.hot_window, watermark - self.overlap))
+        if audit is not None:
+            # The audit's window starts where the last one ended. The poll that carries it comes
+            # after the interval has passed, so that start lies a little past the settle window:
+            # the read reaches back to it (at most CATCH_UP windows, see audit_due).
+            horizon = min(horizon, audit.start)
         give_up = now - give_up_age(self.settle_window, self.give_up_after)
         due: list[tuple[float, str]] = []  # (created_at, id): open calls past the read whose turn has come
         listed = past = 0  # open calls the list read reaches; those it does not
@@ -198,25 +211,73 @@ class Tally:
     # ---- the self-audit ------------------------------------------------------------------
 
     def audit_due(self, now: float) -> Audit | None:
-        """The audit that rides on this read, if one is due: the oldest interval still inside the
-        settle window (settled, and read anyway), joined to the last audited one."""
+        """The audit that rides on this read, if one is due: from the end of the last audited
+        window to an interval past the settle window (settled calls that the read reaches anyway).
+
+        Windows tile the timeline, however late the poll: each starts exactly where the last
+        one ended, and the poll's read reaches back to that start (`plan`). The calls created
+        there are still in the ledger: a sweep keeps final calls created from `audited_until`
+        on (`keep_from`) and runs only after the read. The first audit starts at the settle
+        window: nothing before it was audited. A window ends no later than the previous read:
+        a call this read is the first to list was not missed, it is new (a read gap, a first
+        read), and the next window audits it. The start moves up, skipping what lies before,
+        when reads stopped for longer than the settle window (calls created meanwhile were
+        never read, so never counted: each would be reported missing) or when the backlog is
+        older than CATCH_UP settle windows.
+        """
         if not self.audit_interval or now < self.next_audit:
             return None
         horizon = now - self.settle_window
-        until = self.audited_until
-        start = until if until is not None and until >= horizon else horizon
-        return Audit(start, horizon + self.audit_interval, self.ledger.baseline)
+        read_at = float("-inf") if self.read_at is None else self.read_at
+        start = self.audited_until
+        if start is None:
+            start = horizon
+        elif read_at < horizon:
+            start = max(start, horizon)
+        else:
+            start = max(start, now - CATCH_UP * self.settle_window)
+        # max: a settle window made longer by a reload can put the start past the end; the window is empty
+        return Audit(start, max(start, min(horizon + self.audit_interval, read_at)), self.ledger.baseline)
+
+    def keep_from(self, now: float) -> float | None:
+        """created_at from which a sweep keeps final calls past the settle window: the next
+        audit window's, which a late audit reads past the window. None: the window alone."""
+        if not self.audit_interval or self.audited_until is None:
+            return None
+        return max(self.audited_until, now - CATCH_UP * self.settle_window)
 
     def conclude_audit(self, audit: Audit, now: float) -> None:
         """Count and log what a complete read's audit found; the next window is due an interval later."""
         audit.finish(self.ledger)
-        mismatches = self.report(audit)
+        mismatches = self.report(audit, "window")
+        if self.audited_until is not None and audit.start > self.audited_until:
+            skipped = audit.start - self.audited_until
+            self.store.inc("callingbox_exporter_audit_skipped_seconds_total", (), skipped)
+            log.warning("audit skipped calls never to be audited", extra={
+                "org": self.org, "from": self.audited_until, "to": audit.start, "skipped_s": round(skipped, 3)})
         self.last_audit, self.next_audit, self.audited_until = now, now + self.audit_interval, audit.end
-        log.info("audit done", extra={"org": self.org, "checked": audit.checked, "mismatches": mismatches})
+        log.info("audit done", extra={"org": self.org, "start": audit.start, "end": audit.end,
+                                      "checked": audit.checked, "mismatches": mismatches})
 
-    def report(self, audit: Audit) -> int:
-        """Count and log an audit's mismatches, each call and kind once however often it is found."""
-        self.store.inc("callingbox_exporter_audit_calls_checked_total", (), audit.checked)
+    def audit_state(self) -> dict[str, float | None]:
+        """What the state file keeps of the audit's schedule (`resume_audit` reads it back)."""
+        return {"audited_until": self.audited_until, "read_at": self.read_at, "last_audit": self.last_audit}
+
+    def resume_audit(self, saved: dict) -> None:
+        """Carry on from a restored `audit_state`: the next window starts where the last one ended,
+        due when it leaves the settle window, as it was before the restart. A state without it
+        (the first start, an older version) keeps the schedule of a first start."""
+        values = {key: saved.get(key) for key in ("audited_until", "read_at", "last_audit")}
+        values = {key: float(v) if isinstance(v, (int, float)) else None for key, v in values.items()}
+        self.read_at, self.last_audit = values["read_at"], values["last_audit"]
+        if values["audited_until"] is not None:
+            self.audited_until = values["audited_until"]
+            self.next_audit = self.audited_until + self.settle_window
+
+    def report(self, audit: Audit, method: str) -> int:
+        """Count the calls an audit checked (`method`: window, spot_check) and its mismatches,
+        each call and kind once however often it is found."""
+        self.store.inc("callingbox_exporter_audit_calls_checked_total", (method,), audit.checked)
         return self.report_mismatches(audit.mismatches)
 
     def report_mismatches(self, mismatches: list[Mismatch]) -> int:
@@ -259,11 +320,13 @@ class Tally:
 
     def prune(self, now: float) -> Iterator[int]:
         """The whole-ledger part of a sweep, in slices (Ledger.prune): a full read's poll runs it."""
-        return self.ledger.prune(now - self.settle_window)
+        keep_from = self.keep_from(now)
+        horizon = now - self.settle_window
+        return self.ledger.prune(horizon if keep_from is None else min(horizon, keep_from))
 
     def sweep(self, now: float, everything: bool = True) -> Summary:
         """Drop calls the ledger need not keep (see Ledger.sweep) and summarise the open ones."""
-        summary = self.ledger.sweep(now, self.settle_window, self.give_up_after, everything)
+        summary = self.ledger.sweep(now, self.settle_window, self.give_up_after, everything, self.keep_from(now))
         if summary.given_up:
             log.warning("stragglers given up", extra={"org": self.org, "calls": summary.given_up})
         return summary
@@ -285,7 +348,7 @@ class Tally:
                 active[key] = active.get(key, 0) + calls
         plan = self.last_plan
         return Health(replace(status), self.ledger.watermark, summary.tracked, summary.stragglers, active,
-                      summary.webhooks_pending, summary.webhook_pending_oldest, self.last_audit,
+                      summary.webhooks_pending, summary.webhook_pending_oldest, self.last_audit, self.audited_until,
                       0.0 if plan is None else max(0.0, (status.last_poll or 0.0) - plan.horizon),
                       self.last_full_read, {} if plan is None else dict(plan.open_calls))
 
@@ -294,6 +357,7 @@ class Tally:
         """Carry an old tally of the same org over a reload; returns histograms restarted."""
         self.ledger, self._invalid_seen, self._reported = old.ledger, old._invalid_seen, old._reported
         self.next_audit, self.last_audit, self.audited_until = old.next_audit, old.last_audit, old.audited_until
+        self.read_at = old.read_at
         # The read plan carries on too: a reload is no reason for a full read.
         self.next_full_read = min(old.next_full_read, (old.last_full_read or old.next_full_read) + self.full_read_interval)
         self.last_full_read, self.last_read, self.last_plan = old.last_full_read, old.last_read, old.last_plan
@@ -371,7 +435,7 @@ class ListRead:
     def finish(self) -> None:
         """The read reached its end: the watermark moves to the newest update it saw."""
         self.tally.ledger.complete_poll(self.newest)
-        self.tally.last_read = (self.horizon, self.now)
+        self.tally.last_read, self.tally.read_at = (self.horizon, self.now), self.now
         if self.appeared:
             self.tally.report_mismatches(self.appeared)
 

@@ -66,6 +66,13 @@ def test_a_tracked_call_of_the_window_missing_from_the_api_is_extra():
     assert audit.checked == 2
 
 
+def test_a_call_listed_twice_in_one_read_is_checked_once():
+    audit = Audit(START, END, BASELINE)
+    for _ in range(2):
+        audit.check(record(status="failed"), counted(HONEST))
+    assert audit.checked == 1 and [m.kind for m in audit.mismatches] == ["status"]
+
+
 def test_the_window_is_closed_below_and_open_above():
     audit = Audit(START, END, BASELINE)
     assert audit.covers(START) and audit.covers(END - 0.001)

@@ -6,15 +6,34 @@ the simulator lies about settled calls that are about to be audited: a terminal 
 billing amount, a webhook and an extraction outcome rewritten without bumping `updated_at`; a
 call inserted into the past; a call deleted. Each lie is counted once under its own kind and
 logged with the call id, and nothing else is.
+
+Then a poller in process, on a clock the test moves (issue 18): audit windows tile the timeline
+however the polls drift and across a restart, so each late-committed call is reported once; a
+clean run audits every call created exactly once; a spot-check finds a rewrite no window reaches.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import logging
+import random
 import time
+from typing import Callable
+
+import aiohttp
 
 from conftest import wait_until
+from exporter.catalogue import AUDIT_KINDS
+from exporter.config import Secret, Target
+from exporter.metrics import Collector
+from exporter.poller import Poller
 from exporter.records import parse_timestamp
+from exporter.simulator import Simulator, _seconds, format_ts, serve_in_thread
 from test_e2e_exact import KEY
+
+CHECKED, MISMATCHES = "callingbox_exporter_audit_calls_checked_total", "callingbox_exporter_audit_mismatches_total"
+SKIPPED = "callingbox_exporter_audit_skipped_seconds_total"
 
 KINDS = ("missing", "extra", "status", "billing", "webhook", "extraction")
 
@@ -25,8 +44,10 @@ def mismatches(exporter) -> dict[str, float]:
                                (("kind", kind), ("org", "default"))), -1) for kind in KINDS}
 
 
-def checked(exporter) -> float:
-    return exporter.scrape().get(("callingbox_exporter_audit_calls_checked_total", (("org", "default"),)), 0)
+def checked(exporter, method: str | None = None) -> float:
+    """Calls audited by `method` (window, spot_check), or by both."""
+    return sum(exporter.scrape().get((CHECKED, (("method", m), ("org", "default"))), 0)
+               for m in ((method,) if method else ("window", "spot_check")))
 
 
 def last_audit(exporter) -> float:
@@ -114,3 +135,230 @@ def test_spot_checks_fetch_tracked_calls_by_id_and_find_a_rewrite(stack):
     wait_until(lambda: sim.stats["by_id_requests"] >= by_id + 120, 30, message="two more rounds of spot-checks")
     assert mismatches(exporter) == {**dict.fromkeys(KINDS, 0), "status": 1}  # found again, counted once
     assert victim in exporter.log()
+
+
+# ---- windows that tile the timeline: a poller in process, on a clock the test moves ----------
+#
+# The poller runs against the simulator over loopback, its `now` a virtual clock. The API commits
+# calls late: each shows up, final, LATE = settle_window − audit_interval after its created_at
+# (updated_at is the commit). That is deeper than ordinary reads go (hot_window), and no read can
+# list it before the audit whose window holds it (a window ends at now − LATE): that audit alone
+# can find it, as `missing`. Polls drift, some reads are slow (a stalled response) and some fail
+# with a 503 and back off, so audits come late by varying amounts.
+
+SETTLE, INTERVAL, POLL, SPACING = 10.0, 2.0, 0.5, 0.03
+LATE = SETTLE - INTERVAL
+T0 = 1_800_000_000.0  # the virtual clock's start: calls created before it do not exist
+
+
+class Clock:
+    """Virtual time: the poller's `now`; the test moves it by each poll's wait, plus drift."""
+
+    def __init__(self, start: float):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class AheadClock:
+    """The wall clock (the simulator's), until the test runs it `ahead`."""
+
+    def __init__(self):
+        self.ahead = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.ahead
+
+
+def audit_target(url: str, **settings) -> Target:
+    return Target(api_url=url, api_key=Secret(KEY), **{
+        "poll_interval": POLL, "settle_window": SETTLE, "overlap": 1.0, "hot_window": 3.0, "audit_interval": INTERVAL,
+        "audit_sample": 0, "max_requests_per_minute": 100_000, **settings})
+
+
+class LateCommits:
+    """Calls created every SPACING seconds from T0 to `until`, each committed LATE seconds later."""
+
+    def __init__(self, sim: Simulator, until: float):
+        self.sim, self.until = sim, until
+        self.created: dict[str, float] = {}  # call id → created_at
+        self._next = T0 + SPACING / 2
+
+    def commit_due(self, now: float) -> None:
+        """Commit every call whose time has come by `now` (before the poll at `now` reads)."""
+        while self._next + LATE < now and self._next < self.until:
+            created, committed = format_ts(self._next), format_ts(self._next + LATE)
+            call_id = self.sim.insert_past(0.0, created_at=created, started_at=created, answered_at=created,
+                                           ended_at=created, updated_at=committed)
+            self.created[call_id] = _seconds(created)
+            self._next += SPACING
+
+
+async def drive(poller: Poller, clock: Clock, sim: Simulator, commits: LateCommits, rng: random.Random,
+                until: Callable[[], bool], polls: int = 400) -> None:
+    """Poll on the virtual clock until `until()`: each poll's own wait, plus 0-0.3 s of drift;
+    now and then a slow read (stalled 0.7 s) or a 503 (the back-off that follows)."""
+    for _ in range(polls):
+        if until():
+            return
+        commits.commit_due(clock.now)
+        luck = rng.random()
+        if luck < 0.08:
+            sim.inject("status", code=503)
+        elif luck < 0.12:
+            sim.inject("timeout", delay=0.7)
+        _, wait = await poller.poll()
+        clock.now += wait + rng.uniform(0.0, 0.3)
+    raise AssertionError(f"not done after {polls} polls")
+
+
+def windows_of(records: list[logging.LogRecord]) -> list[tuple[float, float]]:
+    return [(r.start, r.end) for r in records if r.getMessage() == "audit done"]
+
+
+def missing_reported(records: list[logging.LogRecord]) -> collections.Counter:
+    return collections.Counter(r.call_id for r in records if r.getMessage() == "audit mismatch" and r.kind == "missing")
+
+
+def assert_tiled(windows: list[tuple[float, float]]) -> None:
+    gaps = [(end, start) for (_, end), (start, _) in zip(windows, windows[1:]) if start != end]
+    assert not gaps, f"windows that do not join: {gaps[:5]}"
+
+
+async def test_calls_committed_late_are_each_reported_once_however_the_polls_drift(caplog):
+    sim = Simulator(seed=181, rate=0, api_key=KEY)
+    clock = Clock(T0)
+    with serve_in_thread(sim) as url, caplog.at_level(logging.INFO, logger="exporter.tally"):
+        commits = LateCommits(sim, until=T0 + 5 * INTERVAL)
+        async with aiohttp.ClientSession() as session:
+            poller = Poller(audit_target(url), Collector("test"), session, clock=clock, rng=random.Random(181))
+            await poller.restore()
+            await drive(poller, clock, sim, commits, random.Random(18),
+                        until=lambda: (poller.tally.audited_until or 0) > commits.until)
+    windows = windows_of(caplog.records)
+    assert_tiled(windows)
+    assert sum(end - start > INTERVAL + 0.05 for start, end in windows) >= 3, "audits came late, by varying amounts"
+    assert len(commits.created) > 300
+    assert missing_reported(caplog.records) == collections.Counter(list(commits.created)), \
+        "each call committed late is reported once, none falls between two windows"
+    store = poller.store
+    assert store.counters[MISMATCHES] == {**{(k,): 0 for k in AUDIT_KINDS}, ("missing",): len(commits.created)}
+    assert store.counters[CHECKED] == {("window",): len(commits.created), ("spot_check",): 0}
+    assert store.counters[SKIPPED][()] == 0
+
+
+async def test_a_restart_between_two_audits_neither_skips_nor_repeats_a_slice(tmp_path, caplog):
+    """The state file holds where the last window ended. The restart takes 3 s, so the first
+    poll after it carries an audit that is late and reads back to that point."""
+    sim = Simulator(seed=182, rate=0, api_key=KEY)
+    clock = Clock(T0)
+    state_file = str(tmp_path / "state.db")
+    with serve_in_thread(sim) as url, caplog.at_level(logging.INFO, logger="exporter.tally"):
+        commits = LateCommits(sim, until=T0 + 6 * INTERVAL)
+        async with aiohttp.ClientSession() as session:
+            first = Poller(audit_target(url, state_file=state_file), Collector("test"), session, clock=clock,
+                           rng=random.Random(182))
+            await first.restore()
+            await drive(first, clock, sim, commits, random.Random(1), until=lambda: len(windows_of(caplog.records)) >= 6)
+            assert first.tally.next_audit > clock.now, "stopped between two audits"
+            before = windows_of(caplog.records)
+            await first.close()
+
+            clock.now += 3.0  # down: the next audit is due meanwhile
+            second = Poller(audit_target(url, state_file=state_file), Collector("test"), session, clock=clock,
+                            rng=random.Random(183))
+            await second.restore()
+            assert second.tally.audited_until == before[-1][1]
+            await drive(second, clock, sim, commits, random.Random(2),
+                        until=lambda: (second.tally.audited_until or 0) > commits.until)
+            await second.close()
+    windows = windows_of(caplog.records)
+    assert windows[len(before)][0] == before[-1][1], "the first window after the restart starts at the saved end"
+    assert windows[len(before)][1] - windows[len(before)][0] > INTERVAL + 1.0, "and it was late"
+    assert_tiled(windows)
+    assert missing_reported(caplog.records) == collections.Counter(list(commits.created)), "no slice skipped or repeated"
+    assert second.store.counters[CHECKED][("window",)] == len(commits.created)
+
+
+async def test_a_clean_run_audits_every_call_created_once_and_finds_nothing(caplog):
+    """Honest calls, counted live; then the clock runs ahead until the windows have passed them
+    all. At each audit, the calls audited by window are exactly those created (after the
+    baseline) before the window's end, and at the end exactly the calls the truth counts."""
+    sim = Simulator(seed=184, rate=20, max_calls=120, time_scale=300, webhook_retry_base=0.05, api_key=KEY)
+    clock = AheadClock()
+    with serve_in_thread(sim) as url, caplog.at_level(logging.INFO, logger="exporter.tally"):
+        async with aiohttp.ClientSession() as session:
+            poller = Poller(audit_target(url, audit_sample=5, initial_lookback=3600.0), Collector("test"), session,
+                            clock=clock, rng=random.Random(184))
+            await poller.restore()
+            baseline = poller.ledger.baseline
+            checked = []  # (where each audit's window ended, calls audited by window so far)
+
+            async def poll() -> float:
+                audits = len(windows_of(caplog.records))
+                _, wait = await poller.poll()
+                if len(windows_of(caplog.records)) > audits:
+                    checked.append((poller.tally.audited_until, poller.store.counters[CHECKED][("window",)]))
+                return wait
+
+            for _ in range(200):  # live: polls on the poller's own schedule until every call is final
+                wait = await poll()
+                if sim.all_final() and not poller.ledger.open:
+                    break
+                await asyncio.sleep(wait)
+            else:
+                raise AssertionError("calls not final after 200 polls")
+            with sim._lock:
+                created = sorted(_seconds(c.versions[0][1]["created_at"]) for c in sim._calls.values())
+            rng = random.Random(185)
+            for _ in range(200):  # then ahead: drifting polls, some failing, until every call is audited
+                if (poller.tally.audited_until or 0) > created[-1]:
+                    break
+                if rng.random() < 0.1:
+                    sim.inject("status", code=503)
+                clock.ahead += await poll() + rng.uniform(0.0, 0.3)
+            else:
+                raise AssertionError("calls not audited after 200 polls")
+            truth = sim.truth(baseline)
+    assert_tiled(windows_of(caplog.records))
+    assert sum(created[0] < end <= created[-1] for end, _ in checked) >= 2, "the calls span several windows"
+    assert all(count == sum(baseline < c < end for c in created) for end, count in checked)
+    store = poller.store
+    total = sum(v for (name, _), v in truth.counters.items() if name == "callingbox_calls_created_total")
+    assert store.counters[CHECKED][("window",)] == total == len(created) == 120
+    assert store.counters[CHECKED][("spot_check",)] > 0
+    assert sum(store.counters[MISMATCHES].values()) == 0, caplog.text[-2000:]
+
+
+async def test_a_rewrite_only_a_spot_check_can_see_is_found_when_the_sample_reaches_it_and_counted_once():
+    """A tracked call rewritten inside the settle window, updated_at kept: list reads skip it as
+    unchanged and no window reaches it for an hour. A sample of 3 of the 20 tracked calls is
+    fetched by id at each audit (a seeded draw): the rewrite counts the moment one fetches it, once."""
+    sim = Simulator(seed=186, rate=200, max_calls=20, time_scale=1000, webhook_retry_base=0.01, api_key=KEY)
+    clock = AheadClock()
+    with serve_in_thread(sim) as url:
+        wait_until(sim.all_final, 30, message="the twenty calls final")
+        async with aiohttp.ClientSession() as session:
+            poller = Poller(audit_target(url, settle_window=3600.0, audit_sample=3, initial_lookback=3600.0),
+                            Collector("test"), session, clock=clock, rng=random.Random(186))
+            await poller.restore()
+            assert (await poller.poll())[0] and len(poller.ledger.calls) == 20
+            with sim._lock:
+                victim = next(c.id for c in sim._calls.values() if c.latest["status"] == "completed")
+            sim.tamper(victim, status="busy")
+
+            def fetched() -> int:
+                return sum(path == f"/v1/calls/{victim}" for _, path, _ in list(sim.requests))
+
+            rounds = 0
+            while fetched() < 3:
+                assert rounds < 200, "the sample never reached the rewritten call"
+                clock.ahead += INTERVAL + 0.1  # each poll carries an audit, and its spot-checks
+                assert (await poller.poll())[0]
+                rounds += 1
+                found = poller.store.counters[MISMATCHES][("status",)]
+                assert found == (1 if fetched() else 0), "found exactly when a spot-check fetched it"
+    store = poller.store
+    assert store.counters[MISMATCHES] == {**{(k,): 0 for k in AUDIT_KINDS}, ("status",): 1}, "found 3 times, once"
+    assert store.counters[CHECKED] == {("window",): 0, ("spot_check",): 3 * rounds}

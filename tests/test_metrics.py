@@ -266,8 +266,11 @@ SPEC_FAMILIES = [
     ("callingbox_exporter_build_info", "gauge", {"version"}),
     # issue 8: the self-audit
     ("callingbox_exporter_audit_mismatches_total", "counter", {"org", "kind"}),
-    ("callingbox_exporter_audit_calls_checked_total", "counter", {"org"}),
+    ("callingbox_exporter_audit_calls_checked_total", "counter", {"org", "method"}),
     ("callingbox_exporter_last_audit_timestamp_seconds", "gauge", {"org"}),
+    # issue 18: the audit's coverage
+    ("callingbox_exporter_audited_until_timestamp_seconds", "gauge", {"org"}),
+    ("callingbox_exporter_audit_skipped_seconds_total", "counter", {"org"}),
     # issue 8: the API budget
     ("callingbox_exporter_backoff_seconds", "gauge", {"org"}),
     ("callingbox_exporter_next_poll_timestamp_seconds", "gauge", {"org"}),
@@ -334,6 +337,10 @@ def test_known_series_start_at_zero(samples_of):
         expected[("callingbox_exporter_invalid_records_total", labels(org="default", reason=reason))] = 0
     for label in ("hangup_cause", "error_code"):
         expected[(OVERFLOW, labels(org="default", label=label))] = 0
+    for method in ("window", "spot_check"):  # the audit's coverage, readable before the first audit
+        expected[("callingbox_exporter_audit_calls_checked_total", labels(org="default", method=method))] = 0
+    expected[("callingbox_exporter_audit_skipped_seconds_total", labels(org="default"))] = 0
+    expected[("callingbox_exporter_audited_until_timestamp_seconds", labels(org="default"))] = 0
     assert {k: samples.get(k) for k in expected} == expected
 
 

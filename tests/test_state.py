@@ -340,6 +340,37 @@ def test_a_state_from_before_the_ended_rename_keeps_its_terminal_counts(tmp_path
     assert restored.store.counters["callingbox_calls_ended_total"][("outbound", "failed")] == 2  # d and e
 
 
+def test_an_audit_count_saved_before_the_method_label_carries_on_as_window(tmp_path):
+    """`callingbox_exporter_audit_calls_checked_total` gained `method` (window, spot_check): the
+    count a state holds under no label goes on as `window`, not from zero (a counter reset), and
+    the old row leaves the file, so the next start does not restore it over the new one."""
+    path = tmp_path / "state.db"
+    ledger, store = accounted()
+    saved(path, ledger, store)
+    checked = "callingbox_exporter_audit_calls_checked_total"
+    with raw(path) as plain:  # the file as the release before the label wrote it
+        plain.execute("DELETE FROM counters WHERE family = ?", (checked,))
+        plain.execute("INSERT INTO counters VALUES (?, '[]', 1234)", (checked,))
+    db, restored = StateDB.open(str(path), "default", label_limit=2)
+    assert restored.store.counters[checked] == {("window",): 1234, ("spot_check",): 0}
+    restored.store.inc(checked, ("window",), 6)
+    db.save(restored.ledger, restored.store)
+    db.close()
+    assert sorted(r[1:] for r in rows(path, "counters") if r[0] == checked) == [('["spot_check"]', 0),
+                                                                                ('["window"]', 1240)]
+    assert reopen(path).store.counters[checked] == {("window",): 1240, ("spot_check",): 0}
+
+
+def test_a_json_state_with_the_label_less_audit_count_is_migrated_as_window(tmp_path):
+    path = tmp_path / "state.json"
+    ledger, store = accounted()
+    document = json.loads(encode_v1("default", ledger, store))
+    document["store"]["counters"]["callingbox_exporter_audit_calls_checked_total"] = [[77]]
+    path.write_text(json.dumps(document))
+    counters = reopen(path).store.counters["callingbox_exporter_audit_calls_checked_total"]
+    assert counters == {("window",): 77, ("spot_check",): 0}
+
+
 def test_changed_buckets_reset_that_histogram_and_the_file_follows(tmp_path, caplog):
     path = tmp_path / "state.db"
     ledger, store = accounted()

@@ -7,6 +7,7 @@ back, an audit mismatch once, and the health summary says what the ledger holds.
 
 from __future__ import annotations
 
+import logging
 import random
 
 from exporter.accounting import Ledger
@@ -160,9 +161,10 @@ def test_an_audit_is_due_an_interval_after_the_start_and_its_mismatches_count_on
     assert t.audit_due(later) is None and t.next_audit == later + 600
     again = Audit(float("-inf"), float("inf"), t.ledger.baseline)  # the same lie found again, by id
     t.spot_check(again, "a", call("a", "failed", created, created + 5))
-    t.report(again)
+    t.report(again, "spot_check")
     assert t.store.counters["callingbox_exporter_audit_mismatches_total"][("status",)] == 1
-    assert t.store.counters["callingbox_exporter_audit_calls_checked_total"][()] == 2
+    checked = t.store.counters["callingbox_exporter_audit_calls_checked_total"]
+    assert (checked[("window",)], checked[("spot_check",)]) == (1, 1)
     assert t.last_audit == later
 
 
@@ -174,9 +176,137 @@ def test_a_spot_check_finds_a_silent_rewrite_and_a_404():
     audit = Audit(float("-inf"), float("inf"), t.ledger.baseline)
     t.spot_check(audit, "a", call("a", "busy", NOW - 30, NOW - 20))
     t.spot_check(audit, "b", None)
-    t.report(audit)
+    t.report(audit, "spot_check")
     mismatches = t.store.counters["callingbox_exporter_audit_mismatches_total"]
     assert (mismatches[("status",)], mismatches[("extra",)]) == (1, 1)
+
+
+CHECKED, MISMATCHES = "callingbox_exporter_audit_calls_checked_total", "callingbox_exporter_audit_mismatches_total"
+SKIPPED = "callingbox_exporter_audit_skipped_seconds_total"
+
+
+def poll(t: Tally, now: float, listed: list, fails: bool = False) -> tuple[Audit | None, float]:
+    """One poll as the poller runs it: plan, the list read down to the plan's horizon with its
+    audit (none when the read `fails`), then the sweep. Returns (audit concluded, read horizon)."""
+    plan = t.plan(now, {}, batch=10)
+    audit = t.audit_due(now) if plan.full else None
+    if not fails:
+        read = t.list_read(now, audit, plan.horizon)
+        for obj in listed:
+            if not read.take(obj):
+                break
+        read.finish()
+        t.read_done(read, plan, 0)
+        if audit is not None:
+            t.conclude_audit(audit, now)
+    if plan.full:
+        for _ in t.prune(now):
+            pass
+    t.sweep(now, everything=False)
+    return (None if fails else audit), plan.horizon
+
+
+def history(start: float, end: float, every: float) -> list[tuple[float, dict]]:
+    """Final calls created every `every` seconds from `start` to `end`: (created_at, call object)."""
+    return [(start + i * every, call(f"h{i}", "completed", start + i * every, start + i * every + 5))
+            for i in range(int((end - start) / every))]
+
+
+def listed_at(calls: list[tuple[float, dict]], now: float) -> list[dict]:
+    """GET /v1/calls at `now`: the calls created (and updated) by then, newest first."""
+    return [obj for created, obj in reversed(calls) if created + 5 <= now]
+
+
+def test_late_audits_tile_the_timeline_and_read_back_to_where_the_last_window_ended():
+    """However late the poll that carries an audit (drift, a failed read, a long back-off), each
+    window starts where the last one ended, and its read reaches back there: every call once."""
+    t = tally(baseline=NOW - 10 * WINDOW, audit_interval=600.0)
+    calls = history(NOW - WINDOW, NOW + 4 * WINDOW, 20.0)
+    rng = random.Random(18)
+    now, windows, late, first_audit = NOW, [], 0, None
+    while now < NOW + 5 * WINDOW:
+        due = t.audit_due(now)
+        fails = due is not None and rng.random() < 0.2  # an audit poll whose read fails: tried again
+        audit, horizon = poll(t, now, listed_at(calls, now), fails)
+        if due is not None and not fails:
+            assert horizon <= audit.start, "the read reaches the start of the window"
+            late += audit.start < now - WINDOW
+            windows.append((audit.start, audit.end))
+            first_audit = first_audit or now
+        now += 60 + rng.uniform(0, 20) + (400 if rng.random() < 0.03 else 0)
+    assert late >= 5, "most audits came late"
+    assert all(end == start for (_, end), (start, _) in zip(windows, windows[1:])), "no gap, no overlap"
+    first, last = windows[0][0], windows[-1][1]
+    assert first == first_audit - WINDOW, "the first window starts at the settle window of its poll"
+    assert t.store.counters[CHECKED][("window",)] == sum(first <= c < last for c, _ in calls)
+    assert sum(t.store.counters[MISMATCHES].values()) == 0, "the calls read back to are still in the ledger"
+    assert t.store.counters[SKIPPED][()] == 0 and t.audited_until == last
+
+
+def test_a_restored_audit_schedule_starts_the_next_window_where_the_last_one_ended():
+    t = tally(baseline=NOW - 10 * WINDOW, audit_interval=600.0)
+    calls = history(NOW - WINDOW, NOW + WINDOW, 20.0)
+    for now in (NOW, NOW + 610.5, NOW + 1250.25):
+        poll(t, now, listed_at(calls, now))
+    saved = t.audit_state()
+    assert saved == {"audited_until": NOW + 1250.25 - WINDOW + 600, "read_at": NOW + 1250.25,
+                     "last_audit": NOW + 1250.25}
+
+    again = Tally("default", t.ledger, t.store, settle_window=WINDOW, overlap=OVERLAP, give_up_after=GIVE_UP,
+                  audit_interval=600.0, now=NOW + 1300)  # a restart: a new tally over the restored state
+    again.resume_audit(saved)
+    assert again.next_audit == t.next_audit == NOW + 1850.25
+    assert again.audit_due(NOW + 1850) is None
+    audit, horizon = poll(again, NOW + 1900, listed_at(calls, NOW + 1900))
+    assert audit.start == saved["audited_until"] and horizon == audit.start < NOW + 1900 - WINDOW
+
+
+def test_a_reload_carries_the_audit_schedule_over():
+    t = tally(baseline=NOW - 10 * WINDOW, audit_interval=600.0)
+    calls = history(NOW - WINDOW, NOW + WINDOW, 20.0)
+    for now in (NOW, NOW + 610.5):
+        poll(t, now, listed_at(calls, now))
+    reloaded = tally(baseline=NOW - 10 * WINDOW, audit_interval=600.0)
+    reloaded.adopt(t, (), (), True, {}, 50)
+    assert reloaded.audit_state() == t.audit_state() and reloaded.next_audit == t.next_audit
+    assert reloaded.audit_due(NOW + 1300).start == t.audited_until
+
+
+def test_after_reads_stopped_longer_than_the_settle_window_the_audit_skips_to_it_and_says_so(caplog):
+    """Calls created while nothing was read were never counted: auditing them would report each
+    as missing. The window starts at the settle window; the span skipped is counted and logged once."""
+    t = tally(baseline=NOW - 10 * WINDOW, audit_interval=600.0)
+    calls = history(NOW - WINDOW, NOW + 4 * WINDOW, 20.0)
+    poll(t, NOW + 600, listed_at(calls, NOW + 600))
+    until = t.audited_until
+    down = NOW + 600 + WINDOW + 900  # the exporter was down (or every read failed) for longer than the window
+    with caplog.at_level(logging.WARNING, logger="exporter.tally"):
+        audit, horizon = poll(t, down, listed_at(calls, down))
+        # This read is the first to list the calls past the settle window: none can be missing
+        # yet, so the window is empty, and the next one audits them.
+        assert audit.start == audit.end == horizon == down - WINDOW
+        later, _ = poll(t, down + 700, listed_at(calls, down + 700))
+    assert (later.start, later.end) == (down - WINDOW, down + 700 - WINDOW + 600) and later.checked == 65
+    assert t.store.counters[SKIPPED][()] == down - WINDOW - until
+    skipped = [r for r in caplog.records if r.getMessage() == "audit skipped calls never to be audited"]
+    assert [(r.__dict__["from"], r.to) for r in skipped] == [(until, down - WINDOW)]
+    assert sum(t.store.counters[MISMATCHES].values()) == 0
+
+
+def test_an_audit_backlog_is_read_back_at_most_two_settle_windows():
+    """Audits that stalled while reads went on (an idle org answering 304) resume without reading
+    days of history: what lies past two settle windows is skipped."""
+    t = tally(baseline=NOW - 10 * WINDOW, audit_interval=600.0)
+    calls = history(NOW - WINDOW, NOW + 6 * WINDOW, 60.0)
+    poll(t, NOW + 600, listed_at(calls, NOW + 600))
+    until = t.audited_until
+    for now in range(int(NOW + 660), int(NOW + 5 * WINDOW), 600):
+        read_all(t, now, listed_at(calls, now))  # reads without the audit (a 304 concludes none)
+    now = NOW + 5 * WINDOW
+    assert t.plan(now, {}, batch=10).horizon == now - 2 * WINDOW == t.audit_due(now).start
+    assert t.keep_from(now) == now - 2 * WINDOW > until
+    poll(t, now, listed_at(calls, now))
+    assert t.store.counters[SKIPPED][()] == now - 2 * WINDOW - until
 
 
 def test_the_health_summary_holds_the_status_and_what_the_ledger_says():
