@@ -27,21 +27,17 @@ ALERTMANAGER_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 RUNBOOK = ROOT / "docs" / "runbook.md"
 RUNBOOK_URL = "https://github.com/callingbox/callingbox-exporter/blob/main/docs/runbook.md#"
 
-# Another engineer's end-to-end test addresses the alerts by these names.
-ALERTS = {
-    "CallingBoxFailedCallsSpike", "CallingBoxFailedCallsSustained", "CallingBoxNoAnswerSpike",
-    "CallingBoxAnsweredCallsDrop", "CallingBoxCampaignStalled", "CallingBoxShortCallsSpike",
-    "CallingBoxCallsStuckBeforeRinging", "CallingBoxSpendSpike", "CallingBoxWebhookDeliveriesFailing",
-    "CallingBoxWebhookEndpointDown", "CallingBoxExtractionsFailing", "CallingBoxExporterDown",
-    "CallingBoxExporterAbsent", "CallingBoxApiKeyRejected", "CallingBoxApiErrors", "CallingBoxDataStale",
-    "CallingBoxAuditMismatches",
-}
 # What the exporter measures for an org: blind (and inhibited) while its exporter is down.
 SYMPTOMS = {
     "CallingBoxFailedCallsSpike", "CallingBoxFailedCallsSustained", "CallingBoxNoAnswerSpike",
     "CallingBoxAnsweredCallsDrop", "CallingBoxCampaignStalled", "CallingBoxShortCallsSpike",
     "CallingBoxCallsStuckBeforeRinging", "CallingBoxSpendSpike", "CallingBoxWebhookDeliveriesFailing",
     "CallingBoxWebhookEndpointDown", "CallingBoxExtractionsFailing", "CallingBoxDataStale",
+}
+# Another engineer's end-to-end test addresses the alerts by these names.
+ALERTS = SYMPTOMS | {
+    "CallingBoxExporterDown", "CallingBoxExporterAbsent", "CallingBoxApiKeyRejected", "CallingBoxApiErrors",
+    "CallingBoxAuditMismatches",
 }
 # Who reads them: campaign owners (what the calls achieve and cost) or SREs (what runs them).
 AUDIENCE = {
