@@ -28,7 +28,7 @@ from benchmarks import parse_limit
 from benchmarks.common import LOOKBACK, Facts, PollReport, Row, Sizes, median, ratio, verdict
 from benchmarks.naive_peer import NaiveMetrics, NaivePeer
 from benchmarks.procs import ApiServer, http_get
-from exporter.accounting import Ledger
+from exporter.ledger import Ledger
 from exporter.api import CHUNK_BYTES
 from exporter.config import Target
 from exporter.jsonstream import ArrayStream

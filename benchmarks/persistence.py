@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import MB, Facts, Row, Sizes, median, verdict
-from exporter.accounting import Ledger
+from exporter.ledger import Ledger
 from exporter.records import Record
 from exporter.state import StateDB, encode_v1, write_atomically
 from exporter.store import Store

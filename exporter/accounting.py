@@ -1,21 +1,19 @@
-"""Pure accounting: per-call state + a record → the events to count.
+"""Pure accounting: per-call state + a record → the events to count (SPEC §3, §4).
 
-The ledger remembers, for every call still worth tracking, what has already been counted,
-so a record seen twice (overlap re-reads, duplicates, restarts) counts nothing twice. No I/O
-and no clock: `now` and the baseline are passed in, so every rule is testable with plain values.
+`advance` is every counting rule for one call: what a new version of it means, given what was
+already counted. No I/O and no clock: the baseline is passed in, so every rule is testable with
+plain values. The ledger (ledger.py) holds one `CallState` per tracked call and feeds it here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Union
+from typing import NamedTuple, Union
 
-from .catalogue import ACTIVE_STATUSES, EXTRACTIONS, OUTCOMES, STRAGGLER_GIVE_UP
-from .records import Record
-
-PRUNE_SLICE = 5_000  # calls walked between two yields of Ledger.prune (about a millisecond)
-EXTRA_INTERN_LIMIT = 10_000  # distinct metadata value tuples shared between calls before starting afresh
-
+from .catalogue import (
+    CONTRACT_DEVIATIONS, DEVIATION_BITS, EXTRACTIONS, LATE_END_DETAIL, OUTCOMES, SETTLED_WITHOUT_AMOUNT,
+)
+from .records import Record, is_terminal
 
 # `extra` on every event: the call's metadata label values (config `metadata_labels`), fixed at
 # the call's first sighting so all of one call's counts land in the same series.
@@ -27,6 +25,10 @@ class Created(NamedTuple):
 
 
 class Ended(NamedTuple):
+    """A terminal transition (`transition`) and the end details known with it, or details that
+    came in a later version of an ended call. `hangup`: the hangup counts here, with
+    `hangup_cause` (None: `none`); the other details count when they are not None."""
+
     direction: str
     status: str
     hangup_cause: str | None
@@ -36,6 +38,8 @@ class Ended(NamedTuple):
     setup_delay: float | None
     call_id: str
     extra: tuple = ()
+    hangup: bool = True
+    transition: bool = True
 
 
 class Billed(NamedTuple):
@@ -56,7 +60,21 @@ class ExtractionOutcome(NamedTuple):
     extra: tuple = ()
 
 
-Event = Union[Created, Ended, Billed, WebhookOutcome, ExtractionOutcome]
+class Deviation(NamedTuple):
+    """The API did something its docs leave open (SPEC §1), first seen for a call."""
+
+    kind: str
+
+
+Event = Union[Created, Ended, Billed, WebhookOutcome, ExtractionOutcome, Deviation]
+
+# End details a call whose end counted still waits for: bits of CallState.todo. Each counts once,
+# from the first terminal version that carries it (SPEC §4 "End details").
+CAUSE, ERROR, DURATION, ANSWER, SETUP = 1, 2, 4, 8, 16
+ALL_DETAILS = CAUSE | ERROR | DURATION | ANSWER | SETUP
+SETTLED_OUTCOMES = (None, *OUTCOMES)  # webhook states that hold nothing open
+SETTLED_RESULTS = (None, *EXTRACTIONS)
+_LATE, _NO_AMOUNT = DEVIATION_BITS[LATE_END_DETAIL], DEVIATION_BITS[SETTLED_WITHOUT_AMOUNT]
 
 
 @dataclass(slots=True)
@@ -73,16 +91,31 @@ class CallState:
     webhook_pending_since: float | None = None
     amount: int | None = None  # milli-cents billed, kept for the self-audit
     extra: tuple = ()  # metadata label values, as first seen
+    ended: float | None = None  # when its terminal transition happened (ended_at, else updated_at)
+    todo: int = 0  # end details not counted yet (CAUSE, ...): only a call whose end counted has any
+    deviations: int = 0  # DEVIATION_BITS of the kinds already counted for this call
+
+    @property
+    def active(self) -> bool:
+        """Not ended yet: a status outside the docs is active until the call has an end (SPEC §4)."""
+        return not is_terminal(self.status, self.ended)
 
     @property
     def final(self) -> bool:
         """Nothing about this call is still expected to change (bar a manual webhook replay)."""
         return (
-            self.status not in ACTIVE_STATUSES
+            not self.active
             and self.billed
-            and self.webhook != "pending"
-            and self.result != "pending"
+            and self.webhook in SETTLED_OUTCOMES
+            and self.result in SETTLED_RESULTS
+            and not self.todo & CAUSE
         )
+
+    @property
+    def settled_but_cause(self) -> bool:
+        """Only the hangup cause is still open: `end_grace` after its end, it counts as `none`."""
+        return (not self.active and self.billed and self.webhook in SETTLED_OUTCOMES
+                and self.result in SETTLED_RESULTS)
 
 
 def _interval(start: float | None, end: float | None) -> float | None:
@@ -91,14 +124,52 @@ def _interval(start: float | None, end: float | None) -> float | None:
     return end - start
 
 
+def _end_details(state: CallState, record: Record, transition: bool) -> Ended | None:
+    """The end details of `record` that `state` still waits for, as one event (None: none new)."""
+    todo = state.todo
+    cause = record.hangup_cause if todo & CAUSE else None
+    error = record.error_code if todo & ERROR else None
+    duration = record.duration_seconds if todo & DURATION else None
+    answer = _interval(record.started_at, record.answered_at) if todo & ANSWER else None
+    setup = _interval(record.created_at, record.started_at) if todo & SETUP else None
+    for bit, value in ((CAUSE, cause), (ERROR, error), (DURATION, duration), (ANSWER, answer), (SETUP, setup)):
+        if value is not None:
+            state.todo &= ~bit
+    if not transition and state.todo == todo:
+        return None
+    return Ended(record.direction, state.status, cause, error, duration, answer, setup, record.id, state.extra,
+                 hangup=cause is not None, transition=transition)
+
+
+def no_cause(call_id: str, state: CallState) -> Ended:
+    """The hangup of a call that never told its cause: `none` (SPEC §4, after `end_grace`)."""
+    state.todo &= ~CAUSE
+    return Ended(state.direction, state.status, None, None, None, None, None, call_id, state.extra,
+                 hangup=True, transition=False)
+
+
+def deviations(state: CallState, found: int) -> list[Event]:
+    """The kinds in `found` not counted for this call yet, each once."""
+    new = found & ~state.deviations
+    if not new:
+        return []
+    state.deviations |= new
+    return [Deviation(kind) for kind in CONTRACT_DEVIATIONS if DEVIATION_BITS[kind] & new]
+
+
 def advance(state: CallState | None, record: Record, baseline: float) -> tuple[CallState, list[Event]]:
     """Move a call's state to `record` and return the events that move counters.
 
     An event dated at or before `baseline` changes the state but is not counted: that is how
     the first start avoids counting history while still tracking calls whose later events count.
     `state` is updated in place when given.
+
+    Versions may share one `updated_at` (whole-second timestamps): such a tie may be an older
+    version read after a newer one, so within a tie a state only moves forward (active to
+    terminal, none to pending to an outcome), never back; each change counts once.
     """
     events: list[Event] = []
+    tie = False
     if state is None:
         state = CallState(record.direction, record.status, record.created_at, record.updated_at, extra=record.extra)
         if record.created_at > baseline:
@@ -107,46 +178,44 @@ def advance(state: CallState | None, record: Record, baseline: float) -> tuple[C
     else:
         if record.updated_at < state.updated_at:
             return state, events  # an older version than one already seen: a lagging read
+        tie = record.updated_at == state.updated_at
         state.updated_at = record.updated_at
-        was_active = state.status in ACTIVE_STATUSES
+        was_active = state.active
     counted_after = record.updated_at > baseline
+    found = record.deviations
 
     if was_active:
         state.status = record.status
         if record.terminal:
-            ended = record.ended_at if record.ended_at is not None else record.updated_at
+            state.ended = ended = record.ended_at if record.ended_at is not None else record.updated_at
             if ended <= baseline:
                 # Billing belongs to the terminal transition (SPEC §3): an end before the baseline
                 # is history, and so is its money, however late it settles or the record changes.
                 state.billed = True
                 if record.reservation_status != "reserved":
-                    state.amount = record.billing_amount_milli_cents or 0
+                    state.amount = record.billing_amount_milli_cents
             else:
-                events.append(
-                    Ended(
-                        record.direction,
-                        record.status,
-                        record.hangup_cause,
-                        record.error_code,
-                        record.duration_seconds,
-                        _interval(record.started_at, record.answered_at),
-                        _interval(record.created_at, record.started_at),
-                        record.id,
-                        state.extra,
-                    )
-                )
+                state.todo = ALL_DETAILS
+                events.append(_end_details(state, record, transition=True))
+    elif state.todo:
+        late = _end_details(state, record, transition=False)
+        if late is not None:
+            events.append(late)
+            found |= _LATE
 
-    # Billing settles once: the first time the call is seen terminal and no longer `reserved`.
-    # Only a call whose end counted gets here unbilled, so its money counts too.
-    if not state.billed and record.terminal and record.reservation_status != "reserved":
-        state.billed, state.amount = True, record.billing_amount_milli_cents or 0
-        events.append(
-            Billed(record.direction, record.billed_duration_seconds, record.billing_amount_milli_cents or 0,
-                   record.id, state.extra)
-        )
+    # Billing settles once: the first time the call is seen terminal and no longer `reserved`,
+    # with its amount when `settled`. Only a call whose end counted gets here unbilled.
+    if not state.billed and not state.active and record.reservation_status != "reserved":
+        amount = record.billing_amount_milli_cents
+        if amount is None and record.reservation_status == "settled":
+            found |= _NO_AMOUNT  # the amount follows in a later version: wait for it
+        else:
+            state.billed, state.amount = True, amount or 0
+            events.append(Billed(record.direction, record.billed_duration_seconds, amount or 0, record.id,
+                                 state.extra))
 
     webhook = record.webhook_status
-    if webhook != state.webhook:
+    if webhook != state.webhook and not (tie and _backwards(state.webhook, webhook)):
         if webhook in OUTCOMES and counted_after:
             events.append(WebhookOutcome(webhook, state.extra))
         if webhook == "pending":
@@ -158,165 +227,17 @@ def advance(state: CallState | None, record: Record, baseline: float) -> tuple[C
         state.webhook = webhook
 
     result = record.result_status
-    if result != state.result:
+    if result != state.result and not (tie and _backwards(state.result, result)):
         if result in EXTRACTIONS and counted_after:
             events.append(ExtractionOutcome(result, state.extra))
         state.result = result
 
+    if found:
+        events.extend(deviations(state, found))
     return state, events
 
 
-def give_up_age(settle_window: float, give_up_after: float) -> float:
-    """How old a call that is not final may grow before it is given up: never less than the window."""
-    return max(give_up_after, settle_window)
-
-
-class Summary(NamedTuple):
-    """Gauges derived from the ledger in one pass."""
-
-    active: dict[tuple, int]  # (direction, status, *metadata label values) → calls
-    webhooks_pending: int
-    webhook_pending_oldest: float | None  # the earliest pending-since timestamp
-    tracked: int
-    stragglers: int
-    given_up: int
-
-
-class Ledger:
-    """Every tracked call's state, the baseline and the `updated_at` watermark of one target."""
-
-    def __init__(self, baseline: float, watermark: float | None = None, calls: dict[str, CallState] | None = None):
-        self.baseline = baseline
-        self.watermark = watermark
-        self.calls: dict[str, CallState] = calls if calls is not None else {}
-        # The calls not final yet: a poll's plan and summary walk these, not the whole ledger.
-        self.open: set[str] = {call_id for call_id, state in self.calls.items() if not state.final}
-        self._finished: list[str] = []  # calls that turned final since the last sweep
-        self._extras: dict[tuple, tuple] = {}
-        # Calls accounted or dropped since the last save: the state file writes only these.
-        self.changed: set[str] = set()
-
-    def is_news(self, call_id: str, updated_at: float, overlap: float) -> bool:
-        """Whether a record may hold news: a call not tracked yet, or a newer version of one.
-
-        Every change bumps `updated_at` (SPEC §1), so an older version than the one accounted is
-        stale, however deep or late the read that shows it. Two changes may share a timestamp,
-        so one with the same `updated_at` is looked at again while it lies within `overlap` of
-        the watermark, where a late-committed twin can still appear.
-        """
-        state = self.calls.get(call_id)
-        if state is None or updated_at > state.updated_at:
-            return True
-        return updated_at == state.updated_at and (self.watermark is None or updated_at >= self.watermark - overlap)
-
-    def account(self, record: Record) -> list[Event]:
-        state, events = advance(self.calls.get(record.id), record, self.baseline)
-        if state.extra:  # calls of one campaign share one tuple of label values
-            if len(self._extras) > EXTRA_INTERN_LIMIT:
-                self._extras.clear()
-            state.extra = self._extras.setdefault(state.extra, state.extra)
-        self.calls[record.id] = state
-        self.changed.add(record.id)
-        if state.final:
-            if record.id in self.open:
-                self.open.discard(record.id)
-                self._finished.append(record.id)
-        else:
-            self.open.add(record.id)
-        return events
-
-    def forget(self, call_id: str) -> bool:
-        """Stop tracking a call (the API no longer knows it); whether it was tracked."""
-        self.open.discard(call_id)
-        if self.calls.pop(call_id, None) is None:
-            return False
-        self.changed.add(call_id)
-        return True
-
-    def take_changed(self) -> set[str]:
-        """The calls changed since the last call of this, for a save; what changes meanwhile is kept."""
-        taken, self.changed = self.changed, set()
-        return taken
-
-    def touch_all(self) -> None:
-        """Every call is to be saved again (their metadata labels were re-keyed in place)."""
-        self.changed.update(self.calls)
-
-    def complete_poll(self, newest_updated_at: float | None) -> None:
-        """A full read succeeded: advance the watermark to the newest update it saw."""
-        if newest_updated_at is None:
-            newest_updated_at = self.baseline if self.watermark is None else self.watermark
-        if self.watermark is None or newest_updated_at > self.watermark:
-            self.watermark = newest_updated_at
-
-    def prune(self, horizon: float, slice_size: int = PRUNE_SLICE) -> Iterator[int]:
-        """Drop the final calls created before `horizon` and recount the open ones, walking the
-        whole ledger a slice at a time: it yields after each slice (the calls walked so far), so
-        the caller can let the event loop serve scrapes between slices. The caller owns the
-        ledger meanwhile: nothing else may account or forget until the walk ends.
-        """
-        calls, ids, still_open = self.calls, list(self.calls), set()
-        for start in range(0, len(ids), slice_size):
-            for call_id in ids[start:start + slice_size]:
-                state = calls[call_id]
-                if not state.final:
-                    still_open.add(call_id)
-                elif state.created_at < horizon:
-                    del calls[call_id]
-                    self.changed.add(call_id)
-            yield min(start + slice_size, len(ids))
-        self.open = still_open
-
-    def sweep(self, now: float, settle_window: float, give_up_after: float = STRAGGLER_GIVE_UP,
-              everything: bool = True, keep_from: float | None = None) -> Summary:
-        """Drop calls the ledger need not keep and summarise the open ones.
-
-        A final call past the settle window is dropped: list reads no longer show it. Only an
-        `everything` sweep walks the whole ledger for those (in one go; the poller runs `prune`
-        in slices instead); the others walk the open calls alone, so their cost follows the live
-        calls, not the window. A call past
-        the window that is not final is a straggler: list reads cannot see it any more (the
-        poller refreshes it by id), and once it is `give_up_after` old (never less than the
-        window) it is given up rather than kept forever. A final call created at or after
-        `keep_from` stays, past the window too: the self-audit has yet to read it.
-        """
-        horizon = now - settle_window
-        dropped = horizon if keep_from is None else min(horizon, keep_from)  # final calls created before go
-        give_up = now - give_up_age(settle_window, give_up_after)
-        calls = self.calls
-        if everything:
-            for _ in self.prune(dropped):
-                pass
-        else:  # a straggler that has just become final leaves at once
-            for call_id in self._finished:
-                state = calls.get(call_id)
-                if state is not None and state.final and state.created_at < dropped:
-                    del calls[call_id]
-                    self.changed.add(call_id)
-        self._finished = []
-        active: dict[tuple[str, str], int] = {}
-        pending = stragglers = given_up = 0
-        oldest: float | None = None
-        for call_id in list(self.open):
-            state = calls.get(call_id)
-            if state is None or state.final:
-                self.open.discard(call_id)
-                continue
-            if state.created_at < horizon:
-                if state.created_at < give_up:
-                    self.forget(call_id)
-                    given_up += 1
-                    continue
-                stragglers += 1
-            if state.status in ACTIVE_STATUSES:
-                key = (state.direction, state.status, *state.extra)
-                active[key] = active.get(key, 0) + 1
-            if state.webhook == "pending":
-                pending += 1
-                since = state.webhook_pending_since
-                if since is not None and (oldest is None or since < oldest):
-                    oldest = since
-        return Summary(active, pending, oldest, len(calls), stragglers, given_up)
-
-    def __iter__(self) -> Iterator[tuple[str, CallState]]:
-        return iter(self.calls.items())
+def _backwards(old: str | None, new: str | None) -> bool:
+    """Within one `updated_at`, whether an outcome field moves anywhere but forward (none →
+    pending → an outcome): then the record may be an older version, and the move is ignored."""
+    return old is not None and (new is None or new == "pending" or old not in (None, "pending"))

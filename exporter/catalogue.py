@@ -12,6 +12,21 @@ ACTIVE_STATUSES = ("queued", "initiated", "ringing", "in_progress")
 TERMINAL_STATUSES = ("completed", "no_answer", "busy", "canceled", "failed")
 STATUSES = frozenset(ACTIVE_STATUSES + TERMINAL_STATUSES)
 DIRECTIONS = ("outbound", "inbound")
+RESERVATIONS = frozenset({"reserved", "settled", "released"})
+WEBHOOK_STATUSES = frozenset({"pending", "delivered", "failed"})
+RESULT_STATUSES = frozenset({"pending", "completed", "failed"})
+
+# Where the API did something its docs leave open (SPEC §1): the `kind` label of
+# contract_deviations_total, each counted once per call and exported at 0 from the start.
+UNDOCUMENTED_VALUE = "undocumented_value"  # a status, direction, reservation or outcome value outside the docs
+LATE_END_DETAIL = "late_end_detail"  # an end detail filled in a version after the terminal one
+OUTCOME_WITHOUT_SUBJECT = "outcome_without_subject"  # webhook_status without webhook_url, result_status without returns
+SETTLED_WITHOUT_AMOUNT = "settled_without_amount"  # reservation settled, billing amount still null
+BY_ID_NOT_FOUND_BUT_LISTED = "by_id_not_found_but_listed"  # 404 by id for a call a later list read showed
+CONTRACT_DEVIATIONS = (UNDOCUMENTED_VALUE, LATE_END_DETAIL, OUTCOME_WITHOUT_SUBJECT, SETTLED_WITHOUT_AMOUNT,
+                       BY_ID_NOT_FOUND_BUT_LISTED)
+DEVIATION_BITS = {kind: 1 << i for i, kind in enumerate(CONTRACT_DEVIATIONS)}  # a call's kinds, as one int
+END_GRACE = 300.0  # default seconds after a call's end before a missing hangup cause counts as `none`
 
 # Why a record cannot be accounted: the `reason` label of invalid_records_total. The decoder
 # names its reasons only through these; each is exported at 0 from the start.
@@ -20,7 +35,7 @@ MISSING_FIELD = "missing_field"
 BAD_TYPE = "bad_type"
 BAD_VALUE = "bad_value"
 BAD_TIMESTAMP = "bad_timestamp"
-UNKNOWN_STATUS = "unknown_status"
+UNKNOWN_STATUS = "unknown_status"  # an empty status: a value outside the docs is a status all the same (SPEC §4)
 INVALID_REASONS = (NOT_OBJECT, MISSING_FIELD, BAD_TYPE, BAD_VALUE, BAD_TIMESTAMP, UNKNOWN_STATUS)
 
 
@@ -35,7 +50,7 @@ AUDIT_KINDS = ("missing", "extra", "status", "billing", "webhook", "extraction")
 AUDIT_METHODS = ("window", "spot_check")
 
 MILLI_CENTS_PER_DOLLAR = 100_000
-CAPPED_LABELS = ("hangup_cause", "error_code")
+CAPPED_LABELS = ("hangup_cause", "error_code", "status")  # status: only values outside the docs
 
 DURATION_BUCKETS = (0, 5, 10, 20, 30, 60, 120, 180, 300, 600, 1200, 1800, 3600)
 DELAY_BUCKETS = (0.5, 1, 2, 3, 5, 8, 10, 15, 20, 30, 45, 60)
@@ -96,6 +111,9 @@ FAMILIES: dict[str, Family] = {
     ),
     "callingbox_exporter_vanished_calls_total": Family(
         "counter", (), "Tracked calls that the API no longer knows (404 by id)."
+    ),
+    "callingbox_exporter_contract_deviations_total": Family(
+        "counter", ("kind",), "Calls where the API did something its docs leave open, by kind; once per call and kind."
     ),
     "callingbox_exporter_audit_mismatches_total": Family(
         "counter", ("kind",), "Self-audit: calls whose counts disagree with the API (missing, extra, status, ...)."
@@ -172,6 +190,8 @@ def _base_series() -> Iterable[tuple[str, tuple[str, ...]]]:
         yield "callingbox_exporter_api_response_bytes_total", (endpoint,)
     for reason in INVALID_REASONS:
         yield "callingbox_exporter_invalid_records_total", (reason,)
+    for kind in CONTRACT_DEVIATIONS:
+        yield "callingbox_exporter_contract_deviations_total", (kind,)
     yield "callingbox_exporter_poll_duration_seconds", ()
     yield "callingbox_exporter_vanished_calls_total", ()
     for method in AUDIT_METHODS:

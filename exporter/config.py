@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .catalogue import DEFAULT_BUCKETS, STRAGGLER_GIVE_UP
+from .catalogue import DEFAULT_BUCKETS, END_GRACE, STRAGGLER_GIVE_UP
 
 DEFAULT_API_URL = "https://api.callingbox.io"
 DEFAULT_LISTEN = ":9860"
@@ -40,6 +40,7 @@ TARGET_KEYS = {
     "straggler_concurrency",
     "straggler_batch",
     "overlap",
+    "end_grace",
     "hot_window",
     "full_read_interval",
     "open_refresh_interval",
@@ -103,6 +104,7 @@ class Target:
     straggler_concurrency: int = 4  # GET /v1/calls/{id} in flight at once
     straggler_batch: int = 100  # refreshes per poll at most
     overlap: float = 120.0
+    end_grace: float = END_GRACE  # after a call's end, a hangup cause still unknown counts as `none`
     # Read tiers (SPEC §4, read only what can have changed): each poll reads the list this deep,
     # older open calls are refreshed by id (or by reading deeper, whichever costs less) at most
     # this far apart, and the whole settle window is read this often (0: every poll).
@@ -230,7 +232,7 @@ def _target(raw: Mapping[str, Any], where: str, name: str) -> Target:
         if key in ("poll_interval", "request_timeout", "open_refresh_interval"):
             values[key] = _positive(path, value)
         elif key in ("initial_lookback", "settle_window", "overlap", "audit_interval", "hot_window",
-                     "full_read_interval"):
+                     "full_read_interval", "end_grace"):
             values[key] = parse_duration(path, value)
         elif key == "api_url":
             values[key] = _url(path, value)

@@ -21,7 +21,8 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from . import state
-from .accounting import CallState, Ledger, give_up_age
+from .accounting import CallState
+from .ledger import Ledger, give_up_age
 from .api import ApiError, Client, NotFound
 from .config import Config, Target
 from .catalogue import ACTIVE_STATUSES

@@ -19,7 +19,7 @@ import time
 import aiohttp
 
 from . import logs, state
-from .accounting import Ledger
+from .ledger import Ledger
 from .api import ApiError, Client, NotFound, RateLimited, Unauthorized
 from .audit import Audit
 from .budget import Budgets
@@ -27,7 +27,8 @@ from .config import ConfigError, Target, read_key_file
 from .metrics import Collector, Snapshot
 from .store import Store
 from .stragglers import Refresher
-from .tally import ListRead, Plan, Status, Tally
+from .listread import ListRead
+from .tally import Plan, Status, Tally
 
 MAX_BACKOFF = 300.0
 RATE_LIMIT_RETRIES = 3
@@ -73,7 +74,7 @@ class Poller:
                      settle_window=t.settle_window, overlap=t.overlap, give_up_after=t.straggler_give_up,
                      audit_interval=t.audit_interval, now=self.clock(), hot_window=t.hot_window,
                      full_read_interval=t.full_read_interval, refresh_interval=t.open_refresh_interval,
-                     poll_interval=t.poll_interval)
+                     poll_interval=t.poll_interval, end_grace=t.end_grace)
 
     @property
     def org(self) -> str:
@@ -217,6 +218,7 @@ class Poller:
         if plan.full:
             for _ in tally.prune(now):
                 await asyncio.sleep(0)
+        tally.expire(now)  # hangup causes still unknown `end_grace` after the end count as `none`
         summary = tally.sweep(now, everything=False)
         durable = await self._persist()
         if not durable and problem is None:

@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 import msgspec
 
 from .catalogue import (
-    BAD_TIMESTAMP, BAD_TYPE, BAD_VALUE, DIRECTIONS, MISSING_FIELD, NOT_OBJECT, STATUSES,
-    TERMINAL_STATUSES, UNKNOWN_STATUS,
+    BAD_TIMESTAMP, BAD_TYPE, BAD_VALUE, DEVIATION_BITS, DIRECTIONS, MISSING_FIELD, NOT_OBJECT, OUTCOME_WITHOUT_SUBJECT,
+    RESERVATIONS, RESULT_STATUSES, STATUSES, TERMINAL_STATUSES, UNDOCUMENTED_VALUE, UNKNOWN_STATUS, WEBHOOK_STATUSES,
 )
 
 
@@ -39,10 +39,16 @@ class Record(NamedTuple):
     hangup_cause: str | None
     error_code: str | None
     extra: tuple[str | None, ...] = ()  # the configured metadata values, as label values
+    deviations: int = 0  # DEVIATION_BITS of what this version does that the docs leave open
 
     @property
     def terminal(self) -> bool:
-        return self.status in TERMINAL_STATUSES
+        """A documented terminal status, or one outside the docs once the call has ended (SPEC §4)."""
+        return is_terminal(self.status, self.ended_at)
+
+
+def is_terminal(status: str, ended_at: float | None) -> bool:
+    return status in TERMINAL_STATUSES or (status not in STATUSES and ended_at is not None)
 
 
 FIELDS = ("id", "status", "direction", "created_at", "updated_at", "started_at", "answered_at", "ended_at",
@@ -73,6 +79,9 @@ class CallFields(msgspec.Struct):
     result_status: Any = None
     hangup_cause: Any = None
     error_code: Any = None
+    # The subjects of the outcomes (SPEC §4): whether a webhook is configured, a schema to extract.
+    webhook_url: Any = None
+    returns: msgspec.Raw = msgspec.Raw(b"null")  # kept as its bytes: only its emptiness matters
 
 
 class CallFieldsWithMetadata(CallFields):
@@ -166,14 +175,36 @@ def _extra(metadata: object, keys: tuple[str, ...]) -> tuple[str | None, ...]:
     return tuple(metadata_value(metadata.get(key)) for key in keys)
 
 
+def _has_schema(returns: object) -> bool:
+    """A non-empty `returns` object: an extraction to wait for. Raw bytes on the fast path."""
+    if isinstance(returns, msgspec.Raw):
+        raw = bytes(returns)
+        return raw[:1] == b"{" and raw[1:-1].strip() != b""
+    return isinstance(returns, dict) and bool(returns)
+
+
+_UNDOCUMENTED, _NO_SUBJECT = DEVIATION_BITS[UNDOCUMENTED_VALUE], DEVIATION_BITS[OUTCOME_WITHOUT_SUBJECT]
+
+
+def _documented(value: str | None, values: frozenset[str]) -> int:
+    return 0 if value is None or value in values else _UNDOCUMENTED
+
+
 def decode_record(obj: object, metadata_keys: tuple[str, ...] = ()) -> Record | Invalid:
-    """Validate one array element; never raises. `metadata_keys` are read into `extra`."""
+    """Validate one array element; never raises. `metadata_keys` are read into `extra`.
+
+    Values outside the docs are kept (a new status is a label value) and flagged in `deviations`;
+    an outcome without its subject (a webhook status with no webhook_url, an extraction status
+    with no schema) is dropped here, so it counts nothing and holds no call open (SPEC §4).
+    """
     if isinstance(obj, CallFields):
         values = _fields_of(obj)
         metadata = getattr(obj, "metadata", None)
+        webhook_url, returns = obj.webhook_url, obj.returns
     elif isinstance(obj, dict):
         values = tuple(map(obj.get, FIELDS))
         metadata = obj.get("metadata")
+        webhook_url, returns = obj.get("webhook_url"), obj.get("returns")
     else:
         return Invalid(NOT_OBJECT)
     (call_id, status, direction, created_at, updated_at, started_at, answered_at, ended_at, duration, billed,
@@ -185,11 +216,20 @@ def decode_record(obj: object, metadata_keys: tuple[str, ...] = ()) -> Record | 
             raise _Reject(MISSING_FIELD)
         if not isinstance(status, str):
             raise _Reject(BAD_TYPE)
-        if status not in STATUSES:
+        if not status:
             raise _Reject(UNKNOWN_STATUS)
+        deviations = 0 if status in STATUSES else _UNDOCUMENTED
         direction = _text(direction)
         if direction not in DIRECTIONS:
+            deviations |= _UNDOCUMENTED if direction else 0
             direction = "none" if not direction else "other"
+        reservation, webhook, result = _text(reservation), _text(webhook), _text(result)
+        deviations |= _documented(reservation, RESERVATIONS)
+        if webhook is not None and not (isinstance(webhook_url, str) and webhook_url):
+            webhook, deviations = None, deviations | _NO_SUBJECT
+        if result is not None and not _has_schema(returns):
+            result, deviations = None, deviations | _NO_SUBJECT
+        deviations |= _documented(webhook, WEBHOOK_STATUSES) | _documented(result, RESULT_STATUSES)
         return Record(
             call_id,
             status,
@@ -202,12 +242,13 @@ def decode_record(obj: object, metadata_keys: tuple[str, ...] = ()) -> Record | 
             _integer(duration),
             _integer(billed),
             _integer(amount),
-            _text(reservation),
-            _text(webhook),
-            _text(result),
+            reservation,
+            webhook,
+            result,
             _text(hangup),
             _text(error),
             _extra(metadata, metadata_keys) if metadata_keys else (),
+            deviations,
         )
     except _Reject as reject:
         return Invalid(reject.reason, call_id)

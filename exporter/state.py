@@ -22,11 +22,12 @@ from typing import NamedTuple
 
 import msgspec
 
-from .accounting import CallState, Ledger
+from .accounting import CallState
+from .ledger import Ledger
 from .catalogue import FAMILIES, added_labels, relabel
 from .store import Store
 
-SCHEMA_VERSION = 2  # PRAGMA user_version; format 1 was the JSON file
+SCHEMA_VERSION = 3  # PRAGMA user_version; format 1 was the JSON file, 2 had no end details per call
 JSON_VERSION = 1
 APPLICATION_ID = 0x43424558  # PRAGMA application_id, "CBEX": another application's SQLite file is not ours
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -36,7 +37,10 @@ EXTRA = "extra."  # meta keys of the values a caller saves beside the state (Res
 AFRESH = "move the file away to start afresh at a new baseline (counters restart at zero)"
 
 CALL_COLUMNS = ("id", "direction", "status", "created_at", "updated_at", "billed", "webhook", "result",
-                "webhook_pending_since", "amount", "extra")
+                "webhook_pending_since", "amount", "extra", "ended", "todo", "deviations")
+# Schema 2 → 3: the columns a call gained, added in place (a terminal call of schema 2 waits for nothing).
+UPGRADE_2 = ("ALTER TABLE calls ADD COLUMN ended REAL", "ALTER TABLE calls ADD COLUMN todo INTEGER NOT NULL DEFAULT 0",
+             "ALTER TABLE calls ADD COLUMN deviations INTEGER NOT NULL DEFAULT 0")
 SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
     # A rowid table: rows lie in the order calls were first saved, so the calls a poll changes
@@ -44,7 +48,8 @@ SCHEMA = (
     # (ids are random); only a new call's id lands in a random page, of the index (CALLS_INDEX).
     "CREATE TABLE calls (id TEXT NOT NULL, direction TEXT NOT NULL, status TEXT NOT NULL,"
     " created_at REAL NOT NULL, updated_at REAL NOT NULL, billed INTEGER NOT NULL, webhook TEXT, result TEXT,"
-    " webhook_pending_since REAL, amount INTEGER, extra TEXT)",
+    " webhook_pending_since REAL, amount INTEGER, extra TEXT, ended REAL, todo INTEGER NOT NULL DEFAULT 0,"
+    " deviations INTEGER NOT NULL DEFAULT 0)",
     # value has no type: an integer stays an integer, a float a float
     "CREATE TABLE counters (family TEXT NOT NULL, labels TEXT NOT NULL, value NOT NULL,"
     " PRIMARY KEY (family, labels)) WITHOUT ROWID",
@@ -195,7 +200,7 @@ _text = json.JSONEncoder(separators=(",", ":")).encode
 
 def _call_row(call_id: str, s: CallState) -> tuple:
     return (call_id, s.direction, s.status, s.created_at, s.updated_at, int(s.billed), s.webhook, s.result,
-            s.webhook_pending_since, s.amount, _text(s.extra) if s.extra else None)
+            s.webhook_pending_since, s.amount, _text(s.extra) if s.extra else None, s.ended, s.todo, s.deviations)
 
 
 def _write_calls(db: sqlite3.Connection, ledger: Ledger, changed: set[str]) -> None:
@@ -352,7 +357,10 @@ def _connect(path: str, read_only: bool = False) -> sqlite3.Connection:
             raise _refuse(path, f"written by a newer callingbox-exporter (state schema {version}, this version"
                                 f" reads {SCHEMA_VERSION})", "run that version or a newer one, or restore a backup"
                                 " from before the upgrade")
-        if version != SCHEMA_VERSION:
+        if version == 2:
+            if not read_only:  # one transaction: a crash leaves schema 2, upgraded again at the next start
+                db.executescript("BEGIN IMMEDIATE; " + "; ".join(UPGRADE_2) + f"; PRAGMA user_version={SCHEMA_VERSION}; COMMIT")
+        elif version != SCHEMA_VERSION:
             raise _unreadable(path, "an unfinished state database", f"schema {version}")
         if not read_only:
             db.execute("PRAGMA journal_mode=WAL")
@@ -404,11 +412,14 @@ def _calls(db: sqlite3.Connection, saved_extra: tuple[str, ...], extra_labels: t
     """The ledger's calls, their metadata values re-keyed from the saved labels onto today's."""
     calls: dict[str, CallState] = {}
     extras: dict[str | None, tuple] = {}  # one tuple per distinct value set, shared as the ledger does
-    rows = db.execute(f"SELECT {', '.join(CALL_COLUMNS)} FROM calls")
+    present = {row[1] for row in db.execute("PRAGMA table_info(calls)")}  # schema 2, read only: fewer
+    columns = [c if c in present else "NULL" if c == "ended" else "0" for c in CALL_COLUMNS]
+    rows = db.execute(f"SELECT {', '.join(columns)} FROM calls")
     while batch := rows.fetchmany(SLICE):
-        for call_id, direction, status, created, updated, billed, webhook, result, since, amount, extra in batch:
+        for (call_id, direction, status, created, updated, billed, webhook, result, since, amount, extra, ended, todo,
+             found) in batch:
             state = calls[call_id] = CallState(direction, status, created, updated, bool(billed), webhook, result,
-                                               since, amount)
+                                               since, amount, (), ended, todo, found)
             if extra_labels:
                 values = extras.get(extra)
                 if values is None:

@@ -12,10 +12,10 @@ import bisect
 import copy
 from typing import Iterable, Iterator
 
-from .accounting import Billed, Created, Ended, Event, ExtractionOutcome, WebhookOutcome
+from .accounting import Billed, Created, Deviation, Ended, Event, ExtractionOutcome, WebhookOutcome
 from .catalogue import (
     CALL_FAMILIES, CAPPED_LABELS, DEFAULT_BUCKETS, EXTRACTIONS, FAMILIES, OUTCOMES, RENAMED, SECONDS_PER_DAY,
-    TERMINAL_STATUSES, added_labels, initial_series, relabel,
+    STATUSES, TERMINAL_STATUSES, added_labels, initial_series, relabel,
 )
 
 
@@ -99,6 +99,21 @@ class Store:
         self.inc("callingbox_exporter_label_overflow_total", (label,))
         return "other"
 
+    def status(self, value: str, peek: bool = False) -> str:
+        """A status as a label value: the documented ones as they are, others capped (SPEC §3)."""
+        if value in STATUSES:
+            return value
+        return self.peek("status", value) if peek else self.capped("status", value)
+
+    def peek(self, label: str, value: str | None) -> str:
+        """Like capped, without counting a fold: for gauges, rendered again at every poll."""
+        value, seen = label_value(value), self.seen[label]
+        if value not in seen and value not in ("none", "other"):
+            if len(seen) >= self.label_limit:
+                return "other"
+            seen.add(value)
+        return value
+
     def capped_extra(self, extra: tuple) -> tuple[str, ...]:
         """Metadata values as label values, each capped like hangup_cause."""
         if not self.extra_labels:
@@ -136,6 +151,9 @@ class Store:
         with_extra = bool(self.extra_labels)
         for event in events:
             kind = type(event)
+            if kind is Deviation:  # about the API, not a call series: no metadata labels
+                self.inc("callingbox_exporter_contract_deviations_total", (event.kind,))
+                continue
             x = self.capped_extra(event.extra) if with_extra else ()
             if kind is Created:
                 d = event.direction
@@ -144,10 +162,13 @@ class Store:
                     self._zero_series(d, x)
                 self._today(now, "created", 1)
             elif kind is Ended:
-                d, s, call = event.direction, event.status, event.call_id
-                self._counted("callingbox_calls_ended_total", (d, s, *x), 1, call, now)
-                cause = self.capped("hangup_cause", event.hangup_cause)
-                self._counted("callingbox_call_hangups_total", (d, s, cause, *x), 1, call, now)
+                d, s, call = event.direction, self.status(event.status), event.call_id
+                if event.transition:
+                    self._counted("callingbox_calls_ended_total", (d, s, *x), 1, call, now)
+                    self._today(now, s, 1)
+                if event.hangup:
+                    cause = self.capped("hangup_cause", event.hangup_cause)
+                    self._counted("callingbox_call_hangups_total", (d, s, cause, *x), 1, call, now)
                 if event.error_code is not None:
                     code = self.capped("error_code", event.error_code)
                     self._counted("callingbox_call_errors_total", (d, code, *x), 1, call, now)
@@ -157,7 +178,6 @@ class Store:
                     self._observed("callingbox_call_answer_delay_seconds", (d, *x), event.answer_delay, call, now)
                 if event.setup_delay is not None:
                     self._observed("callingbox_call_setup_delay_seconds", (d, *x), event.setup_delay, call, now)
-                self._today(now, s, 1)
             elif kind is Billed:
                 d, call = event.direction, event.call_id
                 self._counted("callingbox_billed_amount_dollars_total", (d, *x), event.milli_cents, call, now)
@@ -168,6 +188,7 @@ class Store:
                 self.inc("callingbox_webhook_deliveries_total", (event.status, *x))
             elif kind is ExtractionOutcome:
                 self.inc("callingbox_result_extractions_total", (event.status, *x))
+
 
     def _counted(self, name: str, labels: tuple[str, ...], amount: int, call_id: str | None, now: float | None):
         self.inc(name, labels, amount)
@@ -256,11 +277,12 @@ class Store:
                     counts = [a + b for a, b in zip(series[labels], counts)]
                 series[labels] = list(counts)
         # Values already exported keep their label under the caps: read them off the series.
-        positions = {"hangup_cause": ("callingbox_call_hangups_total", 2), "error_code": ("callingbox_call_errors_total", 1)}
+        positions = {"hangup_cause": ("callingbox_call_hangups_total", 2), "error_code": ("callingbox_call_errors_total", 1),
+                     "status": ("callingbox_calls_ended_total", 1)}
         for index, label in enumerate(store.extra_labels):
             positions[label] = ("callingbox_calls_created_total", 1 + index)
         for label, (family, position) in positions.items():
-            store.seen[label] = {k[position] for k in store.counters.get(family, {})} - {"none", "other"}
+            store.seen[label] = {k[position] for k in store.counters.get(family, {})} - {"none", "other"} - STATUSES
         today = data.get("today") or {}
         if isinstance(today.get("day"), int) and isinstance(today.get("totals"), dict):
             store.today_day, store.today = today["day"], dict(today["totals"])

@@ -4,8 +4,8 @@ calls an ordinary poll's shorter read does not reach (SPEC §4, read only what c
 A call still changing after the read's depth (webhook retries for ~42 h, a late settlement, a
 long call) is not listed by it. After each successful list read the poller asks
 `GET /v1/calls/{id}` for those whose turn the read plan says has come, a few at a time. Each
-answer takes the list's path through the target's tally, so its events count once; a 404 means
-the call is gone and counts as vanished.
+answer takes the list's path through the target's tally, so its events count once. A 404 alone
+proves nothing (by-id reads may lag the list): the next list read that covers the call tells.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Refresher:
     async def refresh(self, client, tally: Tally, now: float, due: list[str]) -> dict[str, int]:
         """Refresh the due stragglers and account what comes back. Never raises (bar cancellation):
         a failed refresh keeps its call for the next poll and does not fail the poll."""
-        stats = {"stragglers_refreshed": 0, "stragglers_vanished": 0, "straggler_errors": 0}
+        stats = {"stragglers_refreshed": 0, "stragglers_not_found": 0, "straggler_errors": 0}
         failures: list[Exception] = []
         try:
             # Forget calls no longer tracked; those not asked yet are due at once.
@@ -70,10 +70,10 @@ class Refresher:
         try:
             obj = await client.get_call(call_id)
         except NotFound:
-            if tally.vanished(call_id):  # once per call: it is no longer tracked
-                self.last_refreshed.pop(call_id, None)
-                stats["stragglers_vanished"] += 1
-                log.warning("tracked call vanished from the API", extra={"org": self.org, "call_id": call_id})
+            if tally.missing_by_id(call_id):  # the next read that covers it tells whether it is gone
+                stats["stragglers_not_found"] += 1
+                log.info("tracked call not found by id; the next list read covering it tells",
+                         extra={"org": self.org, "call_id": call_id})
             return
         record = tally.decode(obj)
         if record is None:  # malformed: counted once however often it comes back; the call is kept

@@ -16,10 +16,12 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Iterator, NamedTuple
 
-from .accounting import Ledger, Summary, give_up_age
+from .accounting import deviations
 from .audit import Audit, Mismatch
-from .catalogue import relabel
-from .records import Invalid, Record, decode_record, fields_type, fingerprint, timestamp_of
+from .catalogue import BY_ID_NOT_FOUND_BUT_LISTED, DEVIATION_BITS, END_GRACE, relabel
+from .ledger import Ledger, Summary, give_up_age
+from .listread import ListRead
+from .records import Invalid, Record, decode_record, fingerprint
 from .store import Store
 
 INVALID_MEMORY = 10_000  # malformed records remembered so a re-read does not count them again
@@ -79,12 +81,14 @@ class Tally:
     def __init__(self, org: str, ledger: Ledger, store: Store, metadata_keys: tuple[str, ...] = (), *,
                  settle_window: float, overlap: float, give_up_after: float, audit_interval: float = 0.0,
                  now: float = 0.0, hot_window: float = 1800.0, full_read_interval: float = 3600.0,
-                 refresh_interval: float = 300.0, poll_interval: float = 15.0):
+                 refresh_interval: float = 300.0, poll_interval: float = 15.0, end_grace: float = END_GRACE):
         self.org, self.ledger, self.store, self.metadata_keys = org, ledger, store, metadata_keys
         self.settle_window, self.overlap, self.give_up_after = settle_window, overlap, give_up_after
         self.audit_interval = audit_interval
         self.hot_window, self.full_read_interval = hot_window, full_read_interval
-        self.refresh_interval, self.poll_interval = refresh_interval, poll_interval
+        self.refresh_interval, self.poll_interval, self.end_grace = refresh_interval, poll_interval, end_grace
+        # Calls that answered 404 by id: dropped only once a list read that covers them lacks them too.
+        self.not_found: dict[str, float] = {}  # call id → created_at
         self._invalid_seen: dict[str, None] = {}  # fingerprints, oldest first
         self._reported: set[tuple[str, str]] = set()  # (call id, kind) already counted as a mismatch
         self.invalid_logged = 0  # malformed records logged in the current read
@@ -129,9 +133,32 @@ class Tally:
             self.store.count(events, now)
         return len(events)
 
-    def list_read(self, now: float, audit: Audit | None = None, horizon: float | None = None) -> "ListRead":
+    def list_read(self, now: float, audit: Audit | None = None, horizon: float | None = None) -> ListRead:
         self.invalid_logged = 0
         return ListRead(self, now, audit, now - self.settle_window if horizon is None else horizon)
+
+    def expire(self, now: float) -> int:
+        """Count `none` for the hangups that `end_grace` after their call's end are still unknown."""
+        events = self.ledger.overdue(now, self.end_grace)
+        if events:
+            self.store.count(events, now)
+        return len(events)
+
+    def listed(self, read: ListRead) -> None:
+        """After a complete read: a call that answered 404 by id is gone only if the read covers
+        its creation and did not list it (SPEC §4 "Not found"); one it listed was a lagging read."""
+        for call_id, created in list(self.not_found.items()):
+            state = self.ledger.calls.get(call_id)
+            if state is None:
+                del self.not_found[call_id]
+            elif call_id in read.suspects_listed:
+                del self.not_found[call_id]
+                self.store.count(deviations(state, DEVIATION_BITS[BY_ID_NOT_FOUND_BUT_LISTED]))
+                self.ledger.changed.add(call_id)
+            elif created >= read.horizon:
+                del self.not_found[call_id]
+                self.vanished(call_id)
+                log.warning("tracked call vanished from the API", extra={"org": self.org, "call_id": call_id})
 
     # ---- the read plan: read only what can have changed (SPEC §4) ---------------------------
 
@@ -152,6 +179,9 @@ class Tally:
         audit = self.audit_due(now)
         full = watermark is None or now >= self.next_full_read or audit is not None
         horizon = window if full else max(window, min(now - self.hot_window, watermark - self.overlap))
+        if self.not_found:
+            # A call that answered 404 by id is settled by the next read that covers it.
+            horizon = min(horizon, min(self.not_found.values()))
         if audit is not None:
             # The audit's window starts where the last one ended. The poll that carries it comes
             # after the interval has passed, so that start lies a little past the settle window:
@@ -199,7 +229,7 @@ class Tally:
         asked = sorted(due, key=lambda d: (last_refreshed.get(d[1], float("-inf")), d[0]))
         return Plan(horizon, full, [call_id for _, call_id in asked[:batch]], {"list": listed, "by_id": past})
 
-    def read_done(self, read: "ListRead", plan: Plan, bytes_read: int) -> None:
+    def read_done(self, read: ListRead, plan: Plan, bytes_read: int) -> None:
         """Learn from a complete list read: the size of a call, when the next full read is due."""
         if read.records:
             self.bytes_per_call = max(200.0, bytes_read / read.records)
@@ -303,13 +333,13 @@ class Tally:
         """Compare one call fetched by id (None: the API answered 404) with what was counted.
 
         Only a call whose API version is no newer than the one accounted can disagree: news is
-        for the next list read, while a change that kept its `updated_at` is a silent rewrite.
+        for the next list read, while a change that kept its `updated_at` is a silent rewrite. A
+        404 proves nothing alone (by-id reads may lag the list): the next read that covers the
+        call tells (`listed`), and a call it lacks is reported by the window audit or vanishes.
         """
         state = self.ledger.calls.get(call_id)
         if obj is None:
-            if state is not None:
-                audit.checked += 1
-                audit.mismatches.append(Mismatch("extra", call_id, "counted, but the API answers 404 for it"))
+            self.missing_by_id(call_id)
             return
         record = self.decode(obj)
         if record is None or state is None or record.updated_at > state.updated_at:
@@ -331,8 +361,16 @@ class Tally:
             log.warning("stragglers given up", extra={"org": self.org, "calls": summary.given_up})
         return summary
 
+    def missing_by_id(self, call_id: str) -> bool:
+        """`GET /v1/calls/{id}` answered 404 for a tracked call: the next read that covers it tells."""
+        state = self.ledger.calls.get(call_id)
+        if state is None or call_id in self.not_found:
+            return False
+        self.not_found[call_id] = state.created_at
+        return True
+
     def vanished(self, call_id: str) -> bool:
-        """The API answers 404 for a tracked call: it is forgotten and counted once."""
+        """A tracked call the API no longer knows: it is forgotten and counted once."""
         if not self.ledger.forget(call_id):
             return False
         self.store.inc("callingbox_exporter_vanished_calls_total", ())
@@ -340,12 +378,11 @@ class Tally:
 
     def health(self, summary: Summary, status: Status, extra_labels: tuple[str, ...] = ()) -> Health:
         """The one summary of a target that its gauges, card and readiness show."""
-        active = summary.active
-        if extra_labels:  # capped like the counters' metadata values
-            active = {}
-            for (direction, call_status, *extra), calls in summary.active.items():
-                key = (direction, call_status, *self.store.peek_extra(tuple(extra)))
-                active[key] = active.get(key, 0) + calls
+        active = {}
+        for (direction, call_status, *extra), calls in summary.active.items():
+            # capped like the counters' label values: statuses outside the docs, metadata values
+            key = (direction, self.store.status(call_status, peek=True), *self.store.peek_extra(tuple(extra)))
+            active[key] = active.get(key, 0) + calls
         plan = self.last_plan
         return Health(replace(status), self.ledger.watermark, summary.tracked, summary.stragglers, active,
                       summary.webhooks_pending, summary.webhook_pending_oldest, self.last_audit, self.audited_until,
@@ -356,6 +393,7 @@ class Tally:
               same_store: bool, buckets: dict, label_limit: int) -> list[str]:
         """Carry an old tally of the same org over a reload; returns histograms restarted."""
         self.ledger, self._invalid_seen, self._reported = old.ledger, old._invalid_seen, old._reported
+        self.not_found = old.not_found
         self.next_audit, self.last_audit, self.audited_until = old.next_audit, old.last_audit, old.audited_until
         self.read_at = old.read_at
         # The read plan carries on too: a reload is no reason for a full read.
@@ -371,75 +409,3 @@ class Tally:
                 call.extra = relabel(old_extra_labels, call.extra, extra_labels)
             self.ledger.touch_all()
         return reset
-
-
-class ListRead:
-    """One read of `GET /v1/calls` in progress: newest first, down to its horizon.
-
-    A record whose `updated_at` is no newer than the version the ledger holds is unchanged and
-    skipped before a `Record` is built (unless the audit riding on this read covers it). The
-    check is per call, so a read may reach deeper than the last one (a full read, an open call)
-    and still count each change once; a late-committed update is newer, so it is examined.
-    """
-
-    def __init__(self, tally: Tally, now: float, audit: Audit | None, horizon: float):
-        self.tally, self.now, self.audit, self.horizon = tally, now, audit, horizon
-        self.fields = fields_type(bool(tally.metadata_keys))
-        self.calls = tally.ledger.calls
-        watermark = tally.ledger.watermark
-        self.settled = float("inf") if watermark is None else watermark - tally.overlap  # older twins: unchanged
-        # Created in here, a call the ledger does not know appeared in the past: the last read saw
-        # that stretch of the list without it (bar the overlap's late commits).
-        last = tally.last_read
-        self.seen = (last[0], last[1] - tally.overlap) if last is not None else (0.0, 0.0)
-        self.appeared: list[Mismatch] = []
-        self.newest: float | None = None
-        self.records = self.examined = self.events = 0
-
-    def take(self, obj: object) -> bool:
-        """Account one element of the list; False once it lies past the settle window (stop there)."""
-        self.records += 1
-        audit, ledger = self.audit, self.tally.ledger
-        if type(obj) is self.fields:
-            # The common case, read without building a Record: where is it, has it changed?
-            created, updated = timestamp_of(obj.created_at), timestamp_of(obj.updated_at)
-            if created is not None and updated is not None:
-                if created < self.horizon:
-                    return False  # newest first: all that follows is settled history
-                if self.newest is None or updated > self.newest:
-                    self.newest = updated
-                state = self.calls.get(obj.id) if type(obj.id) is str else None
-                if state is not None and (updated < state.updated_at or updated == state.updated_at < self.settled) \
-                        and (audit is None or not audit.covers(created)):
-                    return True  # not news (Ledger.is_news), known before building a Record
-        record = self.tally.decode(obj)
-        if record is None:
-            return True
-        if record.created_at < self.horizon:
-            return False
-        if self.newest is None or record.updated_at > self.newest:
-            self.newest = record.updated_at
-        known = record.id in self.calls
-        if not known and self.seen[0] <= record.created_at < self.seen[1] and record.created_at > ledger.baseline:
-            self.appeared.append(Mismatch("missing", record.id, "appeared in the past, after a read of its time"
-                                          " had not listed it; counted now"))
-        if ledger.is_news(record.id, record.updated_at, self.tally.overlap):
-            self.examined += 1
-            self.events += self.tally.account(record, self.now)
-        if audit is not None and audit.covers(record.created_at):
-            # A settled call the ledger did not know before this read appeared in the past: it is
-            # counted now like any news, and reported as missing from what had been counted.
-            audit.check(record, self.calls.get(record.id) if known else None)
-        return True
-
-    def finish(self) -> None:
-        """The read reached its end: the watermark moves to the newest update it saw."""
-        self.tally.ledger.complete_poll(self.newest)
-        self.tally.last_read, self.tally.read_at = (self.horizon, self.now), self.now
-        if self.appeared:
-            self.tally.report_mismatches(self.appeared)
-
-    @property
-    def stats(self) -> dict[str, int]:
-        return {"records": self.records, "examined": self.examined, "events": self.events,
-                "invalid": self.tally.invalid_logged}

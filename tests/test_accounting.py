@@ -13,7 +13,8 @@ from typing import NamedTuple
 
 import pytest
 
-from exporter.accounting import CallState, Ledger
+from exporter.accounting import CallState
+from exporter.ledger import Ledger
 from exporter.store import Store
 from exporter.records import Record
 
@@ -482,6 +483,8 @@ def replay(baseline: float, history: list, gated: bool = True) -> tuple[Ledger, 
         newest = item.updated_at if newest is None else max(newest, item.updated_at)
         if not gated or ledger.is_news(item.id, item.updated_at, OVERLAP):
             store.count(ledger.account(item))
+    # The history is over and `end_grace` long past: a call that never told its cause counts `none`.
+    store.count(ledger.overdue(float("inf"), 0.0))
     return ledger, store
 
 
@@ -573,8 +576,9 @@ def ledger_of(*records: Record) -> Ledger:
 
 
 def finished(id: str, created_at: float, **fields) -> Record:
-    """A completed call, settled, no webhook, no extraction: final unless fields say otherwise."""
-    values = dict(created_at=created_at, ended_at=created_at + 60, reservation_status="settled")
+    """A completed call, settled, its cause told, no webhook, no extraction: final unless fields say otherwise."""
+    values = dict(created_at=created_at, ended_at=created_at + 60, reservation_status="settled", billing_amount_milli_cents=900,
+                  hangup_cause="normal_clearing")
     values.update(fields)
     return rec(id, "completed", created_at + 61, **values)
 
@@ -723,7 +727,8 @@ def test_prune_walks_the_ledger_in_slices_and_drops_what_a_whole_sweep_drops():
             created = BASELINE + i
             status = "ringing" if i % 3 == 0 else "completed"
             ledger.account(rec(f"c{i}", status, created + 1, created_at=created, ended_at=None if i % 3 == 0 else created + 1,
-                               reservation_status=None if i % 3 == 0 else "settled", billing_amount_milli_cents=10))
+                               reservation_status=None if i % 3 == 0 else "settled", billing_amount_milli_cents=10,
+                               hangup_cause=None if i % 3 == 0 else "normal_clearing"))
         ledger.take_changed()
         return ledger
 

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from exporter.accounting import CallState, Ledger
+from exporter.accounting import CallState
+from exporter.ledger import Ledger
 from exporter.audit import Audit
 from exporter.records import Record
 
@@ -84,5 +85,7 @@ def test_ledger_bytes_per_tracked_call_stay_small():
     state = counted(HONEST)
     size = sys.getsizeof(state)
     assert not hasattr(state, "__dict__")  # slots: no per-call dictionary
-    assert size <= 120, f"CallState is {size} bytes"
+    # 13 slots: the end details still awaited, the end's date and the deviation kinds counted
+    # (SPEC §4, issue 22) added three to the ten the audit's amount fitted in.
+    assert size <= 136, f"CallState is {size} bytes"
     print(f"\nCallState: {size} B per call (the strings and floats it points to are shared or small)")

@@ -17,7 +17,7 @@ import urllib.request
 import yaml
 
 from conftest import wait_until
-from exporter.accounting import Ledger
+from exporter.ledger import Ledger
 from exporter.records import Record
 from exporter.state import SCHEMA_VERSION, StateDB, encode_v1
 from exporter.store import Store

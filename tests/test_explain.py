@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, wait_until
-from exporter.accounting import CallState, Ledger
+from exporter.accounting import CallState
+from exporter.ledger import Ledger
 from exporter.config import Target
 from exporter import state
 from exporter.explain import (PHONE, Held, api_lines, explain, read_state, redact, tracked_lines, ts,

@@ -52,13 +52,13 @@ def test_values_beyond_the_label_limit_fold_into_other_and_each_fold_is_counted(
         (OUT, "completed", "c"): 1,
         (OUT, "completed", "other"): 3,
     }
-    assert store.counters[OVERFLOW] == {("hangup_cause",): 3, ("error_code",): 0}
+    assert store.counters[OVERFLOW] == {("hangup_cause",): 3, ("error_code",): 0, ("status",): 0}
 
 
 def test_values_already_seen_keep_their_own_label_once_the_cap_is_full():
     store = Store(label_limit=2)
     assert [store.capped("error_code", v) for v in ("x", "y", "z", "x", "y", "z")] == ["x", "y", "other", "x", "y", "other"]
-    assert store.counters[OVERFLOW] == {("hangup_cause",): 0, ("error_code",): 2}
+    assert store.counters[OVERFLOW] == {("hangup_cause",): 0, ("error_code",): 2, ("status",): 0}
 
 
 def test_null_and_empty_values_export_as_none_without_using_up_the_cap():
@@ -70,7 +70,7 @@ def test_null_and_empty_values_export_as_none_without_using_up_the_cap():
         (OUT, "completed", "b"): 1,
         (OUT, "completed", "c"): 1,
     }
-    assert store.counters[OVERFLOW] == {("hangup_cause",): 0, ("error_code",): 0}
+    assert store.counters[OVERFLOW] == {("hangup_cause",): 0, ("error_code",): 0, ("status",): 0}
 
 
 def test_each_capped_label_has_its_own_cap():
@@ -78,7 +78,7 @@ def test_each_capped_label_has_its_own_cap():
     store.count([ended("hang", "err"), ended("hang2", "err2")])
     assert store.counters[HANGUPS] == {(OUT, "completed", "hang"): 1, (OUT, "completed", "other"): 1}
     assert store.counters[ERRORS] == {(OUT, "err"): 1, (OUT, "other"): 1}
-    assert store.counters[OVERFLOW] == {("hangup_cause",): 1, ("error_code",): 1}
+    assert store.counters[OVERFLOW] == {("hangup_cause",): 1, ("error_code",): 1, ("status",): 0}
 
 
 # --- Store: buckets ------------------------------------------------------------------------------
@@ -133,6 +133,7 @@ def test_store_round_trips_through_json():
     assert restored.seen == store.seen == {
         "hangup_cause": {"normal_clearing", "a", "b"},
         "error_code": {"invalid_number"},
+        "status": set(),  # only statuses outside the docs take a place under the cap
     }
 
 
@@ -142,7 +143,7 @@ def test_restored_store_keeps_folding_into_other_where_it_left_off():
     assert restored.counters[HANGUPS][(OUT, "completed", "b")] == 2
     assert restored.counters[HANGUPS][(OUT, "completed", "other")] == 1  # "new" folds now; "c" folded under inbound busy
     assert restored.counters[HANGUPS][(IN, "busy", "other")] == 1
-    assert restored.counters[OVERFLOW] == {("hangup_cause",): 2, ("error_code",): 0}
+    assert restored.counters[OVERFLOW] == {("hangup_cause",): 2, ("error_code",): 0, ("status",): 0}
 
 
 def test_histograms_whose_buckets_changed_are_reported_and_restart_from_zero():
@@ -263,6 +264,7 @@ SPEC_FAMILIES = [
     ("callingbox_exporter_label_overflow_total", "counter", {"org", "label"}),
     ("callingbox_exporter_stragglers", "gauge", {"org"}),
     ("callingbox_exporter_vanished_calls_total", "counter", {"org"}),
+    ("callingbox_exporter_contract_deviations_total", "counter", {"org", "kind"}),
     ("callingbox_exporter_build_info", "gauge", {"version"}),
     # issue 8: the self-audit
     ("callingbox_exporter_audit_mismatches_total", "counter", {"org", "kind"}),
@@ -335,8 +337,11 @@ def test_known_series_start_at_zero(samples_of):
         expected[("callingbox_result_extractions_total", labels(org="default", status=s))] = 0
     for reason in {decode_record(obj).reason for _, obj in MALFORMED}:
         expected[("callingbox_exporter_invalid_records_total", labels(org="default", reason=reason))] = 0
-    for label in ("hangup_cause", "error_code"):
+    for label in ("hangup_cause", "error_code", "status"):
         expected[(OVERFLOW, labels(org="default", label=label))] = 0
+    for kind in ("undocumented_value", "late_end_detail", "outcome_without_subject", "settled_without_amount",
+                 "by_id_not_found_but_listed"):  # SPEC §3: each kind starts at 0
+        expected[("callingbox_exporter_contract_deviations_total", labels(org="default", kind=kind))] = 0
     for method in ("window", "spot_check"):  # the audit's coverage, readable before the first audit
         expected[("callingbox_exporter_audit_calls_checked_total", labels(org="default", method=method))] = 0
     expected[("callingbox_exporter_audit_skipped_seconds_total", labels(org="default"))] = 0
@@ -348,7 +353,7 @@ def test_overflow_of_each_metadata_label_starts_at_zero():
     """Metadata labels are capped like hangup_cause, so their folds show in increase() from the start."""
     samples = text_samples(registry_of(Store(extra_labels=("campaign", "tier")), Health()))
     overflow = {dict(k[1])["label"]: v for k, v in samples.items() if k[0] == OVERFLOW}
-    assert overflow == {"hangup_cause": 0, "error_code": 0, "campaign": 0, "tier": 0}
+    assert overflow == {"hangup_cause": 0, "error_code": 0, "status": 0, "campaign": 0, "tier": 0}
 
 
 GOOD_CALL = {"id": "c1", "status": "completed", "direction": OUT,
@@ -360,7 +365,7 @@ MALFORMED = [
     ("bad_type", {**GOOD_CALL, "id": 42}),
     ("bad_value", {**GOOD_CALL, "duration_seconds": -1}),
     ("bad_timestamp", {**GOOD_CALL, "created_at": "yesterday"}),
-    ("unknown_status", {**GOOD_CALL, "status": "on_hold"}),
+    ("unknown_status", {**GOOD_CALL, "status": ""}),  # a value outside the docs is a status, an empty one not
 ]
 
 
@@ -554,7 +559,7 @@ def test_metadata_values_become_a_capped_label_on_call_series_only():
         (OUT, "none"): 1, (IN, "none"): 0, (OUT, "spring"): 2, (OUT, "autumn"): 1, (OUT, "other"): 1}
     assert store.counters["callingbox_calls_ended_total"][(OUT, "completed", "spring")] == 2
     # winter's creation and end folded; the other capped labels exist at 0
-    assert store.counters[OVERFLOW] == {("hangup_cause",): 0, ("error_code",): 0, ("campaign",): 2}
+    assert store.counters[OVERFLOW] == {("hangup_cause",): 0, ("error_code",): 0, ("status",): 0, ("campaign",): 2}
     # a new campaign's terminal and delivery series exist at 0 from its first call
     assert store.counters["callingbox_calls_ended_total"][(OUT, "failed", "autumn")] == 0
     assert store.counters["callingbox_webhook_deliveries_total"][("failed", "autumn")] == 0

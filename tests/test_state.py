@@ -4,6 +4,7 @@ changed, the JSON file of format 1 is migrated, and a file that cannot be used i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -11,7 +12,8 @@ import sqlite3
 
 import pytest
 
-from exporter.accounting import CallState, Ledger
+from exporter.accounting import ANSWER, DURATION, ERROR, SETUP, CallState
+from exporter.ledger import Ledger
 from exporter.records import Record
 from exporter.state import APPLICATION_ID, SCHEMA_VERSION, StateDB, StateError, encode_v1, read
 from exporter.store import Store
@@ -63,9 +65,14 @@ def many(n: int) -> tuple[Ledger, Store]:
     return ledger, store
 
 
-def assert_same(restored, ledger: Ledger, store: Store):
+def assert_same(restored, ledger: Ledger, store: Store, v1: bool = False):
+    """`v1`: restored from the JSON format, which kept no end details per call (they read as none
+    pending: a terminal call of that format waits for nothing)."""
     assert (restored.ledger.baseline, restored.ledger.watermark) == (ledger.baseline, ledger.watermark)
-    assert restored.ledger.calls == ledger.calls
+    calls = ledger.calls
+    if v1:
+        calls = {call_id: dataclasses.replace(s, ended=None, todo=0, deviations=0) for call_id, s in calls.items()}
+    assert restored.ledger.calls == calls
     assert restored.store.counters == store.counters
     assert restored.store.histograms == store.histograms
     assert restored.store.seen == store.seen
@@ -119,8 +126,11 @@ def test_restored_call_state_keeps_every_field(tmp_path):
     assert restored.ledger.calls["b"] == CallState(
         direction="outbound", status="completed", created_at=BASELINE + 10, updated_at=BASELINE + 80,
         billed=True, webhook="pending", result="completed", webhook_pending_since=BASELINE + 75, amount=1550,
+        ended=BASELINE + 75, todo=ERROR,  # ended with all its details but an error code, which may still come
     )
-    assert restored.ledger.calls["c"] == CallState("inbound", "failed", BASELINE + 10, BASELINE + 11, False)
+    assert restored.ledger.calls["c"] == CallState("inbound", "failed", BASELINE + 10, BASELINE + 11, False,
+                                                   ended=BASELINE + 11, todo=DURATION | ANSWER | SETUP,
+                                                   deviations=0)
     assert restored.ledger.calls["b"].billed is True
 
 
@@ -141,7 +151,7 @@ def test_a_missing_file_opens_empty_and_appears_whole_at_the_first_save(tmp_path
     assert path.read_bytes().startswith(b"SQLite format 3\x00")
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".new")]
     with raw(path, read_only=True) as plain:
-        assert plain.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert plain.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert plain.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
         assert plain.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.connection.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
@@ -402,7 +412,7 @@ def test_a_json_state_file_is_migrated_with_everything_intact(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="exporter.state"):
         db, restored = StateDB.open(str(path), "default", buckets=custom, label_limit=2)
 
-    assert_same(restored, ledger, store)
+    assert_same(restored, ledger, store, v1=True)
     assert path.read_bytes().startswith(b"SQLite format 3\x00")
     assert (tmp_path / "state.json.v1.json").read_bytes() == data, "the JSON is kept for a rollback"
     assert sorted(n for n in os.listdir(tmp_path) if not n.endswith(("-wal", "-shm"))) == [
@@ -447,10 +457,10 @@ def test_a_crash_mid_migration_is_migrated_again_at_the_next_start(tmp_path):
     (tmp_path / "state.json.migrating").write_bytes(b"SQLite format 3\x00" + b"\x00" * 100)
     (tmp_path / "state.json.migrating-journal").write_bytes(b"\xd9\xd5\x05\xf9\x20\xa1\x63\xd7" + b"\x01" * 50)
     (tmp_path / "state.json.v1.json").write_bytes(data[: len(data) // 2])
-    assert_same(reopen(path), ledger, store)
+    assert_same(reopen(path), ledger, store, v1=True)
     assert (tmp_path / "state.json.v1.json").read_bytes() == data
     assert not [n for n in os.listdir(tmp_path) if ".migrating" in n]
-    assert_same(reopen(path), ledger, store)  # and opens as a database from now on
+    assert_same(reopen(path), ledger, store, v1=True)  # and opens as a database from now on
 
 
 def test_read_only_reading_neither_migrates_nor_changes_a_file(tmp_path):
@@ -459,7 +469,7 @@ def test_read_only_reading_neither_migrates_nor_changes_a_file(tmp_path):
     json_path.write_bytes(encode_v1("default", ledger, store))
     saved(db_path, ledger, store)
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (json_path, db_path)}
-    assert_same(read(str(json_path), label_limit=2), ledger, store)
+    assert_same(read(str(json_path), label_limit=2), ledger, store, v1=True)
     assert_same(read(str(db_path), label_limit=2), ledger, store)
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (json_path, db_path)} == before
     assert not (tmp_path / "old.json.v1.json").exists()
@@ -497,7 +507,7 @@ def _damaged(path):
 
 
 REFUSED = {
-    "newer_version": (_newer, "written by a newer callingbox-exporter (state schema 3, this version reads 2)",
+    "newer_version": (_newer, "written by a newer callingbox-exporter (state schema 4, this version reads 3)",
                       "run that version or a newer one, or restore a backup"),
     "truncated": (_truncated, "state database", "move the file away to start afresh"),
     "damaged": (_damaged, "state database", "move the file away to start afresh"),

@@ -19,7 +19,8 @@ import pytest
 from aiohttp import web
 
 from conftest import differences, wait_until
-from exporter.accounting import CallState, Ledger
+from exporter.accounting import CallState
+from exporter.ledger import Ledger
 from exporter.api import ApiError, BodyError, Client, NotFound, RateLimited
 from exporter.config import ConfigError, Secret, Target, build
 from exporter.metrics import Collector
@@ -50,6 +51,7 @@ def api_call(call_id: str, status: str, created_at: float, updated_at: float, **
         "updated_at": format_ts(updated_at), "ended_at": format_ts(updated_at) if terminal else None,
         "reservation_status": "settled" if terminal else "reserved", "billing_amount_milli_cents": 9000,
         "webhook_status": None, "result_status": None, "to_number": "+14155550100",
+        "webhook_url": "https://hooks.example/cb", "hangup_cause": "customer_hangup" if terminal else None,
     }
     record.update(fields)
     return record
@@ -146,7 +148,7 @@ async def test_refreshed_records_count_their_final_events_exactly_once():
     for poll in range(5):
         stats = await refresh(r, api, tally_of(ledger, store), NOW + 300 * poll)  # its turn each time
     assert api.asked == ["a"] * 4, "final after the fourth answer: not asked again"
-    assert stats == {"stragglers_refreshed": 0, "stragglers_vanished": 0, "straggler_errors": 0}
+    assert stats == {"stragglers_refreshed": 0, "stragglers_not_found": 0, "straggler_errors": 0}
     assert store.counters[CALLS][("outbound", "completed")] == 1
     assert store.counters[MONEY][("outbound",)] == 9000
     assert store.counters[WEBHOOKS][("delivered",)] == 1
@@ -154,17 +156,36 @@ async def test_refreshed_records_count_their_final_events_exactly_once():
     assert ledger.calls["a"].final
 
 
-async def test_a_call_the_api_no_longer_knows_is_counted_as_vanished_once_and_forgotten():
-    ledger = tracked(("gone", pending_webhook(NOW - 2 * WINDOW)), ("kept", pending_webhook(NOW - 2 * WINDOW)))
-    api = ScriptedApi({"gone": [NotFound('HTTP 404: {"error": "call gone not found"}', "404")],
-                       "kept": [api_call("kept", "completed", NOW - 2 * WINDOW, NOW - 2 * WINDOW + 60,
-                                         webhook_status="pending")]})
+def list_read(tally: Tally, now: float, listed: list[dict]) -> None:
+    """A complete list read as deep as the read plan says, listing `listed`."""
+    read = tally.list_read(now, None, tally.plan(now, {}, 100).horizon)
+    for obj in listed:
+        read.take(obj)
+    read.finish()
+
+
+async def test_a_404_by_id_drops_a_call_only_once_a_list_read_that_covers_it_lacks_it_too():
+    created = NOW - 2 * WINDOW
+    ledger = tracked(*((call_id, pending_webhook(created)) for call_id in ("gone", "lagging", "kept")))
+    not_found = [NotFound('HTTP 404: {"error": "call not found"}', "404")]
+    kept = api_call("kept", "completed", created, created + 60, webhook_status="pending")
+    lagging = api_call("lagging", "completed", created, created + 60, webhook_status="pending")
+    api = ScriptedApi({"gone": not_found, "lagging": not_found, "kept": [kept]})
     store, r = Store(), refresher()
-    stats = await refresh(r, api, tally_of(ledger, store), NOW)
-    assert stats["stragglers_vanished"] == 1 and set(ledger.calls) == {"kept"}
-    await refresh(r, api, tally_of(ledger, store), NOW + 1)
-    assert store.counters[VANISHED][()] == 1
-    assert api.asked.count("gone") == 1
+    tally = tally_of(ledger, store)
+    stats = await refresh(r, api, tally, NOW)
+    assert stats["stragglers_not_found"] == 2 and set(ledger.calls) == {"gone", "lagging", "kept"}, \
+        "a 404 alone drops nothing: by-id reads may lag the list"
+    assert store.counters[VANISHED][()] == 0
+    # The next read reaches back to them (past the settle window here) and lists all but one.
+    assert tally.plan(NOW + 1, r.last_refreshed, 100).horizon <= created
+    list_read(tally, NOW + 1, [kept, lagging])
+    assert set(ledger.calls) == {"lagging", "kept"} and store.counters[VANISHED][()] == 1
+    deviations = store.counters["callingbox_exporter_contract_deviations_total"]
+    assert deviations[("by_id_not_found_but_listed",)] == 1
+    list_read(tally, NOW + 2, [kept])  # settled: the next reads need not reach back
+    assert store.counters[VANISHED][()] == 1 and deviations[("by_id_not_found_but_listed",)] == 1
+    assert tally.plan(NOW + 3, r.last_refreshed, 100).horizon > created
 
 
 async def test_other_errors_keep_the_call_for_the_next_poll_and_a_429_stops_the_batch():
@@ -176,7 +197,7 @@ async def test_other_errors_keep_the_call_for_the_next_poll_and_a_429_stops_the_
     api, store, r = ScriptedApi(answers), Store(), refresher(concurrency=1)
     stats = await refresh(r, api, tally_of(ledger, store), NOW)
     assert api.asked == ["c5", "c4", "c3"], "oldest first; nothing more after the 429"
-    assert stats == {"stragglers_refreshed": 1, "stragglers_vanished": 0, "straggler_errors": 2}
+    assert stats == {"stragglers_refreshed": 1, "stragglers_not_found": 0, "straggler_errors": 2}
     assert len(ledger.calls) == 6
     stats = await refresh(r, api, tally_of(ledger, store), NOW + 1)
     assert api.asked[3:] == ["c2", "c1", "c0"], "those not asked yet; the others wait their turn"
@@ -187,7 +208,7 @@ async def test_other_errors_keep_the_call_for_the_next_poll_and_a_429_stops_the_
 
 async def test_a_malformed_answer_is_counted_once_and_the_call_kept():
     ledger = tracked(("bad", pending_webhook(NOW - 2 * WINDOW)))
-    broken = api_call("bad", "on_hold", NOW - 2 * WINDOW, NOW - 2 * WINDOW + 70)
+    broken = api_call("bad", "", NOW - 2 * WINDOW, NOW - 2 * WINDOW + 70)
     api, store, r = ScriptedApi({"bad": [broken]}), Store(), refresher()
     tally = tally_of(ledger, store)  # one target: its memory of malformed records lasts across polls
     for poll in range(3):

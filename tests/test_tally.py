@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 
-from exporter.accounting import Ledger
+from exporter.ledger import Ledger
 from exporter.audit import Audit
 from exporter.simulator import format_ts
 from exporter.store import Store
@@ -28,11 +28,14 @@ def tally(baseline: float = NOW - 3000, audit_interval: float = 0.0) -> Tally:
 
 
 def call(id: str, status: str, created: float, updated: float, **fields) -> dict:
-    """A call object as `GET /v1/calls` decodes it into plain JSON values."""
+    """A call object as `GET /v1/calls` decodes it into plain JSON values: with a webhook and a
+    schema (the subjects of its outcomes), and once ended, its hangup cause."""
     terminal = status not in ("queued", "initiated", "ringing", "in_progress")
     return {"id": id, "status": status, "direction": "outbound", "created_at": format_ts(created),
             "updated_at": format_ts(updated), "ended_at": format_ts(updated) if terminal else None,
-            "reservation_status": "released" if terminal else "reserved", **fields}
+            "reservation_status": "released" if terminal else "reserved",
+            "hangup_cause": "normal_clearing" if terminal else None, "webhook_url": "https://hooks.example/cb",
+            "returns": {"confirmed": "boolean"}, **fields}
 
 
 def read_all(t: Tally, now: float, objects: list) -> ListRead:
@@ -105,7 +108,7 @@ def test_the_read_goes_deeper_where_that_costs_less_than_asking_by_id():
 
 def test_a_malformed_record_is_counted_once_whichever_path_reads_it():
     t = tally()
-    broken = call("x", "on_hold", NOW - 30, NOW - 20)
+    broken = call("x", "", NOW - 30, NOW - 20)
     read_all(t, NOW, [broken])
     read_all(t, NOW + 15, [broken])
     assert t.decode(broken) is None  # the by-id path: same memory
@@ -168,17 +171,20 @@ def test_an_audit_is_due_an_interval_after_the_start_and_its_mismatches_count_on
     assert t.last_audit == later
 
 
-def test_a_spot_check_finds_a_silent_rewrite_and_a_404():
+def test_a_spot_check_finds_a_silent_rewrite_and_leaves_a_404_to_the_next_read():
     t = tally()
-    read_all(t, NOW, [call("a", "completed", NOW - 30, NOW - 20), call("b", "completed", NOW - 40, NOW - 30)])
+    listed = [call("a", "completed", NOW - 30, NOW - 20), call("b", "completed", NOW - 40, NOW - 30)]
+    read_all(t, NOW, listed)
     sample = t.spot_sample(random.Random(1), 5)
     assert sorted(sample) == ["a", "b"]
     audit = Audit(float("-inf"), float("inf"), t.ledger.baseline)
     t.spot_check(audit, "a", call("a", "busy", NOW - 30, NOW - 20))
-    t.spot_check(audit, "b", None)
+    t.spot_check(audit, "b", None)  # by-id reads may lag the list: proves nothing alone
     t.report(audit, "spot_check")
     mismatches = t.store.counters["callingbox_exporter_audit_mismatches_total"]
-    assert (mismatches[("status",)], mismatches[("extra",)]) == (1, 1)
+    assert (mismatches[("status",)], mismatches[("extra",)]) == (1, 0)
+    read_all(t, NOW + 15, listed[:1])  # the next read covers b and lacks it: gone
+    assert "b" not in t.ledger.calls and t.store.counters["callingbox_exporter_vanished_calls_total"][()] == 1
 
 
 CHECKED, MISMATCHES = "callingbox_exporter_audit_calls_checked_total", "callingbox_exporter_audit_mismatches_total"
