@@ -25,7 +25,7 @@ from .lifecycle import (
     HISTORY_LIFETIME, HISTORY_SPACING, NOW, OUTCOME_WEIGHTS, Lifecycles, _Call, _new_record, _outcome_table,
     _seconds, _Step, format_ts,
 )
-from .truth import Truth, _Event, ledger
+from .truth import END_DETAILS, Counted, Truth, _Event, ledger
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,9 @@ class Simulator(Lifecycles, Handlers):
                       "started_at": stamp, "answered_at": stamp, "ended_at": stamp, "duration_seconds": 30,
                       "billed_duration_seconds": 30, "billing_amount_milli_cents": 5_000,
                       "reservation_status": "settled", "webhook_status": None, "result_status": None, **fields}
-            self._calls[record["id"]] = _Call(record["id"], deque(), [(now - age, record)], billed=True)
+            # Unannounced: the truth is not told, and nothing of its end counts later.
+            counted = Counted(record["ended_at"], record["status"], set(END_DETAILS))
+            self._calls[record["id"]] = _Call(record["id"], deque(), [(now - age, record)], counted=counted)
             # the list is newest first by created_at: put the newcomer in its place
             self._calls = dict(sorted(self._calls.items(), key=lambda kv: _seconds(kv[1].versions[0][1]["created_at"])))
             return record["id"]
@@ -260,7 +262,9 @@ class Simulator(Lifecycles, Handlers):
         self._commit(call, {**call.latest, **changes, "updated_at": stamp}, now + step.hide, now)
 
     def _commit(self, call: _Call, record: dict, visible_at: float, now: float) -> None:
-        events, call.billed = ledger(call.latest if call.versions else None, record, call.billed)
+        # The plan knows whether a hangup cause is still to come (a late end detail).
+        coming = any(step.changes.get("hangup_cause") is not None for step in call.steps)
+        events, call.counted = ledger(call.latest if call.versions else None, record, call.counted, coming)
         self._events.extend(events)
         call.commit(record, visible_at, now)
 
@@ -272,7 +276,7 @@ class Simulator(Lifecycles, Handlers):
         for i in range(self.history):
             if self._history_top - i * HISTORY_SPACING + HISTORY_LIFETIME <= after:
                 return  # this and every older history call happened entirely before `after`
-            yield from ledger(None, self._history_record(i), False)[0]
+            yield from ledger(None, self._history_record(i))[0]
 
 
 @contextlib.contextmanager

@@ -137,7 +137,7 @@ class _Call:
     id: str
     steps: deque[_Step]  # the planned future, by due time; empty once the call is final
     versions: list[tuple[float, dict]] = field(default_factory=list)  # (visible_at, record)
-    billed: bool = False
+    counted: Any = None  # truth.Counted: what the truth has counted of this call so far
 
     @property
     def latest(self) -> dict:
