@@ -130,6 +130,7 @@ class _Step:
     due: float  # wall time
     changes: dict = field(compare=False)
     hide: float = field(default=0.0, compare=False)  # late commit: visible this long after it happens
+    applied: float | None = field(default=None, compare=False)  # when it happened, once it has
 
 
 @dataclass
