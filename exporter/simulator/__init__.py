@@ -2,10 +2,12 @@
 
 `callingbox-exporter --demo` serves it in-process; tests serve it on loopback and compare the
 exporter's metrics with `Simulator.truth()`. Stdlib and aiohttp only: it imports nothing of ours.
-Modules, top to bottom: lifecycle → truth → faults → handlers → app (`Simulator`).
+Modules, top to bottom: lifecycle → contract (what the docs leave open) → truth → faults →
+handlers → app (`Simulator`).
 """
 
 from .app import TICK, Simulator, serve_in_thread
+from .contract import DOCS_OPEN, Contract
 from .faults import FAULT_KINDS
 from .lifecycle import (
     API_VERSION, HISTORY_LIFETIME, HISTORY_SPACING, NOW, OUTCOME_WEIGHTS, PRICE_PER_MINUTE, TERMINAL,
@@ -15,7 +17,7 @@ from .truth import Truth, ledger
 
 # What code outside the package imports (tests, benchmarks, cli) and the old module's public names.
 __all__ = [
-    "API_VERSION", "FAULT_KINDS", "HISTORY_LIFETIME", "HISTORY_SPACING", "NOW", "OUTCOME_WEIGHTS",
-    "PRICE_PER_MINUTE", "TERMINAL", "TICK", "WEBHOOK_ATTEMPTS", "WEBHOOK_FIRST_RETRY", "Simulator", "Truth",
-    "_seconds", "format_ts", "ledger", "serve_in_thread",
+    "API_VERSION", "Contract", "DOCS_OPEN", "FAULT_KINDS", "HISTORY_LIFETIME", "HISTORY_SPACING", "NOW",
+    "OUTCOME_WEIGHTS", "PRICE_PER_MINUTE", "TERMINAL", "TICK", "WEBHOOK_ATTEMPTS", "WEBHOOK_FIRST_RETRY",
+    "Simulator", "Truth", "_seconds", "format_ts", "ledger", "serve_in_thread",
 ]

@@ -19,13 +19,14 @@ from typing import Any
 
 from aiohttp import web
 
+from .contract import Contract, StampOf
 from .faults import FAULT_KINDS
 from .handlers import Handlers
 from .lifecycle import (
     HISTORY_LIFETIME, HISTORY_SPACING, NOW, OUTCOME_WEIGHTS, Lifecycles, _Call, _new_record, _outcome_table,
     _seconds, _Step, format_ts,
 )
-from .truth import Truth, _Event, ledger
+from .truth import END_DETAILS, Counted, Truth, _Event, ledger
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,13 @@ class Simulator(Lifecycles, Handlers):
                  webhook_retry_base: float | None = None, replay_share: float = 0.0,
                  late_commit: float = 0.0, api_key: str | None = None,
                  chunk_size: int = 64 * 1024, outcome_weights: dict[str, float] | None = None,
-                 by_id_delay: float = 0.0, conditional: bool = False):
+                 by_id_delay: float = 0.0, conditional: bool = False,
+                 # What the docs leave open (contract.py); None: off, or docs_open's share.
+                 docs_open: bool = False, late_end_details: float | None = None,
+                 late_detail_delay: float = 0.5, subjectless_outcomes: bool | None = None,
+                 undocumented_status: float | None = None, whole_seconds: bool | None = None,
+                 amount_lag: float | None = None, by_id_not_found: float | None = None,
+                 by_id_faults: float | None = None):
         if by_id_delay < 0:
             raise ValueError("by_id_delay must be >= 0")
         if time_scale <= 0 or rate < 0 or chunk_size < 1 or history < 0 or late_commit < 0:
@@ -56,10 +63,16 @@ class Simulator(Lifecycles, Handlers):
         self.chunk_size = chunk_size
         self.by_id_delay = by_id_delay  # wall seconds GET /v1/calls/{id} takes, so concurrency shows
         self.conditional = conditional  # ETag on the list, 304 to a matching If-None-Match
+        self.contract = Contract.resolve(
+            docs_open, late_end_details=late_end_details, late_detail_delay=late_detail_delay,
+            subjectless_outcomes=subjectless_outcomes, undocumented_status=undocumented_status,
+            whole_seconds=whole_seconds, amount_lag=amount_lag, by_id_not_found=by_id_not_found,
+            by_id_faults=by_id_faults)
+        self._by_id_rng = random.Random(f"{seed}:by_id")  # its own, so lag leaves the calls as they were
         self.requests: deque[tuple[float, str, int]] = deque(maxlen=100_000)  # (arrival, path, status), latest
         self._outcomes = _outcome_table(OUTCOME_WEIGHTS if outcome_weights is None else outcome_weights)
         self.stats = {"list_requests": 0, "bytes_sent": 0, "last_list_bytes": 0,
-                      "client_closed_early": 0, "by_id_requests": 0,
+                      "client_closed_early": 0, "by_id_requests": 0, "by_id_lagged": 0,
                       "by_id_in_flight": 0, "by_id_max_in_flight": 0}
         self._rng = random.Random(seed)
         self._lock = threading.Lock()  # tests drive inject/pause/truth from another thread
@@ -173,7 +186,10 @@ class Simulator(Lifecycles, Handlers):
                       "started_at": stamp, "answered_at": stamp, "ended_at": stamp, "duration_seconds": 30,
                       "billed_duration_seconds": 30, "billing_amount_milli_cents": 5_000,
                       "reservation_status": "settled", "webhook_status": None, "result_status": None, **fields}
-            self._calls[record["id"]] = _Call(record["id"], deque(), [(now - age, record)], billed=True)
+            record = self.contract.shape(record, extracted=True)
+            # Unannounced: the truth is not told, and nothing of its end counts later.
+            counted = Counted(record["ended_at"], record["status"], set(END_DETAILS))
+            self._calls[record["id"]] = _Call(record["id"], deque(), [(now - age, record)], counted=counted)
             # the list is newest first by created_at: put the newcomer in its place
             self._calls = dict(sorted(self._calls.items(), key=lambda kv: _seconds(kv[1].versions[0][1]["created_at"])))
             return record["id"]
@@ -248,19 +264,25 @@ class Simulator(Lifecycles, Handlers):
         direction = "inbound" if rng.random() < self.inbound_share else "outbound"
         record = _new_record(rng, direction, format_ts(now))
         record.update(overrides or {})
-        call = _Call(record["id"], deque(sorted(self._plan(rng, record, now))))
+        self.contract.shape(record)
+        steps = self.contract.vary(random.Random(f"{self.seed}:open:{record['id']}"),
+                                   self._plan(rng, record, now), record, self.hangup_causes is not None)
+        call = _Call(record["id"], deque(sorted(steps)))
         self._commit(call, record, now + self._hide(rng), now)
         self._calls[call.id] = call
         self._schedule(call)
         return call
 
     def _apply(self, call: _Call, step: _Step, now: float) -> None:
-        stamp = format_ts(now)
-        changes = {k: stamp if v is NOW else v for k, v in step.changes.items()}
+        step.applied, stamp = now, self.contract.stamp(now)
+        changes = {k: stamp if v is NOW else self.contract.stamp(v.step.applied) if isinstance(v, StampOf) else v
+                   for k, v in step.changes.items()}
         self._commit(call, {**call.latest, **changes, "updated_at": stamp}, now + step.hide, now)
 
     def _commit(self, call: _Call, record: dict, visible_at: float, now: float) -> None:
-        events, call.billed = ledger(call.latest if call.versions else None, record, call.billed)
+        # The plan knows whether a hangup cause is still to come (a late end detail).
+        coming = any(step.changes.get("hangup_cause") is not None for step in call.steps)
+        events, call.counted = ledger(call.latest if call.versions else None, record, call.counted, coming)
         self._events.extend(events)
         call.commit(record, visible_at, now)
 
@@ -268,11 +290,14 @@ class Simulator(Lifecycles, Handlers):
         if call.steps:
             heapq.heappush(self._heap, (call.steps[0].due, next(self._seq), call.id))
 
+    def _history_record(self, i: int) -> dict:
+        return self.contract.shape(super()._history_record(i), extracted=True)
+
     def _history_events(self, after: float) -> Iterator[_Event]:
         for i in range(self.history):
             if self._history_top - i * HISTORY_SPACING + HISTORY_LIFETIME <= after:
                 return  # this and every older history call happened entirely before `after`
-            yield from ledger(None, self._history_record(i), False)[0]
+            yield from ledger(None, self._history_record(i))[0]
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .contract import Contract
 from .faults import _dumps, _error, _malformed, fault_answer
 from .lifecycle import _Call
 
@@ -32,6 +33,8 @@ class Handlers:
     chunk_size: int
     by_id_delay: float
     conditional: bool
+    contract: Contract
+    _by_id_rng: random.Random
     requests: deque[tuple[float, str, int]]
     stats: dict[str, int]
     _lock: threading.Lock
@@ -70,12 +73,29 @@ class Handlers:
             with self._lock:
                 call = self._calls.get(call_id)
                 record = call.visible(time.time()) if call else None
+                lagging = self._by_id_lag(call_id, listed=record is not None)
         finally:
             with self._lock:
                 self.stats["by_id_in_flight"] -= 1
+        if lagging is not None:
+            return lagging
         if record is None:
             return _error(404, f"call {call_id} not found")
         return web.json_response(record)
+
+    def _by_id_lag(self, call_id: str, listed: bool) -> web.Response | None:
+        """What a lagging by-id replica answers instead of the call (SPEC §1), if it lags this time:
+        429 or 503 for any call, a 404 for one the list still shows. Under the lock."""
+        rng, contract = self._by_id_rng, self.contract
+        if contract.by_id_faults and rng.random() < contract.by_id_faults:
+            self.stats["by_id_lagged"] += 1
+            if rng.random() < 0.5:
+                return _error(429, "rate limit exceeded", {"Retry-After": "1"})
+            return _error(503, "upstream unavailable")
+        if listed and contract.by_id_not_found and rng.random() < contract.by_id_not_found:
+            self.stats["by_id_lagged"] += 1
+            return _error(404, f"call {call_id} not found")
+        return None
 
     async def _create_call_http(self, request: web.Request) -> web.Response:
         try:

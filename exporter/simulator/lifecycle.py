@@ -130,6 +130,7 @@ class _Step:
     due: float  # wall time
     changes: dict = field(compare=False)
     hide: float = field(default=0.0, compare=False)  # late commit: visible this long after it happens
+    applied: float | None = field(default=None, compare=False)  # when it happened, once it has
 
 
 @dataclass
@@ -137,7 +138,7 @@ class _Call:
     id: str
     steps: deque[_Step]  # the planned future, by due time; empty once the call is final
     versions: list[tuple[float, dict]] = field(default_factory=list)  # (visible_at, record)
-    billed: bool = False
+    counted: Any = None  # truth.Counted: what the truth has counted of this call so far
 
     @property
     def latest(self) -> dict:

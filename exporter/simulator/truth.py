@@ -6,7 +6,7 @@ sums them into a `Truth`, which tests compare with the exporter's metrics.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .lifecycle import TERMINAL, _seconds
@@ -28,13 +28,36 @@ class Truth:
 # An event a perfect observer counts: (date, metric, labels, value, is_observation).
 _Event = tuple[float, str, tuple[tuple[str, str], ...], Any, bool]
 
+ACTIVE = frozenset({"queued", "initiated", "ringing", "in_progress"})
+# Each end detail counts once (SPEC §4), from the first terminal version that carries it.
+END_DETAILS = ("hangup_cause", "error_code", "duration", "answer_delay", "setup_delay", "billing")
 
-def ledger(prev: dict | None, new: dict, billed: bool) -> tuple[list[_Event], bool]:
+
+def is_terminal(record: dict) -> bool:
+    """SPEC §4: one of the five terminal statuses, or a status outside the nine with `ended_at`."""
+    status = record["status"]
+    return status in TERMINAL or (status not in ACTIVE and record["ended_at"] is not None)
+
+
+@dataclass
+class Counted:
+    """What the truth has counted of one call: its terminal transition and which end details."""
+
+    ended: str | None = None  # the transition's date (ended_at, else updated_at); None: not ended
+    status: str = ""  # the transition's status, the label of its hangup and duration
+    details: set[str] = field(default_factory=set)  # the END_DETAILS counted so far
+
+
+def ledger(prev: dict | None, new: dict, counted: Counted | None = None,
+           cause_coming: bool = False) -> tuple[list[_Event], Counted]:
     """The events counted when a call moves from version `prev` to `new` (SPEC §3/§4).
 
-    `billed` says whether billing was already accounted for this call; the new flag is returned.
+    `counted` is what was counted of the call before (None: nothing); the updated one is returned.
+    `cause_coming`: a later version of the call will carry a `hangup_cause`, so a terminal
+    version without one does not count `none` yet (the exporter waits `end_grace` for it).
     """
     events: list[_Event] = []
+    counted = counted or Counted()
     direction = new["direction"]
 
     def add(date: str, name: str, value: Any = 1, observed: bool = False, **labels: str | None) -> None:
@@ -43,34 +66,49 @@ def ledger(prev: dict | None, new: dict, billed: bool) -> tuple[list[_Event], bo
 
     if prev is None:
         add(new["created_at"], "callingbox_calls_created_total", direction=direction)
-    status = new["status"]
-    if status in TERMINAL and (prev is None or prev["status"] not in TERMINAL):
-        when = new["ended_at"] or new["updated_at"]
-        add(when, "callingbox_calls_ended_total", direction=direction, status=status)
+    if counted.ended is None and is_terminal(new):
+        counted.ended, counted.status = new["ended_at"] or new["updated_at"], new["status"]
+        add(counted.ended, "callingbox_calls_ended_total", direction=direction, status=new["status"])
+    if counted.ended is not None:
+        _end_details(new, counted, cause_coming, add)
+    for key, subject, metric, outcomes in (
+        ("webhook_status", "webhook_url", "callingbox_webhook_deliveries_total", ("delivered", "failed")),
+        ("result_status", "returns", "callingbox_result_extractions_total", ("completed", "failed")),
+    ):
+        # An outcome needs its subject (SPEC §4): a webhook URL, a non-empty returns schema.
+        if new[subject] and new[key] in outcomes and (prev is None or prev[key] != new[key]):
+            add(new["updated_at"], metric, status=new[key])
+    return events, counted
+
+
+def _end_details(new: dict, counted: Counted, cause_coming: bool, add: Any) -> None:
+    """Each end detail `new` is the first terminal version to carry, dated by the transition:
+    it belongs to the call's end however late it is written (SPEC §4)."""
+    when, status, direction = counted.ended, counted.status, new["direction"]
+
+    def first(detail: str, carried: bool) -> bool:
+        if detail in counted.details or not carried:
+            return False
+        counted.details.add(detail)
+        return True
+
+    if first("hangup_cause", new["hangup_cause"] is not None or not cause_coming):
         add(when, "callingbox_call_hangups_total", direction=direction, status=status,
             hangup_cause=new["hangup_cause"])
-        if new["error_code"] is not None:
-            add(when, "callingbox_call_errors_total", direction=direction, error_code=new["error_code"])
-        if new["duration_seconds"] is not None:
-            add(when, "callingbox_call_duration_seconds", new["duration_seconds"], True,
-                direction=direction, status=status)
-        for name, start, end in (("answer", "started_at", "answered_at"), ("setup", "created_at", "started_at")):
-            if new[start] and new[end]:
-                add(when, f"callingbox_call_{name}_delay_seconds", _seconds(new[end]) - _seconds(new[start]),
-                    True, direction=direction)
-    for key, metric, outcomes in (
-        ("webhook_status", "callingbox_webhook_deliveries_total", ("delivered", "failed")),
-        ("result_status", "callingbox_result_extractions_total", ("completed", "failed")),
-    ):
-        if new[key] in outcomes and (prev is None or prev[key] != new[key]):
-            add(new["updated_at"], metric, status=new[key])
-    if not billed and status in TERMINAL and new["reservation_status"] != "reserved":
-        # Billing belongs to the terminal transition (SPEC §3): dated by the call's end, however
-        # late it settles. Every terminal version here carries `ended_at`.
-        billed, ended = True, new["ended_at"] or new["updated_at"]
-        add(ended, "callingbox_billed_amount_milli_cents", new["billing_amount_milli_cents"] or 0,
-            direction=direction)
-        if new["billed_duration_seconds"] is not None:
-            add(ended, "callingbox_call_billed_duration_seconds", new["billed_duration_seconds"],
+    if first("error_code", new["error_code"] is not None):
+        add(when, "callingbox_call_errors_total", direction=direction, error_code=new["error_code"])
+    if first("duration", new["duration_seconds"] is not None):
+        add(when, "callingbox_call_duration_seconds", new["duration_seconds"], True,
+            direction=direction, status=status)
+    for name, start, end in (("answer", "started_at", "answered_at"), ("setup", "created_at", "started_at")):
+        if first(f"{name}_delay", bool(new[start] and new[end])):
+            add(when, f"callingbox_call_{name}_delay_seconds", _seconds(new[end]) - _seconds(new[start]),
                 True, direction=direction)
-    return events, billed
+    # Billing (SPEC §3): once the reservation is no longer `reserved`, and a `settled` one has
+    # its amount. Every terminal version of the simulator carries `ended_at`.
+    reservation, amount = new["reservation_status"], new["billing_amount_milli_cents"]
+    if first("billing", reservation != "reserved" and not (reservation == "settled" and amount is None)):
+        add(when, "callingbox_billed_amount_milli_cents", amount or 0, direction=direction)
+        if new["billed_duration_seconds"] is not None:
+            add(when, "callingbox_call_billed_duration_seconds", new["billed_duration_seconds"],
+                True, direction=direction)
