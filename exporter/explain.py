@@ -21,11 +21,10 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from . import state
-from .accounting import CallState
-from .ledger import Ledger, give_up_age
+from .accounting import CAUSE, CallState
 from .api import ApiError, Client, NotFound
 from .config import Config, Target
-from .catalogue import ACTIVE_STATUSES
+from .ledger import Ledger, give_up_age
 from .records import Invalid, Record, decode_record
 
 WITHHELD = ("to_number", "from_number", "prompt", "context")
@@ -154,23 +153,26 @@ def tracked_lines(call: CallState, ledger: Ledger, record: Record | None, saved_
         lines.append(f"seen metadata labels: {shown}")
     lines.append(f"created {ts(call.created_at)}: {_when(call.created_at, call.created_at, base)}"
                  f" in callingbox_calls_created_total{_labels(direction=d)}")
-    if call.status in ACTIVE_STATUSES:
+    if call.active:
         lines.append("ended: not yet (still active when last seen)")
     else:
-        ended = record.ended_at if record is not None and record.ended_at is not None else None
+        ended = call.ended if call.ended is not None else (record.ended_at if record is not None else None)
         when = _when(ended, ended, base) if ended is not None else _when(*span, base)
         series = _labels(direction=d, status=call.status)
         lines.append(f"ended as {call.status}: {when} in callingbox_calls_ended_total{series}"
                      " (with its hangup, error and duration series)")
-        if record is not None:
+        if call.todo & CAUSE:
+            lines.append(f"hangup_cause: not told yet; counted when a version tells it, or as none once nothing"
+                         f" else is open and end_grace ({target.end_grace:g}s) has passed since the end")
+        elif record is not None:
             lines.append(f"hangup_cause label: {record.hangup_cause or 'none'} (other if past max_label_values)")
     if call.billed:  # only a terminal call is billed; its money counts when its end does (SPEC §3)
         lines.append(f"billed {_money(call.amount)}: {when}"
                      f" in callingbox_billed_amount_dollars_total{_labels(direction=d)}")
-    elif call.status in ACTIVE_STATUSES:
+    elif call.active:
         lines.append("billed: not yet (the call has not ended)")
     else:
-        lines.append("billed: not yet (the reservation was still reserved when last seen)")
+        lines.append("billed: not yet (still reserved, or settled without its amount, when last seen)")
     lines.append(_outcome_line("webhook", call.webhook, ("delivered", "failed"),
                                "callingbox_webhook_deliveries_total", span, base))
     if call.webhook == "pending":
@@ -251,8 +253,9 @@ def explain(call_id: str, target: Target, call: dict | None, api_problem: str | 
     if tracked is not None:
         lines.extend(tracked_lines(tracked, ledger, record, held.saved_at, target))
         if call is None and api_problem and api_problem.startswith("not found"):
-            lines.append("vanished: the API no longer knows this call; once it is a straggler, its refresh by id"
-                         " counts it in callingbox_exporter_vanished_calls_total and forgets it")
+            lines.append("not found by id: if the next list read that covers its creation lacks it too, it is"
+                         " counted in callingbox_exporter_vanished_calls_total and forgotten (a 404 alone may be"
+                         " a by-id read lagging the list)")
     else:
         lines.extend(untracked_lines(record, ledger, held.saved_at, target))
     return "\n".join(lines) + "\n"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 
+import msgspec
 import pytest
 
-from exporter.records import Invalid, Record, decode_record, parse_timestamp
+from exporter.catalogue import CONTRACT_DEVIATIONS, DEVIATION_BITS
+from exporter.records import CallFields, Invalid, Record, decode_record, parse_timestamp
 
 ID = "5f1d7c3e-8a54-4b8e-9d7a-0c2b1e6f9a10"
 CREATED = datetime(2023, 11, 7, 5, 31, 56, tzinfo=timezone.utc).timestamp()
@@ -165,3 +168,28 @@ def test_invalid_record_names_the_reason(obj, reason, call_id):
 def test_configured_metadata_keys_are_read_as_label_values(metadata, expected):
     record = decode_record(call(metadata=metadata), ("campaign_id", "tier"))
     assert record.extra == expected
+
+
+def _fast(obj: dict):
+    """The element as the list read's fast path decodes it."""
+    (decoded,) = msgspec.json.Decoder(list[CallFields]).decode(json.dumps([obj]).encode())
+    return decoded
+
+
+@pytest.mark.parametrize("path", [lambda obj: obj, _fast], ids=["plain", "fast"])
+@pytest.mark.parametrize("overrides, status, webhook, result, deviations", [
+    ({"status": "voicemail"}, "voicemail", "delivered", "completed", {"undocumented_value"}),
+    ({"reservation_status": "refunded"}, "completed", "delivered", "completed", {"undocumented_value"}),
+    ({"direction": "transfer"}, "completed", "delivered", "completed", {"undocumented_value"}),
+    ({"webhook_status": "retrying"}, "completed", "retrying", "completed", {"undocumented_value"}),
+    ({"webhook_url": None, "webhook_status": "pending"}, "completed", None, "completed", {"outcome_without_subject"}),
+    ({"webhook_url": "", "webhook_status": "delivered"}, "completed", None, "completed", {"outcome_without_subject"}),
+    ({"returns": {}, "result_status": "completed"}, "completed", "delivered", None, {"outcome_without_subject"}),
+    ({"returns": None, "result_status": "failed"}, "completed", "delivered", None, {"outcome_without_subject"}),
+    ({"returns": {}, "result_status": None}, "completed", "delivered", None, set()),
+])
+def test_values_outside_the_docs_are_kept_and_outcomes_without_subject_dropped(path, overrides, status, webhook,
+                                                                                result, deviations):
+    record = decode_record(path(call(**overrides)))
+    assert (record.status, record.webhook_status, record.result_status) == (status, webhook, result)
+    assert {kind for kind in CONTRACT_DEVIATIONS if record.deviations & DEVIATION_BITS[kind]} == deviations

@@ -554,3 +554,26 @@ def test_a_file_that_cannot_be_used_is_refused_in_one_line_and_left_as_it_is(tmp
     assert not [n for n in os.listdir(tmp_path) if n.endswith((".v1.json", ".migrating", ".new"))]
     with pytest.raises(StateError):
         read(str(path))
+
+
+# ---- schema 2 → 3 ------------------------------------------------------------------------------
+
+def test_a_schema_2_database_is_upgraded_in_place_and_its_calls_wait_for_nothing(tmp_path):
+    """Schema 2 kept no end details per call: its terminal calls read as ended with nothing left to
+    count, so an upgrade never counts a detail twice; read-only readers (explain) read it as it is."""
+    path = tmp_path / "state.db"
+    ledger, store = accounted()
+    saved(path, ledger, store)
+    with raw(path) as plain:  # the file as schema 2 wrote it
+        for column in ("ended", "todo", "deviations"):
+            plain.execute(f"ALTER TABLE calls DROP COLUMN {column}")
+        plain.execute("PRAGMA user_version=2")
+    assert_same(read(str(path), label_limit=2), ledger, store, v1=True)
+    with raw(path, read_only=True) as plain:
+        assert plain.execute("PRAGMA user_version").fetchone()[0] == 2, "a read-only reader changes nothing"
+    restored = reopen(path)
+    assert_same(restored, ledger, store, v1=True)
+    with raw(path, read_only=True) as plain:
+        assert plain.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert {row[1] for row in plain.execute("PRAGMA table_info(calls)")} >= {"ended", "todo", "deviations"}
+    assert not restored.ledger.calls["b"].todo and restored.ledger.calls["b"].final is False  # its webhook pends
