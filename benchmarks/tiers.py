@@ -314,7 +314,7 @@ class OrgServer(Child):
 # ---- the exporter, polled in this process on the same virtual clock ------------------------
 
 class TierReport(PollReport):
-    FIELDS = (*PollReport.FIELDS, "full", "depth_s", "stragglers_refreshed", "stragglers_vanished",
+    FIELDS = (*PollReport.FIELDS, "full", "depth_s", "stragglers_refreshed", "stragglers_not_found",
               "straggler_errors")
 
 

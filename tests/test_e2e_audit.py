@@ -189,8 +189,10 @@ class LateCommits:
         """Commit every call whose time has come by `now` (before the poll at `now` reads)."""
         while self._next + LATE < now and self._next < self.until:
             created, committed = format_ts(self._next), format_ts(self._next + LATE)
+            # Final when committed, its hangup cause told: nothing keeps it open (SPEC §4, end_grace),
+            # so no read plan reaches down to it before the audit whose window holds it.
             call_id = self.sim.insert_past(0.0, created_at=created, started_at=created, answered_at=created,
-                                           ended_at=created, updated_at=committed)
+                                           ended_at=created, updated_at=committed, hangup_cause="customer_hangup")
             self.created[call_id] = _seconds(created)
             self._next += SPACING
 
