@@ -24,6 +24,7 @@ from .api import ApiError, Client, NotFound, RateLimited, Unauthorized
 from .audit import Audit
 from .budget import Budgets
 from .config import ConfigError, Target, read_key_file
+from .deadline import expected_list_bytes
 from .metrics import Collector, Snapshot
 from .store import Store
 from .stragglers import Refresher
@@ -330,8 +331,9 @@ class Poller:
             audit = self.tally.audit_due(now) if plan.full else None
             read = self.tally.list_read(now, audit, plan.horizon)
             before = self._bytes("list")
+            size = expected_list_bytes(self.tally.bytes_per_call, self.tally.calls_per_second, now - plan.horizon)
             try:
-                async with self.client.list_calls(read.fields) as batches:
+                async with self.client.list_calls(read.fields, size) as batches:
                     async for batch in batches:
                         if not all(map(read.take, batch)):
                             break  # past the settle window: the response is closed here

@@ -12,7 +12,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
 FLOW = (
-    "catalogue", "logs", "config", "budget", "jsonstream", "api", "records", "accounting", "audit", "store",
+    "catalogue", "logs", "config", "budget", "deadline", "jsonstream", "api", "records", "accounting", "audit", "store",
     "tally", "state", "metrics", "exposition", "stragglers", "poller", "supervisor", "webconfig", "web", "explain", "cli",
 )
 
