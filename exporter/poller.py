@@ -25,6 +25,7 @@ from .audit import Audit
 from .budget import Budgets
 from .config import ConfigError, Target, read_key_file
 from .deadline import expected_list_bytes
+from .liveness import Heartbeat, ledger_work
 from .metrics import Collector, Snapshot
 from .store import Store
 from .stragglers import Refresher
@@ -50,10 +51,11 @@ class Poller:
     ):
         self.target = target
         self.collector = collector
+        self.heartbeat = Heartbeat()  # every wait of the loop is a step with its bound: /-/healthy reads it
         key = target.api_key.reveal() if target.api_key is not None else None
         budget = (budgets or Budgets()).for_key(key, target.max_requests_per_minute)
         self.client = Client(session, target.api_url, target.api_key, target.request_timeout, self._count_response,
-                             budget, self._count_bytes)
+                             budget, self._count_bytes, self.heartbeat.step)
         self.clock = clock
         self.rng = rng or random.Random()
         self.status = Status()
@@ -172,15 +174,16 @@ class Poller:
         so a rotated Secret fixes a rejected key within seconds, not after a long back-off."""
         deadline = time.monotonic() + seconds
         self._wake.clear()
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                await asyncio.wait_for(self._wake.wait(), min(left, KEY_CHECK_INTERVAL))
-                return
-            except asyncio.TimeoutError:
-                if self.target.api_key_file and self._key_stamp != _stamp(self.target.api_key_file):
-                    if self.status.failures:
-                        log.info("API key file changed; the back-off ends", extra={"org": self.org})
+        with self.heartbeat.step("wait for the next poll", seconds):
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), min(left, KEY_CHECK_INTERVAL))
                     return
+                except asyncio.TimeoutError:
+                    if self.target.api_key_file and self._key_stamp != _stamp(self.target.api_key_file):
+                        if self.status.failures:
+                            log.info("API key file changed; the back-off ends", extra={"org": self.org})
+                        return
 
     async def poll(self) -> tuple[bool, float]:
         """One poll: read and count, persist, then publish. Returns (succeeded, wait before the next)."""
@@ -216,8 +219,9 @@ class Poller:
         # the next audit comes late and reads back past the settle window to where the last window
         # ended, the ledger still holds what it counted there, so an honest call is not `missing`.
         if plan.full:
-            for _ in tally.prune(now):
-                await asyncio.sleep(0)
+            with self.heartbeat.step("ledger prune", ledger_work(len(self.ledger.calls))):
+                for _ in tally.prune(now):
+                    await asyncio.sleep(0)
         summary = tally.sweep(now, everything=False)
         durable = await self._persist()
         if not durable and problem is None:
@@ -275,7 +279,8 @@ class Poller:
             # Shielded: a poll cancelled by a reload lets its save finish; `settle` waits for it.
             self._saving = asyncio.ensure_future(asyncio.to_thread(
                 self.db.save, self.ledger, self.store, self.tally.audit_state()))
-            await asyncio.shield(self._saving)
+            with self.heartbeat.step("state save", ledger_work(len(self.ledger.calls))):
+                await asyncio.shield(self._saving)
             return True
         except Exception as error:
             log.error("state not saved", extra={"org": self.org, "path": self.target.state_file, "error": str(error)})
@@ -347,7 +352,8 @@ class Poller:
                     raise
                 wait = min(MAX_BACKOFF, error.retry_after if error.retry_after is not None else self.target.poll_interval)
                 log.warning("rate limited", extra={"org": self.org, "retry_after_s": wait})
-                await asyncio.sleep(wait)
+                with self.heartbeat.step("Retry-After wait", wait):
+                    await asyncio.sleep(wait)
         raise AssertionError("unreachable")
 
     def _backoff(self, problem: Exception | None) -> float:

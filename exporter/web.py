@@ -184,9 +184,11 @@ def make_app(
     telemetry_path: str = "/metrics",
     reload: Callable[[], Awaitable[dict[str, list[str]]]] | None = None,
     guard: Guard | None = None,
+    wedged: Callable[[], tuple[str, str] | None] = lambda: None,
 ) -> web.Application:
     """`exposition.snapshots` is read afresh on each request, as a reload changes it; `registry`
-    is the live rendering of everything (`cli.registry_for`); `guard` is the web config."""
+    is the live rendering of everything (`cli.registry_for`); `guard` is the web config;
+    `wedged` names a poll loop that has ended or is wedged (`Supervisor.wedged`)."""
     snapshots: Mapping[str, Snapshot] = exposition.snapshots
 
     async def index(request: web.Request) -> web.Response:
@@ -194,7 +196,15 @@ def make_app(
         return web.Response(text=page, content_type="text/html")
 
     async def healthy(request: web.Request) -> web.Response:
-        return web.Response(text="Healthy.\n")
+        """200 while the process serves and its poll loops run; 503 with one line when a loop has
+        ended or is wedged (liveness.py), so the pod is restarted. An API outage is never a reason."""
+        found = wedged()
+        if found is None:
+            return web.Response(text="Healthy.\n")
+        org, why = found
+        # Probes reach this page without a password: name the target only when no one needs one.
+        loop = f"the poll loop of {org}" if guard is None or not guard.config.users else "a poll loop"
+        return web.Response(status=503, text=f"Unhealthy: {loop} {why}.\n")
 
     async def ready(request: web.Request) -> web.Response:
         targets = dict(snapshots)
