@@ -293,8 +293,9 @@ class Poller:
         kind at warn (a rejected key at error), repeats at debug, and one info line on recovery.
         """
         status = self.status
+        status.ready = True  # the first poll has finished, successfully or not (SPEC §2, /-/ready)
         if problem is None:
-            status.up, status.ready, status.last_error = True, True, None
+            status.up, status.last_error = True, None
             status.failures, status.last_success = 0, now
             if self._streak is not None:
                 _, polls, since = self._streak

@@ -39,7 +39,7 @@ class Status:
     """What the poller knows of its own schedule: the part of the health the ledger cannot say."""
 
     up: bool = False
-    ready: bool = False
+    ready: bool = False  # the first poll since the start has finished, successfully or not (/-/ready)
     last_poll: float | None = None
     last_success: float | None = None
     last_error: str | None = None
