@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import time
+from dataclasses import replace
 
 import aiohttp
 
@@ -380,7 +381,8 @@ class Poller:
     async def _publish(self, now: float, durable: bool, summary=None) -> None:
         """Publish the health; the counts too when durable, else the counts last published stay."""
         summary = summary if summary is not None else self.tally.sweep(now)
-        health = self.tally.health(summary, self.status, self.extra_labels)
+        health = replace(self.tally.health(summary, self.status, self.extra_labels),
+                         daily_budget_dollars=self.target.daily_budget_dollars)
         previous = self.collector.snapshots.get(self.org)
         store = self.tally.store.copy() if durable or previous is None else previous.store
         await self.collector.publish(self.org, Snapshot(store, health))

@@ -64,6 +64,7 @@ class Health:
     read_depth: float = 0.0  # seconds of history the last list read covered
     last_full_read: float | None = None
     open_calls: dict = field(default_factory=dict)  # refresh path ("list", "by_id") → open calls
+    daily_budget_dollars: float | None = None  # the target's daily_budget_dollars, if it sets one
 
 
 class Plan(NamedTuple):
