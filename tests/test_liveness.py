@@ -13,10 +13,12 @@ import json
 import time
 
 import aiohttp
+import bcrypt
 import pytest
+import yaml
 from aiohttp import web
 
-from exporter import api, deadline
+from exporter import api, deadline, webconfig
 from exporter.config import Secret, Target
 from exporter.exposition import Exposition
 from exporter.liveness import MARGIN, SECONDS_PER_CALL, Heartbeat, ledger_work
@@ -24,6 +26,7 @@ from exporter.poller import Poller
 from exporter.simulator import Simulator, format_ts, serve_in_thread
 from exporter.supervisor import Supervisor
 from exporter.web import make_app
+from exporter.webconfig import Guard
 
 KEY = "sk_test_liveness_0123456789"
 SMALL_MARGIN = 0.5  # seconds: tests wait out a limit of 2 x bound + this
@@ -172,6 +175,18 @@ async def test_a_poll_loop_that_ended_fails_the_probe(served):
     app = await served([target("http://127.0.0.1:9", name="broken")], make_poller=Broken)
     status, text = await wait_for(lambda: _unhealthy(app), 5, "/-/healthy to fail")
     assert text == "Unhealthy: the poll loop of broken has ended.\n"
+
+
+async def test_behind_a_password_the_probe_names_no_target(aiohttp_client, tmp_path):
+    """The probes need no password (Kubernetes has none), so their answers name no target then."""
+    path = tmp_path / "web.yml"
+    path.write_text(yaml.safe_dump({"basic_auth_users": {"prometheus": bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()}}))
+    collector = Exposition("test")
+    app = make_app(collector, collector, "test", guard=Guard(str(path), webconfig.load(str(path))),
+                   wedged=lambda: ("acme", "is wedged: state save running for 900s, past its limit of 800s"))
+    response = await (await aiohttp_client(app)).get("/-/healthy")
+    assert (response.status, await response.text()) == (
+        503, "Unhealthy: a poll loop is wedged: state save running for 900s, past its limit of 800s.\n")
 
 
 async def test_an_api_outage_never_fails_the_probe(served):
