@@ -151,7 +151,8 @@ class Poller:
                 log.exception("poll crashed", extra={"org": self.org})
                 self.status.failures += 1
                 wait = self._backoff(None)
-            await self._wait(wait)
+            with self.heartbeat.step("wait for the next poll", wait):
+                await self._wait(wait)
 
     async def settle(self) -> None:
         """Wait for a save its cancelled poll left running: a poller that adopts this one's ledger
@@ -175,16 +176,15 @@ class Poller:
         so a rotated Secret fixes a rejected key within seconds, not after a long back-off."""
         deadline = time.monotonic() + seconds
         self._wake.clear()
-        with self.heartbeat.step("wait for the next poll", seconds):
-            while (left := deadline - time.monotonic()) > 0:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), min(left, KEY_CHECK_INTERVAL))
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(self._wake.wait(), min(left, KEY_CHECK_INTERVAL))
+                return
+            except asyncio.TimeoutError:
+                if self.target.api_key_file and self._key_stamp != _stamp(self.target.api_key_file):
+                    if self.status.failures:
+                        log.info("API key file changed; the back-off ends", extra={"org": self.org})
                     return
-                except asyncio.TimeoutError:
-                    if self.target.api_key_file and self._key_stamp != _stamp(self.target.api_key_file):
-                        if self.status.failures:
-                            log.info("API key file changed; the back-off ends", extra={"org": self.org})
-                        return
 
     async def poll(self) -> tuple[bool, float]:
         """One poll: read and count, persist, then publish. Returns (succeeded, wait before the next)."""
