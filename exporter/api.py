@@ -3,26 +3,33 @@
 `GET /v1/calls` returns the organization's whole history as one JSON array, newest first.
 `list_calls` feeds it to `jsonstream.ArrayStream` as bytes arrive and yields the decoded
 batches, so the caller can stop at the settle window and close the response without ever
-holding the body; a body the decoder refuses becomes a BodyError. The key is added to
-requests here and scrubbed from anything this module raises; nothing else sees it.
+holding the body; a body the decoder refuses becomes a BodyError. Every request has a deadline
+for its whole answer, connect to last byte (deadline.py), so a body that trickles fails like a
+timeout; each request is a step of the caller's heartbeat (liveness.py) that ends by that deadline.
+The key is added to requests here and scrubbed from anything this module raises; nothing else sees it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from email.utils import parsedate_to_datetime
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 
 from .budget import Budget
 from .config import Secret
+from .deadline import call_deadline, list_deadline
 from .jsonstream import MAX_PENDING_CHARS, ArrayStream, StreamError
 
 CHUNK_BYTES = 64 * 1024
+T = TypeVar("T")
+# A step of the caller's heartbeat: `with step("list read", seconds): ...` (liveness.Heartbeat.step).
+Step = Callable[[str, "float | None"], AbstractContextManager]
 
 
 class ApiError(Exception):
@@ -47,6 +54,14 @@ class NotFound(ApiError):
     """404 with the API's own `{"error": ...}` body: the call does not exist (any more)."""
 
 
+class DeadlineExceeded(ApiError):
+    """No whole answer within the request's deadline (connect to last byte): a stalled or trickling
+    response, which a between-bytes timeout never ends. Coded `error`, like a timeout."""
+
+    def __init__(self, seconds: float):
+        super().__init__(f"no whole response within its deadline of {seconds:.1f}s (connect to last byte)")
+
+
 class BodyError(ApiError):
     """A 200 whose body was not a complete JSON array (truncated, HTML, garbage)."""
 
@@ -61,6 +76,17 @@ def _conditions(validators: dict[str, str]) -> dict[str, str]:
     if "Last-Modified" in validators:
         return {"If-Modified-Since": validators["Last-Modified"]}
     return {}
+
+
+async def _within(at: float, seconds: float, awaitable: Awaitable[T]) -> T:
+    """`await awaitable`, cut off at event-loop time `at`, the deadline of a `seconds` request."""
+    try:
+        async with asyncio.timeout_at(at) as scope:
+            return await awaitable
+    except TimeoutError:
+        if scope.expired():
+            raise DeadlineExceeded(seconds) from None
+        raise  # aiohttp's own connect or between-bytes timeout
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -88,11 +114,16 @@ class Client:
         on_response: Callable[[str], None] = lambda code: None,
         budget: Budget | None = None,
         on_bytes: Callable[[str, int], None] = lambda endpoint, size: None,
+        step: Step = lambda what, seconds: nullcontext(),
     ):
         self._session = session
         self._base_url = base_url.rstrip("/")
         self._key = api_key
+        self.request_timeout = timeout
+        # aiohttp's timeouts end a connect or a silence; the deadline (_within) ends the whole answer.
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+        self._step = step
+        self._late = 0  # list reads in a row that missed their deadline: the next one gets longer
         self._on_response = on_response
         self.budget = budget
         self._on_bytes = on_bytes  # body bytes read, by endpoint ("list", "call"): the API's cost
@@ -115,14 +146,30 @@ class Client:
             text = text.replace(self._key.reveal(), "***")
         return text[:300]
 
-    async def _get(self, path: str, conditions: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+    def list_deadline(self, expected_bytes: float) -> float:
+        """Seconds the next list read may take, connect to last byte (deadline.list_deadline)."""
+        return list_deadline(self.request_timeout, expected_bytes, self._late)
+
+    async def _wait_for_budget(self) -> None:
+        """Room in the key's request budget. A step without a limit: how long is the API's to say
+        (a Retry-After holds every request on the key), so a wait here never counts as wedged."""
+        if self.budget is not None:
+            with self._step("waiting for the API budget", None):
+                await self.budget.acquire()
+
+    async def _get(self, path: str, at: float, seconds: float,
+                   conditions: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+        """The answer to `GET path`, its headers before event-loop time `at` (the deadline of a
+        request of `seconds`); its body is the caller's to read before `at` too."""
         headers = {"Accept": "application/json", **(conditions or {})}
         if self._key is not None:
             headers["Authorization"] = f"Bearer {self._key.reveal()}"
-        if self.budget is not None:
-            await self.budget.acquire()
         try:
-            response = await self._session.get(self._base_url + path, headers=headers, timeout=self._timeout)
+            response = await _within(at, seconds, self._session.get(
+                self._base_url + path, headers=headers, timeout=self._timeout))
+        except DeadlineExceeded:
+            self._on_response("error")
+            raise
         except (aiohttp.ClientError, TimeoutError) as error:
             self._on_response("error")
             raise ApiError(self._scrub(f"request failed: {type(error).__name__}: {error}")) from None
@@ -130,8 +177,8 @@ class Client:
         if response.status == 200 or (response.status == 304 and conditions):
             return response
         try:
-            detail = self._scrub((await response.text(errors="replace"))[:300])
-        except (aiohttp.ClientError, TimeoutError):
+            detail = self._scrub((await _within(at, seconds, response.text(errors="replace")))[:300])
+        except (aiohttp.ClientError, TimeoutError, DeadlineExceeded):
             detail = ""
         finally:
             response.release()
@@ -146,54 +193,62 @@ class Client:
         raise ApiError(message, str(response.status))
 
     @asynccontextmanager
-    async def list_calls(self, item_type: type | None = None) -> AsyncIterator[AsyncIterator[list[object]]]:
-        """`async with client.list_calls(CallFields) as batches: async for batch in batches: ...`
+    async def list_calls(self, item_type: type | None = None,
+                         expected_bytes: float = 0.0) -> AsyncIterator[AsyncIterator[list[object]]]:
+        """`async with client.list_calls(CallFields, size) as batches: async for batch in batches: ...`
 
         Elements come as `item_type` structs where the fast path could decode them, else as plain
         JSON values. Leaving the block early closes the connection, so the server stops sending.
+        The read has a deadline sized from `expected_bytes` (list_deadline), the caller's work on
+        the batches included; past it, DeadlineExceeded.
         """
-        response = await self._get("/v1/calls", _conditions(self._validators))
-        complete = False
-        self.not_modified = response.status == 304  # the list is as it was at the last full read
-        self._received = {k: response.headers[k] for k in ("ETag", "Last-Modified") if k in response.headers}
-        if self.not_modified:
-            response.release()
+        seconds = self.list_deadline(expected_bytes)
+        await self._wait_for_budget()
+        try:
+            with self._step("list read", seconds):
+                at = asyncio.get_running_loop().time() + seconds
+                response = await self._get("/v1/calls", at, seconds, _conditions(self._validators))
+                self.not_modified = response.status == 304  # the list is as it was at the last full read
+                self._received = {k: response.headers[k] for k in ("ETag", "Last-Modified") if k in response.headers}
+                if self.not_modified:
+                    response.release()
+                    yield _nothing()
+                    return
+                complete: list[bool] = []
+                try:
+                    yield self._batches(response, item_type, at, seconds, complete)
+                finally:
+                    if complete:
+                        response.release()
+                    else:
+                        response.close()
+        except DeadlineExceeded:
+            self._late += 1
+            raise
 
-            async def nothing() -> AsyncIterator[list[object]]:
-                return
-                yield
-
-            yield nothing()
-            return
-
-        async def batches() -> AsyncIterator[list[object]]:
-            nonlocal complete
-            stream = ArrayStream(item_type)
-            try:
-                async for chunk in response.content.iter_chunked(CHUNK_BYTES):
-                    self._on_bytes("list", len(chunk))
-                    items = stream.feed(chunk)
-                    if items:
-                        yield items
-                items = stream.finish()
+    async def _batches(self, response: aiohttp.ClientResponse, item_type: type | None, at: float,
+                       seconds: float, complete: list[bool]) -> AsyncIterator[list[object]]:
+        """The decoded elements of a list body, read before `at`; `complete` gets True at its end."""
+        stream = ArrayStream(item_type)
+        try:
+            while chunk := await _within(at, seconds, response.content.read(CHUNK_BYTES)):
+                self._on_bytes("list", len(chunk))
+                items = stream.feed(chunk)
                 if items:
                     yield items
-            except StreamError as error:
-                raise BodyError(str(error)) from None
-            except (aiohttp.ClientError, TimeoutError) as error:
-                raise BodyError(self._scrub(f"reading the response failed: {type(error).__name__}: {error}")) from None
-            complete = True
-
-        try:
-            yield batches()
-        finally:
-            if complete:
-                response.release()
-            else:
-                response.close()
+            items = stream.finish()
+            if items:
+                yield items
+        except StreamError as error:
+            raise BodyError(str(error)) from None
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise BodyError(self._scrub(f"reading the response failed: {type(error).__name__}: {error}")) from None
+        complete.append(True)
 
     def read_succeeded(self) -> None:
-        """The last list read was accounted in full: its validators may spare the next one."""
+        """The last list read was accounted in full: its validators may spare the next one, and
+        the next read's deadline is sized afresh."""
+        self._late = 0
         if not self.not_modified:
             self._validators = self._received
 
@@ -203,23 +258,27 @@ class Client:
         Raises NotFound only for a 404 whose body is the API's JSON error: a 404 page from a
         proxy or a wrong base URL says nothing about the call, so it stays an ApiError.
         """
-        try:
-            response = await self._get("/v1/calls/" + quote(call_id, safe=""))
-        except ApiError as error:
-            if error.code == "404" and _is_api_error(str(error).partition(": ")[2]):
-                raise NotFound(str(error), "404") from None
-            raise
-        try:
-            body = bytearray()
-            async for chunk in response.content.iter_chunked(CHUNK_BYTES):
-                body += chunk
-                if len(body) > MAX_PENDING_CHARS:
-                    raise BodyError("response body holds an oversized call object")
-            self._on_bytes("call", len(body))
-        except (aiohttp.ClientError, TimeoutError) as error:
-            raise BodyError(self._scrub(f"reading the response failed: {type(error).__name__}: {error}")) from None
-        finally:
-            response.release()
+        seconds = call_deadline(self.request_timeout)
+        await self._wait_for_budget()
+        with self._step("call by id", seconds):
+            at = asyncio.get_running_loop().time() + seconds
+            try:
+                response = await self._get("/v1/calls/" + quote(call_id, safe=""), at, seconds)
+            except ApiError as error:
+                if error.code == "404" and _is_api_error(str(error).partition(": ")[2]):
+                    raise NotFound(str(error), "404") from None
+                raise
+            try:
+                body = bytearray()
+                while chunk := await _within(at, seconds, response.content.read(CHUNK_BYTES)):
+                    body += chunk
+                    if len(body) > MAX_PENDING_CHARS:
+                        raise BodyError("response body holds an oversized call object")
+                self._on_bytes("call", len(body))
+            except (aiohttp.ClientError, TimeoutError) as error:
+                raise BodyError(self._scrub(f"reading the response failed: {type(error).__name__}: {error}")) from None
+            finally:
+                response.release()
         try:
             value = json.loads(body)
         except ValueError:  # also UnicodeDecodeError
@@ -227,6 +286,12 @@ class Client:
         if not isinstance(value, dict):
             raise BodyError("response body is not a JSON object")
         return value
+
+
+async def _nothing() -> AsyncIterator[list[object]]:
+    """The batches of a 304: none."""
+    return
+    yield
 
 
 def _is_api_error(body: str) -> bool:

@@ -119,7 +119,8 @@ async def run(cfg: config.Config, load: Callable[[], config.Config], guard: Guar
 
 
 async def serve(cfg: config.Config, registry: CollectorRegistry, supervisor: Supervisor, reload, guard) -> int:
-    app = make_app(supervisor.collector, registry, __version__, cfg.telemetry_path, reload=reload, guard=guard)
+    app = make_app(supervisor.collector, registry, __version__, cfg.telemetry_path, reload=reload, guard=guard,
+                   wedged=supervisor.wedged)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     address = f"{cfg.listen_host or ''}:{cfg.listen_port}"

@@ -47,6 +47,7 @@ TARGET_KEYS = {
     "max_label_values",
     "buckets",
     "metadata_labels",
+    "daily_budget_dollars",
     "audit_interval",
     "audit_sample",
     "max_requests_per_minute",
@@ -114,6 +115,7 @@ class Target:
     max_label_values: int = 50
     buckets: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     metadata_labels: tuple[tuple[str, str], ...] = ()  # (metadata key, label name), in config order
+    daily_budget_dollars: float | None = None  # exported as callingbox_daily_budget_dollars when set
     audit_interval: float = 3600.0  # 0: no self-audit
     audit_sample: int = 10  # tracked calls fetched by id at each audit (spot-checks); 0: none
     max_requests_per_minute: int = 600  # per API key, shared by every target using that key
@@ -180,6 +182,15 @@ def _buckets(key: str, value: Any) -> dict[str, tuple[float, ...]]:
             raise ConfigError(f"{key}.{name}", f"{bounds!r} is not a non-empty increasing list of numbers")
         result[full] = tuple(float(b) for b in bounds)
     return result
+
+
+def _dollars(key: str, value: Any) -> float:
+    """An amount of US dollars greater than 0, e.g. `250` or `99.50`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(key, f"{value!r} is not a number of dollars (e.g. 250 or 99.50)")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(key, f"{value!r} must be a finite number greater than 0")
+    return float(value)
 
 
 def _metadata_labels(key: str, value: Any) -> tuple[tuple[str, str], ...]:
@@ -252,6 +263,8 @@ def _target(raw: Mapping[str, Any], where: str, name: str) -> Target:
             values[key] = _buckets(path, value)
         elif key == "metadata_labels":
             values[key] = _metadata_labels(path, value)
+        elif key == "daily_budget_dollars":
+            values[key] = _dollars(path, value)
         elif key == "straggler_give_up":
             values[key] = _positive(path, value)
         elif key in ("straggler_concurrency", "straggler_batch"):

@@ -50,6 +50,9 @@ GAUGES: dict[str, tuple[str, tuple[str, ...], Callable[[Health], dict]]] = {
                                     lambda h: {(): h.webhooks_pending}),
     "callingbox_up": ("1 when the last poll of the CallingBox API succeeded.", (),
                       lambda h: {(): 1 if h.status.up else 0}),
+    "callingbox_daily_budget_dollars": (  # for the alert that compares today's spend with it
+        "The org's daily spend budget in US dollars (config daily_budget_dollars); only for targets that set it.",
+        (), lambda h: {} if h.daily_budget_dollars is None else {(): h.daily_budget_dollars}),
     "callingbox_exporter_last_success_timestamp_seconds": ("When the last poll succeeded.", (),
                                                            lambda h: {(): _or_zero(h.status.last_success)}),
     "callingbox_exporter_watermark_timestamp_seconds": ("Newest updated_at processed.", (),

@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import time
+from dataclasses import replace
 
 import aiohttp
 
@@ -24,6 +25,8 @@ from .api import ApiError, Client, NotFound, RateLimited, Unauthorized
 from .audit import Audit
 from .budget import Budgets
 from .config import ConfigError, Target, read_key_file
+from .deadline import expected_list_bytes
+from .liveness import Heartbeat, ledger_work
 from .metrics import Collector, Snapshot
 from .store import Store
 from .stragglers import Refresher
@@ -50,10 +53,11 @@ class Poller:
     ):
         self.target = target
         self.collector = collector
+        self.heartbeat = Heartbeat()  # every wait of the loop is a step with its bound: /-/healthy reads it
         key = target.api_key.reveal() if target.api_key is not None else None
         budget = (budgets or Budgets()).for_key(key, target.max_requests_per_minute)
         self.client = Client(session, target.api_url, target.api_key, target.request_timeout, self._count_response,
-                             budget, self._count_bytes)
+                             budget, self._count_bytes, self.heartbeat.step)
         self.clock = clock
         self.rng = rng or random.Random()
         self.status = Status()
@@ -148,7 +152,8 @@ class Poller:
                 log.exception("poll crashed", extra={"org": self.org})
                 self.status.failures += 1
                 wait = self._backoff(None)
-            await self._wait(wait)
+            with self.heartbeat.step("wait for the next poll", wait):
+                await self._wait(wait)
 
     async def settle(self) -> None:
         """Wait for a save its cancelled poll left running: a poller that adopts this one's ledger
@@ -216,8 +221,9 @@ class Poller:
         # the next audit comes late and reads back past the settle window to where the last window
         # ended, the ledger still holds what it counted there, so an honest call is not `missing`.
         if plan.full:
-            for _ in tally.prune(now):
-                await asyncio.sleep(0)
+            with self.heartbeat.step("ledger prune", ledger_work(len(self.ledger.calls))):
+                for _ in tally.prune(now):
+                    await asyncio.sleep(0)
         tally.expire(now)  # hangup causes still unknown `end_grace` after the end count as `none`
         summary = tally.sweep(now, everything=False)
         durable = await self._persist()
@@ -276,7 +282,8 @@ class Poller:
             # Shielded: a poll cancelled by a reload lets its save finish; `settle` waits for it.
             self._saving = asyncio.ensure_future(asyncio.to_thread(
                 self.db.save, self.ledger, self.store, self.tally.audit_state()))
-            await asyncio.shield(self._saving)
+            with self.heartbeat.step("state save", ledger_work(len(self.ledger.calls))):
+                await asyncio.shield(self._saving)
             return True
         except Exception as error:
             log.error("state not saved", extra={"org": self.org, "path": self.target.state_file, "error": str(error)})
@@ -289,8 +296,9 @@ class Poller:
         kind at warn (a rejected key at error), repeats at debug, and one info line on recovery.
         """
         status = self.status
+        status.ready = True  # the first poll has finished, successfully or not (SPEC §2, /-/ready)
         if problem is None:
-            status.up, status.ready, status.last_error = True, True, None
+            status.up, status.last_error = True, None
             status.failures, status.last_success = 0, now
             if self._streak is not None:
                 _, polls, since = self._streak
@@ -332,8 +340,9 @@ class Poller:
             audit = self.tally.audit_due(now) if plan.full else None
             read = self.tally.list_read(now, audit, plan.horizon)
             before = self._bytes("list")
+            size = expected_list_bytes(self.tally.bytes_per_call, self.tally.calls_per_second, now - plan.horizon)
             try:
-                async with self.client.list_calls(read.fields) as batches:
+                async with self.client.list_calls(read.fields, size) as batches:
                     async for batch in batches:
                         if not all(map(read.take, batch)):
                             break  # past the settle window: the response is closed here
@@ -347,7 +356,8 @@ class Poller:
                     raise
                 wait = min(MAX_BACKOFF, error.retry_after if error.retry_after is not None else self.target.poll_interval)
                 log.warning("rate limited", extra={"org": self.org, "retry_after_s": wait})
-                await asyncio.sleep(wait)
+                with self.heartbeat.step("Retry-After wait", wait):
+                    await asyncio.sleep(wait)
         raise AssertionError("unreachable")
 
     def _backoff(self, problem: Exception | None) -> float:
@@ -373,7 +383,8 @@ class Poller:
     async def _publish(self, now: float, durable: bool, summary=None) -> None:
         """Publish the health; the counts too when durable, else the counts last published stay."""
         summary = summary if summary is not None else self.tally.sweep(now)
-        health = self.tally.health(summary, self.status, self.extra_labels)
+        health = replace(self.tally.health(summary, self.status, self.extra_labels),
+                         daily_budget_dollars=self.target.daily_budget_dollars)
         previous = self.collector.snapshots.get(self.org)
         store = self.tally.store.copy() if durable or previous is None else previous.store
         await self.collector.publish(self.org, Snapshot(store, health))

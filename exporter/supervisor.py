@@ -44,6 +44,20 @@ class Supervisor:
             await poller.restore()
             self.pollers[target.name] = poller
 
+    def wedged(self) -> tuple[str, str] | None:
+        """(org, why) of a poll loop that has ended or is wedged (liveness.Heartbeat), else None:
+        what makes /-/healthy fail. Loops not started yet, or stopped by a reload, are not asked."""
+        for name, poller in list(self.pollers.items()):
+            task = self._tasks.get(name)
+            if task is None:
+                continue
+            if task.done():
+                return name, "has ended"
+            why = poller.heartbeat.overdue()
+            if why is not None:
+                return name, f"is wedged: {why}"
+        return None
+
     def start(self) -> None:
         for name, poller in self.pollers.items():
             if name not in self._tasks:

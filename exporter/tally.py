@@ -41,7 +41,7 @@ class Status:
     """What the poller knows of its own schedule: the part of the health the ledger cannot say."""
 
     up: bool = False
-    ready: bool = False
+    ready: bool = False  # the first poll since the start has finished, successfully or not (/-/ready)
     last_poll: float | None = None
     last_success: float | None = None
     last_error: str | None = None
@@ -66,6 +66,7 @@ class Health:
     read_depth: float = 0.0  # seconds of history the last list read covered
     last_full_read: float | None = None
     open_calls: dict = field(default_factory=dict)  # refresh path ("list", "by_id") → open calls
+    daily_budget_dollars: float | None = None  # the target's daily_budget_dollars, if it sets one
 
 
 class Plan(NamedTuple):

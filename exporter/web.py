@@ -27,7 +27,7 @@ from .webconfig import Guard
 # without depending on the layout.
 TODAY_SHOWN = ("created", "completed", "no_answer", "busy", "canceled", "failed")
 ZERO = ' class="zero"'
-READY_HINT = "/-/ready answers 200 once every target has completed a successful poll since the start"
+READY_HINT = "/-/ready answers 200 once every target's first poll since the start has finished, successfully or not"
 
 STYLE = """
 :root{--ok:#1a7f37;--bad:#cf222e;--warn:#9a6700;--muted:#59636e;--line:#d1d9e0}
@@ -103,7 +103,7 @@ def _card(org: str, snapshot: Snapshot, now: float) -> str:
     health = snapshot.health
     status = health.status
     state = "up" if status.up else "down"
-    readiness = "ready" if status.ready else "catching up"
+    readiness = "ready" if status.ready else "first poll"
     lag = "n/a" if health.watermark is None else _span(now - health.watermark)
     rows = [
         ("last poll", _when(status.last_poll, now)),
@@ -132,10 +132,10 @@ def landing_page(version: str, telemetry_path: str, snapshots: Mapping[str, Snap
     targets = dict(snapshots)  # one view of the targets, even if a reload changes them meanwhile
     statuses = [snapshot.health.status for snapshot in targets.values()]
     down = sum(not s.up for s in statuses)
-    catching_up = sum(s.up and not s.ready for s in statuses)
+    first = sum(not s.ready for s in statuses)
     parts = [f"{len(targets)} target{'' if len(targets) == 1 else 's'}", f"{down} down" if down else "all up"]
-    if catching_up:
-        parts.append(f"{catching_up} catching up")
+    if first:
+        parts.append(f"{first} on a first poll")
     summary = _e(", ".join(parts))
     path = _e(telemetry_path)
     rendered = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
@@ -184,9 +184,11 @@ def make_app(
     telemetry_path: str = "/metrics",
     reload: Callable[[], Awaitable[dict[str, list[str]]]] | None = None,
     guard: Guard | None = None,
+    wedged: Callable[[], tuple[str, str] | None] = lambda: None,
 ) -> web.Application:
     """`exposition.snapshots` is read afresh on each request, as a reload changes it; `registry`
-    is the live rendering of everything (`cli.registry_for`); `guard` is the web config."""
+    is the live rendering of everything (`cli.registry_for`); `guard` is the web config;
+    `wedged` names a poll loop that has ended or is wedged (`Supervisor.wedged`)."""
     snapshots: Mapping[str, Snapshot] = exposition.snapshots
 
     async def index(request: web.Request) -> web.Response:
@@ -194,16 +196,27 @@ def make_app(
         return web.Response(text=page, content_type="text/html")
 
     async def healthy(request: web.Request) -> web.Response:
-        return web.Response(text="Healthy.\n")
+        """200 while the process serves and its poll loops run; 503 with one line when a loop has
+        ended or is wedged (liveness.py), so the pod is restarted. An API outage is never a reason."""
+        found = wedged()
+        if found is None:
+            return web.Response(text="Healthy.\n")
+        org, why = found
+        # Probes reach this page without a password: name the target only when no one needs one.
+        loop = f"the poll loop of {org}" if guard is None or not guard.config.users else "a poll loop"
+        return web.Response(status=503, text=f"Unhealthy: {loop} {why}.\n")
 
     async def ready(request: web.Request) -> web.Response:
+        """200 once the state is restored and served and every target's first poll has finished,
+        successfully or not: an outage or a revoked key shows as callingbox_up 0, not as an
+        unready pod that blocks a rollout (SPEC §2)."""
         targets = dict(snapshots)
         waiting = [org for org, snapshot in targets.items() if not snapshot.health.status.ready]
         if waiting:
             # Probes reach this page without a password: name the targets only when no one needs one.
             which = f" of {', '.join(waiting)}" if guard is None or not guard.config.users else (
                 f": {len(waiting)} of {len(targets)} targets")
-            return web.Response(status=503, text=f"Not ready: waiting for a first poll{which}.\n")
+            return web.Response(status=503, text=f"Not ready: waiting for the first poll{which} to finish.\n")
         return web.Response(text="Ready.\n")
 
     async def reloaded(request: web.Request) -> web.Response:

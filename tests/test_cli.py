@@ -140,3 +140,13 @@ def test_the_quick_start_config_for_the_real_api_exists_and_is_valid():
         assert result.returncode == 0 and result.stdout.startswith("config ok: 1 target(s)"), result.stderr
     without_key = run("--config.file", commands[0], "--check-config", env={"PATH": "/usr/bin:/bin"})
     assert without_key.returncode == 2 and "key" in without_key.stderr  # it really needs the key from the environment
+
+
+def test_a_bad_daily_budget_exits_2_with_one_line_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("targets:\n  - name: acme\n    daily_budget_dollars: -1\n")
+    result = run("--config.file", str(bad), "--check-config")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "callingbox-exporter: config error: targets[0].daily_budget_dollars: -1 must be a finite number greater than 0"
+    ]

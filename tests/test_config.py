@@ -377,3 +377,38 @@ def test_metadata_labels_map_metadata_keys_to_label_names_in_order(write_config,
 ])
 def test_bad_metadata_labels_are_named(write_config, key_file, value, message):
     assert config_error(config_file=write_config(f"api_key_file: {key_file}\nmetadata_labels: {value}\n")) == message
+
+
+# --- daily_budget_dollars (issue 23) -------------------------------------------------------------
+
+
+def test_daily_budget_is_optional_and_read_as_dollars(write_config, key_file):
+    assert build(config_file=write_config(f"api_key_file: {key_file}\n"), env={}).targets[0].daily_budget_dollars is None
+    for value, dollars in (("250", 250.0), ("99.5", 99.5), ("0.01", 0.01)):
+        target = build(config_file=write_config(f"api_key_file: {key_file}\ndaily_budget_dollars: {value}\n"),
+                       env={}).targets[0]
+        assert target.daily_budget_dollars == dollars
+
+
+def test_daily_budget_is_inherited_by_targets_and_overridden_per_target(write_config, key_file):
+    path = write_config(f"api_key_file: {key_file}\ndaily_budget_dollars: 100\n"
+                        "targets:\n  - name: acme\n  - name: globex\n    daily_budget_dollars: 2500\n")
+    assert [(t.name, t.daily_budget_dollars) for t in build(config_file=path, env={}).targets] == [
+        ("acme", 100.0), ("globex", 2500.0)]
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("lots", "'lots' is not a number of dollars (e.g. 250 or 99.50)"),
+    ('"250"', "'250' is not a number of dollars (e.g. 250 or 99.50)"),
+    ("true", "True is not a number of dollars (e.g. 250 or 99.50)"),
+    ("[250]", "[250] is not a number of dollars (e.g. 250 or 99.50)"),
+    ("0", "0 must be a finite number greater than 0"),
+    ("-5", "-5 must be a finite number greater than 0"),
+    (".inf", "inf must be a finite number greater than 0"),
+    (".nan", "nan must be a finite number greater than 0"),
+])
+def test_a_bad_daily_budget_is_named(write_config, key_file, value, problem):
+    single = write_config(f"api_key_file: {key_file}\ndaily_budget_dollars: {value}\n")
+    assert config_error(config_file=single) == f"daily_budget_dollars: {problem}"
+    listed = write_config(f"api_key_file: {key_file}\ntargets:\n  - name: a\n  - name: b\n    daily_budget_dollars: {value}\n")
+    assert config_error(config_file=listed) == f"targets[1].daily_budget_dollars: {problem}"

@@ -20,8 +20,12 @@ def _config(url: str, **extra) -> dict:
     return {"api_url": url, "poll_interval": "0.3s", "overlap": "10s", "initial_lookback": "1h", **extra}
 
 
-def _polls(exporter) -> float:
-    return exporter.scrape().get(("callingbox_exporter_polls_total", (("org", "default"), ("result", "success"))), 0)
+def _polls(exporter, result: str = "success") -> float:
+    return exporter.scrape().get(("callingbox_exporter_polls_total", (("org", "default"), ("result", result))), 0)
+
+
+def _failed(exporter) -> float:
+    return _polls(exporter, "error")
 
 
 def settle_and_compare(sim, exporter, timeout: float = 90) -> list[str]:
@@ -82,18 +86,28 @@ def test_metrics_endpoint_negotiates_openmetrics(stack):
 
 
 def test_landing_page_and_readiness(stack):
+    """/-/ready is 503 while the first poll runs and 200 once it has finished, failed or not
+    (SPEC §2): an outage shows as callingbox_up 0, never as an unready pod."""
     sim, url = stack.simulator(seed=2, rate=50, max_calls=30, time_scale=300, webhook_retry_base=0.05, api_key=KEY)
-    sim.inject("status", count=4, code=503)  # backoff 0.3 + 0.6 + 1.2 + 2.4 s before the first success
-    exporter = stack.exporter(_config(url), env={"CALLINGBOX_API_KEY": KEY}).start()
+    sim.inject("timeout", count=1, delay=60)  # the first poll waits request_timeout (5 s) for an answer, then fails
+    sim.inject("status", count=4, code=503)  # backoff 0.3 + 0.6 + 1.2 + 2.4 + 4.8 s before the first success
+    exporter = stack.exporter(_config(url, request_timeout="5s"), env={"CALLINGBOX_API_KEY": KEY}).start()
 
-    wait_until(lambda: "HTTP 503" in http_get(exporter.url + "/")[1], 20, message="error on the landing page")
-    status, _ = http_get(exporter.url + "/-/ready")
-    assert status == 503, "not ready before a successful poll"
-    assert http_get(exporter.url + "/-/healthy")[0] == 200
+    status, text = http_get(exporter.url + "/-/ready")
+    polls = _polls(exporter) + _failed(exporter)  # read after the probe: none had finished when it answered
+    assert (status, polls) == (503, 0), f"not ready while the first poll runs: {status} {text!r} after {polls} polls"
+    assert "first poll" in text and http_get(exporter.url + "/-/healthy")[0] == 200
 
-    wait_until(exporter.ready, 30, message="ready after the API recovers")
+    wait_until(exporter.ready, 20, message="ready once the first poll has finished")
+    samples = exporter.scrape()
+    up = samples[("callingbox_up", (("org", "default"),))]
+    assert (up, _polls(exporter)) == (0, 0) and _failed(exporter) >= 1, "ready after a failed first poll, up 0"
+    assert "request failed" in http_get(exporter.url + "/")[1], "the landing page shows the error"
+
+    wait_until(lambda: exporter.scrape()[("callingbox_up", (("org", "default"),))] == 1, 30,
+               message="up after the API recovers")
     status, page = http_get(exporter.url + "/")
-    assert status == 200
+    assert status == 200 and exporter.ready()
     for needle in ("0.1.0", "default", "up", "/metrics", "/-/ready", "last poll"):
         assert needle in page
 

@@ -7,6 +7,8 @@ times slower). A streak of failures is logged at warn (error for a rejected key)
 and when its kind changes, its repeats at debug, and its end once at info with its length; a
 429 is waited out inside the poll. /metrics
 answers every scrape throughout, and once the simulator is quiet the counts equal its truth.
+A body that trickles a byte every 3 s, each gap under request_timeout, fails its poll at the
+read's deadline, not never.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import time
 
 from conftest import http_get, log_records, log_seconds, parse_metrics
+from exporter.deadline import FLOOR
 from test_e2e_exact import KEY, _config, settle_and_compare
 
 POLL_INTERVAL = 0.3  # seconds, as _config sets it; the first backoff of a failure streak
@@ -240,3 +243,37 @@ def test_every_fault_drops_up_backs_off_and_recovers_with_exact_counts(stack):
     rate_limited = [r for r in records if r["msg"] == "rate limited"]
     assert len(rate_limited) == 1 and float(rate_limited[0]["retry_after_s"]) == 1, rate_limited
     assert all(r["org"] == "default" for r in rate_limited)
+
+
+def test_a_list_body_that_trickles_fails_the_poll_at_its_deadline_while_metrics_answer(stack):
+    """SPEC §4: a byte every 3 s never trips the 5 s between-bytes timeout. The read's deadline
+    (request_timeout + the floor, for an org this small) ends it: callingbox_up 0, /metrics and
+    /-/healthy answering throughout, then recovery and exact counts."""
+    timeout = 5.0
+    sim, url = stack.simulator(seed=24, rate=5, max_calls=60, time_scale=300, webhook_retry_base=0.02, api_key=KEY)
+    exporter = stack.exporter(_config(url, request_timeout=f"{timeout:g}s"), env={"CALLINGBOX_API_KEY": KEY}).start()
+    scraper = Scraper(exporter)
+    scraper.until(lambda s: _up(s) == 1 and _polls(s, "success") >= 2, 20, "two successful polls")
+
+    before = scraper.scrape()
+    sim.inject("trickle", every=3, duration=60)  # without a deadline the poll would end after 60 s
+    injected, deadline = time.monotonic(), timeout + FLOOR
+    scrapes = scraper.count
+    while _up(samples := scraper.scrape()) == 1:
+        assert http_get(exporter.url + "/-/healthy")[0] == 200, "a trickle is the API's fault: no restart"
+        assert time.monotonic() - injected < deadline + 10, "callingbox_up 0 within the read's deadline"
+        time.sleep(0.1)
+    took = time.monotonic() - injected
+    assert took >= deadline, f"the deadline ended the read, not something sooner ({took:.1f}s)"
+    assert scraper.count - scrapes >= 20, "/metrics answered scrape after scrape while the body trickled"
+    assert _polls(samples, "error") - _polls(before, "error") == 1
+    assert _requests(samples, "200") - _requests(before, "200") == _polls(samples, "success") - _polls(
+        before, "success") + 1, "the trickle's answer began as a 200"
+    failed = [r for r in log_records(exporter.log()) if r["msg"] == "poll failed"]
+    assert [(r["code"], "deadline" in r["error"]) for r in failed] == [("error", True)], failed
+
+    scraper.until(lambda s: _up(s) == 1, 20, "callingbox_up 1 after the trickle")
+    sim.pause()
+    assert settle_and_compare(sim, exporter) == []
+    print(f"\ncallingbox_up 0 {took:.1f}s after the trickle began (deadline {deadline:g}s); "
+          f"{scraper.count} scrapes, slowest {scraper.slowest * 1000:.0f} ms")

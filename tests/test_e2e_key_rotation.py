@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 
-from conftest import log_records, log_seconds, wait_until
+from conftest import http_get, log_records, log_seconds, wait_until
 
 OLD, NEW, OTHER = "sk_test_old_key_0123456789", "sk_test_new_key_9876543210", "sk_test_other_key_000000"
 FAILURES = 5  # 503s in a row before the key is revoked: the back-off doubles each time
@@ -72,3 +72,20 @@ def test_a_replaced_key_file_ends_the_back_off_of_a_rejected_key(stack, tmp_path
     samples = exporter.scrape()
     assert _value(samples, "callingbox_exporter_polls_total", "other", result="error") == 0
     assert _value(samples, "callingbox_up", "other") == 1
+
+
+def test_a_revoked_key_makes_the_pod_ready_after_its_first_poll_with_up_0(stack):
+    """SPEC §2: /-/ready waits for the first poll to finish, not to succeed; a rejected key shows
+    as callingbox_up 0, never as an unready pod that would block a rollout."""
+    sim, url = stack.simulator(seed=63, rate=20, max_calls=20, time_scale=300, api_key=NEW)
+    exporter = stack.exporter({"api_url": url, "poll_interval": "0.5s", "overlap": "10s"},
+                              env={"CALLINGBOX_API_KEY": OLD}).start()
+    wait_until(exporter.ready, 30, message="ready once the first poll has finished")
+
+    samples = exporter.scrape()
+    assert _value(samples, "callingbox_up", "default") == 0
+    assert _value(samples, "callingbox_exporter_polls_total", "default", result="success") == 0
+    assert _value(samples, "callingbox_exporter_polls_total", "default", result="error") >= 1
+    assert _value(samples, "callingbox_exporter_api_requests_total", "default", code="401") >= 1
+    assert _lines(exporter, "API key rejected", org="default"), "the log says the key was rejected"
+    assert http_get(exporter.url + "/-/healthy")[0] == 200, "a revoked key is no reason to restart the pod"

@@ -281,6 +281,11 @@ SPEC_FAMILIES = [
     ("callingbox_exporter_last_full_read_timestamp_seconds", "gauge", {"org"}),
     ("callingbox_exporter_open_calls", "gauge", {"org", "path"}),
 ]
+# Families with a sample only for targets that configure them (issue 23: daily_budget_dollars).
+OPTIONAL_FAMILIES = [
+    ("callingbox_daily_budget_dollars", "gauge", {"org"}),
+]
+EXPOSED = {n.removesuffix("_total") if k == "counter" else n for n, k, _ in SPEC_FAMILIES + OPTIONAL_FAMILIES}
 
 
 def populated_registry():
@@ -302,7 +307,19 @@ def test_every_spec_family_is_exposed_with_its_type_and_labels(name, kind, label
 
 def test_no_family_outside_the_spec_is_exposed():
     families = {f.name for f in parse_text(generate_latest(populated_registry()).decode())}
-    assert families == {n.removesuffix("_total") if k == "counter" else n for n, k, _ in SPEC_FAMILIES}
+    assert families == EXPOSED
+
+
+@pytest.mark.parametrize("samples_of", [text_samples, openmetrics_samples], ids=["text", "openmetrics"])
+def test_the_daily_budget_is_a_sample_only_for_targets_that_set_it(samples_of):
+    collector = Collector("1.2.3", clock=lambda: NOW)
+    asyncio.run(collector.publish("acme", Snapshot(Store(), Health(daily_budget_dollars=250.5))))
+    asyncio.run(collector.publish("globex", Snapshot(Store(), Health())))
+    registry = CollectorRegistry()
+    registry.register(collector)
+    budgets = {labels: value for (name, labels), value in samples_of(registry).items()
+               if name == "callingbox_daily_budget_dollars"}
+    assert budgets == {(("org", "acme"),): 250.5}
 
 
 def test_openmetrics_exposition_parses_whole_with_the_strict_reference_parser():
@@ -311,7 +328,7 @@ def test_openmetrics_exposition_parses_whole_with_the_strict_reference_parser():
     `callingbox_calls_total` beside `callingbox_calls_created_total`."""
     text = generate_openmetrics(populated_registry()).decode()
     names = {f.name for f in parse_openmetrics(text)}
-    assert names == {n.removesuffix("_total") if k == "counter" else n for n, k, _ in SPEC_FAMILIES}
+    assert names == EXPOSED
 
 
 def test_openmetrics_exposition_has_no_created_samples():

@@ -163,3 +163,14 @@ async def test_the_back_off_grows_then_stops_at_its_cap():
     assert all(wait <= MAX_BACKOFF for wait in waits), waits
     assert waits[-1] == waits[-2] == MAX_BACKOFF, "past the cap, the jitter cannot push it beyond"
 
+
+
+async def test_the_daily_budget_of_a_target_is_published_from_the_start():
+    """daily_budget_dollars reaches /metrics with the restored state, before any poll (and only when set)."""
+    async with aiohttp.ClientSession() as session:
+        collector = Collector("test")
+        await Poller(target("http://127.0.0.1:9", name="acme", daily_budget_dollars=250.0), collector, session).restore()
+        await Poller(target("http://127.0.0.1:9", name="globex"), collector, session).restore()
+    samples = {(s.name, s.labels.get("org")): s.value for family in collector.collect() for s in family.samples
+               if s.name == "callingbox_daily_budget_dollars"}
+    assert samples == {("callingbox_daily_budget_dollars", "acme"): 250.0}

@@ -197,6 +197,35 @@ def test_timeout_holds_the_answer_past_the_client_deadline():
         assert sim.stats["list_requests"] == 3
 
 
+def test_trickle_dribbles_the_list_start_a_byte_at_a_time_then_drops_the_connection():
+    """Each gap is shorter than a between-bytes timeout; the whole is bounded by `duration`."""
+    sim = Simulator(rate=0, history=5)
+    with serve_in_thread(sim) as url:
+        whole = get(f"{url}/v1/calls")[2]
+        sim.inject("trickle", every=0.2, duration=1.0)
+
+        async def dribbled() -> tuple[bytes, list[float]]:
+            received, gaps = b"", []
+            timeout = aiohttp.ClientTimeout(total=10, sock_read=0.5)  # never silent for 0.5 s
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                async with session.get(f"{url}/v1/calls") as response:
+                    assert response.status == 200
+                    last = time.monotonic()
+                    with pytest.raises(aiohttp.ClientPayloadError):  # dropped before the end
+                        while chunk := await response.content.read(1024):
+                            received += chunk
+                            gaps.append(time.monotonic() - last)
+                            last = time.monotonic()
+            return received, gaps
+
+        started = time.monotonic()
+        received, gaps = asyncio.run(dribbled())
+        assert time.monotonic() - started < 3.0, "bounded by its duration"
+        assert 3 <= len(received) <= 6 and whole.startswith(received) and received.startswith(b"[{")
+        assert max(gaps[1:]) < 0.5 and min(gaps[1:]) >= 0.15, gaps
+        assert json.loads(aiohttp_list(url)) == json.loads(whole)  # the fault is spent
+
+
 def test_malformed_records_sit_among_real_ones_and_stay_out_of_truth():
     sim = Simulator(seed=4, rate=500, max_calls=20, **FAST)
     with serve_in_thread(sim) as url:

@@ -163,7 +163,7 @@ async def test_each_target_shows_up_or_down_its_poll_and_today_totals(api, sessi
     assert "last_error" not in up and "stragglers" not in up
     assert today_of(up) == {"created": "6", "completed": "3", "no_answer": "1", "busy": "0", "canceled": "0",
                             "failed": "1", "billed": "$1,234.57"}
-    assert (down["state"], down["readiness"], down["consecutive_failures"]) == ("DOWN", "catching up", "2")
+    assert (down["state"], down["readiness"], down["consecutive_failures"]) == ("DOWN", "ready", "2")
     assert down["last_poll"] == "2024-10-04 12:00:03 UTC (2s ago)"
     assert (down["last_success"], down["watermark_lag"]) == ("never", "n/a")
     assert down["last_error"] == backup.status.last_error
@@ -188,6 +188,25 @@ async def test_the_page_names_its_version_and_links_and_is_served_at_root(api, s
     assert "http://" not in text and "https://" not in text, "nothing from elsewhere"
     assert "<script" not in text.lower(), "no JavaScript"
     assert '<meta http-equiv="refresh" content="30">' in text
+
+
+async def test_a_target_whose_first_poll_has_not_finished_is_the_one_not_ready(api, session, aiohttp_client):
+    """/-/ready and the readiness chip: a first poll that failed counts as finished (SPEC §2)."""
+    clock, collector = Clock(NOON), Exposition(VERSION)
+    failed = poller("backup", f"http://127.0.0.1:{free_port()}", session, clock, collector)
+    waiting = poller("campaigns", api.url, session, clock, collector)
+    await failed.restore()
+    await waiting.restore()  # served from the start, not polled yet
+    assert not (await failed.poll())[0]
+    client = await aiohttp_client(make_app(collector, registry_for(collector, collector.runtime), VERSION))
+    response = await client.get("/-/ready")
+    assert (response.status, await response.text()) == (503, "Not ready: waiting for the first poll of campaigns to finish.\n")
+
+    page = Page(landing_page(VERSION, "/metrics", collector.snapshots, NOON))
+    assert page.fields["summary"] == "2 targets, 2 down, 1 on a first poll"
+    assert (page.targets["backup"]["readiness"], page.targets["campaigns"]["readiness"]) == ("ready", "first poll")
+    assert (await waiting.poll())[0]
+    assert (await client.get("/-/ready")).status == 200
 
 
 async def test_a_hostile_org_name_and_error_text_are_escaped(api, session):

@@ -1,5 +1,5 @@
 """Faults on demand: the kinds `Simulator.inject` accepts and the answers they give instead of,
-or inside, the call list (errors, 429, stalls, resets, non-JSON, malformed elements). Used by
+or inside, the call list (errors, 429, stalls, trickles, resets, non-JSON, malformed elements). Used by
 `handlers.py`; the truth never counts what a fault adds, as nothing here is a call.
 """
 
@@ -17,7 +17,8 @@ from typing import Any
 from aiohttp import web
 
 FAULT_KINDS = frozenset(
-    {"status", "429", "timeout", "reset", "truncate", "non_json", "unauthorized", "malformed", "duplicates"}
+    {"status", "429", "timeout", "reset", "truncate", "non_json", "unauthorized", "malformed", "duplicates",
+     "trickle"}
 )
 
 
@@ -39,6 +40,29 @@ async def fault_answer(request: web.Request, kind: str | None, params: dict) -> 
     if kind == "timeout":
         await _stall(request, params.get("delay", 5.0))
     return None
+
+
+async def trickle(request: web.Request, body: bytes, every: float = 3.0, duration: float = 60.0) -> web.StreamResponse:
+    """A 200 whose `body` (the list's start) comes a byte every `every` seconds, each gap shorter
+    than a client's between-bytes timeout, so only a deadline for the whole answer ends it. After
+    `duration` seconds the connection is dropped without the rest (a truncated body), so a test
+    ends; a client that gives up first ends it sooner."""
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await response.prepare(request)
+    ends = time.monotonic() + duration
+    try:
+        for byte in body:
+            await response.write(bytes([byte]))
+            if time.monotonic() + every > ends:
+                break
+            await _stall(request, every)  # returns early once the client has closed the connection
+            if request.transport is None or request.transport.is_closing():
+                break
+    except ConnectionError:
+        pass
+    if request.transport is not None:
+        request.transport.close()
+    return response
 
 
 def _dumps(value: Any) -> bytes:

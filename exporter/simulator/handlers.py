@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from .contract import Contract
-from .faults import _dumps, _error, _malformed, fault_answer
+from .faults import _dumps, _error, _malformed, fault_answer, trickle
 from .lifecycle import _Call
 
 
@@ -132,6 +132,9 @@ class Handlers:
             if request.headers.get("If-None-Match") == headers["ETag"]:
                 return web.Response(status=304, headers=headers)
         items = self._items(live, kind, params)
+        if kind == "trickle":  # the list's first chunk, a byte at a time
+            start = next(_chunks(items, self.chunk_size, True), b"[]")
+            return await trickle(request, start, float(params.get("every", 3.0)), float(params.get("duration", 60.0)))
         if kind == "truncate":
             items = itertools.islice(items, (len(live) + self.history) // 2)
         return await self._stream(request, items, complete=kind != "truncate", headers=headers)
