@@ -186,13 +186,22 @@ class LateCommits:
         self._next = T0 + SPACING / 2
 
     def commit_due(self, now: float) -> None:
-        """Commit every call whose time has come by `now` (before the poll at `now` reads)."""
-        while self._next + LATE < now and self._next < self.until:
-            created, committed = format_ts(self._next), format_ts(self._next + LATE)
+        """Commit every call whose time has come by `now` (before the poll at `now` reads).
+
+        Its time is LATE after its created_at as the API writes it and the exporter reads it:
+        format_ts floors to the millisecond, so that is up to 1 ms before `_next`. Timed from
+        `_next`, a call whose audit window ends in that millisecond (at now − LATE) would be
+        committed only after that audit, into a stretch it had read, and no later read reaches it.
+        """
+        while self._next < self.until:
+            created = format_ts(self._next)
+            if _seconds(created) + LATE >= now:
+                return
             # Final when committed, its hangup cause told: nothing keeps it open (SPEC §4, end_grace),
             # so no read plan reaches down to it before the audit whose window holds it.
             call_id = self.sim.insert_past(0.0, created_at=created, started_at=created, answered_at=created,
-                                           ended_at=created, updated_at=committed, hangup_cause="customer_hangup")
+                                           ended_at=created, updated_at=format_ts(self._next + LATE),
+                                           hangup_cause="customer_hangup")
             self.created[call_id] = _seconds(created)
             self._next += SPACING
 
