@@ -12,8 +12,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
 FLOW = (
-    "catalogue", "logs", "config", "budget", "jsonstream", "api", "records", "accounting", "audit", "store",
-    "tally", "state", "metrics", "exposition", "stragglers", "poller", "supervisor", "webconfig", "web", "explain", "cli",
+    "catalogue", "logs", "config", "budget", "jsonstream", "api", "records", "accounting", "audit", "visibility",
+    "store", "tally", "state", "metrics", "exposition", "stragglers", "poller", "supervisor", "webconfig", "web", "explain", "cli",
 )
 
 
