@@ -42,7 +42,7 @@ class Simulator(Lifecycles, Handlers):
                  webhook_retry_base: float | None = None, replay_share: float = 0.0,
                  late_commit: float = 0.0, api_key: str | None = None,
                  chunk_size: int = 64 * 1024, outcome_weights: dict[str, float] | None = None,
-                 by_id_delay: float = 0.0, conditional: bool = False):
+                 by_id_delay: float = 0.0, conditional: bool = False, campaigns: list[str] | None = None):
         if by_id_delay < 0:
             raise ValueError("by_id_delay must be >= 0")
         if time_scale <= 0 or rate < 0 or chunk_size < 1 or history < 0 or late_commit < 0:
@@ -52,6 +52,7 @@ class Simulator(Lifecycles, Handlers):
         self.seed, self.rate, self.max_calls, self.time_scale = seed, rate, max_calls, time_scale
         self.inbound_share, self.replay_share, self.late_commit = inbound_share, replay_share, late_commit
         self.hangup_causes, self.error_codes = hangup_causes or None, error_codes or None
+        self.campaigns = campaigns or None  # metadata.campaign of new calls, drawn from these (tests may change it)
         self.history, self.webhook_retry_base, self.api_key = history, webhook_retry_base, api_key
         self.chunk_size = chunk_size
         self.by_id_delay = by_id_delay  # wall seconds GET /v1/calls/{id} takes, so concurrency shows
@@ -246,7 +247,7 @@ class Simulator(Lifecycles, Handlers):
     def _create(self, now: float, overrides: dict | None = None) -> _Call:
         rng = self._rng
         direction = "inbound" if rng.random() < self.inbound_share else "outbound"
-        record = _new_record(rng, direction, format_ts(now))
+        record = _new_record(rng, direction, format_ts(now), self.campaigns)
         record.update(overrides or {})
         call = _Call(record["id"], deque(sorted(self._plan(rng, record, now))))
         self._commit(call, record, now + self._hide(rng), now)
