@@ -117,6 +117,7 @@ class Store:
             if len(seen) >= self.label_limit:
                 return False
             seen.add(value)
+            self.label_use.admit(label, value)
         self.label_use.use(label, value)
         return True
 

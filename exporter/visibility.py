@@ -27,6 +27,9 @@ class LabelUse:
         self.idle = idle
         # label → value → last use; None: not known yet (a state saved without it), taken as the next expiry's now
         self.last: dict[str, dict[str, float | None]] = {}
+        # label → value → when it went idle (gave up its place); -inf: idle when restored
+        self.leaving: dict[str, dict[str, float]] = {}
+        self.restored = False  # values found idle at the first expiry after a restore were already gone
         self.now: float | None = None  # the latest time the store was told
         self.stamp: float | None = None  # `now` rounded up to the grain: the use noted now
         self.next_expiry = float("-inf")  # no value can go idle before this
@@ -49,12 +52,19 @@ class LabelUse:
         elif (uses.get(value) or 0.0) < stamp:
             uses[value] = stamp
 
+    def admit(self, label: str, value: str) -> None:
+        """`value` takes a place (again): it is no longer leaving."""
+        leaving = self.leaving.get(label)
+        if leaving:
+            leaving.pop(value, None)
+
     def expire(self, seen: dict[str, set[str]], now: float) -> None:
         """Take out of `seen` (the values holding a place) those not counted within `idle`."""
         if now < self.next_expiry:
             return
         self.at(now)
         horizon, soonest = now - self.idle, float("inf")
+        gone_at, self.restored = float("-inf") if self.restored else now, False
         for label, values in seen.items():
             uses = self.last.setdefault(label, {})
             for value in list(values):
@@ -63,20 +73,17 @@ class LabelUse:
                     last = uses[value] = self.stamp
                 if last < horizon:
                     values.discard(value)
+                    self.leaving.setdefault(label, {})[value] = gone_at
                 else:
                     soonest = min(soonest, last + self.idle)
         self.next_expiry = min(soonest, now + self.idle)  # a value taken after now is used after now
-
-    def idle_values(self, label: str, seen: set[str]) -> set[str]:
-        """The values of `label` that have been counted but hold no place now: their series are hidden."""
-        return self.last.get(label, {}).keys() - seen
 
     def to_json(self) -> dict:
         return {label: dict(uses) for label, uses in self.last.items() if uses}
 
     def restore(self, saved: object, seen: dict[str, set[str]]) -> None:
         """The saved last uses of the values restored in `seen`; a value without one counts as used now."""
-        saved = saved if isinstance(saved, dict) else {}
+        saved, self.restored = saved if isinstance(saved, dict) else {}, True
         for label, values in seen.items():
             uses = saved.get(label) if isinstance(saved.get(label), dict) else {}
             self.last[label] = {v: _number(uses.get(v)) for v in values}
@@ -91,6 +98,9 @@ class Births:
         self.values: dict[Key, int | float | list] = {}  # birth values of unseen series counted since
         self.born: dict[Key, float] = {}  # when each unseen series was first published
         self.hidden: set[Key] = set()  # the series left out of the last publish (label values gone idle)
+        self.read_at: float | None = None  # when the snapshot that the last scrape served was published
+        self.unread: dict[Key, float] = {}  # released series → when first shown moving, until a scrape reads it
+        self._released: list[Key] = []  # released since the last publish
 
     def touch(self, name: str, labels: tuple[str, ...], value: int | float | list) -> None:
         """An unseen series is about to move: its value now is what it is shown at until released."""
@@ -111,18 +121,33 @@ class Births:
         hold has passed for are shown at their true value from the next publish. The poller runs
         this before the save, so the state never holds back a series already shown moving: a
         restart would show it going down, a counter reset."""
-        hold, visible, born, values = self.hold, self.visible, self.born, self.values
-        released = [key for key, first in born.items()
-                    if hold <= 0 or (read_at is not None and read_at >= first and now - first >= hold)]
+        visible, born, values = self.visible, self.born, self.values
+        if read_at is not None:
+            self.read_at = read_at
+            self.unread = {key: shown for key, shown in self.unread.items() if not self.seen(shown, now)}
+        released = [key for key, first in born.items() if self.seen(first, now)]
         for key in released:
             del born[key]
-            values.pop(key, None)
+            if values.pop(key, None) is not None:
+                self._released.append(key)
             visible.setdefault(key[0], set()).add(key[1])
+
+    def seen(self, since: float, now: float) -> bool:
+        """Whether what was published at `since` has been read, and long enough ago for every
+        scraper to have read it too (the hold is longer than their scrape interval)."""
+        read_at = self.read_at
+        return since == float("-inf") or (read_at is not None and read_at >= since and now - since >= self.hold)
+
+    def held(self, key: Key) -> bool:
+        """Whether Prometheus may not have read all the series has counted: it must stay on /metrics."""
+        return key in self.values or key in self.unread or key in self._released
 
     def show(self, store, now: float) -> None:
         """Show each unseen series of `store` (a copy about to be published) at its birth value,
         noting when it is first published; with no hold, every series is visible at once."""
         hold, visible, born, values = self.hold, self.visible, self.born, self.values
+        self.unread.update((key, now) for key in self._released)
+        self._released = []
         exemplars = store.exemplars
         for families in (store.counters, store.histograms):
             for name, series in families.items():
@@ -130,6 +155,7 @@ class Births:
                     key = (name, labels)
                     if hold <= 0:
                         values.pop(key, None)
+                        born.pop(key, None)
                         visible.setdefault(name, set()).add(labels)
                         continue
                     born.setdefault(key, now)
@@ -178,12 +204,16 @@ def published(store, now: float):
     (`Births.release`: a scrape has read it and the hold has passed), then its true value."""
     store.label_use.expire(store.seen, now)
     clone = store.copy()
-    store.births.hidden = set()
-    for label, seen in store.seen.items():
-        idle = store.label_use.idle_values(label, seen)
+    births = store.births
+    births.hidden = set()
+    for label, leaving in store.label_use.leaving.items():
+        # An idle value leaves once a scrape has read a snapshot published since it went idle,
+        # and the hold has passed: those showed its last counts (bar held series, which stay
+        # until their moving values are read so too).
+        idle = {value for value, since in leaving.items() if births.seen(since, now)}
         if idle:
             _hide(store, clone, label, idle)
-    store.births.show(clone, now)
+    births.show(clone, now)
     return clone
 
 
@@ -197,8 +227,9 @@ def _hide(store, clone, label: str, idle: set[str]) -> None:
     for name, position in carriers:
         series = (clone.counters if FAMILIES[name].kind == "counter" else clone.histograms).get(name, {})
         for labels in [labels for labels in series if labels[position] in idle]:
-            del series[labels]
-            store.births.hide(name, labels)
+            if not store.births.held((name, labels)):
+                del series[labels]
+                store.births.hide(name, labels)
 
 
 def _number(value: object) -> float | None:

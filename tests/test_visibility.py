@@ -143,7 +143,8 @@ def test_the_published_view_never_loses_nor_doubles_an_increment():
             for name in (HANGUPS, ERRORS, ENDED):
                 for labels, value in view.counters.get(name, {}).items():
                     values = history.setdefault((name, labels), [])
-                    assert value >= (values[-1] if values else 0) and (values or value == 0), (name, labels, values, value)
+                    first = not values
+                    assert (value == 0) if first else value >= values[-1], (name, labels, values, value)
                     values.append(value)
             if rng.random() < 0.4:
                 last_read = now
@@ -160,7 +161,8 @@ def test_a_value_idle_for_longer_than_label_idle_leaves_metrics_and_frees_its_pl
     store = held_store(hold=0.0, idle=3600.0, label_limit=2)
     store.count([ended("a"), ended("b")], T0)
     store.count([ended("b")], T0 + 1800)
-    view = publish(store, T0 + 3700, None)
+    assert shown(publish(store, T0 + 3700), HANGUPS, (OUT, "completed", "a")) == 1, "idle, until a scrape read that"
+    view = publish(store, T0 + 3701, T0 + 3700)
     assert shown(view, HANGUPS, (OUT, "completed", "a")) is None, "idle: gone from /metrics"
     assert shown(view, HANGUPS, (OUT, "completed", "b")) == 2
     assert store.counters[HANGUPS][(OUT, "completed", "a")] == 1, "its count is kept"
@@ -183,12 +185,14 @@ def test_a_returning_value_is_published_at_its_kept_value_before_its_increments(
     store.count([ended("a"), ended("a")], T0 + 1)
     publish(store, T0 + 2, None)
     publish(store, T0 + 100, T0 + 2)  # `a` read and released: shown at 2
-    publish(store, T0 + 5000, T0 + 100)  # idle: gone
+    publish(store, T0 + 5000, T0 + 100)  # idle
     store.count([ended("b")], T0 + 5001)  # took the place: b is now the one value
-    publish(store, T0 + 5002, T0 + 5000)
+    assert shown(publish(store, T0 + 5002, T0 + 5000), HANGUPS, (OUT, "completed", "a")) == 2, "for the hold"
+    assert shown(publish(store, T0 + 5060, T0 + 5002), HANGUPS, (OUT, "completed", "a")) is None
+    publish(store, T0 + 8900, T0 + 5060)  # b idle
     store.count([ended("a")], T0 + 9000)  # b idle by now: a gets the place back
     cause = (OUT, "completed", "a")
-    back = publish(store, T0 + 9001, T0 + 5002)
+    back = publish(store, T0 + 9001, T0 + 8900)
     assert shown(back, HANGUPS, cause) == 2, "first at the value Prometheus last saw"
     assert shown(back, HANGUPS, (OUT, "completed", "b")) is None
     assert shown(publish(store, T0 + 9001 + HOLD, T0 + 9001), HANGUPS, cause) == 3
@@ -201,7 +205,7 @@ def test_a_returning_value_without_a_free_place_folds_into_other_and_stays_hidde
     publish(store, T0 + 4000, None)
     store.count([ended("b")], T0 + 4000)
     store.count([ended("a")], T0 + 4100)  # b is active: no place for a
-    view = publish(store, T0 + 4101, None)
+    view = publish(store, T0 + 4101, T0 + 4000)
     assert shown(view, HANGUPS, (OUT, "completed", "a")) is None
     assert shown(view, HANGUPS, (OUT, "completed", "other")) == 1
     assert store.counters[OVERFLOW][("hangup_cause",)] == 1
@@ -212,7 +216,8 @@ def test_an_idle_metadata_value_leaves_every_family_that_carries_it():
     store.count([Created(OUT, ("spring",)), ended("a", extra=("spring",)), WebhookOutcome("delivered", ("spring",)),
                  Created(OUT, ("summer",))], T0)
     store.count([Created(OUT, ("summer",))], T0 + 3000)
-    view = publish(store, T0 + 3700, None)
+    publish(store, T0 + 3700)
+    view = publish(store, T0 + 3701, T0 + 3700)
     spring = [(name, labels) for families in (view.counters, view.histograms)
               for name, series in families.items() for labels in series if "spring" in labels]
     assert spring == []
@@ -250,7 +255,8 @@ def test_a_restart_neither_revives_idle_values_nor_forgets_active_ones():
     view = publish(restored, T0 + 3700, None)
     assert shown(view, HANGUPS, (OUT, "completed", "a")) is None
     assert shown(view, HANGUPS, (OUT, "completed", "b")) == 2
-    assert shown(publish(restored, T0 + 6700, None), HANGUPS, (OUT, "completed", "b")) is None
+    publish(restored, T0 + 6700)
+    assert shown(publish(restored, T0 + 6701, T0 + 6700), HANGUPS, (OUT, "completed", "b")) is None
 
 
 def test_a_state_saved_without_last_uses_counts_every_value_as_used_at_the_restore():
@@ -261,7 +267,8 @@ def test_a_state_saved_without_last_uses_counts_every_value_as_used_at_the_resto
     restored, _ = Store.from_json(document, label_limit=2)
     restored.configure_visibility(0.0, 3600.0)
     assert shown(publish(restored, T0 + 90_000, None), HANGUPS, (OUT, "completed", "a")) == 1
-    assert shown(publish(restored, T0 + 90_000 + 3700, None), HANGUPS, (OUT, "completed", "a")) is None
+    publish(restored, T0 + 90_000 + 3700)
+    assert shown(publish(restored, T0 + 90_000 + 3701, T0 + 93_700), HANGUPS, (OUT, "completed", "a")) is None
 
 
 def test_a_series_released_before_a_save_is_restored_at_its_true_value_never_its_birth_value():
@@ -273,3 +280,17 @@ def test_a_series_released_before_a_save_is_restored_at_its_true_value_never_its
     store.births.release(T0 + 2 + HOLD, T0 + 2)  # the poll that releases it saves, then publishes
     restored = restarted(store)
     assert shown(publish(restored, T0 + 100), HANGUPS, (OUT, "completed", "busy_signal")) == 1
+
+
+def test_an_idle_value_stays_on_metrics_until_a_scrape_has_read_its_last_counts():
+    """A label_idle shorter than the hold and a scrape: hiding earlier would lose the held counts."""
+    store = held_store(hold=60.0, idle=5.0)
+    publish(store, T0)
+    store.count([ended("a")], T0 + 1)
+    cause = (OUT, "completed", "a")
+    assert shown(publish(store, T0 + 2), HANGUPS, cause) == 0
+    assert shown(publish(store, T0 + 30, T0 + 2), HANGUPS, cause) == 0, "idle, but held: it stays"
+    assert shown(publish(store, T0 + 62, T0 + 30), HANGUPS, cause) == 1, "released, shown moving"
+    assert shown(publish(store, T0 + 63, T0 + 30), HANGUPS, cause) == 1, "not read moving yet: it stays"
+    assert shown(publish(store, T0 + 64, T0 + 62), HANGUPS, cause) == 1, "read, but other scrapers may not have"
+    assert shown(publish(store, T0 + 122, T0 + 62), HANGUPS, cause) is None, "read at 1, and held: now it leaves"
