@@ -417,8 +417,9 @@ async def timeline(server: OrgServer, target: Target, polls: list[float], checks
 def _run_one(name: str, sizes: Sizes, log_dir: Path, polls: list[float], checks: tuple[float, ...],
              progress, **settings) -> dict:
     with OrgServer(f"org-{name}", log_dir, sizes.tier_calls) as server:
+        # new_series_hold 0: the published counts are compared with the truth after each check poll
         target = Target(api_url=server.url, initial_lookback=LOOKBACK, state_file=str(log_dir / f"{name}.state.db"),
-                        max_requests_per_minute=UNBUDGETED, **settings)
+                        max_requests_per_minute=UNBUDGETED, new_series_hold=0.0, **settings)
         result = asyncio.run(timeline(server, target, polls, checks, name, progress))
         result["open_history"] = server.open
     return result

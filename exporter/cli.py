@@ -27,6 +27,7 @@ from .webconfig import Guard
 log = logging.getLogger("exporter")
 
 DEMO_POLL_INTERVAL = 2.0
+DEMO_NEW_SERIES_HOLD = 5.0  # the demo shows counters moving within seconds, new series born at zero too
 
 
 def parser() -> argparse.ArgumentParser:
@@ -77,12 +78,16 @@ async def run(cfg: config.Config, load: Callable[[], config.Config], guard: Guar
     demo_url = None
 
     def targets_of(c: config.Config) -> tuple[config.Target, ...]:
+        targets = c.targets
+        if c.once:  # nothing scrapes a single poll: it prints the true values, no new series held
+            targets = tuple(dataclasses.replace(t, new_series_hold=0.0) for t in targets)
         if demo_url is None:
-            return c.targets
+            return targets
         return tuple(
             dataclasses.replace(t, api_url=demo_url, api_key=None, api_key_file=None,
-                                poll_interval=min(t.poll_interval, DEMO_POLL_INTERVAL))
-            for t in c.targets
+                                poll_interval=min(t.poll_interval, DEMO_POLL_INTERVAL),
+                                new_series_hold=min(t.new_series_hold, DEMO_NEW_SERIES_HOLD))
+            for t in targets
         )
 
     if cfg.demo:

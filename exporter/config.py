@@ -51,6 +51,8 @@ TARGET_KEYS = {
     "audit_interval",
     "audit_sample",
     "max_requests_per_minute",
+    "new_series_hold",
+    "label_idle",
 }
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 # Labels the exporter already uses, and those Prometheus attaches at scrape time.
@@ -119,6 +121,10 @@ class Target:
     audit_interval: float = 3600.0  # 0: no self-audit
     audit_sample: int = 10  # tracked calls fetched by id at each audit (spot-checks); 0: none
     max_requests_per_minute: int = 600  # per API key, shared by every target using that key
+    # Born at zero (SPEC §3): a new series is published at its starting value, and its increments
+    # follow once a scrape has read it and this long has passed since (0: at once, no hold).
+    new_series_hold: float = 60.0
+    label_idle: float = 7 * 86400.0  # a capped label value not counted this long leaves /metrics, freeing its place
 
 
 @dataclass(frozen=True)
@@ -240,10 +246,10 @@ def _target(raw: Mapping[str, Any], where: str, name: str) -> Target:
     values: dict[str, Any] = {"name": name}
     for key, value in raw.items():
         path = f"{where}{key}"
-        if key in ("poll_interval", "request_timeout", "open_refresh_interval"):
+        if key in ("poll_interval", "request_timeout", "open_refresh_interval", "label_idle"):
             values[key] = _positive(path, value)
         elif key in ("initial_lookback", "settle_window", "overlap", "audit_interval", "hot_window",
-                     "full_read_interval", "end_grace"):
+                     "full_read_interval", "end_grace", "new_series_hold"):
             values[key] = parse_duration(path, value)
         elif key == "api_url":
             values[key] = _url(path, value)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -31,6 +31,7 @@ class Snapshot:
 
     store: Store
     health: Health
+    published_at: float = 0.0  # when the poller published it: what a scrape of it has read (Collector.read_at)
 
 
 ACTIVE = "callingbox_calls_active"
@@ -174,6 +175,7 @@ class Collector(_Collector):
         self.version = version
         self.clock = clock
         self.snapshots: dict[str, Snapshot] = {}
+        self._read: Mapping[str, Snapshot] = {}  # the snapshots the last whole scrape served
 
     async def publish(self, org: str, snapshot: Snapshot) -> None:
         """A coroutine so that a subclass (exposition.Exposition) can render its pages here."""
@@ -182,6 +184,16 @@ class Collector(_Collector):
     def withdraw(self, org: str) -> None:
         """A target removed by a reload: its series leave the exposition."""
         self.snapshots.pop(org, None)
+
+    def read(self, snapshots: Mapping[str, Snapshot]) -> None:
+        """A scrape served the whole of `snapshots` (not a `name[]` part): new series it showed may
+        move on once their hold has passed (born at zero, SPEC §3)."""
+        self._read = snapshots
+
+    def read_at(self, org: str) -> float | None:
+        """When the snapshot of `org` that the last scrape served was published; None: none yet."""
+        snapshot = self._read.get(org)
+        return None if snapshot is None else snapshot.published_at
 
     def collect(self):
         snapshots = dict(self.snapshots)

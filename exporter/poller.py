@@ -74,6 +74,7 @@ class Poller:
 
     def _tally(self, ledger: Ledger, store: Store) -> Tally:
         t = self.target
+        store.configure_visibility(t.new_series_hold, t.label_idle)
         return Tally(t.name, ledger, store, tuple(key for key, _ in t.metadata_labels),
                      settle_window=t.settle_window, overlap=t.overlap, give_up_after=t.straggler_give_up,
                      audit_interval=t.audit_interval, now=self.clock(), hot_window=t.hot_window,
@@ -140,6 +141,7 @@ class Poller:
         same = all(getattr(old.target, s) == getattr(self.target, s) for s in settings)
         reset = self.tally.adopt(old.tally, self.extra_labels, old.extra_labels, same, dict(self.target.buckets),
                                  self.target.max_label_values)
+        self.store.configure_visibility(self.target.new_series_hold, self.target.label_idle)
         if reset:
             log.warning("histograms restarted: buckets changed", extra={"org": self.org, "histograms": ",".join(reset)})
 
@@ -226,6 +228,8 @@ class Poller:
                     await asyncio.sleep(0)
         tally.expire(now)  # hangup causes still unknown `end_grace` after the end count as `none`
         summary = tally.sweep(now, everything=False)
+        # New series that a scrape has read at their birth value move on (SPEC §3), saved as such.
+        store.births.release(self.clock(), self.collector.read_at(self.org))
         durable = await self._persist()
         if not durable and problem is None:
             # Neither saved nor shown, so this poll's `success` can still become the error it is.
@@ -385,9 +389,12 @@ class Poller:
         summary = summary if summary is not None else self.tally.sweep(now)
         health = replace(self.tally.health(summary, self.status, self.extra_labels),
                          daily_budget_dollars=self.target.daily_budget_dollars)
-        previous = self.collector.snapshots.get(self.org)
-        store = self.tally.store.copy() if durable or previous is None else previous.store
-        await self.collector.publish(self.org, Snapshot(store, health))
+        previous, at = self.collector.snapshots.get(self.org), self.clock()
+        if durable or previous is None:  # new series shown at their birth value (born at zero, SPEC §3)
+            store = self.tally.store.published(at)
+        else:
+            store = previous.store
+        await self.collector.publish(self.org, Snapshot(store, health, at))
 
 
 

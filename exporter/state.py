@@ -65,6 +65,9 @@ UPSERT_COUNTER = ("INSERT INTO counters VALUES (?, ?, ?)"
                   " ON CONFLICT (family, labels) DO UPDATE SET value = excluded.value")
 UPSERT_HISTOGRAM = ("INSERT INTO histograms VALUES (?, ?, ?)"
                     " ON CONFLICT (family, labels) DO UPDATE SET counts = excluded.counts")
+# Meta rows written only when their text changed: label values' last uses (rounded to the minute)
+# and the series held unseen, most saves the same.
+UNLESS_CHANGED = ("label_use", "births")
 UPSERT_META = "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 
 log = logging.getLogger(__name__)
@@ -108,6 +111,7 @@ class StateDB:
         self.connection: sqlite3.Connection | None = None  # none until the first save creates the file
         self._lock = threading.Lock()  # saves run in worker threads
         self._saved: tuple[Ledger | None, Store | None] = (None, None)
+        self._meta: dict[str, str] = {}  # UNLESS_CHANGED rows as last committed
         self._closed = False
 
     @classmethod
@@ -130,6 +134,8 @@ class StateDB:
             raise
         # A restore that re-keyed labels or reset buckets differs from the file: that part is written whole.
         db._saved = (restored.ledger if ledger_as_saved else None, restored.store if store_as_saved else None)
+        db._meta = dict(db.connection.execute(
+            f"SELECT key, value FROM meta WHERE key IN ({', '.join('?' * len(UNLESS_CHANGED))})", UNLESS_CHANGED))
         for name in restored.reset_histograms:
             log.warning("histogram buckets changed, histogram restarts from zero",
                         extra={"org": org, "histogram": name})
@@ -166,8 +172,9 @@ class StateDB:
     def _create(self, ledger: Ledger, store: Store, extra: dict | None) -> None:
         """The first save: the file appears complete (built beside it, then renamed), never half made."""
         building = self.path + ".new"
-        _build(building, self.org, ledger, store, extra)
+        meta = _build(building, self.org, ledger, store, extra)
         _install(building, self.path)
+        self._meta = {key: text for key, text in meta if key in UNLESS_CHANGED}
         self.connection = _connect(self.path)
 
     def _write(self, ledger: Ledger, store: Store, calls: set[str], series: set[tuple], extra: dict | None) -> None:
@@ -183,12 +190,15 @@ class StateDB:
                 _write_series(db, store, series)
             else:
                 _replace_store(db, store)
-            db.executemany(UPSERT_META, _meta(self.org, ledger, store, extra))
+            meta = [(key, text) for key, text in _meta(self.org, ledger, store, extra)
+                    if key not in UNLESS_CHANGED or self._meta.get(key) != text]
+            db.executemany(UPSERT_META, meta)
             db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise
+        self._meta.update((key, text) for key, text in meta if key in UNLESS_CHANGED)
 
 
 # ---- writing -------------------------------------------------------------------------------
@@ -261,13 +271,16 @@ def _replace_store(db: sqlite3.Connection, store: Store) -> None:
 
 def _meta(org: str, ledger: Ledger, store: Store, extra: dict | None) -> list[tuple[str, str]]:
     values = {"org": org, "saved_at": time.time(), "baseline": ledger.baseline, "watermark": ledger.watermark,
-              "extra_labels": list(store.extra_labels), "today": {"day": store.today_day, "totals": dict(store.today)}}
+              "extra_labels": list(store.extra_labels), "today": {"day": store.today_day, "totals": dict(store.today)},
+              # Rounded to the minute, so this row changes about once a minute, not at every save.
+              "label_use": store.label_use.to_json(), "births": store.births.to_json(store)}
     values.update((EXTRA + key, value) for key, value in (extra or {}).items())
     return [(key, _text(value)) for key, value in values.items()]
 
 
-def _build(path: str, org: str, ledger: Ledger, store: Store, extra: dict | None) -> None:
-    """A complete database at `path`, the state written whole, closed and on disk (not yet installed)."""
+def _build(path: str, org: str, ledger: Ledger, store: Store, extra: dict | None) -> list[tuple[str, str]]:
+    """A complete database at `path`, the state written whole, closed and on disk (not yet
+    installed); returns the meta rows written."""
     _remove(path)
     try:
         db = sqlite3.connect(path, isolation_level=None)
@@ -281,7 +294,8 @@ def _build(path: str, org: str, ledger: Ledger, store: Store, extra: dict | None
                 db.execute(statement)
             _replace_calls(db, ledger)
             _replace_store(db, store)
-            db.executemany(UPSERT_META, _meta(org, ledger, store, extra))
+            meta = _meta(org, ledger, store, extra)
+            db.executemany(UPSERT_META, meta)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("COMMIT")
             db.execute("PRAGMA journal_mode=WAL")  # persistent: written into the file's header
@@ -291,6 +305,7 @@ def _build(path: str, org: str, ledger: Ledger, store: Store, extra: dict | None
     except BaseException:
         _remove(path)
         raise
+    return meta
 
 
 def _install(built: str, path: str) -> None:
@@ -440,7 +455,7 @@ def _store_document(db: sqlite3.Connection, meta: dict, saved_extra: tuple[str, 
         saved = histograms.setdefault(family, {"buckets": bounds.get(family, []), "series": []})
         saved["series"].append([*json.loads(labels), *json.loads(counts)])
     return {"counters": counters, "histograms": histograms, "today": meta.get("today") or {},
-            "extra_labels": list(saved_extra)}
+            "extra_labels": list(saved_extra), "label_use": meta.get("label_use"), "births": meta.get("births")}
 
 
 def read(path: str, buckets=None, label_limit: int = 50, extra_labels: tuple[str, ...] = ()) -> Restored | None:

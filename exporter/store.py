@@ -3,7 +3,8 @@
 Plain dictionary arithmetic: accounting events go in, label caps are applied, and it
 serialises for the state file. It also keeps, per series, the id of the latest call counted
 (an exemplar, so a panel can link a spike to one real call) and today's totals for the
-landing page.
+landing page. `published` is the copy a snapshot shows: series born at zero and label values
+gone idle (visibility.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .catalogue import (
     CALL_FAMILIES, CAPPED_LABELS, DEFAULT_BUCKETS, EXTRACTIONS, FAMILIES, OUTCOMES, RENAMED, SECONDS_PER_DAY,
     STATUSES, TERMINAL_STATUSES, added_labels, initial_series, relabel,
 )
+from .visibility import Births, LabelUse, published
 
 
 def label_value(value: str | None) -> str:
@@ -36,7 +38,10 @@ class Store:
         self.counters: dict[str, dict[tuple[str, ...], int | float]] = {}
         # histogram series: per-bucket counts (not cumulative), then the +Inf overflow, then the sum
         self.histograms: dict[str, dict[tuple[str, ...], list[float]]] = {}
+        # label → the values holding a place under its cap: those counted within label_use.idle
         self.seen: dict[str, set[str]] = {label: set() for label in (*CAPPED_LABELS, *self.extra_labels)}
+        self.label_use = LabelUse()
+        self.births = Births()  # no hold until configure_visibility
         # (family, labels, bucket index or -1 for a counter) → (call_id, value, when counted)
         self.exemplars: dict[tuple[str, tuple[str, ...], int], tuple[str, float, float]] = {}
         # Counted since 00:00 UTC of day `today_day`: created, each terminal status, milli_cents.
@@ -70,7 +75,10 @@ class Store:
         if name not in FAMILIES:  # a misspelt name would otherwise be a silent new series
             raise KeyError(f"unknown metric family {name!r}")
         series = self.counters.setdefault(name, {})
-        series[labels] = series.get(labels, 0) + amount
+        value = series.get(labels, 0)
+        if self.births.hold and labels not in self.births.visible.get(name, ()):
+            self.births.touch(name, labels, value)
+        series[labels] = value + amount
         self.changed.add((name, labels))
 
     def observe(self, name: str, labels: tuple[str, ...], value: float) -> int:
@@ -81,6 +89,8 @@ class Store:
         counts = series.get(labels)
         if counts is None:
             counts = series[labels] = self._empty(name)
+        if self.births.hold and labels not in self.births.visible.get(name, ()):
+            self.births.touch(name, labels, counts)
         index = bisect.bisect_left(self.buckets[name], value)
         counts[index] += 1
         counts[-1] += value
@@ -88,31 +98,37 @@ class Store:
         return index
 
     def capped(self, label: str, value: str | None) -> str:
-        """The label value to export: `none` for null, `other` once the cap is full."""
+        """The label value to export: `none` for null, `other` when the cap has no place for it."""
         value = label_value(value)
-        seen = self.seen[label]
-        if value in seen or value in ("none", "other"):
-            return value
-        if len(seen) < self.label_limit:
-            seen.add(value)
+        if self._placed(label, value):
             return value
         self.inc("callingbox_exporter_label_overflow_total", (label,))
         return "other"
 
     def status(self, value: str, peek: bool = False) -> str:
-        """A status as a label value: the documented ones as they are, others capped (SPEC §3)."""
+        """A status as a label value: the documented ones as they are, others capped (SPEC §3);
+        `peek`: for a gauge, without counting a fold."""
         if value in STATUSES:
             return value
-        return self.peek("status", value) if peek else self.capped("status", value)
+        if peek:
+            return value if self._placed("status", label_value(value)) else "other"
+        return self.capped("status", value)
 
-    def peek(self, label: str, value: str | None) -> str:
-        """Like capped, without counting a fold: for gauges, rendered again at every poll."""
-        value, seen = label_value(value), self.seen[label]
-        if value not in seen and value not in ("none", "other"):
+    def _placed(self, label: str, value: str) -> bool:
+        """Whether `value` holds a place under the cap of `label`, or takes a free one (an idle
+        value's, if need be); its use is noted."""
+        if value == "none" or value == "other":
+            return True
+        seen = self.seen[label]
+        if value not in seen:
+            if len(seen) >= self.label_limit and self.label_use.now is not None:
+                self.label_use.expire(self.seen, self.label_use.now)
             if len(seen) >= self.label_limit:
-                return "other"
+                return False
             seen.add(value)
-        return value
+            self.label_use.admit(label, value)
+        self.label_use.use(label, value)
+        return True
 
     def capped_extra(self, extra: tuple) -> tuple[str, ...]:
         """Metadata values as label values, each capped like hangup_cause."""
@@ -123,17 +139,19 @@ class Store:
         return tuple(self.capped(label, value) for label, value in zip(self.extra_labels, extra))
 
     def peek_extra(self, extra: tuple) -> tuple[str, ...]:
-        """Like capped_extra, without counting a fold: for gauges, rendered again at every poll."""
-        values = []
-        for label, value in zip(self.extra_labels, (*extra, *(None,) * len(self.extra_labels))):
-            value, seen = label_value(value), self.seen[label]
-            if value not in seen and value not in ("none", "other"):
-                if len(seen) >= self.label_limit:
-                    value = "other"
-                else:
-                    seen.add(value)
-            values.append(value)
-        return tuple(values)
+        """Like capped_extra, without counting a fold: for gauges, rendered again at every poll.
+        A call in progress keeps its values in use."""
+        values = map(label_value, (*extra, *(None,) * len(self.extra_labels)))
+        return tuple(v if self._placed(label, v) else "other" for label, v in zip(self.extra_labels, values))
+
+    def configure_visibility(self, hold: float, label_idle: float) -> None:
+        """`new_series_hold` and `label_idle` of the target (a reload may change them)."""
+        self.births.hold = hold
+        self.label_use.configure(label_idle)
+
+    def published(self, now: float) -> "Store":
+        """The copy a snapshot published at `now` shows (visibility.published)."""
+        return published(self, now)
 
     def _zero_series(self, direction: str, x: tuple[str, ...]) -> None:
         """A new campaign (metadata values) gets its terminal series at 0, as the first start does."""
@@ -148,6 +166,8 @@ class Store:
 
     def count(self, events: Iterable[Event], now: float | None = None) -> None:
         """Add the events to the counters; with `now`, also to today's totals and the exemplars."""
+        if now is not None and now != self.label_use.now:
+            self.label_use.at(now)  # label values counted now are in use now
         with_extra = bool(self.extra_labels)
         for event in events:
             kind = type(event)
@@ -231,6 +251,8 @@ class Store:
             },
             "today": {"day": self.today_day, "totals": self.today},
             "extra_labels": list(self.extra_labels),
+            "label_use": self.label_use.to_json(),
+            "births": self.births.to_json(self),
         }
 
     @classmethod
@@ -264,6 +286,7 @@ class Store:
                     row = [*filled, row[-1]]
                 labels, (value,) = keyed(name, row)
                 series[labels] = series.get(labels, 0) + value if merge and name in CALL_FAMILIES else value
+                store.births.visible.setdefault(name, set()).add(labels)  # restored: Prometheus has seen it
         for name, saved in data["histograms"].items():
             if name not in FAMILIES:
                 continue
@@ -276,6 +299,7 @@ class Store:
                 if merge and labels in series:
                     counts = [a + b for a, b in zip(series[labels], counts)]
                 series[labels] = list(counts)
+                store.births.visible.setdefault(name, set()).add(labels)
         # Values already exported keep their label under the caps: read them off the series.
         positions = {"hangup_cause": ("callingbox_call_hangups_total", 2), "error_code": ("callingbox_call_errors_total", 1),
                      "status": ("callingbox_calls_ended_total", 1)}
@@ -283,6 +307,9 @@ class Store:
             positions[label] = ("callingbox_calls_created_total", 1 + index)
         for label, (family, position) in positions.items():
             store.seen[label] = {k[position] for k in store.counters.get(family, {})} - {"none", "other"} - STATUSES
+        store.label_use.restore(data.get("label_use"), store.seen)  # idle ones leave `seen` at the first expire
+        if not merge:  # re-keyed series are shown at once
+            store.births.restore(data.get("births"), store)
         today = data.get("today") or {}
         if isinstance(today.get("day"), int) and isinstance(today.get("totals"), dict):
             store.today_day, store.today = today["day"], dict(today["totals"])

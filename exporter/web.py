@@ -163,9 +163,12 @@ def metrics_handler(exposition: Exposition, registry: CollectorRegistry):
         kind = None if names else page_format(content_type)
         gzip = kind is not None and gzip_accepted(request.headers.get(hdrs.ACCEPT_ENCODING, ""))
         if kind is None:
+            if not names:
+                exposition.read(dict(exposition.snapshots))  # the live rendering below shows these
             body = encoder(registry.restricted_registry(names) if names else registry)
         else:
             pages = await exposition.pages()
+            exposition.read(pages.snapshots)
             page, tail = pages.page(kind), exposition.tail(pages, kind)
             body = page.gzipped(tail) if gzip else page.body + tail
         headers = {hdrs.CONTENT_TYPE: content_type, **({hdrs.CONTENT_ENCODING: "gzip"} if gzip else {})}

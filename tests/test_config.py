@@ -412,3 +412,31 @@ def test_a_bad_daily_budget_is_named(write_config, key_file, value, problem):
     assert config_error(config_file=single) == f"daily_budget_dollars: {problem}"
     listed = write_config(f"api_key_file: {key_file}\ntargets:\n  - name: a\n  - name: b\n    daily_budget_dollars: {value}\n")
     assert config_error(config_file=listed) == f"targets[1].daily_budget_dollars: {problem}"
+
+
+# --- born at zero and label churn (SPEC §3) ----------------------------------------------------------
+
+
+def test_new_series_hold_and_label_idle_default_to_a_minute_and_a_week(write_config, key_file):
+    (target,) = build(config_file=write_config(f"api_key_file: {key_file}\n"), env={}).targets
+    assert (target.new_series_hold, target.label_idle) == (60.0, 7 * 86400.0)
+
+
+def test_new_series_hold_and_label_idle_are_read_per_target(write_config, key_file):
+    path = write_config(f"api_key_file: {key_file}\nnew_series_hold: 0s\nlabel_idle: 30d\n"
+                        "targets:\n  - name: a\n  - name: b\n    new_series_hold: 2m\n    label_idle: 36h\n")
+    targets = build(config_file=path, env={}).targets
+    assert [(t.name, t.new_series_hold, t.label_idle) for t in targets] == [
+        ("a", 0.0, 30 * 86400.0), ("b", 120.0, 36 * 3600.0)]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("new_series_hold: -1s", "new_series_hold: '-1s' is not a duration (e.g. 15s, 2m)"),
+    ("new_series_hold: -5", "new_series_hold: -5 must not be negative"),
+    ("new_series_hold: soon", "new_series_hold: 'soon' is not a duration (e.g. 15s, 2m)"),
+    ("label_idle: 0s", "label_idle: '0s' must be greater than 0"),
+    ("label_idle: forever", "label_idle: 'forever' is not a duration (e.g. 15s, 2m)"),
+    ("targets:\n  - name: a\n    label_idle: 0", "targets[0].label_idle: 0 must be greater than 0"),
+])
+def test_bad_new_series_hold_and_label_idle_are_named(write_config, key_file, line, message):
+    assert config_error(config_file=write_config(f"api_key_file: {key_file}\n{line}\n")) == message

@@ -131,14 +131,16 @@ def test_a_reload_adding_a_target_whose_state_is_refused_fails_and_changes_nothi
     bad = tmp_path / "b.db"
     bad.write_bytes(b"SQLite format 3\x00" + b"\x07" * 3000)
     config = tmp_path / "exporter.yml"
-    config.write_text(yaml.safe_dump({"poll_interval": "0.3s", "targets": [a]}))
+    # new_series_hold 0s: the poll counts show at once (born at zero is not this story; see conftest)
+    config.write_text(yaml.safe_dump({"poll_interval": "0.3s", "new_series_hold": "0s", "targets": [a]}))
     exporter = stack.exporter(None)
     exporter.config_path = config
     exporter.start()
     wait_until(exporter.ready, 20, message="a polled")
 
-    config.write_text(yaml.safe_dump({"poll_interval": "0.3s", "targets": [{**a, "poll_interval": "0.5s"},
-                                                                          {**a, "name": "b", "state_file": str(bad)}]}))
+    config.write_text(yaml.safe_dump({"poll_interval": "0.3s", "new_series_hold": "0s",
+                                      "targets": [{**a, "poll_interval": "0.5s"},
+                                                  {**a, "name": "b", "state_file": str(bad)}]}))
     status, body = _post_reload(exporter.url)
 
     assert status == 500 and body.startswith(

@@ -13,8 +13,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
 FLOW = (
     "catalogue", "logs", "config", "budget", "deadline", "jsonstream", "api", "records", "accounting", "ledger",
-    "audit", "store", "listread", "tally", "state", "metrics", "exposition", "stragglers", "liveness", "poller",
-    "supervisor", "webconfig", "web", "explain", "cli",
+    "audit", "visibility", "store", "listread", "tally", "state", "metrics", "exposition", "stragglers", "liveness",
+    "poller", "supervisor", "webconfig", "web", "explain", "cli",
 )
 
 

@@ -29,7 +29,9 @@ def quiet_simulator(seed: int) -> Simulator:
 
 
 def target(url: str, **settings) -> Target:
-    return Target(api_url=url, api_key=Secret(KEY), initial_lookback=3600.0, **{"poll_interval": 0.2, **settings})
+    # No hold of new series (born at zero): these stories look at what each poll publishes.
+    return Target(api_url=url, api_key=Secret(KEY), initial_lookback=3600.0,
+                  **{"poll_interval": 0.2, "new_series_hold": 0.0, **settings})
 
 
 def ended(store) -> int:
@@ -105,6 +107,46 @@ async def test_a_state_that_cannot_be_saved_publishes_nothing_and_reports_down(t
     published = collector.snapshots["default"]
     assert ended(published.store) == 20 and published.health.status.up
     assert ended(read(state_file).store) == 20
+
+
+class Clock:
+    """Wall time, plus what the test skips ahead."""
+
+    def __init__(self):
+        self.skipped = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.skipped
+
+
+async def test_new_series_are_published_at_zero_until_a_scrape_read_them_and_the_hold_passed(tmp_path):
+    """Born at zero (SPEC §3); a restart then serves the restored values at once."""
+    sim = quiet_simulator(seed=77)
+    with serve_in_thread(sim) as url:
+        settings = dict(new_series_hold=60.0, state_file=str(tmp_path / "state.db"))
+        clock, collector = Clock(), Collector("test")
+        async with aiohttp.ClientSession() as session:
+            poller = Poller(target(url, **settings), collector, session, clock=clock)
+            await poller.restore()
+            for _ in range(100):  # bounded: the twenty calls end within a few polls
+                assert (await poller.poll())[0]
+                if ended(poller.store) == 20:
+                    break
+                await asyncio.sleep(0.2)
+            assert ended(poller.store) == 20 and ended(read(settings["state_file"]).store) == 20
+            assert ended(collector.snapshots["default"].store) == 0, "published at 0: no scrape has read it"
+            clock.skipped = 120.0
+            assert (await poller.poll())[0]
+            assert ended(collector.snapshots["default"].store) == 0, "the hold passed, but nothing read the zeros"
+            collector.read(dict(collector.snapshots))  # a scrape
+            assert (await poller.poll())[0]
+            assert ended(collector.snapshots["default"].store) == 20
+            await poller.close()
+
+            restarted = Poller(target(url, **settings), Collector("test"), session, clock=clock)
+            await restarted.restore()
+            assert ended(restarted.collector.snapshots["default"].store) == 20, "restored: visible at once"
+            await restarted.close()
 
 
 async def test_a_retry_after_given_as_an_http_date_is_waited_for():

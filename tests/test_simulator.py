@@ -336,3 +336,16 @@ def test_outcome_weights_set_the_mix_and_change_at_run_time():
     later, first = Counter(r["status"] for r in records[:100]), Counter(r["status"] for r in records[100:])
     assert first == {"completed": 200}
     assert set(later) == {"failed", "busy"} and later["failed"] > later["busy"]
+
+
+def test_campaigns_are_drawn_from_the_given_list_and_it_can_change_at_run_time():
+    sim = Simulator(seed=9, rate=1000, max_calls=60, campaigns=["spring", "summer"], **FAST)
+    with serve_in_thread(sim) as url:
+        wait_until(lambda: len(list_calls(url)) == 60, 5, "60 calls created")
+        sim.campaigns = ["autumn"]  # calls created from now on
+        for _ in range(10):
+            post(f"{url}/v1/calls", {"to_number": "+15550100"})
+        records = list_calls(url)
+    later, first = Counter(r["metadata"]["campaign"] for r in records[:10]), Counter(
+        r["metadata"]["campaign"] for r in records[10:])
+    assert set(first) == {"spring", "summer"} and later == {"autumn": 10}

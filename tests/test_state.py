@@ -208,6 +208,53 @@ def test_a_save_with_nothing_changed_writes_the_meta_rows_alone(tmp_path):
     db.close()
 
 
+def test_last_uses_of_label_values_are_rewritten_only_when_they_change(tmp_path):
+    """They are rounded up to the minute (visibility.LabelUse): most saves leave the row as it is."""
+    ledger, store = Ledger(BASELINE), Store()
+    store.configure_visibility(0.0, 7 * 86400.0)
+    minute = BASELINE // 60 * 60 + 6000
+    db, _ = StateDB.open(str(tmp_path / "state.db"), "default")
+    db.save(ledger, store)
+    writes = []
+    for i, now in enumerate((minute + 1, minute + 30, minute + 59, minute + 61)):
+        store.count(ledger.account(ended(f"call-{i}", BASELINE + 100 + i, created_at=BASELINE + i)), now)
+        rows, before = 1 + len(store.changed) + META_ROWS, db.connection.total_changes  # the call, its series, meta
+        db.save(ledger, store)
+        writes.append(db.connection.total_changes - before - rows)
+    assert writes[0] == 1 and writes[1:] == [0, 0, 1], "the row once for the minute, then once for the next"
+    db.close()
+    uses = reopen(tmp_path / "state.db").store.label_use.to_json()
+    assert uses == {"hangup_cause": {"normal_clearing": minute + 120}}
+
+
+def publish(store: Store, now: float, read_at: float | None = None) -> Store:
+    """A poll's end as the poller does it: release what a scrape has read, then the published copy."""
+    store.births.release(now, read_at)
+    return store.published(now)
+
+
+def test_label_use_and_series_held_unseen_survive_a_restart(tmp_path):
+    ledger, store = Ledger(BASELINE), Store()
+    store.configure_visibility(60.0, 3600.0)
+    now = BASELINE // 60 * 60 + 6000
+    publish(store, now)
+    old = record("a", "failed", BASELINE + 100, ended_at=BASELINE + 99, hangup_cause="old_cause")
+    store.count(ledger.account(old), now)
+    publish(store, now + 1)
+    publish(store, now + 61, now + 1)  # read and released: Prometheus has seen old_cause at 1
+    new = record("b", "failed", BASELINE + 200, ended_at=BASELINE + 199, hangup_cause="new_cause")
+    store.count(ledger.account(new), now + 3000)
+    saved(tmp_path / "state.db", ledger, store)  # a crash: new_cause counted, never published
+
+    restored = reopen(tmp_path / "state.db", label_limit=50).store
+    restored.configure_visibility(60.0, 3600.0)
+    view = publish(restored, now + 3700)
+    hangups = view.counters["callingbox_call_hangups_total"]
+    assert ("outbound", "failed", "old_cause") not in hangups, "idle for longer than label_idle: still idle"
+    assert hangups[("outbound", "failed", "new_cause")] == 0, "held again at its birth value"
+    assert restored.counters["callingbox_call_hangups_total"][("outbound", "failed", "new_cause")] == 1
+
+
 def test_the_first_save_after_a_restore_is_incremental(tmp_path):
     ledger, store = many(300)
     saved(tmp_path / "state.db", ledger, store)

@@ -131,7 +131,8 @@ async def session():
 
 
 def poller(name: str, url: str, session, clock: Clock, collector: Collector, **target) -> Poller:
-    target = Target(name=name, api_url=url, initial_lookback=3600.0, **target)
+    # No hold of new series (born at zero): these pages show what each poll counted.
+    target = Target(name=name, api_url=url, initial_lookback=3600.0, **{"new_series_hold": 0.0, **target})
     return Poller(target, collector, session, clock=clock)
 
 
@@ -357,6 +358,20 @@ async def test_a_name_filter_is_rendered_live_with_only_the_families_named(serve
     body, content_type = await scrape(client, None, True, "?name[]=callingbox_up&name[]=process_open_fds")
     assert {name for name, _ in metric_samples(body, content_type)} == {"callingbox_up"}
     assert b"process_open_fds " in body and b"callingbox_calls_created_total" not in body
+
+
+async def test_a_whole_scrape_marks_the_snapshots_it_served_as_read_and_a_name_filter_does_not(served):
+    """What lets a series born at zero move on (SPEC §3): Prometheus has read it at its birth value."""
+    collector, client, _ = served
+    await collector.publish("acme", Snapshot(counted(2), Health(), published_at=NOON + 7))
+    assert collector.read_at("acme") is None
+    await scrape(client, None, True, "?name[]=callingbox_calls_created_total")
+    assert collector.read_at("acme") is None, "a part of the page is no read of the new series"
+    await scrape(client, OPENMETRICS_ACCEPT, True)
+    assert collector.read_at("acme") == NOON + 7
+    await collector.publish("acme", Snapshot(counted(3), Health(), published_at=NOON + 9))
+    await scrape(client, "text/plain;version=1.0.0;escaping=dots", False)  # rendered live, whole
+    assert collector.read_at("acme") == NOON + 9
 
 
 async def test_a_scrape_during_a_publish_gets_the_previous_pages_whole_and_after_it_the_new_ones(served, monkeypatch):

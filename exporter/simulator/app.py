@@ -49,7 +49,7 @@ class Simulator(Lifecycles, Handlers):
                  late_detail_delay: float = 0.5, subjectless_outcomes: bool | None = None,
                  undocumented_status: float | None = None, whole_seconds: bool | None = None,
                  amount_lag: float | None = None, by_id_not_found: float | None = None,
-                 by_id_faults: float | None = None):
+                 by_id_faults: float | None = None, campaigns: list[str] | None = None):
         if by_id_delay < 0:
             raise ValueError("by_id_delay must be >= 0")
         if time_scale <= 0 or rate < 0 or chunk_size < 1 or history < 0 or late_commit < 0:
@@ -59,6 +59,7 @@ class Simulator(Lifecycles, Handlers):
         self.seed, self.rate, self.max_calls, self.time_scale = seed, rate, max_calls, time_scale
         self.inbound_share, self.replay_share, self.late_commit = inbound_share, replay_share, late_commit
         self.hangup_causes, self.error_codes = hangup_causes or None, error_codes or None
+        self.campaigns = campaigns or None  # metadata.campaign of new calls, drawn from these (tests may change it)
         self.history, self.webhook_retry_base, self.api_key = history, webhook_retry_base, api_key
         self.chunk_size = chunk_size
         self.by_id_delay = by_id_delay  # wall seconds GET /v1/calls/{id} takes, so concurrency shows
@@ -262,7 +263,7 @@ class Simulator(Lifecycles, Handlers):
     def _create(self, now: float, overrides: dict | None = None) -> _Call:
         rng = self._rng
         direction = "inbound" if rng.random() < self.inbound_share else "outbound"
-        record = _new_record(rng, direction, format_ts(now))
+        record = _new_record(rng, direction, format_ts(now), self.campaigns)
         record.update(overrides or {})
         self.contract.shape(record)
         steps = self.contract.vary(random.Random(f"{self.seed}:open:{record['id']}"),

@@ -74,7 +74,7 @@ def _seconds(ts: str) -> float:
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
-def _new_record(rng: random.Random, direction: str, created: str) -> dict:
+def _new_record(rng: random.Random, direction: str, created: str, campaigns: list[str] | None = None) -> dict:
     """A freshly queued call with realistic static fields; ~1 KB once it has ended."""
     name, business = rng.choice(_NAMES), rng.choice(_BUSINESSES)
     customer, line = f"+1{rng.randint(2012000000, 9899999999)}", rng.choice(_ORG_LINES)
@@ -98,7 +98,7 @@ def _new_record(rng: random.Random, direction: str, created: str) -> dict:
         "duration_seconds": None, "billed_duration_seconds": None, "billing_amount_milli_cents": None,
         "reservation_status": "reserved",
         "error_code": None, "error_message": None, "hangup_cause": None,
-        "metadata": {"campaign": rng.choice(("reminders-q4", "winback", "inbound-main")), "attempt": 1},
+        "metadata": {"campaign": rng.choice(campaigns or ("reminders-q4", "winback", "inbound-main")), "attempt": 1},
         "updated_at": created,
         # Fields of newer API versions, which a client must ignore.
         "api_version": API_VERSION, "voicemail_detected": False, "cost_breakdown": None,
