@@ -95,6 +95,7 @@ EXPORTER_SHOWS = {
     "callingbox_exporter_api_response_bytes_total": "endpoint",
     "callingbox_exporter_api_requests_total": "code",
     "callingbox_exporter_audit_mismatches_total": "kind",
+    "callingbox_exporter_contract_deviations_total": "kind",
     "callingbox_exporter_audit_calls_checked_total": "org",
     "callingbox_exporter_last_audit_timestamp_seconds": "org",
     "callingbox_exporter_backoff_seconds": "org",
