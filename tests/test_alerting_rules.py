@@ -109,7 +109,8 @@ def test_rule_file_passes_promtool_check_without_warnings(path):
 
 def test_rule_unit_tests_exist():
     """An empty glob would parametrize the next test into a silent skip."""
-    assert {p.name for p in RULE_TESTS} >= {"recording.test.yml", "calls.test.yml", "history.test.yml"}, RULE_TESTS
+    assert {p.name for p in RULE_TESTS} >= {"recording.test.yml", "calls.test.yml", "history.test.yml", "hours.test.yml",
+                                           "rollouts.test.yml"}, RULE_TESTS
 
 
 @pytest.fixture(scope="module")
