@@ -8,6 +8,7 @@ exporter against the simulator, like the other end-to-end tests.
 from __future__ import annotations
 
 import re
+import runpy
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,9 @@ RULE_FILES = (RECORDING_RULES, ALERTING_RULES)
 RULE_TESTS = sorted((PROMETHEUS_DIR / "tests").glob("*.test.yml"))
 ALERTMANAGER_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 RUNBOOK = ROOT / "docs" / "runbook.md"
-RUNBOOK_URL = "https://github.com/callingbox/callingbox-exporter/blob/main/docs/runbook.md#"
+# One base for every runbook_url, named once: the PrometheusRule generator replaces it
+# (--runbook-base-url) for a runbook kept elsewhere.
+RUNBOOK_URL = runpy.run_path(str(ROOT / "deploy" / "kubernetes" / "generate-prometheusrule.py"))["RUNBOOK_BASE_URL"] + "#"
 
 # What the exporter measures for an org: blind (and inhibited) while its exporter is down.
 SYMPTOMS = {
