@@ -57,7 +57,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # The wheels are bind-mounted from the build stage, so they never become a layer of this image.
 # The state directory belongs to the runtime user; it is the only place the exporter writes
-# (state_file: /var/lib/callingbox-exporter/<org>.json, replaced atomically beside itself).
+# (state_file: /var/lib/callingbox-exporter/<org>.db, a SQLite database with its -wal and -shm
+# files beside it).
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels "callingbox-exporter==${VERSION}" \
     && mkdir -p /var/lib/callingbox-exporter \

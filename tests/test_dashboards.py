@@ -629,7 +629,9 @@ def test_exporter_dashboard_shows_api_cost_audit_and_backoff():
 # ---- provisioning -------------------------------------------------------------------------------
 
 
-def test_provisioned_datasource_is_the_default_prometheus_the_dashboards_expect():
+def test_provisioned_datasource_is_the_prometheus_the_dashboards_expect_and_no_default():
+    """The dashboards find it by uid through their `datasource` variable; made the default, it would
+    clash with the default a Grafana has already (provisioning fails on a second one)."""
     document = yaml.safe_load((GRAFANA / "provisioning/datasources/callingbox.yml").read_text())
     assert document["apiVersion"] == 1
     sources = document["datasources"]
@@ -637,8 +639,8 @@ def test_provisioned_datasource_is_the_default_prometheus_the_dashboards_expect(
     assert len(uids) == len(set(uids)), uids
     source = next(s for s in sources if s["uid"] == "prometheus")
     assert (source["type"], source["url"], source["access"], source["isDefault"]) == (
-        "prometheus", "http://prometheus:9090", "proxy", True)
-    assert [s["uid"] for s in sources if s.get("isDefault")] == ["prometheus"], "one default datasource"
+        "prometheus", "http://prometheus:9090", "proxy", False)
+    assert [s["uid"] for s in sources if s.get("isDefault")] == [], "no default datasource"
     assert "prometheus" not in DASHBOARDS, "datasource and dashboard uids must not collide"
     for uid in DASHBOARDS:
         variable = variables(load(uid))["datasource"]

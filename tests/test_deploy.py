@@ -37,6 +37,7 @@ from exporter.catalogue import DIRECTIONS, TERMINAL_STATUSES
 K8S = ROOT / "deploy" / "kubernetes"
 BASE = K8S / "base"
 OVERLAY = K8S / "overlays" / "example"
+HA = K8S / "overlays" / "ha"
 GENERATOR = K8S / "generate-prometheusrule.py"
 RULE_FILES = (
     ROOT / "deploy" / "prometheus" / "callingbox-recording.rules.yml",
@@ -54,7 +55,8 @@ SCALING = ROOT / "docs" / "scaling.md"
 # kubernetes-validate bundles.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 BASE_KINDS = {"ServiceAccount", "ConfigMap", "StatefulSet", "Service", "ServiceMonitor", "PrometheusRule",
-              "NetworkPolicy"}  # no Secret: the base ships no key, not even a placeholder
+              "NetworkPolicy", "PodDisruptionBudget"}  # no Secret: the base ships no key, not even a placeholder
+VARIANTS = ["base", "overlay", "ha"]  # the base, the example overlay (two orgs, keys), the HA overlay
 SECRET = "callingbox-exporter-api-key"
 OVERLAY_KEYS = ("acme.key", "globex.key")  # local files the example overlay's secretGenerator reads
 
@@ -89,7 +91,8 @@ def overlay_with_keys(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> dict[str, list[dict]]:
-    return {"base": kustomize(BASE), "overlay": kustomize(overlay_with_keys(tmp_path_factory.mktemp("kubernetes")))}
+    return {"base": kustomize(BASE), "overlay": kustomize(overlay_with_keys(tmp_path_factory.mktemp("kubernetes"))),
+            "ha": kustomize(HA)}
 
 
 def one(objects: list[dict], kind: str) -> dict:
@@ -130,12 +133,13 @@ def exporter_config_of(objects: list[dict]) -> dict:
 def test_base_and_overlay_render_with_kustomize(rendered):
     assert {o["kind"] for o in rendered["base"]} == BASE_KINDS
     assert {o["kind"] for o in rendered["overlay"]} == BASE_KINDS | {"Namespace", "Secret"}
+    assert {o["kind"] for o in rendered["ha"]} == BASE_KINDS
     for objects in rendered.values():
         names = [(o["kind"], o["metadata"]["name"]) for o in objects]
         assert len(names) == len(set(names))
 
 
-@pytest.mark.parametrize("directory", [BASE, OVERLAY], ids=["base", "overlay"])
+@pytest.mark.parametrize("directory", [BASE, OVERLAY, HA], ids=VARIANTS)
 def test_everything_a_kustomization_names_exists(directory):
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     for entry in kustomization.get("resources", []):
@@ -162,8 +166,9 @@ def test_nothing_applied_carries_a_placeholder_key(rendered):
         assert all("stringData" not in o for o in secrets), "keys come from files, never from literals"
 
 
-def test_overlay_patches_each_apply_to_a_named_base_resource(rendered):
-    kustomization = yaml.safe_load((OVERLAY / "kustomization.yaml").read_text())
+@pytest.mark.parametrize("directory", [OVERLAY, HA], ids=VARIANTS[1:])
+def test_overlay_patches_each_apply_to_a_named_base_resource(rendered, directory):
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     assert kustomization["patches"]
     for patch in kustomization["patches"]:
         target = patch["target"]
@@ -172,7 +177,7 @@ def test_overlay_patches_each_apply_to_a_named_base_resource(rendered):
             o for o in rendered["base"]
             if o["metadata"]["name"] == target["name"]
             and target.get("kind", o["kind"]) == o["kind"]
-            and o["apiVersion"].endswith(target["version"])
+            and (target.get("version") is None or o["apiVersion"].endswith(target["version"]))
             and (target.get("group") is None or o["apiVersion"].startswith(target["group"] + "/"))
         ]
         assert hits, f"overlay patch matches no base resource: {target}"
@@ -181,7 +186,7 @@ def test_overlay_patches_each_apply_to_a_named_base_resource(rendered):
 # --- schemas ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("variant", ["base", "overlay"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_builtin_objects_validate_against_the_kubernetes_schema(rendered, variant, version):
     checked = 0
     for obj in rendered[variant]:
@@ -223,7 +228,7 @@ def crd_schema(kind: str) -> dict:
 
 
 @pytest.mark.parametrize("kind", sorted(CRD_SCHEMAS))
-@pytest.mark.parametrize("variant", ["base", "overlay"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_custom_resources_validate_against_the_prometheus_operator_crds(rendered, variant, kind):
     obj = one(rendered[variant], kind)
     assert obj["apiVersion"] == "monitoring.coreos.com/v1"
@@ -264,7 +269,7 @@ def test_prometheusrule_groups_pass_promtool(tmp_path):
 
 # --- the objects are wired to each other ---------------------------------------------------------
 
-@pytest.mark.parametrize("variant", ["base", "overlay"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_servicemonitor_selects_the_service_and_names_its_port(rendered, variant):
     objects = rendered[variant]
     monitor, service = one(objects, "ServiceMonitor"), one(objects, "Service")
@@ -284,7 +289,7 @@ def test_servicemonitor_selects_the_service_and_names_its_port(rendered, variant
     assert service["spec"]["publishNotReadyAddresses"] is True
 
 
-@pytest.mark.parametrize("variant", ["base", "overlay"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_config_secret_and_state_volume_fit_together(rendered, variant, tmp_path):
     objects = rendered[variant]
     spec, exporter = pod_spec(objects), container(objects)
@@ -303,8 +308,9 @@ def test_config_secret_and_state_volume_fit_together(rendered, variant, tmp_path
     document = exporter_config_of(objects)
     targets = document.get("targets", [document])
     key_dir, state_dir = mounts["api-key"]["mountPath"], mounts["state"]["mountPath"]
-    # The base's Secret is made out of band with one key, `api_key`; the overlay generates its own.
-    keys = {"api_key"} if variant == "base" else set(one(objects, "Secret")["data"])
+    # The base's Secret (and the HA overlay's) is made out of band with one key, `api_key`; the
+    # example overlay generates its own.
+    keys = set(one(objects, "Secret")["data"]) if variant == "overlay" else {"api_key"}
     if variant == "overlay":
         assert one(objects, "Secret")["metadata"]["name"] == SECRET
     for target in targets:
@@ -320,7 +326,7 @@ def test_config_secret_and_state_volume_fit_together(rendered, variant, tmp_path
     assert len(cfg.targets) == len(targets) and all(t.state_file for t in cfg.targets)
 
 
-@pytest.mark.parametrize("variant", ["base", "overlay"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_pod_runs_non_root_read_only_with_probes_and_resources(rendered, variant):
     objects = rendered[variant]
     spec, exporter = pod_spec(objects), container(objects)
@@ -378,7 +384,7 @@ def quantity(value: str | int) -> float:
     return float(text)
 
 
-@pytest.mark.parametrize("variant", ["base", "overlay"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_networkpolicy_lets_in_only_scrapes_and_out_only_dns_and_https(rendered, variant):
     objects = rendered[variant]
     policy = one(objects, "NetworkPolicy")["spec"]
@@ -410,6 +416,80 @@ def test_overlay_sets_namespace_image_orgs_and_selection_labels(rendered):
     for kind in ("ServiceMonitor", "PrometheusRule"):
         assert one(objects, kind)["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert sorted(one(objects, "Secret")["data"]) == ["acme", "globex"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_poddisruptionbudget_evicts_one_exporter_pod_at_a_time(rendered, variant):
+    """A drain moves one replica of an HA pair at a time, and never blocks on a single pod."""
+    objects = rendered[variant]
+    budget = one(objects, "PodDisruptionBudget")["spec"]
+    assert matches(budget["selector"]["matchLabels"], one(objects, "StatefulSet")["spec"]["template"]["metadata"]["labels"])
+    assert budget == {"maxUnavailable": 1, "selector": budget["selector"]}
+
+
+def scaling_doc_ceiling_per_org() -> int:
+    total = re.search(r"^\| \*\*total per org\*\* \|[^|\n]*\| \*\*(\d+)\*\* \| \*\*(\d+)\*\* \|$", SCALING.read_text(),
+                      re.MULTILINE)
+    assert total, "docs/scaling.md has no total per org row"
+    return int(total.group(2))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_servicemonitor_names_instance_after_the_pod_and_bounds_a_scrape(rendered, variant):
+    """A pod that is rescheduled keeps its `instance` (its StatefulSet name, not its IP), and one
+    scrape holds every configured org at its label caps, plus the process' own series."""
+    objects = rendered[variant]
+    monitor = one(objects, "ServiceMonitor")["spec"]
+    (endpoint,) = monitor["endpoints"]
+    relabel = {r.get("targetLabel"): r for r in endpoint["relabelings"]}
+    if variant == "ha":
+        # One `instance` for the pair, `replica` from the pod's name, no `pod` label: the copies
+        # differ in `replica` alone, as Thanos' and Mimir's deduplication need.
+        assert relabel["instance"] == {"targetLabel": "instance", "replacement": "callingbox-exporter"}
+        assert relabel["replica"] == {"sourceLabels": ["__meta_kubernetes_pod_name"], "targetLabel": "replica"}
+        assert {"action": "labeldrop", "regex": "pod"} in endpoint["relabelings"]
+    else:
+        assert endpoint["relabelings"] == [{"sourceLabels": ["__meta_kubernetes_pod_name"], "targetLabel": "instance"}]
+    document = exporter_config_of(objects)
+    orgs = len(document.get("targets", [document]))
+    assert monitor["sampleLimit"] >= orgs * scaling_doc_ceiling_per_org() + 17
+    assert monitor["sampleLimit"] >= 10 * scaling_doc_ceiling_per_org(), "the limit is for a label gone wild, not a cap"
+
+
+def test_ha_overlay_runs_two_replicas_each_with_its_own_state(rendered):
+    base, ha = one(rendered["base"], "StatefulSet")["spec"], one(rendered["ha"], "StatefulSet")["spec"]
+    assert (base["replicas"], ha["replicas"]) == (1, 2)
+    # volumeClaimTemplates: each replica gets its own volume (state-callingbox-exporter-0, -1).
+    assert [c["metadata"]["name"] for c in ha["volumeClaimTemplates"]] == ["state"]
+    assert ha["volumeClaimTemplates"][0]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    (spread,) = ha["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert matches(spread["labelSelector"]["matchLabels"], ha["template"]["metadata"]["labels"])
+    # The same orgs as the base: the pair watches them twice, and only the labels tell the copies apart.
+    assert exporter_config_of(rendered["ha"]) == exporter_config_of(rendered["base"])
+
+
+def test_runbook_urls_share_one_base_that_the_generator_replaces(tmp_path):
+    generator = runpy.run_path(str(GENERATOR))
+    base = generator["RUNBOOK_BASE_URL"]
+    for path in RULE_FILES:
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                if "alert" in rule:
+                    assert rule["annotations"]["runbook_url"] == f"{base}#{rule['alert'].lower()}", rule["alert"]
+    mine = "https://wiki.example.com/oncall/callingbox"
+    result = run(sys.executable, str(GENERATOR), f"--runbook-base-url={mine}", f"--output={tmp_path / 'rule.yaml'}",
+                 f"--rules-out={tmp_path / 'rules'}")
+    assert result.returncode == 0, result.stderr
+    rule = yaml.safe_load((tmp_path / "rule.yaml").read_text())
+    urls = [r["annotations"]["runbook_url"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    assert urls and all(url.startswith(mine + "#callingbox") for url in urls), urls
+    for path in RULE_FILES:
+        written = tmp_path / "rules" / path.name
+        assert written.read_text() == path.read_text().replace(f"{base}#", f"{mine}#")
+        check = run(tool("promtool"), "check", "rules", str(written))
+        assert check.returncode == 0, check.stdout + check.stderr
+    assert run(sys.executable, str(GENERATOR), "--check").returncode == 0, "the committed file was left alone"
 
 
 # --- YAML style -----------------------------------------------------------------------------------
@@ -521,11 +601,38 @@ def test_compose_services_named_by_prometheus_and_grafana_exist(compose):
         url = urlsplit(datasource["url"])
         assert url.hostname in services and url.port == 9090, datasource["url"]
         assert datasource["jsonData"]["timeInterval"] == config["global"]["scrape_interval"]
+        # ... which is the Kubernetes ServiceMonitor's too: $__rate_interval is 4 of them.
+        (endpoint,) = yaml.safe_load((BASE / "servicemonitor.yaml").read_text())["spec"]["endpoints"]
+        assert datasource["jsonData"]["timeInterval"] == endpoint["interval"]
     providers = [p for f in sorted((provisioning / "dashboards").glob("*.y*ml"))
                  for p in yaml.safe_load(f.read_text()).get("providers", [])]
     assert [p["options"]["path"] for p in providers] == ["/var/lib/grafana/dashboards/callingbox"]
     assert providers[0]["options"]["path"] in grafana_mounts
     assert list(grafana_mounts[providers[0]["options"]["path"]].glob("*.json"))
+
+
+def installed_version(binary: str) -> str:
+    """`prometheus, version 2.42.0+ds (...)` → 2.42.0."""
+    output = run(tool(binary), "--version")
+    match = re.search(r"version (\d+\.\d+\.\d+)", output.stdout + output.stderr)
+    assert match, output.stdout + output.stderr
+    return match.group(1)
+
+
+# The Grafana release the compose file runs: one whose dashboard schema is the dashboards' own
+# (schemaVersion 39, Grafana 10.3 to 11.2), so it loads them without migrating them.
+GRAFANA_FOR_SCHEMA = {39: "11.1.0"}
+
+
+def test_compose_runs_the_versions_the_tests_run(compose):
+    """The stack a user starts is the one the tests proved: the rule pack on this Prometheus, the
+    routes on this Alertmanager, the dashboards in the schema of this Grafana."""
+    images = {name: service["image"].rsplit(":", 1) for name, service in compose["services"].items() if "image" in service}
+    assert images["prometheus"] == ["prom/prometheus", "v" + installed_version("prometheus")]
+    assert images["alertmanager"] == ["prom/alertmanager", "v" + installed_version("prometheus-alertmanager")]
+    schemas = {json.loads(path.read_text())["schemaVersion"] for path in (ROOT / "grafana" / "dashboards").glob("*.json")}
+    (schema,) = schemas
+    assert images["grafana"] == ["grafana/grafana", GRAFANA_FOR_SCHEMA[schema]]
 
 
 def test_compose_prometheus_config_passes_promtool_with_the_mounts_of_compose(compose, tmp_path):
@@ -599,8 +706,10 @@ def doc_blocks(first_line: str) -> dict[str, str]:
 
 
 def test_scaling_doc_overlays_render_and_validate(tmp_path):
-    overlays = doc_blocks(r"# overlays/(\w+)/kustomization\.yaml")
+    overlays = doc_blocks(r"# overlays/(\w+)/kustomization\.yaml.*")
     assert sorted(overlays) == ["ha", "sharded"]
+    # The HA overlay the page shows is the one shipped (rendered and validated above, as "ha").
+    assert overlays["ha"] == (HA / "kustomization.yaml").read_text()
     rendered = {}
     for name, text in overlays.items():
         directory = tmp_path / "overlays" / name
@@ -611,7 +720,7 @@ def test_scaling_doc_overlays_render_and_validate(tmp_path):
             for index, file in enumerate(generator["files"]):
                 (directory / file).write_text(yaml.safe_dump({"targets": [{
                     "name": f"org{index}", "api_key_file": "/run/secrets/callingbox-exporter/api_key",
-                    "state_file": f"/var/lib/callingbox-exporter/org{index}.json"}]}))
+                    "state_file": f"/var/lib/callingbox-exporter/org{index}.db"}]}))
         rendered[name] = kustomize(directory)
         for obj in rendered[name]:
             if obj["apiVersion"].startswith("monitoring.coreos.com/"):
@@ -631,6 +740,35 @@ def test_scaling_doc_overlays_render_and_validate(tmp_path):
     assert one(rendered["ha"], "StatefulSet")["spec"]["replicas"] == 2
     relabelings = one(rendered["ha"], "ServiceMonitor")["spec"]["endpoints"][0]["relabelings"]
     assert {r.get("targetLabel") for r in relabelings} >= {"replica", "instance"}
+
+
+def recorded_series_per_org() -> dict[str, int]:
+    """Series per org of each level of the recording rules (level:metric:operations): a rule by
+    org, direction and status makes 10 (2 directions x 5 terminal statuses), by org and direction
+    2, by org 1; a same-hour baseline without a fixed `hour` label, one per hour (3)."""
+    per_level = {"org_direction_status": 10, "org_direction": 2, "org": 1}
+    counts = {level: 0 for level in per_level}
+    for path in RULE_FILES[:1]:
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                level = rule["record"].split(":")[0]
+                if level == "job_instance_org":  # one per exporter target, not per org
+                    continue
+                hours = 3 if rule["record"].endswith("_same_hour_7d") and "hour" not in rule.get("labels", {}) else 1
+                counts[level] += per_level[level] * hours
+    return counts
+
+
+def test_scaling_doc_counts_the_recorded_series_the_rules_make():
+    counts = recorded_series_per_org()
+    text = " ".join(SCALING.read_text().split())
+    match = re.search(r"Recording rules\*\* add up to (\d+) series per org: (\d+) by org, direction and status .*?"
+                      r"(\d+) by org and direction and (\d+) by org", text)
+    assert match, "docs/scaling.md does not count the recorded series"
+    assert [int(n) for n in match.groups()] == [sum(counts.values()), counts["org_direction_status"],
+                                                   counts["org_direction"], counts["org"]]
+    ceiling = scaling_doc_ceiling_per_org()
+    assert f"20 × ({ceiling} + {sum(counts.values())}) = {20 * (ceiling + sum(counts.values())):,}".replace(",", " ") in text
 
 
 def test_scaling_doc_remote_write_passes_promtool(tmp_path):
