@@ -59,9 +59,10 @@ def test_a_rejected_key_is_logged_as_rejected_and_shown_nowhere(stack, tmp_path,
         rejected = wait_until(lambda: len(_lines(exporter, "API key rejected")) > count and
                               _lines(exporter, "API key rejected"), backoff + 15, message=f"rejected poll {count + 1}")
 
-    samples = parse_metrics(http_get(exporter.url + "/metrics")[1])
+    # The poll logs its outcome before it persists and publishes: the third 401 shows on /metrics just after.
+    samples = wait_until(lambda: (found := parse_metrics(http_get(exporter.url + "/metrics")[1])) and _value(
+        found, "callingbox_exporter_api_requests_total", code="401") >= 3 and found, 10, message="three 401s published")
     assert _value(samples, "callingbox_up") == 0
-    assert _value(samples, "callingbox_exporter_api_requests_total", code="401") >= 3
     assert _value(samples, "callingbox_exporter_polls_total", result="success") == 0
     assert http_get(exporter.url + "/-/ready")[0] == 200, "a rejected key is callingbox_up 0, not an unready pod"
     rejected = _lines(exporter, "API key rejected")
