@@ -257,12 +257,16 @@ def differences(samples: Samples, truth, org: str = "default", buckets: dict | N
     keys = {k for k in expected} | {k for k in got if k[0] in families}
     for key in sorted(keys):
         want, have = expected.get(key, 0), got.get(key, 0)
-        if key[0] in FLOAT_SUMS:
-            if abs(want - have) > 1e-6 * max(1.0, abs(want)):
-                problems.append(f"{key}: exporter {have} != truth {want}")
-        elif want != have:
+        if not same_value(key[0], have, want):
             problems.append(f"{key}: exporter {have} != truth {want}")
     return problems
+
+
+def same_value(name: str, have: float, want: float, floats: tuple[str, ...] = FLOAT_SUMS) -> bool:
+    """Equal, or for a float sum (`floats`) equal but for the last bits."""
+    if name in floats:
+        return abs(want - have) <= 1e-6 * max(1.0, abs(want))
+    return want == have
 
 
 def _le(bound: float) -> str:

@@ -25,7 +25,9 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from conftest import COUNTERS, HISTOGRAMS, MILLI_CENTS_PER_DOLLAR, Samples, differences, parse_metrics, wait_until
+from conftest import (
+    COUNTERS, HISTOGRAMS, MILLI_CENTS_PER_DOLLAR, Samples, differences, parse_metrics, same_value, wait_until,
+)
 from exporter.metrics import Collector, Snapshot
 from exporter.state import read
 from exporter.tally import Health
@@ -103,10 +105,7 @@ def mismatches(seen: Samples, own: Samples) -> list[str]:
     problems = []
     for key in sorted(set(seen) | set(own)):
         have, want = seen.get(key, 0), own.get(key, 0)
-        if key[0] in FLOAT_SUMS:
-            if abs(have - want) > 1e-6 * max(1.0, abs(want)):
-                problems.append(f"{key}: Prometheus {have} != exporter {want}")
-        elif have != want:
+        if not same_value(key[0], have, want, FLOAT_SUMS):
             problems.append(f"{key}: Prometheus {have} != exporter {want}")
     return problems
 
