@@ -281,21 +281,29 @@ def test_windows_and_for_durations_are_plain_so_they_can_be_time_compressed():
 
 
 def test_baselines_read_a_few_recorded_hourly_increases_at_the_same_hour_of_earlier_days():
-    """The baselines' cost: no range at all, only a recorded 1h increase at a fixed offset of a day or
-    more (the same hour on an earlier day), evaluated every 5 to 15 minutes. The former baselines read
-    168 hourly steps of a week per series every minute, ~97 % of the pack's work (BENCHMARKS.md)."""
-    (group,) = [g for g in yaml.safe_load(RECORDING_RULES.read_text())["groups"] if g["name"] == "callingbox-baselines"]
+    """The baselines' cost: no range over history at all, only a recorded 1h increase at a fixed
+    offset of a day or more (the hours before and after this time of day on an earlier day), read
+    every 5 to 15 minutes; the shares then read those sums back from the last evaluation. The
+    former baselines read 168 hourly steps of a week per series every minute (BENCHMARKS.md)."""
+    groups = {g["name"]: g for g in yaml.safe_load(RECORDING_RULES.read_text())["groups"]}
+    days, shares = groups["callingbox-baselines-days"], groups["callingbox-baselines"]
     seconds = {"m": 60, "h": 3600, "d": 86400}
-    interval = group.get("interval", "")
-    assert re.fullmatch(r"\d+m", interval) and 5 <= int(interval[:-1]) <= 15, interval
+    for group in (days, shares):
+        interval = group.get("interval", "")
+        assert re.fullmatch(r"\d+m", interval) and 5 <= int(interval[:-1]) <= 15, (group["name"], interval)
     offsets = set()
-    for rule in group["rules"]:
+    for rule in days["rules"]:
         assert "[" not in rule["expr"], f"{rule['record']} reads a range: {rule['expr']}"
         for name, offset in re.findall(r"([A-Za-z_:][\w:]*)(?:\{[^}]*\})? offset (\w+)", rule["expr"]):
             assert ":" in name and name.endswith(":increase1h"), f"{rule['record']} reads {name} offset {offset}"
             offsets.add(sum(int(n) * seconds[u] for n, u in re.findall(r"(\d+)([mhd])", offset)))
-    # The hours before, around and after this time, on each of the previous 7 days.
-    assert offsets == {d * 86400 - shift for d in range(1, 8) for shift in (0, 1800, 3600)}
+    # The hours that ended and began at this time of day, on each of the previous 7 days.
+    assert offsets == {d * 86400 - shift for d in range(1, 8) for shift in (0, 3600)}
+    pooled = {rule["record"] for rule in days["rules"]}
+    for rule in shares["rules"]:
+        assert "offset" not in rule["expr"], rule["record"]
+        for name, window in re.findall(r"([A-Za-z_:][\w:]*)(?:\{[^}]*\})?\[([^\]]+)\]", rule["expr"]):
+            assert name in pooled and window == "20m", f"{rule['record']} reads {name}[{window}]"
 
 
 def test_ratio_alerts_wait_longer_than_their_shortest_window():

@@ -745,7 +745,7 @@ def test_scaling_doc_overlays_render_and_validate(tmp_path):
 def recorded_series_per_org() -> dict[str, int]:
     """Series per org of each level of the recording rules (level:metric:operations): a rule by
     org, direction and status makes 10 (2 directions x 5 terminal statuses), by org and direction
-    2, by org 1; a same-hour baseline without a fixed `hour` label, one per hour (3)."""
+    2, by org 1; a same-hour baseline without a fixed `hour` label, one per hour (2: before, after)."""
     per_level = {"org_direction_status": 10, "org_direction": 2, "org": 1}
     counts = {level: 0 for level in per_level}
     for path in RULE_FILES[:1]:
@@ -754,7 +754,8 @@ def recorded_series_per_org() -> dict[str, int]:
                 level = rule["record"].split(":")[0]
                 if level == "job_instance_org":  # one per exporter target, not per org
                     continue
-                hours = 3 if rule["record"].endswith("_same_hour_7d") and "hour" not in rule.get("labels", {}) else 1
+                same_hour = re.search(r"_same_hour_(7d|1w)$", rule["record"]) and "hour" not in rule.get("labels", {})
+                hours = 2 if same_hour else 1
                 counts[level] += per_level[level] * hours
     return counts
 
