@@ -18,14 +18,13 @@ import yaml
 
 from .catalogue import END_GRACE, STRAGGLER_GIVE_UP
 from .configvalues import (
-    MAX_METADATA_LABELS, RESERVED_LABELS, ConfigError, Secret, buckets, dollars, file_path, http_url, metadata_labels,
-    parse_duration, positive_duration, read_key_file, whole_number,
+    ConfigError, Secret, buckets, dollars, file_path, http_url, metadata_labels, parse_duration, positive_duration,
+    read_key_file, whole_number,
 )
 
 # The names other modules import from here, those of configvalues.py included.
-__all__ = ["DEFAULT_API_URL", "DEFAULT_LISTEN", "MAX_METADATA_LABELS", "RESERVED_LABELS", "TARGET_KEYS", "Config",
-           "ConfigError", "Secret", "Target", "build", "load_document", "parse_duration", "parse_listen_address",
-           "read_key_file"]
+__all__ = ["DEFAULT_API_URL", "DEFAULT_LISTEN", "TARGET_KEYS", "Config", "ConfigError", "Secret", "Target", "build",
+           "load_document", "parse_duration", "parse_listen_address", "read_key_file"]
 
 DEFAULT_API_URL = "https://api.callingbox.io"
 DEFAULT_LISTEN = ":9860"

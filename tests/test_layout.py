@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
 FLOW = (
     "catalogue", "logs", "configvalues", "config", "budget", "deadline", "jsonstream", "api", "records", "accounting",
     "ledger", "audit", "visibility", "store", "listread", "tally", "state", "metrics", "exposition", "stragglers",
-    "liveness", "poller", "supervisor", "webconfig", "web", "explain", "cli",
+    "liveness", "poller", "supervisor", "webschema", "webconfig", "web", "explain", "cli",
 )
 
 
