@@ -12,9 +12,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
 FLOW = (
-    "catalogue", "logs", "config", "budget", "deadline", "jsonstream", "api", "records", "accounting", "ledger",
-    "audit", "visibility", "store", "listread", "tally", "state", "metrics", "exposition", "stragglers", "liveness",
-    "poller", "supervisor", "webconfig", "web", "explain", "cli",
+    "catalogue", "logs", "configvalues", "config", "budget", "deadline", "jsonstream", "api", "records", "accounting",
+    "ledger", "audit", "visibility", "store", "listread", "tally", "state", "metrics", "exposition", "stragglers",
+    "liveness", "poller", "supervisor", "webschema", "webconfig", "web", "explain", "cli",
 )
 
 

@@ -1,13 +1,13 @@
-"""`Simulator`: CallingBox in a box. It owns the call store, the clock-driven task that plays the
-lifecycles (lifecycle.py), the control methods tests call from any thread and the events behind
-`truth()`; its HTTP handlers live in handlers.py. `serve_in_thread` runs it for synchronous tests.
+"""`Simulator`: CallingBox in a box, served on loopback with `start()` / `stop()`. It owns the call
+store, the clock and the task that plays the calls on it (the stepping in player.py, the plans in
+lifecycle.py), the control methods tests call from any thread and `truth()`; its HTTP handlers live
+in handlers.py. `serve_in_thread` runs it for synchronous tests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import itertools
 import logging
 import random
@@ -19,13 +19,14 @@ from typing import Any
 
 from aiohttp import web
 
-from .contract import Contract, StampOf
+from .contract import Contract
 from .faults import FAULT_KINDS
 from .handlers import Handlers
 from .lifecycle import (
-    HISTORY_LIFETIME, HISTORY_SPACING, NOW, OUTCOME_WEIGHTS, Lifecycles, _Call, _new_record, _outcome_table,
-    _seconds, _Step, format_ts,
+    HISTORY_LIFETIME, HISTORY_SPACING, OUTCOME_WEIGHTS, Lifecycles, _Call, _new_record, _outcome_table, _seconds,
+    _Step, format_ts,
 )
+from .player import Player
 from .truth import END_DETAILS, Counted, Truth, _Event, ledger
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 TICK = 0.025  # lifecycle wake-up period, wall seconds
 
 
-class Simulator(Lifecycles, Handlers):
+class Simulator(Player, Lifecycles, Handlers):
     """CallingBox in a box: calls with realistic lifecycles, faults on demand, and the truth."""
 
     def __init__(self, *, seed: int = 0, rate: float = 2.0, max_calls: int | None = None,
@@ -218,7 +219,7 @@ class Simulator(Lifecycles, Handlers):
                 counters[(name, labels)] = counters.get((name, labels), 0) + value
         return Truth(counters, observations)
 
-    # ---- lifecycles ---------------------------------------------------------------------
+    # ---- the clock: one task steps every call (player.py) --------------------------------
 
     async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         with self._lock:
@@ -240,56 +241,7 @@ class Simulator(Lifecycles, Handlers):
                 log.exception("simulator step failed")
             await asyncio.sleep(TICK)
 
-    def _advance(self, now: float) -> None:
-        if self.rate > 0:
-            # A stalled loop catches up at most one second of arrivals, not a burst of hours.
-            self._next_arrival = max(self._next_arrival, now - 1.0)
-            while not self._paused and self._next_arrival <= now and (
-                    self.max_calls is None or self._created < self.max_calls):
-                self._create(now)
-                self._created += 1
-                self._next_arrival += self._rng.expovariate(self.rate)
-        while self._heap and self._heap[0][0] <= now:
-            call = self._calls.get(heapq.heappop(self._heap)[2])
-            if call is None:
-                continue  # deleted
-            if call.id in self._held:
-                self._held[call.id][1] = True  # release() schedules it again
-                continue
-            while call.steps and call.steps[0].due <= now:
-                self._apply(call, call.steps.popleft(), now)
-            self._schedule(call)
-
-    def _create(self, now: float, overrides: dict | None = None) -> _Call:
-        rng = self._rng
-        direction = "inbound" if rng.random() < self.inbound_share else "outbound"
-        record = _new_record(rng, direction, format_ts(now), self.campaigns)
-        record.update(overrides or {})
-        self.contract.shape(record)
-        steps = self.contract.vary(random.Random(f"{self.seed}:open:{record['id']}"),
-                                   self._plan(rng, record, now), record, self.hangup_causes is not None)
-        call = _Call(record["id"], deque(sorted(steps)))
-        self._commit(call, record, now + self._hide(rng), now)
-        self._calls[call.id] = call
-        self._schedule(call)
-        return call
-
-    def _apply(self, call: _Call, step: _Step, now: float) -> None:
-        step.applied, stamp = now, self.contract.stamp(now)
-        changes = {k: stamp if v is NOW else self.contract.stamp(v.step.applied) if isinstance(v, StampOf) else v
-                   for k, v in step.changes.items()}
-        self._commit(call, {**call.latest, **changes, "updated_at": stamp}, now + step.hide, now)
-
-    def _commit(self, call: _Call, record: dict, visible_at: float, now: float) -> None:
-        # The plan knows whether a hangup cause is still to come (a late end detail).
-        coming = any(step.changes.get("hangup_cause") is not None for step in call.steps)
-        events, call.counted = ledger(call.latest if call.versions else None, record, call.counted, coming)
-        self._events.extend(events)
-        call.commit(record, visible_at, now)
-
-    def _schedule(self, call: _Call) -> None:
-        if call.steps:
-            heapq.heappush(self._heap, (call.steps[0].due, next(self._seq), call.id))
+    # ---- history, as the list and the truth see it ---------------------------------------
 
     def _history_record(self, i: int) -> dict:
         return self.contract.shape(super()._history_record(i), extracted=True)

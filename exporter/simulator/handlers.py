@@ -25,7 +25,7 @@ from .lifecycle import _Call
 
 class Handlers:
     """The HTTP handlers of `Simulator`, mixed into it. Besides the state below they call
-    `Simulator._create` (a POSTed call) and `Lifecycles._history_record` (history in the list)."""
+    `Player._create` (a POSTed call) and `Lifecycles._history_record` (history in the list)."""
 
     seed: int
     history: int

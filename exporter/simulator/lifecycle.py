@@ -1,6 +1,6 @@
 """How a simulated call's future is drawn: realistic records, status paths, billing, extraction,
 webhook retries, and the synthetic history. The bottom of the simulator package: stdlib only;
-`truth.py` counts what these lifecycles do and `app.py` plays them on the clock.
+`truth.py` counts what these lifecycles do, `player.py` plays them and `app.py` owns the clock.
 """
 
 from __future__ import annotations
