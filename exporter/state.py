@@ -20,15 +20,14 @@ import time
 import urllib.parse
 from typing import NamedTuple
 
-import msgspec
-
+from . import migrate
 from .accounting import CallState
 from .ledger import Ledger
 from .catalogue import FAMILIES, added_labels, relabel
+from .migrate import encode_v1  # noqa: F401  (re-exported: tests and the persistence benchmark write format 1 with it)
 from .store import Store
 
 SCHEMA_VERSION = 3  # PRAGMA user_version; format 1 was the JSON file, 2 had no end details per call
-JSON_VERSION = 1
 APPLICATION_ID = 0x43424558  # PRAGMA application_id, "CBEX": another application's SQLite file is not ours
 SQLITE_MAGIC = b"SQLite format 3\x00"
 WAL_LIMIT = 4 * 1024 * 1024  # bytes the WAL keeps after a checkpoint
@@ -473,7 +472,7 @@ def read(path: str, buckets=None, label_limit: int = 50, extra_labels: tuple[str
         db.close()
 
 
-# ---- format 1: the JSON file of earlier releases -------------------------------------------
+# ---- format 1: the JSON file of earlier releases, read by migrate.py -----------------------
 
 def _migrate(path: str, org: str) -> None:
     """Turn the JSON file at `path` into a database, as saved (the restore applies today's config).
@@ -486,16 +485,14 @@ def _migrate(path: str, org: str) -> None:
         data = handle.read()
     document = _document_v1(path, data)
     try:  # as saved: its own buckets and metadata labels
-        saved = document["store"]
-        buckets = {name: h["buckets"] for name, h in saved["histograms"].items() if name in FAMILIES}
-        labels = tuple(saved.get("extra_labels", ()))
+        buckets, labels = migrate.as_saved_v1(document)
     except (AttributeError, KeyError, TypeError) as error:
         raise _unreadable(path, "unreadable JSON state", error)
     restored = _decode_v1(path, document, buckets, 50, labels)
     building, kept = path + ".migrating", path + ".v1.json"
     try:
         _build(building, org, restored.ledger, restored.store, None)
-        write_atomically(kept, data)
+        migrate.write_atomically(kept, data)
         _install(building, path)
     except (OSError, sqlite3.Error) as error:
         raise _refuse(path, f"a JSON state that cannot be migrated ({error})",
@@ -506,60 +503,19 @@ def _migrate(path: str, org: str) -> None:
 
 def _document_v1(path: str, data: bytes) -> dict:
     try:
-        document = json.loads(data)
+        return migrate.document_v1(data)
+    except migrate.UnknownVersion as error:
+        raise _refuse(path, f"a JSON state of unknown format version {error.version!r}",
+                      f"run the version that wrote it, or {AFRESH}")
     except ValueError as error:
         raise _unreadable(path, "unreadable JSON state", error)
-    if not isinstance(document, dict) or not all(isinstance(document.get(key), dict) for key in ("calls", "store")):
-        raise _unreadable(path, "unreadable JSON state", "not a state document")
-    if document.get("version") != JSON_VERSION:
-        raise _refuse(path, f"a JSON state of unknown format version {document.get('version')!r}",
-                      f"run the version that wrote it, or {AFRESH}")
-    return document
 
 
 def _decode_v1(path: str, document: dict, buckets=None, label_limit: int = 50,
                extra_labels: tuple[str, ...] = ()) -> Restored:
     try:
-        saved_extra = tuple(document["store"].get("extra_labels", ()))
-        calls = {call_id: _call_v1(fields, saved_extra, extra_labels) for call_id, fields in document["calls"].items()}
-        ledger = Ledger(document["baseline"], document["watermark"], calls)
+        ledger = migrate.ledger_v1(document, tuple(extra_labels))
         store, reset = Store.from_json(document["store"], buckets, label_limit, extra_labels)
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise _unreadable(path, "unreadable JSON state", error)
     return Restored(ledger, store, reset, {}, document.get("saved_at"))
-
-
-def _call_v1(fields: list, saved_extra: tuple[str, ...], extra_labels: tuple[str, ...]) -> CallState:
-    state = CallState(*fields[:9])
-    if extra_labels:
-        state.extra = relabel(saved_extra, fields[9] if len(fields) > 9 else (), extra_labels)
-    return state
-
-
-def encode_v1(org: str, ledger: Ledger, store: Store) -> bytes:
-    """The format-1 JSON document, as releases before SQLite wrote it. The exporter no longer
-    writes it: it stays beside its reader for the migration tests and the benchmark's reference."""
-    head = {"version": JSON_VERSION, "org": org, "saved_at": time.time(), "baseline": ledger.baseline,
-            "watermark": ledger.watermark, "store": store.to_json()}
-    encoder = msgspec.json.Encoder()
-    items = list(ledger.calls.items())
-    slices = (encoder.encode({call_id: _entry_v1(s) for call_id, s in items[i : i + SLICE]})[1:-1]
-              for i in range(0, len(items), SLICE))
-    return encoder.encode(head)[:-1] + b',"calls":{' + b",".join(slices) + b"}}"
-
-
-def _entry_v1(s: CallState) -> list:
-    entry = [s.direction, s.status, s.created_at, s.updated_at, s.billed, s.webhook, s.result,
-             s.webhook_pending_since, s.amount]
-    return entry + [s.extra] if s.extra else entry
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Replace `path` by `data`: write, fsync, rename, fsync the directory."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync(os.path.dirname(os.path.abspath(path)))

@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
 FLOW = (
     "catalogue", "logs", "config", "budget", "deadline", "jsonstream", "api", "records", "accounting", "ledger",
-    "audit", "visibility", "store", "listread", "tally", "state", "metrics", "exposition", "stragglers", "liveness",
+    "audit", "migrate", "visibility", "document", "store", "listread", "tally", "state", "metrics", "exposition", "stragglers", "liveness",
     "poller", "supervisor", "webconfig", "web", "explain", "cli",
 )
 
