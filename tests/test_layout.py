@@ -13,8 +13,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
 FLOW = (
     "catalogue", "logs", "config", "budget", "deadline", "jsonstream", "api", "records", "accounting", "ledger",
-    "audit", "migrate", "visibility", "document", "store", "listread", "tally", "state", "metrics", "exposition", "stragglers", "liveness",
-    "poller", "supervisor", "webconfig", "web", "explain", "cli",
+    "audit", "migrate", "visibility", "document", "store", "listread", "tally", "tables", "state", "metrics",
+    "exposition", "stragglers", "liveness", "poller", "supervisor", "webconfig", "web", "explain", "cli",
 )
 
 
