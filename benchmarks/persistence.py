@@ -4,7 +4,7 @@
 A ledger and a store are built by accounting synthetic records, as polls would: calls created
 2.5 s apart over 69 h, the newest 500 still ringing. Then, in this process:
 - the reference: the JSON document of format 1 encoded and written whole (write, fsync, rename),
-  as every poll did before SQLite (`state.encode_v1`, `state.write_atomically`);
+  as every poll did before SQLite (`migrate.encode_v1`, `migrate.write_atomically`);
 - SQLite: the first save (every call), then ordinary polls, each changing 100 calls (50 new
   ones ringing, the 50 oldest ringing ones ending and settling) before its save;
 - the restore of that database.
@@ -22,7 +22,8 @@ from pathlib import Path
 from benchmarks.common import MB, Facts, Row, Sizes, median, verdict
 from exporter.ledger import Ledger
 from exporter.records import Record
-from exporter.state import StateDB, encode_v1, write_atomically
+from exporter.migrate import encode_v1, write_atomically
+from exporter.state import StateDB
 from exporter.store import Store
 
 CASE = "7 state save"

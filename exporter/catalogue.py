@@ -148,9 +148,6 @@ EXEMPLAR_FAMILIES = frozenset({
     "callingbox_call_setup_delay_seconds",
 })
 SECONDS_PER_DAY = 86_400
-# Saved family names of an older version → today's: a state file written before a rename keeps
-# its counts (a silent zero would read as a counter reset in Prometheus).
-RENAMED = {"callingbox_calls_total": "callingbox_calls_ended_total"}
 # Families that gained labels: the values a series saved without them takes (its count carries
 # on, no counter reset). Before spot-checks had their own label, the checked count was one series.
 ADDED_LABELS: dict[str, dict[str, str]] = {"callingbox_exporter_audit_calls_checked_total": {"method": "window"}}

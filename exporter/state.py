@@ -1,74 +1,37 @@
-"""Durable state of one target in SQLite: store, ledger and watermark, written a poll at a time.
+"""Durable state of one target in a SQLite file: store, ledger and watermark, written a poll at a time.
 
 One transaction per save (WAL, synchronous=FULL): a crash at any instant leaves the last committed
 poll, and `save` returns only once the poll is on disk, so the poller publishes after it (persist,
-then publish). A save writes only the calls and series changed since the one before. The JSON file
-of earlier releases (format 1) is migrated at open; any other file is refused with one line, never
-replaced: starting afresh at a new baseline is the operator's call. Past 300 lines because it is
-the one module that knows the file's formats, the old one included.
+then publish). A save writes only the calls and series changed since the one before (the rows:
+tables.py). The JSON file of earlier releases (format 1, read by migrate.py) is migrated at open;
+any other file is refused with one line, never replaced: starting afresh at a new baseline is the
+operator's call.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sqlite3
 import threading
-import time
 import urllib.parse
 from typing import NamedTuple
 
-import msgspec
-
-from .accounting import CallState
+from . import migrate, tables
 from .ledger import Ledger
-from .catalogue import FAMILIES, added_labels, relabel
+from .migrate import encode_v1  # noqa: F401  (re-exported: tests and the persistence benchmark write format 1 with it)
 from .store import Store
+from .tables import SCHEMA_VERSION
 
-SCHEMA_VERSION = 3  # PRAGMA user_version; format 1 was the JSON file, 2 had no end details per call
-JSON_VERSION = 1
 APPLICATION_ID = 0x43424558  # PRAGMA application_id, "CBEX": another application's SQLite file is not ours
 SQLITE_MAGIC = b"SQLite format 3\x00"
 WAL_LIMIT = 4 * 1024 * 1024  # bytes the WAL keeps after a checkpoint
-SLICE = 2000  # rows built per executemany: the GIL is let go between slices, so scrapes go on meanwhile
-EXTRA = "extra."  # meta keys of the values a caller saves beside the state (Restored.extra)
 AFRESH = "move the file away to start afresh at a new baseline (counters restart at zero)"
 
-CALL_COLUMNS = ("id", "direction", "status", "created_at", "updated_at", "billed", "webhook", "result",
-                "webhook_pending_since", "amount", "extra", "ended", "todo", "deviations")
-# Schema 2 → 3: the columns a call gained, added in place (a terminal call of schema 2 waits for nothing).
-UPGRADE_2 = ("ALTER TABLE calls ADD COLUMN ended REAL", "ALTER TABLE calls ADD COLUMN todo INTEGER NOT NULL DEFAULT 0",
-             "ALTER TABLE calls ADD COLUMN deviations INTEGER NOT NULL DEFAULT 0")
-SCHEMA = (
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
-    # A rowid table: rows lie in the order calls were first saved, so the calls a poll changes
-    # (new ones, recent ones ending) share a few pages at the end instead of one random page each
-    # (ids are random); only a new call's id lands in a random page, of the index (CALLS_INDEX).
-    "CREATE TABLE calls (id TEXT NOT NULL, direction TEXT NOT NULL, status TEXT NOT NULL,"
-    " created_at REAL NOT NULL, updated_at REAL NOT NULL, billed INTEGER NOT NULL, webhook TEXT, result TEXT,"
-    " webhook_pending_since REAL, amount INTEGER, extra TEXT, ended REAL, todo INTEGER NOT NULL DEFAULT 0,"
-    " deviations INTEGER NOT NULL DEFAULT 0)",
-    # value has no type: an integer stays an integer, a float a float
-    "CREATE TABLE counters (family TEXT NOT NULL, labels TEXT NOT NULL, value NOT NULL,"
-    " PRIMARY KEY (family, labels)) WITHOUT ROWID",
-    "CREATE TABLE histograms (family TEXT NOT NULL, labels TEXT NOT NULL, counts TEXT NOT NULL,"
-    " PRIMARY KEY (family, labels)) WITHOUT ROWID",
-    "CREATE TABLE buckets (family TEXT PRIMARY KEY, bounds TEXT NOT NULL) WITHOUT ROWID",
-)
-CALLS_INDEX = "CREATE UNIQUE INDEX calls_id ON calls (id)"
-INSERT_CALL = f"INSERT INTO calls ({', '.join(CALL_COLUMNS)}) VALUES ({', '.join('?' * len(CALL_COLUMNS))})"
-UPSERT_CALL = INSERT_CALL + " ON CONFLICT (id) DO UPDATE SET " + ", ".join(
-    f"{c} = excluded.{c}" for c in CALL_COLUMNS[1:])
-UPSERT_COUNTER = ("INSERT INTO counters VALUES (?, ?, ?)"
-                  " ON CONFLICT (family, labels) DO UPDATE SET value = excluded.value")
-UPSERT_HISTOGRAM = ("INSERT INTO histograms VALUES (?, ?, ?)"
-                    " ON CONFLICT (family, labels) DO UPDATE SET counts = excluded.counts")
 # Meta rows written only when their text changed: label values' last uses (rounded to the minute)
 # and the series held unseen, most saves the same.
 UNLESS_CHANGED = ("label_use", "births")
-UPSERT_META = "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 
 log = logging.getLogger(__name__)
 
@@ -183,99 +146,22 @@ class StateDB:
         db.execute("BEGIN IMMEDIATE")
         try:
             if ledger is saved_ledger:
-                _write_calls(db, ledger, calls)
+                tables.write_calls(db, ledger, calls)
             else:
-                _replace_calls(db, ledger)
+                tables.replace_calls(db, ledger)
             if store is saved_store:
-                _write_series(db, store, series)
+                tables.write_series(db, store, series)
             else:
-                _replace_store(db, store)
-            meta = [(key, text) for key, text in _meta(self.org, ledger, store, extra)
+                tables.replace_store(db, store)
+            meta = [(key, text) for key, text in tables.meta_rows(self.org, ledger, store, extra)
                     if key not in UNLESS_CHANGED or self._meta.get(key) != text]
-            db.executemany(UPSERT_META, meta)
+            db.executemany(tables.UPSERT_META, meta)
             db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise
         self._meta.update((key, text) for key, text in meta if key in UNLESS_CHANGED)
-
-
-# ---- writing -------------------------------------------------------------------------------
-
-# Labels are stored as this JSON text, the key of every upsert: it must stay the same text for
-# the same labels (compact, ASCII-escaped) as long as the schema version does.
-_text = json.JSONEncoder(separators=(",", ":")).encode
-
-
-def _call_row(call_id: str, s: CallState) -> tuple:
-    return (call_id, s.direction, s.status, s.created_at, s.updated_at, int(s.billed), s.webhook, s.result,
-            s.webhook_pending_since, s.amount, _text(s.extra) if s.extra else None, s.ended, s.todo, s.deviations)
-
-
-def _write_calls(db: sqlite3.Connection, ledger: Ledger, changed: set[str]) -> None:
-    calls, ids = ledger.calls, list(changed)
-    for i in range(0, len(ids), SLICE):
-        rows, gone = [], []
-        for call_id in ids[i : i + SLICE]:
-            state = calls.get(call_id)
-            if state is None:
-                gone.append((call_id,))
-            else:
-                rows.append(_call_row(call_id, state))
-        db.executemany(UPSERT_CALL, rows)
-        db.executemany("DELETE FROM calls WHERE id = ?", gone)
-
-
-def _replace_calls(db: sqlite3.Connection, ledger: Ledger) -> None:
-    # The index is built again at the end: one sort, where 100 000 inserts of random ids would
-    # each dirty a random page (230 MB written for a 15 MB file, measured).
-    db.execute("DROP INDEX IF EXISTS calls_id")
-    db.execute("DELETE FROM calls")
-    items = list(ledger.calls.items())  # one step: a reload's new poller may count meanwhile
-    for i in range(0, len(items), SLICE):
-        db.executemany(INSERT_CALL, [_call_row(call_id, state) for call_id, state in items[i : i + SLICE]])
-    db.execute(CALLS_INDEX)
-
-
-def _write_series(db: sqlite3.Connection, store: Store, changed: set[tuple]) -> None:
-    counters, histograms, gone = [], [], []
-    for name, labels in changed:
-        key = _text(labels)
-        value = store.counters.get(name, {}).get(labels)
-        counts = store.histograms.get(name, {}).get(labels)
-        if value is not None:
-            counters.append((name, key, value))
-        elif counts is not None:
-            histograms.append((name, key, _text(counts)))
-        else:
-            gone.append((name, key))
-    db.executemany(UPSERT_COUNTER, counters)
-    db.executemany(UPSERT_HISTOGRAM, histograms)
-    db.executemany("DELETE FROM counters WHERE family = ? AND labels = ?", gone)
-    db.executemany("DELETE FROM histograms WHERE family = ? AND labels = ?", gone)
-
-
-def _replace_store(db: sqlite3.Connection, store: Store) -> None:
-    for table in ("counters", "histograms", "buckets"):
-        db.execute(f"DELETE FROM {table}")
-    db.executemany("INSERT INTO counters VALUES (?, ?, ?)", [
-        (name, _text(labels), value) for name, series in list(store.counters.items())
-        for labels, value in list(series.items())])
-    db.executemany("INSERT INTO histograms VALUES (?, ?, ?)", [
-        (name, _text(labels), _text(counts)) for name, series in list(store.histograms.items())
-        for labels, counts in list(series.items())])
-    db.executemany("INSERT INTO buckets VALUES (?, ?)", [
-        (name, _text(list(bounds))) for name, bounds in store.buckets.items() if name in FAMILIES])
-
-
-def _meta(org: str, ledger: Ledger, store: Store, extra: dict | None) -> list[tuple[str, str]]:
-    values = {"org": org, "saved_at": time.time(), "baseline": ledger.baseline, "watermark": ledger.watermark,
-              "extra_labels": list(store.extra_labels), "today": {"day": store.today_day, "totals": dict(store.today)},
-              # Rounded to the minute, so this row changes about once a minute, not at every save.
-              "label_use": store.label_use.to_json(), "births": store.births.to_json(store)}
-    values.update((EXTRA + key, value) for key, value in (extra or {}).items())
-    return [(key, _text(value)) for key, value in values.items()]
 
 
 def _build(path: str, org: str, ledger: Ledger, store: Store, extra: dict | None) -> list[tuple[str, str]]:
@@ -290,12 +176,7 @@ def _build(path: str, org: str, ledger: Ledger, store: Store, extra: dict | None
             db.execute("PRAGMA temp_store=MEMORY")  # see _connect
             db.execute(f"PRAGMA application_id={APPLICATION_ID}")
             db.execute("BEGIN")
-            for statement in SCHEMA:
-                db.execute(statement)
-            _replace_calls(db, ledger)
-            _replace_store(db, store)
-            meta = _meta(org, ledger, store, extra)
-            db.executemany(UPSERT_META, meta)
+            meta = tables.create(db, org, ledger, store, extra)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("COMMIT")
             db.execute("PRAGMA journal_mode=WAL")  # persistent: written into the file's header
@@ -374,7 +255,7 @@ def _connect(path: str, read_only: bool = False) -> sqlite3.Connection:
                                 " from before the upgrade")
         if version == 2:
             if not read_only:  # one transaction: a crash leaves schema 2, upgraded again at the next start
-                db.executescript("BEGIN IMMEDIATE; " + "; ".join(UPGRADE_2) + f"; PRAGMA user_version={SCHEMA_VERSION}; COMMIT")
+                db.executescript("BEGIN IMMEDIATE; " + "; ".join(tables.UPGRADE_2) + f"; PRAGMA user_version={SCHEMA_VERSION}; COMMIT")
         elif version != SCHEMA_VERSION:
             raise _unreadable(path, "an unfinished state database", f"schema {version}")
         if not read_only:
@@ -401,61 +282,16 @@ def _restore(db: sqlite3.Connection, path: str, buckets, label_limit: int,
         problem = db.execute("PRAGMA quick_check").fetchone()[0]
         if problem != "ok":
             raise _unreadable(path, "damaged state database", problem)
-        meta = {key: json.loads(value) for key, value in db.execute("SELECT key, value FROM meta")}
+        meta = tables.read_meta(db)
         if "baseline" not in meta:
             raise _unreadable(path, "incomplete state database", "no baseline")
-        saved_extra = tuple(meta.get("extra_labels") or ())
-        ledger = Ledger(meta["baseline"], meta.get("watermark"), _calls(db, saved_extra, tuple(extra_labels)))
-        data = _store_document(db, meta, saved_extra)
-        store, reset = Store.from_json(data, buckets, label_limit, extra_labels)
+        ledger, store, reset, *as_saved = tables.load(db, meta, buckets, label_limit, extra_labels)
     except sqlite3.Error as error:
         raise _failed(path, error)
     except (ValueError, TypeError, KeyError, AttributeError) as error:
         raise _unreadable(path, "state database with unreadable content", error)
-    same_labels = saved_extra == tuple(extra_labels)
-    known = all(name in FAMILIES for kind in ("counters", "histograms") for name in data[kind])
-    # A series saved before its family gained a label is restored under today's labels: the old
-    # row must go, so the store is written whole (otherwise both would be restored next time).
-    known = known and not any(added_labels(name, row[:-1]) is not None
-                              for name, rows in data["counters"].items() for row in rows)
-    extra = {key[len(EXTRA):]: value for key, value in meta.items() if key.startswith(EXTRA)}
-    restored = Restored(ledger, store, reset, extra, meta.get("saved_at"))
-    return restored, same_labels, same_labels and known and not reset
-
-
-def _calls(db: sqlite3.Connection, saved_extra: tuple[str, ...], extra_labels: tuple[str, ...]) -> dict:
-    """The ledger's calls, their metadata values re-keyed from the saved labels onto today's."""
-    calls: dict[str, CallState] = {}
-    extras: dict[str | None, tuple] = {}  # one tuple per distinct value set, shared as the ledger does
-    present = {row[1] for row in db.execute("PRAGMA table_info(calls)")}  # schema 2, read only: fewer
-    columns = [c if c in present else "NULL" if c == "ended" else "0" for c in CALL_COLUMNS]
-    rows = db.execute(f"SELECT {', '.join(columns)} FROM calls")
-    while batch := rows.fetchmany(SLICE):
-        for (call_id, direction, status, created, updated, billed, webhook, result, since, amount, extra, ended, todo,
-             found) in batch:
-            state = calls[call_id] = CallState(direction, status, created, updated, bool(billed), webhook, result,
-                                               since, amount, (), ended, todo, found)
-            if extra_labels:
-                values = extras.get(extra)
-                if values is None:
-                    saved = tuple(json.loads(extra)) if extra else ()
-                    values = extras[extra] = relabel(saved_extra, saved, extra_labels)
-                state.extra = values
-    return calls
-
-
-def _store_document(db: sqlite3.Connection, meta: dict, saved_extra: tuple[str, ...]) -> dict:
-    """The store as `Store.from_json` reads it, so a restore applies the same rules (labels, buckets)."""
-    counters: dict[str, list] = {}
-    for family, labels, value in db.execute("SELECT family, labels, value FROM counters"):
-        counters.setdefault(family, []).append([*json.loads(labels), value])
-    bounds = {family: json.loads(b) for family, b in db.execute("SELECT family, bounds FROM buckets")}
-    histograms: dict[str, dict] = {}
-    for family, labels, counts in db.execute("SELECT family, labels, counts FROM histograms"):
-        saved = histograms.setdefault(family, {"buckets": bounds.get(family, []), "series": []})
-        saved["series"].append([*json.loads(labels), *json.loads(counts)])
-    return {"counters": counters, "histograms": histograms, "today": meta.get("today") or {},
-            "extra_labels": list(saved_extra), "label_use": meta.get("label_use"), "births": meta.get("births")}
+    extra = {key[len(tables.EXTRA):]: value for key, value in meta.items() if key.startswith(tables.EXTRA)}
+    return Restored(ledger, store, reset, extra, meta.get("saved_at")), *as_saved
 
 
 def read(path: str, buckets=None, label_limit: int = 50, extra_labels: tuple[str, ...] = ()) -> Restored | None:
@@ -465,7 +301,7 @@ def read(path: str, buckets=None, label_limit: int = 50, extra_labels: tuple[str
         return None
     if kind == "json":
         with open(path, "rb") as handle:
-            return _decode_v1(path, _document_v1(path, handle.read()), buckets, label_limit, extra_labels)
+            return _restore_v1(path, handle.read(), buckets, label_limit, extra_labels)
     db = _connect(path, read_only=True)
     try:
         return _restore(db, path, buckets, label_limit, extra_labels)[0]
@@ -473,7 +309,7 @@ def read(path: str, buckets=None, label_limit: int = 50, extra_labels: tuple[str
         db.close()
 
 
-# ---- format 1: the JSON file of earlier releases -------------------------------------------
+# ---- format 1: the JSON file of earlier releases, read by migrate.py -----------------------
 
 def _migrate(path: str, org: str) -> None:
     """Turn the JSON file at `path` into a database, as saved (the restore applies today's config).
@@ -484,18 +320,11 @@ def _migrate(path: str, org: str) -> None:
     """
     with open(path, "rb") as handle:
         data = handle.read()
-    document = _document_v1(path, data)
-    try:  # as saved: its own buckets and metadata labels
-        saved = document["store"]
-        buckets = {name: h["buckets"] for name, h in saved["histograms"].items() if name in FAMILIES}
-        labels = tuple(saved.get("extra_labels", ()))
-    except (AttributeError, KeyError, TypeError) as error:
-        raise _unreadable(path, "unreadable JSON state", error)
-    restored = _decode_v1(path, document, buckets, 50, labels)
+    restored = _restore_v1(path, data, as_saved=True)
     building, kept = path + ".migrating", path + ".v1.json"
     try:
         _build(building, org, restored.ledger, restored.store, None)
-        write_atomically(kept, data)
+        migrate.write_atomically(kept, data)
         _install(building, path)
     except (OSError, sqlite3.Error) as error:
         raise _refuse(path, f"a JSON state that cannot be migrated ({error})",
@@ -504,62 +333,18 @@ def _migrate(path: str, org: str) -> None:
         "org": org, "path": path, "tracked_calls": len(restored.ledger.calls), "old_file": kept})
 
 
-def _document_v1(path: str, data: bytes) -> dict:
+def _restore_v1(path: str, data: bytes, buckets=None, label_limit: int = 50, extra_labels: tuple[str, ...] = (),
+                as_saved: bool = False) -> Restored:
+    """What the JSON file holds, under the config given or, `as_saved`, its own buckets and labels."""
     try:
-        document = json.loads(data)
-    except ValueError as error:
-        raise _unreadable(path, "unreadable JSON state", error)
-    if not isinstance(document, dict) or not all(isinstance(document.get(key), dict) for key in ("calls", "store")):
-        raise _unreadable(path, "unreadable JSON state", "not a state document")
-    if document.get("version") != JSON_VERSION:
-        raise _refuse(path, f"a JSON state of unknown format version {document.get('version')!r}",
-                      f"run the version that wrote it, or {AFRESH}")
-    return document
-
-
-def _decode_v1(path: str, document: dict, buckets=None, label_limit: int = 50,
-               extra_labels: tuple[str, ...] = ()) -> Restored:
-    try:
-        saved_extra = tuple(document["store"].get("extra_labels", ()))
-        calls = {call_id: _call_v1(fields, saved_extra, extra_labels) for call_id, fields in document["calls"].items()}
-        ledger = Ledger(document["baseline"], document["watermark"], calls)
+        document = migrate.document_v1(data)
+        if as_saved:
+            buckets, extra_labels = migrate.as_saved_v1(document)
+        ledger = migrate.ledger_v1(document, tuple(extra_labels))
         store, reset = Store.from_json(document["store"], buckets, label_limit, extra_labels)
+    except migrate.UnknownVersion as error:
+        raise _refuse(path, f"a JSON state of unknown format version {error.version!r}",
+                      f"run the version that wrote it, or {AFRESH}")
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise _unreadable(path, "unreadable JSON state", error)
     return Restored(ledger, store, reset, {}, document.get("saved_at"))
-
-
-def _call_v1(fields: list, saved_extra: tuple[str, ...], extra_labels: tuple[str, ...]) -> CallState:
-    state = CallState(*fields[:9])
-    if extra_labels:
-        state.extra = relabel(saved_extra, fields[9] if len(fields) > 9 else (), extra_labels)
-    return state
-
-
-def encode_v1(org: str, ledger: Ledger, store: Store) -> bytes:
-    """The format-1 JSON document, as releases before SQLite wrote it. The exporter no longer
-    writes it: it stays beside its reader for the migration tests and the benchmark's reference."""
-    head = {"version": JSON_VERSION, "org": org, "saved_at": time.time(), "baseline": ledger.baseline,
-            "watermark": ledger.watermark, "store": store.to_json()}
-    encoder = msgspec.json.Encoder()
-    items = list(ledger.calls.items())
-    slices = (encoder.encode({call_id: _entry_v1(s) for call_id, s in items[i : i + SLICE]})[1:-1]
-              for i in range(0, len(items), SLICE))
-    return encoder.encode(head)[:-1] + b',"calls":{' + b",".join(slices) + b"}}"
-
-
-def _entry_v1(s: CallState) -> list:
-    entry = [s.direction, s.status, s.created_at, s.updated_at, s.billed, s.webhook, s.result,
-             s.webhook_pending_since, s.amount]
-    return entry + [s.extra] if s.extra else entry
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Replace `path` by `data`: write, fsync, rename, fsync the directory."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync(os.path.dirname(os.path.abspath(path)))

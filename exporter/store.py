@@ -1,7 +1,7 @@
 """The aggregate store of one target: integer counters and histogram buckets, keyed by labels.
 
-Plain dictionary arithmetic: accounting events go in, label caps are applied, and it
-serialises for the state file. It also keeps, per series, the id of the latest call counted
+Plain dictionary arithmetic: accounting events go in, label caps are applied; the JSON document
+it is saved as is document.py's. It also keeps, per series, the id of the latest call counted
 (an exemplar, so a panel can link a spike to one real call) and today's totals for the
 landing page. `published` is the copy a snapshot shows: series born at zero and label values
 gone idle (visibility.py).
@@ -15,9 +15,10 @@ from typing import Iterable, Iterator
 
 from .accounting import Billed, Created, Deviation, Ended, Event, ExtractionOutcome, WebhookOutcome
 from .catalogue import (
-    CALL_FAMILIES, CAPPED_LABELS, DEFAULT_BUCKETS, EXTRACTIONS, FAMILIES, OUTCOMES, RENAMED, SECONDS_PER_DAY,
-    STATUSES, TERMINAL_STATUSES, added_labels, initial_series, relabel,
+    CAPPED_LABELS, DEFAULT_BUCKETS, EXTRACTIONS, FAMILIES, OUTCOMES, SECONDS_PER_DAY, STATUSES, TERMINAL_STATUSES,
+    initial_series,
 )
+from .document import document, restore
 from .visibility import Births, LabelUse, published
 
 
@@ -243,75 +244,13 @@ class Store:
         return clone
 
     def to_json(self) -> dict:
-        return {
-            "counters": {name: [[*k, v] for k, v in series.items()] for name, series in self.counters.items()},
-            "histograms": {
-                name: {"buckets": list(self.buckets[name]), "series": [[*k, *v] for k, v in series.items()]}
-                for name, series in self.histograms.items()
-            },
-            "today": {"day": self.today_day, "totals": self.today},
-            "extra_labels": list(self.extra_labels),
-            "label_use": self.label_use.to_json(),
-            "births": self.births.to_json(self),
-        }
+        """The store as the JSON document the state file keeps (document.py)."""
+        return document(self)
 
     @classmethod
     def from_json(cls, data: dict, buckets=None, label_limit: int = 50,
                   extra_labels: tuple[str, ...] = ()) -> tuple["Store", list[str]]:
-        """Restore a store; returns it and the histogram names whose buckets changed (reset).
-
-        Series saved under other metadata labels are re-keyed by label name: a label no longer
-        configured is summed away, a new one reads `none`, so totals stay exact.
-        """
+        """Restore a store under today's config; returns it and the histogram names whose buckets
+        changed (reset). See document.restore."""
         store = cls(buckets, label_limit, extra_labels)
-        saved_extra = tuple(data.get("extra_labels", ()))
-        merge = saved_extra != store.extra_labels  # several saved series may land in one
-        reset: list[str] = []
-
-        def keyed(name: str, row: list) -> tuple[tuple, list]:
-            width = len(FAMILIES[name].labels)
-            if name not in CALL_FAMILIES:
-                return tuple(row[:width]), row[width:]
-            extra = relabel(saved_extra, row[width:width + len(saved_extra)], store.extra_labels, "none")
-            return (*row[:width], *extra), row[width + len(saved_extra):]
-
-        for name, rows in data["counters"].items():
-            name = RENAMED.get(name, name)
-            if name not in FAMILIES:
-                continue
-            series = store.counters.setdefault(name, {})
-            for row in rows:
-                filled = added_labels(name, row[:-1])  # saved before the family gained a label
-                if filled is not None:
-                    row = [*filled, row[-1]]
-                labels, (value,) = keyed(name, row)
-                series[labels] = series.get(labels, 0) + value if merge and name in CALL_FAMILIES else value
-                store.births.visible.setdefault(name, set()).add(labels)  # restored: Prometheus has seen it
-        for name, saved in data["histograms"].items():
-            if name not in FAMILIES:
-                continue
-            if tuple(saved["buckets"]) != tuple(store.buckets[name]):
-                reset.append(name)
-                continue
-            series = store.histograms.setdefault(name, {})
-            for row in saved["series"]:
-                labels, counts = keyed(name, row)
-                if merge and labels in series:
-                    counts = [a + b for a, b in zip(series[labels], counts)]
-                series[labels] = list(counts)
-                store.births.visible.setdefault(name, set()).add(labels)
-        # Values already exported keep their label under the caps: read them off the series.
-        positions = {"hangup_cause": ("callingbox_call_hangups_total", 2), "error_code": ("callingbox_call_errors_total", 1),
-                     "status": ("callingbox_calls_ended_total", 1)}
-        for index, label in enumerate(store.extra_labels):
-            positions[label] = ("callingbox_calls_created_total", 1 + index)
-        for label, (family, position) in positions.items():
-            store.seen[label] = {k[position] for k in store.counters.get(family, {})} - {"none", "other"} - STATUSES
-        store.label_use.restore(data.get("label_use"), store.seen)  # idle ones leave `seen` at the first expire
-        if not merge:  # re-keyed series are shown at once
-            store.births.restore(data.get("births"), store)
-        today = data.get("today") or {}
-        if isinstance(today.get("day"), int) and isinstance(today.get("totals"), dict):
-            store.today_day, store.today = today["day"], dict(today["totals"])
-        store.changed = set(store.series())  # rebuilt: none of it has been saved in this shape
-        return store, reset
+        return store, restore(store, data)

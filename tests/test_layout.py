@@ -12,9 +12,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
 FLOW = (
-    "catalogue", "logs", "configvalues", "config", "budget", "deadline", "jsonstream", "api", "records", "accounting",
-    "ledger", "audit", "visibility", "store", "listread", "tally", "state", "metrics", "exposition", "stragglers",
-    "liveness", "poller", "supervisor", "webschema", "webconfig", "web", "explain", "cli",
+    "catalogue", "logs", "configvalues", "config", "budget", "deadline", "jsonstream", "api", "records",
+    "accounting", "ledger", "audit", "migrate", "visibility", "document", "store", "listread", "tally", "tables",
+    "state", "metrics", "exposition", "stragglers", "liveness", "poller", "supervisor", "webschema", "webconfig",
+    "web", "explain", "cli",
 )
 
 

@@ -15,7 +15,8 @@ import pytest
 from exporter.accounting import ANSWER, DURATION, ERROR, SETUP, CallState
 from exporter.ledger import Ledger
 from exporter.records import Record
-from exporter.state import APPLICATION_ID, SCHEMA_VERSION, StateDB, StateError, encode_v1, read
+from exporter.migrate import encode_v1
+from exporter.state import APPLICATION_ID, SCHEMA_VERSION, StateDB, StateError, read
 from exporter.store import Store
 
 BASELINE = 1_700_000_000.0
