@@ -9,7 +9,8 @@ definition of every series.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import Callable, Iterable, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -168,22 +169,45 @@ def _add_counts(metric: Metric, name: str, org: str, store: Store, relabel) -> N
         metric.add_metric(full(labels), cumulative, sum_value=counts[-1])
 
 
+@dataclass(frozen=True)
+class View:
+    """What every endpoint shows, as of one publish: each target's snapshot, read-only. The
+    Collector replaces it whole, by reference, so a reader holds one state however long it takes."""
+
+    snapshots: Mapping[str, Snapshot]  # a MappingProxyType that no one else holds the dict of
+
+    @classmethod
+    def of(cls, snapshots: Mapping[str, Snapshot]) -> "View":
+        return cls(MappingProxyType(dict(snapshots)))
+
+
 class Collector(_Collector):
-    """Holds the latest published snapshot of every target and renders them all at each collect."""
+    """Holds the published `View` of every target and renders it at each collect."""
 
     def __init__(self, version: str, clock=time.time):
         self.version = version
         self.clock = clock
-        self.snapshots: dict[str, Snapshot] = {}
+        self.view: View = View.of({})  # replaced, never changed: what the endpoints read, afresh per request
         self._read: Mapping[str, Snapshot] = {}  # the snapshots the last whole scrape served
+
+    @property
+    def snapshots(self) -> Mapping[str, Snapshot]:
+        """The published snapshots of every target (read-only)."""
+        return self.view.snapshots
+
+    def snapshot(self, org: str) -> Snapshot | None:
+        """The snapshot of `org` that the endpoints show; None before its first publish."""
+        return self.view.snapshots.get(org)
 
     async def publish(self, org: str, snapshot: Snapshot) -> None:
         """A coroutine so that a subclass (exposition.Exposition) can render its pages here."""
-        self.snapshots[org] = snapshot  # one reference swap: scrapes see the old or the new whole
+        self.view = View.of({**self.view.snapshots, org: snapshot})  # scrapes see the old or the new whole
 
     def withdraw(self, org: str) -> None:
         """A target removed by a reload: its series leave the exposition."""
-        self.snapshots.pop(org, None)
+        if org in self.view.snapshots:
+            self.view = replace(self.view, snapshots=MappingProxyType(
+                {name: snap for name, snap in self.view.snapshots.items() if name != org}))
 
     def read(self, snapshots: Mapping[str, Snapshot]) -> None:
         """A scrape served the whole of `snapshots` (not a `name[]` part): new series it showed may
@@ -196,7 +220,7 @@ class Collector(_Collector):
         return None if snapshot is None else snapshot.published_at
 
     def collect(self):
-        snapshots = dict(self.snapshots)
+        snapshots = self.view.snapshots
         now = self.clock()
         extra = metadata_labels(snapshots.values())
         for name in TARGET_FAMILIES:
