@@ -22,10 +22,9 @@ from prometheus_client.openmetrics.exposition import ALLOWUTF8, UNDERSCORES
 from prometheus_client.openmetrics.exposition import generate_latest as render_openmetrics
 from prometheus_client.registry import Collector as _Collector
 
-from .catalogue import CALL_FAMILIES, FAMILIES
+from .catalogue import CALL_FAMILIES, FAMILIES, GAUGES, PENDING_AGE
 from .metrics import (
-    GAUGES, PENDING_AGE, TARGET_FAMILIES, WITH_METADATA, Collector, Snapshot, View, add_target, build_info, family,
-    metadata_labels,
+    TARGET_FAMILIES, WITH_METADATA, Collector, Snapshot, View, add_target, build_info, family, metadata_labels,
 )
 from .store import Store
 
