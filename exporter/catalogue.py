@@ -1,4 +1,5 @@
-"""The fixed names: the API's vocabulary and the metric families built on it (SPEC §1, §3).
+"""The fixed names: the API's vocabulary and the metric families built on it, counters, histograms
+and health gauges alike (SPEC §1, §3).
 
 The top of the flow: every other module, config included, takes its names from here, so a
 metric family is written once and a typo in a name is an error (`Store.inc`), not a new series.

@@ -2,9 +2,9 @@
 
 The API half is `GET /v1/calls/{id}` without phone numbers, prompt or context. The exporter half
 is read from the target's state file, never written: the call's ledger entry, the baseline and
-the watermark, and what they mean for each counter. The formatting functions are pure; `run`
-does the two reads, `main` is what the command line calls. Past 300 lines: one sentence per
-counter and per fate of a call, each next to the rule it explains.
+the watermark, and what they mean for each counter. Family names and outcome sets come from the
+catalogue, what a call is and still waits for from accounting and ledger. The formatting
+functions are pure; `run` does the two reads, `main` is what the command line calls.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 After metrics.py in the flow: `Exposition` is its Collector plus pages. At a publish,
 prometheus-client renders only the families of that target whose data changed, one block of
 samples per (target, family); the blocks are joined into one page per format (text 0.0.4,
-OpenMetrics 1.0.0) and gzipped in a worker thread. A scrape gets that page plus a live tail:
-the pending-webhook age (it moves with the clock) and the process, platform and GC collectors.
+OpenMetrics 1.0.0) and gzipped in a worker thread, and swapped in with the snapshots they show
+as one `Pages` view. A scrape gets that page plus a live tail: the pending-webhook age (it moves
+with the clock) and the process, platform and GC collectors.
 """
 
 from __future__ import annotations

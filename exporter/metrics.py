@@ -1,9 +1,10 @@
-"""The metric families of one target's published snapshot, and the Collector that renders them live.
+"""Every series a published snapshot shows, defined once, and the Collector that renders them live.
 
-The poller publishes immutable `Snapshot`s (a store copy and the health gauges). Each family is
-built one target at a time (`family` + `add_target`): the live `collect` here (--once, `name[]`,
-the reference in tests) and the pages rendered at publish (exposition.py) share that one
-definition of every series.
+The poller publishes immutable `Snapshot`s (a store copy and the health gauges); the Collector
+holds them in one frozen `View`, replaced by reference at each publish. Each family is built one
+target at a time from the catalogue's data (`family` + `add_target`): the live `collect` here
+(--once, `name[]`, the reference in tests) and the pages rendered at publish (exposition.py)
+share that one definition of every series.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The HTTP face: /metrics, the landing page, /-/healthy, /-/ready and /-/reload.
 
-Handlers only read what the pollers published (counts and health), so a slow or failing API
-never holds a scrape up: /metrics serves the pages rendered at publish (exposition.py) plus a
-small live tail, negotiated as prometheus-client's own aiohttp handler does. The landing page
+Handlers only read what the pollers published (counts and health), taking the published view
+afresh on each request, so a slow or failing API never holds a scrape up: /metrics serves the
+pages rendered at publish (exposition.py) plus a small live tail, negotiated as
+prometheus-client's own aiohttp handler does. The landing page
 is plain HTML with inline CSS: each target's health and what it counted today, readable at a
 glance and with no assets from anywhere else.
 """
