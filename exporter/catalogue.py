@@ -1,4 +1,5 @@
-"""The fixed names: the API's vocabulary and the metric families built on it (SPEC §1, §3).
+"""The fixed names: the API's vocabulary and the metric families built on it, counters, histograms
+and health gauges alike (SPEC §1, §3).
 
 The top of the flow: every other module, config included, takes its names from here, so a
 metric family is written once and a typo in a name is an error (`Store.inc`), not a new series.
@@ -63,9 +64,17 @@ class Family(NamedTuple):
     doc: str
 
 
+# The call families that `explain` names (metrics.py renders every family by its key below).
+CALLS_CREATED = "callingbox_calls_created_total"
+CALLS_ENDED = "callingbox_calls_ended_total"
+BILLED_DOLLARS = "callingbox_billed_amount_dollars_total"  # summed in integer milli-cents
+WEBHOOK_DELIVERIES = "callingbox_webhook_deliveries_total"
+RESULT_EXTRACTIONS = "callingbox_result_extractions_total"
+VANISHED_CALLS = "callingbox_exporter_vanished_calls_total"
+
 FAMILIES: dict[str, Family] = {
-    "callingbox_calls_created_total": Family("counter", ("direction",), "Calls first observed, by direction."),
-    "callingbox_calls_ended_total": Family(
+    CALLS_CREATED: Family("counter", ("direction",), "Calls first observed, by direction."),
+    CALLS_ENDED: Family(
         "counter", ("direction", "status"), "Calls first observed in a terminal status."
     ),
     "callingbox_call_hangups_total": Family(
@@ -74,13 +83,13 @@ FAMILIES: dict[str, Family] = {
     "callingbox_call_errors_total": Family(
         "counter", ("direction", "error_code"), "Terminal calls with an error code."
     ),
-    "callingbox_webhook_deliveries_total": Family(
+    WEBHOOK_DELIVERIES: Family(
         "counter", ("status",), "Webhook outcomes observed (delivered, failed); a replay counts again."
     ),
-    "callingbox_result_extractions_total": Family(
+    RESULT_EXTRACTIONS: Family(
         "counter", ("status",), "Structured-data extraction outcomes observed (completed, failed)."
     ),
-    "callingbox_billed_amount_dollars_total": Family(
+    BILLED_DOLLARS: Family(
         "counter", ("direction",), "Money billed for settled calls, in US dollars."
     ),
     "callingbox_call_duration_seconds": Family(
@@ -109,7 +118,7 @@ FAMILIES: dict[str, Family] = {
     "callingbox_exporter_label_overflow_total": Family(
         "counter", ("label",), "Label values folded into 'other' by the per-label cap."
     ),
-    "callingbox_exporter_vanished_calls_total": Family(
+    VANISHED_CALLS: Family(
         "counter", (), "Tracked calls that the API no longer knows (404 by id)."
     ),
     "callingbox_exporter_contract_deviations_total": Family(
@@ -136,12 +145,63 @@ DEFAULT_BUCKETS: dict[str, tuple[float, ...]] = {
 }
 
 
+
+class Gauge(NamedTuple):
+    """A health gauge: the field of a target's published `Health` it shows, dotted for the poll
+    status's (`status.up`; a flag shows as 1 or 0)."""
+
+    labels: tuple[str, ...]  # without org
+    doc: str
+    field: str
+    unset: float | None = 0  # shown while the field is None; None: no sample then
+    values: tuple[str, ...] = ()  # of its one label, each shown (0 where the field's dict lacks it)
+
+
+ACTIVE = "callingbox_calls_active"  # with zeros for every direction and active status, and metadata labels
+# The health gauges, in the order they are rendered after the counter families.
+GAUGES: dict[str, Gauge] = {
+    ACTIVE: Gauge(("direction", "status"), "Calls now queued, initiated, ringing or in progress.", "active"),
+    "callingbox_webhooks_pending": Gauge((), "Tracked calls whose webhook delivery is pending.", "webhooks_pending"),
+    "callingbox_up": Gauge((), "1 when the last poll of the CallingBox API succeeded.", "status.up"),
+    "callingbox_daily_budget_dollars": Gauge(  # for the alert that compares today's spend with it
+        (), "The org's daily spend budget in US dollars (config daily_budget_dollars); only for targets that set it.",
+        "daily_budget_dollars", unset=None),
+    "callingbox_exporter_last_success_timestamp_seconds": Gauge((), "When the last poll succeeded.",
+                                                                "status.last_success"),
+    "callingbox_exporter_watermark_timestamp_seconds": Gauge((), "Newest updated_at processed.", "watermark"),
+    "callingbox_exporter_tracked_calls": Gauge((), "Calls held in the per-call ledger.", "tracked"),
+    "callingbox_exporter_stragglers": Gauge((), "Tracked calls past the settle window that are not final yet.",
+                                            "stragglers"),
+    "callingbox_exporter_last_audit_timestamp_seconds": Gauge((), "When the last self-audit completed.",
+                                                              "last_audit"),
+    "callingbox_exporter_audited_until_timestamp_seconds": Gauge(
+        (), "Self-audit: created_at up to which every call has been audited, window after window (0 before the first).",
+        "audited_until"),
+    "callingbox_exporter_backoff_seconds": Gauge(
+        (), "Seconds the next poll waits beyond poll_interval: failures back off, slow reads slow down.",
+        "status.backoff"),
+    "callingbox_exporter_next_poll_timestamp_seconds": Gauge((), "When the next poll of the API starts.",
+                                                             "status.next_poll"),
+    "callingbox_exporter_read_depth_seconds": Gauge(
+        (), "How far back in created_at the last list read went: the settle window on a full read.", "read_depth"),
+    "callingbox_exporter_last_full_read_timestamp_seconds": Gauge(
+        (), "When the list was last read down to the settle window.", "last_full_read"),
+    "callingbox_exporter_open_calls": Gauge(
+        ("path",), "Tracked calls not final yet, by how they are kept up to date: each list read, or by id.",
+        "open_calls", values=READ_PATHS),
+}
+# Rendered at each scrape, after the build info: it moves with the clock, not with a publish.
+PENDING_AGE = "callingbox_webhook_pending_oldest_age_seconds"
+PENDING_AGE_DOC = "Age of the oldest pending webhook delivery: a dead endpoint shows here two days before failed."
+BUILD_INFO = "callingbox_exporter_build_info"
+BUILD_INFO_DOC = "The exporter's version."
+
 # Families whose series carry the call_id of the latest call counted, as an OpenMetrics exemplar.
 EXEMPLAR_FAMILIES = frozenset({
-    "callingbox_calls_ended_total",
+    CALLS_ENDED,
     "callingbox_call_hangups_total",
     "callingbox_call_errors_total",
-    "callingbox_billed_amount_dollars_total",
+    BILLED_DOLLARS,
     "callingbox_call_duration_seconds",
     "callingbox_call_answer_delay_seconds",
     "callingbox_call_billed_duration_seconds",
@@ -154,7 +214,7 @@ ADDED_LABELS: dict[str, dict[str, str]] = {"callingbox_exporter_audit_calls_chec
 # Families about calls: their series also carry the target's metadata labels, if configured.
 CALL_FAMILIES = frozenset(
     {name for name, family in FAMILIES.items() if "direction" in family.labels}
-    | {"callingbox_webhook_deliveries_total", "callingbox_result_extractions_total"}
+    | {WEBHOOK_DELIVERIES, RESULT_EXTRACTIONS}
 )
 
 
@@ -170,17 +230,17 @@ def initial_series(extra_labels: tuple[str, ...] = ()) -> Iterable[tuple[str, tu
 
 def _base_series() -> Iterable[tuple[str, tuple[str, ...]]]:
     for d in DIRECTIONS:
-        yield "callingbox_calls_created_total", (d,)
-        yield "callingbox_billed_amount_dollars_total", (d,)
+        yield CALLS_CREATED, (d,)
+        yield BILLED_DOLLARS, (d,)
         for s in TERMINAL_STATUSES:
-            yield "callingbox_calls_ended_total", (d, s)
+            yield CALLS_ENDED, (d, s)
             yield "callingbox_call_duration_seconds", (d, s)
         for name in ("answer_delay", "billed_duration", "setup_delay"):
             yield f"callingbox_call_{name}_seconds", (d,)
     for s in OUTCOMES:
-        yield "callingbox_webhook_deliveries_total", (s,)
+        yield WEBHOOK_DELIVERIES, (s,)
     for s in EXTRACTIONS:
-        yield "callingbox_result_extractions_total", (s,)
+        yield RESULT_EXTRACTIONS, (s,)
     for result in ("success", "error"):
         yield "callingbox_exporter_polls_total", (result,)
     for endpoint in ENDPOINTS:
@@ -190,7 +250,7 @@ def _base_series() -> Iterable[tuple[str, tuple[str, ...]]]:
     for kind in CONTRACT_DEVIATIONS:
         yield "callingbox_exporter_contract_deviations_total", (kind,)
     yield "callingbox_exporter_poll_duration_seconds", ()
-    yield "callingbox_exporter_vanished_calls_total", ()
+    yield VANISHED_CALLS, ()
     for method in AUDIT_METHODS:
         yield "callingbox_exporter_audit_calls_checked_total", (method,)
     yield "callingbox_exporter_audit_skipped_seconds_total", ()

@@ -2,9 +2,9 @@
 
 The API half is `GET /v1/calls/{id}` without phone numbers, prompt or context. The exporter half
 is read from the target's state file, never written: the call's ledger entry, the baseline and
-the watermark, and what they mean for each counter. The formatting functions are pure; `run`
-does the two reads, `main` is what the command line calls. Past 300 lines: one sentence per
-counter and per fate of a call, each next to the rule it explains.
+the watermark, and what they mean for each counter. Family names and outcome sets come from the
+catalogue, what a call is and still waits for from accounting and ledger. The formatting
+functions are pure; `run` does the two reads, `main` is what the command line calls.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ import aiohttp
 from . import state
 from .accounting import CAUSE, CallState
 from .api import ApiError, Client, NotFound
+from .catalogue import (
+    BILLED_DOLLARS, CALLS_CREATED, CALLS_ENDED, EXTRACTIONS, MILLI_CENTS_PER_DOLLAR, OUTCOMES, RESULT_EXTRACTIONS,
+    VANISHED_CALLS, WEBHOOK_DELIVERIES,
+)
 from .config import Config, Target
 from .ledger import Ledger, give_up_age
 from .records import Invalid, Record, decode_record
@@ -131,8 +135,9 @@ class Held(NamedTuple):
 def _money(milli_cents: int | None) -> str:
     if milli_cents is None:
         return "amount not kept in this state file"
-    dollars = Decimal(milli_cents) / 100_000  # exact, as the counter sums it
-    shown = f"{dollars:,.2f}" if milli_cents % 1000 == 0 else f"{dollars:,.5f}".rstrip("0")
+    dollars = Decimal(milli_cents) / MILLI_CENTS_PER_DOLLAR  # exact, as the counter sums it
+    whole_cents = milli_cents % (MILLI_CENTS_PER_DOLLAR // 100) == 0
+    shown = f"{dollars:,.2f}" if whole_cents else f"{dollars:,.5f}".rstrip("0")
     return f"{milli_cents} milli-cents (${shown})"
 
 
@@ -152,14 +157,14 @@ def tracked_lines(call: CallState, ledger: Ledger, record: Record | None, saved_
         shown = ", ".join(f"{label}={value or 'none'}" for label, value in zip(labels, call.extra))
         lines.append(f"seen metadata labels: {shown}")
     lines.append(f"created {ts(call.created_at)}: {_when(call.created_at, call.created_at, base)}"
-                 f" in callingbox_calls_created_total{_labels(direction=d)}")
+                 f" in {CALLS_CREATED}{_labels(direction=d)}")
     if call.active:
         lines.append("ended: not yet (still active when last seen)")
     else:
         ended = call.ended if call.ended is not None else (record.ended_at if record is not None else None)
         when = _when(ended, ended, base) if ended is not None else _when(*span, base)
         series = _labels(direction=d, status=call.status)
-        lines.append(f"ended as {call.status}: {when} in callingbox_calls_ended_total{series}"
+        lines.append(f"ended as {call.status}: {when} in {CALLS_ENDED}{series}"
                      " (with its hangup, error and duration series)")
         if call.todo & CAUSE:
             lines.append(f"hangup_cause: not told yet; counted when a version tells it, or as none once nothing"
@@ -168,17 +173,15 @@ def tracked_lines(call: CallState, ledger: Ledger, record: Record | None, saved_
             lines.append(f"hangup_cause label: {record.hangup_cause or 'none'} (other if past max_label_values)")
     if call.billed:  # only a terminal call is billed; its money counts when its end does (SPEC §3)
         lines.append(f"billed {_money(call.amount)}: {when}"
-                     f" in callingbox_billed_amount_dollars_total{_labels(direction=d)}")
+                     f" in {BILLED_DOLLARS}{_labels(direction=d)}")
     elif call.active:
         lines.append("billed: not yet (the call has not ended)")
     else:
         lines.append("billed: not yet (still reserved, or settled without its amount, when last seen)")
-    lines.append(_outcome_line("webhook", call.webhook, ("delivered", "failed"),
-                               "callingbox_webhook_deliveries_total", span, base))
+    lines.append(_outcome_line("webhook", call.webhook, OUTCOMES, WEBHOOK_DELIVERIES, span, base))
     if call.webhook == "pending":
         lines.append(f"webhook pending since: {ts(call.webhook_pending_since)}")
-    lines.append(_outcome_line("extraction", call.result, ("completed", "failed"),
-                               "callingbox_result_extractions_total", span, base))
+    lines.append(_outcome_line("extraction", call.result, EXTRACTIONS, RESULT_EXTRACTIONS, span, base))
     lines.extend(_fate(call, saved_at, target))
     if record is not None and record.updated_at > call.updated_at:
         lines.append(f"news: the API's version (updated_at {ts(record.updated_at)}) is newer than the exporter's;"
@@ -254,7 +257,7 @@ def explain(call_id: str, target: Target, call: dict | None, api_problem: str | 
         lines.extend(tracked_lines(tracked, ledger, record, held.saved_at, target))
         if call is None and api_problem and api_problem.startswith("not found"):
             lines.append("not found by id: if the next list read that covers its creation lacks it too, it is"
-                         " counted in callingbox_exporter_vanished_calls_total and forgotten (a 404 alone may be"
+                         f" counted in {VANISHED_CALLS} and forgotten (a 404 alone may be"
                          " a by-id read lagging the list)")
     else:
         lines.extend(untracked_lines(record, ledger, held.saved_at, target))

@@ -3,8 +3,9 @@
 After metrics.py in the flow: `Exposition` is its Collector plus pages. At a publish,
 prometheus-client renders only the families of that target whose data changed, one block of
 samples per (target, family); the blocks are joined into one page per format (text 0.0.4,
-OpenMetrics 1.0.0) and gzipped in a worker thread. A scrape gets that page plus a live tail:
-the pending-webhook age (it moves with the clock) and the process, platform and GC collectors.
+OpenMetrics 1.0.0) and gzipped in a worker thread, and swapped in with the snapshots they show
+as one `Pages` view. A scrape gets that page plus a live tail: the pending-webhook age (it moves
+with the clock) and the process, platform and GC collectors.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import asyncio
 import time
 import zlib
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import generate_latest as render_text
@@ -20,10 +23,9 @@ from prometheus_client.openmetrics.exposition import ALLOWUTF8, UNDERSCORES
 from prometheus_client.openmetrics.exposition import generate_latest as render_openmetrics
 from prometheus_client.registry import Collector as _Collector
 
-from .catalogue import CALL_FAMILIES, FAMILIES
+from .catalogue import CALL_FAMILIES, FAMILIES, GAUGES, PENDING_AGE
 from .metrics import (
-    GAUGES, PENDING_AGE, TARGET_FAMILIES, WITH_METADATA, Collector, Snapshot, add_target, build_info, family,
-    metadata_labels,
+    TARGET_FAMILIES, WITH_METADATA, Collector, Snapshot, View, add_target, build_info, family, metadata_labels,
 )
 from .store import Store
 
@@ -95,12 +97,12 @@ class Page:
 
 
 @dataclass(frozen=True)
-class Pages:
-    """What a scrape serves, as of one assembly: both formats and the targets they show."""
+class Pages(View):
+    """The Exposition's published view: the targets' snapshots (the landing page, /-/ready, the
+    live tail) and the two pages rendered from exactly those, swapped in together."""
 
     text: Page
     openmetrics: Page
-    snapshots: dict[str, Snapshot]  # for the live tail
 
     def page(self, kind: str) -> Page:
         return self.openmetrics if kind == OPENMETRICS else self.text
@@ -149,19 +151,19 @@ class Exposition(Collector):
         self.runtime = runtime if runtime is not None else runtime_registry()
         self._info = render(build_info(version))
         self._blocks: dict[str, dict[str, tuple[bytes, bytes]]] = {}  # org → family → (text, OpenMetrics)
-        self._shown: dict[str, Snapshot] = {}  # the snapshots the blocks were rendered from
-        # Published, not yet on the pages: `snapshots` (the landing page, /-/ready) takes them
-        # together with the pages, so every endpoint shows one state.
+        self._shown: Mapping[str, Snapshot] = {}  # the snapshots the blocks were rendered from
+        # Published, not yet on the pages: the next `view` takes them together with the pages, so
+        # every endpoint shows one state. Only this object reads or changes the dict.
         self._published: dict[str, Snapshot] = {}
         self._extra: tuple[str, ...] = ()  # the metadata label names they were rendered with
         self._lock = asyncio.Lock()
         self._wanted = self._built = self._withdrawn = 0  # generations: asked for, served, last withdraw
         self._tasks: set[asyncio.Task] = set()
-        self._pages = self._compressed(*self._assemble({}, {}), {})
+        self.view: Pages = self._compressed(*self._assemble({}, {}), MappingProxyType({}))
 
     async def publish(self, org: str, snapshot: Snapshot) -> None:
-        """Render what changed, then swap the pages and `snapshots` together; scrapes meanwhile
-        get the previous pages whole. Shielded: a poller cancelled here (reload, shutdown) still
+        """Render what changed, then swap in a new `view` (pages and snapshots together); scrapes
+        meanwhile get the previous one whole. Shielded: a poller cancelled here (reload, shutdown) still
         leaves pages that match the snapshots."""
         self._published[org] = snapshot
         self._wanted += 1
@@ -169,7 +171,9 @@ class Exposition(Collector):
 
     def withdraw(self, org: str) -> None:
         """The target leaves at once: the next scrape waits for pages without it (its blocks
-        are dropped; other targets are rendered again only if the metadata labels change)."""
+        are dropped; other targets are rendered again only if the metadata labels change). The
+        landing page and /-/ready drop it at once: `view` keeps its pages, which `pages` never
+        serves again without assembling first."""
         super().withdraw(org)
         self._published.pop(org, None)
         self._wanted += 1
@@ -182,10 +186,10 @@ class Exposition(Collector):
         task.add_done_callback(self._tasks.discard)
 
     async def pages(self) -> Pages:
-        """The pages to serve: the last assembled, once no withdrawn target is left on them."""
+        """The view to serve: the last assembled, once no withdrawn target is left on its pages."""
         if self._built < self._withdrawn:
             await self._refresh(self._withdrawn)
-        return self._pages
+        return self.view
 
     def tail(self, pages: Pages, kind: str) -> bytes:
         """What each scrape renders: the pending-webhook age at this moment, and the runtime
@@ -201,16 +205,14 @@ class Exposition(Collector):
         async with self._lock:
             if self._built >= wanted:
                 return  # a later assembly already showed it
-            generation, snapshots = self._wanted, dict(self._published)
+            generation, snapshots = self._wanted, MappingProxyType(dict(self._published))
             extra = metadata_labels(snapshots.values())
             blocks = await self._render_blocks(snapshots, extra)
             self._blocks, self._shown, self._extra = blocks, snapshots, extra  # the blocks match these now
-            self._pages = await self._compress(*self._assemble(snapshots, blocks), snapshots)
-            self._built = generation
-            self.snapshots.clear()  # no await from here: every endpoint switches at once
-            self.snapshots.update(snapshots)
+            view = await self._compress(*self._assemble(snapshots, blocks), snapshots)
+            self.view, self._built = view, generation  # one assignment: every endpoint switches at once
 
-    async def _render_blocks(self, snapshots: dict[str, Snapshot], extra: tuple[str, ...]) -> dict:
+    async def _render_blocks(self, snapshots: Mapping[str, Snapshot], extra: tuple[str, ...]) -> dict:
         """Every target's blocks: cached ones kept, stale ones rendered again, yielding between."""
         relabelled, now = extra != self._extra, self.clock()
         blocks = {}
@@ -229,7 +231,7 @@ class Exposition(Collector):
             blocks[org] = own
         return blocks
 
-    def _assemble(self, snapshots: dict[str, Snapshot], blocks: dict) -> tuple[bytes, bytes]:
+    def _assemble(self, snapshots: Mapping[str, Snapshot], blocks: dict) -> tuple[bytes, bytes]:
         """Each family's header, then every target's block, in the order of the snapshots."""
         text, openmetrics = [], []
         for name in CACHED:
@@ -242,10 +244,10 @@ class Exposition(Collector):
                 openmetrics.append(block_openmetrics)
         return b"".join((*text, self._info[0])), b"".join((*openmetrics, self._info[1]))
 
-    async def _compress(self, text: bytes, openmetrics: bytes, snapshots: dict[str, Snapshot]) -> Pages:
+    async def _compress(self, text: bytes, openmetrics: bytes, snapshots: Mapping[str, Snapshot]) -> Pages:
         """gzip in a worker thread: zlib releases the GIL, so scrapes go on meanwhile."""
         return await asyncio.to_thread(self._compressed, text, openmetrics, snapshots)
 
     @staticmethod
-    def _compressed(text: bytes, openmetrics: bytes, snapshots: dict[str, Snapshot]) -> Pages:
-        return Pages(Page.of(text), Page.of(openmetrics), snapshots)
+    def _compressed(text: bytes, openmetrics: bytes, snapshots: Mapping[str, Snapshot]) -> Pages:
+        return Pages(snapshots, Page.of(text), Page.of(openmetrics))

@@ -1,16 +1,18 @@
-"""The metric families of one target's published snapshot, and the Collector that renders them live.
+"""Every series a published snapshot shows, defined once, and the Collector that renders them live.
 
-The poller publishes immutable `Snapshot`s (a store copy and the health gauges). Each family is
-built one target at a time (`family` + `add_target`): the live `collect` here (--once, `name[]`,
-the reference in tests) and the pages rendered at publish (exposition.py) share that one
-definition of every series.
+The poller publishes immutable `Snapshot`s (a store copy and the health gauges); the Collector
+holds them in one frozen `View`, replaced by reference at each publish. Each family is built one
+target at a time from the catalogue's data (`family` + `add_target`): the live `collect` here
+(--once, `name[]`, the reference in tests) and the pages rendered at publish (exposition.py)
+share that one definition of every series.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Iterable, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -19,7 +21,8 @@ from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 from .catalogue import (
-    ACTIVE_STATUSES, CALL_FAMILIES, DIRECTIONS, EXEMPLAR_FAMILIES, FAMILIES, MILLI_CENTS_PER_DOLLAR, READ_PATHS,
+    ACTIVE, ACTIVE_STATUSES, BILLED_DOLLARS, BUILD_INFO, BUILD_INFO_DOC, CALL_FAMILIES, DIRECTIONS, EXEMPLAR_FAMILIES,
+    FAMILIES, GAUGES, MILLI_CENTS_PER_DOLLAR, PENDING_AGE, PENDING_AGE_DOC, Gauge,
 )
 from .store import Store
 from .tally import Health
@@ -34,53 +37,6 @@ class Snapshot:
     published_at: float = 0.0  # when the poller published it: what a scrape of it has read (Collector.read_at)
 
 
-ACTIVE = "callingbox_calls_active"
-PENDING_AGE = "callingbox_webhook_pending_oldest_age_seconds"  # moves with the clock, not with a publish
-BUILD_INFO = "callingbox_exporter_build_info"
-
-
-def _or_zero(value: float | None) -> float:
-    return value or 0
-
-
-# The health gauges, in the order they are rendered: family → (help, labels without org, values by labels).
-GAUGES: dict[str, tuple[str, tuple[str, ...], Callable[[Health], dict]]] = {
-    ACTIVE: ("Calls now queued, initiated, ringing or in progress.", ("direction", "status"),
-             lambda h: h.active),  # add_target adds the zeros and the metadata labels
-    "callingbox_webhooks_pending": ("Tracked calls whose webhook delivery is pending.", (),
-                                    lambda h: {(): h.webhooks_pending}),
-    "callingbox_up": ("1 when the last poll of the CallingBox API succeeded.", (),
-                      lambda h: {(): 1 if h.status.up else 0}),
-    "callingbox_daily_budget_dollars": (  # for the alert that compares today's spend with it
-        "The org's daily spend budget in US dollars (config daily_budget_dollars); only for targets that set it.",
-        (), lambda h: {} if h.daily_budget_dollars is None else {(): h.daily_budget_dollars}),
-    "callingbox_exporter_last_success_timestamp_seconds": ("When the last poll succeeded.", (),
-                                                           lambda h: {(): _or_zero(h.status.last_success)}),
-    "callingbox_exporter_watermark_timestamp_seconds": ("Newest updated_at processed.", (),
-                                                        lambda h: {(): _or_zero(h.watermark)}),
-    "callingbox_exporter_tracked_calls": ("Calls held in the per-call ledger.", (), lambda h: {(): h.tracked}),
-    "callingbox_exporter_stragglers": ("Tracked calls past the settle window that are not final yet.", (),
-                                       lambda h: {(): h.stragglers}),
-    "callingbox_exporter_last_audit_timestamp_seconds": ("When the last self-audit completed.", (),
-                                                         lambda h: {(): _or_zero(h.last_audit)}),
-    "callingbox_exporter_audited_until_timestamp_seconds": (
-        "Self-audit: created_at up to which every call has been audited, window after window (0 before the first).",
-        (), lambda h: {(): _or_zero(h.audited_until)}),
-    "callingbox_exporter_backoff_seconds": (
-        "Seconds the next poll waits beyond poll_interval: failures back off, slow reads slow down.", (),
-        lambda h: {(): h.status.backoff}),
-    "callingbox_exporter_next_poll_timestamp_seconds": ("When the next poll of the API starts.", (),
-                                                        lambda h: {(): _or_zero(h.status.next_poll)}),
-    "callingbox_exporter_read_depth_seconds": (
-        "How far back in created_at the last list read went: the settle window on a full read.", (),
-        lambda h: {(): h.read_depth}),
-    "callingbox_exporter_last_full_read_timestamp_seconds": ("When the list was last read down to the settle window.",
-                                                             (), lambda h: {(): _or_zero(h.last_full_read)}),
-    "callingbox_exporter_open_calls": (
-        "Tracked calls not final yet, by how they are kept up to date: each list read, or by id.", ("path",),
-        lambda h: {(path,): h.open_calls.get(path, 0) for path in READ_PATHS}),
-}
-PENDING_AGE_HELP = "Age of the oldest pending webhook delivery: a dead endpoint shows here two days before failed."
 # Every family with an org label, in the order of the exposition; the pending age comes last
 # because it alone is rendered at each scrape (exposition.py serves the rest as rendered bytes).
 TARGET_FAMILIES = (*FAMILIES, *GAUGES, PENDING_AGE)
@@ -102,12 +58,12 @@ def family(name: str, extra: tuple[str, ...] = ()) -> Metric:
         spec = FAMILIES[name]
         kind = CounterMetricFamily if spec.kind == "counter" else HistogramMetricFamily
         return kind(name, spec.doc, labels=("org", *spec.labels, *own))
-    doc, labels = (PENDING_AGE_HELP, ()) if name == PENDING_AGE else GAUGES[name][:2]
+    doc, labels = (PENDING_AGE_DOC, ()) if name == PENDING_AGE else (GAUGES[name].doc, GAUGES[name].labels)
     return GaugeMetricFamily(name, doc, labels=("org", *labels, *own))
 
 
 def build_info(version: str) -> Metric:
-    info = GaugeMetricFamily(BUILD_INFO, "The exporter's version.", labels=("version",))
+    info = GaugeMetricFamily(BUILD_INFO, BUILD_INFO_DOC, labels=("version",))
     info.add_metric((version,), 1)
     return info
 
@@ -138,8 +94,20 @@ def add_target(metric: Metric, name: str, org: str, snapshot: Snapshot, extra: t
         for (direction, status, *values), value in ({**zeros, **snapshot.health.active}).items():
             metric.add_metric((org, direction, status, *relabel(tuple(values))), value)
     else:
-        for labels, value in GAUGES[name][2](snapshot.health).items():
+        for labels, value in gauge_samples(GAUGES[name], snapshot.health).items():
             metric.add_metric((org, *labels), value)
+
+
+def gauge_samples(gauge: Gauge, health: Health) -> dict[tuple, float]:
+    """The samples of a health gauge (not ACTIVE) as the catalogue describes them, by label values."""
+    value = health
+    for part in gauge.field.split("."):
+        value = getattr(value, part)
+    if gauge.values:
+        return {(label,): value.get(label, 0) for label in gauge.values}
+    if value is None:
+        return {} if gauge.unset is None else {(): gauge.unset}
+    return {(): int(value) if isinstance(value, bool) else value}
 
 
 def _add_counts(metric: Metric, name: str, org: str, store: Store, relabel) -> None:
@@ -150,7 +118,7 @@ def _add_counts(metric: Metric, name: str, org: str, store: Store, relabel) -> N
 
     exemplars = store.exemplars if name in EXEMPLAR_FAMILIES else {}
     if FAMILIES[name].kind == "counter":
-        scale = MILLI_CENTS_PER_DOLLAR if name == "callingbox_billed_amount_dollars_total" else 1
+        scale = MILLI_CENTS_PER_DOLLAR if name == BILLED_DOLLARS else 1
         for labels, value in store.counters.get(name, {}).items():
             exemplar = exemplars.get((name, labels, -1))
             if exemplar is not None:
@@ -168,22 +136,45 @@ def _add_counts(metric: Metric, name: str, org: str, store: Store, relabel) -> N
         metric.add_metric(full(labels), cumulative, sum_value=counts[-1])
 
 
+@dataclass(frozen=True)
+class View:
+    """What every endpoint shows, as of one publish: each target's snapshot, read-only. The
+    Collector replaces it whole, by reference, so a reader holds one state however long it takes."""
+
+    snapshots: Mapping[str, Snapshot]  # a MappingProxyType that no one else holds the dict of
+
+    @classmethod
+    def of(cls, snapshots: Mapping[str, Snapshot]) -> "View":
+        return cls(MappingProxyType(dict(snapshots)))
+
+
 class Collector(_Collector):
-    """Holds the latest published snapshot of every target and renders them all at each collect."""
+    """Holds the published `View` of every target and renders it at each collect."""
 
     def __init__(self, version: str, clock=time.time):
         self.version = version
         self.clock = clock
-        self.snapshots: dict[str, Snapshot] = {}
+        self.view: View = View.of({})  # replaced, never changed: what the endpoints read, afresh per request
         self._read: Mapping[str, Snapshot] = {}  # the snapshots the last whole scrape served
+
+    @property
+    def snapshots(self) -> Mapping[str, Snapshot]:
+        """The published snapshots of every target (read-only)."""
+        return self.view.snapshots
+
+    def snapshot(self, org: str) -> Snapshot | None:
+        """The snapshot of `org` that the endpoints show; None before its first publish."""
+        return self.view.snapshots.get(org)
 
     async def publish(self, org: str, snapshot: Snapshot) -> None:
         """A coroutine so that a subclass (exposition.Exposition) can render its pages here."""
-        self.snapshots[org] = snapshot  # one reference swap: scrapes see the old or the new whole
+        self.view = View.of({**self.view.snapshots, org: snapshot})  # scrapes see the old or the new whole
 
     def withdraw(self, org: str) -> None:
         """A target removed by a reload: its series leave the exposition."""
-        self.snapshots.pop(org, None)
+        if org in self.view.snapshots:
+            self.view = replace(self.view, snapshots=MappingProxyType(
+                {name: snap for name, snap in self.view.snapshots.items() if name != org}))
 
     def read(self, snapshots: Mapping[str, Snapshot]) -> None:
         """A scrape served the whole of `snapshots` (not a `name[]` part): new series it showed may
@@ -196,7 +187,7 @@ class Collector(_Collector):
         return None if snapshot is None else snapshot.published_at
 
     def collect(self):
-        snapshots = dict(self.snapshots)
+        snapshots = self.view.snapshots
         now = self.clock()
         extra = metadata_labels(snapshots.values())
         for name in TARGET_FAMILIES:

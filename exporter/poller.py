@@ -389,7 +389,7 @@ class Poller:
         summary = summary if summary is not None else self.tally.sweep(now)
         health = replace(self.tally.health(summary, self.status, self.extra_labels),
                          daily_budget_dollars=self.target.daily_budget_dollars)
-        previous, at = self.collector.snapshots.get(self.org), self.clock()
+        previous, at = self.collector.snapshot(self.org), self.clock()
         if durable or previous is None:  # new series shown at their birth value (born at zero, SPEC §3)
             store = self.tally.store.published(at)
         else:

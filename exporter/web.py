@@ -1,8 +1,9 @@
 """The HTTP face: /metrics, the landing page, /-/healthy, /-/ready and /-/reload.
 
-Handlers only read what the pollers published (counts and health), so a slow or failing API
-never holds a scrape up: /metrics serves the pages rendered at publish (exposition.py) plus a
-small live tail, negotiated as prometheus-client's own aiohttp handler does. The landing page
+Handlers only read what the pollers published (counts and health), taking the published view
+afresh on each request, so a slow or failing API never holds a scrape up: /metrics serves the
+pages rendered at publish (exposition.py) plus a small live tail, negotiated as
+prometheus-client's own aiohttp handler does. The landing page
 is plain HTML with inline CSS: each target's health and what it counted today, readable at a
 glance and with no assets from anywhere else.
 """
@@ -129,7 +130,7 @@ def _card(org: str, snapshot: Snapshot, now: float) -> str:
 
 
 def landing_page(version: str, telemetry_path: str, snapshots: Mapping[str, Snapshot], now: float) -> str:
-    targets = dict(snapshots)  # one view of the targets, even if a reload changes them meanwhile
+    targets = dict(snapshots)  # one state of the targets, whatever mapping the caller passes
     statuses = [snapshot.health.status for snapshot in targets.values()]
     down = sum(not s.up for s in statuses)
     first = sum(not s.ready for s in statuses)
@@ -164,11 +165,11 @@ def metrics_handler(exposition: Exposition, registry: CollectorRegistry):
         gzip = kind is not None and gzip_accepted(request.headers.get(hdrs.ACCEPT_ENCODING, ""))
         if kind is None:
             if not names:
-                exposition.read(dict(exposition.snapshots))  # the live rendering below shows these
+                exposition.read(exposition.view.snapshots)  # the live rendering below shows these
             body = encoder(registry.restricted_registry(names) if names else registry)
         else:
             pages = await exposition.pages()
-            exposition.read(pages.snapshots)
+            exposition.read(pages.snapshots)  # exactly what the page and its tail show
             page, tail = pages.page(kind), exposition.tail(pages, kind)
             body = page.gzipped(tail) if gzip else page.body + tail
         headers = {hdrs.CONTENT_TYPE: content_type, **({hdrs.CONTENT_ENCODING: "gzip"} if gzip else {})}
@@ -189,13 +190,12 @@ def make_app(
     guard: Guard | None = None,
     wedged: Callable[[], tuple[str, str] | None] = lambda: None,
 ) -> web.Application:
-    """`exposition.snapshots` is read afresh on each request, as a reload changes it; `registry`
-    is the live rendering of everything (`cli.registry_for`); `guard` is the web config;
-    `wedged` names a poll loop that has ended or is wedged (`Supervisor.wedged`)."""
-    snapshots: Mapping[str, Snapshot] = exposition.snapshots
+    """`exposition.view` is read afresh on each request, as each publish and reload replaces it;
+    `registry` is the live rendering of everything (`cli.registry_for`); `guard` is the web
+    config; `wedged` names a poll loop that has ended or is wedged (`Supervisor.wedged`)."""
 
     async def index(request: web.Request) -> web.Response:
-        page = landing_page(version, telemetry_path, snapshots, time.time())
+        page = landing_page(version, telemetry_path, exposition.view.snapshots, time.time())
         return web.Response(text=page, content_type="text/html")
 
     async def healthy(request: web.Request) -> web.Response:
@@ -213,7 +213,7 @@ def make_app(
         """200 once the state is restored and served and every target's first poll has finished,
         successfully or not: an outage or a revoked key shows as callingbox_up 0, not as an
         unready pod that blocks a rollout (SPEC §2)."""
-        targets = dict(snapshots)
+        targets = exposition.view.snapshots  # one state for the whole answer
         waiting = [org for org, snapshot in targets.items() if not snapshot.health.status.ready]
         if waiting:
             # Probes reach this page without a password: name the targets only when no one needs one.

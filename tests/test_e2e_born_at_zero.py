@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from conftest import (
     COUNTERS, HISTOGRAMS, MILLI_CENTS_PER_DOLLAR, Samples, differences, parse_metrics, same_value, wait_until,
 )
-from exporter.metrics import Collector, Snapshot
+from exporter.metrics import Collector, Snapshot, View
 from exporter.state import read
 from exporter.tally import Health
 from servers import Server, require, start_prometheus
@@ -60,7 +60,7 @@ def own_totals(state_file) -> Samples:
     rendered by its own Collector."""
     restored = read(str(state_file), extra_labels=("campaign",))
     collector = Collector("test")
-    collector.snapshots["default"] = Snapshot(restored.store, Health())
+    collector.view = View.of({"default": Snapshot(restored.store, Health())})
     registry = CollectorRegistry()
     registry.register(collector)
     return parse_metrics(generate_latest(registry).decode())

@@ -20,9 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 from exporter import exposition
 from exporter.accounting import Billed, Created, Ended, WebhookOutcome
+from exporter.catalogue import GAUGES
 from exporter.cli import registry_for
 from exporter.exposition import CACHED, OPENMETRICS, TEXT, Exposition
-from exporter.metrics import GAUGES, WITH_METADATA, Snapshot
+from exporter.metrics import WITH_METADATA, Snapshot
 from exporter.store import Store
 from exporter.tally import Health, Status
 

@@ -328,6 +328,24 @@ def test_series_of_each_target_carry_its_org():
     assert samples[("callingbox_exporter_build_info", labels(version="1.2.3"))] == 1
 
 
+def test_a_publish_replaces_the_view_whole_and_a_view_once_read_never_changes():
+    """The poller, the web app and the exposition share no mutable object: each reads a view."""
+    collector = Collector("1.2.3", clock=lambda: NOW)
+    first = Snapshot(Store(), Health(Status(up=True)))
+    asyncio.run(collector.publish("alpha", first))
+    held = collector.view
+    second = Snapshot(Store(), Health(Status(up=False)))
+    asyncio.run(collector.publish("alpha", second))
+    asyncio.run(collector.publish("beta", first))
+    assert dict(held.snapshots) == {"alpha": first}
+    assert collector.snapshot("alpha") is second and collector.snapshot("gamma") is None
+    assert list(collector.view.snapshots) == ["alpha", "beta"]
+    with pytest.raises(TypeError):
+        collector.view.snapshots["gamma"] = first  # type: ignore[index]
+    collector.withdraw("alpha")
+    assert collector.snapshot("alpha") is None and list(collector.view.snapshots) == ["beta"]
+
+
 def test_health_gauges_render_from_the_snapshot():
     health = Health(
         Status(up=True, last_success=NOW - 5), watermark=NOW - 7.5, tracked=9, stragglers=2,

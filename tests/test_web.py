@@ -393,12 +393,12 @@ async def test_a_scrape_during_a_publish_gets_the_previous_pages_whole_and_after
         body, content_type = await scrape(client, accept, compressed)
         page = previous.openmetrics if accept else previous.text
         assert body.startswith(page.body) and created(body, content_type) == 1
-    # The landing page and /-/ready read `snapshots`: they switch with the pages, not before.
-    assert collector.snapshots["acme"].store.counters["callingbox_calls_created_total"][("outbound",)] == 1
+    # The landing page and /-/ready read the view's snapshots: they switch with the pages, not before.
+    assert collector.view.snapshots["acme"].store.counters["callingbox_calls_created_total"][("outbound",)] == 1
     assert not publish.done()
     release.set()
     await publish
-    assert collector.snapshots["acme"].store.counters["callingbox_calls_created_total"][("outbound",)] == 3
+    assert collector.view.snapshots["acme"].store.counters["callingbox_calls_created_total"][("outbound",)] == 3
     now = await collector.pages()
     for accept, compressed in combinations:
         body, content_type = await scrape(client, accept, compressed)
