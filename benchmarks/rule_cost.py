@@ -15,7 +15,9 @@ For each set of rule files (the working tree's and an earlier commit's, 41f30d9 
 4. for WAIT seconds reads Prometheus' own `prometheus_rule_group_last_duration_seconds` (from its
    /metrics, with each group's last evaluation time, so each evaluation counts once) every 10 s,
    and keeps each group's median over its evaluations after the first (which warms caches up);
-   WAIT is long enough for the 15-minute group to run twice.
+   WAIT is long enough for the 15-minute group to run twice; then queries every rule's expression
+   once with `stats=all`, for the samples each group reads per evaluation (a count, not a time:
+   the same on a busy machine as on an idle one).
 
 It prints, per rule set, for the baseline groups and for all groups: the sum of the groups' last
 durations (the work of one evaluation of each group) and the work per minute (each group's
@@ -48,6 +50,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import yaml
 
 from exporter.metrics import Collector, Snapshot
 from exporter.store import Store
@@ -213,6 +217,21 @@ def rule_group_metrics(port: int) -> dict[str, dict[str, float]]:
     return found
 
 
+def samples_read(port: int, rule_dir: Path) -> dict[str, int]:
+    """Samples each group's rules read in one evaluation, now: every rule's expression queried with
+    `stats=all` (Prometheus' own count, `totalQueryableSamples`). Unlike a duration it does not
+    depend on the machine's load, so it says whether a difference in time is a difference in work."""
+    read: dict[str, int] = {}
+    for path in sorted(rule_dir.iterdir()):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                query = urllib.parse.urlencode({"query": rule["expr"], "stats": "all"})
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/query?{query}", timeout=60) as response:
+                    stats = json.load(response)["data"]["stats"]["samples"]
+                read[group["name"]] = read.get(group["name"], 0) + stats["totalQueryableSamples"]
+    return read
+
+
 def measure(rule_dir: Path, orgs: list[str], wait: float, work: Path) -> dict:
     work.mkdir(parents=True)
     start = time.time()
@@ -254,7 +273,9 @@ def measure(rule_dir: Path, orgs: list[str], wait: float, work: Path) -> dict:
         groups = {g: statistics.median(v) for g, v in readings.items()}
         if set(intervals) - set(groups):
             raise SystemExit(f"not evaluated within --wait: {sorted(set(intervals) - set(groups))}")
-        return {"samples": samples, "groups": groups, "intervals": intervals,
+        read = samples_read(port, rule_dir)
+        return {"samples": samples, "groups": groups, "intervals": intervals, "read": read,
+                "read_per_minute": sum(n * 60 / intervals[g] for g, n in read.items()),
                 "evaluations": {g: len(v) for g, v in readings.items()},
                 "per_evaluation": sum(groups.values()),
                 "per_minute": sum(d * 60 / intervals[g] for g, d in groups.items())}
@@ -296,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         baselines = {g: d for g, d in r["groups"].items() if g.startswith("callingbox-baselines")}
         r["baselines_per_evaluation"] = sum(baselines.values())
         r["baselines_per_minute"] = sum(d * 60 / r["intervals"][g] for g, d in baselines.items())
+        r["baselines_read_per_minute"] = sum(n * 60 / r["intervals"][g] for g, n in r["read"].items()
+                                             if g.startswith("callingbox-baselines"))
     print("| rule files | groups | history samples | baselines: per evaluation | baselines: per minute "
           "| all groups: per evaluation | all groups: per minute |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -307,11 +330,18 @@ def main(argv: list[str] | None = None) -> int:
           f"| {before['baselines_per_minute'] / after['baselines_per_minute']:.1f}x "
           f"| {before['per_evaluation'] / after['per_evaluation']:.1f}x | {before['per_minute'] / after['per_minute']:.1f}x |")
     print()
+    print("| rule files | baselines: samples read per minute | all groups: samples read per minute |")
+    print("|---|---:|---:|")
+    for label, r in results.items():
+        print(f"| {label} | {r['baselines_read_per_minute']:,.0f} | {r['read_per_minute']:,.0f} |")
+    print(f"| before ÷ after | {before['baselines_read_per_minute'] / after['baselines_read_per_minute']:.1f}x "
+          f"| {before['read_per_minute'] / after['read_per_minute']:.1f}x |")
+    print()
     for label, r in results.items():
         print(f"{label}:")
         for group, seconds in sorted(r["groups"].items(), key=lambda item: -item[1]):
             print(f"  {group:32} {seconds * 1000:8.2f} ms every {r['intervals'][group]:.0f} s, "
-                  f"median of {r['evaluations'][group]} evaluations")
+                  f"median of {r['evaluations'][group]} evaluations, {r['read'].get(group, 0):,} samples read")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
