@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, http_get, wait_until
+from helpers import ROOT, free_port, http_get, wait_until
 from exporter import __version__
 
 DOCKERFILE = ROOT / "Dockerfile"

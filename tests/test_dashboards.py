@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from helpers import ROOT
 from exporter.cli import registry_for
 from exporter.catalogue import CALL_FAMILIES, EXEMPLAR_FAMILIES, FAMILIES
 from exporter.metrics import Collector, Snapshot

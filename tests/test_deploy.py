@@ -26,7 +26,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import ROOT
+from helpers import ROOT
 from exporter import config as exporter_config
 from exporter.accounting import Ended
 from exporter.metrics import Collector, Snapshot

@@ -23,7 +23,7 @@ from typing import Callable
 
 import aiohttp
 
-from conftest import wait_until
+from helpers import wait_until
 from exporter.catalogue import AUDIT_KINDS
 from exporter.config import Secret, Target
 from exporter.metrics import Collector

@@ -33,7 +33,7 @@ import time
 import urllib.parse
 import urllib.request
 
-from conftest import http_get, wait_until
+from helpers import http_get, wait_until
 from servers import Server, require, start_prometheus
 from test_dashboards import (
     DASHBOARDS, LABEL_VALUES, ORG_TABLE, RECORDING_RULES, annotation_queries, exemplar_link, is_previous_week, load,

@@ -11,7 +11,7 @@ import json
 import re
 import urllib.request
 
-from conftest import differences, http_get, parse_metrics, wait_until
+from helpers import differences, http_get, parse_metrics, wait_until
 
 KEY = "sk_test_e2e_0123456789"
 

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from exporter.simulator import TERMINAL, Simulator, serve_in_thread
+from helpers import wait_until
 
 SPEC_FIELDS = {
     "id", "to_number", "from_number", "status", "direction", "prompt", "context", "returns", "result",
@@ -27,15 +28,6 @@ SPEC_FIELDS = {
 }
 STATUSES = TERMINAL | {"queued", "initiated", "ringing", "in_progress"}
 FAST = {"time_scale": 1000.0, "webhook_retry_base": 0.01}  # a call's whole life in a few seconds
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-    return value
 
 
 def get(url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:

@@ -16,7 +16,7 @@ from datetime import datetime
 
 import pytest
 
-from conftest import wait_until
+from helpers import wait_until
 from exporter.simulator import Simulator, serve_in_thread
 from exporter.simulator.contract import Contract
 from exporter.simulator.truth import is_terminal, ledger
