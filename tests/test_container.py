@@ -227,7 +227,8 @@ def sandboxed(argv: list[str], state: Path) -> tuple[list[str], bool]:
         return argv, False
     probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
     if probe.returncode != 0 or not shutil.which("setpriv"):
-        warnings.warn("no mount namespace here: the exporter runs as uid 65532, but not on a read-only file system")
+        warnings.warn("no mount namespace here: the exporter runs as uid 65532, but not on a read-only file system",
+                      stacklevel=2)
         return ["setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups", "--no-new-privs", *argv], False
     script = r"""
 set -e

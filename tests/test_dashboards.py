@@ -623,7 +623,7 @@ def test_exporter_dashboard_shows_api_cost_audit_and_backoff():
     for series, label in EXPORTER_SHOWS.items():
         shown = [t for _, _, t in targets if series in metric_names(t["expr"])]
         assert shown, f"no panel of the exporter dashboard shows {series}"
-        assert any("{{%s}}" % label in t["legendFormat"] for t in shown), f"{series}: no panel by {label}"
+        assert any("{{" + label + "}}" in t["legendFormat"] for t in shown), f"{series}: no panel by {label}"
 
 
 # ---- provisioning -------------------------------------------------------------------------------

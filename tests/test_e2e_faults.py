@@ -207,7 +207,7 @@ def test_every_fault_drops_up_backs_off_and_recovers_with_exact_counts(stack):
     assert [(line["code"], line["level"]) for line in mixed["failures"]] == [
         ("503", "warn"), ("500", "warn"), ("500", "debug")], mixed
     assert (mixed["recovered"]["level"], int(mixed["recovered"]["failures"])) == ("info", 3), mixed
-    for streak, (kind, params, _, _, log_codes) in zip(streaks, FAULTS):
+    for streak, (kind, _, _, _, log_codes) in zip(streaks, FAULTS):
         rejected = kind == "unauthorized"
         failures = streak["failures"]
         assert len(failures) == FAILURES, f"{kind}: {len(failures)} failed polls logged"
