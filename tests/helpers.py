@@ -18,6 +18,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.records import Record
+
 from benchmarks.procs import (
     ChildExited,
     answers,
@@ -71,6 +73,32 @@ def parse_metrics(text: str) -> Samples:
 def sample_value(samples: Samples, name: str, org: str = "default", **labels: str) -> float:
     """One sample of one org (0 when absent): `sample_value(exporter.scrape(), "callingbox_up", "a")`."""
     return samples.get((name, tuple(sorted({"org": org, **labels}.items()))), 0)
+
+
+class FixedClock:
+    """A clock that reads `now` until the test moves it: the `now` of code under test."""
+
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SkippingClock:
+    """The wall clock plus whatever time the test has `skipped`: a poller's `now` the test runs ahead."""
+
+    def __init__(self) -> None:
+        self.skipped = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.skipped
+
+
+def call_record(**fields) -> Record:
+    """A decoded call record: outbound, and every field without a default None unless `fields` give it."""
+    blank = {name: None for name in Record._fields if name not in Record._field_defaults}
+    return Record(**{**blank, "direction": "outbound", **fields})
 
 
 class Exporter:

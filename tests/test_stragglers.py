@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from helpers import differences, sample_value, wait_until
+from helpers import SkippingClock, differences, sample_value, wait_until
 from exporter.accounting import CallState
 from exporter.ledger import Ledger
 from exporter.api import ApiError, BodyError, Client, NotFound, RateLimited
@@ -333,16 +333,6 @@ def held_calls(sim: Simulator, url: str, n: int, **body) -> list[str]:
     return ids
 
 
-class LaterClock:
-    """The wall clock, plus whatever time the test has skipped: the poller's `now`."""
-
-    def __init__(self) -> None:
-        self.skipped = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.skipped
-
-
 async def test_the_poller_refreshes_stragglers_by_id_a_batch_per_poll_within_the_concurrency_bound():
     sim = Simulator(seed=5, rate=0, time_scale=30, api_key=KEY, by_id_delay=0.05)
     with serve_in_thread(sim) as url:
@@ -350,7 +340,7 @@ async def test_the_poller_refreshes_stragglers_by_id_a_batch_per_poll_within_the
         target = Target(api_url=url, api_key=Secret(KEY), settle_window=2.0,
                         initial_lookback=60.0, straggler_concurrency=3, straggler_batch=5)
         async with aiohttp.ClientSession() as session:
-            clock = LaterClock()
+            clock = SkippingClock()
             poller = Poller(target, Collector("test"), session, clock=clock)
             assert (await poller.poll())[0]
             assert set(poller.ledger.calls) == set(ids) and sim.stats["by_id_requests"] == 0
@@ -375,7 +365,7 @@ async def test_failing_refreshes_do_not_fail_the_poll_nor_drop_up():
         target = Target(api_url=url, api_key=Secret(KEY), settle_window=2.0,
                         initial_lookback=60.0)
         async with aiohttp.ClientSession() as session:
-            clock = LaterClock()
+            clock = SkippingClock()
             poller = Poller(target, Collector("test"), session, clock=clock)
             assert (await poller.poll())[0]
             clock.skipped = 2.2  # both calls past the settle window: stragglers
