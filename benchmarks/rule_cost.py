@@ -37,7 +37,6 @@ import hashlib
 import json
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from benchmarks.procs import free_port
 from exporter.metrics import Collector, Snapshot
 from exporter.store import Store
 from exporter.tally import Health
@@ -193,12 +193,6 @@ class LiveTarget:
 
     def close(self):
         self.server.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rule_group_metrics(port: int) -> dict[str, dict[str, float]]:
