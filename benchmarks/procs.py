@@ -90,10 +90,12 @@ def responds(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def answers(process: subprocess.Popen, url: str, what: str, timeout: float = 1.0) -> bool:
-    """`responds`, as a readiness probe of `process`: fails at once if the process has exited."""
+def answers(process: subprocess.Popen, url: str, what: str, timeout: float = 1.0, log: Path | None = None) -> bool:
+    """`responds`, as a readiness probe of `process`: fails at once if the process has exited, with
+    the end of its `log`."""
     if process.poll() is not None:
-        raise ChildExited(f"{what} exited with {process.returncode}")
+        tail = f":\n{log.read_text(errors='replace')[-4000:]}" if log is not None and log.exists() else ""
+        raise ChildExited(f"{what} exited with {process.returncode}{tail}")
     return responds(url, timeout)
 
 

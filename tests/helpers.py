@@ -18,19 +18,20 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.records import Record
-
-from benchmarks.procs import (
-    ChildExited,
+# The tests import these from helpers too (stop only from here: noqa F401).
+from benchmarks.procs import (  # noqa: F401
+    ROOT,
     answers,
     exporter_argv,
     fetch,
     free_port,
     memory,
     responds,
+    stop,
+    wait_until,
     write_exporter_config,
 )
-from benchmarks.procs import ROOT, wait_until  # noqa: F401 (the tests import them from here)
+from exporter.records import Record
 
 
 def wait_while_progressing(predicate, progress, stall: float, interval: float = 0.1, message: str = "condition"):
@@ -126,10 +127,7 @@ class Exporter:
         return self
 
     def _healthy(self) -> bool:
-        try:
-            return answers(self.process, self.url + "/-/healthy", "exporter")
-        except ChildExited as exited:
-            raise ChildExited(f"{exited}: {self.log()[-2000:]}") from None
+        return answers(self.process, self.url + "/-/healthy", "exporter", log=self.log_path)
 
     def ready(self) -> bool:
         return responds(self.url + "/-/ready", timeout=2)

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks.procs import ChildExited, answers, stop
-from helpers import free_port, http_get
+from helpers import answers, free_port, http_get, stop
 
 
 class Server:
@@ -31,10 +30,7 @@ class Server:
                                             cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
 
     def ready(self) -> bool:
-        try:
-            return answers(self.process, self.url + "/-/ready", self.name)
-        except ChildExited as exited:
-            raise ChildExited(f"{exited}:\n{self.log()}") from None
+        return answers(self.process, self.url + "/-/ready", self.name, log=self.log_path)
 
     def api(self, path: str, **params: str) -> dict:
         status, body = http_get(f"{self.url}{path}?{urllib.parse.urlencode(params)}")
