@@ -76,32 +76,6 @@ def sample_value(samples: Samples, name: str, org: str = "default", **labels: st
     return samples.get((name, tuple(sorted({"org": org, **labels}.items()))), 0)
 
 
-class FixedClock:
-    """A clock that reads `now` until the test moves it: the `now` of code under test."""
-
-    def __init__(self, now: float):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class SkippingClock:
-    """The wall clock plus whatever time the test has `skipped`: a poller's `now` the test runs ahead."""
-
-    def __init__(self) -> None:
-        self.skipped = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.skipped
-
-
-def call_record(**fields) -> Record:
-    """A decoded call record: outbound, and every field without a default None unless `fields` give it."""
-    blank = {name: None for name in Record._fields if name not in Record._field_defaults}
-    return Record(**{**blank, "direction": "outbound", **fields})
-
-
 class Exporter:
     """The exporter as a real subprocess."""
 
@@ -277,3 +251,32 @@ def assert_orgs_exact(exporter: Exporter, sims: dict, timeout: float = 30) -> No
             wait_until(lambda: not differences(exporter.scrape(), truth, org=org), timeout, message=org)
         except AssertionError:
             raise AssertionError(f"{org} differs from its truth: {differences(exporter.scrape(), truth, org=org)[:5]}")
+
+
+# ---- things code under test is given: clocks the test moves, decoded call records ----------
+
+
+class FixedClock:
+    """A clock that reads `now` until the test moves it: the `now` of code under test."""
+
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SkippingClock:
+    """The wall clock plus whatever time the test has `skipped`: a poller's `now` the test runs ahead."""
+
+    def __init__(self) -> None:
+        self.skipped = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.skipped
+
+
+def call_record(**fields) -> Record:
+    """A decoded call record: outbound, and every field without a default None unless `fields` give it."""
+    blank = {name: None for name in Record._fields if name not in Record._field_defaults}
+    return Record(**{**blank, "direction": "outbound", **fields})
