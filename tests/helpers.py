@@ -14,6 +14,9 @@ import re
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -58,6 +61,28 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
     """GET `url`: the status and the body as text; OSError when nothing answers."""
     status, body = fetch(url, timeout)
     return status, body.decode()
+
+
+def api_get(url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """GET `url` (the simulator's API): status, headers and body, an HTTP error's too."""
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def list_calls(url: str) -> list[dict]:
+    """The simulator's whole list, `GET /v1/calls`, decoded."""
+    status, _, body = api_get(f"{url}/v1/calls")
+    assert status == 200
+    return json.loads(body)
+
+
+def iso_seconds(value: str) -> float:
+    """An API timestamp (`2023-11-07T05:31:56.5Z`) as Unix seconds, read without the exporter's parser."""
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
