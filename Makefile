@@ -28,7 +28,10 @@ servers:
 			$(PACKAGES) >/dev/null; \
 	fi
 
+# Lint and format are checked first: they take a second, the tests minutes.
 test: $(BIN)/.installed servers
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # The benchmark suite of BENCHMARKS.md: one table, ~6 min; BENCH_ARGS=--quick for a 30 s smoke run.

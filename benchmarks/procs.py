@@ -2,6 +2,8 @@
 
 Each is a `Child` stopped by its own pid (SIGTERM, then SIGKILL after a deadline). Memory is
 read from /proc/<pid>/status: VmHWM is the peak resident set since the process started.
+The plumbing above the classes (ports, waits, probes, the exporter's command line) is the one
+tests/helpers.py uses too, so the tests and the benchmarks start the exporter the same way.
 """
 
 from __future__ import annotations
@@ -43,25 +45,86 @@ def memory(pid: int) -> dict[str, int]:
     return found
 
 
-def http_get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
+def fetch(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    """GET `url`: the status and body, an HTTP error's too; OSError when nothing answers."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
-    except (urllib.error.URLError, OSError):
+
+
+def http_get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    """`fetch`, with (0, b"") when nothing answers."""
+    try:
+        return fetch(url, timeout)
+    except OSError:  # urllib.error.URLError is one
         return 0, b""
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
+class WaitTimedOut(AssertionError, TimeoutError):
+    """A wait passed its deadline: a failed check to a test, a TimeoutError to a benchmark."""
+
+
+def wait_until(predicate, timeout: float, message: str = "condition", interval: float = 0.1):
+    """Poll `predicate` until it returns a truthy value (returned) or the deadline passes."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+            raise WaitTimedOut(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+class ChildExited(AssertionError, RuntimeError):
+    """A process we wait for is gone: a failed check to a test, a RuntimeError to a benchmark."""
+
+
+def responds(url: str, timeout: float = 1.0) -> bool:
+    """Whether `url` answers 200 (nothing answering is a no, not an error)."""
+    try:
+        return fetch(url, timeout)[0] == 200
+    except OSError:
+        return False
+
+
+def answers(process: subprocess.Popen, url: str, what: str, timeout: float = 1.0, log: Path | None = None) -> bool:
+    """`responds`, as a readiness probe of `process`: fails at once if the process has exited, with
+    the end of its `log`."""
+    if process.poll() is not None:
+        tail = f":\n{log.read_text(errors='replace')[-4000:]}" if log is not None and log.exists() else ""
+        raise ChildExited(f"{what} exited with {process.returncode}{tail}")
+    return responds(url, timeout)
+
+
+def stop(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if `process` is still there after `timeout` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=timeout)
+
+
+def exporter_argv(port: int, config_path: Path | None, *extra: str) -> list[str]:
+    """`python -m exporter` on a loopback port with debug logs, reading `config_path` if given."""
+    config = ("--config.file", str(config_path)) if config_path is not None else ()
+    return [sys.executable, "-m", "exporter", *config, "--web.listen-address", f"127.0.0.1:{port}",
+            "--log.level", "debug", *extra]
+
+
+def write_exporter_config(path: Path, config: dict) -> Path:
+    """The exporter's config file, with the hold of new series (born at zero) off unless `config` sets it.
+
+    Tests and benchmarks read counts from /metrics as soon as they are saved; the hold would only
+    delay them (and changes which values a page shows, not its cost). Those about the hold set it.
+    """
+    path.write_text(yaml.safe_dump({"new_series_hold": "0s", **config}))
+    return path
 
 
 def sample(text: bytes | str, name: str, labels: str = "") -> float | None:
@@ -108,13 +171,7 @@ class Child:
         return memory(self.pid)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=15)
+        stop(self.process, timeout=15)
 
     def __enter__(self):
         return self
@@ -148,20 +205,13 @@ class ExporterProcess(Child):
     def __init__(self, name: str, log_dir: Path, **target):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = log_dir / f"{name}.yml"
-        # Counts on /metrics as soon as they are saved: the cases read them to pace themselves, and
-        # the hold of new series (born at zero) changes which values a page shows, not its cost.
-        config.write_text(yaml.safe_dump({"new_series_hold": "0s", **target}))
-        argv = [sys.executable, "-m", "exporter", "--config.file", str(config),
-                "--web.listen-address", f"127.0.0.1:{self.port}", "--log.level", "debug", "--log.format", "json"]
+        config = write_exporter_config(log_dir / f"{name}.yml", target)
+        argv = exporter_argv(self.port, config, "--log.format", "json")
         super().__init__(argv, log_dir / f"{name}.log", env={"CALLINGBOX_API_KEY": BENCH_KEY})
 
     def wait(self, path: str, timeout: float) -> None:
-        def answered():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"exporter exited ({self.process.returncode}); see {self.log_path}")
-            return http_get(self.url + path, timeout=5)[0] == 200
-        wait_until(answered, timeout, f"{self.url}{path}")
+        what = f"exporter (see {self.log_path})"
+        wait_until(lambda: answers(self.process, self.url + path, what, timeout=5), timeout, f"{self.url}{path}")
 
     def polls(self) -> list[dict]:
         """The `poll done` lines logged so far: records, examined, bytes, tracked, duration_s."""

@@ -9,8 +9,9 @@ For each set of rule files (the working tree's and an earlier commit's, 41f30d9 
    (`...:increase1h`, every 30 s) for the 9 days before, which is all that any baseline reads
    further back than a day;
 2. turns it into TSDB blocks with `promtool tsdb create-blocks-from openmetrics`;
-3. starts Prometheus on those blocks (one per rule set, side by side, so both see the same load) with the rule files, scraping a live target that carries
-   the same series on (every counter grows at its own rate), scrapes and evaluations every 30 s
+3. starts Prometheus on those blocks (one per rule set, side by side, so both see the same load) with the
+   rule files, scraping a live target that carries the same series on (every counter grows at its own
+   rate), scrapes and evaluations every 30 s
    (kube-prometheus-stack's defaults, and deploy/compose's);
 4. for WAIT seconds reads Prometheus' own `prometheus_rule_group_last_duration_seconds` (from its
    /metrics, with each group's last evaluation time, so each evaluation counts once) every 10 s,
@@ -38,7 +39,6 @@ import hashlib
 import json
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,6 +53,7 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks.procs import free_port
 from exporter.metrics import Collector, Snapshot
 from exporter.store import Store
 from exporter.tally import Health
@@ -198,12 +199,6 @@ class LiveTarget:
         self.server.shutdown()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rule_group_metrics(port: int) -> dict[str, dict[str, float]]:
     """Prometheus' own rule-group gauges from its /metrics: {metric: {group name: value}}."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
@@ -328,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
               f"| {r['per_minute'] * 1000:.1f} ms |")
     print(f"| before ÷ after | | | {before['baselines_per_evaluation'] / after['baselines_per_evaluation']:.1f}x "
           f"| {before['baselines_per_minute'] / after['baselines_per_minute']:.1f}x "
-          f"| {before['per_evaluation'] / after['per_evaluation']:.1f}x | {before['per_minute'] / after['per_minute']:.1f}x |")
+          f"| {before['per_evaluation'] / after['per_evaluation']:.1f}x "
+          f"| {before['per_minute'] / after['per_minute']:.1f}x |")
     print()
     print("| rule files | baselines: samples read per minute | all groups: samples read per minute |")
     print("|---|---:|---:|")

@@ -1,161 +1,18 @@
-"""Fixtures that start real things: the simulator on a loopback port, the exporter as a process.
+"""Fixtures that start real things: simulators on loopback ports, the exporter, Prometheus, Alertmanager.
 
-Every wait has a deadline; every process and server is stopped at teardown.
+Every process and server is stopped at teardown. The helpers they use are in helpers.py.
 """
 
 from __future__ import annotations
 
-import calendar
-import json
-import os
-import re
 import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from contextlib import ExitStack
-from pathlib import Path
 
 import pytest
-import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.simulator import Simulator, serve_in_thread
-
-ROOT = Path(__file__).resolve().parent.parent
-pytest_plugins = ["servers"]  # the `launch` fixture: real Prometheus and Alertmanager processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.1, message: str = "condition"):
-    """Poll `predicate` until it returns a truthy value or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
-
-
-def wait_while_progressing(predicate, progress, stall: float, interval: float = 0.1, message: str = "condition"):
-    """Poll `predicate` until it returns a truthy value; fail only once `progress()` stops changing.
-
-    For work whose length depends on the machine (a poll reading a 100 MB body): the deadline is
-    `stall` seconds without any change of `progress()`, so a slow machine makes the wait longer,
-    and only a stuck one makes it fail.
-    """
-    last, since = progress(), time.monotonic()
-    while True:
-        value = predicate()
-        if value:
-            return value
-        now, current = time.monotonic(), progress()
-        if current != last:
-            last, since = current, now
-        elif now - since > stall:
-            raise AssertionError(f"no progress for {stall}s ({current!r}) waiting for {message}")
-        time.sleep(interval)
-
-
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def parse_metrics(text: str) -> Samples:
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-class Exporter:
-    """The exporter as a real subprocess."""
-
-    def __init__(self, tmp: Path, config: dict | None, env: dict | None = None, name: str = "exporter"):
-        self.tmp = tmp
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.config_path = tmp / f"{name}.yml"
-        if config is not None:
-            # Most stories compare /metrics with the truth as soon as the calls are final; the hold
-            # of new series (born at zero, SPEC §3) would only delay them. Those about it set it.
-            config = {"new_series_hold": "0s", **config}
-            self.config_path.write_text(yaml.safe_dump(config))
-        self.log_path = tmp / f"{name}.log"
-        self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-        self.process: subprocess.Popen | None = None
-
-    def start(self, *extra: str, wait_healthy: bool = True) -> "Exporter":
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "--web.listen-address", f"127.0.0.1:{self.port}",
-             "--log.level", "debug", *self._config_args(), *extra],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        log.close()
-        if wait_healthy:
-            wait_until(lambda: self._healthy(), 20, message=f"exporter healthy (log: {self.log_path})")
-        return self
-
-    def _config_args(self) -> tuple[str, ...]:
-        return ("--config.file", str(self.config_path)) if self.config_path.exists() else ()
-
-    def _healthy(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"exporter exited with {self.process.returncode}: {self.log()[-2000:]}")
-        try:
-            return http_get(self.url + "/-/healthy", timeout=1)[0] == 200
-        except OSError:
-            return False
-
-    def ready(self) -> bool:
-        try:
-            return http_get(self.url + "/-/ready", timeout=2)[0] == 200
-        except OSError:
-            return False
-
-    def scrape(self) -> Samples:
-        status, text = http_get(self.url + "/metrics")
-        assert status == 200, text
-        return parse_metrics(text)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def kill(self, sig=signal.SIGKILL) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(sig)
-            self.process.wait(timeout=20)
-
-    def rss_peak_kib(self) -> int:
-        return self._status_kib("VmHWM")
-
-    def rss_kib(self) -> int:
-        return self._status_kib("VmRSS")
-
-    def _status_kib(self, field: str) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-        raise AssertionError(f"no {field}")
+from helpers import Exporter
+from servers import Server
 
 
 @pytest.fixture
@@ -186,128 +43,14 @@ def stack(tmp_path):
                 exporter.kill(signal.SIGTERM if exporter.process and exporter.process.poll() is None else signal.SIGKILL)
 
 
-def saved_baseline(state_file) -> float:
-    """The baseline an exporter saved in its state file, read as `explain` reads it (never written)."""
-    from exporter.state import read
+@pytest.fixture
+def launch(tmp_path):
+    """`launch(name, command)` starts a real Prometheus or Alertmanager Server in tmp_path; all are
+    stopped at teardown."""
+    with ExitStack() as exits:
+        def start(name: str, command: list[str]) -> Server:
+            server = Server(tmp_path, name, command)
+            exits.callback(server.stop)
+            return server
 
-    return read(str(state_file)).ledger.baseline
-
-
-def counters_of(samples: Samples, org: str = "default") -> Samples:
-    """Samples of one org with the org label dropped, for comparison with simulator truth."""
-    result: Samples = {}
-    for (name, labels), value in samples.items():
-        labels_dict = dict(labels)
-        if labels_dict.pop("org", None) != org:
-            continue
-        result[(name, tuple(sorted(labels_dict.items())))] = value
-    return result
-
-
-HISTOGRAMS = (
-    "callingbox_call_duration_seconds",
-    "callingbox_call_answer_delay_seconds",
-    "callingbox_call_setup_delay_seconds",
-    "callingbox_call_billed_duration_seconds",
-)
-COUNTERS = (
-    "callingbox_calls_created_total",
-    "callingbox_calls_ended_total",
-    "callingbox_call_hangups_total",
-    "callingbox_call_errors_total",
-    "callingbox_webhook_deliveries_total",
-    "callingbox_result_extractions_total",
-)
-
-
-MILLI_CENTS_PER_DOLLAR = 100_000  # SPEC §1: 100 000 milli-cents = 1 USD
-# The only sums compared with a tolerance: each delay is a difference of two float timestamps,
-# and the exporter adds them up in the order it reads the calls, the truth in the order they
-# happened. Float addition is not associative, so the last bits may differ. Everything else is
-# exact: counts, buckets, the sums of integer durations, and money (integer milli-cents summed,
-# then divided once, by the exporter as here).
-FLOAT_SUMS = ("callingbox_call_answer_delay_seconds_sum", "callingbox_call_setup_delay_seconds_sum")
-
-
-def differences(samples: Samples, truth, org: str = "default", buckets: dict | None = None) -> list[str]:
-    """Every way the exporter's numbers differ from the simulator's ground truth (empty: exact)."""
-    from exporter.catalogue import DEFAULT_BUCKETS
-
-    got = counters_of(samples, org)
-    problems = []
-    expected: Samples = {}
-    for (name, labels), value in truth.counters.items():
-        if name == "callingbox_billed_amount_milli_cents":
-            assert isinstance(value, int), f"truth's money is not integer milli-cents: {value!r}"
-            expected[("callingbox_billed_amount_dollars_total", labels)] = value / MILLI_CENTS_PER_DOLLAR
-        else:
-            expected[(name, labels)] = value
-    for (name, labels), observations in truth.observations.items():
-        bounds = (buckets or {}).get(name, DEFAULT_BUCKETS[name])
-        expected[(name + "_count", labels)] = len(observations)
-        expected[(name + "_sum", labels)] = sum(observations)
-        for bound in (*bounds, float("inf")):
-            le = float(bound)
-            expected[(name + "_bucket", tuple(sorted(labels + (("le", _le(le)),))))] = sum(
-                1 for v in observations if v <= le
-            )
-    families = COUNTERS + ("callingbox_billed_amount_dollars_total",) + tuple(
-        h + suffix for h in HISTOGRAMS for suffix in ("_count", "_sum", "_bucket")
-    )
-    keys = {k for k in expected} | {k for k in got if k[0] in families}
-    for key in sorted(keys):
-        want, have = expected.get(key, 0), got.get(key, 0)
-        if not same_value(key[0], have, want):
-            problems.append(f"{key}: exporter {have} != truth {want}")
-    return problems
-
-
-def same_value(name: str, have: float, want: float, floats: tuple[str, ...] = FLOAT_SUMS) -> bool:
-    """Equal, or for a float sum (`floats`) equal but for the last bits."""
-    if name in floats:
-        return abs(want - have) <= 1e-6 * max(1.0, abs(want))
-    return want == have
-
-
-def _le(bound: float) -> str:
-    from prometheus_client.utils import floatToGoString
-
-    return floatToGoString(bound)
-
-
-_LOGFMT_FIELD = re.compile(r'([\w.]+)=("(?:[^"\\]|\\.)*"|\S*)')
-
-
-def log_records(text: str) -> list[dict]:
-    """The exporter's log lines (logfmt or json) as dicts of strings, in order."""
-    records = []
-    for line in text.splitlines():
-        if line.startswith("{"):
-            try:
-                fields = {key: str(value) for key, value in json.loads(line).items()}
-            except ValueError:
-                continue
-        else:
-            fields = {key: json.loads(value) if value.startswith('"') else value
-                      for key, value in _LOGFMT_FIELD.findall(line)}
-        if "msg" in fields and "ts" in fields:
-            records.append(fields)
-    return records
-
-
-def log_seconds(ts: str) -> float:
-    """A log line's `ts` (`2024-05-01T12:00:00.123Z`) as Unix seconds."""
-    whole, millis = ts.rstrip("Z").split(".")
-    return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + int(millis) / 1000
-
-
-def assert_orgs_exact(exporter: Exporter, sims: dict, timeout: float = 30) -> None:
-    """Once every org's simulator is quiet, each org's counters equal its simulator's truth."""
-    for org, sim in sims.items():
-        wait_until(sim.all_final, 90, message=f"{org}'s calls final")
-    for org, sim in sims.items():
-        truth = sim.truth(0)
-        try:
-            wait_until(lambda: not differences(exporter.scrape(), truth, org=org), timeout, message=org)
-        except AssertionError:
-            raise AssertionError(f"{org} differs from its truth: {differences(exporter.scrape(), truth, org=org)[:5]}")
+        yield start

@@ -1,22 +1,21 @@
 """Real Prometheus and Alertmanager processes on loopback ports, for the end-to-end tests.
 
 A missing binary fails the test, never skips it: `make test` installs the Debian packages.
+The `launch` fixture of conftest.py starts them and stops them at teardown.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import urllib.parse
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import free_port, http_get
+from helpers import answers, free_port, http_get, stop
 
 
 class Server:
@@ -31,12 +30,7 @@ class Server:
                                             cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
 
     def ready(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
-        try:
-            return http_get(self.url + "/-/ready", timeout=1)[0] == 200
-        except OSError:
-            return False
+        return answers(self.process, self.url + "/-/ready", self.name, log=self.log_path)
 
     def api(self, path: str, **params: str) -> dict:
         status, body = http_get(f"{self.url}{path}?{urllib.parse.urlencode(params)}")
@@ -47,13 +41,7 @@ class Server:
         return self.log_path.read_text(errors="replace")[-tail:]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop(self.process, timeout=10)
 
 
 def require(*binaries: str) -> None:
@@ -82,15 +70,3 @@ def start_prometheus(start, tmp: Path, exporter_url: str, rule_files=(), alertma
     config = write_yaml(tmp / "prometheus.yml", document)
     return start("prometheus", ["prometheus", f"--config.file={config}",
                                 f"--storage.tsdb.path={tmp / 'prometheus-data'}", *flags])
-
-
-@pytest.fixture
-def launch(tmp_path):
-    """`launch(name, command)` starts a Server in tmp_path; all are stopped at teardown."""
-    with ExitStack() as exits:
-        def start(name: str, command: list[str]) -> Server:
-            server = Server(tmp_path, name, command)
-            exits.callback(server.stop)
-            return server
-
-        yield start

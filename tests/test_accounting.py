@@ -17,6 +17,7 @@ from exporter.accounting import CallState
 from exporter.ledger import Ledger
 from exporter.store import Store
 from exporter.records import Record
+from helpers import call_record
 
 BASELINE = 1_700_000_000.0
 C = BASELINE + 100.0  # the default created_at: after the baseline, so creation counts
@@ -39,26 +40,7 @@ BILLED = "callingbox_call_billed_duration_seconds"
 
 def rec(id: str, status: str, updated_at: float, **fields) -> Record:
     """A full Record: outbound, created at `C`, every optional field null unless given."""
-    values = dict(
-        id=id,
-        status=status,
-        direction=OUT,
-        created_at=C,
-        updated_at=updated_at,
-        started_at=None,
-        answered_at=None,
-        ended_at=None,
-        duration_seconds=None,
-        billed_duration_seconds=None,
-        billing_amount_milli_cents=None,
-        reservation_status=None,
-        webhook_status=None,
-        result_status=None,
-        hangup_cause=None,
-        error_code=None,
-    )
-    values.update(fields)
-    return Record(**values)
+    return call_record(**{"id": id, "status": status, "created_at": C, "updated_at": updated_at, **fields})
 
 
 # A call answered after 5.5 s of ringing, 2 s after creation, that talked for 61 s, settled.

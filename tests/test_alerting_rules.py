@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, http_get, parse_metrics, wait_until
+from helpers import ROOT, http_get, parse_metrics, wait_until
 
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 RECORDING_RULES = PROMETHEUS_DIR / "callingbox-recording.rules.yml"

@@ -5,16 +5,14 @@ from __future__ import annotations
 import asyncio
 
 from exporter.budget import Budget, Budgets
+from helpers import FixedClock
 
 
-class FakeTime:
+class FakeTime(FixedClock):
     """A clock that moves only when the code under test sleeps."""
 
     def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+        super().__init__(1000.0)
 
     async def sleep(self, seconds: float) -> None:
         self.now += seconds

@@ -9,7 +9,7 @@ import sys
 import pytest
 import trustme
 
-from conftest import ROOT, Exporter, parse_metrics, wait_until
+from helpers import ROOT, Exporter, parse_metrics, wait_until
 from exporter import __version__, config, webconfig
 
 SPEC_FLAGS = (

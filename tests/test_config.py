@@ -224,7 +224,8 @@ def test_duplicate_target_names_are_rejected(write_config, key_file):
 def test_duplicate_state_files_are_rejected(write_config, key_file, tmp_path):
     state = tmp_path / "state.json"
     path = write_config(
-        f"api_key_file: {key_file}\ntargets:\n  - name: a\n    state_file: {state}\n  - name: b\n    state_file: {state}\n"
+        f"api_key_file: {key_file}\ntargets:\n  - name: a\n    state_file: {state}\n"
+        f"  - name: b\n    state_file: {state}\n"
     )
     assert config_error(config_file=path) == f"targets[1].state_file: '{state}' is used by another target"
 
@@ -339,7 +340,7 @@ def test_target_without_a_key_is_named_with_its_index(write_config, key_file):
 
 def test_secret_never_shows_its_value():
     secret = Secret(KEY)
-    shown = [repr(secret), str(secret), f"{secret}", f"{secret!r}", "%s" % secret, "{}".format(secret)]
+    shown = [repr(secret), str(secret), f"{secret}", f"{secret!r}", "%s" % secret, "{}".format(secret)]  # noqa: UP031 (each spelling)
     assert [KEY in text for text in shown] == [False] * len(shown)
     assert secret.reveal() == KEY
 

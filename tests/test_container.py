@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, http_get, wait_until
+from helpers import ROOT, answers, free_port, http_get, stop, wait_until
 from exporter import __version__
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -227,7 +227,8 @@ def sandboxed(argv: list[str], state: Path) -> tuple[list[str], bool]:
         return argv, False
     probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
     if probe.returncode != 0 or not shutil.which("setpriv"):
-        warnings.warn("no mount namespace here: the exporter runs as uid 65532, but not on a read-only file system")
+        warnings.warn("no mount namespace here: the exporter runs as uid 65532, but not on a read-only file system",
+                      stacklevel=2)
         return ["setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups", "--no-new-privs", *argv], False
     script = r"""
 set -e
@@ -301,14 +302,8 @@ def test_dockerfile_install_steps_produce_an_exporter_that_runs_non_root_on_a_re
         with open(log, "wb") as output:
             process = subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT)
 
-        def healthy():
-            assert process.poll() is None, f"the exporter exited {process.returncode}: {log.read_text()}"
-            try:
-                return http_get(f"{url}/-/healthy", timeout=2)[0] == 200
-            except OSError:
-                return False
-
-        wait_until(healthy, timeout=30, message="/-/healthy")
+        wait_until(lambda: answers(process, f"{url}/-/healthy", "the exporter", timeout=2, log=log),
+                   timeout=30, message="/-/healthy")
         status = Path(f"/proc/{process.pid}/status").read_text()
         uid = int(re.search(r"^Uid:\s+(\d+)", status, re.MULTILINE).group(1))
         assert uid == (UID if os.geteuid() == 0 else os.geteuid()) and uid != 0
@@ -336,12 +331,7 @@ def test_dockerfile_install_steps_produce_an_exporter_that_runs_non_root_on_a_re
         assert not list(home.iterdir())
         print(f"read-only sandbox: {read_only}")
     finally:
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        if process is not None:
+            stop(process, timeout=10)
         shutil.rmtree(scratch, ignore_errors=True)
     assert process is None or process.returncode == 0, "SIGTERM ends the exporter cleanly"

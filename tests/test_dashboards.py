@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from helpers import ROOT
 from exporter.cli import registry_for
 from exporter.catalogue import CALL_FAMILIES, EXEMPLAR_FAMILIES, FAMILIES
 from exporter.metrics import Collector, Snapshot
@@ -623,7 +623,7 @@ def test_exporter_dashboard_shows_api_cost_audit_and_backoff():
     for series, label in EXPORTER_SHOWS.items():
         shown = [t for _, _, t in targets if series in metric_names(t["expr"])]
         assert shown, f"no panel of the exporter dashboard shows {series}"
-        assert any("{{%s}}" % label in t["legendFormat"] for t in shown), f"{series}: no panel by {label}"
+        assert any("{{" + label + "}}" in t["legendFormat"] for t in shown), f"{series}: no panel by {label}"
 
 
 # ---- provisioning -------------------------------------------------------------------------------

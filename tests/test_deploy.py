@@ -26,7 +26,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import ROOT
+from helpers import ROOT
 from exporter import config as exporter_config
 from exporter.accounting import Ended
 from exporter.metrics import Collector, Snapshot
@@ -522,7 +522,7 @@ def test_compose_parses_and_everything_it_mounts_or_builds_exists(compose):
     context = (COMPOSE_DIR / build["context"]).resolve()
     assert context == ROOT and (context / build.get("dockerfile", "Dockerfile")).is_file()
     for name, service in services.items():
-        for source, target in bind_mounts(service):
+        for source, _ in bind_mounts(service):
             assert source.exists(), f"{name} mounts {source}, which does not exist"
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]

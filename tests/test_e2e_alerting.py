@@ -41,7 +41,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, wait_until
+from helpers import ROOT, wait_until
 from exporter.simulator import OUTCOME_WEIGHTS
 from servers import Server, require, start_prometheus, write_yaml
 

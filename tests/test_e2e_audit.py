@@ -23,7 +23,7 @@ from typing import Callable
 
 import aiohttp
 
-from conftest import wait_until
+from helpers import FixedClock, SkippingClock, wait_until
 from exporter.catalogue import AUDIT_KINDS
 from exporter.config import Secret, Target
 from exporter.metrics import Collector
@@ -151,26 +151,6 @@ LATE = SETTLE - INTERVAL
 T0 = 1_800_000_000.0  # the virtual clock's start: calls created before it do not exist
 
 
-class Clock:
-    """Virtual time: the poller's `now`; the test moves it by each poll's wait, plus drift."""
-
-    def __init__(self, start: float):
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class AheadClock:
-    """The wall clock (the simulator's), until the test runs it `ahead`."""
-
-    def __init__(self):
-        self.ahead = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.ahead
-
-
 def audit_target(url: str, **settings) -> Target:
     return Target(api_url=url, api_key=Secret(KEY), **{
         "poll_interval": POLL, "settle_window": SETTLE, "overlap": 1.0, "hot_window": 3.0, "audit_interval": INTERVAL,
@@ -206,7 +186,7 @@ class LateCommits:
             self._next += SPACING
 
 
-async def drive(poller: Poller, clock: Clock, sim: Simulator, commits: LateCommits, rng: random.Random,
+async def drive(poller: Poller, clock: FixedClock, sim: Simulator, commits: LateCommits, rng: random.Random,
                 until: Callable[[], bool], polls: int = 400) -> None:
     """Poll on the virtual clock until `until()`: each poll's own wait, plus 0-0.3 s of drift;
     now and then a slow read (stalled 0.7 s) or a 503 (the back-off that follows)."""
@@ -239,7 +219,7 @@ def assert_tiled(windows: list[tuple[float, float]]) -> None:
 
 async def test_calls_committed_late_are_each_reported_once_however_the_polls_drift(caplog):
     sim = Simulator(seed=181, rate=0, api_key=KEY)
-    clock = Clock(T0)
+    clock = FixedClock(T0)
     with serve_in_thread(sim) as url, caplog.at_level(logging.INFO, logger="exporter.tally"):
         commits = LateCommits(sim, until=T0 + 5 * INTERVAL)
         async with aiohttp.ClientSession() as session:
@@ -263,7 +243,7 @@ async def test_a_restart_between_two_audits_neither_skips_nor_repeats_a_slice(tm
     """The state file holds where the last window ended. The restart takes 3 s, so the first
     poll after it carries an audit that is late and reads back to that point."""
     sim = Simulator(seed=182, rate=0, api_key=KEY)
-    clock = Clock(T0)
+    clock = FixedClock(T0)
     state_file = str(tmp_path / "state.db")
     with serve_in_thread(sim) as url, caplog.at_level(logging.INFO, logger="exporter.tally"):
         commits = LateCommits(sim, until=T0 + 6 * INTERVAL)
@@ -297,7 +277,7 @@ async def test_a_clean_run_audits_every_call_created_once_and_finds_nothing(capl
     all. At each audit, the calls audited by window are exactly those created (after the
     baseline) before the window's end, and at the end exactly the calls the truth counts."""
     sim = Simulator(seed=184, rate=20, max_calls=120, time_scale=300, webhook_retry_base=0.05, api_key=KEY)
-    clock = AheadClock()
+    clock = SkippingClock()
     with serve_in_thread(sim) as url, caplog.at_level(logging.INFO, logger="exporter.tally"):
         async with aiohttp.ClientSession() as session:
             poller = Poller(audit_target(url, audit_sample=5, initial_lookback=3600.0), Collector("test"), session,
@@ -328,7 +308,7 @@ async def test_a_clean_run_audits_every_call_created_once_and_finds_nothing(capl
                     break
                 if rng.random() < 0.1:
                     sim.inject("status", code=503)
-                clock.ahead += await poll() + rng.uniform(0.0, 0.3)
+                clock.skipped += await poll() + rng.uniform(0.0, 0.3)
             else:
                 raise AssertionError("calls not audited after 200 polls")
             truth = sim.truth(baseline)
@@ -347,7 +327,7 @@ async def test_a_rewrite_only_a_spot_check_can_see_is_found_when_the_sample_reac
     unchanged and no window reaches it for an hour. A sample of 3 of the 20 tracked calls is
     fetched by id at each audit (a seeded draw): the rewrite counts the moment one fetches it, once."""
     sim = Simulator(seed=186, rate=200, max_calls=20, time_scale=1000, webhook_retry_base=0.01, api_key=KEY)
-    clock = AheadClock()
+    clock = SkippingClock()
     with serve_in_thread(sim) as url:
         wait_until(sim.all_final, 30, message="the twenty calls final")
         async with aiohttp.ClientSession() as session:
@@ -365,7 +345,7 @@ async def test_a_rewrite_only_a_spot_check_can_see_is_found_when_the_sample_reac
             rounds = 0
             while fetched() < 3:
                 assert rounds < 200, "the sample never reached the rewritten call"
-                clock.ahead += INTERVAL + 0.1  # each poll carries an audit, and its spot-checks
+                clock.skipped += INTERVAL + 0.1  # each poll carries an audit, and its spot-checks
                 assert (await poller.poll())[0]
                 rounds += 1
                 found = poller.store.counters[MISMATCHES][("status",)]

@@ -13,7 +13,7 @@ import urllib.request
 
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 
-from conftest import differences, http_get, log_records, parse_metrics, wait_until, wait_while_progressing
+from helpers import differences, http_get, log_records, parse_metrics, sample_value, wait_until, wait_while_progressing
 from test_e2e_exact import KEY, _config, settle_and_compare
 
 # What records.decode_record may name as the reason a record is unreadable.
@@ -24,10 +24,6 @@ JUNK = 7
 LABEL_CAP = 50  # SPEC §3: distinct values per free-text label by default; the rest are `other`
 HANGUPS = "callingbox_call_hangups_total"
 MIB = 1024 * 1024
-
-
-def _value(samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted({"org": "default", **labels}.items()))), 0)
 
 
 def _series(samples, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -44,7 +40,7 @@ def _total(samples, name: str) -> float:
 
 
 def _polls(samples, result: str = "success") -> float:
-    return _value(samples, "callingbox_exporter_polls_total", result=result)
+    return sample_value(samples, "callingbox_exporter_polls_total", result=result)
 
 
 def _slowest_scrape_until(exporter, predicate, progress, stall: float, message: str) -> float:
@@ -98,7 +94,7 @@ def test_malformed_records_are_counted_by_reason_and_skipped_while_the_rest_coun
     invalid = {dict(labels)["reason"]: v for labels, v in _series(samples, "callingbox_exporter_invalid_records_total").items()}
     assert sum(invalid.values()) == JUNK, invalid
     assert set(invalid) <= REASONS, invalid
-    assert _value(samples, "callingbox_up") == 1
+    assert sample_value(samples, "callingbox_up") == 1
     assert _polls(samples, "error") == 0, "a malformed record never fails the poll"
     skipped = [line for line in exporter.log().splitlines() if 'msg="invalid record skipped"' in line]
     assert len(skipped) == JUNK and all("org=default" in line and "reason=" in line for line in skipped), skipped
@@ -187,7 +183,7 @@ def test_ten_thousand_hangup_causes_are_capped_at_fifty_plus_other_and_nothing_i
 
     ended = _total(samples, "callingbox_calls_ended_total")
     assert ended == truth.total("callingbox_calls_ended_total") == sum(got.values()), "no hangup lost"
-    overflow = _value(samples, "callingbox_exporter_label_overflow_total", label="hangup_cause")
+    overflow = sample_value(samples, "callingbox_exporter_label_overflow_total", label="hangup_cause")
     assert overflow == sum(folded.values()), "overflow counts each hangup exported as other"
 
 
@@ -218,7 +214,7 @@ def test_a_history_of_hundreds_of_megabytes_is_read_only_to_the_settle_window(st
     _more_polls(exporter, 5, 30)
     samples = exporter.scrape()
     assert differences(samples, truth) == []
-    assert _value(samples, "callingbox_up") == 1 and _polls(samples, "error") == 0
+    assert sample_value(samples, "callingbox_up") == 1 and _polls(samples, "error") == 0
 
     stats = dict(sim.stats)
     answered = stats["client_closed_early"]  # every list request so far was cut short by the exporter
@@ -269,9 +265,9 @@ def test_a_history_inside_a_huge_settle_window_is_streamed_and_memory_follows_tr
     assert status == 200
     samples = parse_metrics(text)  # the exposition parses
     assert differences(samples, truth) == []
-    tracked = _value(samples, "callingbox_exporter_tracked_calls")
+    tracked = sample_value(samples, "callingbox_exporter_tracked_calls")
     assert tracked == history + live, "every call inside the settle window is tracked"
-    assert _value(samples, "callingbox_up") == 1 and _polls(samples, "error") == 0
+    assert sample_value(samples, "callingbox_up") == 1 and _polls(samples, "error") == 0
 
     rss_mib = exporter.rss_peak_kib() / 1024
     read = [int(line.split(" bytes=")[1].split()[0]) for line in exporter.log().splitlines() if 'msg="poll done"' in line]

@@ -25,7 +25,7 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from conftest import (
+from helpers import (
     COUNTERS, HISTOGRAMS, MILLI_CENTS_PER_DOLLAR, Samples, differences, parse_metrics, same_value, wait_until,
 )
 from exporter.metrics import Collector, Snapshot, View

@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import time
 
-from conftest import differences, log_records, wait_until
+from helpers import differences, log_records, sample_value, wait_until
 
 KEY, OTHER_KEY = "sk_test_budget_shared_0123456789", "sk_test_budget_other_0123456789"
 STALL = 3.0  # seconds the slow list read of the last test takes
-
-
-def _value(samples, name: str, org: str = "default", **labels: str) -> float:
-    return samples.get((name, tuple(sorted({"org": org, **labels}.items()))), 0)
 
 
 def _list_requests(sim) -> list[tuple[float, int]]:
@@ -61,7 +57,7 @@ def test_targets_sharing_a_key_share_its_ceiling_and_wait_out_retry_after(stack,
     assert _window_overflows(shared, 20) == [], f"{len(shared)} requests on the shared key"
     assert _window_overflows(sorted(at for at, _ in _list_requests(sim_c)), 20) == []  # its own budget
     samples = exporter.scrape()
-    assert _value(samples, "callingbox_exporter_next_poll_timestamp_seconds", "a") > 0
+    assert sample_value(samples, "callingbox_exporter_next_poll_timestamp_seconds", "a") > 0
 
 
 def test_retry_after_is_honoured_and_an_unchanged_list_costs_a_304(stack):
@@ -84,16 +80,16 @@ def test_retry_after_is_honoured_and_an_unchanged_list_costs_a_304(stack):
     truth = sim.truth(0)
     wait_until(lambda: not differences(exporter.scrape(), truth), 20,
                message=f"exact with 304s: {differences(exporter.scrape(), truth)}")
-    answered = _value(exporter.scrape(), "callingbox_exporter_api_requests_total", code="304")
-    wait_until(lambda: _value(exporter.scrape(), "callingbox_exporter_api_requests_total", code="304") >= answered + 5,
+    answered = sample_value(exporter.scrape(), "callingbox_exporter_api_requests_total", code="304")
+    wait_until(lambda: sample_value(exporter.scrape(), "callingbox_exporter_api_requests_total", code="304") >= answered + 5,
                20, message="unchanged list answered 304")
     assert differences(exporter.scrape(), truth) == []  # 304s lose nothing
     sent = sim.stats["bytes_sent"]
-    answered = _value(exporter.scrape(), "callingbox_exporter_api_requests_total", code="304")
-    wait_until(lambda: _value(exporter.scrape(), "callingbox_exporter_api_requests_total", code="304") >= answered + 3,
+    answered = sample_value(exporter.scrape(), "callingbox_exporter_api_requests_total", code="304")
+    wait_until(lambda: sample_value(exporter.scrape(), "callingbox_exporter_api_requests_total", code="304") >= answered + 3,
                20, message="three more 304s")
     assert sim.stats["bytes_sent"] == sent  # 304s carry no body
-    assert _value(exporter.scrape(), "callingbox_up") == 1
+    assert sample_value(exporter.scrape(), "callingbox_up") == 1
 
 
 def test_a_list_read_slower_than_the_interval_slows_the_polls(stack):
@@ -101,22 +97,22 @@ def test_a_list_read_slower_than_the_interval_slows_the_polls(stack):
     exporter = stack.exporter({"api_url": url, "poll_interval": "0.5s", "request_timeout": "10s"},
                               env={"CALLINGBOX_API_KEY": KEY}).start()
     wait_until(exporter.ready, 20, message="first poll")
-    assert _value(exporter.scrape(), "callingbox_exporter_backoff_seconds") == 0
+    assert sample_value(exporter.scrape(), "callingbox_exporter_backoff_seconds") == 0
     polls_before = len(_polls_done(exporter))
     sim.inject("timeout", count=1, delay=STALL)  # the next list read takes 3 s
-    samples = wait_until(lambda: (s := exporter.scrape()) and _value(s, "callingbox_exporter_backoff_seconds") and s,
+    samples = wait_until(lambda: (s := exporter.scrape()) and sample_value(s, "callingbox_exporter_backoff_seconds") and s,
                          20, message="the slow read slowing the polls")
-    backoff = _value(samples, "callingbox_exporter_backoff_seconds")
+    backoff = sample_value(samples, "callingbox_exporter_backoff_seconds")
     # The slow poll waits as long as its read took before the next: the read's length minus the interval.
     slow_poll = wait_until(lambda: next((r for r in _polls_done(exporter)[polls_before:]
                                          if float(r["duration_s"]) >= STALL), None), 20, message="the slow poll's line")
     assert STALL - 0.5 <= backoff <= float(slow_poll["duration_s"]) - 0.5 + 0.001, (backoff, slow_poll)
     # Its start (last success) to the next poll: the read, then as long again.
-    started = _value(samples, "callingbox_exporter_last_success_timestamp_seconds")
-    assert _value(samples, "callingbox_exporter_next_poll_timestamp_seconds") - started >= 2 * STALL
+    started = sample_value(samples, "callingbox_exporter_last_success_timestamp_seconds")
+    assert sample_value(samples, "callingbox_exporter_next_poll_timestamp_seconds") - started >= 2 * STALL
     # So the request after the slow one arrives at least 3 s reading + 3 s waiting later, not 0.5 s.
     slow = max(_list_requests(sim), key=lambda r: r[0])[0]  # logged once answered: the slow one is last
     after = wait_until(lambda: [at for at, _ in _list_requests(sim) if at > slow], 20, message="the next poll")
     assert after[0] - slow >= 2 * STALL - 0.05, after[0] - slow
-    wait_until(lambda: _value(exporter.scrape(), "callingbox_exporter_backoff_seconds") == 0, 20,
+    wait_until(lambda: sample_value(exporter.scrape(), "callingbox_exporter_backoff_seconds") == 0, 20,
                message="back to the normal pace")

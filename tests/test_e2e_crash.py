@@ -13,7 +13,7 @@ import signal
 import time
 from pathlib import Path
 
-from conftest import differences, log_records, wait_until
+from helpers import differences, log_records, wait_until
 from test_e2e_exact import KEY, _config, settle_and_compare
 
 MONOTONIC_SUFFIXES = ("_total", "_count", "_sum", "_bucket")

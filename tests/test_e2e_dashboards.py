@@ -33,7 +33,7 @@ import time
 import urllib.parse
 import urllib.request
 
-from conftest import http_get, wait_until
+from helpers import http_get, wait_until
 from servers import Server, require, start_prometheus
 from test_dashboards import (
     DASHBOARDS, LABEL_VALUES, ORG_TABLE, RECORDING_RULES, annotation_queries, exemplar_link, is_previous_week, load,
@@ -126,6 +126,15 @@ def _run(prometheus: Server, target: dict, expr: str, now: float) -> tuple[dict 
         ("query", expr), ("start", str(now - WINDOW)), ("end", str(now)), ("step", str(STEP))])
 
 
+def _run_panel(prometheus: Server, uid: str, title: str, target: dict, values: dict[str, str], selection: str,
+               now: float) -> tuple[str, str, dict | None, str]:
+    """A panel target run under a selection's variable values: where it is (for messages), its query, and
+    `_run`'s data and error."""
+    expr = substitute(target["expr"], values)
+    where = f"{uid} / {title!r} / {target['refId']} ({selection}): {expr}"
+    return (where, expr, *_run(prometheus, target, expr, now))
+
+
 def _series_values(data: dict) -> list[tuple[dict[str, str], list[float]]]:
     """(labels, values) of each series of a vector or matrix result."""
     if data["resultType"] == "matrix":
@@ -158,9 +167,7 @@ def problems(prometheus: Server, values: dict[str, str], selection: str) -> list
     for uid in DASHBOARDS:
         dashboard = load(uid)
         for title, panel, target in queries(dashboard):
-            expr = substitute(target["expr"], values)
-            where = f"{uid} / {title!r} / {target['refId']} ({selection}): {expr}"
-            data, error = _run(prometheus, target, expr, now)
+            where, expr, data, error = _run_panel(prometheus, uid, title, target, values, selection, now)
             if data is None:
                 found.append(f"{where}: {error}")
                 continue
@@ -199,9 +206,7 @@ def zero_panels(prometheus: Server, values: dict[str, str], selection: str) -> t
     for (uid, title), wanted in ZERO_WHEN_HEALTHY.items():
         wanted = {**wanted, "org": selected_org(values)}
         for target in panel_targets(uid, title):
-            expr = substitute(target["expr"], values)
-            where = f"{uid} / {title!r} / {target['refId']} ({selection}): {expr}"
-            data, error = _run(prometheus, target, expr, now)
+            where, _, data, error = _run_panel(prometheus, uid, title, target, values, selection, now)
             if data is None:
                 missing.append(f"{where}: {error}")
                 continue

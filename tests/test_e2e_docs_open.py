@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import signal
 
-from conftest import differences, wait_until
+from helpers import differences, wait_until
 from test_e2e_exact import KEY, _config
 
 DEVIATIONS = "callingbox_exporter_contract_deviations_total"

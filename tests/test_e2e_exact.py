@@ -11,7 +11,7 @@ import json
 import re
 import urllib.request
 
-from conftest import differences, http_get, parse_metrics, wait_until
+from helpers import differences, http_get, parse_metrics, wait_until
 
 KEY = "sk_test_e2e_0123456789"
 
@@ -56,7 +56,7 @@ def test_counts_equal_simulator_truth_for_thousands_of_mixed_calls(stack):
     assert created == 3000
     ended = {labels: v for (n, labels), v in samples.items() if n == "callingbox_calls_ended_total"}
     assert sum(ended.values()) == 3000
-    assert len({dict(l)["status"] for l, v in ended.items() if v > 0}) == 5, "every terminal status occurs"
+    assert len({dict(labels)["status"] for labels, v in ended.items() if v > 0}) == 5, "every terminal status occurs"
     assert samples[("callingbox_webhook_deliveries_total", org + (("status", "failed"),))] > 0
     assert samples[("callingbox_up", org)] == 1
     assert samples[("callingbox_webhooks_pending", org)] == 0

@@ -16,7 +16,7 @@ import re
 import time
 import urllib.request
 
-from conftest import wait_until
+from helpers import wait_until
 from servers import require, start_prometheus
 
 KEY = "sk_test_e2e_exemplars_0123456789"

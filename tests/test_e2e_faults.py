@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 
-from conftest import http_get, log_records, log_seconds, parse_metrics
+from helpers import http_get, log_records, log_seconds, parse_metrics, sample_value
 from exporter.deadline import FLOOR
 from test_e2e_exact import KEY, _config, settle_and_compare
 
@@ -43,16 +43,12 @@ FAULTS = (
 )
 
 
-def _value(samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted({"org": "default", **labels}.items()))), 0)
-
-
 def _up(samples) -> float:
-    return _value(samples, "callingbox_up")
+    return sample_value(samples, "callingbox_up")
 
 
 def _polls(samples, result: str) -> float:
-    return _value(samples, "callingbox_exporter_polls_total", result=result)
+    return sample_value(samples, "callingbox_exporter_polls_total", result=result)
 
 
 def _requests(samples, code: str | None = None) -> float:
@@ -68,7 +64,7 @@ def _requests(samples, code: str | None = None) -> float:
 
 def _polls_over_a_second(samples) -> float:
     name = "callingbox_exporter_poll_duration_seconds"
-    return _value(samples, name + "_count") - _value(samples, name + "_bucket", le="1.0")
+    return sample_value(samples, name + "_count") - sample_value(samples, name + "_bucket", le="1.0")
 
 
 class Scraper:
@@ -211,7 +207,7 @@ def test_every_fault_drops_up_backs_off_and_recovers_with_exact_counts(stack):
     assert [(line["code"], line["level"]) for line in mixed["failures"]] == [
         ("503", "warn"), ("500", "warn"), ("500", "debug")], mixed
     assert (mixed["recovered"]["level"], int(mixed["recovered"]["failures"])) == ("info", 3), mixed
-    for streak, (kind, params, _, _, log_codes) in zip(streaks, FAULTS):
+    for streak, (kind, _, _, _, log_codes) in zip(streaks, FAULTS):
         rejected = kind == "unauthorized"
         failures = streak["failures"]
         assert len(failures) == FAILURES, f"{kind}: {len(failures)} failed polls logged"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import urllib.request
 
-from conftest import differences, saved_baseline, wait_until
+from helpers import differences, saved_baseline, wait_until
 from exporter.simulator import _seconds
 
 KEY = "sk_test_first_start_0123456789"

@@ -11,14 +11,10 @@ from __future__ import annotations
 import os
 import time
 
-from conftest import http_get, log_records, log_seconds, wait_until
+from helpers import http_get, log_records, log_seconds, sample_value, wait_until
 
 OLD, NEW, OTHER = "sk_test_old_key_0123456789", "sk_test_new_key_9876543210", "sk_test_other_key_000000"
 FAILURES = 5  # 503s in a row before the key is revoked: the back-off doubles each time
-
-
-def _value(samples, name: str, org: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted({"org": org, **labels}.items()))), 0)
 
 
 def _lines(exporter, msg: str, org: str = "rotated") -> list[dict]:
@@ -41,7 +37,7 @@ def test_a_replaced_key_file_ends_the_back_off_of_a_rejected_key(stack, tmp_path
 
     # 503s, then the key is revoked: the back-off grows at each failure, four times faster at the 401.
     rotated.inject("status", count=FAILURES, code=503)
-    wait_until(lambda: _value(exporter.scrape(), "callingbox_exporter_api_requests_total", "rotated",
+    wait_until(lambda: sample_value(exporter.scrape(), "callingbox_exporter_api_requests_total", "rotated",
                               code="503") == FAILURES, 60, message="the 503 streak")
     rotated.api_key = NEW
     rejected = wait_until(lambda: _lines(exporter, "API key rejected"), 60, message="the key rejected")[-1]
@@ -54,7 +50,7 @@ def test_a_replaced_key_file_ends_the_back_off_of_a_rejected_key(stack, tmp_path
     staged.write_text(NEW + "\n")
     os.replace(staged, key_file)
     rotated_at = time.time()
-    wait_until(lambda: _value(exporter.scrape(), "callingbox_up", "rotated") == 1,
+    wait_until(lambda: sample_value(exporter.scrape(), "callingbox_up", "rotated") == 1,
                max(1.0, back_off_ends - time.time()), message="up again before the announced back-off ended")
 
     # The order of events, from the exporter's own log: rotation noticed, then recovery, all
@@ -70,8 +66,8 @@ def test_a_replaced_key_file_ends_the_back_off_of_a_rejected_key(stack, tmp_path
           f"after the key file was replaced")
 
     samples = exporter.scrape()
-    assert _value(samples, "callingbox_exporter_polls_total", "other", result="error") == 0
-    assert _value(samples, "callingbox_up", "other") == 1
+    assert sample_value(samples, "callingbox_exporter_polls_total", "other", result="error") == 0
+    assert sample_value(samples, "callingbox_up", "other") == 1
 
 
 def test_a_revoked_key_makes_the_pod_ready_after_its_first_poll_with_up_0(stack):
@@ -83,9 +79,9 @@ def test_a_revoked_key_makes_the_pod_ready_after_its_first_poll_with_up_0(stack)
     wait_until(exporter.ready, 30, message="ready once the first poll has finished")
 
     samples = exporter.scrape()
-    assert _value(samples, "callingbox_up", "default") == 0
-    assert _value(samples, "callingbox_exporter_polls_total", "default", result="success") == 0
-    assert _value(samples, "callingbox_exporter_polls_total", "default", result="error") >= 1
-    assert _value(samples, "callingbox_exporter_api_requests_total", "default", code="401") >= 1
+    assert sample_value(samples, "callingbox_up", "default") == 0
+    assert sample_value(samples, "callingbox_exporter_polls_total", "default", result="success") == 0
+    assert sample_value(samples, "callingbox_exporter_polls_total", "default", result="error") >= 1
+    assert sample_value(samples, "callingbox_exporter_api_requests_total", "default", code="401") >= 1
     assert _lines(exporter, "API key rejected", org="default"), "the log says the key was rejected"
     assert http_get(exporter.url + "/-/healthy")[0] == 200, "a revoked key is no reason to restart the pod"

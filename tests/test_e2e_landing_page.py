@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import free_port, wait_until
+from helpers import free_port, wait_until
 from exporter.catalogue import TERMINAL_STATUSES
 from exporter.web import dollars
 from test_web import Page, today_of

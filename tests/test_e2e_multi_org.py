@@ -12,16 +12,12 @@ from __future__ import annotations
 import re
 import time
 
-from conftest import assert_orgs_exact, log_records, log_seconds, wait_until
+from helpers import assert_orgs_exact, log_records, log_seconds, sample_value, wait_until
 
 KEYS = {"alpha": "sk_test_alpha_0123456789", "bravo": "sk_test_bravo_0123456789",
         "flaky": "sk_test_flaky_0123456789"}
 HEALTHY = ("alpha", "bravo")
 STALL = 8.0  # seconds the slow API holds its answer; the request timeout is 12 s
-
-
-def _value(samples, name: str, org: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted({"org": org, **labels}.items()))), 0)
 
 
 def _lines(exporter, org: str, msg: str) -> list[dict]:
@@ -41,7 +37,7 @@ def _results(polls: list[dict]) -> str:
 
 def _until_next_poll(exporter, org: str) -> float:
     """Seconds until `org`'s next poll as the exporter announces it (a back-off included)."""
-    next_poll = _value(exporter.scrape(), "callingbox_exporter_next_poll_timestamp_seconds", org)
+    next_poll = sample_value(exporter.scrape(), "callingbox_exporter_next_poll_timestamp_seconds", org)
     return max(0.0, next_poll - time.time())
 
 
@@ -62,7 +58,7 @@ def test_one_org_failing_in_every_way_never_delays_or_corrupts_the_others(stack,
     flaky = sims["flaky"]
 
     def flaky_value(name: str, **labels: str) -> float:
-        return _value(exporter.scrape(), name, "flaky", **labels)
+        return sample_value(exporter.scrape(), name, "flaky", **labels)
 
     def flaky_since(first: int) -> str:
         return _results(_polls_done(exporter, "flaky")[first:])
@@ -119,11 +115,11 @@ def test_one_org_failing_in_every_way_never_delays_or_corrupts_the_others(stack,
         assert len(during) >= 2, f"{org} completed {len(during)} polls during flaky's {STALL:.0f} s stall"
 
     samples = exporter.scrape()
-    assert _value(samples, "callingbox_up", "flaky") == 1, exporter.log()[-2000:]
+    assert sample_value(samples, "callingbox_up", "flaky") == 1, exporter.log()[-2000:]
     assert len(_lines(exporter, "flaky", "poll recovered")) == 2, "no third streak"
     for org in HEALTHY:
-        assert _value(samples, "callingbox_exporter_polls_total", org, result="error") == 0, org
-        assert _value(samples, "callingbox_up", org) == 1, org
+        assert sample_value(samples, "callingbox_exporter_polls_total", org, result="error") == 0, org
+        assert sample_value(samples, "callingbox_up", org) == 1, org
         assert _lines(exporter, org, "poll recovered") == [], org
 
     assert_orgs_exact(exporter, sims)

@@ -15,7 +15,7 @@ import urllib.request
 
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from conftest import wait_until
+from helpers import wait_until
 from servers import require
 from test_metrics import SPEC_FAMILIES
 

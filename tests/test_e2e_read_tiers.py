@@ -14,14 +14,10 @@ from __future__ import annotations
 import json
 import signal
 
-from conftest import differences, log_records, saved_baseline, wait_until
+from helpers import differences, log_records, sample_value, saved_baseline, wait_until
 
 KEY = "sk_test_read_tiers_0123456789"
 ORG = (("org", "default"),)
-
-
-def _value(samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted({"org": "default", **labels}.items()))), 0)
 
 
 def _polls(exporter) -> list[dict]:
@@ -55,11 +51,11 @@ def test_ordinary_polls_stop_at_the_hot_depth_of_a_large_window_and_stay_exact(s
     assert first["full"] == "True" and int(first["records"]) > history, "the first poll reads the whole window"
     assert ordinary and all(int(p["records"]) <= 400 + 1 for p in ordinary), \
         "each ordinary read stops at the first call past the hot depth: the live calls and one more"
-    listed = _value(exporter.scrape(), "callingbox_exporter_api_response_bytes_total", endpoint="list")
+    listed = sample_value(exporter.scrape(), "callingbox_exporter_api_response_bytes_total", endpoint="list")
     assert listed > 0 and max(int(p["bytes"]) for p in ordinary) < int(first["bytes"]) / 5
     samples = exporter.scrape()
-    assert _value(samples, "callingbox_exporter_read_depth_seconds") < 4 * 3600
-    assert _value(samples, "callingbox_exporter_last_full_read_timestamp_seconds") > 0
+    assert sample_value(samples, "callingbox_exporter_read_depth_seconds") < 4 * 3600
+    assert sample_value(samples, "callingbox_exporter_last_full_read_timestamp_seconds") > 0
 
 
 def test_open_calls_past_the_hot_read_are_refreshed_by_id_and_counted_once_before_any_full_read(stack, tmp_path):
@@ -74,9 +70,9 @@ def test_open_calls_past_the_hot_read_are_refreshed_by_id_and_counted_once_befor
                                "open_refresh_interval": "2s", "full_read_interval": "1h", "audit_interval": "0s",
                                "initial_lookback": "1h", "state_file": str(state_file)},
                               env={"CALLINGBOX_API_KEY": KEY}).start()
-    wait_until(lambda: _value(exporter.scrape(), "callingbox_exporter_open_calls", path="by_id") >= len(held), 30,
+    wait_until(lambda: sample_value(exporter.scrape(), "callingbox_exporter_open_calls", path="by_id") >= len(held), 30,
                message="the held calls past the hot read, kept up by id")
-    full_read = _value(exporter.scrape(), "callingbox_exporter_last_full_read_timestamp_seconds")
+    full_read = sample_value(exporter.scrape(), "callingbox_exporter_last_full_read_timestamp_seconds")
     by_id = sim.stats["by_id_requests"]
     for call_id in held:
         sim.release(call_id)
@@ -84,7 +80,7 @@ def test_open_calls_past_the_hot_read_are_refreshed_by_id_and_counted_once_befor
 
     assert sim.stats["by_id_requests"] > by_id, "the released calls were asked by id"
     samples = exporter.scrape()
-    assert _value(samples, "callingbox_exporter_last_full_read_timestamp_seconds") == full_read, \
+    assert sample_value(samples, "callingbox_exporter_last_full_read_timestamp_seconds") == full_read, \
         "counted by the by-id path alone: no full read ran"
     assert all(p["full"] == "False" for p in _polls(exporter)[1:])
 
@@ -101,20 +97,20 @@ def test_a_replay_of_an_old_final_call_is_counted_once_by_the_next_full_read_acr
     # The oldest delivered call: far past the hot read (the list is newest first).
     delivered = [r["id"] for r in _listed(sim, url) if r["webhook_status"] == "delivered"][-1]
     _exact(exporter, sim, saved_baseline(state_file))  # every call final and counted
-    before = _value(exporter.scrape(), "callingbox_webhook_deliveries_total", status="failed")
+    before = sample_value(exporter.scrape(), "callingbox_webhook_deliveries_total", status="failed")
 
     sim.replay(delivered, outcome="failed", after=0.5)
     wait_until(sim.all_final, 30, message="the replay done")
     polls = len(_polls(exporter))
     wait_until(lambda: len(_polls(exporter)) >= polls + 3, 30, message="three hot reads after the replay")
-    assert _value(exporter.scrape(), "callingbox_webhook_deliveries_total", status="failed") == before, \
+    assert sample_value(exporter.scrape(), "callingbox_webhook_deliveries_total", status="failed") == before, \
         "a final call past the hot read is not read by ordinary polls"
 
     exporter.kill(signal.SIGKILL)  # between the tiers: the replay not yet read
     exporter.start()
     wait_until(exporter.ready, 30, message="restarted and caught up")
     _exact(exporter, sim, saved_baseline(state_file))
-    assert _value(exporter.scrape(), "callingbox_webhook_deliveries_total", status="failed") == before + 1
+    assert sample_value(exporter.scrape(), "callingbox_webhook_deliveries_total", status="failed") == before + 1
     records = log_records(exporter.log())
     restored = max(i for i, r in enumerate(records) if r["msg"] == "state restored")
     after = [r for r in records[restored:] if r["msg"] == "poll done"]

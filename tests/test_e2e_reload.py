@@ -16,7 +16,7 @@ import urllib.request
 
 import yaml
 
-from conftest import assert_orgs_exact, http_get, wait_until
+from helpers import assert_orgs_exact, http_get, wait_until
 
 KEY = "sk_test_reload_0123456789"
 
@@ -51,7 +51,7 @@ def test_reload_adds_removes_and_changes_targets_without_losing_counts(stack, tm
     config_path = tmp_path / "exporter.yml"
 
     def configure(*entries: dict, **top) -> None:
-        # new_series_hold 0s: counts reach /metrics at once (born at zero is not this story; see conftest)
+        # new_series_hold 0s: counts reach /metrics at once (born at zero is not this story; see write_exporter_config)
         config_path.write_text(yaml.safe_dump({"poll_interval": "0.3s", "overlap": "10s", "initial_lookback": "1h",
                                                "new_series_hold": "0s", **top, "targets": list(entries)}))
 

@@ -15,7 +15,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, http_get, log_records, parse_metrics, wait_until
+from helpers import ROOT, http_get, log_records, parse_metrics, sample_value, wait_until
 from test_e2e_exact import KEY, _config
 
 WRONG_KEY = "sk_live_wr0ngKey_7d4c2b9e1f0a8c63"
@@ -31,10 +31,6 @@ def _leaks(key: str, places: dict[str, str]) -> list[str]:
 def _everything(exporter) -> dict[str, str]:
     """Every text the exporter shows: its log and each page it serves."""
     return {"log": exporter.log(), **{path: http_get(exporter.url + path)[1] for path in PAGES}}
-
-
-def _value(samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted({"org": "default", **labels}.items()))), 0)
 
 
 def _requests(samples) -> float:
@@ -60,10 +56,10 @@ def test_a_rejected_key_is_logged_as_rejected_and_shown_nowhere(stack, tmp_path,
                               _lines(exporter, "API key rejected"), backoff + 15, message=f"rejected poll {count + 1}")
 
     # The poll logs its outcome before it persists and publishes: the third 401 shows on /metrics just after.
-    samples = wait_until(lambda: (found := parse_metrics(http_get(exporter.url + "/metrics")[1])) and _value(
+    samples = wait_until(lambda: (found := parse_metrics(http_get(exporter.url + "/metrics")[1])) and sample_value(
         found, "callingbox_exporter_api_requests_total", code="401") >= 3 and found, 10, message="three 401s published")
-    assert _value(samples, "callingbox_up") == 0
-    assert _value(samples, "callingbox_exporter_polls_total", result="success") == 0
+    assert sample_value(samples, "callingbox_up") == 0
+    assert sample_value(samples, "callingbox_exporter_polls_total", result="success") == 0
     assert http_get(exporter.url + "/-/ready")[0] == 200, "a rejected key is callingbox_up 0, not an unready pod"
     rejected = _lines(exporter, "API key rejected")
     assert all(line["org"] == "default" and line["code"] == "401" for line in rejected), rejected
@@ -81,7 +77,7 @@ def _lines(exporter, msg: str) -> list[dict]:
 
 def _recovered(samples, requests_before: float) -> bool:
     """The faulty request and a good one after it are done (counts are published per poll)."""
-    return _requests(samples) >= requests_before + 2 and _value(samples, "callingbox_up") == 1
+    return _requests(samples) >= requests_before + 2 and sample_value(samples, "callingbox_up") == 1
 
 
 @pytest.mark.parametrize("log_format", ["logfmt", "json"])
@@ -171,13 +167,13 @@ def test_a_rotated_key_file_takes_effect_without_a_restart(stack, tmp_path):
     pid = exporter.process.pid
 
     sim.api_key = new_key  # the platform revoked the old key: polls now get 401
-    wait_until(lambda: _value(exporter.scrape(), "callingbox_up") == 0, 20, message="up 0 on the revoked key")
-    assert _value(exporter.scrape(), "callingbox_exporter_api_requests_total", code="401") >= 1
+    wait_until(lambda: sample_value(exporter.scrape(), "callingbox_up") == 0, 20, message="up 0 on the revoked key")
+    assert sample_value(exporter.scrape(), "callingbox_exporter_api_requests_total", code="401") >= 1
 
     swapped = tmp_path / "api_key.new"  # written aside, then renamed over: what a Secret update looks like
     swapped.write_text(new_key + "\n")
     os.replace(swapped, key_file)
-    wait_until(lambda: _value(exporter.scrape(), "callingbox_up") == 1, 20, message="up 1 with the rotated key")
+    wait_until(lambda: sample_value(exporter.scrape(), "callingbox_up") == 1, 20, message="up 1 with the rotated key")
     assert exporter.process.pid == pid and exporter.process.poll() is None  # no restart
     assert 'msg="API key reloaded from its file"' in exporter.log()
     assert _leaks(old_key, _everything(exporter)) == []
@@ -185,7 +181,7 @@ def test_a_rotated_key_file_takes_effect_without_a_restart(stack, tmp_path):
 
     key_file.write_text("")  # an empty (half-written) file: keep the key in use, say so once
     wait_until(lambda: 'msg="API key file unreadable' in exporter.log(), 10, message="unreadable key file logged")
-    polls = _value(exporter.scrape(), "callingbox_exporter_polls_total", result="success")
-    wait_until(lambda: _value(exporter.scrape(), "callingbox_exporter_polls_total", result="success") >= polls + 3,
+    polls = sample_value(exporter.scrape(), "callingbox_exporter_polls_total", result="success")
+    wait_until(lambda: sample_value(exporter.scrape(), "callingbox_exporter_polls_total", result="success") >= polls + 3,
                10, message="polls still succeeding with the key in use")
     assert exporter.log().count('msg="API key file unreadable') == 1

@@ -16,7 +16,7 @@ import urllib.request
 
 import yaml
 
-from conftest import wait_until
+from helpers import wait_until
 from exporter.ledger import Ledger
 from exporter.records import Record
 from exporter.state import SCHEMA_VERSION, StateDB, encode_v1
@@ -131,7 +131,7 @@ def test_a_reload_adding_a_target_whose_state_is_refused_fails_and_changes_nothi
     bad = tmp_path / "b.db"
     bad.write_bytes(b"SQLite format 3\x00" + b"\x07" * 3000)
     config = tmp_path / "exporter.yml"
-    # new_series_hold 0s: the poll counts show at once (born at zero is not this story; see conftest)
+    # new_series_hold 0s: the poll counts show at once (born at zero is not this story; see write_exporter_config)
     config.write_text(yaml.safe_dump({"poll_interval": "0.3s", "new_series_hold": "0s", "targets": [a]}))
     exporter = stack.exporter(None)
     exporter.config_path = config

@@ -18,7 +18,7 @@ import pytest
 import trustme
 import yaml
 
-from conftest import wait_until
+from helpers import wait_until
 
 PASSWORD = "correct horse battery staple"
 HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(10)).decode()  # the toolkit's usual cost

@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 import yaml
 
-from conftest import ROOT, wait_until
+from helpers import ROOT, wait_until
 from exporter.accounting import CallState
 from exporter.ledger import Ledger
 from exporter.config import Target

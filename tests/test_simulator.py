@@ -11,12 +11,12 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from datetime import datetime
 
 import aiohttp
 import pytest
 
 from exporter.simulator import TERMINAL, Simulator, serve_in_thread
+from helpers import api_get, iso_seconds, list_calls, wait_until
 
 SPEC_FIELDS = {
     "id", "to_number", "from_number", "status", "direction", "prompt", "context", "returns", "result",
@@ -29,24 +29,6 @@ STATUSES = TERMINAL | {"queued", "initiated", "ringing", "in_progress"}
 FAST = {"time_scale": 1000.0, "webhook_retry_base": 0.01}  # a call's whole life in a few seconds
 
 
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-    return value
-
-
-def get(url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
-    request = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), error.read()
-
-
 def post(url: str, body: object) -> tuple[int, object]:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
@@ -55,12 +37,6 @@ def post(url: str, body: object) -> tuple[int, object]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
-
-
-def list_calls(url: str) -> list:
-    status, _, body = get(f"{url}/v1/calls")
-    assert status == 200
-    return json.loads(body)
 
 
 def aiohttp_list(url: str, timeout: float = 5.0) -> bytes:
@@ -72,14 +48,10 @@ def aiohttp_list(url: str, timeout: float = 5.0) -> bytes:
     return asyncio.run(fetch())
 
 
-def ts(value: str) -> float:
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-
-
 def is_call(item: object) -> bool:
     try:
         return (isinstance(item, dict) and isinstance(item.get("id"), str) and item.get("status") in STATUSES
-                and isinstance(ts(item["created_at"]), float)
+                and isinstance(iso_seconds(item["created_at"]), float)
                 and (item["duration_seconds"] is None or isinstance(item["duration_seconds"], int)))
     except (ValueError, TypeError, AttributeError):
         return False
@@ -89,11 +61,11 @@ def test_list_is_a_descending_array_of_complete_records():
     sim = Simulator(seed=1, rate=200, max_calls=30, time_scale=50)
     with serve_in_thread(sim) as url:
         wait_until(lambda: len(list_calls(url)) == 30, 5, "30 calls listed")
-        status, headers, body = get(f"{url}/v1/calls")
+        status, headers, body = api_get(f"{url}/v1/calls")
     records = json.loads(body)
     assert status == 200 and headers["Content-Type"].startswith("application/json")
     assert all(SPEC_FIELDS | {"api_version", "voicemail_detected", "cost_breakdown"} <= set(r) for r in records)
-    created = [ts(r["created_at"]) for r in records]
+    created = [iso_seconds(r["created_at"]) for r in records]
     assert created == sorted(created, reverse=True)
     assert all(r["created_at"].endswith("Z") and len(r["created_at"]) == 24 for r in records)
     assert 700 < len(body) / len(records) < 2000  # about 1 KB a record
@@ -146,7 +118,7 @@ def test_response_faults_answer_as_documented(kind, params, code, content_type):
     sim = Simulator(rate=0)
     with serve_in_thread(sim) as url:
         sim.inject(kind, **params)
-        status, headers, body = get(f"{url}/v1/calls")
+        status, headers, body = api_get(f"{url}/v1/calls")
         assert (status, headers["Content-Type"].split(";")[0]) == (code, content_type)
         if content_type == "application/json":
             assert "error" in json.loads(body)
@@ -160,8 +132,8 @@ def test_faults_queue_fifo_and_hit_only_list_requests():
     with serve_in_thread(sim) as url:
         sim.inject("status", 2, code=503)
         sim.inject("429")
-        assert get(f"{url}/v1/calls/nope")[0] == 404
-        assert [get(f"{url}/v1/calls")[0] for _ in range(4)] == [503, 503, 429, 200]
+        assert api_get(f"{url}/v1/calls/nope")[0] == 404
+        assert [api_get(f"{url}/v1/calls")[0] for _ in range(4)] == [503, 503, 429, 200]
 
 
 def test_reset_and_truncate_are_connection_errors_for_the_client():
@@ -201,7 +173,7 @@ def test_trickle_dribbles_the_list_start_a_byte_at_a_time_then_drops_the_connect
     """Each gap is shorter than a between-bytes timeout; the whole is bounded by `duration`."""
     sim = Simulator(rate=0, history=5)
     with serve_in_thread(sim) as url:
-        whole = get(f"{url}/v1/calls")[2]
+        whole = api_get(f"{url}/v1/calls")[2]
         sim.inject("trickle", every=0.2, duration=1.0)
 
         async def dribbled() -> tuple[bytes, list[float]]:
@@ -251,10 +223,10 @@ def test_duplicates_repeat_records_right_after_themselves():
 def test_a_key_is_required_when_configured():
     sim = Simulator(rate=0, api_key="sk_test_123")
     with serve_in_thread(sim) as url:
-        status, _, body = get(f"{url}/v1/calls")
+        status, _, body = api_get(f"{url}/v1/calls")
         assert (status, json.loads(body)) == (401, {"error": "invalid api key"})
-        assert get(f"{url}/v1/calls", {"Authorization": "Bearer sk_wrong"})[0] == 401
-        assert get(f"{url}/v1/calls", {"Authorization": "Bearer sk_test_123"})[0] == 200
+        assert api_get(f"{url}/v1/calls", {"Authorization": "Bearer sk_wrong"})[0] == 401
+        assert api_get(f"{url}/v1/calls", {"Authorization": "Bearer sk_test_123"})[0] == 200
 
 
 def test_calls_by_id_post_and_delete():
@@ -263,10 +235,10 @@ def test_calls_by_id_post_and_delete():
         assert post(f"{url}/v1/calls", {"prompt": "hi"}) == (400, {"error": "to_number is required"})
         status, created = post(f"{url}/v1/calls", {"to_number": "+15550100", "webhook_url": None})
         assert status == 201 and created["status"] == "queued" and created["to_number"] == "+15550100"
-        status, _, body = get(f"{url}/v1/calls/{created['id']}")
+        status, _, body = api_get(f"{url}/v1/calls/{created['id']}")
         assert status == 200 and json.loads(body)["id"] == created["id"]
         assert sim.delete(created["id"])
-        status, _, body = get(f"{url}/v1/calls/{created['id']}")
+        status, _, body = api_get(f"{url}/v1/calls/{created['id']}")
         assert (status, json.loads(body)) == (404, {"error": f"call {created['id']} not found"})
         assert sim.stats["by_id_requests"] == 2
 
@@ -278,7 +250,7 @@ def test_history_calls_are_old_final_and_counted_in_truth():
     assert len(records) == 50 and all(is_call(r) for r in records)
     assert all(r["status"] == "completed" and r["reservation_status"] == "settled" for r in records)
     assert all(r["webhook_status"] in (None, "delivered") for r in records)
-    created = [ts(r["created_at"]) for r in records]
+    created = [iso_seconds(r["created_at"]) for r in records]
     assert created == sorted(created, reverse=True) and max(created) < time.time() - 86400
     assert sim.truth(0).total("callingbox_calls_created_total") == 50
     assert sim.truth(time.time() - 3600).counters == {}
@@ -299,8 +271,8 @@ def test_late_commit_hides_each_change_for_a_while():
     with serve_in_thread(sim) as url:
         status, created = post(f"{url}/v1/calls", {"to_number": "+15550100"})
         posted = time.monotonic()
-        assert get(f"{url}/v1/calls/{created['id']}")[0] == 404
-        wait_until(lambda: get(f"{url}/v1/calls/{created['id']}")[0] == 200, 3, "the call to show")
+        assert api_get(f"{url}/v1/calls/{created['id']}")[0] == 404
+        wait_until(lambda: api_get(f"{url}/v1/calls/{created['id']}")[0] == 200, 3, "the call to show")
         assert time.monotonic() - posted > 0.4
 
     sim = Simulator(seed=7, rate=100, max_calls=30, time_scale=100, late_commit=1.0)
@@ -312,7 +284,7 @@ def test_late_commit_hides_each_change_for_a_while():
             records = list_calls(url)
             answered = time.time()
             # Every version a reader sees was written at least late_commit / 2 before.
-            assert all(ts(r["updated_at"]) <= answered - 0.5 for r in records)
+            assert all(iso_seconds(r["updated_at"]) <= answered - 0.5 for r in records)
             reads += 1
             seen.update(r["status"] for r in records)
             return reads >= 6 and bool(seen - {"queued"})

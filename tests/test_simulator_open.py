@@ -9,14 +9,11 @@ import json
 import random
 import re
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
-from datetime import datetime
 
 import pytest
 
-from conftest import wait_until
+from helpers import api_get, iso_seconds, list_calls, wait_until
 from exporter.simulator import Simulator, serve_in_thread
 from exporter.simulator.contract import Contract
 from exporter.simulator.truth import is_terminal, ledger
@@ -37,20 +34,6 @@ class Recording(Simulator):
         super()._commit(call, record, visible_at, now)
 
 
-def get(url: str) -> tuple[int, dict, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), error.read()
-
-
-def list_calls(url: str) -> list[dict]:
-    status, _, body = get(f"{url}/v1/calls")
-    assert status == 200
-    return json.loads(body)
-
-
 def watch(sim: Simulator, url: str, timeout: float = 20) -> dict[str, list[dict]]:
     """Read the list until every call is final: the distinct versions a fast reader saw, per call."""
     seen: dict[str, list[dict]] = {}
@@ -65,10 +48,6 @@ def watch(sim: Simulator, url: str, timeout: float = 20) -> dict[str, list[dict]
             return seen
         assert time.monotonic() < deadline, f"calls not final after {timeout}s"
         time.sleep(0.02)
-
-
-def ts(value: str) -> float:
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
 def first_terminal(versions: list[dict]) -> dict:
@@ -106,7 +85,7 @@ def test_late_end_details_come_after_the_terminal_version_and_count_their_real_v
         complete = next(v for v in versions if v["hangup_cause"] is not None
                         and v["billing_amount_milli_cents"] is not None)
         assert versions.index(complete) > versions.index(end)
-        assert ts(complete["updated_at"]) - ts(end["updated_at"]) <= 1.0 + 1.0  # within the delay (+ a stalled tick)
+        assert iso_seconds(complete["updated_at"]) - iso_seconds(end["updated_at"]) <= 1.0 + 1.0  # within the delay (+ a stalled tick)
         assert final[call_id]["hangup_cause"] is not None
     # Sometimes all at once, sometimes the cause first and the bill in a later version.
     cause_first = [any(v["hangup_cause"] and v["billed_duration_seconds"] is None for v in vs)
@@ -121,7 +100,7 @@ def test_late_end_details_come_after_the_terminal_version_and_count_their_real_v
     assert truth.total("callingbox_billed_amount_milli_cents") == sum(
         r["billing_amount_milli_cents"] for r in final.values())
     delays = observations(truth, "callingbox_call_answer_delay_seconds")
-    assert sorted(delays) == sorted(ts(r["answered_at"]) - ts(r["started_at"]) for r in answered)
+    assert sorted(delays) == sorted(iso_seconds(r["answered_at"]) - iso_seconds(r["started_at"]) for r in answered)
 
 
 def test_outcomes_without_their_subject_are_served_but_never_counted():
@@ -177,9 +156,9 @@ def test_whole_second_timestamps_have_no_fraction_and_are_shared_by_versions():
     # The truth dates events by the stamps as written: a call created in the second `after`
     # names is not after it, though it happened a fraction later.
     live = [r for r in records if r["id"] in sim.versions]
-    after = ts(live[len(live) // 2]["created_at"])
+    after = iso_seconds(live[len(live) // 2]["created_at"])
     assert sim.truth(after).total("callingbox_calls_created_total") == sum(
-        ts(r["created_at"]) > after for r in live)
+        iso_seconds(r["created_at"]) > after for r in live)
 
 
 def test_a_settled_call_may_lack_its_amount_which_counts_once_when_it_comes():
@@ -206,22 +185,22 @@ def test_by_id_reads_lag_the_list_and_fail_while_the_list_answers():
     with serve_in_thread(sim) as url:
         ids = [r["id"] for r in wait_until(lambda: len(list_calls(url)) == 5 and list_calls(url), 5)]
         for call_id in ids:
-            status, _, body = get(f"{url}/v1/calls/{call_id}")
+            status, _, body = api_get(f"{url}/v1/calls/{call_id}")
             assert (status, json.loads(body)) == (404, {"error": f"call {call_id} not found"})
         assert sim.stats["by_id_lagged"] == 5
 
     sim = Simulator(seed=27, rate=200, max_calls=5, by_id_faults=1.0, **FAST)
     with serve_in_thread(sim) as url:
         call_id = wait_until(lambda: list_calls(url), 5)[0]["id"]
-        answers = [get(f"{url}/v1/calls/{call_id}") for _ in range(30)]
+        answers = [api_get(f"{url}/v1/calls/{call_id}") for _ in range(30)]
         assert {status for status, _, _ in answers} == {429, 503}
         assert all(headers["Retry-After"] == "1" for status, headers, _ in answers if status == 429)
-        assert get(f"{url}/v1/calls")[0] == 200  # the list is unaffected
+        assert api_get(f"{url}/v1/calls")[0] == 200  # the list is unaffected
 
     sim = Simulator(seed=28, rate=200, max_calls=5, by_id_not_found=0.5, **FAST)
     with serve_in_thread(sim) as url:
         call_id = wait_until(lambda: list_calls(url), 5)[0]["id"]
-        assert {get(f"{url}/v1/calls/{call_id}")[0] for _ in range(40)} == {200, 404}
+        assert {api_get(f"{url}/v1/calls/{call_id}")[0] for _ in range(40)} == {200, 404}
 
 
 def test_docs_open_turns_everything_on_and_explicit_options_override():
@@ -304,7 +283,7 @@ def events(*changes: dict) -> list[tuple]:
     for i, version in enumerate(versions):
         coming = any(v.get("hangup_cause") for v in changes[i + 1:])
         new, counted = ledger(versions[i - 1] if i else None, version, counted, coming)
-        found += [(date - ts(T0), name, dict(labels), value) for date, name, labels, value, _ in new]
+        found += [(date - iso_seconds(T0), name, dict(labels), value) for date, name, labels, value, _ in new]
     return [e for e in found if e[1] != "callingbox_calls_created_total"]
 
 

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from conftest import differences, wait_until
+from helpers import SkippingClock, differences, sample_value, wait_until
 from exporter.accounting import CallState
 from exporter.ledger import Ledger
 from exporter.api import ApiError, BodyError, Client, NotFound, RateLimited
@@ -333,16 +333,6 @@ def held_calls(sim: Simulator, url: str, n: int, **body) -> list[str]:
     return ids
 
 
-class LaterClock:
-    """The wall clock, plus whatever time the test has skipped: the poller's `now`."""
-
-    def __init__(self) -> None:
-        self.skipped = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.skipped
-
-
 async def test_the_poller_refreshes_stragglers_by_id_a_batch_per_poll_within_the_concurrency_bound():
     sim = Simulator(seed=5, rate=0, time_scale=30, api_key=KEY, by_id_delay=0.05)
     with serve_in_thread(sim) as url:
@@ -350,7 +340,7 @@ async def test_the_poller_refreshes_stragglers_by_id_a_batch_per_poll_within_the
         target = Target(api_url=url, api_key=Secret(KEY), settle_window=2.0,
                         initial_lookback=60.0, straggler_concurrency=3, straggler_batch=5)
         async with aiohttp.ClientSession() as session:
-            clock = LaterClock()
+            clock = SkippingClock()
             poller = Poller(target, Collector("test"), session, clock=clock)
             assert (await poller.poll())[0]
             assert set(poller.ledger.calls) == set(ids) and sim.stats["by_id_requests"] == 0
@@ -375,7 +365,7 @@ async def test_failing_refreshes_do_not_fail_the_poll_nor_drop_up():
         target = Target(api_url=url, api_key=Secret(KEY), settle_window=2.0,
                         initial_lookback=60.0)
         async with aiohttp.ClientSession() as session:
-            clock = LaterClock()
+            clock = SkippingClock()
             poller = Poller(target, Collector("test"), session, clock=clock)
             assert (await poller.poll())[0]
             clock.skipped = 2.2  # both calls past the settle window: stragglers
@@ -399,12 +389,8 @@ def _config(url: str, **extra) -> dict:
             "settle_window": "4s", **extra}
 
 
-def _value(exporter, name: str, **labels) -> float:
-    return exporter.scrape().get((name, tuple(sorted({"org": "default", **labels}.items()))), 0)
-
-
 def _polls(exporter) -> float:
-    return _value(exporter, "callingbox_exporter_polls_total", result="success")
+    return sample_value(exporter.scrape(), "callingbox_exporter_polls_total", result="success")
 
 
 def _more_polls(exporter, n: int = 3) -> None:
@@ -435,15 +421,15 @@ def test_stragglers_past_the_settle_window_are_refreshed_by_id_and_counted_exact
 
     wait_until(lambda: time.time() > created + 5, 10, message="the held call past the settle window")
     _more_polls(exporter)  # read without it: only its refresh by id can see it now
-    assert _value(exporter, "callingbox_exporter_stragglers") >= 1
+    assert sample_value(exporter.scrape(), "callingbox_exporter_stragglers") >= 1
     sim.release(held)  # it rings, talks, settles, extracts and delivers its webhook, all unlisted
 
     assert _equal_to_truth(sim, exporter) == []
-    assert _value(exporter, CALLS, direction="outbound", status="completed") >= 1
-    assert _value(exporter, "callingbox_exporter_stragglers") == 0
-    assert _value(exporter, VANISHED) == 0
+    assert sample_value(exporter.scrape(), CALLS, direction="outbound", status="completed") >= 1
+    assert sample_value(exporter.scrape(), "callingbox_exporter_stragglers") == 0
+    assert sample_value(exporter.scrape(), VANISHED) == 0
     assert sim.stats["by_id_requests"] > 0
-    assert _value(exporter, "callingbox_up") == 1
+    assert sample_value(exporter.scrape(), "callingbox_up") == 1
 
 
 def test_a_straggler_deleted_from_the_api_is_counted_as_vanished_once_and_dropped(stack):
@@ -451,17 +437,17 @@ def test_a_straggler_deleted_from_the_api_is_counted_as_vanished_once_and_droppe
     exporter = stack.exporter(_config(url), env={"CALLINGBOX_API_KEY": KEY}).start()
     wait_until(exporter.ready, 30, message="ready")
     gone, other = held_calls(sim, url, 2)
-    wait_until(lambda: _value(exporter, "callingbox_exporter_stragglers") == 2, 30, message="two stragglers")
+    wait_until(lambda: sample_value(exporter.scrape(), "callingbox_exporter_stragglers") == 2, 30, message="two stragglers")
 
     assert sim.delete(gone)
-    wait_until(lambda: _value(exporter, VANISHED) == 1, 30, message="the deleted call counted as vanished")
+    wait_until(lambda: sample_value(exporter.scrape(), VANISHED) == 1, 30, message="the deleted call counted as vanished")
     _more_polls(exporter)
-    assert _value(exporter, VANISHED) == 1, "once"
-    assert _value(exporter, "callingbox_exporter_stragglers") == 1
-    assert _value(exporter, "callingbox_exporter_tracked_calls") == 1
-    assert _value(exporter, "callingbox_exporter_api_requests_total", code="404") >= 1
+    assert sample_value(exporter.scrape(), VANISHED) == 1, "once"
+    assert sample_value(exporter.scrape(), "callingbox_exporter_stragglers") == 1
+    assert sample_value(exporter.scrape(), "callingbox_exporter_tracked_calls") == 1
+    assert sample_value(exporter.scrape(), "callingbox_exporter_api_requests_total", code="404") >= 1
 
     sim.release(other)
     assert _equal_to_truth(sim, exporter) == []
-    assert _value(exporter, VANISHED) == 1
-    assert _value(exporter, "callingbox_exporter_tracked_calls") == 0
+    assert sample_value(exporter.scrape(), VANISHED) == 1
+    assert sample_value(exporter.scrape(), "callingbox_exporter_tracked_calls") == 0

@@ -135,7 +135,7 @@ def test_the_published_view_never_loses_nor_doubles_an_increment():
     rng = random.Random(7)
     for _ in range(20):
         store, now, last_read, history = held_store(hold=5.0), T0, None, {}
-        for step in range(60):
+        for _ in range(60):
             now += rng.choice((0.5, 1.0, 3.0))
             if rng.random() < 0.5:
                 store.count([ended(rng.choice("abcdef"), rng.choice((None, "e1", "e2")))], now)

@@ -19,7 +19,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
-from conftest import free_port
+from helpers import free_port
 from exporter.cli import registry_for
 from exporter.accounting import Created
 from exporter.config import Target
