@@ -49,9 +49,9 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from exporter.metrics import Collector, Snapshot
+from exporter.health import Health, Snapshot
+from exporter.metrics import Collector
 from exporter.store import Store
-from exporter.tally import Health
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ("deploy/prometheus/callingbox-recording.rules.yml", "deploy/prometheus/callingbox-alerts.rules.yml")

@@ -21,8 +21,9 @@ from prometheus_client.openmetrics.exposition import generate_latest as render_o
 from prometheus_client.registry import Collector as _Collector
 
 from .catalogue import CALL_FAMILIES, FAMILIES
+from .health import Snapshot
 from .metrics import (
-    GAUGES, PENDING_AGE, TARGET_FAMILIES, WITH_METADATA, Collector, Snapshot, add_target, build_info, family,
+    GAUGES, PENDING_AGE, TARGET_FAMILIES, WITH_METADATA, Collector, add_target, build_info, family,
     metadata_labels,
 )
 from .store import Store

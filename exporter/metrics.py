@@ -9,7 +9,6 @@ definition of every series.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -22,16 +21,7 @@ from .catalogue import (
     ACTIVE_STATUSES, CALL_FAMILIES, DIRECTIONS, EXEMPLAR_FAMILIES, FAMILIES, MILLI_CENTS_PER_DOLLAR, READ_PATHS,
 )
 from .store import Store
-from .tally import Health
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What a target published: counts that are on disk, and its health at that moment."""
-
-    store: Store
-    health: Health
-    published_at: float = 0.0  # when the poller published it: what a scrape of it has read (Collector.read_at)
+from .health import Health, Snapshot
 
 
 ACTIVE = "callingbox_calls_active"

@@ -15,23 +15,24 @@ import logging
 import os
 import random
 import time
-from dataclasses import replace
 
 import aiohttp
 
 from . import logs, state
-from .ledger import Ledger
 from .api import ApiError, Client, NotFound, RateLimited, Unauthorized
 from .audit import Audit
 from .budget import Budgets
 from .config import ConfigError, Target, read_key_file
-from .deadline import expected_list_bytes
+from .health import Snapshot, Status, summarise
+from .ledger import Ledger
 from .liveness import Heartbeat, ledger_work
-from .metrics import Collector, Snapshot
+from .metrics import Collector
+from .plan import Plan
+from .selfmetrics import SelfMetrics
+from .settings import Settings
 from .store import Store
 from .stragglers import Refresher
-from .listread import ListRead
-from .tally import Plan, Status, Tally
+from .tally import ReadResult, Tally
 
 MAX_BACKOFF = 300.0
 RATE_LIMIT_RETRIES = 3
@@ -56,14 +57,16 @@ class Poller:
         self.heartbeat = Heartbeat()  # every wait of the loop is a step with its bound: /-/healthy reads it
         key = target.api_key.reveal() if target.api_key is not None else None
         budget = (budgets or Budgets()).for_key(key, target.max_requests_per_minute)
-        self.client = Client(session, target.api_url, target.api_key, target.request_timeout, self._count_response,
-                             budget, self._count_bytes, self.heartbeat.step)
         self.clock = clock
         self.rng = rng or random.Random()
         self.status = Status()
         self.extra_labels = tuple(label for _, label in target.metadata_labels)
+        self.settings = Settings.of(target)
         self.tally = self._tally(Ledger(baseline=clock() - target.initial_lookback),
                                  Store(dict(target.buckets), target.max_label_values, self.extra_labels))
+        self.metrics = SelfMetrics(self.store)  # the client's requests and bytes, the polls: into the store
+        self.client = Client(session, target.api_url, target.api_key, target.request_timeout, self.metrics,
+                             budget, self.heartbeat.step)
         self.stragglers = Refresher(target.name, target.straggler_concurrency, target.straggler_batch)
         self._key_stamp: tuple | None = ("unread",)  # the api_key_file version in use; read again at the first poll
         self._wake = asyncio.Event()  # set to end the wait before the next poll
@@ -73,13 +76,8 @@ class Poller:
         self._frozen = 0  # tracked calls at the last gc.freeze (see _freeze_growth)
 
     def _tally(self, ledger: Ledger, store: Store) -> Tally:
-        t = self.target
-        store.configure_visibility(t.new_series_hold, t.label_idle)
-        return Tally(t.name, ledger, store, tuple(key for key, _ in t.metadata_labels),
-                     settle_window=t.settle_window, overlap=t.overlap, give_up_after=t.straggler_give_up,
-                     audit_interval=t.audit_interval, now=self.clock(), hot_window=t.hot_window,
-                     full_read_interval=t.full_read_interval, refresh_interval=t.open_refresh_interval,
-                     poll_interval=t.poll_interval, end_grace=t.end_grace)
+        store.configure_visibility(self.target.new_series_hold, self.target.label_idle)
+        return Tally(self.settings, ledger, store, self.clock())
 
     @property
     def org(self) -> str:
@@ -92,15 +90,6 @@ class Poller:
     @property
     def store(self) -> Store:
         return self.tally.store
-
-    def _count_response(self, code: str) -> None:
-        self.tally.store.inc("callingbox_exporter_api_requests_total", (code,))
-
-    def _count_bytes(self, endpoint: str, size: int) -> None:
-        self.tally.store.inc("callingbox_exporter_api_response_bytes_total", (endpoint,), size)
-
-    def _bytes(self, endpoint: str) -> int:
-        return self.tally.store.counters["callingbox_exporter_api_response_bytes_total"][(endpoint,)]
 
     async def restore(self) -> None:
         """Open the state file, if any, and serve its values at once (not ready until a poll).
@@ -115,7 +104,8 @@ class Poller:
             )
             if restored is not None:
                 self.tally = self._tally(restored.ledger, restored.store)
-                self.tally.resume_audit(restored.extra)  # where the last audit window ended
+                self.tally.schedule.resume(restored.extra)  # where the last audit window ended
+                self.metrics.use(self.store)
                 log.info(
                     "state restored",
                     extra={"org": self.org, "tracked_calls": len(self.ledger.calls), "watermark": self.ledger.watermark},
@@ -142,6 +132,7 @@ class Poller:
         reset = self.tally.adopt(old.tally, self.extra_labels, old.extra_labels, same, dict(self.target.buckets),
                                  self.target.max_label_values)
         self.store.configure_visibility(self.target.new_series_hold, self.target.label_idle)
+        self.metrics.use(self.store)
         if reset:
             log.warning("histograms restarted: buckets changed", extra={"org": self.org, "histograms": ",".join(reset)})
 
@@ -194,8 +185,8 @@ class Poller:
         started, now = time.monotonic(), self.clock()
         self.status.last_poll = now
         self._rotate_key()
-        tally, store = self.tally, self.tally.store
-        bytes_before = self._bytes("list") + self._bytes("call")
+        self.metrics.poll_started()
+        tally = self.tally
         plan = tally.plan(now, self.stragglers.last_refreshed, self.target.straggler_batch)
         stats: dict[str, int] = {}
         problem: Exception | None = None
@@ -203,7 +194,7 @@ class Poller:
             read = await self._read(now, plan)
             stats.update(read.stats)
             self.client.read_succeeded()
-            if read.audit is not None and not self.client.not_modified:  # a 304 read nothing to audit
+            if read.audit is not None and not read.not_modified:  # a 304 read nothing to audit
                 tally.conclude_audit(read.audit, now)
                 if self.target.audit_sample:
                     await self._spot_check()
@@ -215,13 +206,12 @@ class Poller:
         read_seconds = time.monotonic() - started
         if problem is None:  # then the calls the list no longer shows; their failures do not fail the poll
             stats.update(await self.stragglers.refresh(self.client, tally, now, plan.by_id))
-        store.inc("callingbox_exporter_polls_total", ("error" if problem else "success",))
-        store.observe("callingbox_exporter_poll_duration_seconds", (), time.monotonic() - started)
+        poll_seconds = time.monotonic() - started
         # Final calls past the settle window leave the ledger only here, after the read (the whole
         # ledger on a full read, in slices with scrapes served between them; calls that just turned
-        # final otherwise), and not those created from `audited_until` on (Tally.keep_from): when
-        # the next audit comes late and reads back past the settle window to where the last window
-        # ended, the ledger still holds what it counted there, so an honest call is not `missing`.
+        # final otherwise), and not those created from `audited_until` on (AuditSchedule.keep_from):
+        # when the next audit comes late and reads back past the settle window to where the last
+        # window ended, the ledger still holds what it counted there, so an honest call is not `missing`.
         if plan.full:
             with self.heartbeat.step("ledger prune", ledger_work(len(self.ledger.calls))):
                 for _ in tally.prune(now):
@@ -229,13 +219,8 @@ class Poller:
         tally.expire(now)  # hangup causes still unknown `end_grace` after the end count as `none`
         summary = tally.sweep(now, everything=False)
         # New series that a scrape has read at their birth value move on (SPEC §3), saved as such.
-        store.births.release(self.clock(), self.collector.read_at(self.org))
-        durable = await self._persist()
-        if not durable and problem is None:
-            # Neither saved nor shown, so this poll's `success` can still become the error it is.
-            store.inc("callingbox_exporter_polls_total", ("success",), -1)
-            store.inc("callingbox_exporter_polls_total", ("error",))
-            problem = OSError("state not saved")
+        self.store.births.release(self.clock(), self.collector.read_at(self.org))
+        durable, problem = await self._persist(problem, poll_seconds)
         backoff = self._conclude(problem, now)
         # A list read slower than the interval slows the polls down to its pace: the API is never
         # read back to back, however large the window grows.
@@ -246,7 +231,7 @@ class Poller:
         log.debug(
             "poll done",
             extra={"org": self.org, "result": "error" if problem else "success", "full": plan.full,
-                   "depth_s": round(now - plan.horizon), "bytes": self._bytes("list") + self._bytes("call") - bytes_before,
+                   "depth_s": round(now - plan.horizon), "bytes": self.metrics.poll_bytes,
                    "tracked": summary.tracked, "duration_s": round(time.monotonic() - started, 3), **stats},
         )
         return problem is None, delay
@@ -274,24 +259,33 @@ class Poller:
             self.status.failures = 0  # a new key starts its own back-off, from the shortest
             log.info("API key reloaded from its file", extra={"org": self.org})
 
-    async def _persist(self) -> bool:
-        """Save the state file, if any. Not durable means not published: counts wait in memory."""
+    async def _persist(self, problem: Exception | None, seconds: float) -> tuple[bool, Exception | None]:
+        """Count the poll and save the state file, if any; returns (durable, the poll's problem).
+
+        The poll is counted in the save that holds its counts. Not durable means not published:
+        counts wait in memory, and a poll that read well fails as `state not saved`: the one
+        outcome a save can still change (SelfMetrics.unsaved).
+        """
+        self.metrics.poll("error" if problem else "success", seconds)
         if not self.target.state_file:
             self.ledger.take_changed()  # nothing writes them: let the sets of changes go
             self.store.take_changed()
-            return True
+            return True, problem
         if self.db is None:  # never restored (a caller that polls at once): the first save writes it whole
             self.db = state.StateDB(self.target.state_file, self.org)
         try:
             # Shielded: a poll cancelled by a reload lets its save finish; `settle` waits for it.
             self._saving = asyncio.ensure_future(asyncio.to_thread(
-                self.db.save, self.ledger, self.store, self.tally.audit_state()))
+                self.db.save, self.ledger, self.store, self.tally.schedule.state()))
             with self.heartbeat.step("state save", ledger_work(len(self.ledger.calls))):
                 await asyncio.shield(self._saving)
-            return True
+            return True, problem
         except Exception as error:
             log.error("state not saved", extra={"org": self.org, "path": self.target.state_file, "error": str(error)})
-            return False
+            if problem is None:
+                self.metrics.unsaved()
+                problem = OSError("state not saved")
+            return False, problem
 
     def _conclude(self, problem: Exception | None, now: float) -> float:
         """Update the status the web pages show and log the streak. Returns the back-off.
@@ -338,23 +332,16 @@ class Poller:
         if sample:
             self.tally.report(audit, "spot_check")
 
-    async def _read(self, now: float, plan: Plan) -> ListRead:
-        """Read the list down to the plan's depth, a 429 waited out a few times; returns the read."""
+    async def _read(self, now: float, plan: Plan) -> ReadResult:
+        """Read the list down to the plan's depth, a 429 waited out a few times; returns what it saw."""
         for attempt in range(RATE_LIMIT_RETRIES + 1):
-            audit = self.tally.audit_due(now) if plan.full else None
-            read = self.tally.list_read(now, audit, plan.horizon)
-            before = self._bytes("list")
-            size = expected_list_bytes(self.tally.bytes_per_call, self.tally.calls_per_second, now - plan.horizon)
+            read = self.tally.list_read(now, plan)
+            size = self.tally.planner.expected_bytes(now, plan.horizon)
             try:
-                async with self.client.list_calls(read.fields, size) as batches:
-                    async for batch in batches:
-                        if not all(map(read.take, batch)):
-                            break  # past the settle window: the response is closed here
-                        self._freeze_growth()
-                        await asyncio.sleep(0)  # a large read yields to scrapes between chunks
-                read.finish()
-                self.tally.read_done(read, plan, self._bytes("list") - before)
-                return read
+                async with self.client.list_calls(read.fields, size) as body:
+                    result = await read.drain(body, self._between_batches)
+                self.tally.settle_read(result)
+                return result
             except RateLimited as error:
                 if attempt == RATE_LIMIT_RETRIES:
                     raise
@@ -363,6 +350,10 @@ class Poller:
                 with self.heartbeat.step("Retry-After wait", wait):
                     await asyncio.sleep(wait)
         raise AssertionError("unreachable")
+
+    async def _between_batches(self) -> None:
+        self._freeze_growth()
+        await asyncio.sleep(0)  # a large read yields to scrapes between chunks
 
     def _backoff(self, problem: Exception | None) -> float:
         """Exponential with ±20 % jitter, never past MAX_BACKOFF; a rejected key retries four times slower."""
@@ -387,16 +378,13 @@ class Poller:
     async def _publish(self, now: float, durable: bool, summary=None) -> None:
         """Publish the health; the counts too when durable, else the counts last published stay."""
         summary = summary if summary is not None else self.tally.sweep(now)
-        health = replace(self.tally.health(summary, self.status, self.extra_labels),
-                         daily_budget_dollars=self.target.daily_budget_dollars)
+        health = summarise(self.tally, summary, self.status, self.target.daily_budget_dollars)
         previous, at = self.collector.snapshots.get(self.org), self.clock()
         if durable or previous is None:  # new series shown at their birth value (born at zero, SPEC §3)
             store = self.tally.store.published(at)
         else:
             store = previous.store
         await self.collector.publish(self.org, Snapshot(store, health, at))
-
-
 
 
 def _stamp(path: str) -> tuple | None:

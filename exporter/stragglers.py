@@ -80,5 +80,5 @@ class Refresher:
             return
         if record.id != call_id:
             raise ApiError(f"GET /v1/calls/{call_id} answered call {record.id}", "200")
-        tally.account(record, now)
+        tally.count(record, now)
         stats["stragglers_refreshed"] += 1

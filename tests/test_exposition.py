@@ -22,9 +22,9 @@ from exporter import exposition
 from exporter.accounting import Billed, Created, Ended, WebhookOutcome
 from exporter.cli import registry_for
 from exporter.exposition import CACHED, OPENMETRICS, TEXT, Exposition
-from exporter.metrics import GAUGES, WITH_METADATA, Snapshot
+from exporter.health import Health, Status, Snapshot
+from exporter.metrics import GAUGES, WITH_METADATA
 from exporter.store import Store
-from exporter.tally import Health, Status
 
 NOW = 1_700_000_000.0
 OUT, IN = "outbound", "inbound"
