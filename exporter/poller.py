@@ -12,18 +12,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import random
 import time
 
 import aiohttp
 
 from . import logs, state
-from .api import ApiError, Client, NotFound, RateLimited, Unauthorized
-from .audit import Audit
+from .api import ApiError, Client, RateLimited
+from .backoff import MAX_BACKOFF, Streak
 from .budget import Budgets
-from .config import ConfigError, Target, read_key_file
+from .config import Target
 from .health import Snapshot, Status, summarise
+from .keyfile import KeyFile
 from .ledger import Ledger
 from .liveness import Heartbeat, ledger_work
 from .metrics import Collector
@@ -34,24 +34,17 @@ from .store import Store
 from .stragglers import Refresher
 from .tally import ReadResult, Tally
 
-MAX_BACKOFF = 300.0
 RATE_LIMIT_RETRIES = 3
-KEY_CHECK_INTERVAL = 1.0  # seconds between looks at api_key_file while waiting for the next poll
 FREEZE_CALLS = 10_000  # calls restored or newly tracked before the ledger is frozen out of the cyclic GC
 
 log = logging.getLogger(__name__)
 
 
 class Poller:
-    def __init__(
-        self,
-        target: Target,
-        collector: Collector,
-        session: aiohttp.ClientSession,
-        clock=time.time,
-        rng: random.Random | None = None,
-        budgets: Budgets | None = None,
-    ):
+    """One target's poll loop: plan → read → tally → persist → publish, then wait."""
+
+    def __init__(self, target: Target, collector: Collector, session: aiohttp.ClientSession, clock=time.time,
+                 rng: random.Random | None = None, budgets: Budgets | None = None):
         self.target = target
         self.collector = collector
         self.heartbeat = Heartbeat()  # every wait of the loop is a step with its bound: /-/healthy reads it
@@ -68,12 +61,12 @@ class Poller:
         self.client = Client(session, target.api_url, target.api_key, target.request_timeout, self.metrics,
                              budget, self.heartbeat.step)
         self.stragglers = Refresher(target.name, target.straggler_concurrency, target.straggler_batch)
-        self._key_stamp: tuple | None = ("unread",)  # the api_key_file version in use; read again at the first poll
+        self.key_file = KeyFile(target.api_key_file)  # the api_key_file version in use
         self._wake = asyncio.Event()  # set to end the wait before the next poll
-        self._streak: tuple[tuple[str, str], int, float] | None = None  # failing: (kind, polls, since)
+        self.streak = Streak(target.name, target.poll_interval, self.rng)
         self.db: state.StateDB | None = None  # the state file's database, once restored
         self._saving: asyncio.Future | None = None  # the last save, running in a worker thread
-        self._frozen = 0  # tracked calls at the last gc.freeze (see _freeze_growth)
+        self._freeze = GrowthFreeze()
 
     def _tally(self, ledger: Ledger, store: Store) -> Tally:
         store.configure_visibility(self.target.new_series_hold, self.target.label_idle)
@@ -106,13 +99,11 @@ class Poller:
                 self.tally = self._tally(restored.ledger, restored.store)
                 self.tally.schedule.resume(restored.extra)  # where the last audit window ended
                 self.metrics.use(self.store)
-                log.info(
-                    "state restored",
-                    extra={"org": self.org, "tracked_calls": len(self.ledger.calls), "watermark": self.ledger.watermark},
-                )
+                log.info("state restored", extra={"org": self.org, "tracked_calls": len(self.ledger.calls),
+                                                  "watermark": self.ledger.watermark})
                 if len(self.ledger.calls) >= FREEZE_CALLS:
                     gc.collect()  # once, at start: nothing else to collect yet costs little
-                    self._freeze_growth()
+                    self._freeze(len(self.ledger.calls))
         await self._publish(self.clock(), durable=True)
 
     def adopt(self, old: "Poller") -> None:
@@ -122,7 +113,7 @@ class Poller:
         as a restore would. Nothing is published here: what the old poller had counted but not
         yet persisted is published after this poller's first save, as always.
         """
-        self.status, self._streak = old.status, old._streak
+        self.status, self.streak.current = old.status, old.streak.current
         if old.target.state_file == self.target.state_file:
             self.db, old.db = old.db, None  # the database follows the ledger it holds
         elif self.target.state_file:
@@ -144,7 +135,7 @@ class Poller:
             except Exception:  # a bug must not end the loop; say so loudly and carry on
                 log.exception("poll crashed", extra={"org": self.org})
                 self.status.failures += 1
-                wait = self._backoff(None)
+                wait = self.streak.backoff(self.status.failures, None)
             with self.heartbeat.step("wait for the next poll", wait):
                 await self._wait(wait)
 
@@ -168,17 +159,8 @@ class Poller:
     async def _wait(self, seconds: float) -> None:
         """Sleep until the next poll is due, or less: a changed api_key_file ends the wait at once,
         so a rotated Secret fixes a rejected key within seconds, not after a long back-off."""
-        deadline = time.monotonic() + seconds
-        self._wake.clear()
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                await asyncio.wait_for(self._wake.wait(), min(left, KEY_CHECK_INTERVAL))
-                return
-            except asyncio.TimeoutError:
-                if self.target.api_key_file and self._key_stamp != _stamp(self.target.api_key_file):
-                    if self.status.failures:
-                        log.info("API key file changed; the back-off ends", extra={"org": self.org})
-                    return
+        if await self.key_file.wait(seconds, self._wake) and self.status.failures:
+            log.info("API key file changed; the back-off ends", extra={"org": self.org})
 
     async def poll(self) -> tuple[bool, float]:
         """One poll: read and count, persist, then publish. Returns (succeeded, wait before the next)."""
@@ -197,7 +179,7 @@ class Poller:
             if read.audit is not None and not read.not_modified:  # a 304 read nothing to audit
                 tally.conclude_audit(read.audit, now)
                 if self.target.audit_sample:
-                    await self._spot_check()
+                    await self.stragglers.spot_check(self.client, tally, self.rng, self.target.audit_sample)
         except ApiError as error:
             problem = error
         except Exception as error:
@@ -221,7 +203,7 @@ class Poller:
         # New series that a scrape has read at their birth value move on (SPEC §3), saved as such.
         self.store.births.release(self.clock(), self.collector.read_at(self.org))
         durable, problem = await self._persist(problem, poll_seconds)
-        backoff = self._conclude(problem, now)
+        backoff = self.streak.conclude(self.status, problem, now)
         # A list read slower than the interval slows the polls down to its pace: the API is never
         # read back to back, however large the window grows.
         delay = backoff if problem else max(self.target.poll_interval, read_seconds)
@@ -238,22 +220,10 @@ class Poller:
 
     def _rotate_key(self) -> None:
         """Re-read api_key_file when it changed, so a rotated (Kubernetes) Secret needs no restart."""
-        path = self.target.api_key_file
-        if not path:
-            return
-        stamp = _stamp(path)
-        if stamp is not None and stamp == self._key_stamp:
-            return
-        try:
-            key = read_key_file("api_key_file", path)
-        except ConfigError as error:
-            if stamp != self._key_stamp:
-                log.error("API key file unreadable; the previous key stays in use",
-                          extra={"org": self.org, "error": str(error)})
-            self._key_stamp = stamp
-            return
-        self._key_stamp = stamp
-        if key != self.client.key:
+        key, error = self.key_file.read()
+        if error is not None:
+            log.error("API key file unreadable; the previous key stays in use", extra={"org": self.org, "error": str(error)})
+        if key is not None and key != self.client.key:
             logs.redact(key.reveal())
             self.client.use_key(key)
             self.status.failures = 0  # a new key starts its own back-off, from the shortest
@@ -287,51 +257,6 @@ class Poller:
                 problem = OSError("state not saved")
             return False, problem
 
-    def _conclude(self, problem: Exception | None, now: float) -> float:
-        """Update the status the web pages show and log the streak. Returns the back-off.
-
-        Expected trouble logs once per streak (STYLE.md): the first failure and each change of
-        kind at warn (a rejected key at error), repeats at debug, and one info line on recovery.
-        """
-        status = self.status
-        status.ready = True  # the first poll has finished, successfully or not (SPEC §2, /-/ready)
-        if problem is None:
-            status.up, status.last_error = True, None
-            status.failures, status.last_success = 0, now
-            if self._streak is not None:
-                _, polls, since = self._streak
-                log.info("poll recovered", extra={"org": self.org, "failures": polls, "down_s": round(now - since, 1)})
-                self._streak = None
-            return 0.0
-        status.up, status.last_error = False, str(problem)
-        status.failures += 1
-        backoff = self._backoff(problem)
-        code = getattr(problem, "code", "error")
-        kind = (type(problem).__name__, code)
-        previous, polls, since = self._streak or (None, 0, now)
-        self._streak = (kind, polls + 1, since)
-        rejected = isinstance(problem, Unauthorized)
-        level = logging.DEBUG if kind == previous else logging.ERROR if rejected else logging.WARNING
-        log.log(level, "API key rejected" if rejected else "poll failed",
-                extra={"org": self.org, "code": code, "error": str(problem), "backoff_s": round(backoff, 2)})
-        return backoff
-
-    async def _spot_check(self) -> None:
-        """The audit's second half: a sample of tracked calls fetched by id and compared."""
-        sample = self.tally.spot_sample(self.rng, self.target.audit_sample)
-        audit = Audit(float("-inf"), float("inf"), self.ledger.baseline)
-        for call_id in sample:
-            try:
-                obj = await self.client.get_call(call_id)
-            except NotFound:
-                obj = None
-            except ApiError as error:
-                log.warning("audit spot-check stopped", extra={"org": self.org, "error": str(error)})
-                break
-            self.tally.spot_check(audit, call_id, obj)
-        if sample:
-            self.tally.report(audit, "spot_check")
-
     async def _read(self, now: float, plan: Plan) -> ReadResult:
         """Read the list down to the plan's depth, a 429 waited out a few times; returns what it saw."""
         for attempt in range(RATE_LIMIT_RETRIES + 1):
@@ -352,28 +277,8 @@ class Poller:
         raise AssertionError("unreachable")
 
     async def _between_batches(self) -> None:
-        self._freeze_growth()
+        self._freeze(len(self.ledger.calls))
         await asyncio.sleep(0)  # a large read yields to scrapes between chunks
-
-    def _backoff(self, problem: Exception | None) -> float:
-        """Exponential with ±20 % jitter, never past MAX_BACKOFF; a rejected key retries four times slower."""
-        base = self.target.poll_interval * (4 if isinstance(problem, Unauthorized) else 1)
-        delay = base * 2 ** min(self.status.failures - 1, 20)
-        return min(MAX_BACKOFF, delay * self.rng.uniform(0.8, 1.2))
-
-    def _freeze_growth(self) -> None:
-        """Keep the ledger out of the cyclic GC's walks once it has grown by FREEZE_CALLS calls
-        (a restore, a first poll, a burst): its calls hold no reference cycles, and every full
-        collection would otherwise visit each of them, a pause of tens of milliseconds per
-        100 000 calls on the event loop. gc.freeze moves what exists now to the permanent
-        generation: calls dropped later are still freed by their reference count. A cycle that
-        happened to be garbage at that instant stays, which is why this runs only on growth."""
-        tracked = len(self.ledger.calls)
-        if tracked >= self._frozen + FREEZE_CALLS:
-            gc.freeze()
-            self._frozen = tracked
-        elif tracked < self._frozen:
-            self._frozen = tracked  # calls left since: growth counts from here
 
     async def _publish(self, now: float, durable: bool, summary=None) -> None:
         """Publish the health; the counts too when durable, else the counts last published stay."""
@@ -387,10 +292,20 @@ class Poller:
         await self.collector.publish(self.org, Snapshot(store, health, at))
 
 
-def _stamp(path: str) -> tuple | None:
-    """The version of a file as the file system tells it (inode, size, mtime): a cheap change check."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return info.st_ino, info.st_size, info.st_mtime_ns
+class GrowthFreeze:
+    """Keeps the ledger out of the cyclic GC's walks once it has grown by FREEZE_CALLS calls
+    (a restore, a first poll, a burst): its calls hold no reference cycles, and every full
+    collection would otherwise visit each of them, a pause of tens of milliseconds per
+    100 000 calls on the event loop. gc.freeze moves what exists now to the permanent
+    generation: calls dropped later are still freed by their reference count. A cycle that
+    happened to be garbage at that instant stays, which is why this runs only on growth."""
+
+    def __init__(self) -> None:
+        self.frozen = 0  # tracked calls at the last gc.freeze
+
+    def __call__(self, tracked: int) -> None:
+        if tracked >= self.frozen + FREEZE_CALLS:
+            gc.freeze()
+            self.frozen = tracked
+        elif tracked < self.frozen:
+            self.frozen = tracked  # calls left since: growth counts from here

@@ -12,9 +12,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
 FLOW = (
-    "catalogue", "logs", "config", "settings", "budget", "deadline", "jsonstream", "api", "records", "accounting",
+    "catalogue", "logs", "config", "keyfile", "settings", "budget", "deadline", "jsonstream", "api", "records", "accounting",
     "ledger", "audit", "plan", "visibility", "store", "selfmetrics", "tally", "health", "state", "metrics",
-    "exposition", "stragglers", "liveness", "poller", "supervisor", "webconfig", "web", "explain", "cli",
+    "exposition", "stragglers", "liveness", "backoff", "poller", "supervisor", "webconfig", "web", "explain", "cli",
 )
 
 
