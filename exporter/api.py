@@ -1,9 +1,10 @@
 """The CallingBox API client: auth, timeouts, fault classification, streaming reads.
 
 `GET /v1/calls` returns the organization's whole history as one JSON array, newest first.
-`list_calls` feeds it to `jsonstream.ArrayStream` as bytes arrive and yields the decoded
-batches, so the caller can stop at the settle window and close the response without ever
-holding the body; a body the decoder refuses becomes a BodyError. Every request has a deadline
+`list_calls` feeds it to `jsonstream.ArrayStream` as bytes arrive and yields a `ListBody` of
+the decoded batches, so the caller can stop at the settle window and close the response without
+ever holding the body; a body the decoder refuses becomes a BodyError. Requests and body bytes
+are reported to one `Recorder` (selfmetrics.py). Every request has a deadline
 for its whole answer, connect to last byte (deadline.py), so a body that trickles fails like a
 timeout; each request is a step of the caller's heartbeat (liveness.py) that ends by that deadline.
 The key is added to requests here and scrubbed from anything this module raises; nothing else sees it.

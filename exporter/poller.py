@@ -1,9 +1,9 @@
-"""The loop of one target: read the API → count (the tally) → persist → publish, then wait.
+"""The loop of one target: plan → read → tally → persist → publish, then wait.
 
-Only what is asynchronous lives here: the schedule, the key, the reads, the state file and
-the back-off. Each poll hands what it reads to the target's `Tally`, whose counts reach
-`/metrics` only after the state holding them is on disk (persist, then publish), so a crash
-never shows Prometheus a counter going backwards. Faults back off with jitter; they never end
+Only what is asynchronous lives here: the schedule, the reads, the state file. Each poll hands
+the API's list body to the target's `Tally` (the gate that counts), whose counts reach `/metrics`
+only after the state holding them is on disk (persist, then publish), so a crash never shows
+Prometheus a counter going backwards. Faults back off with jitter (backoff.py); they never end
 the loop.
 """
 
@@ -188,7 +188,8 @@ class Poller:
         read_seconds = time.monotonic() - started
         if problem is None:  # then the calls the list no longer shows; their failures do not fail the poll
             stats.update(await self.stragglers.refresh(self.client, tally, now, plan.by_id))
-        poll_seconds = time.monotonic() - started
+        # Counted here, with the counts the save below holds: a failed save alone turns it (unsaved).
+        self.metrics.poll("error" if problem else "success", time.monotonic() - started)
         # Final calls past the settle window leave the ledger only here, after the read (the whole
         # ledger on a full read, in slices with scrapes served between them; calls that just turned
         # final otherwise), and not those created from `audited_until` on (AuditSchedule.keep_from):
@@ -202,7 +203,10 @@ class Poller:
         summary = tally.sweep(now, everything=False)
         # New series that a scrape has read at their birth value move on (SPEC §3), saved as such.
         self.store.births.release(self.clock(), self.collector.read_at(self.org))
-        durable, problem = await self._persist(problem, poll_seconds)
+        durable = await self._persist()
+        if not durable and problem is None:  # neither saved nor shown: this poll is the error it is
+            self.metrics.unsaved()
+            problem = OSError("state not saved")
         backoff = self.streak.conclude(self.status, problem, now)
         # A list read slower than the interval slows the polls down to its pace: the API is never
         # read back to back, however large the window grows.
@@ -229,18 +233,12 @@ class Poller:
             self.status.failures = 0  # a new key starts its own back-off, from the shortest
             log.info("API key reloaded from its file", extra={"org": self.org})
 
-    async def _persist(self, problem: Exception | None, seconds: float) -> tuple[bool, Exception | None]:
-        """Count the poll and save the state file, if any; returns (durable, the poll's problem).
-
-        The poll is counted in the save that holds its counts. Not durable means not published:
-        counts wait in memory, and a poll that read well fails as `state not saved`: the one
-        outcome a save can still change (SelfMetrics.unsaved).
-        """
-        self.metrics.poll("error" if problem else "success", seconds)
+    async def _persist(self) -> bool:
+        """Save the state file, if any. Not durable means not published: counts wait in memory."""
         if not self.target.state_file:
             self.ledger.take_changed()  # nothing writes them: let the sets of changes go
             self.store.take_changed()
-            return True, problem
+            return True
         if self.db is None:  # never restored (a caller that polls at once): the first save writes it whole
             self.db = state.StateDB(self.target.state_file, self.org)
         try:
@@ -249,13 +247,10 @@ class Poller:
                 self.db.save, self.ledger, self.store, self.tally.schedule.state()))
             with self.heartbeat.step("state save", ledger_work(len(self.ledger.calls))):
                 await asyncio.shield(self._saving)
-            return True, problem
+            return True
         except Exception as error:
             log.error("state not saved", extra={"org": self.org, "path": self.target.state_file, "error": str(error)})
-            if problem is None:
-                self.metrics.unsaved()
-                problem = OSError("state not saved")
-            return False, problem
+            return False
 
     async def _read(self, now: float, plan: Plan) -> ReadResult:
         """Read the list down to the plan's depth, a 429 waited out a few times; returns what it saw."""
