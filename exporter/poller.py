@@ -226,7 +226,8 @@ class Poller:
         """Re-read api_key_file when it changed, so a rotated (Kubernetes) Secret needs no restart."""
         key, error = self.key_file.read()
         if error is not None:
-            log.error("API key file unreadable; the previous key stays in use", extra={"org": self.org, "error": str(error)})
+            log.error("API key file unreadable; the previous key stays in use",
+                      extra={"org": self.org, "error": str(error)})
         if key is not None and key != self.client.key:
             logs.redact(key.reveal())
             self.client.use_key(key)

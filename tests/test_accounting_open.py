@@ -35,8 +35,8 @@ DECODE = msgspec.json.Decoder(list[CallFields])
 
 
 def tally(baseline: float = BASELINE, label_limit: int = 50) -> Tally:
-    return Tally(Settings(3600.0, 120.0, 7 * 86400.0, end_grace=GRACE), Ledger(baseline), Store(label_limit=label_limit),
-                 now=NOW)
+    settings = Settings(3600.0, 120.0, 7 * 86400.0, end_grace=GRACE)
+    return Tally(settings, Ledger(baseline), Store(label_limit=label_limit), now=NOW)
 
 
 def call(status: str, updated: float, id: str = "a", whole: bool = True, **fields) -> dict:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
 FLOW = (
-    "catalogue", "logs", "config", "keyfile", "settings", "budget", "deadline", "jsonstream", "api", "records", "accounting",
-    "ledger", "audit", "plan", "visibility", "store", "selfmetrics", "tally", "health", "state", "metrics",
-    "exposition", "stragglers", "liveness", "backoff", "poller", "supervisor", "webconfig", "web", "explain", "cli",
+    "catalogue", "logs", "config", "keyfile", "settings", "budget", "deadline", "jsonstream", "api", "records",
+    "accounting", "ledger", "audit", "plan", "visibility", "store", "selfmetrics", "tally", "health", "state",
+    "metrics", "exposition", "stragglers", "liveness", "backoff", "poller", "supervisor", "webconfig", "web",
+    "explain", "cli",
 )
 
 
