@@ -29,9 +29,8 @@ from exporter.accounting import Billed, Created, Ended, ExtractionOutcome, Webho
 from exporter.cli import registry_for
 from exporter.catalogue import ACTIVE_STATUSES, DELAY_BUCKETS, DIRECTIONS, DURATION_BUCKETS, TERMINAL_STATUSES
 from exporter.exposition import Exposition, stale_families
-from exporter.metrics import Snapshot
+from exporter.health import Health, Status, Snapshot
 from exporter.store import Store
-from exporter.tally import Health, Status
 from exporter.web import make_app
 
 

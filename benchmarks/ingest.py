@@ -35,6 +35,7 @@ from exporter.jsonstream import ArrayStream
 from exporter.metrics import Collector
 from exporter.store import Store
 from exporter.poller import Poller
+from exporter.settings import Settings
 from exporter.tally import Tally
 
 
@@ -56,8 +57,9 @@ def exporter_decode_account(body: bytes, tally: Tally, now: float) -> dict:
             break
     else:
         all(map(read.take, stream.finish() or ()))
-    read.finish()
-    return read.stats
+    result = read.result(len(body))
+    tally.settle_read(result)
+    return result.stats
 
 
 def _timed(work) -> float:
@@ -74,8 +76,7 @@ def _in_memory_round(body: bytes, timings: dict[str, list[float]]) -> dict:
     timings["naive first memory"].append(_timed(lambda: peer.ingest(body)))
     timings["naive second memory"].append(_timed(lambda: peer.ingest(body)))
     now, stats = time.time(), []
-    tally = Tally("default", Ledger(baseline=now - LOOKBACK), Store(), settle_window=LOOKBACK, overlap=OVERLAP,
-                  give_up_after=Target.straggler_give_up)
+    tally = Tally(Settings(LOOKBACK, OVERLAP, Target.straggler_give_up), Ledger(baseline=now - LOOKBACK), Store())
     for poll in ("first", "second"):
         timings[f"{poll} memory"].append(_timed(lambda: stats.append(exporter_decode_account(body, tally, now))))
     return {"tracked": len(tally.ledger.calls), "first": stats[0], "second": stats[1]}

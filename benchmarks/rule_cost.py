@@ -54,9 +54,9 @@ from pathlib import Path
 import yaml
 
 from benchmarks.procs import free_port
-from exporter.metrics import Collector, Snapshot
+from exporter.health import Health, Snapshot
+from exporter.metrics import Collector
 from exporter.store import Store
-from exporter.tally import Health
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ("deploy/prometheus/callingbox-recording.rules.yml", "deploy/prometheus/callingbox-alerts.rules.yml")

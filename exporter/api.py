@@ -1,9 +1,10 @@
 """The CallingBox API client: auth, timeouts, fault classification, streaming reads.
 
 `GET /v1/calls` returns the organization's whole history as one JSON array, newest first.
-`list_calls` feeds it to `jsonstream.ArrayStream` as bytes arrive and yields the decoded
-batches, so the caller can stop at the settle window and close the response without ever
-holding the body; a body the decoder refuses becomes a BodyError. Every request has a deadline
+`list_calls` feeds it to `jsonstream.ArrayStream` as bytes arrive and yields a `ListBody` of
+the decoded batches, so the caller can stop at the settle window and close the response without
+ever holding the body; a body the decoder refuses becomes a BodyError. Requests and body bytes
+are reported to one `Recorder` (selfmetrics.py). Every request has a deadline
 for its whole answer, connect to last byte (deadline.py), so a body that trickles fails like a
 timeout; each request is a step of the caller's heartbeat (liveness.py) that ends by that deadline.
 The key is added to requests here and scrubbed from anything this module raises; nothing else sees it.
@@ -16,7 +17,7 @@ import json
 import time
 from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from email.utils import parsedate_to_datetime
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Protocol, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -30,6 +31,35 @@ CHUNK_BYTES = 64 * 1024
 T = TypeVar("T")
 # A step of the caller's heartbeat: `with step("list read", seconds): ...` (liveness.Heartbeat.step).
 Step = Callable[[str, "float | None"], AbstractContextManager]
+
+
+class Recorder(Protocol):
+    """Where the client reports its own work (selfmetrics.SelfMetrics): nothing else leaves it."""
+
+    def response(self, code: str) -> None: ...  # a request ended: its HTTP status, or `error`
+
+    def body_bytes(self, endpoint: str, size: int) -> None: ...  # body bytes read ("list", "call")
+
+
+class _NoRecorder:
+    def response(self, code: str) -> None:
+        pass
+
+    def body_bytes(self, endpoint: str, size: int) -> None:
+        pass
+
+
+class ListBody:
+    """The decoded batches of one `GET /v1/calls` response (`async for batch in body`), and what
+    the read says of itself: the body bytes read so far, and whether it was a 304."""
+
+    def __init__(self, not_modified: bool = False):
+        self._batches: AsyncIterator[list[object]] | None = None  # set by Client.list_calls
+        self.bytes = 0
+        self.not_modified = not_modified  # a 304: the list is as it was at the last full read
+
+    def __aiter__(self) -> AsyncIterator[list[object]]:
+        return self._batches if self._batches is not None else _nothing()
 
 
 class ApiError(Exception):
@@ -111,9 +141,8 @@ class Client:
         base_url: str,
         api_key: Secret | None,
         timeout: float,
-        on_response: Callable[[str], None] = lambda code: None,
+        metrics: Recorder | None = None,
         budget: Budget | None = None,
-        on_bytes: Callable[[str, int], None] = lambda endpoint, size: None,
         step: Step = lambda what, seconds: nullcontext(),
     ):
         self._session = session
@@ -124,9 +153,8 @@ class Client:
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
         self._step = step
         self._late = 0  # list reads in a row that missed their deadline: the next one gets longer
-        self._on_response = on_response
+        self._metrics: Recorder = metrics if metrics is not None else _NoRecorder()
         self.budget = budget
-        self._on_bytes = on_bytes  # body bytes read, by endpoint ("list", "call"): the API's cost
         # Conditional list reads: the validators of the last list read in full, and those of the
         # current one (confirmed by the poller once its read succeeded).
         self._validators: dict[str, str] = {}
@@ -168,12 +196,12 @@ class Client:
             response = await _within(at, seconds, self._session.get(
                 self._base_url + path, headers=headers, timeout=self._timeout))
         except DeadlineExceeded:
-            self._on_response("error")
+            self._metrics.response("error")
             raise
         except (aiohttp.ClientError, TimeoutError) as error:
-            self._on_response("error")
+            self._metrics.response("error")
             raise ApiError(self._scrub(f"request failed: {type(error).__name__}: {error}")) from None
-        self._on_response(str(response.status))
+        self._metrics.response(str(response.status))
         if response.status == 200 or (response.status == 304 and conditions):
             return response
         try:
@@ -194,8 +222,8 @@ class Client:
 
     @asynccontextmanager
     async def list_calls(self, item_type: type | None = None,
-                         expected_bytes: float = 0.0) -> AsyncIterator[AsyncIterator[list[object]]]:
-        """`async with client.list_calls(CallFields, size) as batches: async for batch in batches: ...`
+                         expected_bytes: float = 0.0) -> AsyncIterator[ListBody]:
+        """`async with client.list_calls(CallFields, size) as body: async for batch in body: ...`
 
         Elements come as `item_type` structs where the fast path could decode them, else as plain
         JSON values. Leaving the block early closes the connection, so the server stops sending.
@@ -212,11 +240,13 @@ class Client:
                 self._received = {k: response.headers[k] for k in ("ETag", "Last-Modified") if k in response.headers}
                 if self.not_modified:
                     response.release()
-                    yield _nothing()
+                    yield ListBody(not_modified=True)
                     return
                 complete: list[bool] = []
+                body = ListBody()
+                body._batches = self._batches(response, body, item_type, at, seconds, complete)
                 try:
-                    yield self._batches(response, item_type, at, seconds, complete)
+                    yield body
                 finally:
                     if complete:
                         response.release()
@@ -226,13 +256,15 @@ class Client:
             self._late += 1
             raise
 
-    async def _batches(self, response: aiohttp.ClientResponse, item_type: type | None, at: float,
+    async def _batches(self, response: aiohttp.ClientResponse, body: ListBody, item_type: type | None, at: float,
                        seconds: float, complete: list[bool]) -> AsyncIterator[list[object]]:
-        """The decoded elements of a list body, read before `at`; `complete` gets True at its end."""
+        """The decoded elements of a list body, read before `at` (its bytes told to `body`);
+        `complete` gets True at its end."""
         stream = ArrayStream(item_type)
         try:
             while chunk := await _within(at, seconds, response.content.read(CHUNK_BYTES)):
-                self._on_bytes("list", len(chunk))
+                body.bytes += len(chunk)
+                self._metrics.body_bytes("list", len(chunk))
                 items = stream.feed(chunk)
                 if items:
                     yield items
@@ -274,7 +306,7 @@ class Client:
                     body += chunk
                     if len(body) > MAX_PENDING_CHARS:
                         raise BodyError("response body holds an oversized call object")
-                self._on_bytes("call", len(body))
+                self._metrics.body_bytes("call", len(body))
             except (aiohttp.ClientError, TimeoutError) as error:
                 raise BodyError(self._scrub(f"reading the response failed: {type(error).__name__}: {error}")) from None
             finally:

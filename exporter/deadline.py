@@ -27,7 +27,7 @@ def call_deadline(request_timeout: float) -> float:
 
 def expected_list_bytes(bytes_per_call: float, calls_per_second: float, depth: float) -> float:
     """Body bytes of a list read `depth` seconds of created_at deep, from what the last reads
-    measured (Tally.read_done): the size of a call, how fast the list grows."""
+    measured (plan.ReadPlanner.learn): the size of a call, how fast the list grows."""
     return bytes_per_call * calls_per_second * max(0.0, depth)
 
 

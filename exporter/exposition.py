@@ -24,8 +24,9 @@ from prometheus_client.openmetrics.exposition import generate_latest as render_o
 from prometheus_client.registry import Collector as _Collector
 
 from .catalogue import CALL_FAMILIES, FAMILIES, GAUGES, PENDING_AGE
+from .health import Snapshot
 from .metrics import (
-    TARGET_FAMILIES, WITH_METADATA, Collector, Snapshot, View, add_target, build_info, family, metadata_labels,
+    TARGET_FAMILIES, WITH_METADATA, Collector, View, add_target, build_info, family, metadata_labels,
 )
 from .store import Store
 

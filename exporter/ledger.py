@@ -55,7 +55,8 @@ class Ledger:
         Every change bumps `updated_at` (SPEC §1), so an older version than the one accounted is
         stale, however deep or late the read that shows it. Two changes may share a timestamp,
         so one with the same `updated_at` is looked at again while it lies within `overlap` of
-        the watermark, where a late-committed twin can still appear.
+        the watermark, where a late-committed twin can still appear. The one rule of news: a list
+        read asks it before building a Record (tally.ListRead.take) and again for a decoded one.
         """
         state = self.calls.get(call_id)
         if state is None or updated_at > state.updated_at:

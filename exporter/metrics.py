@@ -25,16 +25,7 @@ from .catalogue import (
     FAMILIES, GAUGES, MILLI_CENTS_PER_DOLLAR, PENDING_AGE, PENDING_AGE_DOC, Gauge,
 )
 from .store import Store
-from .tally import Health
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What a target published: counts that are on disk, and its health at that moment."""
-
-    store: Store
-    health: Health
-    published_at: float = 0.0  # when the poller published it: what a scrape of it has read (Collector.read_at)
+from .health import Health, Snapshot
 
 
 # Every family with an org label, in the order of the exposition; the pending age comes last

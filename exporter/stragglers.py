@@ -1,5 +1,6 @@
-"""Open calls past the list read, refreshed by id: stragglers past the settle window, and the
-calls an ordinary poll's shorter read does not reach (SPEC §4, read only what can have changed).
+"""Calls read by id: open calls past the list read (stragglers past the settle window, and the
+calls an ordinary poll's shorter read does not reach; SPEC §4, read only what can have changed),
+and the self-audit's spot-checks.
 
 A call still changing after the read's depth (webhook retries for ~42 h, a late settlement, a
 long call) is not listed by it. After each successful list read the poller asks
@@ -12,16 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 
 from .api import ApiError, NotFound, RateLimited, Unauthorized
+from .audit import Audit
 from .tally import Tally
 
 log = logging.getLogger(__name__)
 
 
 class Refresher:
-    """One target's open calls past the list read, asked by id: a few at a time, each answer
-    handed to the tally; `last_refreshed` tells the read plan whose turn has come."""
+    """One target's calls asked by id: its open calls past the list read, a few at a time, each
+    answer handed to the tally (`last_refreshed` tells the read plan whose turn has come); and
+    the audit's sample of tracked calls (`spot_check`)."""
 
     def __init__(self, org: str, concurrency: int, batch: int):
         self.org, self.concurrency, self.batch = org, concurrency, batch
@@ -80,5 +84,21 @@ class Refresher:
             return
         if record.id != call_id:
             raise ApiError(f"GET /v1/calls/{call_id} answered call {record.id}", "200")
-        tally.account(record, now)
+        tally.count(record, now)
         stats["stragglers_refreshed"] += 1
+
+    async def spot_check(self, client, tally: Tally, rng: random.Random, size: int) -> None:
+        """The audit's second half: a sample of `size` tracked calls fetched by id and compared."""
+        sample = tally.spot_sample(rng, size)
+        audit = Audit(float("-inf"), float("inf"), tally.ledger.baseline)
+        for call_id in sample:
+            try:
+                obj = await client.get_call(call_id)
+            except NotFound:
+                obj = None
+            except ApiError as error:
+                log.warning("audit spot-check stopped", extra={"org": self.org, "error": str(error)})
+                break
+            tally.spot_check(audit, call_id, obj)
+        if sample:
+            tally.report(audit, "spot_check")

@@ -1,116 +1,91 @@
-"""One target's counting core: the only path from a raw call object of the API to counts.
+"""One target's gate: the only path from a raw call object of the API to counts (decode → account → store).
 
-It owns the ledger and the store, the memories that keep counts exact however often the API
-shows the same thing (a malformed record counted once, an audit mismatch reported once), the
-audit window, the read plan (how deep each poll reads, which open calls it asks by id) and the
-health summary that /metrics, the landing page and /-/ready read. No I/O and no clock: the
-poller reads the API and passes `now`, so every path here is a plain call. Past 300 lines
-because the plan, the list read and the audit all decide what one call object means for the
-counts, and read best side by side.
+A list read (`ListRead`) takes the stream of call objects, skips those that hold no news, decodes
+the rest (records.py), accounts them in the ledger (ledger.py, accounting.py) and counts the events
+in the store; a call fetched by id takes the same gate. The tally also keeps the memories that keep
+counts exact however often the API shows the same thing (a malformed record counted once, an audit
+mismatch reported once, a 404 by id settled by the next read). The read plan (plan.py) and the
+audit schedule (audit.py) ride along. No clock: the poller passes `now`.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field, replace
-from typing import Iterator, NamedTuple
+from typing import AsyncIterable, Awaitable, Callable, Iterator, NamedTuple
 
 from .accounting import deviations
-from .audit import Audit, Mismatch
-from .catalogue import BY_ID_NOT_FOUND_BUT_LISTED, DEVIATION_BITS, END_GRACE, relabel
-from .ledger import Ledger, Summary, give_up_age
-from .listread import ListRead
-from .records import Invalid, Record, decode_record, fingerprint
+from .audit import Audit, AuditSchedule, Mismatch
+from .catalogue import BY_ID_NOT_FOUND_BUT_LISTED, DEVIATION_BITS, relabel
+from .ledger import Ledger, Summary
+from .plan import Plan, ReadPlanner
+from .records import Invalid, Record, decode_record, fields_type, fingerprint, timestamp_of
+from .settings import Settings
 from .store import Store
 
 INVALID_MEMORY = 10_000  # malformed records remembered so a re-read does not count them again
 INVALID_LOG_LIMIT = 10  # malformed records logged one by one per read; the rest are summed up
 REPORTED_MEMORY = 10_000  # audit mismatches remembered so a lie found twice counts once
-BYTES_PER_CALL = 1500.0  # a call object's size in a list read, until a read has measured it
-REQUEST_BYTES = 500.0  # what a request by id costs beyond its body: headers both ways
-# An audit reaches back at most this many settle windows: after audits stalled for longer (an
-# idle org answering 304s, audits turned off a while) the rest of the backlog is skipped, not read.
-CATCH_UP = 2.0
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Status:
-    """What the poller knows of its own schedule: the part of the health the ledger cannot say."""
+class ReadResult(NamedTuple):
+    """What one complete list read saw: `Tally.settle_read` learns from it, the poller logs `stats`."""
 
-    up: bool = False
-    ready: bool = False  # the first poll since the start has finished, successfully or not (/-/ready)
-    last_poll: float | None = None
-    last_success: float | None = None
-    last_error: str | None = None
-    failures: int = 0
-    backoff: float = 0.0  # seconds the next poll waits beyond poll_interval
-    next_poll: float | None = None
-
-
-@dataclass(frozen=True)
-class Health:
-    """Everything a target's gauges, card and readiness show, as of one publish."""
-
-    status: Status = field(default_factory=Status)
-    watermark: float | None = None
-    tracked: int = 0
-    stragglers: int = 0
-    active: dict = field(default_factory=dict)  # (direction, status, *capped metadata values) → calls
-    webhooks_pending: int = 0
-    webhook_pending_oldest: float | None = None
-    last_audit: float | None = None
-    audited_until: float | None = None  # created_at up to which the audit windows reach
-    read_depth: float = 0.0  # seconds of history the last list read covered
-    last_full_read: float | None = None
-    open_calls: dict = field(default_factory=dict)  # refresh path ("list", "by_id") → open calls
-    daily_budget_dollars: float | None = None  # the target's daily_budget_dollars, if it sets one
-
-
-class Plan(NamedTuple):
-    """What one poll reads: the list down to `horizon`, then `by_id` calls by id."""
-
+    plan: Plan
+    now: float
     horizon: float
-    full: bool
-    by_id: list[str]
-    open_calls: dict[str, int]  # refresh path → open calls
+    audit: Audit | None  # the audit window that rode on the read, checked as far as the read went
+    newest: float | None  # the newest updated_at listed
+    records: int
+    examined: int
+    events: int
+    invalid: int  # malformed records logged in this read
+    bytes: int  # body bytes the read took
+    not_modified: bool  # a 304: the list is as it was at the last full read
+    appeared: list[Mismatch]  # unknown calls listed where an earlier read had not listed them
+    suspects_listed: frozenset[str]  # calls that answered 404 by id, listed after all
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {"records": self.records, "examined": self.examined, "events": self.events, "invalid": self.invalid}
 
 
 class Tally:
-    def __init__(self, org: str, ledger: Ledger, store: Store, metadata_keys: tuple[str, ...] = (), *,
-                 settle_window: float, overlap: float, give_up_after: float, audit_interval: float = 0.0,
-                 now: float = 0.0, hot_window: float = 1800.0, full_read_interval: float = 3600.0,
-                 refresh_interval: float = 300.0, poll_interval: float = 15.0, end_grace: float = END_GRACE):
-        self.org, self.ledger, self.store, self.metadata_keys = org, ledger, store, metadata_keys
-        self.settle_window, self.overlap, self.give_up_after = settle_window, overlap, give_up_after
-        self.audit_interval = audit_interval
-        self.hot_window, self.full_read_interval = hot_window, full_read_interval
-        self.refresh_interval, self.poll_interval, self.end_grace = refresh_interval, poll_interval, end_grace
+    """One target's counting gate, with its ledger, store, read plan and audit schedule."""
+
+    def __init__(self, settings: Settings, ledger: Ledger, store: Store, now: float = 0.0):
+        self.settings, self.ledger, self.store = settings, ledger, store
+        self.planner = ReadPlanner(settings, now)
+        self.schedule = AuditSchedule(settings, now)
         # Calls that answered 404 by id: dropped only once a list read that covers them lacks them too.
         self.not_found: dict[str, float] = {}  # call id → created_at
         self._invalid_seen: dict[str, None] = {}  # fingerprints, oldest first
         self._reported: set[tuple[str, str]] = set()  # (call id, kind) already counted as a mismatch
         self.invalid_logged = 0  # malformed records logged in the current read
-        self.next_audit = now + audit_interval  # the first audit comes an interval after the start
-        self.last_audit: float | None = None
-        # created_at up to which calls have been audited: where the next window starts. Saved in
-        # the state file (audit_state), so a restart neither skips nor repeats a slice.
-        self.audited_until: float | None = None
-        self.read_at: float | None = None  # when the last complete list read ran (saved too)
-        self.next_full_read = now  # the first poll reads the whole settle window
-        self.last_full_read: float | None = None
-        self.bytes_per_call = BYTES_PER_CALL  # measured by each list read
-        self.calls_per_second = 1.0  # how fast the list grows, in created_at: measured by each list read
-        self.last_read: tuple[float, float] | None = None  # (horizon, time) of the last complete list read
-        self.last_plan: Plan | None = None
+
+    @property
+    def org(self) -> str:
+        return self.settings.org
+
+    @property
+    def audited_until(self) -> float | None:
+        return self.schedule.audited_until
+
+    @property
+    def next_audit(self) -> float:
+        return self.schedule.next_audit
+
+    @property
+    def last_plan(self) -> Plan | None:
+        return self.planner.last_plan
 
     # ---- raw call object → counts ---------------------------------------------------------
 
     def decode(self, obj: object) -> Record | None:
         """The record, or None for a malformed one: counted and logged once, however often it is read."""
-        record = decode_record(obj, self.metadata_keys)
+        record = decode_record(obj, self.settings.metadata_keys)
         if type(record) is not Invalid:
             return record
         seen = fingerprint(obj)
@@ -127,27 +102,45 @@ class Tally:
                 log.warning("more invalid records this poll; counted, not logged", extra={"org": self.org})
         return None
 
-    def account(self, record: Record, now: float) -> int:
+    def count(self, record: Record, now: float) -> int:
         """Count what `record` says that the ledger has not counted yet; returns the events."""
         events = self.ledger.account(record)
         if events:
             self.store.count(events, now)
         return len(events)
 
-    def list_read(self, now: float, audit: Audit | None = None, horizon: float | None = None) -> ListRead:
-        self.invalid_logged = 0
-        return ListRead(self, now, audit, now - self.settle_window if horizon is None else horizon)
-
     def expire(self, now: float) -> int:
         """Count `none` for the hangups that `end_grace` after their call's end are still unknown."""
-        events = self.ledger.overdue(now, self.end_grace)
+        events = self.ledger.overdue(now, self.settings.end_grace)
         if events:
             self.store.count(events, now)
         return len(events)
 
-    def listed(self, read: ListRead) -> None:
-        """After a complete read: a call that answered 404 by id is gone only if the read covers
-        its creation and did not list it (SPEC §4 "Not found"); one it listed was a lagging read."""
+    # ---- the list read ---------------------------------------------------------------------
+
+    def plan(self, now: float, last_refreshed: dict[str, float], batch: int) -> Plan:
+        """What this poll reads (plan.py), with the audit that is due riding on it."""
+        audit = self.schedule.due(now, self.ledger.baseline)
+        return self.planner.plan(now, self.ledger, audit, self.not_found.values(), last_refreshed, batch)
+
+    def list_read(self, now: float, plan: Plan | None = None) -> "ListRead":
+        """A read as `plan` says; without one, the settle window without an audit."""
+        self.invalid_logged = 0
+        return ListRead(self, now, plan or Plan(now - self.settings.settle_window, True, [], {}))
+
+    def settle_read(self, read: ReadResult) -> None:
+        """After a complete read: the watermark moves to the newest update it saw, the plan learns
+        from it, calls that appeared in the past are reported, and 404s by id are settled."""
+        self.ledger.complete_poll(read.newest)
+        self.schedule.read_done(read.now)
+        self.planner.learn(read.plan, read.now, read.horizon, read.records, read.bytes)
+        if read.appeared:
+            self.report_mismatches(read.appeared)
+        self._settle_not_found(read)
+
+    def _settle_not_found(self, read: ReadResult) -> None:
+        """A call that answered 404 by id is gone only if the read covers its creation and did not
+        list it (SPEC §4 "Not found"); one it listed was a lagging read."""
         for call_id, created in list(self.not_found.items()):
             state = self.ledger.calls.get(call_id)
             if state is None:
@@ -161,149 +154,35 @@ class Tally:
                 self.vanished(call_id)
                 log.warning("tracked call vanished from the API", extra={"org": self.org, "call_id": call_id})
 
-    # ---- the read plan: read only what can have changed (SPEC §4) ---------------------------
+    def missing_by_id(self, call_id: str) -> bool:
+        """`GET /v1/calls/{id}` answered 404 for a tracked call: the next read that covers it tells."""
+        state = self.ledger.calls.get(call_id)
+        if state is None or call_id in self.not_found:
+            return False
+        self.not_found[call_id] = state.created_at
+        return True
 
-    def plan(self, now: float, last_refreshed: dict[str, float], batch: int) -> Plan:
-        """How deep this poll reads the list, and which open calls past that depth it asks by id.
+    def vanished(self, call_id: str) -> bool:
+        """A tracked call the API no longer knows: it is forgotten and counted once."""
+        if not self.ledger.forget(call_id):
+            return False
+        self.store.inc("callingbox_exporter_vanished_calls_total", ())
+        return True
 
-        A full read of the settle window comes first, then every `full_read_interval` (and with
-        each audit). Otherwise the read covers `hot_window`, where new calls and their normal
-        lifecycle show, and never less than back to the newest update already read, less the
-        overlap (a restart after downtime reads what it missed). An open call older than that
-        is due by id once its refresh interval, which grows with its age up to
-        `refresh_interval`, has passed; the read goes deeper instead where the calls in between
-        cost fewer bytes than the requests would, or where more are due than `batch` a poll can ask
-        within a refresh interval.
-        """
-        window = now - self.settle_window
-        watermark = self.ledger.watermark
-        audit = self.audit_due(now)
-        full = watermark is None or now >= self.next_full_read or audit is not None
-        horizon = window if full else max(window, min(now - self.hot_window, watermark - self.overlap))
-        if self.not_found:
-            # A call that answered 404 by id is settled by the next read that covers it.
-            horizon = min(horizon, min(self.not_found.values()))
-        if audit is not None:
-            # The audit's window starts where the last one ended. The poll that carries it comes
-            # after the interval has passed, so that start lies a little past the settle window:
-            # the read reaches back to it (at most CATCH_UP windows, see audit_due).
-            horizon = min(horizon, audit.start)
-        give_up = now - give_up_age(self.settle_window, self.give_up_after)
-        due: list[tuple[float, str]] = []  # (created_at, id): open calls past the read whose turn has come
-        listed = past = 0  # open calls the list read reaches; those it does not
-        calls = self.ledger.calls
-        for call_id in self.ledger.open:
-            s = calls.get(call_id)
-            if s is None:
-                continue
-            created = s.created_at
-            if created >= horizon:
-                listed += 1
-                continue
-            if created < give_up:
-                continue
-            past += 1
-            # Its turn: a twentieth of its age, within [poll_interval, refresh_interval], shortened by
-            # up to half by its id, so calls asked together do not stay in step.
-            every = min(self.refresh_interval, max(self.poll_interval, (now - created) / 20))
-            every *= 0.5 + (hash(call_id) & 1023) / 2048
-            if now - last_refreshed.get(call_id, float("-inf")) >= every:
-                due.append((created, call_id))
-        due.sort(reverse=True)  # newest first: the cheapest to reach by reading deeper
-        if due and not full:
-            # Reading down to a call costs the calls created in between, at the rate the list grows.
-            # By id, `batch` a poll serve a refresh interval's turns; a backlog beyond that is read.
-            by_id_cost = self.bytes_per_call + REQUEST_BYTES
-            capacity = batch * max(1.0, self.refresh_interval / self.poll_interval)
-            reach = None
-            for i, (created, _) in enumerate(due):
-                if created < window:
-                    break  # past the settle window: only by id
-                between = (horizon - created) * self.calls_per_second
-                if between * self.bytes_per_call <= (i + 1) * by_id_cost or len(due) - i - 1 >= capacity:
-                    reach = i
-            if reach is not None:
-                horizon = due[reach][0]
-                listed, past = listed + reach + 1, past - reach - 1
-                due = due[reach + 1:]
-        # By id, the least recently asked first (then the oldest), so each gets its turn.
-        asked = sorted(due, key=lambda d: (last_refreshed.get(d[1], float("-inf")), d[0]))
-        return Plan(horizon, full, [call_id for _, call_id in asked[:batch]], {"list": listed, "by_id": past})
-
-    def read_done(self, read: ListRead, plan: Plan, bytes_read: int) -> None:
-        """Learn from a complete list read: the size of a call, when the next full read is due."""
-        if read.records:
-            self.bytes_per_call = max(200.0, bytes_read / read.records)
-            self.calls_per_second = read.records / max(1.0, read.now - read.horizon)
-        if plan.full:
-            self.last_full_read, self.next_full_read = read.now, read.now + self.full_read_interval
-        self.last_plan = plan
-
-    # ---- the self-audit ------------------------------------------------------------------
-
-    def audit_due(self, now: float) -> Audit | None:
-        """The audit that rides on this read, if one is due: from the end of the last audited
-        window to an interval past the settle window (settled calls that the read reaches anyway).
-
-        Windows tile the timeline, however late the poll: each starts exactly where the last
-        one ended, and the poll's read reaches back to that start (`plan`). The calls created
-        there are still in the ledger: a sweep keeps final calls created from `audited_until`
-        on (`keep_from`) and runs only after the read. The first audit starts at the settle
-        window: nothing before it was audited. A window ends no later than the previous read:
-        a call this read is the first to list was not missed, it is new (a read gap, a first
-        read), and the next window audits it. The start moves up, skipping what lies before,
-        when reads stopped for longer than the settle window (calls created meanwhile were
-        never read, so never counted: each would be reported missing) or when the backlog is
-        older than CATCH_UP settle windows.
-        """
-        if not self.audit_interval or now < self.next_audit:
-            return None
-        horizon = now - self.settle_window
-        read_at = float("-inf") if self.read_at is None else self.read_at
-        start = self.audited_until
-        if start is None:
-            start = horizon
-        elif read_at < horizon:
-            start = max(start, horizon)
-        else:
-            start = max(start, now - CATCH_UP * self.settle_window)
-        # max: a settle window made longer by a reload can put the start past the end; the window is empty
-        return Audit(start, max(start, min(horizon + self.audit_interval, read_at)), self.ledger.baseline)
-
-    def keep_from(self, now: float) -> float | None:
-        """created_at from which a sweep keeps final calls past the settle window: the next
-        audit window's, which a late audit reads past the window. None: the window alone."""
-        if not self.audit_interval or self.audited_until is None:
-            return None
-        return max(self.audited_until, now - CATCH_UP * self.settle_window)
+    # ---- the self-audit's findings -------------------------------------------------------
 
     def conclude_audit(self, audit: Audit, now: float) -> None:
         """Count and log what a complete read's audit found; the next window is due an interval later."""
         audit.finish(self.ledger)
         mismatches = self.report(audit, "window")
-        if self.audited_until is not None and audit.start > self.audited_until:
-            skipped = audit.start - self.audited_until
+        until = self.schedule.audited_until
+        skipped = self.schedule.concluded(audit, now)
+        if skipped:
             self.store.inc("callingbox_exporter_audit_skipped_seconds_total", (), skipped)
             log.warning("audit skipped calls never to be audited", extra={
-                "org": self.org, "from": self.audited_until, "to": audit.start, "skipped_s": round(skipped, 3)})
-        self.last_audit, self.next_audit, self.audited_until = now, now + self.audit_interval, audit.end
+                "org": self.org, "from": until, "to": audit.start, "skipped_s": round(skipped, 3)})
         log.info("audit done", extra={"org": self.org, "start": audit.start, "end": audit.end,
                                       "checked": audit.checked, "mismatches": mismatches})
-
-    def audit_state(self) -> dict[str, float | None]:
-        """What the state file keeps of the audit's schedule (`resume_audit` reads it back)."""
-        return {"audited_until": self.audited_until, "read_at": self.read_at, "last_audit": self.last_audit}
-
-    def resume_audit(self, saved: dict) -> None:
-        """Carry on from a restored `audit_state`: the next window starts where the last one ended,
-        due when it leaves the settle window, as it was before the restart. A state without it
-        (the first start, an older version) keeps the schedule of a first start."""
-        values = {key: saved.get(key) for key in ("audited_until", "read_at", "last_audit")}
-        values = {key: float(v) if isinstance(v, (int, float)) else None for key, v in values.items()}
-        self.read_at, self.last_audit = values["read_at"], values["last_audit"]
-        if values["audited_until"] is not None:
-            self.audited_until = values["audited_until"]
-            self.next_audit = self.audited_until + self.settle_window
 
     def report(self, audit: Audit, method: str) -> int:
         """Count the calls an audit checked (`method`: window, spot_check) and its mismatches,
@@ -336,7 +215,7 @@ class Tally:
         Only a call whose API version is no newer than the one accounted can disagree: news is
         for the next list read, while a change that kept its `updated_at` is a silent rewrite. A
         404 proves nothing alone (by-id reads may lag the list): the next read that covers the
-        call tells (`listed`), and a call it lacks is reported by the window audit or vanishes.
+        call tells, and a call it lacks is reported by the window audit or vanishes.
         """
         state = self.ledger.calls.get(call_id)
         if obj is None:
@@ -347,60 +226,29 @@ class Tally:
             return
         audit.check(record, state)
 
-    # ---- bounded memory and the health summary ---------------------------------------------
+    # ---- bounded memory ---------------------------------------------------------------------
 
     def prune(self, now: float) -> Iterator[int]:
         """The whole-ledger part of a sweep, in slices (Ledger.prune): a full read's poll runs it."""
-        keep_from = self.keep_from(now)
-        horizon = now - self.settle_window
+        keep_from = self.schedule.keep_from(now)
+        horizon = now - self.settings.settle_window
         return self.ledger.prune(horizon if keep_from is None else min(horizon, keep_from))
 
     def sweep(self, now: float, everything: bool = True) -> Summary:
         """Drop calls the ledger need not keep (see Ledger.sweep) and summarise the open ones."""
-        summary = self.ledger.sweep(now, self.settle_window, self.give_up_after, everything, self.keep_from(now))
+        s = self.settings
+        summary = self.ledger.sweep(now, s.settle_window, s.give_up_after, everything, self.schedule.keep_from(now))
         if summary.given_up:
             log.warning("stragglers given up", extra={"org": self.org, "calls": summary.given_up})
         return summary
-
-    def missing_by_id(self, call_id: str) -> bool:
-        """`GET /v1/calls/{id}` answered 404 for a tracked call: the next read that covers it tells."""
-        state = self.ledger.calls.get(call_id)
-        if state is None or call_id in self.not_found:
-            return False
-        self.not_found[call_id] = state.created_at
-        return True
-
-    def vanished(self, call_id: str) -> bool:
-        """A tracked call the API no longer knows: it is forgotten and counted once."""
-        if not self.ledger.forget(call_id):
-            return False
-        self.store.inc("callingbox_exporter_vanished_calls_total", ())
-        return True
-
-    def health(self, summary: Summary, status: Status, extra_labels: tuple[str, ...] = ()) -> Health:
-        """The one summary of a target that its gauges, card and readiness show."""
-        active = {}
-        for (direction, call_status, *extra), calls in summary.active.items():
-            # capped like the counters' label values: statuses outside the docs, metadata values
-            key = (direction, self.store.status(call_status, peek=True), *self.store.peek_extra(tuple(extra)))
-            active[key] = active.get(key, 0) + calls
-        plan = self.last_plan
-        return Health(replace(status), self.ledger.watermark, summary.tracked, summary.stragglers, active,
-                      summary.webhooks_pending, summary.webhook_pending_oldest, self.last_audit, self.audited_until,
-                      0.0 if plan is None else max(0.0, (status.last_poll or 0.0) - plan.horizon),
-                      self.last_full_read, {} if plan is None else dict(plan.open_calls))
 
     def adopt(self, old: "Tally", extra_labels: tuple[str, ...], old_extra_labels: tuple[str, ...],
               same_store: bool, buckets: dict, label_limit: int) -> list[str]:
         """Carry an old tally of the same org over a reload; returns histograms restarted."""
         self.ledger, self._invalid_seen, self._reported = old.ledger, old._invalid_seen, old._reported
         self.not_found = old.not_found
-        self.next_audit, self.last_audit, self.audited_until = old.next_audit, old.last_audit, old.audited_until
-        self.read_at = old.read_at
-        # The read plan carries on too: a reload is no reason for a full read.
-        self.next_full_read = min(old.next_full_read, (old.last_full_read or old.next_full_read) + self.full_read_interval)
-        self.last_full_read, self.last_read, self.last_plan = old.last_full_read, old.last_read, old.last_plan
-        self.bytes_per_call, self.calls_per_second = old.bytes_per_call, old.calls_per_second
+        self.schedule.carry(old.schedule)
+        self.planner.carry(old.planner)  # the read plan carries on too: a reload is no reason for a full read
         if same_store:
             self.store = old.store
             return []
@@ -410,3 +258,83 @@ class Tally:
                 call.extra = relabel(old_extra_labels, call.extra, extra_labels)
             self.ledger.touch_all()
         return reset
+
+
+class ListRead:
+    """One read of `GET /v1/calls` in progress, newest first down to its plan's horizon: each
+    element goes through the gate (skip what is no news, decode, account, count) as it streams in.
+
+    A record whose `updated_at` says it is no news (Ledger.is_news) is skipped before a `Record`
+    is built, unless the audit riding on this read covers it. The check is per call, so a read may
+    reach deeper than the last one (a full read, an open call) and still count each change once.
+    """
+
+    def __init__(self, tally: Tally, now: float, plan: Plan):
+        self.tally, self.now, self.plan, self.horizon = tally, now, plan, plan.horizon
+        self.audit = plan.audit.fresh() if plan.audit is not None else None  # each attempt audits afresh
+        self.fields = fields_type(bool(tally.settings.metadata_keys))
+        self.calls, self.baseline, self.overlap = tally.ledger.calls, tally.ledger.baseline, tally.settings.overlap
+        self.is_news = tally.ledger.is_news
+        # Created in here, a call the ledger does not know appeared in the past: the last read saw
+        # that stretch of the list without it (bar the overlap's late commits).
+        last = tally.planner.last_read
+        self.seen = (last[0], last[1] - self.overlap) if last is not None else (0.0, 0.0)
+        self.appeared: list[Mismatch] = []
+        self.suspects = tally.not_found  # calls that answered 404 by id: is each still listed?
+        self.suspects_listed: set[str] = set()
+        self.newest: float | None = None
+        self.records = self.examined = self.events = 0
+
+    async def drain(self, body: AsyncIterable[list[object]], between: Callable[[], Awaitable[None]]) -> ReadResult:
+        """Take the batches of a list body (api.ListBody) until one lies past the horizon, awaiting
+        `between` after each (the poller yields to scrapes there); returns what the read saw."""
+        async for batch in body:
+            if not all(map(self.take, batch)):
+                break  # past the horizon: leaving the body closes the response
+            await between()
+        return self.result(getattr(body, "bytes", 0), getattr(body, "not_modified", False))
+
+    def take(self, obj: object) -> bool:
+        """Account one element of the list; False once it lies past the horizon (stop there)."""
+        self.records += 1
+        audit = self.audit
+        if self.suspects:
+            call_id = obj.get("id") if isinstance(obj, dict) else getattr(obj, "id", None)
+            if type(call_id) is str and call_id in self.suspects:
+                self.suspects_listed.add(call_id)
+        if type(obj) is self.fields:
+            # The common case, read without building a Record: where is it, is it news?
+            created, updated = timestamp_of(obj.created_at), timestamp_of(obj.updated_at)
+            if created is not None and updated is not None:
+                if created < self.horizon:
+                    return False  # newest first: all that follows is settled history
+                if self.newest is None or updated > self.newest:
+                    self.newest = updated
+                if type(obj.id) is str and not self.is_news(obj.id, updated, self.overlap) \
+                        and (audit is None or not audit.covers(created)):
+                    return True
+        record = self.tally.decode(obj)
+        if record is None:
+            return True
+        if record.created_at < self.horizon:
+            return False
+        if self.newest is None or record.updated_at > self.newest:
+            self.newest = record.updated_at
+        known = record.id in self.calls
+        if not known and self.seen[0] <= record.created_at < self.seen[1] and record.created_at > self.baseline:
+            self.appeared.append(Mismatch("missing", record.id, "appeared in the past, after a read of its time"
+                                          " had not listed it; counted now"))
+        if self.is_news(record.id, record.updated_at, self.overlap):
+            self.examined += 1
+            self.events += self.tally.count(record, self.now)
+        if audit is not None and audit.covers(record.created_at):
+            # A settled call the ledger did not know before this read appeared in the past: it is
+            # counted now like any news, and reported as missing from what had been counted.
+            audit.check(record, self.calls.get(record.id) if known else None)
+        return True
+
+    def result(self, body_bytes: int = 0, not_modified: bool = False) -> ReadResult:
+        """What the read saw, for `Tally.settle_read` once it reached its end."""
+        return ReadResult(self.plan, self.now, self.horizon, self.audit, self.newest, self.records, self.examined,
+                          self.events, self.tally.invalid_logged, body_bytes, not_modified, self.appeared,
+                          frozenset(self.suspects_listed))

@@ -21,7 +21,7 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from .config import ConfigError
 from .catalogue import MILLI_CENTS_PER_DOLLAR
 from .exposition import Exposition, page_format
-from .metrics import Snapshot
+from .health import Snapshot
 from .webconfig import Guard
 
 # Each figure on the page carries data-field="<name>" (cards data-org), so tests and scripts read it

@@ -12,7 +12,10 @@ import json
 import msgspec
 
 from exporter.ledger import Ledger
+from exporter.health import summarise
+from exporter.plan import Plan
 from exporter.records import CallFields
+from exporter.settings import Settings
 from exporter.simulator import format_ts
 from exporter.store import Store
 from exporter.tally import Tally
@@ -32,8 +35,8 @@ DECODE = msgspec.json.Decoder(list[CallFields])
 
 
 def tally(baseline: float = BASELINE, label_limit: int = 50) -> Tally:
-    return Tally("default", Ledger(baseline), Store(label_limit=label_limit), settle_window=3600.0, overlap=120.0,
-                 give_up_after=7 * 86400.0, now=NOW, end_grace=GRACE)
+    settings = Settings(3600.0, 120.0, 7 * 86400.0, end_grace=GRACE)
+    return Tally(settings, Ledger(baseline), Store(label_limit=label_limit), now=NOW)
 
 
 def call(status: str, updated: float, id: str = "a", whole: bool = True, **fields) -> dict:
@@ -54,10 +57,10 @@ def read(t: Tally, now: float, *objects: dict) -> None:
     """One list read of `objects` (newest first), decoded by the fast path as production does."""
     batch = DECODE.decode(json.dumps(list(objects)).encode())
     assert all(type(obj) is CallFields for obj in batch), "the fast path took them"
-    r = t.list_read(now, None, now - 3600.0)
+    r = t.list_read(now, Plan(now - 3600.0, True, [], {}))
     for obj in batch:
         r.take(obj)
-    r.finish()
+    t.settle_read(r.result())
 
 
 def series(t: Tally, name: str) -> dict:
@@ -144,12 +147,12 @@ def test_outcomes_without_their_subject_count_nothing_and_hold_nothing_open():
 def test_a_status_outside_the_docs_is_active_until_the_call_ends_and_then_a_capped_label_value():
     t = tally(label_limit=2)  # dialing and voicemail take the two places
     read(t, NOW - 550, call("dialing", NOW - 550))
-    health = t.health(t.sweep(NOW - 550, everything=False), t_status())
+    health = summarise(t, t.sweep(NOW - 550, everything=False), t_status())
     assert health.active == {(OUT, "dialing"): 1}
     assert kinds(t) == {"undocumented_value": 1}
     read(t, NOW - 490, call("voicemail", END, **{**DONE, "hangup_cause": "voicemail"}))
     assert series(t, ENDED) == {(OUT, "voicemail"): 1} and series(t, HANGUPS) == {(OUT, "voicemail", "voicemail"): 1}
-    assert t.health(t.sweep(NOW - 490, everything=False), t_status()).active == {}
+    assert summarise(t, t.sweep(NOW - 490, everything=False), t_status()).active == {}
     assert "a" not in t.ledger.open
     read(t, NOW - 480, call("screened", END + 1, id="b", **{**DONE, "hangup_cause": "x"}))
     assert series(t, ENDED)[(OUT, "other")] == 1, "the cap holds for statuses too"
@@ -157,7 +160,7 @@ def test_a_status_outside_the_docs_is_active_until_the_call_ends_and_then_a_capp
 
 
 def t_status():
-    from exporter.tally import Status
+    from exporter.health import Status
 
     return Status(up=True)
 

@@ -9,6 +9,7 @@ it is expected to carry: a trickle fails at it (coded `error`), a big body arriv
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from contextlib import contextmanager
 
@@ -54,6 +55,31 @@ async def read_all(url: str, item_type: type | None) -> list:
 async def test_a_complete_array_yields_its_elements(serve, item_type):
     items = await read_all(await serve(b'[{"id": "a"}, {"id": "b"}]'), item_type)
     assert [item["id"] if isinstance(item, dict) else item.id for item in items] == ["a", "b"]
+
+
+class Recorded:
+    """A recorder (api.Recorder) that keeps what the client reports."""
+
+    def __init__(self):
+        self.codes: list[str] = []
+        self.bytes: dict[str, int] = {}
+
+    def response(self, code: str) -> None:
+        self.codes.append(code)
+
+    def body_bytes(self, endpoint: str, size: int) -> None:
+        self.bytes[endpoint] = self.bytes.get(endpoint, 0) + size
+
+
+async def test_a_list_read_says_how_many_bytes_it_read_and_reports_them_once(serve):
+    body = json.dumps([{"id": f"c{i}", "status": "queued"} for i in range(5000)]).encode()
+    recorded = Recorded()
+    async with aiohttp.ClientSession() as session:
+        client = Client(session, await serve(body), None, 5.0, recorded)
+        async with client.list_calls() as listed:
+            items = [item async for batch in listed for item in batch]
+    assert len(items) == 5000 and listed.bytes == len(body) and not listed.not_modified
+    assert recorded.codes == ["200"] and recorded.bytes == {"list": len(body)}
 
 
 @MODES

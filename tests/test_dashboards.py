@@ -33,9 +33,9 @@ import yaml
 from helpers import ROOT
 from exporter.cli import registry_for
 from exporter.catalogue import CALL_FAMILIES, EXEMPLAR_FAMILIES, FAMILIES
-from exporter.metrics import Collector, Snapshot
+from exporter.health import Health, Snapshot
+from exporter.metrics import Collector
 from exporter.store import Store
-from exporter.tally import Health
 
 GRAFANA = ROOT / "grafana"
 DASHBOARDS = {

@@ -7,7 +7,7 @@ import pytest
 from exporter.deadline import (
     FLOOR, HEADROOM, LATE_DOUBLINGS, MIN_THROUGHPUT, call_deadline, expected_list_bytes, list_deadline,
 )
-from exporter.tally import BYTES_PER_CALL
+from exporter.plan import BYTES_PER_CALL
 
 SETTLE_WINDOW = 72 * 3600.0
 

@@ -29,9 +29,9 @@ import yaml
 from helpers import ROOT
 from exporter import config as exporter_config
 from exporter.accounting import Ended
-from exporter.metrics import Collector, Snapshot
+from exporter.health import Health, Snapshot
+from exporter.metrics import Collector
 from exporter.store import Store
-from exporter.tally import Health
 from exporter.catalogue import DIRECTIONS, TERMINAL_STATUSES
 
 K8S = ROOT / "deploy" / "kubernetes"

@@ -28,9 +28,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from helpers import (
     COUNTERS, HISTOGRAMS, MILLI_CENTS_PER_DOLLAR, Samples, differences, parse_metrics, same_value, wait_until,
 )
-from exporter.metrics import Collector, Snapshot, View
+from exporter.health import Health, Snapshot
+from exporter.metrics import Collector, View
 from exporter.state import read
-from exporter.tally import Health
 from servers import Server, require, start_prometheus
 
 KEY = "sk_test_e2e_born_at_zero_0123456"

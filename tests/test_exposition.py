@@ -23,9 +23,9 @@ from exporter.accounting import Billed, Created, Ended, WebhookOutcome
 from exporter.catalogue import GAUGES
 from exporter.cli import registry_for
 from exporter.exposition import CACHED, OPENMETRICS, TEXT, Exposition
-from exporter.metrics import WITH_METADATA, Snapshot
+from exporter.health import Health, Snapshot, Status
+from exporter.metrics import WITH_METADATA
 from exporter.store import Store
-from exporter.tally import Health, Status
 
 NOW = 1_700_000_000.0
 OUT, IN = "outbound", "inbound"

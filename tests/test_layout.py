@@ -14,10 +14,10 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
 FLOW = (
-    "catalogue", "logs", "configvalues", "config", "budget", "deadline", "jsonstream", "api", "records",
-    "accounting", "ledger", "audit", "migrate", "visibility", "document", "store", "listread", "tally", "tables",
-    "state", "metrics", "exposition", "stragglers", "liveness", "poller", "supervisor", "webschema", "webconfig",
-    "web", "explain", "cli",
+    "catalogue", "logs", "configvalues", "config", "keyfile", "settings", "budget", "deadline", "jsonstream", "api",
+    "records", "accounting", "ledger", "audit", "migrate", "plan", "visibility", "document", "store", "selfmetrics",
+    "tally", "tables", "health", "state", "metrics", "exposition", "stragglers", "liveness", "backoff", "poller",
+    "supervisor", "webschema", "webconfig", "web", "explain", "cli",
 )
 COMPUTED = "<computed>"  # an import_module or __import__ whose name is not a literal: no checker can place it
 IMPORTERS = ("import_module", "__import__")

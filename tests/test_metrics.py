@@ -19,9 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 from exporter.accounting import Billed, Created, Ended, ExtractionOutcome, WebhookOutcome
 from exporter import records
-from exporter.metrics import Collector, Snapshot
+from exporter.health import Health, Status, Snapshot
+from exporter.metrics import Collector
 from exporter.store import Store
-from exporter.tally import Health, Status
 from exporter.catalogue import INVALID_REASONS
 from exporter.records import decode_record
 

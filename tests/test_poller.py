@@ -14,7 +14,8 @@ from email.utils import formatdate
 import aiohttp
 
 from exporter.config import Secret, Target
-from exporter.metrics import Collector, Snapshot
+from exporter.health import Snapshot
+from exporter.metrics import Collector
 from exporter.poller import MAX_BACKOFF, RATE_LIMIT_RETRIES, Poller
 from exporter.simulator import Simulator, serve_in_thread
 from exporter.state import read

@@ -24,6 +24,7 @@ from exporter.ledger import Ledger
 from exporter.api import ApiError, BodyError, Client, NotFound, RateLimited
 from exporter.config import ConfigError, Secret, Target, build
 from exporter.metrics import Collector
+from exporter.settings import Settings
 from exporter.store import Store
 from exporter.tally import Tally
 from exporter.poller import Poller
@@ -99,8 +100,8 @@ def refresher(concurrency: int = 4, batch: int = 100) -> Refresher:
 
 def tally_of(ledger: Ledger, store: Store | None = None) -> Tally:
     """The target's counting core over `ledger` and `store`, with this file's window and give-up age."""
-    return Tally("default", ledger, store if store is not None else Store(), settle_window=WINDOW,
-                 overlap=120.0, give_up_after=GIVE_UP, hot_window=WINDOW, now=NOW)
+    return Tally(Settings(WINDOW, 120.0, GIVE_UP, hot_window=WINDOW), ledger, store if store is not None else Store(),
+                 now=NOW)
 
 
 def due(r: Refresher, tally: Tally, now: float) -> list[str]:
@@ -158,10 +159,10 @@ async def test_refreshed_records_count_their_final_events_exactly_once():
 
 def list_read(tally: Tally, now: float, listed: list[dict]) -> None:
     """A complete list read as deep as the read plan says, listing `listed`."""
-    read = tally.list_read(now, None, tally.plan(now, {}, 100).horizon)
+    read = tally.list_read(now, tally.plan(now, {}, 100))
     for obj in listed:
         read.take(obj)
-    read.finish()
+    tally.settle_read(read.result())
 
 
 async def test_a_404_by_id_drops_a_call_only_once_a_list_read_that_covers_it_lacks_it_too():
@@ -260,6 +261,19 @@ async def by_id(aiohttp_server):
     return answers, str(server.make_url("")).rstrip("/"), seen
 
 
+class Codes:
+    """A recorder (api.Recorder) that keeps the code of each answer."""
+
+    def __init__(self, codes: list[str]):
+        self.codes = codes
+
+    def response(self, code: str) -> None:
+        self.codes.append(code)
+
+    def body_bytes(self, endpoint: str, size: int) -> None:
+        pass
+
+
 async def test_get_call_returns_the_object_and_tells_a_404_of_the_api_from_any_other(by_id):
     answers, url, seen = by_id
     answers["ok"] = (200, json.dumps({"id": "ok", "status": "queued"}), "application/json")
@@ -269,7 +283,7 @@ async def test_get_call_returns_the_object_and_tells_a_404_of_the_api_from_any_o
     answers["boom"] = (503, '{"error": "upstream unavailable"}', "application/json")
     codes: list[str] = []
     async with aiohttp.ClientSession() as session:
-        client = Client(session, url, Secret(KEY), 5.0, codes.append)
+        client = Client(session, url, Secret(KEY), 5.0, Codes(codes))
         assert await client.get_call("ok") == {"id": "ok", "status": "queued"}
         with pytest.raises(NotFound):
             await client.get_call("gone")

@@ -12,9 +12,12 @@ import random
 
 from exporter.ledger import Ledger
 from exporter.audit import Audit
+from exporter.health import Status, summarise
+from exporter.plan import Plan
+from exporter.settings import Settings
 from exporter.simulator import format_ts
 from exporter.store import Store
-from exporter.tally import INVALID_MEMORY, ListRead, Status, Tally
+from exporter.tally import INVALID_MEMORY, ReadResult, Tally
 
 NOW = 1_700_000_000.0
 WINDOW, OVERLAP, GIVE_UP = 3600.0, 120.0, 7 * 86400.0
@@ -22,9 +25,16 @@ ENDED, CREATED = "callingbox_calls_ended_total", "callingbox_calls_created_total
 INVALID = "callingbox_exporter_invalid_records_total"
 
 
-def tally(baseline: float = NOW - 3000, audit_interval: float = 0.0) -> Tally:
-    return Tally("default", Ledger(baseline), Store(), settle_window=WINDOW, overlap=OVERLAP,
-                 give_up_after=GIVE_UP, audit_interval=audit_interval, now=NOW)
+def settings(audit_interval: float = 0.0, settle_window: float = WINDOW, **more) -> Settings:
+    return Settings(settle_window, OVERLAP, GIVE_UP, audit_interval=audit_interval, **more)
+
+
+def tally(baseline: float = NOW - 3000, audit_interval: float = 0.0, **more) -> Tally:
+    return Tally(settings(audit_interval, **more), Ledger(baseline), Store(), now=NOW)
+
+
+def audit_due(t: Tally, now: float) -> Audit | None:
+    return t.schedule.due(now, t.ledger.baseline)
 
 
 def call(id: str, status: str, created: float, updated: float, **fields) -> dict:
@@ -38,13 +48,15 @@ def call(id: str, status: str, created: float, updated: float, **fields) -> dict
             "returns": {"confirmed": "boolean"}, **fields}
 
 
-def read_all(t: Tally, now: float, objects: list) -> ListRead:
-    read = t.list_read(now)
+def read_all(t: Tally, now: float, objects: list, plan: Plan | None = None) -> ReadResult:
+    """A complete list read of `objects` as `plan` says (without one: the settle window, no audit)."""
+    read = t.list_read(now, plan)
     for obj in objects:
         if not read.take(obj):
             break
-    read.finish()
-    return read
+    result = read.result()
+    t.settle_read(result)
+    return result
 
 
 def counted(t: Tally, name: str) -> int:
@@ -78,14 +90,13 @@ def test_only_news_is_examined_however_old_the_call_or_late_the_commit():
 
 
 def test_an_ordinary_poll_reads_the_hot_window_and_asks_older_open_calls_by_id():
-    t = tally(baseline=NOW - 86400)
-    t.settle_window, t.hot_window = 6 * 3600.0, 1800.0
+    t = tally(baseline=NOW - 86400, settle_window=6 * 3600.0, hot_window=1800.0)
     old_open = [call(f"o{i}", "completed", NOW - 3 * 3600 - i, NOW - 3 * 3600 + 60, webhook_status="pending")
                 for i in range(3)]
     history = [call(f"h{i}", "completed", NOW - 2 * 3600 - i * 10, NOW - 2 * 3600) for i in range(200)]
     first = t.plan(NOW, {}, batch=10)
     assert first.full, "the first poll reads the whole settle window"
-    t.read_done(read_all(t, NOW, [call("hot", "ringing", NOW - 60, NOW - 50)] + history + old_open), first, 0)
+    read_all(t, NOW, [call("hot", "ringing", NOW - 60, NOW - 50)] + history + old_open, first)
 
     plan = t.plan(NOW + 15, {}, batch=10)
     assert not plan.full and plan.horizon == NOW + 15 - 1800
@@ -96,11 +107,10 @@ def test_an_ordinary_poll_reads_the_hot_window_and_asks_older_open_calls_by_id()
 
 
 def test_the_read_goes_deeper_where_that_costs_less_than_asking_by_id():
-    t = tally(baseline=NOW - 86400)
-    t.settle_window, t.hot_window = 6 * 3600.0, 1800.0
+    t = tally(baseline=NOW - 86400, settle_window=6 * 3600.0, hot_window=1800.0)
     open_calls = [call(f"o{i}", "completed", NOW - 2000 - i, NOW - 1990, webhook_status="pending") for i in range(5)]
     first = t.plan(NOW, {}, batch=10)
-    t.read_done(read_all(t, NOW, [call("hot", "ringing", NOW - 60, NOW - 50)] + open_calls), first, 0)
+    read_all(t, NOW, [call("hot", "ringing", NOW - 60, NOW - 50)] + open_calls, first)
     plan = t.plan(NOW + 15, {}, batch=10)
     assert plan.by_id == [] and plan.horizon == NOW - 2004, "five calls just past the hot window: read them"
     assert plan.open_calls == {"list": 6, "by_id": 0}
@@ -130,7 +140,7 @@ def test_a_refresh_by_id_takes_the_same_path_and_counts_once():
     read_all(t, NOW, [call("a", "in_progress", NOW - 300, NOW - 290)])
     for _ in range(3):
         record = t.decode(call("a", "completed", NOW - 300, NOW - 10))
-        t.account(record, NOW)
+        t.count(record, NOW)
     assert counted(t, ENDED) == 1 and t.ledger.calls["a"].status == "completed"
 
 
@@ -151,24 +161,23 @@ def test_stragglers_are_tracked_calls_past_the_window_not_final_and_not_given_up
 
 def test_an_audit_is_due_an_interval_after_the_start_and_its_mismatches_count_once():
     t = tally(baseline=NOW - 10 * WINDOW, audit_interval=600.0)
-    assert t.audit_due(NOW) is None
+    assert audit_due(t, NOW) is None
     later = NOW + 600
     created = later - WINDOW + 10  # inside the oldest interval of the window
     read_all(t, later - 1000, [call("a", "completed", created, created + 5)])
-    audit = t.audit_due(later)
+    audit = audit_due(t, later)
     assert audit is not None and audit.covers(created)
-    read = t.list_read(later, audit)
-    read.take(call("a", "failed", created, created + 5))  # failed now, updated_at not bumped: a silent rewrite
-    read.finish()
-    t.conclude_audit(audit, later)
-    assert t.audit_due(later) is None and t.next_audit == later + 600
+    # failed now, updated_at not bumped: a silent rewrite
+    read = read_all(t, later, [call("a", "failed", created, created + 5)], Plan(later - WINDOW, True, [], {}, audit))
+    t.conclude_audit(read.audit, later)
+    assert audit_due(t, later) is None and t.schedule.next_audit == later + 600
     again = Audit(float("-inf"), float("inf"), t.ledger.baseline)  # the same lie found again, by id
     t.spot_check(again, "a", call("a", "failed", created, created + 5))
     t.report(again, "spot_check")
     assert t.store.counters["callingbox_exporter_audit_mismatches_total"][("status",)] == 1
     checked = t.store.counters["callingbox_exporter_audit_calls_checked_total"]
     assert (checked[("window",)], checked[("spot_check",)]) == (1, 1)
-    assert t.last_audit == later
+    assert t.schedule.last_audit == later
 
 
 def test_a_spot_check_finds_a_silent_rewrite_and_leaves_a_404_to_the_next_read():
@@ -195,21 +204,16 @@ def poll(t: Tally, now: float, listed: list, fails: bool = False) -> tuple[Audit
     """One poll as the poller runs it: plan, the list read down to the plan's horizon with its
     audit (none when the read `fails`), then the sweep. Returns (audit concluded, read horizon)."""
     plan = t.plan(now, {}, batch=10)
-    audit = t.audit_due(now) if plan.full else None
+    audit = None
     if not fails:
-        read = t.list_read(now, audit, plan.horizon)
-        for obj in listed:
-            if not read.take(obj):
-                break
-        read.finish()
-        t.read_done(read, plan, 0)
+        audit = read_all(t, now, listed, plan).audit
         if audit is not None:
             t.conclude_audit(audit, now)
     if plan.full:
         for _ in t.prune(now):
             pass
     t.sweep(now, everything=False)
-    return (None if fails else audit), plan.horizon
+    return audit, plan.horizon
 
 
 def history(start: float, end: float, every: float) -> list[tuple[float, dict]]:
@@ -231,7 +235,7 @@ def test_late_audits_tile_the_timeline_and_read_back_to_where_the_last_window_en
     rng = random.Random(18)
     now, windows, late, first_audit = NOW, [], 0, None
     while now < NOW + 5 * WINDOW:
-        due = t.audit_due(now)
+        due = audit_due(t, now)
         fails = due is not None and rng.random() < 0.2  # an audit poll whose read fails: tried again
         audit, horizon = poll(t, now, listed_at(calls, now), fails)
         if due is not None and not fails:
@@ -246,7 +250,7 @@ def test_late_audits_tile_the_timeline_and_read_back_to_where_the_last_window_en
     assert first == first_audit - WINDOW, "the first window starts at the settle window of its poll"
     assert t.store.counters[CHECKED][("window",)] == sum(first <= c < last for c, _ in calls)
     assert sum(t.store.counters[MISMATCHES].values()) == 0, "the calls read back to are still in the ledger"
-    assert t.store.counters[SKIPPED][()] == 0 and t.audited_until == last
+    assert t.store.counters[SKIPPED][()] == 0 and t.schedule.audited_until == last
 
 
 def test_a_restored_audit_schedule_starts_the_next_window_where_the_last_one_ended():
@@ -254,15 +258,14 @@ def test_a_restored_audit_schedule_starts_the_next_window_where_the_last_one_end
     calls = history(NOW - WINDOW, NOW + WINDOW, 20.0)
     for now in (NOW, NOW + 610.5, NOW + 1250.25):
         poll(t, now, listed_at(calls, now))
-    saved = t.audit_state()
+    saved = t.schedule.state()
     assert saved == {"audited_until": NOW + 1250.25 - WINDOW + 600, "read_at": NOW + 1250.25,
                      "last_audit": NOW + 1250.25}
 
-    again = Tally("default", t.ledger, t.store, settle_window=WINDOW, overlap=OVERLAP, give_up_after=GIVE_UP,
-                  audit_interval=600.0, now=NOW + 1300)  # a restart: a new tally over the restored state
-    again.resume_audit(saved)
-    assert again.next_audit == t.next_audit == NOW + 1850.25
-    assert again.audit_due(NOW + 1850) is None
+    again = Tally(settings(600.0), t.ledger, t.store, now=NOW + 1300)  # a restart: a new tally over the restored state
+    again.schedule.resume(saved)
+    assert again.schedule.next_audit == t.schedule.next_audit == NOW + 1850.25
+    assert audit_due(again, NOW + 1850) is None
     audit, horizon = poll(again, NOW + 1900, listed_at(calls, NOW + 1900))
     assert audit.start == saved["audited_until"] and horizon == audit.start < NOW + 1900 - WINDOW
 
@@ -274,8 +277,8 @@ def test_a_reload_carries_the_audit_schedule_over():
         poll(t, now, listed_at(calls, now))
     reloaded = tally(baseline=NOW - 10 * WINDOW, audit_interval=600.0)
     reloaded.adopt(t, (), (), True, {}, 50)
-    assert reloaded.audit_state() == t.audit_state() and reloaded.next_audit == t.next_audit
-    assert reloaded.audit_due(NOW + 1300).start == t.audited_until
+    assert reloaded.schedule.state() == t.schedule.state() and reloaded.schedule.next_audit == t.schedule.next_audit
+    assert audit_due(reloaded, NOW + 1300).start == t.schedule.audited_until
 
 
 def test_after_reads_stopped_longer_than_the_settle_window_the_audit_skips_to_it_and_says_so(caplog):
@@ -284,7 +287,7 @@ def test_after_reads_stopped_longer_than_the_settle_window_the_audit_skips_to_it
     t = tally(baseline=NOW - 10 * WINDOW, audit_interval=600.0)
     calls = history(NOW - WINDOW, NOW + 4 * WINDOW, 20.0)
     poll(t, NOW + 600, listed_at(calls, NOW + 600))
-    until = t.audited_until
+    until = t.schedule.audited_until
     down = NOW + 600 + WINDOW + 900  # the exporter was down (or every read failed) for longer than the window
     with caplog.at_level(logging.WARNING, logger="exporter.tally"):
         audit, horizon = poll(t, down, listed_at(calls, down))
@@ -305,12 +308,12 @@ def test_an_audit_backlog_is_read_back_at_most_two_settle_windows():
     t = tally(baseline=NOW - 10 * WINDOW, audit_interval=600.0)
     calls = history(NOW - WINDOW, NOW + 6 * WINDOW, 60.0)
     poll(t, NOW + 600, listed_at(calls, NOW + 600))
-    until = t.audited_until
+    until = t.schedule.audited_until
     for now in range(int(NOW + 660), int(NOW + 5 * WINDOW), 600):
         read_all(t, now, listed_at(calls, now))  # reads without the audit (a 304 concludes none)
     now = NOW + 5 * WINDOW
-    assert t.plan(now, {}, batch=10).horizon == now - 2 * WINDOW == t.audit_due(now).start
-    assert t.keep_from(now) == now - 2 * WINDOW > until
+    assert t.plan(now, {}, batch=10).horizon == now - 2 * WINDOW == audit_due(t, now).start
+    assert t.schedule.keep_from(now) == now - 2 * WINDOW > until
     poll(t, now, listed_at(calls, now))
     assert t.store.counters[SKIPPED][()] == now - 2 * WINDOW - until
 
@@ -320,7 +323,7 @@ def test_the_health_summary_holds_the_status_and_what_the_ledger_says():
     read_all(t, NOW, [call("r", "ringing", NOW - 30, NOW - 20),
                       call("w", "completed", NOW - 60, NOW - 50, webhook_status="pending")])
     status = Status(up=True, ready=True, last_success=NOW)
-    health = t.health(t.sweep(NOW), status)
+    health = summarise(t, t.sweep(NOW), status)
     status.up = False  # the published health is a copy: later changes do not reach it
     assert health.status.up and health.tracked == 2 and health.watermark == NOW - 20
     assert health.active == {("outbound", "ringing"): 1} and health.webhooks_pending == 1

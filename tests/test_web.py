@@ -24,9 +24,8 @@ from exporter.cli import registry_for
 from exporter.accounting import Created
 from exporter.config import Target
 from exporter.exposition import Exposition
-from exporter.metrics import Snapshot
+from exporter.health import Health, Snapshot
 from exporter.store import Store
-from exporter.tally import Health
 from exporter.metrics import Collector
 from exporter.poller import Poller
 from exporter.catalogue import TERMINAL_STATUSES
