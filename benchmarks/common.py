@@ -35,12 +35,36 @@ class Sizes:
     state_saves: int  # case 7: ordinary polls' saves measured (the median is shown)
 
 
-FULL = Sizes("full", ingest_calls=100_000, window_calls=10_000, old_small=10_000, old_big=1_000_000,
-             repeats=3, steady_polls=3, idle_scrapes=400, busy_polls=3, renders=50,
-             tier_calls=150_000, state_calls=100_000, state_saves=20)
-QUICK = Sizes("quick", ingest_calls=10_000, window_calls=2_000, old_small=2_000, old_big=100_000,
-              repeats=1, steady_polls=2, idle_scrapes=100, busy_polls=2, renders=10,
-              tier_calls=10_000, state_calls=10_000, state_saves=10)
+FULL = Sizes(
+    "full",
+    ingest_calls=100_000,
+    window_calls=10_000,
+    old_small=10_000,
+    old_big=1_000_000,
+    repeats=3,
+    steady_polls=3,
+    idle_scrapes=400,
+    busy_polls=3,
+    renders=50,
+    tier_calls=150_000,
+    state_calls=100_000,
+    state_saves=20,
+)
+QUICK = Sizes(
+    "quick",
+    ingest_calls=10_000,
+    window_calls=2_000,
+    old_small=2_000,
+    old_big=100_000,
+    repeats=1,
+    steady_polls=2,
+    idle_scrapes=100,
+    busy_polls=2,
+    renders=10,
+    tier_calls=10_000,
+    state_calls=10_000,
+    state_saves=10,
+)
 
 
 @dataclass

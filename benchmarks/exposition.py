@@ -26,13 +26,12 @@ from benchmarks.common import Facts, Row, Sizes, median, ratio, verdict
 from benchmarks.naive_peer import NaiveMetrics, NaivePeer
 from exporter import __version__
 from exporter.accounting import Billed, Created, Ended, ExtractionOutcome, WebhookOutcome
-from exporter.cli import registry_for
 from exporter.catalogue import ACTIVE_STATUSES, DELAY_BUCKETS, DIRECTIONS, DURATION_BUCKETS, TERMINAL_STATUSES
+from exporter.cli import registry_for
 from exporter.exposition import Exposition, stale_families
-from exporter.health import Health, Status, Snapshot
+from exporter.health import Health, Snapshot, Status
 from exporter.store import Store
 from exporter.web import make_app
-
 
 CASE = "5 exposition"
 GOAL_MS = 20.0
@@ -59,15 +58,26 @@ def calls(cap: int = 50) -> list[dict]:
                 i += 1
                 setup, answer = delays[i % len(delays)], delays[(i // len(delays)) % len(delays)]
                 created = 1_700_000_000 + 100 * i
-                records.append({
-                    "id": f"call-{i:05d}", "status": status, "direction": direction, "hangup_cause": cause,
-                    "error_code": codes[j] or "", "duration_seconds": durations[i % len(durations)],
-                    "billed_duration_seconds": durations[(i + 5) % len(durations)],
-                    "billing_amount_milli_cents": 9000 * (i % 7), "reservation_status": "settled",
-                    "webhook_status": ("delivered", "failed")[i % 2], "result_status": ("completed", "failed")[i % 2],
-                    "created_at": _stamp(created), "started_at": _stamp(created + setup),
-                    "answered_at": _stamp(created + setup + answer), "setup_delay": setup, "answer_delay": answer,
-                })
+                records.append(
+                    {
+                        "id": f"call-{i:05d}",
+                        "status": status,
+                        "direction": direction,
+                        "hangup_cause": cause,
+                        "error_code": codes[j] or "",
+                        "duration_seconds": durations[i % len(durations)],
+                        "billed_duration_seconds": durations[(i + 5) % len(durations)],
+                        "billing_amount_milli_cents": 9000 * (i % 7),
+                        "reservation_status": "settled",
+                        "webhook_status": ("delivered", "failed")[i % 2],
+                        "result_status": ("completed", "failed")[i % 2],
+                        "created_at": _stamp(created),
+                        "started_at": _stamp(created + setup),
+                        "answered_at": _stamp(created + setup + answer),
+                        "setup_delay": setup,
+                        "answer_delay": answer,
+                    }
+                )
     return records
 
 
@@ -75,8 +85,16 @@ def _events(record: dict) -> list:
     d, s, call = record["direction"], record["status"], record["id"]
     return [
         Created(d),
-        Ended(d, s, record["hangup_cause"], record["error_code"], record["duration_seconds"], record["answer_delay"],
-              record["setup_delay"], call),
+        Ended(
+            d,
+            s,
+            record["hangup_cause"],
+            record["error_code"],
+            record["duration_seconds"],
+            record["answer_delay"],
+            record["setup_delay"],
+            call,
+        ),
         Billed(d, record["billed_duration_seconds"], record["billing_amount_milli_cents"], call),
         WebhookOutcome(record["webhook_status"]),
         ExtractionOutcome(record["result_status"]),
@@ -97,9 +115,15 @@ def exporter_store(records: list[dict], now: float) -> Store:
 
 
 def health(now: float) -> Health:
-    return Health(Status(up=True, last_success=now), watermark=now, tracked=100_000, stragglers=3,
-                  active={(d, s): 5 for d in DIRECTIONS for s in ACTIVE_STATUSES}, webhooks_pending=10,
-                  webhook_pending_oldest=now - 3600)
+    return Health(
+        Status(up=True, last_success=now),
+        watermark=now,
+        tracked=100_000,
+        stragglers=3,
+        active={(d, s): 5 for d in DIRECTIONS for s in ACTIVE_STATUSES},
+        webhooks_pending=10,
+        webhook_pending_oldest=now - 3600,
+    )
 
 
 async def exporter_pages(orgs: int, records: list[dict]) -> Exposition:
@@ -128,8 +152,10 @@ def _render_ms(render, registries: list[CollectorRegistry], times: int) -> list[
             started = time.perf_counter()
             texts[i] = render(registry)
             timings[i].append(time.perf_counter() - started)
-    return [(median(t) * 1000, sum(1 for line in text.splitlines() if line and not line.startswith(b"#")))
-            for t, text in zip(timings, texts)]
+    return [
+        (median(t) * 1000, sum(1 for line in text.splitlines() if line and not line.startswith(b"#")))
+        for t, text in zip(timings, texts)
+    ]
 
 
 def _samples(body: bytes, openmetrics: bool) -> dict:
@@ -137,15 +163,17 @@ def _samples(body: bytes, openmetrics: bool) -> dict:
     pending webhook's age, which follows the clock."""
     parse = parse_openmetrics if openmetrics else parse_text
     moving = ("process_", "python_", "callingbox_webhook_pending_oldest_age_seconds")
-    return {(s.name, tuple(sorted(s.labels.items()))): (s.value, s.exemplar)
-            for family in parse(body.decode()) if not family.name.startswith(moving)
-            for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): (s.value, s.exemplar)
+        for family in parse(body.decode())
+        if not family.name.startswith(moving)
+        for s in family.samples
+    }
 
 
 async def _scrapes_ms(url: str, openmetrics: bool, gzip: bool, times: int) -> tuple[float, int, bytes]:
     """Median time (ms) of a scrape, one at a time over loopback; the body as sent, and decoded."""
-    headers = {"Accept-Encoding": "gzip" if gzip else "identity",
-               **({"Accept": OPENMETRICS} if openmetrics else {})}
+    headers = {"Accept-Encoding": "gzip" if gzip else "identity", **({"Accept": OPENMETRICS} if openmetrics else {})}
     timings, body, sent = [], b"", 0
     async with aiohttp.ClientSession() as session:
         for _ in range(times):
@@ -191,15 +219,32 @@ async def _served(orgs: int, records: list[dict], sizes: Sizes, facts: Facts) ->
                 ms, sent, body = await _scrapes_ms(url, openmetrics, gzip, sizes.renders * SCRAPES_PER_RENDER)
                 coding = "gzip" if gzip else "identity"
                 facts[CASE][f"served {label} {orgs} {coding}"] = {
-                    "bytes_sent": sent, "same_samples_as_live": _samples(body, openmetrics) == _samples(live, openmetrics)}
+                    "bytes_sent": sent,
+                    "same_samples_as_live": _samples(body, openmetrics) == _samples(live, openmetrics),
+                }
                 goal = orgs == 10
-                rows.append(Row(CASE, f"exporter: served scrape {label}, {orgs} org{plural}, {coding} over HTTP "
-                                      f"({sent / 1000:,.0f} kB sent)", ms, "ms",
-                                goal=f"<= {GOAL_MS:.0f} ms" if goal else "", verdict=verdict(ms <= GOAL_MS if goal else None)))
+                rows.append(
+                    Row(
+                        CASE,
+                        f"exporter: served scrape {label}, {orgs} org{plural}, {coding} over HTTP "
+                        f"({sent / 1000:,.0f} kB sent)",
+                        ms,
+                        "ms",
+                        goal=f"<= {GOAL_MS:.0f} ms" if goal else "",
+                        verdict=verdict(ms <= GOAL_MS if goal else None),
+                    )
+                )
         cpu_ms, families = await _publish_cpu_ms(collector, records, sizes.renders)
         facts[CASE][f"publish {orgs}"] = {"families_rendered": families}
-        rows.append(Row(CASE, f"exporter: publish CPU, an org's call families changed, {orgs} org{plural} "
-                              f"({families} families rendered, pages joined and gzipped)", cpu_ms, "ms"))
+        rows.append(
+            Row(
+                CASE,
+                f"exporter: publish CPU, an org's call families changed, {orgs} org{plural} "
+                f"({families} families rendered, pages joined and gzipped)",
+                cpu_ms,
+                "ms",
+            )
+        )
     finally:
         await runner.cleanup()
     return rows, collector
@@ -213,7 +258,15 @@ def run(sizes: Sizes, facts: Facts) -> list[Row]:
         for label, render in (("text", generate_latest), ("OpenMetrics", generate_openmetrics)):
             (ms, samples), (naive_ms, naive_samples) = _render_ms(render, [ours, naive], sizes.renders)
             facts[CASE][f"{label} {orgs}"] = {"samples": samples, "naive_samples": naive_samples}
-            rows.append(Row(CASE, f"reference: live render {label}, {orgs} org{'s' * (orgs > 1)} ({samples:,} samples; "
-                                  f"naive peer {naive_samples:,})", ms, "ms", vs_naive=ratio(ms, naive_ms)))
+            rows.append(
+                Row(
+                    CASE,
+                    f"reference: live render {label}, {orgs} org{'s' * (orgs > 1)} ({samples:,} samples; "
+                    f"naive peer {naive_samples:,})",
+                    ms,
+                    "ms",
+                    vs_naive=ratio(ms, naive_ms),
+                )
+            )
         rows += served
     return rows

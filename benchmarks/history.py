@@ -48,8 +48,14 @@ async def _polls(api: ApiServer, window_calls: int, steady: int) -> list[dict]:
                 ok, _ = await poller.poll()
                 if not ok:
                     raise RuntimeError(f"poll failed: {poller.status.last_error}")
-                results.append({"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall,
-                                **report.last, "tracked": len(poller.ledger.calls)})
+                results.append(
+                    {
+                        "cpu_s": time.process_time() - cpu,
+                        "wall_s": time.perf_counter() - wall,
+                        **report.last,
+                        "tracked": len(poller.ledger.calls),
+                    }
+                )
     return results
 
 
@@ -68,14 +74,18 @@ def run(small: ApiServer, big: ApiServer, sizes: Sizes, facts: Facts, log_dir: P
             first, *steady = asyncio.run(_polls(api, n, sizes.steady_polls))
             firsts[size].append(first)
             polls[size] += steady
-    naive = {"small": naive_poll(small, log_dir, "naive-history-small", 600),
-             "big": naive_poll(big, log_dir, "naive-history-big", 1800)}
+    naive = {
+        "small": naive_poll(small, log_dir, "naive-history-small", 600),
+        "big": naive_poll(big, log_dir, "naive-history-big", 1800),
+    }
     f = facts[CASE]
     f.update(window_calls=n, old=old, naive={k: dict(v) for k, v in naive.items()})
     for size, steady_polls in polls.items():
-        f[size] = {f"{key}_{kind}": [r[key] for r in results]
-                   for kind, results in (("first", firsts[size]), ("steady", steady_polls))
-                   for key in ("records", "examined", "bytes", "tracked", "cpu_s")}
+        f[size] = {
+            f"{key}_{kind}": [r[key] for r in results]
+            for kind, results in (("first", firsts[size]), ("steady", steady_polls))
+            for key in ("records", "examined", "bytes", "tracked", "cpu_s")
+        }
 
     def first(size: str, key: str) -> float:
         return median([r[key] for r in firsts[size]])
@@ -90,23 +100,59 @@ def run(small: ApiServer, big: ApiServer, sizes: Sizes, facts: Facts, log_dir: P
     for kind, pick in (("first poll", first), ("steady poll", steady)):
         for size in ("small", "big"):
             vs_naive = ratio(pick(size, "cpu_s"), naive[size]["cpu_s"]) if kind == "first poll" else None
-            rows.append(Row(CASE, f"exporter: {kind} CPU, {label(size)}", pick(size, "cpu_s") * 1000, "ms",
-                            vs_naive=vs_naive))
+            rows.append(
+                Row(CASE, f"exporter: {kind} CPU, {label(size)}", pick(size, "cpu_s") * 1000, "ms", vs_naive=vs_naive)
+            )
         growth = pick("big", "cpu_s") / pick("small", "cpu_s")
-        rows.append(Row(CASE, f"exporter: {kind} CPU, {old['big']:,} ÷ {old['small']:,} old", growth, "x",
-                        goal=f"<= {GOAL:.1f}x", verdict=verdict(growth <= GOAL)))
+        rows.append(
+            Row(
+                CASE,
+                f"exporter: {kind} CPU, {old['big']:,} ÷ {old['small']:,} old",
+                growth,
+                "x",
+                goal=f"<= {GOAL:.1f}x",
+                verdict=verdict(growth <= GOAL),
+            )
+        )
     for size in ("small", "big"):
         rows.append(Row(CASE, f"exporter: steady poll wall, {label(size)}", steady(size, "wall_s") * 1000, "ms"))
     for size in ("small", "big"):
-        rows.append(Row(CASE, f"exporter: bytes read per poll, {label(size)}", steady(size, "bytes") / MB, "MB",
-                        vs_naive=ratio(steady(size, "bytes"), naive[size]["bytes"])))
+        rows.append(
+            Row(
+                CASE,
+                f"exporter: bytes read per poll, {label(size)}",
+                steady(size, "bytes") / MB,
+                "MB",
+                vs_naive=ratio(steady(size, "bytes"), naive[size]["bytes"]),
+            )
+        )
     small_bytes, big_bytes = max(f["small"]["bytes_steady"]), max(f["big"]["bytes_steady"])
-    rows.append(Row(CASE, f"exporter: bytes read per poll, {old['big']:,} ÷ {old['small']:,} old",
-                    big_bytes / small_bytes, "x", goal="window-bounded: 1.00x",
-                    verdict=verdict(abs(big_bytes - small_bytes) <= CHUNK_BYTES)))
+    rows.append(
+        Row(
+            CASE,
+            f"exporter: bytes read per poll, {old['big']:,} ÷ {old['small']:,} old",
+            big_bytes / small_bytes,
+            "x",
+            goal="window-bounded: 1.00x",
+            verdict=verdict(abs(big_bytes - small_bytes) <= CHUNK_BYTES),
+        )
+    )
     for size in ("small", "big"):
-        rows.append(Row(CASE, f"naive peer: poll CPU, {label(size)} ({naive[size]['bytes'] / MB:,.0f} MB read)",
-                        naive[size]["cpu_s"] * 1000, "ms", vs_naive=1.0))
-    rows.append(Row(CASE, f"naive peer: poll CPU, {old['big']:,} ÷ {old['small']:,} old",
-                    naive["big"]["cpu_s"] / naive["small"]["cpu_s"], "x"))
+        rows.append(
+            Row(
+                CASE,
+                f"naive peer: poll CPU, {label(size)} ({naive[size]['bytes'] / MB:,.0f} MB read)",
+                naive[size]["cpu_s"] * 1000,
+                "ms",
+                vs_naive=1.0,
+            )
+        )
+    rows.append(
+        Row(
+            CASE,
+            f"naive peer: poll CPU, {old['big']:,} ÷ {old['small']:,} old",
+            naive["big"]["cpu_s"] / naive["small"]["cpu_s"],
+            "x",
+        )
+    )
     return rows

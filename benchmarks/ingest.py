@@ -28,16 +28,15 @@ from benchmarks import parse_limit
 from benchmarks.common import LOOKBACK, Facts, PollReport, Row, Sizes, median, ratio, verdict
 from benchmarks.naive_peer import NaiveMetrics, NaivePeer
 from benchmarks.procs import ApiServer, http_get
-from exporter.ledger import Ledger
 from exporter.api import CHUNK_BYTES
 from exporter.config import Target
 from exporter.jsonstream import ArrayStream
+from exporter.ledger import Ledger
 from exporter.metrics import Collector
-from exporter.store import Store
 from exporter.poller import Poller
 from exporter.settings import Settings
+from exporter.store import Store
 from exporter.tally import Tally
-
 
 CASE = "1 ingest"
 GOAL = 0.5  # of the parse limit's calls/s
@@ -125,11 +124,17 @@ def run(api: ApiServer, sizes: Sizes, facts: Facts) -> list[Row]:
     n = sizes.ingest_calls
     t, memory, http = _measure(api.url, body, sizes.repeats)
     facts[CASE].update(
-        calls=n, body_bytes=len(body), bytes_per_call=len(body) / n, overlap_calls=_overlap_calls(body),
-        tracked_memory=memory["tracked"], examined_first_memory=memory["first"]["examined"],
+        calls=n,
+        body_bytes=len(body),
+        bytes_per_call=len(body) / n,
+        overlap_calls=_overlap_calls(body),
+        tracked_memory=memory["tracked"],
+        examined_first_memory=memory["first"]["examined"],
         examined_second_memory=memory["second"]["examined"],
-        tracked_http=http[0]["tracked"], records_http=http[0]["records"],
-        examined_first_http=http[0]["examined"], examined_second_http=http[1]["examined"],
+        tracked_http=http[0]["tracked"],
+        records_http=http[0]["records"],
+        examined_first_http=http[0]["examined"],
+        examined_second_http=http[1]["examined"],
         bytes_read_http=http[0]["bytes"],
     )
     parse = t.get("parse")
@@ -139,8 +144,15 @@ def run(api: ApiServer, sizes: Sizes, facts: Facts) -> list[Row]:
     def cps(seconds: float) -> float:
         return n / seconds
 
-    rows = [Row(CASE, f"parse limit: msgspec decode, in memory ({n:,} calls of {len(body) / n:,.0f} B: {mb:.0f} MB)",
-                parse_cps, "calls/s", 1.0 if parse_cps else None)]
+    rows = [
+        Row(
+            CASE,
+            f"parse limit: msgspec decode, in memory ({n:,} calls of {len(body) / n:,.0f} B: {mb:.0f} MB)",
+            parse_cps,
+            "calls/s",
+            1.0 if parse_cps else None,
+        )
+    ]
     if parse_cps is None:
         rows[0].figure = "parse limit: n/a (msgspec not installed: pip install .[bench])"
     polls = (("first", "first poll (all new)"), ("second", "second poll (unchanged)"))
@@ -148,19 +160,37 @@ def run(api: ApiServer, sizes: Sizes, facts: Facts) -> list[Row]:
     for poll, label in polls:
         for way, where in ways:
             seconds = t[f"naive {poll} {way}"]
-            rows.append(Row(CASE, f"naive peer: {label}, {where}", cps(seconds), "calls/s",
-                            ratio(cps(seconds), parse_cps), 1.0))
+            rows.append(
+                Row(CASE, f"naive peer: {label}, {where}", cps(seconds), "calls/s", ratio(cps(seconds), parse_cps), 1.0)
+            )
     for poll, label in polls:
         for way, where in ways:
             seconds, peer = t[f"{poll} {way}"], t[f"naive {poll} {way}"]
             vs_parse = ratio(cps(seconds), parse_cps)
-            rows.append(Row(CASE, f"exporter: {label}, {where}", cps(seconds), "calls/s", vs_parse,
-                            ratio(cps(seconds), cps(peer)),
-                            f">= {GOAL:.2f}x parse", verdict(None if vs_parse is None else vs_parse >= GOAL)))
+            rows.append(
+                Row(
+                    CASE,
+                    f"exporter: {label}, {where}",
+                    cps(seconds),
+                    "calls/s",
+                    vs_parse,
+                    ratio(cps(seconds), cps(peer)),
+                    f">= {GOAL:.2f}x parse",
+                    verdict(None if vs_parse is None else vs_parse >= GOAL),
+                )
+            )
     examined = http[1]["examined"]
-    rows.append(Row(CASE, f"exporter: records examined on the second poll (overlap {OVERLAP:.0f} s holds "
-                          f"{facts[CASE]['overlap_calls']})", examined, "calls", goal="= overlap",
-                    verdict=verdict(examined == facts[CASE]["overlap_calls"])))
+    rows.append(
+        Row(
+            CASE,
+            f"exporter: records examined on the second poll (overlap {OVERLAP:.0f} s holds "
+            f"{facts[CASE]['overlap_calls']})",
+            examined,
+            "calls",
+            goal="= overlap",
+            verdict=verdict(examined == facts[CASE]["overlap_calls"]),
+        )
+    )
     return rows
 
 

@@ -25,9 +25,16 @@ STARTUP = 1.5  # seconds from launch to the first poll's read, roughly: where to
 def _poll_once(name: str, api: ApiServer, log_dir: Path, settle_window: float) -> dict:
     """Start an exporter, let it poll once (and save its state), read its memory and report."""
     sent_before = api.stats().get("bytes_sent", 0)
-    with ExporterProcess(name, log_dir, api_url=api.url, poll_interval=3600, request_timeout=300,
-                         state_file=str(log_dir / f"{name}.state.db"), initial_lookback=LOOKBACK,
-                         settle_window=settle_window) as exporter:
+    with ExporterProcess(
+        name,
+        log_dir,
+        api_url=api.url,
+        poll_interval=3600,
+        request_timeout=300,
+        state_file=str(log_dir / f"{name}.state.db"),
+        initial_lookback=LOOKBACK,
+        settle_window=settle_window,
+    ) as exporter:
         exporter.wait("/-/ready", timeout=900)
         # Ready comes with the published snapshot; the poll's log line once its pages are rendered.
         polls = wait_until(exporter.polls, 60, "the first poll's log line")
@@ -51,27 +58,53 @@ def run(small: ApiServer, big: ApiServer, sizes: Sizes, facts: Facts, log_dir: P
     f.update(baseline=baseline, loaded=loaded, body_bytes=body, window_bytes=window)
     peak = loaded["VmHWM"] / MB
     rows = [
-        Row(CASE, f"exporter: peak RSS polling a {body / 1e9:.1f} GB history ({n:,} in window "
-                  f"+ {sizes.old_big:,} old)", peak, "MB", vs_naive=ratio(loaded["VmHWM"], naive["big"]["peak_rss"]),
-            goal=f"<= {GOAL_MB} MB", verdict=verdict(peak <= GOAL_MB)),
-        Row(CASE, f"exporter: bytes read of that response ({loaded.get('tracked', 0):,} calls tracked)",
-            loaded["bytes"] / MB, "MB", vs_naive=ratio(loaded["bytes"], body),
-            goal=f"window: {window / MB:.1f} MB", verdict=verdict(loaded["bytes"] <= window * 1.05 + 2 * CHUNK_BYTES)),
+        Row(
+            CASE,
+            f"exporter: peak RSS polling a {body / 1e9:.1f} GB history ({n:,} in window + {sizes.old_big:,} old)",
+            peak,
+            "MB",
+            vs_naive=ratio(loaded["VmHWM"], naive["big"]["peak_rss"]),
+            goal=f"<= {GOAL_MB} MB",
+            verdict=verdict(peak <= GOAL_MB),
+        ),
+        Row(
+            CASE,
+            f"exporter: bytes read of that response ({loaded.get('tracked', 0):,} calls tracked)",
+            loaded["bytes"] / MB,
+            "MB",
+            vs_naive=ratio(loaded["bytes"], body),
+            goal=f"window: {window / MB:.1f} MB",
+            verdict=verdict(loaded["bytes"] <= window * 1.05 + 2 * CHUNK_BYTES),
+        ),
     ]
     if loaded["server_sent"]:
-        rows.append(Row(CASE, "simulator: bytes it sent before it saw the connection closed",
-                        loaded["server_sent"] / MB, "MB"))
-    rows.append(Row(CASE, "exporter: RSS tracking nothing (after one poll and a state save)",
-                    baseline["VmRSS"] / MB, "MB"))
+        rows.append(
+            Row(CASE, "simulator: bytes it sent before it saw the connection closed", loaded["server_sent"] / MB, "MB")
+        )
+    rows.append(
+        Row(CASE, "exporter: RSS tracking nothing (after one poll and a state save)", baseline["VmRSS"] / MB, "MB")
+    )
     if scrape.get("idle_memory") and scrape.get("idle_tracked"):
         tracked, idle = int(scrape["idle_tracked"]), scrape["idle_memory"]
         f["per_call"] = (idle["VmRSS"] - baseline["VmRSS"]) / tracked
         rows += [
             Row(CASE, f"exporter: RSS tracking {tracked:,} calls (case 3, idle)", idle["VmRSS"] / MB, "MB"),
             Row(CASE, "exporter: RSS per tracked call", f["per_call"], "B/call"),
-            Row(CASE, f"exporter: peak RSS, {tracked:,} calls in window (first poll + state save)",
-                idle["VmHWM"] / MB, "MB", vs_naive=ratio(idle["VmHWM"], scrape["naive_idle_poll"]["peak_rss"])),
+            Row(
+                CASE,
+                f"exporter: peak RSS, {tracked:,} calls in window (first poll + state save)",
+                idle["VmHWM"] / MB,
+                "MB",
+                vs_naive=ratio(idle["VmHWM"], scrape["naive_idle_poll"]["peak_rss"]),
+            ),
         ]
-    rows.append(Row(CASE, f"naive peer: peak RSS on the {body / 1e9:.1f} GB history", naive["big"]["peak_rss"] / MB,
-                    "MB", vs_naive=1.0))
+    rows.append(
+        Row(
+            CASE,
+            f"naive peer: peak RSS on the {body / 1e9:.1f} GB history",
+            naive["big"]["peak_rss"] / MB,
+            "MB",
+            vs_naive=1.0,
+        )
+    )
     return rows

@@ -43,12 +43,14 @@ class NaiveMetrics:
         self.webhooks = counter("callingbox_webhook_deliveries", "Webhook outcomes.", "status")
         self.extractions = counter("callingbox_result_extractions", "Extraction outcomes.", "status")
         self.billed = counter("callingbox_billed_amount_dollars", "Money billed.", "direction")
-        self.duration = histogram("callingbox_call_duration_seconds", "Duration.", DURATION_BUCKETS,
-                                  "direction", "status")
+        self.duration = histogram(
+            "callingbox_call_duration_seconds", "Duration.", DURATION_BUCKETS, "direction", "status"
+        )
         self.answer = histogram("callingbox_call_answer_delay_seconds", "Answer delay.", DELAY_BUCKETS, "direction")
         self.setup = histogram("callingbox_call_setup_delay_seconds", "Setup delay.", DELAY_BUCKETS, "direction")
-        self.billed_duration = histogram("callingbox_call_billed_duration_seconds", "Billed duration.",
-                                         DURATION_BUCKETS, "direction")
+        self.billed_duration = histogram(
+            "callingbox_call_billed_duration_seconds", "Billed duration.", DURATION_BUCKETS, "direction"
+        )
 
 
 def _seconds(value: str | None) -> float | None:
@@ -93,8 +95,9 @@ class NaivePeer:
                     m.errors.labels(org, direction, call["error_code"] or "none").inc()
                 if call.get("duration_seconds") is not None:
                     m.duration.labels(org, direction, status).observe(call["duration_seconds"])
-                created, started, answered = map(_seconds, (call.get("created_at"), call.get("started_at"),
-                                                            call.get("answered_at")))
+                created, started, answered = map(
+                    _seconds, (call.get("created_at"), call.get("started_at"), call.get("answered_at"))
+                )
                 if started is not None and answered is not None:
                     m.answer.labels(org, direction).observe(answered - started)
                 if created is not None and started is not None:
@@ -139,8 +142,18 @@ def main(argv: list[str] | None = None) -> None:
         result = peer.poll(args.api_url)
         polls.inc()
         done += 1
-        print(json.dumps({"poll": done, "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
-                          "peak_rss": _peak_rss(), **result}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "poll": done,
+                    "wall_s": time.perf_counter() - wall,
+                    "cpu_s": time.process_time() - cpu,
+                    "peak_rss": _peak_rss(),
+                    **result,
+                }
+            ),
+            flush=True,
+        )
         if done != args.polls:
             time.sleep(args.interval)
     if args.listen:

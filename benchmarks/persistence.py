@@ -21,8 +21,8 @@ from pathlib import Path
 
 from benchmarks.common import MB, Facts, Row, Sizes, median, verdict
 from exporter.ledger import Ledger
-from exporter.records import Record
 from exporter.migrate import encode_v1, write_atomically
+from exporter.records import Record
 from exporter.state import StateDB
 from exporter.store import Store
 
@@ -42,17 +42,48 @@ def _id(i: int) -> str:
 
 def _ringing(i: int) -> Record:
     created = T0 + SPACING * i
-    return Record(_id(i), "ringing", ("outbound", "inbound")[i % 5 == 0], created, created + 1, created + 1, None,
-                  None, None, None, None, "reserved", None, None, None, None)
+    return Record(
+        _id(i),
+        "ringing",
+        ("outbound", "inbound")[i % 5 == 0],
+        created,
+        created + 1,
+        created + 1,
+        None,
+        None,
+        None,
+        None,
+        None,
+        "reserved",
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 def _ended(i: int) -> Record:
     created = T0 + SPACING * i
     status = ("completed", "completed", "completed", "no_answer", "busy", "failed")[i % 6]
     answered = created + 4 if status == "completed" else None
-    return Record(_id(i), status, ("outbound", "inbound")[i % 5 == 0], created, created + 95, created + 1, answered,
-                  created + 90, 85 if answered else 0, 85 if answered else 0, 1700 + i % 900, "settled", "delivered",
-                  "completed", f"cause_{i % 12}", "e_busy" if status == "failed" else None)
+    return Record(
+        _id(i),
+        status,
+        ("outbound", "inbound")[i % 5 == 0],
+        created,
+        created + 95,
+        created + 1,
+        answered,
+        created + 90,
+        85 if answered else 0,
+        85 if answered else 0,
+        1700 + i % 900,
+        "settled",
+        "delivered",
+        "completed",
+        f"cause_{i % 12}",
+        "e_busy" if status == "failed" else None,
+    )
 
 
 def _count(ledger: Ledger, store: Store, record: Record) -> None:
@@ -86,8 +117,9 @@ def _measured(save) -> tuple[float, int | None]:
 
 
 def _json_saves(path: Path, ledger: Ledger, store: Store) -> tuple[float, int | None]:
-    results = [_measured(lambda: write_atomically(str(path), encode_v1("bench", ledger, store)))
-               for _ in range(JSON_SAVES)]
+    results = [
+        _measured(lambda: write_atomically(str(path), encode_v1("bench", ledger, store))) for _ in range(JSON_SAVES)
+    ]
     return median([cpu for cpu, _ in results]), results[-1][1]
 
 
@@ -103,8 +135,15 @@ def _ordinary_polls(db: StateDB, ledger: Ledger, store: Store, calls: int, polls
         changed_calls, changed_series = len(ledger.changed), len(store.changed)
         rows = db.connection.total_changes
         cpu, written = _measured(lambda: db.save(ledger, store))
-        results.append({"cpu_s": cpu, "bytes": written, "changed_calls": changed_calls,
-                        "rows": db.connection.total_changes - rows, "series_rows": changed_series})
+        results.append(
+            {
+                "cpu_s": cpu,
+                "bytes": written,
+                "changed_calls": changed_calls,
+                "rows": db.connection.total_changes - rows,
+                "series_rows": changed_series,
+            }
+        )
     return results
 
 
@@ -127,26 +166,56 @@ def run(sizes: Sizes, facts: Facts, log_dir: Path) -> list[Row]:
     written = [p["bytes"] for p in polls if p["bytes"] is not None]
     ordinary_bytes = median(written) if written else None
     mean_bytes = sum(written) / len(written) if written else None
-    facts[CASE].update(calls=n, changed_per_poll=CHANGED, json_bytes=os.path.getsize(log_dir / "state-v1.json"),
-                       polls=polls, restored_exactly=exact, db_bytes=os.path.getsize(path))
+    facts[CASE].update(
+        calls=n,
+        changed_per_poll=CHANGED,
+        json_bytes=os.path.getsize(log_dir / "state-v1.json"),
+        polls=polls,
+        restored_exactly=exact,
+        db_bytes=os.path.getsize(path),
+    )
     less = json_cpu / cpu if cpu else None
     rows = [
         Row(CASE, f"JSON whole-file save (the reference), {n:,} tracked calls: CPU per save", json_cpu * 1000, "ms"),
         Row(CASE, "JSON whole-file save: bytes written per save", _mb(json_bytes), "MB"),
-        Row(CASE, f"SQLite save of an ordinary poll ({CHANGED} calls changed): CPU per save (median of "
-                  f"{len(polls)})", cpu * 1000, "ms"),
-        Row(CASE, f"SQLite save of an ordinary poll: bytes written per save, median (mean {_mb(mean_bytes) or 0:.2f} MB"
-                  " with the WAL checkpoints)", _mb(ordinary_bytes), "MB"),
+        Row(
+            CASE,
+            f"SQLite save of an ordinary poll ({CHANGED} calls changed): CPU per save (median of {len(polls)})",
+            cpu * 1000,
+            "ms",
+        ),
+        Row(
+            CASE,
+            f"SQLite save of an ordinary poll: bytes written per save, median (mean {_mb(mean_bytes) or 0:.2f} MB"
+            " with the WAL checkpoints)",
+            _mb(ordinary_bytes),
+            "MB",
+        ),
         # The goal is set at 100 000 calls: the JSON save grows with the calls, an ordinary one does not.
-        Row(CASE, "JSON save ÷ SQLite ordinary save: CPU per save", less, "x",
+        Row(
+            CASE,
+            "JSON save ÷ SQLite ordinary save: CPU per save",
+            less,
+            "x",
             goal=f">= {GOAL}x (<= 1/{GOAL}) at {GOAL_CALLS:,} calls",
-            verdict=verdict(None if n < GOAL_CALLS else less is not None and less >= GOAL)),
-        Row(CASE, "JSON save ÷ SQLite ordinary save: bytes written per save",
-            json_bytes / ordinary_bytes if json_bytes and ordinary_bytes else None, "x"),
+            verdict=verdict(None if n < GOAL_CALLS else less is not None and less >= GOAL),
+        ),
+        Row(
+            CASE,
+            "JSON save ÷ SQLite ordinary save: bytes written per save",
+            json_bytes / ordinary_bytes if json_bytes and ordinary_bytes else None,
+            "x",
+        ),
         Row(CASE, f"SQLite first save (all {n:,} calls, the file built whole): CPU", first_cpu * 1000, "ms"),
         Row(CASE, "SQLite first save: bytes written", _mb(first_bytes), "MB"),
-        Row(CASE, f"SQLite restore of {n:,} tracked calls: CPU (wall {restore_wall * 1000:,.0f} ms)",
-            restore_cpu * 1000, "ms", goal="exact", verdict=verdict(exact)),
+        Row(
+            CASE,
+            f"SQLite restore of {n:,} tracked calls: CPU (wall {restore_wall * 1000:,.0f} ms)",
+            restore_cpu * 1000,
+            "ms",
+            goal="exact",
+            verdict=verdict(exact),
+        ),
     ]
     return rows
 

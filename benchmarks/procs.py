@@ -113,8 +113,17 @@ def stop(process: subprocess.Popen, timeout: float) -> None:
 def exporter_argv(port: int, config_path: Path | None, *extra: str) -> list[str]:
     """`python -m exporter` on a loopback port with debug logs, reading `config_path` if given."""
     config = ("--config.file", str(config_path)) if config_path is not None else ()
-    return [sys.executable, "-m", "exporter", *config, "--web.listen-address", f"127.0.0.1:{port}",
-            "--log.level", "debug", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "exporter",
+        *config,
+        "--web.listen-address",
+        f"127.0.0.1:{port}",
+        "--log.level",
+        "debug",
+        *extra,
+    ]
 
 
 def write_exporter_config(path: Path, config: dict) -> Path:
@@ -144,7 +153,11 @@ class Child:
         self.log_path = log_path
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(
-                argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                argv,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
                 env={**clean, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
         self.pid = self.process.pid
@@ -184,8 +197,19 @@ class ApiServer(Child):
     """`benchmarks.servers` in its own process: the simulator (live) or its captured response (replay)."""
 
     def __init__(self, mode: str, history: int, log_dir: Path, history_age: float = 0.0, seed: int = 1):
-        argv = [sys.executable, "-m", "benchmarks.servers", "--mode", mode, "--history", str(history),
-                "--history-age", str(history_age), "--seed", str(seed)]
+        argv = [
+            sys.executable,
+            "-m",
+            "benchmarks.servers",
+            "--mode",
+            mode,
+            "--history",
+            str(history),
+            "--history-age",
+            str(history_age),
+            "--seed",
+            str(seed),
+        ]
         super().__init__(argv, log_dir / f"api-{mode}-{history}.log")
         try:
             hello = self.line(timeout=60 + history / 5000)  # replay generates the whole body first
@@ -228,8 +252,17 @@ class NaiveProcess(Child):
     def __init__(self, name: str, log_dir: Path, api_url: str, interval: float, polls: int = 0, serve: bool = True):
         self.port = free_port() if serve else None
         self.url = f"http://127.0.0.1:{self.port}" if serve else None
-        argv = [sys.executable, "-m", "benchmarks.naive_peer", "--api-url", api_url, "--interval", str(interval),
-                "--polls", str(polls)]
+        argv = [
+            sys.executable,
+            "-m",
+            "benchmarks.naive_peer",
+            "--api-url",
+            api_url,
+            "--interval",
+            str(interval),
+            "--polls",
+            str(polls),
+        ]
         if serve:
             argv += ["--listen", f"127.0.0.1:{self.port}"]
         super().__init__(argv, log_dir / f"{name}.log")

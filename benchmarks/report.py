@@ -57,8 +57,16 @@ def _ratio(value: float | None) -> str:
 
 def table(rows: list[Row]) -> str:
     cells = [COLUMNS] + [
-        (r.case, r.figure, f"{r.value:.2f}" if r.unit == "x" and r.value is not None else _number(r.value), r.unit,
-         _ratio(r.vs_parse), _ratio(r.vs_naive), r.goal, r.verdict)
+        (
+            r.case,
+            r.figure,
+            f"{r.value:.2f}" if r.unit == "x" and r.value is not None else _number(r.value),
+            r.unit,
+            _ratio(r.vs_parse),
+            _ratio(r.vs_naive),
+            r.goal,
+            r.verdict,
+        )
         for r in rows
     ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]

@@ -71,13 +71,18 @@ def exporter_series(org: str) -> list[tuple[str, dict[str, str]]]:
     them at start, plus what a running org adds: hangup causes, error codes, API status codes."""
     collector = Collector("bench")
     asyncio.run(collector.publish(org, Snapshot(Store(), Health())))
-    series = [(s.name, dict(s.labels)) for family in collector.collect() for s in family.samples
-              if s.labels.get("org") == org]
+    series = [
+        (s.name, dict(s.labels)) for family in collector.collect() for s in family.samples if s.labels.get("org") == org
+    ]
     for direction in DIRECTIONS:
         for status in TERMINAL:
             for cause in ("normal_clearing", "no_answer", "user_busy"):
-                series.append(("callingbox_call_hangups_total",
-                               {"org": org, "direction": direction, "status": status, "hangup_cause": cause}))
+                series.append(
+                    (
+                        "callingbox_call_hangups_total",
+                        {"org": org, "direction": direction, "status": status, "hangup_cause": cause},
+                    )
+                )
         for code in ("invalid_number", "carrier_error", "insufficient_credits"):
             series.append(("callingbox_call_errors_total", {"org": org, "direction": direction, "error_code": code}))
     for code in ("200", "429", "error"):
@@ -120,14 +125,24 @@ def recorded(orgs: list[str], series: list[tuple[str, dict]]) -> list[tuple[str,
         r = rate(name, labels) * 3600
         org, direction = labels["org"], labels.get("direction", "")
         if name == "callingbox_calls_ended_total":
-            out.append(("org_direction_status:callingbox_calls_ended:increase1h",
-                        {"org": org, "direction": direction, "status": labels["status"]}, r))
+            out.append(
+                (
+                    "org_direction_status:callingbox_calls_ended:increase1h",
+                    {"org": org, "direction": direction, "status": labels["status"]},
+                    r,
+                )
+            )
         elif name == "callingbox_calls_created_total":
             out.append(("org_direction:callingbox_calls_created:increase1h", {"org": org, "direction": direction}, r))
         elif name == "callingbox_call_duration_seconds_count" and labels.get("status") == "completed":
-            out.append(("org_direction:callingbox_answered_durations:increase1h", {"org": org, "direction": direction}, r))
-        elif (name == "callingbox_call_duration_seconds_bucket" and labels.get("status") == "completed"
-              and labels["le"] in ("10", "10.0")):
+            out.append(
+                ("org_direction:callingbox_answered_durations:increase1h", {"org": org, "direction": direction}, r)
+            )
+        elif (
+            name == "callingbox_call_duration_seconds_bucket"
+            and labels.get("status") == "completed"
+            and labels["le"] in ("10", "10.0")
+        ):
             out.append(("org_direction:callingbox_short_calls:increase1h", {"org": org, "direction": direction}, r))
         elif name == "callingbox_result_extractions_total":
             hourly[(org, "all")] = hourly.get((org, "all"), 0) + r
@@ -162,8 +177,9 @@ def write_history(path: Path, orgs: list[str], target: dict[str, str], start: fl
         for name, labels, per_hour in recorded(orgs, series):
             text = name + label_text(labels)
             # A gentle daily cycle, so the hours of a day differ as they do in life.
-            out.writelines(f"{text} {per_hour * (1.5 if 8 <= (t % 86400) / 3600 < 20 else 0.5):.3f} {t:.0f}\n"
-                           for t in rec_times)
+            out.writelines(
+                f"{text} {per_hour * (1.5 if 8 <= (t % 86400) / 3600 < 20 else 0.5):.3f} {t:.0f}\n" for t in rec_times
+            )
             samples += len(rec_times)
         out.write("# EOF\n")
     return samples
@@ -183,8 +199,9 @@ class LiveTarget:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 t = time.time()
-                body = "".join(f"{name}{label_text(labels)} {value(name, labels, t, epoch)}\n"
-                               for name, labels in series).encode()
+                body = "".join(
+                    f"{name}{label_text(labels)} {value(name, labels, t, epoch)}\n" for name, labels in series
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; version=0.0.4")
                 self.send_header("Content-Length", str(len(body)))
@@ -193,6 +210,7 @@ class LiveTarget:
 
             def log_message(self, *args):
                 pass
+
         return Handler
 
     def close(self):
@@ -205,9 +223,11 @@ def rule_group_metrics(port: int) -> dict[str, dict[str, float]]:
         text = response.read().decode()
     found: dict[str, dict[str, float]] = {}
     for name, group, number in re.findall(
-            r'^(prometheus_rule_group_(?:last_duration|interval|last_evaluation_timestamp)_seconds)'
-            r'\{rule_group="[^;"]*;([^"]+)"\} (\S+)$',
-            text, re.MULTILINE):
+        r"^(prometheus_rule_group_(?:last_duration|interval|last_evaluation_timestamp)_seconds)"
+        r'\{rule_group="[^;"]*;([^"]+)"\} (\S+)$',
+        text,
+        re.MULTILINE,
+    ):
         found.setdefault(name, {})[group] = float(number)
     return found
 
@@ -235,20 +255,35 @@ def measure(rule_dir: Path, orgs: list[str], wait: float, work: Path) -> dict:
     history = work / "history.om"
     samples = write_history(history, orgs, target, start)
     data = work / "data"
-    subprocess.run(["promtool", "tsdb", "create-blocks-from", "openmetrics", str(history), str(data)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["promtool", "tsdb", "create-blocks-from", "openmetrics", str(history), str(data)],
+        check=True,
+        capture_output=True,
+    )
     history.unlink()
     port = free_port()
     config = work / "prometheus.yml"
-    config.write_text(json.dumps({
-        "global": {"scrape_interval": f"{SCRAPE}s", "evaluation_interval": f"{EVALUATION}s"},
-        "rule_files": [str(rule_dir / Path(r).name) for r in RULES],
-        "scrape_configs": [{"job_name": "callingbox", "static_configs": [{"targets": [target["instance"]]}]}],
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "global": {"scrape_interval": f"{SCRAPE}s", "evaluation_interval": f"{EVALUATION}s"},
+                "rule_files": [str(rule_dir / Path(r).name) for r in RULES],
+                "scrape_configs": [{"job_name": "callingbox", "static_configs": [{"targets": [target["instance"]]}]}],
+            }
+        )
+    )
     log = (work / "prometheus.log").open("wb")
-    prometheus = subprocess.Popen(["prometheus", f"--config.file={config}", f"--storage.tsdb.path={data}",
-                                   "--storage.tsdb.retention.time=30d", f"--web.listen-address=127.0.0.1:{port}"],
-                                  stdout=log, stderr=subprocess.STDOUT)
+    prometheus = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={data}",
+            "--storage.tsdb.retention.time=30d",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.time() + wait
         evaluations: dict[str, dict[float, float]] = {}  # group -> {evaluation time: its duration}
@@ -259,21 +294,30 @@ def measure(rule_dir: Path, orgs: list[str], wait: float, work: Path) -> dict:
             intervals.update(metrics.get("prometheus_rule_group_interval_seconds", {}))
             for group, at in metrics.get("prometheus_rule_group_last_evaluation_timestamp_seconds", {}).items():
                 if at > 0:
-                    evaluations.setdefault(group, {})[at] = metrics["prometheus_rule_group_last_duration_seconds"][group]
+                    evaluations.setdefault(group, {})[at] = metrics["prometheus_rule_group_last_duration_seconds"][
+                        group
+                    ]
         # Each group's first evaluation warms caches up: the steady state is the ones after it.
         readings = {g: [d for _, d in sorted(evals.items())[1:]] for g, evals in evaluations.items()}
         readings = {g: v for g, v in readings.items() if v}
         if not readings:
-            raise SystemExit(f"Prometheus reported no rule groups; its log:\n{(work / 'prometheus.log').read_text()[-3000:]}")
+            raise SystemExit(
+                f"Prometheus reported no rule groups; its log:\n{(work / 'prometheus.log').read_text()[-3000:]}"
+            )
         groups = {g: statistics.median(v) for g, v in readings.items()}
         if set(intervals) - set(groups):
             raise SystemExit(f"not evaluated within --wait: {sorted(set(intervals) - set(groups))}")
         read = samples_read(port, rule_dir)
-        return {"samples": samples, "groups": groups, "intervals": intervals, "read": read,
-                "read_per_minute": sum(n * 60 / intervals[g] for g, n in read.items()),
-                "evaluations": {g: len(v) for g, v in readings.items()},
-                "per_evaluation": sum(groups.values()),
-                "per_minute": sum(d * 60 / intervals[g] for g, d in groups.items())}
+        return {
+            "samples": samples,
+            "groups": groups,
+            "intervals": intervals,
+            "read": read,
+            "read_per_minute": sum(n * 60 / intervals[g] for g, n in read.items()),
+            "evaluations": {g: len(v) for g, v in readings.items()},
+            "per_evaluation": sum(groups.values()),
+            "per_minute": sum(d * 60 / intervals[g] for g, d in groups.items()),
+        }
     finally:
         prometheus.terminate()
         prometheus.wait(timeout=30)
@@ -283,8 +327,13 @@ def measure(rule_dir: Path, orgs: list[str], wait: float, work: Path) -> dict:
 def rules_of(commit: str | None, directory: Path) -> Path:
     directory.mkdir(parents=True)
     for path in RULES:
-        text = (ROOT / path).read_text() if commit is None else subprocess.run(
-            ["git", "show", f"{commit}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        text = (
+            (ROOT / path).read_text()
+            if commit is None
+            else subprocess.run(
+                ["git", "show", f"{commit}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout
+        )
         (directory / Path(path).name).write_text(text)
     return directory
 
@@ -303,41 +352,55 @@ def main(argv: list[str] | None = None) -> int:
     runs = ((args.commit, args.commit), ("working tree", None))
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(len(runs)) as pool:
         # Side by side, not one after the other: on a shared machine both see the same load.
-        futures = {label: pool.submit(measure, rules_of(commit, Path(tmp) / f"rules-{i}"), orgs, args.wait,
-                                      Path(tmp) / f"run-{i}")
-                   for i, (label, commit) in enumerate(runs)}
+        futures = {
+            label: pool.submit(
+                measure, rules_of(commit, Path(tmp) / f"rules-{i}"), orgs, args.wait, Path(tmp) / f"run-{i}"
+            )
+            for i, (label, commit) in enumerate(runs)
+        }
         results = {label: future.result() for label, future in futures.items()}
     before, after = results[args.commit], results["working tree"]
     for r in results.values():
         baselines = {g: d for g, d in r["groups"].items() if g.startswith("callingbox-baselines")}
         r["baselines_per_evaluation"] = sum(baselines.values())
         r["baselines_per_minute"] = sum(d * 60 / r["intervals"][g] for g, d in baselines.items())
-        r["baselines_read_per_minute"] = sum(n * 60 / r["intervals"][g] for g, n in r["read"].items()
-                                             if g.startswith("callingbox-baselines"))
-    print("| rule files | groups | history samples | baselines: per evaluation | baselines: per minute "
-          "| all groups: per evaluation | all groups: per minute |")
+        r["baselines_read_per_minute"] = sum(
+            n * 60 / r["intervals"][g] for g, n in r["read"].items() if g.startswith("callingbox-baselines")
+        )
+    print(
+        "| rule files | groups | history samples | baselines: per evaluation | baselines: per minute "
+        "| all groups: per evaluation | all groups: per minute |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for label, r in results.items():
-        print(f"| {label} | {len(r['groups'])} | {r['samples']:,} | {r['baselines_per_evaluation'] * 1000:.1f} ms "
-              f"| {r['baselines_per_minute'] * 1000:.1f} ms | {r['per_evaluation'] * 1000:.1f} ms "
-              f"| {r['per_minute'] * 1000:.1f} ms |")
-    print(f"| before ÷ after | | | {before['baselines_per_evaluation'] / after['baselines_per_evaluation']:.1f}x "
-          f"| {before['baselines_per_minute'] / after['baselines_per_minute']:.1f}x "
-          f"| {before['per_evaluation'] / after['per_evaluation']:.1f}x "
-          f"| {before['per_minute'] / after['per_minute']:.1f}x |")
+        print(
+            f"| {label} | {len(r['groups'])} | {r['samples']:,} | {r['baselines_per_evaluation'] * 1000:.1f} ms "
+            f"| {r['baselines_per_minute'] * 1000:.1f} ms | {r['per_evaluation'] * 1000:.1f} ms "
+            f"| {r['per_minute'] * 1000:.1f} ms |"
+        )
+    print(
+        f"| before ÷ after | | | {before['baselines_per_evaluation'] / after['baselines_per_evaluation']:.1f}x "
+        f"| {before['baselines_per_minute'] / after['baselines_per_minute']:.1f}x "
+        f"| {before['per_evaluation'] / after['per_evaluation']:.1f}x "
+        f"| {before['per_minute'] / after['per_minute']:.1f}x |"
+    )
     print()
     print("| rule files | baselines: samples read per minute | all groups: samples read per minute |")
     print("|---|---:|---:|")
     for label, r in results.items():
         print(f"| {label} | {r['baselines_read_per_minute']:,.0f} | {r['read_per_minute']:,.0f} |")
-    print(f"| before ÷ after | {before['baselines_read_per_minute'] / after['baselines_read_per_minute']:.1f}x "
-          f"| {before['read_per_minute'] / after['read_per_minute']:.1f}x |")
+    print(
+        f"| before ÷ after | {before['baselines_read_per_minute'] / after['baselines_read_per_minute']:.1f}x "
+        f"| {before['read_per_minute'] / after['read_per_minute']:.1f}x |"
+    )
     print()
     for label, r in results.items():
         print(f"{label}:")
         for group, seconds in sorted(r["groups"].items(), key=lambda item: -item[1]):
-            print(f"  {group:32} {seconds * 1000:8.2f} ms every {r['intervals'][group]:.0f} s, "
-                  f"median of {r['evaluations'][group]} evaluations, {r['read'].get(group, 0):,} samples read")
+            print(
+                f"  {group:32} {seconds * 1000:8.2f} ms every {r['intervals'][group]:.0f} s, "
+                f"median of {r['evaluations'][group]} evaluations, {r['read'].get(group, 0):,} samples read"
+            )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -23,13 +23,22 @@ from benchmarks.common import FULL, QUICK, Facts, Row
 from benchmarks.procs import ROOT, ApiServer
 from benchmarks.report import machine, table
 
-CASES = {"1": ingest.CASE, "2": history.CASE, "3": scrape.CASE, "4": memory.CASE, "5": exposition.CASE,
-         "6": tiers.CASE, "7": persistence.CASE}
-GOALS = ("ingest >= 50 % of the parse limit's calls/s; per-poll CPU flat within 1.2x from 10k to 1M old calls "
-         "and bytes read bounded by the window; scrape p99 busy <= 2x idle; peak RSS <= 100 MB on the 1.4 GB "
-         "history; exposition <= 20 ms median; read tiers vs a full-window read: list bytes per ordinary poll "
-         "<= 1/100, API bytes per day <= 1/50, CPU per ordinary poll <= 1/20, every counter exact; "
-         "state save CPU per ordinary poll <= 1/30 of the whole-file JSON save")
+CASES = {
+    "1": ingest.CASE,
+    "2": history.CASE,
+    "3": scrape.CASE,
+    "4": memory.CASE,
+    "5": exposition.CASE,
+    "6": tiers.CASE,
+    "7": persistence.CASE,
+}
+GOALS = (
+    "ingest >= 50 % of the parse limit's calls/s; per-poll CPU flat within 1.2x from 10k to 1M old calls "
+    "and bytes read bounded by the window; scrape p99 busy <= 2x idle; peak RSS <= 100 MB on the 1.4 GB "
+    "history; exposition <= 20 ms median; read tiers vs a full-window read: list bytes per ordinary poll "
+    "<= 1/100, API bytes per day <= 1/50, CPU per ordinary poll <= 1/20, every counter exact; "
+    "state save CPU per ordinary poll <= 1/30 of the whole-file JSON save"
+)
 
 
 def _progress(message: str) -> None:
@@ -43,6 +52,7 @@ def exporter_revision() -> str:
             return done.stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             return ""
+
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     return commit + (" + uncommitted changes in exporter/" if git("status", "--porcelain", "--", "exporter") else "")
 
@@ -63,8 +73,10 @@ def run(sizes, wanted: set[str], log_dir: Path, facts: Facts) -> list[Row]:
                 rows += scrape.run(api, sizes, facts, log_dir)
     if wanted & {"2", "4"}:
         n = sizes.window_calls
-        with (ApiServer("live", n + sizes.old_small, log_dir) as small,
-              ApiServer("live", n + sizes.old_big, log_dir) as big):
+        with (
+            ApiServer("live", n + sizes.old_small, log_dir) as small,
+            ApiServer("live", n + sizes.old_big, log_dir) as big,
+        ):
             _progress("case 2: history scaling (the naive peer reads the whole big history: the longest step)")
             rows += history.run(small, big, sizes, facts, log_dir)
             if "4" in wanted:
@@ -105,6 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     missed = [row for row in rows if row.verdict == "MISS"]
     print(f"\n{sum(row.verdict == 'PASS' for row in rows)} PASS, {len(missed)} MISS")
     if args.json:
-        Path(args.json).write_text(json.dumps({"sizes": asdict(sizes), "machine": about, "seconds": elapsed,
-                                               "rows": [asdict(r) for r in rows], "facts": facts.by_case}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "sizes": asdict(sizes),
+                    "machine": about,
+                    "seconds": elapsed,
+                    "rows": [asdict(r) for r in rows],
+                    "facts": facts.by_case,
+                },
+                indent=1,
+            )
+        )
     return 0

@@ -36,6 +36,7 @@ async def scrape(url: str, count: int | None = None, until=None, deadline: float
     done = False
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CLIENTS), timeout=timeout) as session:
+
         async def client() -> None:
             nonlocal done
             while not done:
@@ -55,21 +56,30 @@ def polls_at_least(pattern: re.Pattern, polls: int):
     def reached(body: bytes) -> bool:
         match = pattern.search(body)
         return match is not None and float(match.group(1)) >= polls
+
     return reached
 
 
 def _exporter(name: str, api: ApiServer, log_dir: Path, interval: float) -> ExporterProcess:
-    return ExporterProcess(name, log_dir, api_url=api.url, poll_interval=interval, request_timeout=300,
-                           state_file=str(log_dir / f"{name}.state.db"),
-                           initial_lookback=LOOKBACK, settle_window=LOOKBACK)
+    return ExporterProcess(
+        name,
+        log_dir,
+        api_url=api.url,
+        poll_interval=interval,
+        request_timeout=300,
+        state_file=str(log_dir / f"{name}.state.db"),
+        initial_lookback=LOOKBACK,
+        settle_window=LOOKBACK,
+    )
 
 
 def _ours(api: ApiServer, sizes: Sizes, log_dir: Path, facts: dict) -> dict:
     with _exporter("exporter-idle", api, log_dir, interval=3600) as idle:
         idle.wait("/-/ready", timeout=900)
         facts["idle_memory"] = idle.memory()  # tracking the whole window, after a poll and a save
-        facts["idle_tracked"] = sample(http_get(idle.url + "/metrics")[1], "callingbox_exporter_tracked_calls",
-                                       'org="default"')
+        facts["idle_tracked"] = sample(
+            http_get(idle.url + "/metrics")[1], "callingbox_exporter_tracked_calls", 'org="default"'
+        )
         idle_latencies = asyncio.run(scrape(idle.url + "/metrics", count=sizes.idle_scrapes))
     with _exporter("exporter-busy", api, log_dir, interval=0.05) as busy:
         busy.wait("/-/healthy", timeout=60)
@@ -95,8 +105,14 @@ def _naive(api: ApiServer, sizes: Sizes, log_dir: Path, facts: dict) -> dict:
 def run(api: ApiServer, sizes: Sizes, facts: Facts, log_dir: Path) -> list[Row]:
     f = facts[CASE]
     ours, naive = _ours(api, sizes, log_dir, f), _naive(api, sizes, log_dir, f)
-    f.update(scrapes={"idle": len(ours["idle"]), "busy": len(ours["busy"]),
-                      "naive_idle": len(naive["idle"]), "naive_busy": len(naive["busy"])})
+    f.update(
+        scrapes={
+            "idle": len(ours["idle"]),
+            "busy": len(ours["busy"]),
+            "naive_idle": len(naive["idle"]),
+            "naive_busy": len(naive["busy"]),
+        }
+    )
     n = sizes.ingest_calls
 
     def ms(latencies: list[float], p: float) -> float:
@@ -106,13 +122,29 @@ def run(api: ApiServer, sizes: Sizes, facts: Facts, log_dir: Path) -> list[Row]:
     busy = f"busy ({f['busy_polls']} polls of {n:,} calls + state save, {f['busy_poll_share']:.0%} of the time)"
     for phase, what in (("idle", "idle (polled once)"), ("busy", busy)):
         for p in (50, 99):
-            rows.append(Row(CASE, f"exporter: p{p} {what}, {len(ours[phase])} scrapes", ms(ours[phase], p), "ms",
-                            vs_naive=ratio(ms(ours[phase], p), ms(naive[phase], p))))
+            rows.append(
+                Row(
+                    CASE,
+                    f"exporter: p{p} {what}, {len(ours[phase])} scrapes",
+                    ms(ours[phase], p),
+                    "ms",
+                    vs_naive=ratio(ms(ours[phase], p), ms(naive[phase], p)),
+                )
+            )
     growth = ms(ours["busy"], 99) / ms(ours["idle"], 99)
-    rows.append(Row(CASE, "exporter: p99 busy ÷ p99 idle", growth, "x",
-                    vs_naive=ratio(growth, ms(naive["busy"], 99) / ms(naive["idle"], 99)),
-                    goal=f"<= {GOAL:.1f}x", verdict=verdict(growth <= GOAL)))
+    rows.append(
+        Row(
+            CASE,
+            "exporter: p99 busy ÷ p99 idle",
+            growth,
+            "x",
+            vs_naive=ratio(growth, ms(naive["busy"], 99) / ms(naive["idle"], 99)),
+            goal=f"<= {GOAL:.1f}x",
+            verdict=verdict(growth <= GOAL),
+        )
+    )
     for phase in ("idle", "busy"):
-        rows.append(Row(CASE, f"naive peer: p99 {phase}, {len(naive[phase])} scrapes", ms(naive[phase], 99), "ms",
-                        vs_naive=1.0))
+        rows.append(
+            Row(CASE, f"naive peer: p99 {phase}, {len(naive[phase])} scrapes", ms(naive[phase], 99), "ms", vs_naive=1.0)
+        )
     return rows

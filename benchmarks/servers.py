@@ -25,6 +25,7 @@ CHUNK = 64 * 1024  # what the simulator writes at a time
 def _stats_route(stats: dict):
     async def handler(request: web.Request) -> web.Response:
         return web.json_response(stats)
+
     return handler
 
 
@@ -44,7 +45,7 @@ def replay_app(body: bytes) -> web.Application:
         try:
             await response.prepare(request)
             for offset in range(0, len(view), CHUNK):
-                await response.write(view[offset:offset + CHUNK])
+                await response.write(view[offset : offset + CHUNK])
                 sent += min(CHUNK, len(view) - offset)
             await response.write_eof()
         except ConnectionError:

@@ -91,6 +91,7 @@ _HOOK = "https://hooks.brightsmile.example/callingbox"
 
 # ---- the simulator process: the reference org on a virtual clock --------------------------
 
+
 class VirtualTime:
     """Stands in for the `time` module inside the simulator: `time()` is what the benchmark says."""
 
@@ -196,8 +197,11 @@ class ReferenceOrg(Simulator):
                 record["webhook_url"] = record["webhook_url"] or _HOOK
                 if done:
                     failed = j % 5 == 0
-                    record.update(webhook_status="failed" if failed else "delivered", updated_at=format_ts(when),
-                                  webhook_error="giving up after 8 attempts: HTTP 503" if failed else None)
+                    record.update(
+                        webhook_status="failed" if failed else "delivered",
+                        updated_at=format_ts(when),
+                        webhook_error="giving up after 8 attempts: HTTP 503" if failed else None,
+                    )
                 else:
                     record.update(webhook_status="pending", webhook_error="attempt 4/8 failed: HTTP 503")
             elif done:  # a late settlement
@@ -313,16 +317,26 @@ class OrgServer(Child):
 
 # ---- the exporter, polled in this process on the same virtual clock ------------------------
 
+
 class TierReport(PollReport):
-    FIELDS = (*PollReport.FIELDS, "full", "depth_s", "stragglers_refreshed", "stragglers_not_found",
-              "straggler_errors")
+    FIELDS = (*PollReport.FIELDS, "full", "depth_s", "stragglers_refreshed", "stragglers_not_found", "straggler_errors")
 
 
-COUNTERS = ("callingbox_calls_created_total", "callingbox_calls_ended_total", "callingbox_call_hangups_total",
-            "callingbox_call_errors_total", "callingbox_webhook_deliveries_total",
-            "callingbox_result_extractions_total", "callingbox_billed_amount_dollars_total")
-CALL_HISTOGRAMS = ("callingbox_call_duration_seconds", "callingbox_call_answer_delay_seconds",
-                   "callingbox_call_setup_delay_seconds", "callingbox_call_billed_duration_seconds")
+COUNTERS = (
+    "callingbox_calls_created_total",
+    "callingbox_calls_ended_total",
+    "callingbox_call_hangups_total",
+    "callingbox_call_errors_total",
+    "callingbox_webhook_deliveries_total",
+    "callingbox_result_extractions_total",
+    "callingbox_billed_amount_dollars_total",
+)
+CALL_HISTOGRAMS = (
+    "callingbox_call_duration_seconds",
+    "callingbox_call_answer_delay_seconds",
+    "callingbox_call_setup_delay_seconds",
+    "callingbox_call_billed_duration_seconds",
+)
 HISTOGRAMS = tuple(h + suffix for h in CALL_HISTOGRAMS for suffix in ("_count", "_sum", "_bucket"))
 # Sums of float differences: the exporter and the truth add them in different orders (tests/conftest.py).
 FLOAT_SUMS = ("callingbox_call_answer_delay_seconds_sum", "callingbox_call_setup_delay_seconds_sum")
@@ -358,8 +372,9 @@ def _counter(poller: Poller, name: str) -> dict:
     return poller.store.counters.get(name, {})
 
 
-async def timeline(server: OrgServer, target: Target, polls: list[float], checks: tuple[float, ...],
-                   label: str, progress) -> dict:
+async def timeline(
+    server: OrgServer, target: Target, polls: list[float], checks: tuple[float, ...], label: str, progress
+) -> dict:
     """Poll at `polls` (seconds from the start) on the virtual clock; check exactness at `checks`."""
     virtual = [server.origin]
     results, exact = [], {}
@@ -384,8 +399,11 @@ async def timeline(server: OrgServer, target: Target, polls: list[float], checks
                     await server.post(session, "/_bench/quiesce")
                 if t in polls:
                     byte_counts = _counter(poller, "callingbox_exporter_api_response_bytes_total")
-                    before = (byte_counts.get(("list",), 0), byte_counts.get(("call",), 0),
-                              sum(_counter(poller, "callingbox_exporter_api_requests_total").values()))
+                    before = (
+                        byte_counts.get(("list",), 0),
+                        byte_counts.get(("call",), 0),
+                        sum(_counter(poller, "callingbox_exporter_api_requests_total").values()),
+                    )
                     save_cpu[0] = 0.0
                     cpu, wall = time.process_time(), time.perf_counter()
                     ok, _ = await poller.poll()
@@ -393,17 +411,31 @@ async def timeline(server: OrgServer, target: Target, polls: list[float], checks
                     if not ok:
                         raise RuntimeError(f"{label}: poll at {t:.0f} s failed: {poller.status.last_error}")
                     byte_counts = _counter(poller, "callingbox_exporter_api_response_bytes_total")
-                    after = (byte_counts.get(("list",), 0), byte_counts.get(("call",), 0),
-                             sum(_counter(poller, "callingbox_exporter_api_requests_total").values()))
+                    after = (
+                        byte_counts.get(("list",), 0),
+                        byte_counts.get(("call",), 0),
+                        sum(_counter(poller, "callingbox_exporter_api_requests_total").values()),
+                    )
                     plan = poller.tally.last_plan
-                    results.append({
-                        "t": t, "full": bool(report.last.get("full")), "cpu_s": cpu, "save_cpu_s": save_cpu[0],
-                        "wall_s": wall, "list_bytes": after[0] - before[0], "call_bytes": after[1] - before[1],
-                        "requests": after[2] - before[2], "records": report.last.get("records"),
-                        "examined": report.last.get("examined"), "events": report.last.get("events"),
-                        "depth_s": report.last.get("depth_s"), "tracked": len(poller.ledger.calls),
-                        "open_listed": plan.open_calls.get("list", 0), "open_by_id": plan.open_calls.get("by_id", 0),
-                    })
+                    results.append(
+                        {
+                            "t": t,
+                            "full": bool(report.last.get("full")),
+                            "cpu_s": cpu,
+                            "save_cpu_s": save_cpu[0],
+                            "wall_s": wall,
+                            "list_bytes": after[0] - before[0],
+                            "call_bytes": after[1] - before[1],
+                            "requests": after[2] - before[2],
+                            "records": report.last.get("records"),
+                            "examined": report.last.get("examined"),
+                            "events": report.last.get("events"),
+                            "depth_s": report.last.get("depth_s"),
+                            "tracked": len(poller.ledger.calls),
+                            "open_listed": plan.open_calls.get("list", 0),
+                            "open_by_id": plan.open_calls.get("by_id", 0),
+                        }
+                    )
                     if t % 900 == 0:
                         progress(f"case 6: {label}, {t / 60:.0f} min of the simulated hour")
                 if t in checks:
@@ -414,12 +446,19 @@ async def timeline(server: OrgServer, target: Target, polls: list[float], checks
     return {"polls": results, "differences": exact, "audit_mismatches": mismatches, "server": server_stats}
 
 
-def _run_one(name: str, sizes: Sizes, log_dir: Path, polls: list[float], checks: tuple[float, ...],
-             progress, **settings) -> dict:
+def _run_one(
+    name: str, sizes: Sizes, log_dir: Path, polls: list[float], checks: tuple[float, ...], progress, **settings
+) -> dict:
     with OrgServer(f"org-{name}", log_dir, sizes.tier_calls) as server:
         # new_series_hold 0: the published counts are compared with the truth after each check poll
-        target = Target(api_url=server.url, initial_lookback=LOOKBACK, state_file=str(log_dir / f"{name}.state.db"),
-                        max_requests_per_minute=UNBUDGETED, new_series_hold=0.0, **settings)
+        target = Target(
+            api_url=server.url,
+            initial_lookback=LOOKBACK,
+            state_file=str(log_dir / f"{name}.state.db"),
+            max_requests_per_minute=UNBUDGETED,
+            new_series_hold=0.0,
+            **settings,
+        )
         result = asyncio.run(timeline(server, target, polls, checks, name, progress))
         result["open_history"] = server.open
     return result
@@ -445,54 +484,99 @@ def run(sizes: Sizes, facts: Facts, log_dir: Path, progress=lambda message: None
     def per_day(ordinary: list[dict], hour: dict, key) -> float:
         """24 hourly polls (full read, audit, by id) + 5 736 ordinary ones at the measured mean."""
         value = key if callable(key) else (lambda p: p[key])
-        return (FULL_READS_PER_DAY * value(hour)
-                + (POLLS_PER_DAY - FULL_READS_PER_DAY) * statistics.fmean(map(value, ordinary)))
+        return FULL_READS_PER_DAY * value(hour) + (POLLS_PER_DAY - FULL_READS_PER_DAY) * statistics.fmean(
+            map(value, ordinary)
+        )
 
     def api_bytes(p: dict) -> int:
         return p["list_bytes"] + p["call_bytes"]
 
     day = {"tiers": per_day(steady, hourly["tiers"], api_bytes), "full": per_day(measured, hourly["full"], api_bytes)}
-    by_id = {"tiers": per_day(steady, hourly["tiers"], "call_bytes"),
-             "full": per_day(measured, hourly["full"], "call_bytes")}
-    per_minute = {"tiers": per_day(steady, hourly["tiers"], "requests") / 1440,
-                  "full": per_day(measured, hourly["full"], "requests") / 1440}
+    by_id = {
+        "tiers": per_day(steady, hourly["tiers"], "call_bytes"),
+        "full": per_day(measured, hourly["full"], "call_bytes"),
+    }
+    per_minute = {
+        "tiers": per_day(steady, hourly["tiers"], "requests") / 1440,
+        "full": per_day(measured, hourly["full"], "requests") / 1440,
+    }
     listed = {"tiers": median([p["list_bytes"] for p in steady]), "full": median([p["list_bytes"] for p in measured])}
     cpu = {"tiers": median([p["cpu_s"] for p in steady]), "full": median([p["cpu_s"] for p in measured])}
-    bare = {"tiers": median([p["cpu_s"] - p["save_cpu_s"] for p in steady]),
-            "full": median([p["cpu_s"] - p["save_cpu_s"] for p in measured])}
+    bare = {
+        "tiers": median([p["cpu_s"] - p["save_cpu_s"] for p in steady]),
+        "full": median([p["cpu_s"] - p["save_cpu_s"] for p in measured]),
+    }
     open_by_id = median([p["open_by_id"] for p in steady])
-    found = {"tiers_before_full_read": tiers["differences"][CHECK_AT],
-             "tiers_after_full_read": tiers["differences"][END], "full_window": full["differences"][END]}
+    found = {
+        "tiers_before_full_read": tiers["differences"][CHECK_AT],
+        "tiers_after_full_read": tiers["differences"][END],
+        "full_window": full["differences"][END],
+    }
 
     f = facts[CASE]
-    f.update(window_calls=sizes.tier_calls, open_history=tiers["open_history"], steady_polls=len(steady),
-             day_bytes=day, by_id_bytes_per_day=by_id, requests_per_minute=per_minute, list_bytes=listed,
-             cpu_s=cpu, cpu_s_without_save=bare, differences=found,
-             audit_mismatches={"tiers": tiers["audit_mismatches"], "full": full["audit_mismatches"]},
-             server={"tiers": tiers["server"], "full": full["server"]},
-             tiers={key: [p[key] for p in tiers["polls"]] for key in tiers["polls"][0]},
-             full={key: [p[key] for p in full["polls"]] for key in full["polls"][0]})
+    f.update(
+        window_calls=sizes.tier_calls,
+        open_history=tiers["open_history"],
+        steady_polls=len(steady),
+        day_bytes=day,
+        by_id_bytes_per_day=by_id,
+        requests_per_minute=per_minute,
+        list_bytes=listed,
+        cpu_s=cpu,
+        cpu_s_without_save=bare,
+        differences=found,
+        audit_mismatches={"tiers": tiers["audit_mismatches"], "full": full["audit_mismatches"]},
+        server={"tiers": tiers["server"], "full": full["server"]},
+        tiers={key: [p[key] for p in tiers["polls"]] for key in tiers["polls"][0]},
+        full={key: [p[key] for p in full["polls"]] for key in full["polls"][0]},
+    )
 
     def times(figure: str, full_value: float, tiers_value: float, goal: int | None = None) -> Row:
         less = full_value / tiers_value if tiers_value else None
-        return Row(CASE, f"full-window read ÷ read tiers: {figure}", less, "x",
-                   goal=f">= {goal}x" if goal else "", verdict=verdict(None if goal is None else
-                                                                        less is not None and less >= goal))
+        return Row(
+            CASE,
+            f"full-window read ÷ read tiers: {figure}",
+            less,
+            "x",
+            goal=f">= {goal}x" if goal else "",
+            verdict=verdict(None if goal is None else less is not None and less >= goal),
+        )
 
     ordinary = POLLS_PER_DAY - FULL_READS_PER_DAY
     rows = [
-        Row(CASE, f"full-window read (full_read_interval 0s): list bytes per poll, {sizes.tier_calls:,} calls "
-                  "in the window", listed["full"] / MB, "MB"),
-        Row(CASE, f"read tiers (defaults): list bytes per ordinary poll (median of {len(steady)})",
-            listed["tiers"] / MB, "MB"),
+        Row(
+            CASE,
+            f"full-window read (full_read_interval 0s): list bytes per poll, {sizes.tier_calls:,} calls in the window",
+            listed["full"] / MB,
+            "MB",
+        ),
+        Row(
+            CASE,
+            f"read tiers (defaults): list bytes per ordinary poll (median of {len(steady)})",
+            listed["tiers"] / MB,
+            "MB",
+        ),
         times("list bytes per ordinary poll", listed["full"], listed["tiers"], GOAL_LIST),
-        Row(CASE, f"full-window read: API bytes per day ({POLLS_PER_DAY:,} full reads; list + by id)",
-            day["full"] / GB, "GB"),
-        Row(CASE, f"read tiers: API bytes per day ({FULL_READS_PER_DAY} full reads + {ordinary:,} ordinary polls; "
-                  f"list + by id)", day["tiers"] / GB, "GB"),
+        Row(
+            CASE,
+            f"full-window read: API bytes per day ({POLLS_PER_DAY:,} full reads; list + by id)",
+            day["full"] / GB,
+            "GB",
+        ),
+        Row(
+            CASE,
+            f"read tiers: API bytes per day ({FULL_READS_PER_DAY} full reads + {ordinary:,} ordinary polls; "
+            f"list + by id)",
+            day["tiers"] / GB,
+            "GB",
+        ),
         times("API bytes per day", day["full"], day["tiers"], GOAL_DAY),
-        Row(CASE, "read tiers: of which by id (open calls past the hot read, audit spot-checks)", by_id["tiers"] / GB,
-            "GB"),
+        Row(
+            CASE,
+            "read tiers: of which by id (open calls past the hot read, audit spot-checks)",
+            by_id["tiers"] / GB,
+            "GB",
+        ),
         Row(CASE, "full-window read: CPU per poll (state save included)", cpu["full"] * 1000, "ms"),
         Row(CASE, "read tiers: CPU per ordinary poll (state save included)", cpu["tiers"] * 1000, "ms"),
         times("CPU per ordinary poll", cpu["full"], cpu["tiers"], GOAL_CPU),
@@ -500,14 +584,28 @@ def run(sizes: Sizes, facts: Facts, log_dir: Path, progress=lambda message: None
         Row(CASE, "read tiers: CPU per ordinary poll, the state save left out", bare["tiers"] * 1000, "ms"),
         times("CPU per ordinary poll, the state save left out", bare["full"], bare["tiers"]),
         Row(CASE, "full-window read: API requests per minute", per_minute["full"], "req/min"),
-        Row(CASE, f"read tiers: API requests per minute (4 list + by id; {open_by_id:,.0f} open calls past the "
-                  "hot read)", per_minute["tiers"], "req/min"),
+        Row(
+            CASE,
+            f"read tiers: API requests per minute (4 list + by id; {open_by_id:,.0f} open calls past the hot read)",
+            per_minute["tiers"],
+            "req/min",
+        ),
     ]
-    for name, when, key in (("read tiers", f"after ordinary polls only ({_clock(CHECK_AT)})", "tiers_before_full_read"),
-                            ("read tiers", f"after the hourly full read ({_clock(END)})", "tiers_after_full_read"),
-                            ("full-window read", f"at the end ({_clock(END)})", "full_window")):
-        rows.append(Row(CASE, f"{name}: counter samples off the simulator's truth, {when}", len(found[key]),
-                        "samples", goal="= 0", verdict=verdict(not found[key])))
+    for name, when, key in (
+        ("read tiers", f"after ordinary polls only ({_clock(CHECK_AT)})", "tiers_before_full_read"),
+        ("read tiers", f"after the hourly full read ({_clock(END)})", "tiers_after_full_read"),
+        ("full-window read", f"at the end ({_clock(END)})", "full_window"),
+    ):
+        rows.append(
+            Row(
+                CASE,
+                f"{name}: counter samples off the simulator's truth, {when}",
+                len(found[key]),
+                "samples",
+                goal="= 0",
+                verdict=verdict(not found[key]),
+            )
+        )
         for line in found[key][:10]:
             progress(f"case 6: {name}, {when}: {line}")
     return rows

@@ -8,10 +8,15 @@ plain values. The ledger (ledger.py) holds one `CallState` per tracked call and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 from .catalogue import (
-    CONTRACT_DEVIATIONS, DEVIATION_BITS, EXTRACTIONS, LATE_END_DETAIL, OUTCOMES, SETTLED_WITHOUT_AMOUNT,
+    CONTRACT_DEVIATIONS,
+    DEVIATION_BITS,
+    EXTRACTIONS,
+    LATE_END_DETAIL,
+    OUTCOMES,
+    SETTLED_WITHOUT_AMOUNT,
 )
 from .records import Record, is_terminal
 
@@ -66,7 +71,7 @@ class Deviation(NamedTuple):
     kind: str
 
 
-Event = Union[Created, Ended, Billed, WebhookOutcome, ExtractionOutcome, Deviation]
+Event = Created | Ended | Billed | WebhookOutcome | ExtractionOutcome | Deviation
 
 # End details a call whose end counted still waits for: bits of CallState.todo. Each counts once,
 # from the first terminal version that carries it (SPEC §4 "End details").
@@ -114,8 +119,7 @@ class CallState:
     @property
     def settled_but_cause(self) -> bool:
         """Only the hangup cause is still open: `end_grace` after its end, it counts as `none`."""
-        return (not self.active and self.billed and self.webhook in SETTLED_OUTCOMES
-                and self.result in SETTLED_RESULTS)
+        return not self.active and self.billed and self.webhook in SETTLED_OUTCOMES and self.result in SETTLED_RESULTS
 
 
 def _interval(start: float | None, end: float | None) -> float | None:
@@ -137,15 +141,27 @@ def _end_details(state: CallState, record: Record, transition: bool) -> Ended | 
             state.todo &= ~bit
     if not transition and state.todo == todo:
         return None
-    return Ended(record.direction, state.status, cause, error, duration, answer, setup, record.id, state.extra,
-                 hangup=cause is not None, transition=transition)
+    return Ended(
+        record.direction,
+        state.status,
+        cause,
+        error,
+        duration,
+        answer,
+        setup,
+        record.id,
+        state.extra,
+        hangup=cause is not None,
+        transition=transition,
+    )
 
 
 def no_cause(call_id: str, state: CallState) -> Ended:
     """The hangup of a call that never told its cause: `none` (SPEC §4, after `end_grace`)."""
     state.todo &= ~CAUSE
-    return Ended(state.direction, state.status, None, None, None, None, None, call_id, state.extra,
-                 hangup=True, transition=False)
+    return Ended(
+        state.direction, state.status, None, None, None, None, None, call_id, state.extra, hangup=True, transition=False
+    )
 
 
 def deviations(state: CallState, found: int) -> list[Event]:
@@ -211,8 +227,7 @@ def advance(state: CallState | None, record: Record, baseline: float) -> tuple[C
             found |= _NO_AMOUNT  # the amount follows in a later version: wait for it
         else:
             state.billed, state.amount = True, amount or 0
-            events.append(Billed(record.direction, record.billed_duration_seconds, amount or 0, record.id,
-                                 state.extra))
+            events.append(Billed(record.direction, record.billed_duration_seconds, amount or 0, record.id, state.extra))
 
     webhook = record.webhook_status
     if webhook != state.webhook and not (tie and _backwards(state.webhook, webhook)):

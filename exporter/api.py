@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from email.utils import parsedate_to_datetime
-from typing import AsyncIterator, Awaitable, Callable, Protocol, TypeVar
+from typing import Protocol, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -185,16 +186,18 @@ class Client:
             with self._step("waiting for the API budget", None):
                 await self.budget.acquire()
 
-    async def _get(self, path: str, at: float, seconds: float,
-                   conditions: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+    async def _get(
+        self, path: str, at: float, seconds: float, conditions: dict[str, str] | None = None
+    ) -> aiohttp.ClientResponse:
         """The answer to `GET path`, its headers before event-loop time `at` (the deadline of a
         request of `seconds`); its body is the caller's to read before `at` too."""
         headers = {"Accept": "application/json", **(conditions or {})}
         if self._key is not None:
             headers["Authorization"] = f"Bearer {self._key.reveal()}"
         try:
-            response = await _within(at, seconds, self._session.get(
-                self._base_url + path, headers=headers, timeout=self._timeout))
+            response = await _within(
+                at, seconds, self._session.get(self._base_url + path, headers=headers, timeout=self._timeout)
+            )
         except DeadlineExceeded:
             self._metrics.response("error")
             raise
@@ -221,8 +224,7 @@ class Client:
         raise ApiError(message, str(response.status))
 
     @asynccontextmanager
-    async def list_calls(self, item_type: type | None = None,
-                         expected_bytes: float = 0.0) -> AsyncIterator[ListBody]:
+    async def list_calls(self, item_type: type | None = None, expected_bytes: float = 0.0) -> AsyncIterator[ListBody]:
         """`async with client.list_calls(CallFields, size) as body: async for batch in body: ...`
 
         Elements come as `item_type` structs where the fast path could decode them, else as plain
@@ -256,8 +258,15 @@ class Client:
             self._late += 1
             raise
 
-    async def _batches(self, response: aiohttp.ClientResponse, body: ListBody, item_type: type | None, at: float,
-                       seconds: float, complete: list[bool]) -> AsyncIterator[list[object]]:
+    async def _batches(
+        self,
+        response: aiohttp.ClientResponse,
+        body: ListBody,
+        item_type: type | None,
+        at: float,
+        seconds: float,
+        complete: list[bool],
+    ) -> AsyncIterator[list[object]]:
         """The decoded elements of a list body, read before `at` (its bytes told to `body`);
         `complete` gets True at its end."""
         stream = ArrayStream(item_type)

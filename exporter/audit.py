@@ -10,7 +10,8 @@ call without bumping `updated_at`, a call appeared in the past, one vanished, or
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 from .accounting import CallState
 from .catalogue import EXTRACTIONS, OUTCOMES
@@ -37,7 +38,7 @@ class Audit:
         self.seen: set[str] = set()
         self.mismatches: list[Mismatch] = []
 
-    def fresh(self) -> "Audit":
+    def fresh(self) -> Audit:
         """The same window, nothing checked yet: what each attempt of a read (a 429 retried) audits."""
         return Audit(self.start, self.end, self.baseline)
 
@@ -154,7 +155,7 @@ class AuditSchedule:
             self.audited_until = values["audited_until"]
             self.next_audit = self.audited_until + self.settle_window
 
-    def carry(self, old: "AuditSchedule") -> None:
+    def carry(self, old: AuditSchedule) -> None:
         """Carry on from the schedule of the same target before a reload."""
         self.next_audit, self.last_audit = old.next_audit, old.last_audit
         self.audited_until, self.read_at = old.audited_until, old.read_at

@@ -46,8 +46,11 @@ class Streak:
         self.current = (kind, polls + 1, since)
         rejected = isinstance(problem, Unauthorized)
         level = logging.DEBUG if kind == previous else logging.ERROR if rejected else logging.WARNING
-        log.log(level, "API key rejected" if rejected else "poll failed",
-                extra={"org": self.org, "code": code, "error": str(problem), "backoff_s": round(backoff, 2)})
+        log.log(
+            level,
+            "API key rejected" if rejected else "poll failed",
+            extra={"org": self.org, "code": code, "error": str(problem), "backoff_s": round(backoff, 2)},
+        )
         return backoff
 
     def backoff(self, failures: int, problem: Exception | None) -> float:

@@ -7,7 +7,8 @@ metric family is written once and a typo in a name is an error (`Store.inc`), no
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 ACTIVE_STATUSES = ("queued", "initiated", "ringing", "in_progress")
 TERMINAL_STATUSES = ("completed", "no_answer", "busy", "canceled", "failed")
@@ -24,8 +25,13 @@ LATE_END_DETAIL = "late_end_detail"  # an end detail filled in a version after t
 OUTCOME_WITHOUT_SUBJECT = "outcome_without_subject"  # webhook_status without webhook_url, result_status without returns
 SETTLED_WITHOUT_AMOUNT = "settled_without_amount"  # reservation settled, billing amount still null
 BY_ID_NOT_FOUND_BUT_LISTED = "by_id_not_found_but_listed"  # 404 by id for a call a later list read showed
-CONTRACT_DEVIATIONS = (UNDOCUMENTED_VALUE, LATE_END_DETAIL, OUTCOME_WITHOUT_SUBJECT, SETTLED_WITHOUT_AMOUNT,
-                       BY_ID_NOT_FOUND_BUT_LISTED)
+CONTRACT_DEVIATIONS = (
+    UNDOCUMENTED_VALUE,
+    LATE_END_DETAIL,
+    OUTCOME_WITHOUT_SUBJECT,
+    SETTLED_WITHOUT_AMOUNT,
+    BY_ID_NOT_FOUND_BUT_LISTED,
+)
 DEVIATION_BITS = {kind: 1 << i for i, kind in enumerate(CONTRACT_DEVIATIONS)}  # a call's kinds, as one int
 END_GRACE = 300.0  # default seconds after a call's end before a missing hangup cause counts as `none`
 
@@ -74,9 +80,7 @@ VANISHED_CALLS = "callingbox_exporter_vanished_calls_total"
 
 FAMILIES: dict[str, Family] = {
     CALLS_CREATED: Family("counter", ("direction",), "Calls first observed, by direction."),
-    CALLS_ENDED: Family(
-        "counter", ("direction", "status"), "Calls first observed in a terminal status."
-    ),
+    CALLS_ENDED: Family("counter", ("direction", "status"), "Calls first observed in a terminal status."),
     "callingbox_call_hangups_total": Family(
         "counter", ("direction", "status", "hangup_cause"), "Terminal calls by hangup cause."
     ),
@@ -89,9 +93,7 @@ FAMILIES: dict[str, Family] = {
     RESULT_EXTRACTIONS: Family(
         "counter", ("status",), "Structured-data extraction outcomes observed (completed, failed)."
     ),
-    BILLED_DOLLARS: Family(
-        "counter", ("direction",), "Money billed for settled calls, in US dollars."
-    ),
+    BILLED_DOLLARS: Family("counter", ("direction",), "Money billed for settled calls, in US dollars."),
     "callingbox_call_duration_seconds": Family(
         "histogram", ("direction", "status"), "duration_seconds of terminal calls."
     ),
@@ -118,9 +120,7 @@ FAMILIES: dict[str, Family] = {
     "callingbox_exporter_label_overflow_total": Family(
         "counter", ("label",), "Label values folded into 'other' by the per-label cap."
     ),
-    VANISHED_CALLS: Family(
-        "counter", (), "Tracked calls that the API no longer knows (404 by id)."
-    ),
+    VANISHED_CALLS: Family("counter", (), "Tracked calls that the API no longer knows (404 by id)."),
     "callingbox_exporter_contract_deviations_total": Family(
         "counter", ("kind",), "Calls where the API did something its docs leave open, by kind; once per call and kind."
     ),
@@ -131,8 +131,10 @@ FAMILIES: dict[str, Family] = {
         "counter", ("method",), "Self-audit: calls recounted against the API, by window of created_at or by spot-check."
     ),
     "callingbox_exporter_audit_skipped_seconds_total": Family(
-        "counter", (), "Self-audit: seconds of created_at that no window audited (after reads stopped for longer"
-        " than the settle window, or audits fell more than twice the settle window behind)."
+        "counter",
+        (),
+        "Self-audit: seconds of created_at that no window audited (after reads stopped for longer"
+        " than the settle window, or audits fell more than twice the settle window behind).",
     ),
 }
 
@@ -143,7 +145,6 @@ DEFAULT_BUCKETS: dict[str, tuple[float, ...]] = {
     "callingbox_call_setup_delay_seconds": DELAY_BUCKETS,
     "callingbox_exporter_poll_duration_seconds": POLL_BUCKETS,
 }
-
 
 
 class Gauge(NamedTuple):
@@ -164,31 +165,45 @@ GAUGES: dict[str, Gauge] = {
     "callingbox_webhooks_pending": Gauge((), "Tracked calls whose webhook delivery is pending.", "webhooks_pending"),
     "callingbox_up": Gauge((), "1 when the last poll of the CallingBox API succeeded.", "status.up"),
     "callingbox_daily_budget_dollars": Gauge(  # for the alert that compares today's spend with it
-        (), "The org's daily spend budget in US dollars (config daily_budget_dollars); only for targets that set it.",
-        "daily_budget_dollars", unset=None),
-    "callingbox_exporter_last_success_timestamp_seconds": Gauge((), "When the last poll succeeded.",
-                                                                "status.last_success"),
+        (),
+        "The org's daily spend budget in US dollars (config daily_budget_dollars); only for targets that set it.",
+        "daily_budget_dollars",
+        unset=None,
+    ),
+    "callingbox_exporter_last_success_timestamp_seconds": Gauge(
+        (), "When the last poll succeeded.", "status.last_success"
+    ),
     "callingbox_exporter_watermark_timestamp_seconds": Gauge((), "Newest updated_at processed.", "watermark"),
     "callingbox_exporter_tracked_calls": Gauge((), "Calls held in the per-call ledger.", "tracked"),
-    "callingbox_exporter_stragglers": Gauge((), "Tracked calls past the settle window that are not final yet.",
-                                            "stragglers"),
-    "callingbox_exporter_last_audit_timestamp_seconds": Gauge((), "When the last self-audit completed.",
-                                                              "last_audit"),
+    "callingbox_exporter_stragglers": Gauge(
+        (), "Tracked calls past the settle window that are not final yet.", "stragglers"
+    ),
+    "callingbox_exporter_last_audit_timestamp_seconds": Gauge((), "When the last self-audit completed.", "last_audit"),
     "callingbox_exporter_audited_until_timestamp_seconds": Gauge(
-        (), "Self-audit: created_at up to which every call has been audited, window after window (0 before the first).",
-        "audited_until"),
+        (),
+        "Self-audit: created_at up to which every call has been audited, window after window (0 before the first).",
+        "audited_until",
+    ),
     "callingbox_exporter_backoff_seconds": Gauge(
-        (), "Seconds the next poll waits beyond poll_interval: failures back off, slow reads slow down.",
-        "status.backoff"),
-    "callingbox_exporter_next_poll_timestamp_seconds": Gauge((), "When the next poll of the API starts.",
-                                                             "status.next_poll"),
+        (),
+        "Seconds the next poll waits beyond poll_interval: failures back off, slow reads slow down.",
+        "status.backoff",
+    ),
+    "callingbox_exporter_next_poll_timestamp_seconds": Gauge(
+        (), "When the next poll of the API starts.", "status.next_poll"
+    ),
     "callingbox_exporter_read_depth_seconds": Gauge(
-        (), "How far back in created_at the last list read went: the settle window on a full read.", "read_depth"),
+        (), "How far back in created_at the last list read went: the settle window on a full read.", "read_depth"
+    ),
     "callingbox_exporter_last_full_read_timestamp_seconds": Gauge(
-        (), "When the list was last read down to the settle window.", "last_full_read"),
+        (), "When the list was last read down to the settle window.", "last_full_read"
+    ),
     "callingbox_exporter_open_calls": Gauge(
-        ("path",), "Tracked calls not final yet, by how they are kept up to date: each list read, or by id.",
-        "open_calls", values=READ_PATHS),
+        ("path",),
+        "Tracked calls not final yet, by how they are kept up to date: each list read, or by id.",
+        "open_calls",
+        values=READ_PATHS,
+    ),
 }
 # Rendered at each scrape, after the build info: it moves with the clock, not with a publish.
 PENDING_AGE = "callingbox_webhook_pending_oldest_age_seconds"
@@ -197,16 +212,18 @@ BUILD_INFO = "callingbox_exporter_build_info"
 BUILD_INFO_DOC = "The exporter's version."
 
 # Families whose series carry the call_id of the latest call counted, as an OpenMetrics exemplar.
-EXEMPLAR_FAMILIES = frozenset({
-    CALLS_ENDED,
-    "callingbox_call_hangups_total",
-    "callingbox_call_errors_total",
-    BILLED_DOLLARS,
-    "callingbox_call_duration_seconds",
-    "callingbox_call_answer_delay_seconds",
-    "callingbox_call_billed_duration_seconds",
-    "callingbox_call_setup_delay_seconds",
-})
+EXEMPLAR_FAMILIES = frozenset(
+    {
+        CALLS_ENDED,
+        "callingbox_call_hangups_total",
+        "callingbox_call_errors_total",
+        BILLED_DOLLARS,
+        "callingbox_call_duration_seconds",
+        "callingbox_call_answer_delay_seconds",
+        "callingbox_call_billed_duration_seconds",
+        "callingbox_call_setup_delay_seconds",
+    }
+)
 SECONDS_PER_DAY = 86_400
 # Families that gained labels: the values a series saved without them takes (its count carries
 # on, no counter reset). Before spot-checks had their own label, the checked count was one series.

@@ -9,7 +9,7 @@ import functools
 import logging
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
@@ -36,20 +36,41 @@ def parser() -> argparse.ArgumentParser:
         description="Prometheus exporter for CallingBox calls: exact counters from GET /v1/calls.",
     )
     p.add_argument("--config.file", dest="config_file", metavar="PATH", help="YAML configuration file")
-    p.add_argument("--web.listen-address", dest="listen_address", default=config.DEFAULT_LISTEN,
-                   metavar="[HOST]:PORT", help="address to serve on (default %(default)s)")
-    p.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics", metavar="PATH",
-                   help="path of the metrics endpoint (default %(default)s)")
-    p.add_argument("--web.config.file", dest="web_config_file", metavar="PATH",
-                   help="exporter-toolkit web config (TLS, basic auth)")
+    p.add_argument(
+        "--web.listen-address",
+        dest="listen_address",
+        default=config.DEFAULT_LISTEN,
+        metavar="[HOST]:PORT",
+        help="address to serve on (default %(default)s)",
+    )
+    p.add_argument(
+        "--web.telemetry-path",
+        dest="telemetry_path",
+        default="/metrics",
+        metavar="PATH",
+        help="path of the metrics endpoint (default %(default)s)",
+    )
+    p.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        metavar="PATH",
+        help="exporter-toolkit web config (TLS, basic auth)",
+    )
     p.add_argument("--log.level", dest="log_level", default="info", choices=tuple(logs.LEVELS))
     p.add_argument("--log.format", dest="log_format", default="logfmt", choices=("logfmt", "json"))
     p.add_argument("--demo", action="store_true", help="run against the built-in CallingBox simulator, no key needed")
-    p.add_argument("--once", action="store_true", help="poll once, print the exposition, exit non-zero if a poll failed")
+    p.add_argument(
+        "--once", action="store_true", help="poll once, print the exposition, exit non-zero if a poll failed"
+    )
     p.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
     p.add_argument("--version", action="version", version=f"callingbox-exporter {__version__}")
-    p.add_argument("command", nargs="?", choices=("explain",), metavar="explain",
-                   help="explain CALL_ID: the call as the API returns it now, and what the exporter counted of it")
+    p.add_argument(
+        "command",
+        nargs="?",
+        choices=("explain",),
+        metavar="explain",
+        help="explain CALL_ID: the call as the API returns it now, and what the exporter counted of it",
+    )
     p.add_argument("call_id", nargs="?", metavar="CALL_ID", help="the call to explain")
     p.add_argument("--target", metavar="NAME", help="explain: the target to look in, when there are several")
     return p
@@ -84,9 +105,14 @@ async def run(cfg: config.Config, load: Callable[[], config.Config], guard: Guar
         if demo_url is None:
             return targets
         return tuple(
-            dataclasses.replace(t, api_url=demo_url, api_key=None, api_key_file=None,
-                                poll_interval=min(t.poll_interval, DEMO_POLL_INTERVAL),
-                                new_series_hold=min(t.new_series_hold, DEMO_NEW_SERIES_HOLD))
+            dataclasses.replace(
+                t,
+                api_url=demo_url,
+                api_key=None,
+                api_key_file=None,
+                poll_interval=min(t.poll_interval, DEMO_POLL_INTERVAL),
+                new_series_hold=min(t.new_series_hold, DEMO_NEW_SERIES_HOLD),
+            )
             for t in targets
         )
 
@@ -124,23 +150,37 @@ async def run(cfg: config.Config, load: Callable[[], config.Config], guard: Guar
 
 
 async def serve(cfg: config.Config, registry: CollectorRegistry, supervisor: Supervisor, reload, guard) -> int:
-    app = make_app(supervisor.collector, registry, __version__, cfg.telemetry_path, reload=reload, guard=guard,
-                   wedged=supervisor.wedged)
+    app = make_app(
+        supervisor.collector,
+        registry,
+        __version__,
+        cfg.telemetry_path,
+        reload=reload,
+        guard=guard,
+        wedged=supervisor.wedged,
+    )
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     address = f"{cfg.listen_host or ''}:{cfg.listen_port}"
     try:
-        site = web.TCPSite(runner, cfg.listen_host, cfg.listen_port,
-                           ssl_context=guard.server_context() if guard else None)
+        site = web.TCPSite(
+            runner, cfg.listen_host, cfg.listen_port, ssl_context=guard.server_context() if guard else None
+        )
         await site.start()
     except OSError as error:
         log.error("cannot listen", extra={"address": address, "error": error.strerror})
         await runner.cleanup()
         return 1
-    log.info("listening", extra={"address": address, "version": __version__,
-                                 "targets": ",".join(p.org for p in supervisor),
-                                 "tls": bool(guard and guard.config.tls),
-                                 "basic_auth": bool(guard and guard.config.users)})
+    log.info(
+        "listening",
+        extra={
+            "address": address,
+            "version": __version__,
+            "targets": ",".join(p.org for p in supervisor),
+            "tls": bool(guard and guard.config.tls),
+            "basic_auth": bool(guard and guard.config.users),
+        },
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -188,8 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command or args.call_id or args.target:
         if not (args.command and args.call_id):
-            print("callingbox-exporter: usage: callingbox-exporter [--config.file PATH] explain CALL_ID"
-                  " [--target NAME]", file=sys.stderr)
+            print(
+                "callingbox-exporter: usage: callingbox-exporter [--config.file PATH] explain CALL_ID [--target NAME]",
+                file=sys.stderr,
+            )
             return 2
         return explain.main(cfg, args.call_id, args.target)
     if args.check_config:

@@ -11,20 +11,42 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
 from .catalogue import END_GRACE, STRAGGLER_GIVE_UP
 from .configvalues import (
-    ConfigError, Secret, buckets, dollars, file_path, http_url, metadata_labels, parse_duration, positive_duration,
-    read_key_file, whole_number,
+    ConfigError,
+    Secret,
+    buckets,
+    dollars,
+    file_path,
+    http_url,
+    metadata_labels,
+    parse_duration,
+    positive_duration,
+    read_key_file,
+    whole_number,
 )
 
 # The names other modules import from here, those of configvalues.py included.
-__all__ = ["DEFAULT_API_URL", "DEFAULT_LISTEN", "TARGET_KEYS", "Config", "ConfigError", "Secret", "Target", "build",
-           "load_document", "parse_duration", "parse_listen_address", "read_key_file"]
+__all__ = [
+    "DEFAULT_API_URL",
+    "DEFAULT_LISTEN",
+    "TARGET_KEYS",
+    "Config",
+    "ConfigError",
+    "Secret",
+    "Target",
+    "build",
+    "load_document",
+    "parse_duration",
+    "parse_listen_address",
+    "read_key_file",
+]
 
 DEFAULT_API_URL = "https://api.callingbox.io"
 DEFAULT_LISTEN = ":9860"
@@ -120,8 +142,16 @@ def _target(raw: Mapping[str, Any], where: str, name: str) -> Target:
         path = f"{where}{key}"
         if key in ("poll_interval", "request_timeout", "open_refresh_interval", "label_idle", "straggler_give_up"):
             values[key] = positive_duration(path, value)
-        elif key in ("initial_lookback", "settle_window", "overlap", "audit_interval", "hot_window",
-                     "full_read_interval", "end_grace", "new_series_hold"):
+        elif key in (
+            "initial_lookback",
+            "settle_window",
+            "overlap",
+            "audit_interval",
+            "hot_window",
+            "full_read_interval",
+            "end_grace",
+            "new_series_hold",
+        ):
             values[key] = parse_duration(path, value)
         elif key == "api_url":
             values[key] = http_url(path, value)
@@ -140,7 +170,9 @@ def _target(raw: Mapping[str, Any], where: str, name: str) -> Target:
     # Pass two: checks across this target's keys, then its key file.
     if values.get("settle_window", Target.settle_window) <= 0:
         raise ConfigError(f"{where}settle_window", "must be greater than 0")
-    if "straggler_give_up" in values and values["straggler_give_up"] < values.get("settle_window", Target.settle_window):
+    if "straggler_give_up" in values and values["straggler_give_up"] < values.get(
+        "settle_window", Target.settle_window
+    ):
         raise ConfigError(f"{where}straggler_give_up", f"{raw['straggler_give_up']!r} is shorter than settle_window")
     if values.get("api_key_file"):
         values["api_key"] = read_key_file(f"{where}api_key_file", values["api_key_file"])

@@ -20,8 +20,24 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w|y)")
 _HISTOGRAMS = {name.removeprefix("callingbox_"): name for name in DEFAULT_BUCKETS}
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 # Labels the exporter already uses, and those Prometheus attaches at scrape time.
-RESERVED_LABELS = frozenset({"org", "direction", "status", "hangup_cause", "error_code", "le", "code", "result",
-                             "reason", "label", "version", "call_id", "job", "instance"})
+RESERVED_LABELS = frozenset(
+    {
+        "org",
+        "direction",
+        "status",
+        "hangup_cause",
+        "error_code",
+        "le",
+        "code",
+        "result",
+        "reason",
+        "label",
+        "version",
+        "call_id",
+        "job",
+        "instance",
+    }
+)
 MAX_METADATA_LABELS = 5
 
 

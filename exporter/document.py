@@ -40,8 +40,8 @@ def restore(store, data: dict) -> list[str]:
         width = len(FAMILIES[name].labels)
         if name not in CALL_FAMILIES:
             return tuple(row[:width]), row[width:]
-        extra = relabel(saved_extra, row[width:width + len(saved_extra)], store.extra_labels, "none")
-        return (*row[:width], *extra), row[width + len(saved_extra):]
+        extra = relabel(saved_extra, row[width : width + len(saved_extra)], store.extra_labels, "none")
+        return (*row[:width], *extra), row[width + len(saved_extra) :]
 
     for name, rows in data["counters"].items():
         name = RENAMED.get(name, name)
@@ -69,8 +69,11 @@ def restore(store, data: dict) -> list[str]:
             series[labels] = list(counts)
             store.births.visible.setdefault(name, set()).add(labels)
     # Values already exported keep their label under the caps: read them off the series.
-    positions = {"hangup_cause": ("callingbox_call_hangups_total", 2), "error_code": ("callingbox_call_errors_total", 1),
-                 "status": ("callingbox_calls_ended_total", 1)}
+    positions = {
+        "hangup_cause": ("callingbox_call_hangups_total", 2),
+        "error_code": ("callingbox_call_errors_total", 1),
+        "status": ("callingbox_calls_ended_total", 1),
+    }
     for index, label in enumerate(store.extra_labels):
         positions[label] = ("callingbox_calls_created_total", 1 + index)
     for label, (family, position) in positions.items():

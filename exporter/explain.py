@@ -13,7 +13,7 @@ import asyncio
 import json
 import re
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, NamedTuple, TextIO
 from urllib.parse import urlsplit
@@ -24,8 +24,15 @@ from . import state
 from .accounting import CAUSE, CallState
 from .api import ApiError, Client, NotFound
 from .catalogue import (
-    BILLED_DOLLARS, CALLS_CREATED, CALLS_ENDED, EXTRACTIONS, MILLI_CENTS_PER_DOLLAR, OUTCOMES, RESULT_EXTRACTIONS,
-    VANISHED_CALLS, WEBHOOK_DELIVERIES,
+    BILLED_DOLLARS,
+    CALLS_CREATED,
+    CALLS_ENDED,
+    EXTRACTIONS,
+    MILLI_CENTS_PER_DOLLAR,
+    OUTCOMES,
+    RESULT_EXTRACTIONS,
+    VANISHED_CALLS,
+    WEBHOOK_DELIVERIES,
 )
 from .config import Config, Target
 from .ledger import Ledger, give_up_age
@@ -108,7 +115,7 @@ def api_lines(call: dict) -> list[str]:
 def ts(t: float | None) -> str:
     if t is None:
         return "none"
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _labels(**labels: str) -> str:
@@ -141,8 +148,9 @@ def _money(milli_cents: int | None) -> str:
     return f"{milli_cents} milli-cents (${shown})"
 
 
-def tracked_lines(call: CallState, ledger: Ledger, record: Record | None, saved_at: float | None,
-                  target: Target) -> list[str]:
+def tracked_lines(
+    call: CallState, ledger: Ledger, record: Record | None, saved_at: float | None, target: Target
+) -> list[str]:
     """What the ledger entry of a tracked call means for each counter."""
     base, d = ledger.baseline, call.direction
     span = (call.created_at, call.updated_at)  # an event seen by the exporter lies in here
@@ -156,24 +164,28 @@ def tracked_lines(call: CallState, ledger: Ledger, record: Record | None, saved_
     if labels and call.extra:
         shown = ", ".join(f"{label}={value or 'none'}" for label, value in zip(labels, call.extra))
         lines.append(f"seen metadata labels: {shown}")
-    lines.append(f"created {ts(call.created_at)}: {_when(call.created_at, call.created_at, base)}"
-                 f" in {CALLS_CREATED}{_labels(direction=d)}")
+    lines.append(
+        f"created {ts(call.created_at)}: {_when(call.created_at, call.created_at, base)}"
+        f" in {CALLS_CREATED}{_labels(direction=d)}"
+    )
     if call.active:
         lines.append("ended: not yet (still active when last seen)")
     else:
         ended = call.ended if call.ended is not None else (record.ended_at if record is not None else None)
         when = _when(ended, ended, base) if ended is not None else _when(*span, base)
         series = _labels(direction=d, status=call.status)
-        lines.append(f"ended as {call.status}: {when} in {CALLS_ENDED}{series}"
-                     " (with its hangup, error and duration series)")
+        lines.append(
+            f"ended as {call.status}: {when} in {CALLS_ENDED}{series} (with its hangup, error and duration series)"
+        )
         if call.todo & CAUSE:
-            lines.append(f"hangup_cause: not told yet; counted when a version tells it, or as none once nothing"
-                         f" else is open and end_grace ({target.end_grace:g}s) has passed since the end")
+            lines.append(
+                f"hangup_cause: not told yet; counted when a version tells it, or as none once nothing"
+                f" else is open and end_grace ({target.end_grace:g}s) has passed since the end"
+            )
         elif record is not None:
             lines.append(f"hangup_cause label: {record.hangup_cause or 'none'} (other if past max_label_values)")
     if call.billed:  # only a terminal call is billed; its money counts when its end does (SPEC §3)
-        lines.append(f"billed {_money(call.amount)}: {when}"
-                     f" in {BILLED_DOLLARS}{_labels(direction=d)}")
+        lines.append(f"billed {_money(call.amount)}: {when} in {BILLED_DOLLARS}{_labels(direction=d)}")
     elif call.active:
         lines.append("billed: not yet (the call has not ended)")
     else:
@@ -184,13 +196,16 @@ def tracked_lines(call: CallState, ledger: Ledger, record: Record | None, saved_
     lines.append(_outcome_line("extraction", call.result, EXTRACTIONS, RESULT_EXTRACTIONS, span, base))
     lines.extend(_fate(call, saved_at, target))
     if record is not None and record.updated_at > call.updated_at:
-        lines.append(f"news: the API's version (updated_at {ts(record.updated_at)}) is newer than the exporter's;"
-                     " it is counted at the next poll")
+        lines.append(
+            f"news: the API's version (updated_at {ts(record.updated_at)}) is newer than the exporter's;"
+            " it is counted at the next poll"
+        )
     return lines
 
 
-def _outcome_line(what: str, seen: str | None, outcomes: tuple[str, ...], family: str,
-                  span: tuple[float, float], base: float) -> str:
+def _outcome_line(
+    what: str, seen: str | None, outcomes: tuple[str, ...], family: str, span: tuple[float, float], base: float
+) -> str:
     if seen is None:
         return f"{what}: none seen"
     if seen in outcomes:
@@ -204,8 +219,9 @@ def _fate(call: CallState, saved_at: float | None, target: Target) -> list[str]:
     lines = ["final: no, still expected to change"]
     if saved_at is not None and call.created_at < saved_at - target.settle_window:
         give_up = call.created_at + give_up_age(target.settle_window, target.straggler_give_up)
-        lines.append(f"straggler: yes, past the settle window; refreshed by id each poll until final,"
-                     f" given up at {ts(give_up)}")
+        lines.append(
+            f"straggler: yes, past the settle window; refreshed by id each poll until final, given up at {ts(give_up)}"
+        )
     return lines
 
 
@@ -256,9 +272,11 @@ def explain(call_id: str, target: Target, call: dict | None, api_problem: str | 
     if tracked is not None:
         lines.extend(tracked_lines(tracked, ledger, record, held.saved_at, target))
         if call is None and api_problem and api_problem.startswith("not found"):
-            lines.append("not found by id: if the next list read that covers its creation lacks it too, it is"
-                         f" counted in {VANISHED_CALLS} and forgotten (a 404 alone may be"
-                         " a by-id read lagging the list)")
+            lines.append(
+                "not found by id: if the next list read that covers its creation lacks it too, it is"
+                f" counted in {VANISHED_CALLS} and forgotten (a 404 alone may be"
+                " a by-id read lagging the list)"
+            )
     else:
         lines.extend(untracked_lines(record, ledger, held.saved_at, target))
     return "\n".join(lines) + "\n"
@@ -305,12 +323,17 @@ def main(cfg: Config, call_id: str, target_name: str | None) -> int:
         print("callingbox-exporter: explain needs a real API and key, not --demo", file=sys.stderr)
         return 2
     if target_name is None and len(names) > 1:
-        print(f"callingbox-exporter: config error: target: several targets ({', '.join(names)}):"
-              " choose one with --target", file=sys.stderr)
+        print(
+            f"callingbox-exporter: config error: target: several targets ({', '.join(names)}):"
+            " choose one with --target",
+            file=sys.stderr,
+        )
         return 2
     chosen = [t for t in cfg.targets if target_name is None or t.name == target_name]
     if not chosen:
-        print(f"callingbox-exporter: config error: target: {target_name!r} is not one of {', '.join(names)}",
-              file=sys.stderr)
+        print(
+            f"callingbox-exporter: config error: target: {target_name!r} is not one of {', '.join(names)}",
+            file=sys.stderr,
+        )
         return 2
     return asyncio.run(run(chosen[0], call_id, sys.stdout))

@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import generate_latest as render_text
@@ -26,7 +26,14 @@ from prometheus_client.registry import Collector as _Collector
 from .catalogue import CALL_FAMILIES, FAMILIES, GAUGES, PENDING_AGE
 from .health import Snapshot
 from .metrics import (
-    TARGET_FAMILIES, WITH_METADATA, Collector, View, add_target, build_info, family, metadata_labels,
+    TARGET_FAMILIES,
+    WITH_METADATA,
+    Collector,
+    View,
+    add_target,
+    build_info,
+    family,
+    metadata_labels,
 )
 from .store import Store
 
@@ -84,10 +91,10 @@ class Page:
 
     body: bytes
     gzip_head: bytes
-    gzip: "zlib._Compress"
+    gzip: zlib._Compress
 
     @classmethod
-    def of(cls, body: bytes) -> "Page":
+    def of(cls, body: bytes) -> Page:
         stream = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, GZIP_WBITS)
         return cls(body, stream.compress(body) + stream.flush(zlib.Z_SYNC_FLUSH), stream)
 
@@ -227,7 +234,7 @@ class Exposition(Collector):
                 add_target(metric, name, org, snapshot, extra, now)
                 text, openmetrics = render(metric)
                 header_text, header_openmetrics = HEADERS[name]
-                own[name] = text[len(header_text):], openmetrics[len(header_openmetrics):]
+                own[name] = text[len(header_text) :], openmetrics[len(header_openmetrics) :]
                 await asyncio.sleep(0)  # a scrape is never held up by more than one family
             blocks[org] = own
         return blocks

@@ -63,8 +63,18 @@ def summarise(tally: Tally, summary: Summary, status: Status, daily_budget_dolla
         # capped like the counters' label values: statuses outside the docs, metadata values
         key = (direction, store.status(call_status, peek=True), *store.peek_extra(tuple(extra)))
         active[key] = active.get(key, 0) + calls
-    return Health(replace(status), tally.ledger.watermark, summary.tracked, summary.stragglers, active,
-                  summary.webhooks_pending, summary.webhook_pending_oldest, schedule.last_audit,
-                  schedule.audited_until,
-                  0.0 if plan is None else max(0.0, (status.last_poll or 0.0) - plan.horizon),
-                  planner.last_full_read, {} if plan is None else dict(plan.open_calls), daily_budget_dollars)
+    return Health(
+        replace(status),
+        tally.ledger.watermark,
+        summary.tracked,
+        summary.stragglers,
+        active,
+        summary.webhooks_pending,
+        summary.webhook_pending_oldest,
+        schedule.last_audit,
+        schedule.audited_until,
+        0.0 if plan is None else max(0.0, (status.last_poll or 0.0) - plan.horizon),
+        planner.last_full_read,
+        {} if plan is None else dict(plan.open_calls),
+        daily_budget_dollars,
+    )

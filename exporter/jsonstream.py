@@ -50,9 +50,9 @@ class ArrayStream:
             start = _WHITESPACE_BYTES.match(buf).end()
             if start == len(buf) and not final:
                 return []
-            if buf[start:start + 1] != b"[":
+            if buf[start : start + 1] != b"[":
                 raise StreamError("response body is not a JSON array")
-            buf, self._opened = buf[start + 1:], True
+            buf, self._opened = buf[start + 1 :], True
         items: list[object] = []
         while True:
             batch, buf = self._batch(buf)
@@ -81,7 +81,7 @@ class ArrayStream:
                 if cut < 0:
                     break
                 try:
-                    return self._fast.decode(b"[" + buf[: cut + 1] + b"]"), buf[buf.index(b"{", cut):]
+                    return self._fast.decode(b"[" + buf[: cut + 1] + b"]"), buf[buf.index(b"{", cut) :]
                 except msgspec.DecodeError:
                     end = cut  # inside a nested array, or a bad element before it: try an earlier cut
         return None, buf
@@ -93,7 +93,7 @@ class ArrayStream:
         except UnicodeDecodeError:
             raise StreamError("response body is not UTF-8") from None
         pos = _WHITESPACE.match(text).end()
-        if text[pos:pos + 1] == "]":
+        if text[pos : pos + 1] == "]":
             return _END, buf
         try:
             value, stop = _decoder.raw_decode(text, pos)
@@ -103,14 +103,16 @@ class ArrayStream:
         if after == len(text) or (not isinstance(value, (dict, list, str)) and text[stop] not in ",] \t\n\r"):
             return _INCOMPLETE, buf  # the separator, or the rest of a number (`2` of `2.5`), has not come yet
         if text[after] == "]":
-            return value, buf[len(text[:after].encode()):]
+            return value, buf[len(text[:after].encode()) :]
         if text[after] != ",":
             raise StreamError(f"unexpected {text[after]!r} between array elements")
-        return value, buf[len(text[: after + 1].encode()):]
+        return value, buf[len(text[: after + 1].encode()) :]
 
     def _hand_over(self, buf: bytes, final: bool) -> list[object]:
         """The rest of the response goes the plain way (its end, or an oversized element)."""
-        state = "item" if self._elements and not buf.lstrip().startswith(b"]") else "comma" if self._elements else "first"
+        state = (
+            "item" if self._elements and not buf.lstrip().startswith(b"]") else "comma" if self._elements else "first"
+        )
         self._plain = PlainArrayStream(state)
         return self._plain.feed(buf, final)
 

@@ -33,7 +33,7 @@ class KeyFile:
             try:
                 await asyncio.wait_for(wake.wait(), min(left, CHECK_INTERVAL))
                 return False
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if self.changed():
                     return True
         return False

@@ -8,10 +8,12 @@ keeps them apart, and drops final calls once list reads no longer show them. No 
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 from .accounting import CAUSE, CallState, Event, advance, no_cause
 from .catalogue import STRAGGLER_GIVE_UP
+from .records import Record
 
 PRUNE_SLICE = 5_000  # calls walked between two yields of Ledger.prune (about a millisecond)
 EXTRA_INTERN_LIMIT = 10_000  # distinct metadata value tuples shared between calls before starting afresh
@@ -133,7 +135,7 @@ class Ledger:
         """
         calls, ids, still_open = self.calls, list(self.calls), set()
         for start in range(0, len(ids), slice_size):
-            for call_id in ids[start:start + slice_size]:
+            for call_id in ids[start : start + slice_size]:
                 state = calls[call_id]
                 if not state.final:
                     still_open.add(call_id)
@@ -143,8 +145,14 @@ class Ledger:
             yield min(start + slice_size, len(ids))
         self.open = still_open
 
-    def sweep(self, now: float, settle_window: float, give_up_after: float = STRAGGLER_GIVE_UP,
-              everything: bool = True, keep_from: float | None = None) -> Summary:
+    def sweep(
+        self,
+        now: float,
+        settle_window: float,
+        give_up_after: float = STRAGGLER_GIVE_UP,
+        everything: bool = True,
+        keep_from: float | None = None,
+    ) -> Summary:
         """Drop calls the ledger need not keep and summarise the open ones.
 
         A final call past the settle window is dropped: list reads no longer show it. Only an

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 MARGIN = 60.0  # seconds of slack on every bound: scheduling, CPU work between steps, a busy machine
 # A pass over the ledger (a state save, a prune) may take this long per tracked call, besides

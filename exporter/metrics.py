@@ -10,9 +10,9 @@ share that one definition of every series.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import Iterable, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -21,12 +21,23 @@ from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 from .catalogue import (
-    ACTIVE, ACTIVE_STATUSES, BILLED_DOLLARS, BUILD_INFO, BUILD_INFO_DOC, CALL_FAMILIES, DIRECTIONS, EXEMPLAR_FAMILIES,
-    FAMILIES, GAUGES, MILLI_CENTS_PER_DOLLAR, PENDING_AGE, PENDING_AGE_DOC, Gauge,
+    ACTIVE,
+    ACTIVE_STATUSES,
+    BILLED_DOLLARS,
+    BUILD_INFO,
+    BUILD_INFO_DOC,
+    CALL_FAMILIES,
+    DIRECTIONS,
+    EXEMPLAR_FAMILIES,
+    FAMILIES,
+    GAUGES,
+    MILLI_CENTS_PER_DOLLAR,
+    PENDING_AGE,
+    PENDING_AGE_DOC,
+    Gauge,
 )
-from .store import Store
 from .health import Health, Snapshot
-
+from .store import Store
 
 # Every family with an org label, in the order of the exposition; the pending age comes last
 # because it alone is rendered at each scrape (exposition.py serves the rest as rendered bytes).
@@ -135,7 +146,7 @@ class View:
     snapshots: Mapping[str, Snapshot]  # a MappingProxyType that no one else holds the dict of
 
     @classmethod
-    def of(cls, snapshots: Mapping[str, Snapshot]) -> "View":
+    def of(cls, snapshots: Mapping[str, Snapshot]) -> View:
         return cls(MappingProxyType(dict(snapshots)))
 
 
@@ -164,8 +175,10 @@ class Collector(_Collector):
     def withdraw(self, org: str) -> None:
         """A target removed by a reload: its series leave the exposition."""
         if org in self.view.snapshots:
-            self.view = replace(self.view, snapshots=MappingProxyType(
-                {name: snap for name, snap in self.view.snapshots.items() if name != org}))
+            self.view = replace(
+                self.view,
+                snapshots=MappingProxyType({name: snap for name, snap in self.view.snapshots.items() if name != org}),
+            )
 
     def read(self, snapshots: Mapping[str, Snapshot]) -> None:
         """A scrape served the whole of `snapshots` (not a `name[]` part): new series it showed may

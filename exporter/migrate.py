@@ -67,18 +67,35 @@ def _call_v1(fields: list, saved_extra: tuple[str, ...], extra_labels: tuple[str
 
 def encode_v1(org: str, ledger: Ledger, store) -> bytes:
     """The format-1 JSON document of a ledger and a store, as releases before SQLite wrote it."""
-    head = {"version": JSON_VERSION, "org": org, "saved_at": time.time(), "baseline": ledger.baseline,
-            "watermark": ledger.watermark, "store": store.to_json()}
+    head = {
+        "version": JSON_VERSION,
+        "org": org,
+        "saved_at": time.time(),
+        "baseline": ledger.baseline,
+        "watermark": ledger.watermark,
+        "store": store.to_json(),
+    }
     encoder = msgspec.json.Encoder()
     items = list(ledger.calls.items())
-    slices = (encoder.encode({call_id: _entry_v1(s) for call_id, s in items[i : i + SLICE]})[1:-1]
-              for i in range(0, len(items), SLICE))
+    slices = (
+        encoder.encode({call_id: _entry_v1(s) for call_id, s in items[i : i + SLICE]})[1:-1]
+        for i in range(0, len(items), SLICE)
+    )
     return encoder.encode(head)[:-1] + b',"calls":{' + b",".join(slices) + b"}}"
 
 
 def _entry_v1(s: CallState) -> list:
-    entry = [s.direction, s.status, s.created_at, s.updated_at, s.billed, s.webhook, s.result,
-             s.webhook_pending_since, s.amount]
+    entry = [
+        s.direction,
+        s.status,
+        s.created_at,
+        s.updated_at,
+        s.billed,
+        s.webhook,
+        s.result,
+        s.webhook_pending_since,
+        s.amount,
+    ]
     return entry + [s.extra] if s.extra else entry
 
 

@@ -6,7 +6,8 @@ complete list read, `learn` takes what it measured (the size of a call, how fast
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 from .audit import Audit
 from .deadline import expected_list_bytes
@@ -40,8 +41,15 @@ class ReadPlanner:
         self.last_read: tuple[float, float] | None = None  # (horizon, time) of the last complete list read
         self.last_plan: Plan | None = None
 
-    def plan(self, now: float, ledger: Ledger, audit: Audit | None, not_found: Iterable[float],
-             last_refreshed: dict[str, float], batch: int) -> Plan:
+    def plan(
+        self,
+        now: float,
+        ledger: Ledger,
+        audit: Audit | None,
+        not_found: Iterable[float],
+        last_refreshed: dict[str, float],
+        batch: int,
+    ) -> Plan:
         """How deep this poll reads the list, and which open calls past that depth it asks by id.
 
         A full read of the settle window comes first, then every `full_read_interval` (and with
@@ -80,13 +88,14 @@ class ReadPlanner:
             if reach is not None:
                 horizon = due[reach][0]
                 listed, past = listed + reach + 1, past - reach - 1
-                due = due[reach + 1:]
+                due = due[reach + 1 :]
         # By id, the least recently asked first (then the oldest), so each gets its turn.
         asked = sorted(due, key=lambda d: (last_refreshed.get(d[1], float("-inf")), d[0]))
         return Plan(horizon, full, [call_id for _, call_id in asked[:batch]], {"list": listed, "by_id": past}, audit)
 
-    def _due(self, now: float, ledger: Ledger, horizon: float,
-             last_refreshed: dict[str, float]) -> tuple[list[tuple[float, str]], int, int]:
+    def _due(
+        self, now: float, ledger: Ledger, horizon: float, last_refreshed: dict[str, float]
+    ) -> tuple[list[tuple[float, str]], int, int]:
         """(created_at, id) of the open calls past `horizon` whose turn has come, newest first; and
         how many open calls the read reaches, how many it does not (given up ones aside)."""
         s = self.settings
@@ -128,7 +137,7 @@ class ReadPlanner:
             self.last_full_read, self.next_full_read = now, now + self.settings.full_read_interval
         self.last_read, self.last_plan = (horizon, now), plan
 
-    def carry(self, old: "ReadPlanner") -> None:
+    def carry(self, old: ReadPlanner) -> None:
         """Carry on from the plan of the same target before a reload: a reload is no reason for a full read."""
         last_full = old.last_full_read or old.next_full_read
         self.next_full_read = min(old.next_full_read, last_full + self.settings.full_read_interval)

@@ -43,8 +43,15 @@ log = logging.getLogger(__name__)
 class Poller:
     """One target's poll loop: plan → read → tally → persist → publish, then wait."""
 
-    def __init__(self, target: Target, collector: Collector, session: aiohttp.ClientSession, clock=time.time,
-                 rng: random.Random | None = None, budgets: Budgets | None = None):
+    def __init__(
+        self,
+        target: Target,
+        collector: Collector,
+        session: aiohttp.ClientSession,
+        clock=time.time,
+        rng: random.Random | None = None,
+        budgets: Budgets | None = None,
+    ):
         self.target = target
         self.collector = collector
         self.heartbeat = Heartbeat()  # every wait of the loop is a step with its bound: /-/healthy reads it
@@ -55,11 +62,14 @@ class Poller:
         self.status = Status()
         self.extra_labels = tuple(label for _, label in target.metadata_labels)
         self.settings = Settings.of(target)
-        self.tally = self._tally(Ledger(baseline=clock() - target.initial_lookback),
-                                 Store(dict(target.buckets), target.max_label_values, self.extra_labels))
+        self.tally = self._tally(
+            Ledger(baseline=clock() - target.initial_lookback),
+            Store(dict(target.buckets), target.max_label_values, self.extra_labels),
+        )
         self.metrics = SelfMetrics(self.store)  # the client's requests and bytes, the polls: into the store
-        self.client = Client(session, target.api_url, target.api_key, target.request_timeout, self.metrics,
-                             budget, self.heartbeat.step)
+        self.client = Client(
+            session, target.api_url, target.api_key, target.request_timeout, self.metrics, budget, self.heartbeat.step
+        )
         self.stragglers = Refresher(target.name, target.straggler_concurrency, target.straggler_batch)
         self.key_file = KeyFile(target.api_key_file)  # the api_key_file version in use
         self._wake = asyncio.Event()  # set to end the wait before the next poll
@@ -92,21 +102,31 @@ class Poller:
         """
         if self.target.state_file:
             self.db, restored = await asyncio.to_thread(
-                state.StateDB.open, self.target.state_file, self.org, dict(self.target.buckets),
-                self.target.max_label_values, self.extra_labels,
+                state.StateDB.open,
+                self.target.state_file,
+                self.org,
+                dict(self.target.buckets),
+                self.target.max_label_values,
+                self.extra_labels,
             )
             if restored is not None:
                 self.tally = self._tally(restored.ledger, restored.store)
                 self.tally.schedule.resume(restored.extra)  # where the last audit window ended
                 self.metrics.use(self.store)
-                log.info("state restored", extra={"org": self.org, "tracked_calls": len(self.ledger.calls),
-                                                  "watermark": self.ledger.watermark})
+                log.info(
+                    "state restored",
+                    extra={
+                        "org": self.org,
+                        "tracked_calls": len(self.ledger.calls),
+                        "watermark": self.ledger.watermark,
+                    },
+                )
                 if len(self.ledger.calls) >= FREEZE_CALLS:
                     gc.collect()  # once, at start: nothing else to collect yet costs little
                     self._freeze(len(self.ledger.calls))
         await self._publish(self.clock(), durable=True)
 
-    def adopt(self, old: "Poller") -> None:
+    def adopt(self, old: Poller) -> None:
         """Take over a stopped poller of the same org (a reload changed its settings).
 
         Its ledger and counters carry on; with new buckets or label caps the store is rebuilt
@@ -120,8 +140,14 @@ class Poller:
             self.db = state.StateDB(self.target.state_file, self.org)  # the next save writes it whole
         settings = ("buckets", "max_label_values", "metadata_labels")
         same = all(getattr(old.target, s) == getattr(self.target, s) for s in settings)
-        reset = self.tally.adopt(old.tally, self.extra_labels, old.extra_labels, same, dict(self.target.buckets),
-                                 self.target.max_label_values)
+        reset = self.tally.adopt(
+            old.tally,
+            self.extra_labels,
+            old.extra_labels,
+            same,
+            dict(self.target.buckets),
+            self.target.max_label_values,
+        )
         self.store.configure_visibility(self.target.new_series_hold, self.target.label_idle)
         self.metrics.use(self.store)
         if reset:
@@ -216,9 +242,16 @@ class Poller:
         await self._publish(now, durable, summary)
         log.debug(
             "poll done",
-            extra={"org": self.org, "result": "error" if problem else "success", "full": plan.full,
-                   "depth_s": round(now - plan.horizon), "bytes": self.metrics.poll_bytes,
-                   "tracked": summary.tracked, "duration_s": round(time.monotonic() - started, 3), **stats},
+            extra={
+                "org": self.org,
+                "result": "error" if problem else "success",
+                "full": plan.full,
+                "depth_s": round(now - plan.horizon),
+                "bytes": self.metrics.poll_bytes,
+                "tracked": summary.tracked,
+                "duration_s": round(time.monotonic() - started, 3),
+                **stats,
+            },
         )
         return problem is None, delay
 
@@ -226,8 +259,9 @@ class Poller:
         """Re-read api_key_file when it changed, so a rotated (Kubernetes) Secret needs no restart."""
         key, error = self.key_file.read()
         if error is not None:
-            log.error("API key file unreadable; the previous key stays in use",
-                      extra={"org": self.org, "error": str(error)})
+            log.error(
+                "API key file unreadable; the previous key stays in use", extra={"org": self.org, "error": str(error)}
+            )
         if key is not None and key != self.client.key:
             logs.redact(key.reveal())
             self.client.use_key(key)
@@ -244,8 +278,9 @@ class Poller:
             self.db = state.StateDB(self.target.state_file, self.org)
         try:
             # Shielded: a poll cancelled by a reload lets its save finish; `settle` waits for it.
-            self._saving = asyncio.ensure_future(asyncio.to_thread(
-                self.db.save, self.ledger, self.store, self.tally.schedule.state()))
+            self._saving = asyncio.ensure_future(
+                asyncio.to_thread(self.db.save, self.ledger, self.store, self.tally.schedule.state())
+            )
             with self.heartbeat.step("state save", ledger_work(len(self.ledger.calls))):
                 await asyncio.shield(self._saving)
             return True
@@ -266,7 +301,9 @@ class Poller:
             except RateLimited as error:
                 if attempt == RATE_LIMIT_RETRIES:
                     raise
-                wait = min(MAX_BACKOFF, error.retry_after if error.retry_after is not None else self.target.poll_interval)
+                wait = min(
+                    MAX_BACKOFF, error.retry_after if error.retry_after is not None else self.target.poll_interval
+                )
                 log.warning("rate limited", extra={"org": self.org, "retry_after_s": wait})
                 with self.heartbeat.step("Retry-After wait", wait):
                     await asyncio.sleep(wait)

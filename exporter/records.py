@@ -16,8 +16,21 @@ from typing import Any, NamedTuple
 import msgspec
 
 from .catalogue import (
-    BAD_TIMESTAMP, BAD_TYPE, BAD_VALUE, DEVIATION_BITS, DIRECTIONS, MISSING_FIELD, NOT_OBJECT, OUTCOME_WITHOUT_SUBJECT,
-    RESERVATIONS, RESULT_STATUSES, STATUSES, TERMINAL_STATUSES, UNDOCUMENTED_VALUE, UNKNOWN_STATUS, WEBHOOK_STATUSES,
+    BAD_TIMESTAMP,
+    BAD_TYPE,
+    BAD_VALUE,
+    DEVIATION_BITS,
+    DIRECTIONS,
+    MISSING_FIELD,
+    NOT_OBJECT,
+    OUTCOME_WITHOUT_SUBJECT,
+    RESERVATIONS,
+    RESULT_STATUSES,
+    STATUSES,
+    TERMINAL_STATUSES,
+    UNDOCUMENTED_VALUE,
+    UNKNOWN_STATUS,
+    WEBHOOK_STATUSES,
 )
 
 
@@ -51,9 +64,24 @@ def is_terminal(status: str, ended_at: float | None) -> bool:
     return status in TERMINAL_STATUSES or (status not in STATUSES and ended_at is not None)
 
 
-FIELDS = ("id", "status", "direction", "created_at", "updated_at", "started_at", "answered_at", "ended_at",
-          "duration_seconds", "billed_duration_seconds", "billing_amount_milli_cents", "reservation_status",
-          "webhook_status", "result_status", "hangup_cause", "error_code")
+FIELDS = (
+    "id",
+    "status",
+    "direction",
+    "created_at",
+    "updated_at",
+    "started_at",
+    "answered_at",
+    "ended_at",
+    "duration_seconds",
+    "billed_duration_seconds",
+    "billing_amount_milli_cents",
+    "reservation_status",
+    "webhook_status",
+    "result_status",
+    "hangup_cause",
+    "error_code",
+)
 
 
 class CallFields(msgspec.Struct):
@@ -207,8 +235,24 @@ def decode_record(obj: object, metadata_keys: tuple[str, ...] = ()) -> Record | 
         webhook_url, returns = obj.get("webhook_url"), obj.get("returns")
     else:
         return Invalid(NOT_OBJECT)
-    (call_id, status, direction, created_at, updated_at, started_at, answered_at, ended_at, duration, billed,
-     amount, reservation, webhook, result, hangup, error) = values
+    (
+        call_id,
+        status,
+        direction,
+        created_at,
+        updated_at,
+        started_at,
+        answered_at,
+        ended_at,
+        duration,
+        billed,
+        amount,
+        reservation,
+        webhook,
+        result,
+        hangup,
+        error,
+    ) = values
     if not isinstance(call_id, str) or not call_id:
         return Invalid(MISSING_FIELD if call_id is None else BAD_TYPE)
     try:

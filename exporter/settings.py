@@ -27,7 +27,17 @@ class Settings:
     end_grace: float = END_GRACE
 
     @classmethod
-    def of(cls, target: Target) -> "Settings":
-        return cls(target.settle_window, target.overlap, target.straggler_give_up, target.name,
-                   tuple(key for key, _ in target.metadata_labels), target.audit_interval, target.hot_window,
-                   target.full_read_interval, target.open_refresh_interval, target.poll_interval, target.end_grace)
+    def of(cls, target: Target) -> Settings:
+        return cls(
+            target.settle_window,
+            target.overlap,
+            target.straggler_give_up,
+            target.name,
+            tuple(key for key, _ in target.metadata_labels),
+            target.audit_interval,
+            target.hot_window,
+            target.full_read_interval,
+            target.open_refresh_interval,
+            target.poll_interval,
+            target.end_grace,
+        )

@@ -60,8 +60,11 @@ def _unreadable(path: str, what: str, error: object) -> StateError:
 def _failed(path: str, error: sqlite3.Error) -> StateError:
     """SQLite's error at open: the file or its directory not accessible, else the file damaged."""
     if getattr(error, "sqlite_errorname", "") in ("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM"):
-        return _refuse(path, f"cannot be opened ({error})",
-                       "check the permissions of the file and its directory (SQLite writes beside it)")
+        return _refuse(
+            path,
+            f"cannot be opened ({error})",
+            "check the permissions of the file and its directory (SQLite writes beside it)",
+        )
     return _unreadable(path, "unreadable state database", error)
 
 
@@ -78,8 +81,9 @@ class StateDB:
         self._closed = False
 
     @classmethod
-    def open(cls, path: str, org: str, buckets=None, label_limit: int = 50,
-             extra_labels: tuple[str, ...] = ()) -> tuple["StateDB", Restored | None]:
+    def open(
+        cls, path: str, org: str, buckets=None, label_limit: int = 50, extra_labels: tuple[str, ...] = ()
+    ) -> tuple[StateDB, Restored | None]:
         """The database at `path` and what it holds; None when there is no file yet (created at
         the first save). A JSON state file is migrated first. Raises StateError."""
         db = cls(path, org)
@@ -90,18 +94,23 @@ class StateDB:
             _migrate(path, org)
         db.connection = _connect(path)
         try:
-            restored, ledger_as_saved, store_as_saved = _restore(db.connection, path, buckets, label_limit,
-                                                                 extra_labels)
+            restored, ledger_as_saved, store_as_saved = _restore(
+                db.connection, path, buckets, label_limit, extra_labels
+            )
         except BaseException:
             db.close()
             raise
         # A restore that re-keyed labels or reset buckets differs from the file: that part is written whole.
         db._saved = (restored.ledger if ledger_as_saved else None, restored.store if store_as_saved else None)
-        db._meta = dict(db.connection.execute(
-            f"SELECT key, value FROM meta WHERE key IN ({', '.join('?' * len(UNLESS_CHANGED))})", UNLESS_CHANGED))
+        db._meta = dict(
+            db.connection.execute(
+                f"SELECT key, value FROM meta WHERE key IN ({', '.join('?' * len(UNLESS_CHANGED))})", UNLESS_CHANGED
+            )
+        )
         for name in restored.reset_histograms:
-            log.warning("histogram buckets changed, histogram restarts from zero",
-                        extra={"org": org, "histogram": name})
+            log.warning(
+                "histogram buckets changed, histogram restarts from zero", extra={"org": org, "histogram": name}
+            )
         return db, restored
 
     def save(self, ledger: Ledger, store: Store, extra: dict[str, object] | None = None) -> None:
@@ -153,8 +162,11 @@ class StateDB:
                 tables.write_series(db, store, series)
             else:
                 tables.replace_store(db, store)
-            meta = [(key, text) for key, text in tables.meta_rows(self.org, ledger, store, extra)
-                    if key not in UNLESS_CHANGED or self._meta.get(key) != text]
+            meta = [
+                (key, text)
+                for key, text in tables.meta_rows(self.org, ledger, store, extra)
+                if key not in UNLESS_CHANGED or self._meta.get(key) != text
+            ]
             db.executemany(tables.UPSERT_META, meta)
             db.execute("COMMIT")
         except BaseException:
@@ -219,6 +231,7 @@ def _fsync(path: str) -> None:
 
 # ---- reading -------------------------------------------------------------------------------
 
+
 def _kind(path: str) -> str | None:
     """What is at `path`: "sqlite", "json", or None when nothing; refuses anything else."""
     try:
@@ -247,15 +260,24 @@ def _connect(path: str, read_only: bool = False) -> sqlite3.Connection:
         application = db.execute("PRAGMA application_id").fetchone()[0]
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if application != APPLICATION_ID:
-            raise _refuse(path, "a SQLite database of another application, not a callingbox-exporter state",
-                          f"point state_file elsewhere, or {AFRESH}")
+            raise _refuse(
+                path,
+                "a SQLite database of another application, not a callingbox-exporter state",
+                f"point state_file elsewhere, or {AFRESH}",
+            )
         if version > SCHEMA_VERSION:
-            raise _refuse(path, f"written by a newer callingbox-exporter (state schema {version}, this version"
-                                f" reads {SCHEMA_VERSION})", "run that version or a newer one, or restore a backup"
-                                " from before the upgrade")
+            raise _refuse(
+                path,
+                f"written by a newer callingbox-exporter (state schema {version}, this version reads {SCHEMA_VERSION})",
+                "run that version or a newer one, or restore a backup from before the upgrade",
+            )
         if version == 2:
             if not read_only:  # one transaction: a crash leaves schema 2, upgraded again at the next start
-                db.executescript("BEGIN IMMEDIATE; " + "; ".join(tables.UPGRADE_2) + f"; PRAGMA user_version={SCHEMA_VERSION}; COMMIT")
+                db.executescript(
+                    "BEGIN IMMEDIATE; "
+                    + "; ".join(tables.UPGRADE_2)
+                    + f"; PRAGMA user_version={SCHEMA_VERSION}; COMMIT"
+                )
         elif version != SCHEMA_VERSION:
             raise _unreadable(path, "an unfinished state database", f"schema {version}")
         if not read_only:
@@ -275,8 +297,9 @@ def _connect(path: str, read_only: bool = False) -> sqlite3.Connection:
     return db
 
 
-def _restore(db: sqlite3.Connection, path: str, buckets, label_limit: int,
-             extra_labels: tuple[str, ...]) -> tuple[Restored, bool, bool]:
+def _restore(
+    db: sqlite3.Connection, path: str, buckets, label_limit: int, extra_labels: tuple[str, ...]
+) -> tuple[Restored, bool, bool]:
     """What the database holds, under today's config; and whether ledger and store are as saved."""
     try:
         problem = db.execute("PRAGMA quick_check").fetchone()[0]
@@ -290,7 +313,7 @@ def _restore(db: sqlite3.Connection, path: str, buckets, label_limit: int,
         raise _failed(path, error)
     except (ValueError, TypeError, KeyError, AttributeError) as error:
         raise _unreadable(path, "state database with unreadable content", error)
-    extra = {key[len(tables.EXTRA):]: value for key, value in meta.items() if key.startswith(tables.EXTRA)}
+    extra = {key[len(tables.EXTRA) :]: value for key, value in meta.items() if key.startswith(tables.EXTRA)}
     return Restored(ledger, store, reset, extra, meta.get("saved_at")), *as_saved
 
 
@@ -311,6 +334,7 @@ def read(path: str, buckets=None, label_limit: int = 50, extra_labels: tuple[str
 
 # ---- format 1: the JSON file of earlier releases, read by migrate.py -----------------------
 
+
 def _migrate(path: str, org: str) -> None:
     """Turn the JSON file at `path` into a database, as saved (the restore applies today's config).
 
@@ -327,14 +351,25 @@ def _migrate(path: str, org: str) -> None:
         migrate.write_atomically(kept, data)
         _install(building, path)
     except (OSError, sqlite3.Error) as error:
-        raise _refuse(path, f"a JSON state that cannot be migrated ({error})",
-                      "check the permissions of its directory, where the database is built beside it")
-    log.info("state file migrated from JSON to SQLite", extra={
-        "org": org, "path": path, "tracked_calls": len(restored.ledger.calls), "old_file": kept})
+        raise _refuse(
+            path,
+            f"a JSON state that cannot be migrated ({error})",
+            "check the permissions of its directory, where the database is built beside it",
+        )
+    log.info(
+        "state file migrated from JSON to SQLite",
+        extra={"org": org, "path": path, "tracked_calls": len(restored.ledger.calls), "old_file": kept},
+    )
 
 
-def _restore_v1(path: str, data: bytes, buckets=None, label_limit: int = 50, extra_labels: tuple[str, ...] = (),
-                as_saved: bool = False) -> Restored:
+def _restore_v1(
+    path: str,
+    data: bytes,
+    buckets=None,
+    label_limit: int = 50,
+    extra_labels: tuple[str, ...] = (),
+    as_saved: bool = False,
+) -> Restored:
     """What the JSON file holds, under the config given or, `as_saved`, its own buckets and labels."""
     try:
         document = migrate.document_v1(data)
@@ -343,8 +378,11 @@ def _restore_v1(path: str, data: bytes, buckets=None, label_limit: int = 50, ext
         ledger = migrate.ledger_v1(document, tuple(extra_labels))
         store, reset = Store.from_json(document["store"], buckets, label_limit, extra_labels)
     except migrate.UnknownVersion as error:
-        raise _refuse(path, f"a JSON state of unknown format version {error.version!r}",
-                      f"run the version that wrote it, or {AFRESH}")
+        raise _refuse(
+            path,
+            f"a JSON state of unknown format version {error.version!r}",
+            f"run the version that wrote it, or {AFRESH}",
+        )
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise _unreadable(path, "unreadable JSON state", error)
     return Restored(ledger, store, reset, {}, document.get("saved_at"))

@@ -11,11 +11,18 @@ from __future__ import annotations
 
 import bisect
 import copy
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from .accounting import Billed, Created, Deviation, Ended, Event, ExtractionOutcome, WebhookOutcome
 from .catalogue import (
-    CAPPED_LABELS, DEFAULT_BUCKETS, EXTRACTIONS, FAMILIES, OUTCOMES, SECONDS_PER_DAY, STATUSES, TERMINAL_STATUSES,
+    CAPPED_LABELS,
+    DEFAULT_BUCKETS,
+    EXTRACTIONS,
+    FAMILIES,
+    OUTCOMES,
+    SECONDS_PER_DAY,
+    STATUSES,
+    TERMINAL_STATUSES,
     initial_series,
 )
 from .document import document, restore
@@ -25,11 +32,16 @@ from .visibility import Births, LabelUse, published
 def label_value(value: str | None) -> str:
     return value if value else "none"
 
+
 class Store:
     """Counters and histograms of one target, keyed by label values (org excluded)."""
 
-    def __init__(self, buckets: dict[str, tuple[float, ...]] | None = None, label_limit: int = 50,
-                 extra_labels: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        buckets: dict[str, tuple[float, ...]] | None = None,
+        label_limit: int = 50,
+        extra_labels: tuple[str, ...] = (),
+    ):
         self.buckets = {**DEFAULT_BUCKETS, **(buckets or {})}
         self.label_limit = label_limit
         # Metadata label names, appended (in this order) to the labels of CALL_FAMILIES series.
@@ -150,7 +162,7 @@ class Store:
         self.births.hold = hold
         self.label_use.configure(label_idle)
 
-    def published(self, now: float) -> "Store":
+    def published(self, now: float) -> Store:
         """The copy a snapshot published at `now` shows (visibility.published)."""
         return published(self, now)
 
@@ -210,7 +222,6 @@ class Store:
             elif kind is ExtractionOutcome:
                 self.inc("callingbox_result_extractions_total", (event.status, *x))
 
-
     def _counted(self, name: str, labels: tuple[str, ...], amount: int, call_id: str | None, now: float | None):
         self.inc(name, labels, amount)
         if call_id and now is not None:
@@ -233,7 +244,7 @@ class Store:
         """What was counted since 00:00 UTC: `created`, each terminal status, `milli_cents`."""
         return dict(self.today) if self.today_day == int(now // SECONDS_PER_DAY) else {}
 
-    def copy(self) -> "Store":
+    def copy(self) -> Store:
         clone = copy.copy(self)
         clone.counters = {name: dict(series) for name, series in self.counters.items()}
         clone.histograms = {name: {k: list(v) for k, v in series.items()} for name, series in self.histograms.items()}
@@ -248,8 +259,9 @@ class Store:
         return document(self)
 
     @classmethod
-    def from_json(cls, data: dict, buckets=None, label_limit: int = 50,
-                  extra_labels: tuple[str, ...] = ()) -> tuple["Store", list[str]]:
+    def from_json(
+        cls, data: dict, buckets=None, label_limit: int = 50, extra_labels: tuple[str, ...] = ()
+    ) -> tuple[Store, list[str]]:
         """Restore a store under today's config; returns it and the histogram names whose buckets
         changed (reset). See document.restore."""
         store = cls(buckets, label_limit, extra_labels)

@@ -63,8 +63,10 @@ class Refresher:
             failures.append(error)
         refused = [f for f in failures if isinstance(f, ApiError)]
         if refused:  # once per poll, like a failed list read
-            log.warning("straggler refresh failed", extra={"org": self.org, "calls": len(refused),
-                                                           "code": refused[0].code, "error": str(refused[0])})
+            log.warning(
+                "straggler refresh failed",
+                extra={"org": self.org, "calls": len(refused), "code": refused[0].code, "error": str(refused[0])},
+            )
         bugs = [f for f in failures if not isinstance(f, ApiError)]
         if bugs:
             log.error("straggler refresh crashed", exc_info=bugs[0], extra={"org": self.org, "calls": len(bugs)})
@@ -76,8 +78,10 @@ class Refresher:
         except NotFound:
             if tally.missing_by_id(call_id):  # the next read that covers it tells whether it is gone
                 stats["stragglers_not_found"] += 1
-                log.info("tracked call not found by id; the next list read covering it tells",
-                         extra={"org": self.org, "call_id": call_id})
+                log.info(
+                    "tracked call not found by id; the next list read covering it tells",
+                    extra={"org": self.org, "call_id": call_id},
+                )
             return
         record = tally.decode(obj)
         if record is None:  # malformed: counted once however often it comes back; the call is kept

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import aiohttp
 
@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 
 
 class Supervisor:
-    def __init__(self, collector: Collector, session: aiohttp.ClientSession,
-                 make_poller: Callable[..., Poller] = Poller):
+    def __init__(
+        self, collector: Collector, session: aiohttp.ClientSession, make_poller: Callable[..., Poller] = Poller
+    ):
         self.collector, self.session, self.make_poller = collector, session, make_poller
         self.pollers: dict[str, Poller] = {}
         self._tasks: dict[str, asyncio.Task] = {}
@@ -77,8 +78,7 @@ class Supervisor:
         config (ConfigError), and the pollers restored so far are closed and withdrawn."""
         pollers: dict[str, Poller] = {}
         for target in targets:
-            poller = pollers[target.name] = self.make_poller(target, self.collector, self.session,
-                                                              budgets=self.budgets)
+            poller = pollers[target.name] = self.make_poller(target, self.collector, self.session, budgets=self.budgets)
             try:
                 await poller.restore()
             except state.StateError as error:

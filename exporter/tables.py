@@ -20,11 +20,28 @@ SCHEMA_VERSION = 3  # PRAGMA user_version; format 1 was the JSON file, 2 had no 
 SLICE = 2000  # rows built per executemany: the GIL is let go between slices, so scrapes go on meanwhile
 EXTRA = "extra."  # meta keys of the values a caller saves beside the state (Restored.extra)
 
-CALL_COLUMNS = ("id", "direction", "status", "created_at", "updated_at", "billed", "webhook", "result",
-                "webhook_pending_since", "amount", "extra", "ended", "todo", "deviations")
+CALL_COLUMNS = (
+    "id",
+    "direction",
+    "status",
+    "created_at",
+    "updated_at",
+    "billed",
+    "webhook",
+    "result",
+    "webhook_pending_since",
+    "amount",
+    "extra",
+    "ended",
+    "todo",
+    "deviations",
+)
 # Schema 2 → 3: the columns a call gained, added in place (a terminal call of schema 2 waits for nothing).
-UPGRADE_2 = ("ALTER TABLE calls ADD COLUMN ended REAL", "ALTER TABLE calls ADD COLUMN todo INTEGER NOT NULL DEFAULT 0",
-             "ALTER TABLE calls ADD COLUMN deviations INTEGER NOT NULL DEFAULT 0")
+UPGRADE_2 = (
+    "ALTER TABLE calls ADD COLUMN ended REAL",
+    "ALTER TABLE calls ADD COLUMN todo INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE calls ADD COLUMN deviations INTEGER NOT NULL DEFAULT 0",
+)
 SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
     # A rowid table: rows lie in the order calls were first saved, so the calls a poll changes
@@ -43,17 +60,19 @@ SCHEMA = (
 )
 CALLS_INDEX = "CREATE UNIQUE INDEX calls_id ON calls (id)"
 INSERT_CALL = f"INSERT INTO calls ({', '.join(CALL_COLUMNS)}) VALUES ({', '.join('?' * len(CALL_COLUMNS))})"
-UPSERT_CALL = INSERT_CALL + " ON CONFLICT (id) DO UPDATE SET " + ", ".join(
-    f"{c} = excluded.{c}" for c in CALL_COLUMNS[1:])
-UPSERT_COUNTER = ("INSERT INTO counters VALUES (?, ?, ?)"
-                  " ON CONFLICT (family, labels) DO UPDATE SET value = excluded.value")
-UPSERT_HISTOGRAM = ("INSERT INTO histograms VALUES (?, ?, ?)"
-                    " ON CONFLICT (family, labels) DO UPDATE SET counts = excluded.counts")
+UPSERT_CALL = (
+    INSERT_CALL + " ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in CALL_COLUMNS[1:])
+)
+UPSERT_COUNTER = (
+    "INSERT INTO counters VALUES (?, ?, ?) ON CONFLICT (family, labels) DO UPDATE SET value = excluded.value"
+)
+UPSERT_HISTOGRAM = (
+    "INSERT INTO histograms VALUES (?, ?, ?) ON CONFLICT (family, labels) DO UPDATE SET counts = excluded.counts"
+)
 UPSERT_META = "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 
 
-def create(db: sqlite3.Connection, org: str, ledger: Ledger, store: Store,
-           extra: dict | None) -> list[tuple[str, str]]:
+def create(db: sqlite3.Connection, org: str, ledger: Ledger, store: Store, extra: dict | None) -> list[tuple[str, str]]:
     """The tables with the state written whole, in the caller's transaction; returns the meta rows."""
     for statement in SCHEMA:
         db.execute(statement)
@@ -70,8 +89,22 @@ _text = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _call_row(call_id: str, s: CallState) -> tuple:
-    return (call_id, s.direction, s.status, s.created_at, s.updated_at, int(s.billed), s.webhook, s.result,
-            s.webhook_pending_since, s.amount, _text(s.extra) if s.extra else None, s.ended, s.todo, s.deviations)
+    return (
+        call_id,
+        s.direction,
+        s.status,
+        s.created_at,
+        s.updated_at,
+        int(s.billed),
+        s.webhook,
+        s.result,
+        s.webhook_pending_since,
+        s.amount,
+        _text(s.extra) if s.extra else None,
+        s.ended,
+        s.todo,
+        s.deviations,
+    )
 
 
 def write_calls(db: sqlite3.Connection, ledger: Ledger, changed: set[str]) -> None:
@@ -120,22 +153,41 @@ def write_series(db: sqlite3.Connection, store: Store, changed: set[tuple]) -> N
 def replace_store(db: sqlite3.Connection, store: Store) -> None:
     for table in ("counters", "histograms", "buckets"):
         db.execute(f"DELETE FROM {table}")
-    db.executemany("INSERT INTO counters VALUES (?, ?, ?)", [
-        (name, _text(labels), value) for name, series in list(store.counters.items())
-        for labels, value in list(series.items())])
-    db.executemany("INSERT INTO histograms VALUES (?, ?, ?)", [
-        (name, _text(labels), _text(counts)) for name, series in list(store.histograms.items())
-        for labels, counts in list(series.items())])
-    db.executemany("INSERT INTO buckets VALUES (?, ?)", [
-        (name, _text(list(bounds))) for name, bounds in store.buckets.items() if name in FAMILIES])
+    db.executemany(
+        "INSERT INTO counters VALUES (?, ?, ?)",
+        [
+            (name, _text(labels), value)
+            for name, series in list(store.counters.items())
+            for labels, value in list(series.items())
+        ],
+    )
+    db.executemany(
+        "INSERT INTO histograms VALUES (?, ?, ?)",
+        [
+            (name, _text(labels), _text(counts))
+            for name, series in list(store.histograms.items())
+            for labels, counts in list(series.items())
+        ],
+    )
+    db.executemany(
+        "INSERT INTO buckets VALUES (?, ?)",
+        [(name, _text(list(bounds))) for name, bounds in store.buckets.items() if name in FAMILIES],
+    )
 
 
 def meta_rows(org: str, ledger: Ledger, store: Store, extra: dict | None) -> list[tuple[str, str]]:
     """The meta table's rows of a save: (key, JSON text)."""
-    values = {"org": org, "saved_at": time.time(), "baseline": ledger.baseline, "watermark": ledger.watermark,
-              "extra_labels": list(store.extra_labels), "today": {"day": store.today_day, "totals": dict(store.today)},
-              # Rounded to the minute, so this row changes about once a minute, not at every save.
-              "label_use": store.label_use.to_json(), "births": store.births.to_json(store)}
+    values = {
+        "org": org,
+        "saved_at": time.time(),
+        "baseline": ledger.baseline,
+        "watermark": ledger.watermark,
+        "extra_labels": list(store.extra_labels),
+        "today": {"day": store.today_day, "totals": dict(store.today)},
+        # Rounded to the minute, so this row changes about once a minute, not at every save.
+        "label_use": store.label_use.to_json(),
+        "births": store.births.to_json(store),
+    }
     values.update((EXTRA + key, value) for key, value in (extra or {}).items())
     return [(key, _text(value)) for key, value in values.items()]
 
@@ -145,8 +197,9 @@ def read_meta(db: sqlite3.Connection) -> dict:
     return {key: json.loads(value) for key, value in db.execute("SELECT key, value FROM meta")}
 
 
-def load(db: sqlite3.Connection, meta: dict, buckets, label_limit: int,
-         extra_labels: tuple[str, ...]) -> tuple[Ledger, Store, list[str], bool, bool]:
+def load(
+    db: sqlite3.Connection, meta: dict, buckets, label_limit: int, extra_labels: tuple[str, ...]
+) -> tuple[Ledger, Store, list[str], bool, bool]:
     """The ledger and store the rows hold, under today's config; the histograms reset (buckets
     changed); and whether the ledger and the store are as the rows hold them, so that the next save
     may write only their changes."""
@@ -158,8 +211,9 @@ def load(db: sqlite3.Connection, meta: dict, buckets, label_limit: int,
     known = all(name in FAMILIES for kind in ("counters", "histograms") for name in data[kind])
     # A series saved before its family gained a label is restored under today's labels: the old
     # row must go, so the store is written whole (otherwise both would be restored next time).
-    known = known and not any(added_labels(name, row[:-1]) is not None
-                              for name, rows in data["counters"].items() for row in rows)
+    known = known and not any(
+        added_labels(name, row[:-1]) is not None for name, rows in data["counters"].items() for row in rows
+    )
     return ledger, store, reset, same_labels, same_labels and known and not reset
 
 
@@ -171,10 +225,37 @@ def _calls(db: sqlite3.Connection, saved_extra: tuple[str, ...], extra_labels: t
     columns = [c if c in present else "NULL" if c == "ended" else "0" for c in CALL_COLUMNS]
     rows = db.execute(f"SELECT {', '.join(columns)} FROM calls")
     while batch := rows.fetchmany(SLICE):
-        for (call_id, direction, status, created, updated, billed, webhook, result, since, amount, extra, ended, todo,
-             found) in batch:
-            state = calls[call_id] = CallState(direction, status, created, updated, bool(billed), webhook, result,
-                                               since, amount, (), ended, todo, found)
+        for (
+            call_id,
+            direction,
+            status,
+            created,
+            updated,
+            billed,
+            webhook,
+            result,
+            since,
+            amount,
+            extra,
+            ended,
+            todo,
+            found,
+        ) in batch:
+            state = calls[call_id] = CallState(
+                direction,
+                status,
+                created,
+                updated,
+                bool(billed),
+                webhook,
+                result,
+                since,
+                amount,
+                (),
+                ended,
+                todo,
+                found,
+            )
             if extra_labels:
                 values = extras.get(extra)
                 if values is None:
@@ -194,5 +275,11 @@ def _store_document(db: sqlite3.Connection, meta: dict, saved_extra: tuple[str, 
     for family, labels, counts in db.execute("SELECT family, labels, counts FROM histograms"):
         saved = histograms.setdefault(family, {"buckets": bounds.get(family, []), "series": []})
         saved["series"].append([*json.loads(labels), *json.loads(counts)])
-    return {"counters": counters, "histograms": histograms, "today": meta.get("today") or {},
-            "extra_labels": list(saved_extra), "label_use": meta.get("label_use"), "births": meta.get("births")}
+    return {
+        "counters": counters,
+        "histograms": histograms,
+        "today": meta.get("today") or {},
+        "extra_labels": list(saved_extra),
+        "label_use": meta.get("label_use"),
+        "births": meta.get("births"),
+    }

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import AsyncIterable, Awaitable, Callable, Iterator, NamedTuple
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterator
+from typing import NamedTuple
 
 from .accounting import deviations
 from .audit import Audit, AuditSchedule, Mismatch
@@ -96,8 +97,10 @@ class Tally:
             self.store.inc("callingbox_exporter_invalid_records_total", (record.reason,))
             self.invalid_logged += 1
             if self.invalid_logged <= INVALID_LOG_LIMIT:
-                log.warning("invalid record skipped", extra={"org": self.org, "reason": record.reason,
-                                                             "call_id": record.call_id})
+                log.warning(
+                    "invalid record skipped",
+                    extra={"org": self.org, "reason": record.reason, "call_id": record.call_id},
+                )
             elif self.invalid_logged == INVALID_LOG_LIMIT + 1:
                 log.warning("more invalid records this poll; counted, not logged", extra={"org": self.org})
         return None
@@ -123,7 +126,7 @@ class Tally:
         audit = self.schedule.due(now, self.ledger.baseline)
         return self.planner.plan(now, self.ledger, audit, self.not_found.values(), last_refreshed, batch)
 
-    def list_read(self, now: float, plan: Plan | None = None) -> "ListRead":
+    def list_read(self, now: float, plan: Plan | None = None) -> ListRead:
         """A read as `plan` says; without one, the settle window without an audit."""
         self.invalid_logged = 0
         return ListRead(self, now, plan or Plan(now - self.settings.settle_window, True, [], {}))
@@ -179,10 +182,20 @@ class Tally:
         skipped = self.schedule.concluded(audit, now)
         if skipped:
             self.store.inc("callingbox_exporter_audit_skipped_seconds_total", (), skipped)
-            log.warning("audit skipped calls never to be audited", extra={
-                "org": self.org, "from": until, "to": audit.start, "skipped_s": round(skipped, 3)})
-        log.info("audit done", extra={"org": self.org, "start": audit.start, "end": audit.end,
-                                      "checked": audit.checked, "mismatches": mismatches})
+            log.warning(
+                "audit skipped calls never to be audited",
+                extra={"org": self.org, "from": until, "to": audit.start, "skipped_s": round(skipped, 3)},
+            )
+        log.info(
+            "audit done",
+            extra={
+                "org": self.org,
+                "start": audit.start,
+                "end": audit.end,
+                "checked": audit.checked,
+                "mismatches": mismatches,
+            },
+        )
 
     def report(self, audit: Audit, method: str) -> int:
         """Count the calls an audit checked (`method`: window, spot_check) and its mismatches,
@@ -198,8 +211,10 @@ class Tally:
             self._reported.add((mismatch.call_id, mismatch.kind))
             found += 1
             self.store.inc("callingbox_exporter_audit_mismatches_total", (mismatch.kind,))
-            log.warning("audit mismatch", extra={"org": self.org, "kind": mismatch.kind, "call_id": mismatch.call_id,
-                                                 "detail": mismatch.detail})
+            log.warning(
+                "audit mismatch",
+                extra={"org": self.org, "kind": mismatch.kind, "call_id": mismatch.call_id, "detail": mismatch.detail},
+            )
         if len(self._reported) > REPORTED_MEMORY:  # forget calls no longer tracked
             self._reported = {r for r in self._reported if r[0] in self.ledger.calls}
         return found
@@ -242,8 +257,15 @@ class Tally:
             log.warning("stragglers given up", extra={"org": self.org, "calls": summary.given_up})
         return summary
 
-    def adopt(self, old: "Tally", extra_labels: tuple[str, ...], old_extra_labels: tuple[str, ...],
-              same_store: bool, buckets: dict, label_limit: int) -> list[str]:
+    def adopt(
+        self,
+        old: Tally,
+        extra_labels: tuple[str, ...],
+        old_extra_labels: tuple[str, ...],
+        same_store: bool,
+        buckets: dict,
+        label_limit: int,
+    ) -> list[str]:
         """Carry an old tally of the same org over a reload; returns histograms restarted."""
         self.ledger, self._invalid_seen, self._reported = old.ledger, old._invalid_seen, old._reported
         self.not_found = old.not_found
@@ -310,8 +332,11 @@ class ListRead:
                     return False  # newest first: all that follows is settled history
                 if self.newest is None or updated > self.newest:
                     self.newest = updated
-                if type(obj.id) is str and not self.is_news(obj.id, updated, self.overlap) \
-                        and (audit is None or not audit.covers(created)):
+                if (
+                    type(obj.id) is str
+                    and not self.is_news(obj.id, updated, self.overlap)
+                    and (audit is None or not audit.covers(created))
+                ):
                     return True
         record = self.tally.decode(obj)
         if record is None:
@@ -322,8 +347,13 @@ class ListRead:
             self.newest = record.updated_at
         known = record.id in self.calls
         if not known and self.seen[0] <= record.created_at < self.seen[1] and record.created_at > self.baseline:
-            self.appeared.append(Mismatch("missing", record.id, "appeared in the past, after a read of its time"
-                                          " had not listed it; counted now"))
+            self.appeared.append(
+                Mismatch(
+                    "missing",
+                    record.id,
+                    "appeared in the past, after a read of its time had not listed it; counted now",
+                )
+            )
         if self.is_news(record.id, record.updated_at, self.overlap):
             self.examined += 1
             self.events += self.tally.count(record, self.now)
@@ -335,6 +365,18 @@ class ListRead:
 
     def result(self, body_bytes: int = 0, not_modified: bool = False) -> ReadResult:
         """What the read saw, for `Tally.settle_read` once it reached its end."""
-        return ReadResult(self.plan, self.now, self.horizon, self.audit, self.newest, self.records, self.examined,
-                          self.events, self.tally.invalid_logged, body_bytes, not_modified, self.appeared,
-                          frozenset(self.suspects_listed))
+        return ReadResult(
+            self.plan,
+            self.now,
+            self.horizon,
+            self.audit,
+            self.newest,
+            self.records,
+            self.examined,
+            self.events,
+            self.tally.invalid_logged,
+            body_bytes,
+            not_modified,
+            self.appeared,
+            frozenset(self.suspects_listed),
+        )

@@ -11,7 +11,7 @@ when each capped label value was last counted, so the cap holds only the values 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 from .catalogue import CALL_FAMILIES, FAMILIES
 
@@ -192,7 +192,8 @@ class Births:
             name, labels, value = row[0], tuple(row[1]), row[2]
             held = store.counters.get(name, store.histograms.get(name, {})).get(labels)
             fits = (_number(value) is not None and _number(held) is not None) or (
-                type(value) is list and type(held) is list and len(value) == len(held))
+                type(value) is list and type(held) is list and len(value) == len(held)
+            )
             if fits:
                 self.visible.get(name, set()).discard(labels)
                 self.values[name, labels] = value

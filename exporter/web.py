@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import html
 import time
-from typing import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import hdrs, web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
-from .config import ConfigError
 from .catalogue import MILLI_CENTS_PER_DOLLAR
+from .config import ConfigError
 from .exposition import Exposition, page_format
 from .health import Snapshot
 from .webconfig import Guard
@@ -92,12 +92,12 @@ def _today(totals: dict[str, int]) -> str:
     cells = [(key, totals.get(key, 0), f"{totals.get(key, 0):,}") for key in TODAY_SHOWN]
     cells.append(("billed", totals.get("milli_cents", 0), dollars(totals.get("milli_cents", 0))))
     head = "".join(f"<th>{_e(key.replace('_', ' '))}</th>" for key, _, _ in cells)
-    row = "".join(
-        f'<td data-field="{key}"{"" if amount else ZERO}>{_e(text)}</td>' for key, amount, text in cells
-    )
+    row = "".join(f'<td data-field="{key}"{"" if amount else ZERO}>{_e(text)}</td>' for key, amount, text in cells)
     note = "" if totals else ' · <span data-field="nothing_today">nothing counted yet</span>'
-    return (f'<table><caption>Today <span class="muted">(since 00:00 UTC){note}</span></caption>'
-            f"<tr>{head}</tr><tr>{row}</tr></table>")
+    return (
+        f'<table><caption>Today <span class="muted">(since 00:00 UTC){note}</span></caption>'
+        f"<tr>{head}</tr><tr>{row}</tr></table>"
+    )
 
 
 def _card(org: str, snapshot: Snapshot, now: float) -> str:
@@ -115,7 +115,9 @@ def _card(org: str, snapshot: Snapshot, now: float) -> str:
     ]
     if health.stragglers:
         rows.append(("stragglers", _e(f"{health.stragglers:,}")))
-    details = "".join(f'<dt>{label}</dt><dd data-field="{label.replace(" ", "_")}">{value}</dd>' for label, value in rows)
+    details = "".join(
+        f'<dt>{label}</dt><dd data-field="{label.replace(" ", "_")}">{value}</dd>' for label, value in rows
+    )
     error = ""
     if status.last_error:
         error = f'<div class="error">last error<pre data-field="last_error">{_e(status.last_error)}</pre></div>'
@@ -145,9 +147,9 @@ def landing_page(version: str, telemetry_path: str, snapshots: Mapping[str, Snap
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>CallingBox exporter · {summary}</title><style>{STYLE}</style></head><body>
 <div class="top"><h1>CallingBox exporter</h1><span class="muted">version {_e(version)}</span>
-<span class="summary{' down' if down else ''}" data-field="summary">{summary}</span>
+<span class="summary{" down" if down else ""}" data-field="summary">{summary}</span>
 <nav><a href="{path}">{path}</a><a href="/-/healthy">/-/healthy</a><a href="/-/ready">/-/ready</a></nav></div>
-<main>{''.join(_card(org, snapshot, now) for org, snapshot in targets.items())}</main>
+<main>{"".join(_card(org, snapshot, now) for org, snapshot in targets.items())}</main>
 <footer>Rendered {rendered}; refreshes every 30 s. Today's totals count what this exporter observed since
 00:00 UTC; billed is the money of calls whose billing settled today.</footer>
 </body></html>
@@ -217,8 +219,11 @@ def make_app(
         waiting = [org for org, snapshot in targets.items() if not snapshot.health.status.ready]
         if waiting:
             # Probes reach this page without a password: name the targets only when no one needs one.
-            which = f" of {', '.join(waiting)}" if guard is None or not guard.config.users else (
-                f": {len(waiting)} of {len(targets)} targets")
+            which = (
+                f" of {', '.join(waiting)}"
+                if guard is None or not guard.config.users
+                else (f": {len(waiting)} of {len(targets)} targets")
+            )
             return web.Response(status=503, text=f"Not ready: waiting for the first poll{which} to finish.\n")
         return web.Response(text="Ready.\n")
 
@@ -252,8 +257,9 @@ def _guarded(guard: Guard):
         if not guard.client_allowed(request.transport.get_extra_info("peercert") if request.transport else None):
             response: web.StreamResponse = web.Response(status=403, text="Client certificate not allowed.\n")
         elif guard.needs_auth(request.path) and not await guard.authorized(request.headers.get("Authorization")):
-            response = web.Response(status=401, text="Unauthorized.\n",
-                                    headers={"WWW-Authenticate": 'Basic realm="callingbox-exporter"'})
+            response = web.Response(
+                status=401, text="Unauthorized.\n", headers={"WWW-Authenticate": 'Basic realm="callingbox-exporter"'}
+            )
         else:
             try:
                 response = await handler(request)

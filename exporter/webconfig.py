@@ -90,7 +90,10 @@ class Guard:
             log.error("web config not reloaded; the previous one stays in force", extra={"error": str(error)})
             return
         if config.tls and (config.tls.client_auth, config.tls.min_version, config.tls.max_version) != (
-                self.config.tls.client_auth, self.config.tls.min_version, self.config.tls.max_version):
+            self.config.tls.client_auth,
+            self.config.tls.min_version,
+            self.config.tls.max_version,
+        ):
             log.warning("web config: client_auth_type and TLS versions take effect on restart")
         self.config, self.context, self._verified = config, context, {}
         self._stamp = _file_stamp(config.files)

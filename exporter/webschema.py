@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import ssl
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import bcrypt
 import yaml
@@ -19,12 +20,19 @@ import yaml
 from .config import ConfigError
 
 KEY = "web.config.file"
-TLS_VERSIONS = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
-                "TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
+TLS_VERSIONS = {
+    "TLS10": ssl.TLSVersion.TLSv1,
+    "TLS11": ssl.TLSVersion.TLSv1_1,
+    "TLS12": ssl.TLSVersion.TLSv1_2,
+    "TLS13": ssl.TLSVersion.TLSv1_3,
+}
 # Go's client auth policies that Python's ssl can enforce. Request/RequireAny (a certificate
 # asked for but not verified) have no equivalent: OpenSSL verifies whatever it is given.
-CLIENT_AUTH = {"NoClientCert": ssl.CERT_NONE, "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
-               "RequireAndVerifyClientCert": ssl.CERT_REQUIRED}
+CLIENT_AUTH = {
+    "NoClientCert": ssl.CERT_NONE,
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+}
 UNVERIFIED_CLIENT_AUTH = {"RequestClientCert", "RequireAnyClientCert"}
 # Go's TLS 1.2 suite names (those of tls.CipherSuites()) → OpenSSL's. TLS 1.3 suites are not
 # configurable, in Go as here, and are accepted and ignored.
@@ -44,12 +52,27 @@ TLS13_SUITES = {"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA2
 CURVES = {"CurveP256": "prime256v1", "CurveP384": "secp384r1", "CurveP521": "secp521r1", "X25519": "X25519"}
 # The headers the toolkit allows, with the values it accepts (None: any).
 HEADERS: dict[str, set[str] | None] = {
-    "Content-Security-Policy": None, "X-Frame-Options": {"deny", "sameorigin"},
-    "X-Content-Type-Options": {"nosniff"}, "X-XSS-Protection": None, "Strict-Transport-Security": None,
+    "Content-Security-Policy": None,
+    "X-Frame-Options": {"deny", "sameorigin"},
+    "X-Content-Type-Options": {"nosniff"},
+    "X-XSS-Protection": None,
+    "Strict-Transport-Security": None,
 }
-TLS_KEYS = {"cert", "key", "client_ca", "cert_file", "key_file", "client_ca_file", "client_auth_type",
-            "client_allowed_sans", "min_version", "max_version", "cipher_suites", "prefer_server_cipher_suites",
-            "curve_preferences"}
+TLS_KEYS = {
+    "cert",
+    "key",
+    "client_ca",
+    "cert_file",
+    "key_file",
+    "client_ca_file",
+    "client_auth_type",
+    "client_allowed_sans",
+    "min_version",
+    "max_version",
+    "cipher_suites",
+    "prefer_server_cipher_suites",
+    "curve_preferences",
+}
 
 
 @dataclass(frozen=True)
@@ -127,8 +150,11 @@ def _tls(raw: Mapping[str, Any], files: list[str]) -> TlsConfig:
     client_ca = _pem(raw, "client_ca", files, False)
     auth_name = raw.get("client_auth_type", "NoClientCert")
     if auth_name in UNVERIFIED_CLIENT_AUTH:
-        raise _error("tls_server_config.client_auth_type", f"{auth_name} (a client certificate accepted unverified) "
-                     "is not supported: use RequireAndVerifyClientCert or VerifyClientCertIfGiven")
+        raise _error(
+            "tls_server_config.client_auth_type",
+            f"{auth_name} (a client certificate accepted unverified) "
+            "is not supported: use RequireAndVerifyClientCert or VerifyClientCertIfGiven",
+        )
     if auth_name not in CLIENT_AUTH:
         raise _error("tls_server_config.client_auth_type", f"{auth_name!r} is not one of {', '.join(CLIENT_AUTH)}")
     client_auth = CLIENT_AUTH[auth_name]
@@ -160,8 +186,18 @@ def _tls(raw: Mapping[str, Any], files: list[str]) -> TlsConfig:
         raise _error("tls_server_config.curve_preferences", f"{curves!r}: curves are {', '.join(CURVES)}")
     if len(curves) > 1:
         raise _error("tls_server_config.curve_preferences", "Python's ssl can restrict to one curve only: give one")
-    return TlsConfig(cert, key, client_ca, client_auth, frozenset(sans), versions[0], versions[1], ciphers,
-                     prefer, CURVES[curves[0]] if curves else None)
+    return TlsConfig(
+        cert,
+        key,
+        client_ca,
+        client_auth,
+        frozenset(sans),
+        versions[0],
+        versions[1],
+        ciphers,
+        prefer,
+        CURVES[curves[0]] if curves else None,
+    )
 
 
 def _users(raw: Any) -> dict[str, bytes]:
@@ -232,7 +268,9 @@ def ssl_context(tls: TlsConfig) -> ssl.SSLContext:
         try:
             context.load_cert_chain(cert, key)
         except ssl.SSLError as error:
-            raise _error("tls_server_config.key_file", f"key and certificate do not load together: {error.reason}") from None
+            raise _error(
+                "tls_server_config.key_file", f"key and certificate do not load together: {error.reason}"
+            ) from None
     if tls.client_ca is not None:
         try:
             context.load_verify_locations(cadata=tls.client_ca)

@@ -40,7 +40,9 @@ def stack(tmp_path):
             yield s
         finally:
             for exporter in s.exporters:
-                exporter.kill(signal.SIGTERM if exporter.process and exporter.process.poll() is None else signal.SIGKILL)
+                exporter.kill(
+                    signal.SIGTERM if exporter.process and exporter.process.poll() is None else signal.SIGKILL
+                )
 
 
 @pytest.fixture
@@ -48,6 +50,7 @@ def launch(tmp_path):
     """`launch(name, command)` starts a real Prometheus or Alertmanager Server in tmp_path; all are
     stopped at teardown."""
     with ExitStack() as exits:
+
         def start(name: str, command: list[str]) -> Server:
             server = Server(tmp_path, name, command)
             exits.callback(server.stop)

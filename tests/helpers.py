@@ -119,8 +119,9 @@ class Exporter:
         # A test may write or replace the config file itself before (re)starting.
         config = self.config_path if self.config_path.exists() else None
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(exporter_argv(self.port, config, *extra), cwd=ROOT, env=self.env,
-                                            stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                exporter_argv(self.port, config, *extra), cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
         if wait_healthy:
             wait_until(self._healthy, 20, message=f"exporter healthy (log: {self.log_path})")
         return self
@@ -216,8 +217,10 @@ def differences(samples: Samples, truth, org: str = "default", buckets: dict | N
             expected[(name + "_bucket", tuple(sorted(labels + (("le", _le(le)),))))] = sum(
                 1 for v in observations if v <= le
             )
-    families = COUNTERS + ("callingbox_billed_amount_dollars_total",) + tuple(
-        h + suffix for h in HISTOGRAMS for suffix in ("_count", "_sum", "_bucket")
+    families = (
+        COUNTERS
+        + ("callingbox_billed_amount_dollars_total",)
+        + tuple(h + suffix for h in HISTOGRAMS for suffix in ("_count", "_sum", "_bucket"))
     )
     keys = {k for k in expected} | {k for k in got if k[0] in families}
     for key in sorted(keys):
@@ -253,8 +256,9 @@ def log_records(text: str) -> list[dict]:
             except ValueError:
                 continue
         else:
-            fields = {key: json.loads(value) if value.startswith('"') else value
-                      for key, value in _LOGFMT_FIELD.findall(line)}
+            fields = {
+                key: json.loads(value) if value.startswith('"') else value for key, value in _LOGFMT_FIELD.findall(line)
+            }
         if "msg" in fields and "ts" in fields:
             records.append(fields)
     return records

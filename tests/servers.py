@@ -26,8 +26,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"{name}.log"
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen([*command, f"--web.listen-address=127.0.0.1:{self.port}"],
-                                            cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [*command, f"--web.listen-address=127.0.0.1:{self.port}"], cwd=tmp, stdout=log, stderr=subprocess.STDOUT
+            )
 
     def ready(self) -> bool:
         return answers(self.process, self.url + "/-/ready", self.name, log=self.log_path)
@@ -48,8 +49,11 @@ def require(*binaries: str) -> None:
     """Fail (not skip) when a server binary is missing: unproven is not proven."""
     missing = [binary for binary in binaries if shutil.which(binary) is None]
     if missing:
-        pytest.fail(f"{', '.join(missing)} not on PATH: `make test` installs them (apt-get install prometheus "
-                    "prometheus-alertmanager chromium)", pytrace=False)
+        pytest.fail(
+            f"{', '.join(missing)} not on PATH: `make test` installs them (apt-get install prometheus "
+            "prometheus-alertmanager chromium)",
+            pytrace=False,
+        )
 
 
 def write_yaml(path: Path, document: dict) -> Path:
@@ -57,8 +61,15 @@ def write_yaml(path: Path, document: dict) -> Path:
     return path
 
 
-def start_prometheus(start, tmp: Path, exporter_url: str, rule_files=(), alertmanager: Server | None = None,
-                     flags=(), job: str = "callingbox") -> Server:
+def start_prometheus(
+    start,
+    tmp: Path,
+    exporter_url: str,
+    rule_files=(),
+    alertmanager: Server | None = None,
+    flags=(),
+    job: str = "callingbox",
+) -> Server:
     """Prometheus scraping the exporter every second, with the given rule files and flags."""
     document = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
@@ -66,7 +77,11 @@ def start_prometheus(start, tmp: Path, exporter_url: str, rule_files=(), alertma
         "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [exporter_url.split("://")[1]]}]}],
     }
     if alertmanager is not None:
-        document["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{alertmanager.port}"]}]}]}
+        document["alerting"] = {
+            "alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{alertmanager.port}"]}]}]
+        }
     config = write_yaml(tmp / "prometheus.yml", document)
-    return start("prometheus", ["prometheus", f"--config.file={config}",
-                                f"--storage.tsdb.path={tmp / 'prometheus-data'}", *flags])
+    return start(
+        "prometheus",
+        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp / 'prometheus-data'}", *flags],
+    )

@@ -15,8 +15,8 @@ import pytest
 
 from exporter.accounting import CallState
 from exporter.ledger import Ledger
-from exporter.store import Store
 from exporter.records import Record
+from exporter.store import Store
 from helpers import call_record
 
 BASELINE = 1_700_000_000.0
@@ -214,8 +214,20 @@ ROWS = [
         "billing_reserved_at_end_counts_once_when_settled",
         BASELINE,
         [
-            done("a", C + 70, reservation_status="reserved", billed_duration_seconds=None, billing_amount_milli_cents=None),
-            done("a", C + 75, reservation_status="reserved", billed_duration_seconds=None, billing_amount_milli_cents=None),
+            done(
+                "a",
+                C + 70,
+                reservation_status="reserved",
+                billed_duration_seconds=None,
+                billing_amount_milli_cents=None,
+            ),
+            done(
+                "a",
+                C + 75,
+                reservation_status="reserved",
+                billed_duration_seconds=None,
+                billing_amount_milli_cents=None,
+            ),
             done("a", C + 200, billing_amount_milli_cents=123_457),
             done("a", C + 200, billing_amount_milli_cents=123_457),
             done("a", C + 300, billing_amount_milli_cents=123_457, webhook_status="delivered"),
@@ -252,7 +264,12 @@ ROWS = [
             rec("g", "completed", C + 50, billed_duration_seconds=42, billing_amount_milli_cents=700),
             rec("g", "completed", C + 60, billed_duration_seconds=43, billing_amount_milli_cents=900),
         ],
-        {(CREATED, (OUT,)): 1, (CALLS, (OUT, "completed")): 1, (HANGUPS, (OUT, "completed", "none")): 1, (MONEY, (OUT,)): 700},
+        {
+            (CREATED, (OUT,)): 1,
+            (CALLS, (OUT, "completed")): 1,
+            (HANGUPS, (OUT, "completed", "none")): 1,
+            (MONEY, (OUT,)): 700,
+        },
         {(BILLED, (OUT,)): (1, 42)},
     ),
     Row(
@@ -327,7 +344,14 @@ ROWS = [
         "created_before_baseline_and_ended_after_counts_only_the_end",
         BASELINE,
         [
-            rec("i", "in_progress", BASELINE - 10, created_at=BASELINE - 60, started_at=BASELINE - 58, answered_at=BASELINE - 50),
+            rec(
+                "i",
+                "in_progress",
+                BASELINE - 10,
+                created_at=BASELINE - 60,
+                started_at=BASELINE - 58,
+                answered_at=BASELINE - 50,
+            ),
             done(
                 "i",
                 BASELINE + 30,
@@ -384,14 +408,56 @@ ROWS = [
         BASELINE,
         [
             # delivered after the baseline although the call ended long before: counted
-            rec("m", "completed", BASELINE + 10, created_at=BASELINE - 500, ended_at=BASELINE - 400, webhook_status="delivered"),
+            rec(
+                "m",
+                "completed",
+                BASELINE + 10,
+                created_at=BASELINE - 500,
+                ended_at=BASELINE - 400,
+                webhook_status="delivered",
+            ),
             # failed before the baseline: not counted; its later manual replay is
-            rec("n", "completed", BASELINE - 5, created_at=BASELINE - 500, ended_at=BASELINE - 400, webhook_status="failed"),
-            rec("n", "completed", BASELINE + 100, created_at=BASELINE - 500, ended_at=BASELINE - 400, webhook_status="pending"),
-            rec("n", "completed", BASELINE + 101, created_at=BASELINE - 500, ended_at=BASELINE - 400, webhook_status="delivered"),
+            rec(
+                "n",
+                "completed",
+                BASELINE - 5,
+                created_at=BASELINE - 500,
+                ended_at=BASELINE - 400,
+                webhook_status="failed",
+            ),
+            rec(
+                "n",
+                "completed",
+                BASELINE + 100,
+                created_at=BASELINE - 500,
+                ended_at=BASELINE - 400,
+                webhook_status="pending",
+            ),
+            rec(
+                "n",
+                "completed",
+                BASELINE + 101,
+                created_at=BASELINE - 500,
+                ended_at=BASELINE - 400,
+                webhook_status="delivered",
+            ),
             # extraction outcomes on either side of the baseline
-            rec("o", "completed", BASELINE, created_at=BASELINE - 500, ended_at=BASELINE - 400, result_status="completed"),
-            rec("p", "completed", BASELINE + 1, created_at=BASELINE - 500, ended_at=BASELINE - 400, result_status="failed"),
+            rec(
+                "o",
+                "completed",
+                BASELINE,
+                created_at=BASELINE - 500,
+                ended_at=BASELINE - 400,
+                result_status="completed",
+            ),
+            rec(
+                "p",
+                "completed",
+                BASELINE + 1,
+                created_at=BASELINE - 500,
+                ended_at=BASELINE - 400,
+                result_status="failed",
+            ),
         ],
         {(WEBHOOKS, ("delivered",)): 2, (EXTRACTIONS, ("failed",)): 1},
         {},
@@ -401,8 +467,15 @@ ROWS = [
         "ended_and_settled_before_baseline_then_webhook_after_counts_only_the_webhook",
         BASELINE,
         [
-            done("s", BASELINE + 20, created_at=BASELINE - 90, started_at=BASELINE - 88, answered_at=BASELINE - 80,
-                 ended_at=BASELINE - 10, webhook_status="delivered"),
+            done(
+                "s",
+                BASELINE + 20,
+                created_at=BASELINE - 90,
+                started_at=BASELINE - 88,
+                answered_at=BASELINE - 80,
+                ended_at=BASELINE - 10,
+                webhook_status="delivered",
+            ),
         ],
         {(WEBHOOKS, ("delivered",)): 1},
         {},
@@ -411,8 +484,15 @@ ROWS = [
         "ended_before_baseline_still_reserved_then_settled_after_counts_no_money",
         BASELINE,
         [
-            done("t", BASELINE - 5, created_at=BASELINE - 90, ended_at=BASELINE - 10, reservation_status="reserved",
-                 billed_duration_seconds=None, billing_amount_milli_cents=None),
+            done(
+                "t",
+                BASELINE - 5,
+                created_at=BASELINE - 90,
+                ended_at=BASELINE - 10,
+                reservation_status="reserved",
+                billed_duration_seconds=None,
+                billing_amount_milli_cents=None,
+            ),
             POLL,
             done("t", BASELINE + 40, created_at=BASELINE - 90, ended_at=BASELINE - 10),
             POLL,
@@ -424,23 +504,53 @@ ROWS = [
         "ended_after_baseline_settled_much_later_counts_the_money_once",
         BASELINE,
         [
-            rec("u", "in_progress", BASELINE - 5, created_at=BASELINE - 90, started_at=BASELINE - 88,
-                answered_at=BASELINE - 80),
+            rec(
+                "u",
+                "in_progress",
+                BASELINE - 5,
+                created_at=BASELINE - 90,
+                started_at=BASELINE - 88,
+                answered_at=BASELINE - 80,
+            ),
             POLL,
-            done("u", BASELINE + 10, created_at=BASELINE - 90, started_at=BASELINE - 88, answered_at=BASELINE - 80,
-                 ended_at=BASELINE + 9, reservation_status="reserved", billed_duration_seconds=None,
-                 billing_amount_milli_cents=None),
+            done(
+                "u",
+                BASELINE + 10,
+                created_at=BASELINE - 90,
+                started_at=BASELINE - 88,
+                answered_at=BASELINE - 80,
+                ended_at=BASELINE + 9,
+                reservation_status="reserved",
+                billed_duration_seconds=None,
+                billing_amount_milli_cents=None,
+            ),
             POLL,
-            done("u", BASELINE + 86_400, created_at=BASELINE - 90, started_at=BASELINE - 88,
-                 answered_at=BASELINE - 80, ended_at=BASELINE + 9),
+            done(
+                "u",
+                BASELINE + 86_400,
+                created_at=BASELINE - 90,
+                started_at=BASELINE - 88,
+                answered_at=BASELINE - 80,
+                ended_at=BASELINE + 9,
+            ),
             POLL,
-            done("u", BASELINE + 86_400, created_at=BASELINE - 90, started_at=BASELINE - 88,
-                 answered_at=BASELINE - 80, ended_at=BASELINE + 9),
+            done(
+                "u",
+                BASELINE + 86_400,
+                created_at=BASELINE - 90,
+                started_at=BASELINE - 88,
+                answered_at=BASELINE - 80,
+                ended_at=BASELINE + 9,
+            ),
             POLL,
         ],
         {(CALLS, (OUT, "completed")): 1, (HANGUPS, (OUT, "completed", "normal_clearing")): 1, (MONEY, (OUT,)): 1550},
-        {(DURATION, (OUT, "completed")): (1, 61), (ANSWER, (OUT,)): (1, 8.0), (SETUP, (OUT,)): (1, 2.0),
-         (BILLED, (OUT,)): (1, 62)},
+        {
+            (DURATION, (OUT, "completed")): (1, 61),
+            (ANSWER, (OUT,)): (1, 8.0),
+            (SETUP, (OUT,)): (1, 2.0),
+            (BILLED, (OUT,)): (1, 62),
+        },
     ),
     Row(
         "delays_observed_only_when_both_timestamps_are_set",
@@ -471,7 +581,9 @@ def replay(baseline: float, history: list, gated: bool = True) -> tuple[Ledger, 
 
 
 def counted(store: Store) -> dict:
-    return {(name, labels): value for name, series in store.counters.items() for labels, value in series.items() if value}
+    return {
+        (name, labels): value for name, series in store.counters.items() for labels, value in series.items() if value
+    }
 
 
 def observed(store: Store) -> dict:
@@ -559,8 +671,13 @@ def ledger_of(*records: Record) -> Ledger:
 
 def finished(id: str, created_at: float, **fields) -> Record:
     """A completed call, settled, its cause told, no webhook, no extraction: final unless fields say otherwise."""
-    values = dict(created_at=created_at, ended_at=created_at + 60, reservation_status="settled", billing_amount_milli_cents=900,
-                  hangup_cause="normal_clearing")
+    values = dict(
+        created_at=created_at,
+        ended_at=created_at + 60,
+        reservation_status="settled",
+        billing_amount_milli_cents=900,
+        hangup_cause="normal_clearing",
+    )
     values.update(fields)
     return rec(id, "completed", created_at + 61, **values)
 
@@ -638,8 +755,15 @@ def test_sweep_counts_pending_webhooks_and_the_oldest_pending_since():
         finished("first", NOW - 100, ended_at=NOW - 90, webhook_status="pending"),
         # a manual replay is pending from the update that moved it back to pending
         finished("replayed", NOW - 500, ended_at=NOW - 450, webhook_status="delivered"),
-        rec("replayed", "completed", NOW - 50, created_at=NOW - 500, ended_at=NOW - 450,
-            reservation_status="settled", webhook_status="pending"),
+        rec(
+            "replayed",
+            "completed",
+            NOW - 50,
+            created_at=NOW - 500,
+            ended_at=NOW - 450,
+            reservation_status="settled",
+            webhook_status="pending",
+        ),
         finished("delivered", NOW - 700, ended_at=NOW - 650, webhook_status="delivered"),
     )
     summary = ledger.sweep(NOW, WINDOW)
@@ -703,14 +827,24 @@ def test_the_ledger_marks_what_a_save_must_write_and_hands_it_over_once():
 def test_prune_walks_the_ledger_in_slices_and_drops_what_a_whole_sweep_drops():
     """The full read's sweep yields between slices (scrapes are served meanwhile) and ends with
     the same ledger, open set and changes as the one-go sweep."""
+
     def ledger_of(n: int) -> Ledger:
         ledger = Ledger(BASELINE)
         for i in range(n):
             created = BASELINE + i
             status = "ringing" if i % 3 == 0 else "completed"
-            ledger.account(rec(f"c{i}", status, created + 1, created_at=created, ended_at=None if i % 3 == 0 else created + 1,
-                               reservation_status=None if i % 3 == 0 else "settled", billing_amount_milli_cents=10,
-                               hangup_cause=None if i % 3 == 0 else "normal_clearing"))
+            ledger.account(
+                rec(
+                    f"c{i}",
+                    status,
+                    created + 1,
+                    created_at=created,
+                    ended_at=None if i % 3 == 0 else created + 1,
+                    reservation_status=None if i % 3 == 0 else "settled",
+                    billing_amount_milli_cents=10,
+                    hangup_cause=None if i % 3 == 0 else "normal_clearing",
+                )
+            )
         ledger.take_changed()
         return ledger
 

@@ -11,8 +11,8 @@ import json
 
 import msgspec
 
-from exporter.ledger import Ledger
 from exporter.health import summarise
+from exporter.ledger import Ledger
 from exporter.plan import Plan
 from exporter.records import CallFields
 from exporter.settings import Settings
@@ -43,11 +43,26 @@ def call(status: str, updated: float, id: str = "a", whole: bool = True, **field
     """A call object as the API may send it: whole-second timestamps, with a webhook and a schema
     unless `fields` say otherwise, every end detail null unless given."""
     stamp = (lambda t: format_ts(t)[:19] + "Z") if whole else format_ts
-    obj = {"id": id, "status": status, "direction": OUT, "created_at": stamp(C), "updated_at": stamp(updated),
-           "started_at": None, "answered_at": None, "ended_at": None, "duration_seconds": None,
-           "billed_duration_seconds": None, "billing_amount_milli_cents": None, "reservation_status": "reserved",
-           "webhook_url": "https://hooks.example/cb", "webhook_status": None, "returns": {"ok": "boolean"},
-           "result_status": None, "hangup_cause": None, "error_code": None}
+    obj = {
+        "id": id,
+        "status": status,
+        "direction": OUT,
+        "created_at": stamp(C),
+        "updated_at": stamp(updated),
+        "started_at": None,
+        "answered_at": None,
+        "ended_at": None,
+        "duration_seconds": None,
+        "billed_duration_seconds": None,
+        "billing_amount_milli_cents": None,
+        "reservation_status": "reserved",
+        "webhook_url": "https://hooks.example/cb",
+        "webhook_status": None,
+        "returns": {"ok": "boolean"},
+        "result_status": None,
+        "hangup_cause": None,
+        "error_code": None,
+    }
     for key, value in fields.items():
         obj[key] = stamp(value) if key.endswith("_at") and isinstance(value, float) else value
     return obj
@@ -81,8 +96,17 @@ def test_end_details_that_come_a_version_later_count_once_under_their_real_value
     read(t, NOW - 540, call("in_progress", NOW - 540, started_at=C + 2.0))
     read(t, NOW - 490, call("completed", END, **DONE))  # the terminal version: no cause, code, duration
     assert series(t, ENDED) == {(OUT, "completed"): 1} and series(t, HANGUPS) == {}, "the cause may still come"
-    later = call("completed", END + 3, **{**DONE, "hangup_cause": "customer_hangup", "error_code": "audio_degraded",
-                                          "duration_seconds": 61, "answered_at": C + 5.0})
+    later = call(
+        "completed",
+        END + 3,
+        **{
+            **DONE,
+            "hangup_cause": "customer_hangup",
+            "error_code": "audio_degraded",
+            "duration_seconds": 61,
+            "answered_at": C + 5.0,
+        },
+    )
     for now in (NOW - 480, NOW - 470):  # the same later version read twice
         read(t, now, later)
     assert series(t, ENDED) == {(OUT, "completed"): 1}
@@ -118,8 +142,13 @@ def test_end_details_of_a_call_that_ended_before_the_baseline_never_count():
 
 def test_a_settled_call_without_its_amount_waits_for_it():
     t = tally()
-    settled = {**DONE, "reservation_status": "settled", "billing_amount_milli_cents": None,
-               "billed_duration_seconds": 62, "hangup_cause": "customer_hangup"}
+    settled = {
+        **DONE,
+        "reservation_status": "settled",
+        "billing_amount_milli_cents": None,
+        "billed_duration_seconds": 62,
+        "hangup_cause": "customer_hangup",
+    }
     read(t, NOW - 490, call("completed", END, **settled))
     assert series(t, MONEY) == {} and "a" in t.ledger.open, "not $0 for good: the amount is still to come"
     read(t, NOW - 480, call("completed", END + 2, **{**settled, "billing_amount_milli_cents": 18000}))
@@ -134,12 +163,19 @@ def test_outcomes_without_their_subject_count_nothing_and_hold_nothing_open():
     read(t, NOW - 490, call("completed", END, **{**bare, "webhook_status": "pending", "result_status": "pending"}))
     summary = t.sweep(NOW - 490, everything=False)
     assert summary.webhooks_pending == 0 and "a" not in t.ledger.open, "no webhook to wait for"
-    read(t, NOW - 480, call("completed", END + 5, **{**bare, "webhook_status": "delivered",
-                                                     "result_status": "completed"}))
+    read(
+        t,
+        NOW - 480,
+        call("completed", END + 5, **{**bare, "webhook_status": "delivered", "result_status": "completed"}),
+    )
     assert series(t, WEBHOOKS) == series(t, EXTRACTIONS) == {}
     assert kinds(t) == {"outcome_without_subject": 1}, "once per call, however many versions say it"
-    with_subject = call("completed", END + 6, id="b", **{**DONE, "hangup_cause": "x", "webhook_status": "delivered",
-                                                          "result_status": "failed"})
+    with_subject = call(
+        "completed",
+        END + 6,
+        id="b",
+        **{**DONE, "hangup_cause": "x", "webhook_status": "delivered", "result_status": "failed"},
+    )
     read(t, NOW - 470, with_subject)
     assert series(t, WEBHOOKS) == {("delivered",): 1} and series(t, EXTRACTIONS) == {("failed",): 1}
 

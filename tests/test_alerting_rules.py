@@ -28,43 +28,77 @@ ALERTMANAGER_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 RUNBOOK = ROOT / "docs" / "runbook.md"
 # One base for every runbook_url, named once: the PrometheusRule generator replaces it
 # (--runbook-base-url) for a runbook kept elsewhere.
-RUNBOOK_URL = runpy.run_path(str(ROOT / "deploy" / "kubernetes" / "generate-prometheusrule.py"))["RUNBOOK_BASE_URL"] + "#"
+RUNBOOK_URL = (
+    runpy.run_path(str(ROOT / "deploy" / "kubernetes" / "generate-prometheusrule.py"))["RUNBOOK_BASE_URL"] + "#"
+)
 
 # What the exporter measures for an org: blind (and inhibited) while its exporter is down.
 SYMPTOMS = {
-    "CallingBoxFailedCallsSpike", "CallingBoxFailedCallsSustained", "CallingBoxNoAnswerSpike",
-    "CallingBoxAnsweredCallsDrop", "CallingBoxCampaignStalled", "CallingBoxShortCallsSpike",
-    "CallingBoxCallsStuckBeforeRinging", "CallingBoxSpendSpike", "CallingBoxSpendOverBudget",
-    "CallingBoxWebhookDeliveriesFailing", "CallingBoxWebhookEndpointDown", "CallingBoxExtractionsFailing",
+    "CallingBoxFailedCallsSpike",
+    "CallingBoxFailedCallsSustained",
+    "CallingBoxNoAnswerSpike",
+    "CallingBoxAnsweredCallsDrop",
+    "CallingBoxCampaignStalled",
+    "CallingBoxShortCallsSpike",
+    "CallingBoxCallsStuckBeforeRinging",
+    "CallingBoxSpendSpike",
+    "CallingBoxSpendOverBudget",
+    "CallingBoxWebhookDeliveriesFailing",
+    "CallingBoxWebhookEndpointDown",
+    "CallingBoxExtractionsFailing",
     "CallingBoxDataStale",
 }
 # Another engineer's end-to-end test addresses the alerts by these names.
 ALERTS = SYMPTOMS | {
-    "CallingBoxExporterDown", "CallingBoxExporterAbsent", "CallingBoxExporterStuck", "CallingBoxApiKeyRejected",
-    "CallingBoxApiErrors", "CallingBoxAuditMismatches",
+    "CallingBoxExporterDown",
+    "CallingBoxExporterAbsent",
+    "CallingBoxExporterStuck",
+    "CallingBoxApiKeyRejected",
+    "CallingBoxApiErrors",
+    "CallingBoxAuditMismatches",
 }
 # Who reads them: campaign owners (what the calls achieve and cost) or SREs (what runs them).
 AUDIENCE = {
     "business": {
-        "CallingBoxNoAnswerSpike", "CallingBoxAnsweredCallsDrop", "CallingBoxCampaignStalled",
-        "CallingBoxShortCallsSpike", "CallingBoxSpendSpike", "CallingBoxSpendOverBudget", "CallingBoxExtractionsFailing",
+        "CallingBoxNoAnswerSpike",
+        "CallingBoxAnsweredCallsDrop",
+        "CallingBoxCampaignStalled",
+        "CallingBoxShortCallsSpike",
+        "CallingBoxSpendSpike",
+        "CallingBoxSpendOverBudget",
+        "CallingBoxExtractionsFailing",
     },
     "platform": {
-        "CallingBoxFailedCallsSpike", "CallingBoxFailedCallsSustained", "CallingBoxCallsStuckBeforeRinging",
-        "CallingBoxWebhookDeliveriesFailing", "CallingBoxWebhookEndpointDown", "CallingBoxExporterDown",
-        "CallingBoxExporterAbsent", "CallingBoxExporterStuck", "CallingBoxApiKeyRejected", "CallingBoxApiErrors",
-        "CallingBoxDataStale", "CallingBoxAuditMismatches",
+        "CallingBoxFailedCallsSpike",
+        "CallingBoxFailedCallsSustained",
+        "CallingBoxCallsStuckBeforeRinging",
+        "CallingBoxWebhookDeliveriesFailing",
+        "CallingBoxWebhookEndpointDown",
+        "CallingBoxExporterDown",
+        "CallingBoxExporterAbsent",
+        "CallingBoxExporterStuck",
+        "CallingBoxApiKeyRejected",
+        "CallingBoxApiErrors",
+        "CallingBoxDataStale",
+        "CallingBoxAuditMismatches",
     },
 }
 # The alerts that compare a share or the spend with the org's own baseline: only that path pages.
 BASELINE_ALERTS = {
-    "CallingBoxFailedCallsSpike", "CallingBoxFailedCallsSustained", "CallingBoxNoAnswerSpike",
-    "CallingBoxAnsweredCallsDrop", "CallingBoxShortCallsSpike", "CallingBoxSpendSpike", "CallingBoxExtractionsFailing",
+    "CallingBoxFailedCallsSpike",
+    "CallingBoxFailedCallsSustained",
+    "CallingBoxNoAnswerSpike",
+    "CallingBoxAnsweredCallsDrop",
+    "CallingBoxShortCallsSpike",
+    "CallingBoxSpendSpike",
+    "CallingBoxExtractionsFailing",
 }
-RECEIVERS = {("business", "critical"): "callingbox-campaign-owners-pager",
-             ("business", "warning"): "callingbox-campaign-owners-chat",
-             ("platform", "critical"): "callingbox-sre-pager",
-             ("platform", "warning"): "callingbox-sre-chat"}
+RECEIVERS = {
+    ("business", "critical"): "callingbox-campaign-owners-pager",
+    ("business", "warning"): "callingbox-campaign-owners-chat",
+    ("platform", "critical"): "callingbox-sre-pager",
+    ("platform", "warning"): "callingbox-sre-chat",
+}
 KEY = "sk_test_alerting_0123456789"
 # Exported only for the targets that set `daily_budget_dollars` (SPEC §2), which the exposition
 # run here does not: CallingBoxSpendOverBudget reads it.
@@ -74,8 +108,11 @@ CONFIGURED_ONLY = {"callingbox_daily_budget_dollars"}
 def tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.fail(f"{name} is not installed: the alerting tests need Debian's prometheus and "
-                    f"prometheus-alertmanager packages (`make test` installs them)", pytrace=False)
+        pytest.fail(
+            f"{name} is not installed: the alerting tests need Debian's prometheus and "
+            f"prometheus-alertmanager packages (`make test` installs them)",
+            pytrace=False,
+        )
     return path
 
 
@@ -102,6 +139,7 @@ def recorded_names() -> set[str]:
 
 # ---------------------------------------------------------------- promtool and amtool
 
+
 @pytest.mark.parametrize("path", RULE_FILES, ids=lambda p: p.name)
 def test_rule_file_passes_promtool_check_without_warnings(path):
     result = run(tool("promtool"), "check", "rules", "--lint=all", "--lint-fatal", str(path))
@@ -112,8 +150,13 @@ def test_rule_file_passes_promtool_check_without_warnings(path):
 
 def test_rule_unit_tests_exist():
     """An empty glob would parametrize the next test into a silent skip."""
-    assert {p.name for p in RULE_TESTS} >= {"recording.test.yml", "calls.test.yml", "history.test.yml", "hours.test.yml",
-                                           "rollouts.test.yml"}, RULE_TESTS
+    assert {p.name for p in RULE_TESTS} >= {
+        "recording.test.yml",
+        "calls.test.yml",
+        "history.test.yml",
+        "hours.test.yml",
+        "rollouts.test.yml",
+    }, RULE_TESTS
 
 
 @pytest.fixture(scope="module")
@@ -150,24 +193,47 @@ def test_alertmanager_example_passes_amtool():
 
 def routed_to(labels: dict[str, str]) -> list[str]:
     """The receivers `amtool config routes test` picks for an alert with these labels."""
-    result = run(tool("amtool"), "config", "routes", "test", f"--config.file={ALERTMANAGER_CONFIG}",
-                 *(f"{k}={v}" for k, v in labels.items()))
+    result = run(
+        tool("amtool"),
+        "config",
+        "routes",
+        "test",
+        f"--config.file={ALERTMANAGER_CONFIG}",
+        *(f"{k}={v}" for k, v in labels.items()),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout.split()
 
 
-@pytest.mark.parametrize(("labels", "receiver"), [
-    ({"alertname": "CallingBoxAnsweredCallsDrop", "severity": "critical", "audience": "business", "org": "acme"},
-     "callingbox-campaign-owners-pager"),
-    ({"alertname": "CallingBoxCampaignStalled", "severity": "warning", "audience": "business", "org": "acme"},
-     "callingbox-campaign-owners-chat"),
-    ({"alertname": "CallingBoxExporterDown", "severity": "critical", "audience": "platform", "org": "acme"},
-     "callingbox-sre-pager"),
-    ({"alertname": "CallingBoxWebhookEndpointDown", "severity": "warning", "audience": "platform", "org": "acme"},
-     "callingbox-sre-chat"),
-    # The example merges into an existing config: other alerts keep going where they went.
-    ({"alertname": "NodeFilesystemFull", "severity": "critical", "audience": "business"}, "default"),
-], ids=["business-critical", "business-warning", "platform-critical", "platform-warning", "not-callingbox"])
+@pytest.mark.parametrize(
+    ("labels", "receiver"),
+    [
+        (
+            {"alertname": "CallingBoxAnsweredCallsDrop", "severity": "critical", "audience": "business", "org": "acme"},
+            "callingbox-campaign-owners-pager",
+        ),
+        (
+            {"alertname": "CallingBoxCampaignStalled", "severity": "warning", "audience": "business", "org": "acme"},
+            "callingbox-campaign-owners-chat",
+        ),
+        (
+            {"alertname": "CallingBoxExporterDown", "severity": "critical", "audience": "platform", "org": "acme"},
+            "callingbox-sre-pager",
+        ),
+        (
+            {
+                "alertname": "CallingBoxWebhookEndpointDown",
+                "severity": "warning",
+                "audience": "platform",
+                "org": "acme",
+            },
+            "callingbox-sre-chat",
+        ),
+        # The example merges into an existing config: other alerts keep going where they went.
+        ({"alertname": "NodeFilesystemFull", "severity": "critical", "audience": "business"}, "default"),
+    ],
+    ids=["business-critical", "business-warning", "platform-critical", "platform-warning", "not-callingbox"],
+)
 def test_alertmanager_routes_by_audience_and_severity(labels, receiver):
     assert routed_to(labels) == [receiver]
 
@@ -194,8 +260,9 @@ def test_alertmanager_groups_by_org_and_inhibits_symptoms_while_exporter_is_down
         sources = matching_alerts(rule["source_matchers"])
         assert sources, f"inhibit rule source {rule['source_matchers']} matches no alert"
         for matcher in rule["source_matchers"] + rule["target_matchers"]:
-            assert re.fullmatch(r'alertname=~?"CallingBox.+"|org!?=""', matcher), \
+            assert re.fullmatch(r'alertname=~?"CallingBox.+"|org!?=""', matcher), (
                 f"{matcher}: an inhibit rule must select CallingBox alerts only, to merge safely"
+            )
         for name in sources:
             inhibited_by.setdefault(name, set()).update(matching_alerts(rule["target_matchers"]))
             if 'org=""' in rule["source_matchers"]:  # absent(): no org label, every org inhibited
@@ -217,6 +284,7 @@ def matching_alerts(matchers: list[str]) -> set[str]:
 
 
 # ---------------------------------------------------------------- the rules' own shape
+
 
 def test_alerts_are_exactly_the_agreed_set():
     assert set(alerts()) == ALERTS
@@ -309,9 +377,17 @@ def test_baselines_read_a_few_recorded_hourly_increases_at_the_same_hour_of_earl
 def test_ratio_alerts_wait_longer_than_their_shortest_window():
     """A burst brought by one poll stays in a window for at most that window: `for` outlasts it."""
     seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    for name in ("CallingBoxFailedCallsSpike", "CallingBoxFailedCallsSustained", "CallingBoxNoAnswerSpike",
-                 "CallingBoxAnsweredCallsDrop", "CallingBoxShortCallsSpike", "CallingBoxSpendSpike",
-                 "CallingBoxWebhookDeliveriesFailing", "CallingBoxExtractionsFailing", "CallingBoxApiErrors"):
+    for name in (
+        "CallingBoxFailedCallsSpike",
+        "CallingBoxFailedCallsSustained",
+        "CallingBoxNoAnswerSpike",
+        "CallingBoxAnsweredCallsDrop",
+        "CallingBoxShortCallsSpike",
+        "CallingBoxSpendSpike",
+        "CallingBoxWebhookDeliveriesFailing",
+        "CallingBoxExtractionsFailing",
+        "CallingBoxApiErrors",
+    ):
         for rule in alerts()[name]:
             # Recorded names end in their window (ratio_rate5m, increase1h); raw ranges are [15m].
             windows = re.findall(r"(?:[a-z_]+:[a-z_]+:[a-z_]+?|\[)(\d+)([smhd])\b", rule["expr"])
@@ -323,12 +399,14 @@ def test_ratio_alerts_wait_longer_than_their_shortest_window():
 
 # ---------------------------------------------------------------- against the real exporter
 
+
 def exposition(stack) -> str:
     """The text exposition of a real exporter that has counted all calls of a simulator run."""
-    sim, url = stack.simulator(seed=3, rate=100, max_calls=200, time_scale=300, webhook_retry_base=0.05,
-                               api_key=KEY)
-    exporter = stack.exporter({"api_url": url, "poll_interval": "0.3s", "overlap": "10s",
-                               "initial_lookback": "1h"}, env={"CALLINGBOX_API_KEY": KEY}).start()
+    sim, url = stack.simulator(seed=3, rate=100, max_calls=200, time_scale=300, webhook_retry_base=0.05, api_key=KEY)
+    exporter = stack.exporter(
+        {"api_url": url, "poll_interval": "0.3s", "overlap": "10s", "initial_lookback": "1h"},
+        env={"CALLINGBOX_API_KEY": KEY},
+    ).start()
     wait_until(exporter.ready, 20, message="exporter ready")
     # Every call final and counted: every outcome, error code and webhook state is on show.
     wait_until(sim.all_final, 60, message="simulator calls final")
@@ -357,8 +435,9 @@ def test_every_metric_the_rules_read_is_exposed_or_recorded(stack):
             texts.append(rule["expr"])
             texts.extend(rule.get("annotations", {}).values())  # template queries name series too
     # Whole identifiers, colons included: `org:callingbox_up:x` is a recorded name, not callingbox_up.
-    used = {token for text in texts for token in re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", text)
-            if "callingbox_" in token}
+    used = {
+        token for text in texts for token in re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", text) if "callingbox_" in token
+    }
     assert used, "no metric names found in the rules"
     unknown = sorted(name for name in used if name not in (recorded if ":" in name else exposed | CONFIGURED_ONLY))
     assert unknown == [], f"not on the exporter's /metrics and not a recording rule: {unknown}"

@@ -164,7 +164,7 @@ async def test_a_large_body_arriving_steadily_is_read_whole_within_the_deadline_
     element = b'{"id": "%05d", "pad": "' + b"x" * 980 + b'"}'
     elements = [element % n for n in range(160)]
     body = b"[" + b",".join(elements) + b"]"
-    pieces = [body[i:i + 16_000] for i in range(0, len(body), 16_000)]  # one every 0.1 s
+    pieces = [body[i : i + 16_000] for i in range(0, len(body), 16_000)]  # one every 0.1 s
     async with aiohttp.ClientSession() as session:
         client = Client(session, await dribble(pieces, gap=0.1), None, 0.5)
         with pytest.raises(DeadlineExceeded):  # sized for a small list: 0.7 s
@@ -179,8 +179,9 @@ async def test_a_large_body_arriving_steadily_is_read_whole_within_the_deadline_
 
 async def test_a_call_by_id_that_trickles_fails_at_request_timeout(dribble):
     async with aiohttp.ClientSession() as session:
-        client = Client(session, await dribble([b'{"id": "a", "status": "completed"'] + [b" "] * 50, gap=0.2),
-                        None, 0.5)
+        client = Client(
+            session, await dribble([b'{"id": "a", "status": "completed"'] + [b" "] * 50, gap=0.2), None, 0.5
+        )
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded) as error:
             await client.get_call("a")
@@ -203,5 +204,9 @@ async def test_each_request_is_a_heartbeat_step_bounded_by_its_deadline_and_the_
         await read_list(client, expected_bytes=1_000_000)
         with pytest.raises(ApiError):
             await client.get_call("a")  # this API has no call by id: 404
-    assert steps == [("waiting for the API budget", None), ("list read", client.list_deadline(1_000_000)),
-                     ("waiting for the API budget", None), ("call by id", 5.0)]
+    assert steps == [
+        ("waiting for the API budget", None),
+        ("list read", client.list_deadline(1_000_000)),
+        ("waiting for the API budget", None),
+        ("call by id", 5.0),
+    ]

@@ -7,18 +7,32 @@ import sys
 import pytest
 
 from exporter.accounting import CallState
-from exporter.ledger import Ledger
 from exporter.audit import Audit
+from exporter.ledger import Ledger
 from exporter.records import Record
 
 BASELINE, START, END = 1_000.0, 2_000.0, 3_000.0
 
 
 def record(status="completed", created_at=2_500.0, **fields) -> Record:
-    values = dict(id="c1", status=status, direction="outbound", created_at=created_at, updated_at=created_at + 60,
-                  started_at=None, answered_at=None, ended_at=created_at + 50, duration_seconds=40,
-                  billed_duration_seconds=40, billing_amount_milli_cents=1_000, reservation_status="settled",
-                  webhook_status="delivered", result_status="completed", hangup_cause=None, error_code=None)
+    values = dict(
+        id="c1",
+        status=status,
+        direction="outbound",
+        created_at=created_at,
+        updated_at=created_at + 60,
+        started_at=None,
+        answered_at=None,
+        ended_at=created_at + 50,
+        duration_seconds=40,
+        billed_duration_seconds=40,
+        billing_amount_milli_cents=1_000,
+        reservation_status="settled",
+        webhook_status="delivered",
+        result_status="completed",
+        hangup_cause=None,
+        error_code=None,
+    )
     values.update(fields)
     return Record(**values)
 
@@ -33,22 +47,39 @@ def counted(r: Record) -> CallState:
 HONEST = record()
 
 
-@pytest.mark.parametrize("api_now, state, kinds", [
-    (HONEST, counted(HONEST), []),
-    (record(status="failed"), counted(HONEST), ["status"]),
-    (record(billing_amount_milli_cents=2_000), counted(HONEST), ["billing"]),
-    (record(webhook_status="failed"), counted(HONEST), ["webhook"]),
-    (record(result_status="failed"), counted(HONEST), ["extraction"]),
-    (HONEST, None, ["missing"]),
-    (record(status="failed", billing_amount_milli_cents=0, webhook_status="failed"), counted(HONEST),
-     ["status", "billing", "webhook"]),
-    # a webhook still pending (being replayed) or an unbilled reservation is no disagreement
-    (record(webhook_status="pending"), counted(HONEST), []),
-    (record(reservation_status="reserved", billing_amount_milli_cents=9), counted(HONEST), []),
-    # before the baseline nothing was counted, so nothing can disagree
-    (record(created_at=900.0, status="failed"), None, []),
-], ids=["honest", "status", "billing", "webhook", "extraction", "missing", "several", "replaying", "reserved",
-        "before-baseline"])
+@pytest.mark.parametrize(
+    "api_now, state, kinds",
+    [
+        (HONEST, counted(HONEST), []),
+        (record(status="failed"), counted(HONEST), ["status"]),
+        (record(billing_amount_milli_cents=2_000), counted(HONEST), ["billing"]),
+        (record(webhook_status="failed"), counted(HONEST), ["webhook"]),
+        (record(result_status="failed"), counted(HONEST), ["extraction"]),
+        (HONEST, None, ["missing"]),
+        (
+            record(status="failed", billing_amount_milli_cents=0, webhook_status="failed"),
+            counted(HONEST),
+            ["status", "billing", "webhook"],
+        ),
+        # a webhook still pending (being replayed) or an unbilled reservation is no disagreement
+        (record(webhook_status="pending"), counted(HONEST), []),
+        (record(reservation_status="reserved", billing_amount_milli_cents=9), counted(HONEST), []),
+        # before the baseline nothing was counted, so nothing can disagree
+        (record(created_at=900.0, status="failed"), None, []),
+    ],
+    ids=[
+        "honest",
+        "status",
+        "billing",
+        "webhook",
+        "extraction",
+        "missing",
+        "several",
+        "replaying",
+        "reserved",
+        "before-baseline",
+    ],
+)
 def test_each_disagreement_is_one_mismatch_of_its_kind(api_now, state, kinds):
     audit = Audit(0.0, END, BASELINE)
     audit.check(api_now, state)

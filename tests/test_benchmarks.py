@@ -14,9 +14,9 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT
 
 from exporter.exposition import CACHED
+from helpers import ROOT
 
 CASES = ("1 ingest", "2 history", "3 scrape", "4 memory", "5 exposition", "6 read tiers", "7 state save")
 META_ROWS = 6  # the meta rows every state save writes (exporter.state._meta)
@@ -26,8 +26,14 @@ ONE_READ = 64 * 1024  # the client reads at most this much at a time (exporter.a
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "quick.json"
-    done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return {"table": done.stdout, **json.loads(out.read_text())}
 

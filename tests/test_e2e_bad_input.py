@@ -12,9 +12,9 @@ import time
 import urllib.request
 
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+from test_e2e_exact import KEY, _config, settle_and_compare
 
 from helpers import differences, http_get, log_records, parse_metrics, sample_value, wait_until, wait_while_progressing
-from test_e2e_exact import KEY, _config, settle_and_compare
 
 # What records.decode_record may name as the reason a record is unreadable.
 REASONS = {"not_object", "missing_field", "bad_type", "bad_value", "unknown_status", "bad_timestamp"}
@@ -85,13 +85,16 @@ def test_malformed_records_are_counted_by_reason_and_skipped_while_the_rest_coun
 
     sim.inject("malformed", count=1, n=JUNK)
     wait_until(
-        lambda: _total(exporter.scrape(), "callingbox_exporter_invalid_records_total") >= JUNK, 20,
+        lambda: _total(exporter.scrape(), "callingbox_exporter_invalid_records_total") >= JUNK,
+        20,
         message="the malformed records counted",
     )
     assert settle_and_compare(sim, exporter) == [], "the good records of that poll and all others count exactly"
 
     samples = exporter.scrape()
-    invalid = {dict(labels)["reason"]: v for labels, v in _series(samples, "callingbox_exporter_invalid_records_total").items()}
+    invalid = {
+        dict(labels)["reason"]: v for labels, v in _series(samples, "callingbox_exporter_invalid_records_total").items()
+    }
     assert sum(invalid.values()) == JUNK, invalid
     assert set(invalid) <= REASONS, invalid
     assert sample_value(samples, "callingbox_up") == 1
@@ -114,7 +117,13 @@ HOSTILE_CAUSES = [
 
 def test_hangup_causes_with_quotes_backslashes_and_newlines_round_trip_through_the_exposition(stack):
     sim, url = stack.simulator(
-        seed=32, rate=60, max_calls=90, time_scale=300, webhook_retry_base=0.01, hangup_causes=HOSTILE_CAUSES, api_key=KEY
+        seed=32,
+        rate=60,
+        max_calls=90,
+        time_scale=300,
+        webhook_retry_base=0.01,
+        hangup_causes=HOSTILE_CAUSES,
+        api_key=KEY,
     )
     exporter = stack.exporter(_config(url), env={"CALLINGBOX_API_KEY": KEY}).start()
 
@@ -220,7 +229,9 @@ def test_a_history_of_hundreds_of_megabytes_is_read_only_to_the_settle_window(st
     answered = stats["client_closed_early"]  # every list request so far was cut short by the exporter
     assert stats["list_requests"] - answered <= 1, f"only an in-flight request may be open: {stats}"
     per_request = stats["bytes_sent"] / answered
-    read = [int(line.split(" bytes=")[1].split()[0]) for line in exporter.log().splitlines() if 'msg="poll done"' in line]
+    read = [
+        int(line.split(" bytes=")[1].split()[0]) for line in exporter.log().splitlines() if 'msg="poll done"' in line
+    ]
     rss_mib = exporter.rss_peak_kib() / 1024
     print(
         f"\nhistory {history} calls ≈ {history_bytes / MIB:.0f} MiB; {answered} list requests cut short, "
@@ -270,7 +281,9 @@ def test_a_history_inside_a_huge_settle_window_is_streamed_and_memory_follows_tr
     assert sample_value(samples, "callingbox_up") == 1 and _polls(samples, "error") == 0
 
     rss_mib = exporter.rss_peak_kib() / 1024
-    read = [int(line.split(" bytes=")[1].split()[0]) for line in exporter.log().splitlines() if 'msg="poll done"' in line]
+    read = [
+        int(line.split(" bytes=")[1].split()[0]) for line in exporter.log().splitlines() if 'msg="poll done"' in line
+    ]
     print(
         f"\nhistory {history} calls ≈ {history_bytes / MIB:.0f} MiB inside the window; exporter read "
         f"{max(read) / MIB:.0f} MiB per poll in {len(read)} polls; tracked {tracked:.0f}; peak RSS {rss_mib:.1f} MiB; "

@@ -25,12 +25,19 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from helpers import (
-    COUNTERS, HISTOGRAMS, MILLI_CENTS_PER_DOLLAR, Samples, differences, parse_metrics, same_value, wait_until,
-)
 from exporter.health import Health, Snapshot
 from exporter.metrics import Collector, View
 from exporter.state import read
+from helpers import (
+    COUNTERS,
+    HISTOGRAMS,
+    MILLI_CENTS_PER_DOLLAR,
+    Samples,
+    differences,
+    parse_metrics,
+    same_value,
+    wait_until,
+)
 from servers import Server, require, start_prometheus
 
 KEY = "sk_test_e2e_born_at_zero_0123456"
@@ -47,8 +54,7 @@ CAPPED = ("campaign", "hangup_cause", "error_code")
 PHASE_CALLS = 60
 FLOAT_SUMS = tuple(h + "_sum" for h in HISTOGRAMS) + (DOLLARS,)
 # What the comparison covers: every counter family, and each histogram's count, sum and buckets.
-CHECKED = COUNTERS + (DOLLARS,) + tuple(
-    h + suffix for h in HISTOGRAMS for suffix in ("_count", "_sum", "_bucket"))
+CHECKED = COUNTERS + (DOLLARS,) + tuple(h + suffix for h in HISTOGRAMS for suffix in ("_count", "_sum", "_bucket"))
 EVENTS = COUNTERS + tuple(h + "_count" for h in HISTOGRAMS)  # one sample value per counted event
 # Families whose series an event creates (a new cause, code or campaign): their first sample is
 # the birth of their first event, so the wait before it moves is the delay the hold adds.
@@ -85,8 +91,12 @@ def raw_samples(prometheus: Server, name: str, seconds: int, matchers: str = "")
     """Every sample (time, value) Prometheus stored of `name` over the last `seconds`, per series."""
     selector = f'{name}{{org="default"{matchers}}}[{seconds}s]'
     result = prometheus.api("/api/v1/query", query=selector)["result"]
-    return {tuple(sorted((k, v) for k, v in series["metric"].items() if k not in ("__name__", "job", "instance"))):
-            [(float(t), float(v)) for t, v in series["values"]] for series in result}
+    return {
+        tuple(sorted((k, v) for k, v in series["metric"].items() if k not in ("__name__", "job", "instance"))): [
+            (float(t), float(v)) for t, v in series["values"]
+        ]
+        for series in result
+    }
 
 
 def increases(prometheus: Server, seconds: int) -> Samples:
@@ -123,8 +133,11 @@ def play_phases(sim, exporter) -> list[float]:
         created = sim.truth(0).total("callingbox_calls_created_total")
         sim.resume()
         wait_until(lambda: set(campaigns) <= shown_values(), 30, message=f"phase {phase}'s campaigns on /metrics")
-        wait_until(lambda: sim.truth(0).total("callingbox_calls_created_total") >= created + PHASE_CALLS, 30,
-                   message=f"phase {phase}'s calls")
+        wait_until(
+            lambda: sim.truth(0).total("callingbox_calls_created_total") >= created + PHASE_CALLS,
+            30,
+            message=f"phase {phase}'s calls",
+        )
         sim.pause()
         wait_until(sim.all_final, 60, message=f"phase {phase}'s calls final")
         values = set(campaigns) | set(causes) | set(codes)
@@ -146,24 +159,43 @@ def first_move_delays(prometheus: Server, seconds: int) -> list[float]:
 
 
 @pytest.mark.parametrize("hold", [HOLD, 0.0], ids=["hold", "control-no-hold"])
-def test_every_counted_event_reaches_increase_through_new_idle_and_returning_label_values(stack, launch, tmp_path,
-                                                                                          hold):
+def test_every_counted_event_reaches_increase_through_new_idle_and_returning_label_values(
+    stack, launch, tmp_path, hold
+):
     require("prometheus")
-    sim, url = stack.simulator(seed=22, rate=25, time_scale=300, webhook_retry_base=0.03, api_key=KEY,
-                               outcome_weights={"completed": 4, "failed": 3, "no_answer": 1, "busy": 1, "canceled": 1})
+    sim, url = stack.simulator(
+        seed=22,
+        rate=25,
+        time_scale=300,
+        webhook_retry_base=0.03,
+        api_key=KEY,
+        outcome_weights={"completed": 4, "failed": 3, "no_answer": 1, "busy": 1, "canceled": 1},
+    )
     sim.pause()  # calls come in phases, once Prometheus scrapes the exporter
     state_file = tmp_path / "state.db"
-    exporter = stack.exporter({
-        "api_url": url, "poll_interval": "0.3s", "overlap": "10s", "initial_lookback": "1h",
-        "state_file": str(state_file), "max_label_values": CAP, "metadata_labels": {"campaign": "campaign"},
-        "label_idle": f"{IDLE}s", "new_series_hold": f"{hold}s",
-    }, env={"CALLINGBOX_API_KEY": KEY})
+    exporter = stack.exporter(
+        {
+            "api_url": url,
+            "poll_interval": "0.3s",
+            "overlap": "10s",
+            "initial_lookback": "1h",
+            "state_file": str(state_file),
+            "max_label_values": CAP,
+            "metadata_labels": {"campaign": "campaign"},
+            "label_idle": f"{IDLE}s",
+            "new_series_hold": f"{hold}s",
+        },
+        env={"CALLINGBOX_API_KEY": KEY},
+    )
     prometheus = start_prometheus(launch, tmp_path, exporter.url)  # scraping before the exporter's first publish
     started = time.time()
     wait_until(prometheus.ready, 30, message="prometheus ready")
     exporter.start()
-    wait_until(lambda: prometheus.api("/api/v1/query", query='callingbox_up{org="default"} == 1')["result"], 30,
-               message="Prometheus scraping the exporter")
+    wait_until(
+        lambda: prometheus.api("/api/v1/query", query='callingbox_up{org="default"} == 1')["result"],
+        30,
+        message="Prometheus scraping the exporter",
+    )
 
     overflow_seen = play_phases(sim, exporter)
 
@@ -174,9 +206,18 @@ def test_every_counted_event_reaches_increase_through_new_idle_and_returning_lab
         problems = differences(folded(own_totals(state_file)), truth)
         raise AssertionError(f"the exporter differs from the truth: {problems[:8]}") from None
     counted_at = time.time()
-    wait_until(lambda: float(prometheus.api("/api/v1/query", query='timestamp(callingbox_up{org="default"})')
-                             ["result"][0]["value"][1]) > counted_at + hold + 2, 30,
-               message="Prometheus scraped past the last release")
+    wait_until(
+        lambda: (
+            float(
+                prometheus.api("/api/v1/query", query='timestamp(callingbox_up{org="default"})')["result"][0]["value"][
+                    1
+                ]
+            )
+            > counted_at + hold + 2
+        ),
+        30,
+        message="Prometheus scraped past the last release",
+    )
 
     def run() -> int:
         """Seconds back to before Prometheus started: the whole run, whenever the query comes."""
@@ -185,22 +226,31 @@ def test_every_counted_event_reaches_increase_through_new_idle_and_returning_lab
     own = nonzero(own_totals(state_file))
     if hold:  # the released increments reach Prometheus within a scrape or two more
         with contextlib.suppress(AssertionError):  # if not, the assertions below say what differs
-            wait_until(lambda: not mismatches(nonzero(increases(prometheus, run())), own), 20,
-                       message="Prometheus's increases equal to the exporter's totals")
+            wait_until(
+                lambda: not mismatches(nonzero(increases(prometheus, run())), own),
+                20,
+                message="Prometheus's increases equal to the exporter's totals",
+            )
     seen = nonzero(increases(prometheus, run()))
 
     events = sum(v for (n, _), v in own.items() if n in EVENTS)
     invisible = events - sum(v for (n, _), v in seen.items() if n in EVENTS)
     delays = first_move_delays(prometheus, run())
-    delay = (f"{statistics.median(delays):.2f} s (median, max {max(delays):.2f} s, over {len(delays)} series)"
-             if delays else "0 s (none shown at 0 first)")
-    print(f"\nnew_series_hold {hold}s: {events} counted events, {invisible} invisible to increase() "
-          f"({100 * invisible / events:.1f} %); a new series' first events reached Prometheus {delay} "
-          f"after the series did")
+    delay = (
+        f"{statistics.median(delays):.2f} s (median, max {max(delays):.2f} s, over {len(delays)} series)"
+        if delays
+        else "0 s (none shown at 0 first)"
+    )
+    print(
+        f"\nnew_series_hold {hold}s: {events} counted events, {invisible} invisible to increase() "
+        f"({100 * invisible / events:.1f} %); a new series' first events reached Prometheus {delay} "
+        f"after the series did"
+    )
 
     overflow = prometheus.api("/api/v1/query", query=f'max_over_time({OVERFLOW}{{org="default"}}[{run()}s])')["result"]
     assert overflow_seen == [0, 0, 0] and {s["metric"]["label"]: float(s["value"][1]) for s in overflow} == {
-        label: 0.0 for label in (*CAPPED, "status")}, "no value folded into other while at most 5 were active"
+        label: 0.0 for label in (*CAPPED, "status")
+    }, "no value folded into other while at most 5 were active"
     assert differences(folded(own_totals(state_file)), truth) == [], "the exporter's totals are the truth"
     returning = raw_samples(prometheus, "callingbox_calls_created_total", run(), ',campaign="c1"')
     assert returning

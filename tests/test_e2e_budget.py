@@ -27,8 +27,11 @@ def _polls_done(exporter) -> list[dict]:
 
 def _window_overflows(times: list[float], per_minute: int, slack: float = 1.0) -> list[str]:
     """Where more than `per_minute` of the sorted request `times` fall within one minute."""
-    return [f"request {i + per_minute + 1} came {later - first:.2f}s after request {i + 1}"
-            for i, (first, later) in enumerate(zip(times, times[per_minute:])) if later - first < 60 - slack]
+    return [
+        f"request {i + per_minute + 1} came {later - first:.2f}s after request {i + 1}"
+        for i, (first, later) in enumerate(zip(times, times[per_minute:]))
+        if later - first < 60 - slack
+    ]
 
 
 def test_targets_sharing_a_key_share_its_ceiling_and_wait_out_retry_after(stack, tmp_path):
@@ -39,14 +42,23 @@ def test_targets_sharing_a_key_share_its_ceiling_and_wait_out_retry_after(stack,
     for name, key in (("shared", KEY), ("other", OTHER_KEY)):
         keys[name] = tmp_path / f"{name}.key"
         keys[name].write_text(key + "\n")
-    exporter = stack.exporter({"poll_interval": "0.1s", "max_requests_per_minute": 20, "targets": [
-        {"name": "a", "api_url": url_a, "api_key_file": str(keys["shared"])},
-        {"name": "b", "api_url": url_b, "api_key_file": str(keys["shared"])},
-        {"name": "c", "api_url": url_c, "api_key_file": str(keys["other"])},
-    ]}).start()
+    exporter = stack.exporter(
+        {
+            "poll_interval": "0.1s",
+            "max_requests_per_minute": 20,
+            "targets": [
+                {"name": "a", "api_url": url_a, "api_key_file": str(keys["shared"])},
+                {"name": "b", "api_url": url_b, "api_key_file": str(keys["shared"])},
+                {"name": "c", "api_url": url_c, "api_key_file": str(keys["other"])},
+            ],
+        }
+    ).start()
     wait_until(lambda: len(_list_requests(sim_c)) >= 20, 20, message="c uses its own budget to the full")
-    wait_until(lambda: len(_list_requests(sim_a) + _list_requests(sim_b)) >= 20, 20,
-               message="a and b use their shared budget to the full")
+    wait_until(
+        lambda: len(_list_requests(sim_a) + _list_requests(sim_b)) >= 20,
+        20,
+        message="a and b use their shared budget to the full",
+    )
     # The scenario: polls every 0.1 s keep wanting to go (~600 a minute per target) while the
     # budgets are used up. Two seconds are twenty poll intervals in which nothing may be sent.
     time.sleep(2)
@@ -61,10 +73,13 @@ def test_targets_sharing_a_key_share_its_ceiling_and_wait_out_retry_after(stack,
 
 
 def test_retry_after_is_honoured_and_an_unchanged_list_costs_a_304(stack):
-    sim, url = stack.simulator(seed=74, rate=20, max_calls=200, time_scale=300, webhook_retry_base=0.05,
-                               api_key=KEY, conditional=True)
-    exporter = stack.exporter({"api_url": url, "poll_interval": "0.2s", "overlap": "10s", "initial_lookback": "1h"},
-                              env={"CALLINGBOX_API_KEY": KEY}).start()
+    sim, url = stack.simulator(
+        seed=74, rate=20, max_calls=200, time_scale=300, webhook_retry_base=0.05, api_key=KEY, conditional=True
+    )
+    exporter = stack.exporter(
+        {"api_url": url, "poll_interval": "0.2s", "overlap": "10s", "initial_lookback": "1h"},
+        env={"CALLINGBOX_API_KEY": KEY},
+    ).start()
     wait_until(exporter.ready, 20, message="first poll")
 
     sim.inject("429", count=2, retry_after=2)
@@ -78,34 +93,50 @@ def test_retry_after_is_honoured_and_an_unchanged_list_costs_a_304(stack):
     # Quiet: nothing changes, so the list is not sent again, and the counts are exact.
     wait_until(sim.all_final, 60, message="all calls final")
     truth = sim.truth(0)
-    wait_until(lambda: not differences(exporter.scrape(), truth), 20,
-               message=f"exact with 304s: {differences(exporter.scrape(), truth)}")
+    wait_until(
+        lambda: not differences(exporter.scrape(), truth),
+        20,
+        message=f"exact with 304s: {differences(exporter.scrape(), truth)}",
+    )
     answered = sample_value(exporter.scrape(), "callingbox_exporter_api_requests_total", code="304")
-    wait_until(lambda: sample_value(exporter.scrape(), "callingbox_exporter_api_requests_total", code="304") >= answered + 5,
-               20, message="unchanged list answered 304")
+    wait_until(
+        lambda: sample_value(exporter.scrape(), "callingbox_exporter_api_requests_total", code="304") >= answered + 5,
+        20,
+        message="unchanged list answered 304",
+    )
     assert differences(exporter.scrape(), truth) == []  # 304s lose nothing
     sent = sim.stats["bytes_sent"]
     answered = sample_value(exporter.scrape(), "callingbox_exporter_api_requests_total", code="304")
-    wait_until(lambda: sample_value(exporter.scrape(), "callingbox_exporter_api_requests_total", code="304") >= answered + 3,
-               20, message="three more 304s")
+    wait_until(
+        lambda: sample_value(exporter.scrape(), "callingbox_exporter_api_requests_total", code="304") >= answered + 3,
+        20,
+        message="three more 304s",
+    )
     assert sim.stats["bytes_sent"] == sent  # 304s carry no body
     assert sample_value(exporter.scrape(), "callingbox_up") == 1
 
 
 def test_a_list_read_slower_than_the_interval_slows_the_polls(stack):
     sim, url = stack.simulator(seed=75, rate=10, time_scale=300, api_key=KEY)
-    exporter = stack.exporter({"api_url": url, "poll_interval": "0.5s", "request_timeout": "10s"},
-                              env={"CALLINGBOX_API_KEY": KEY}).start()
+    exporter = stack.exporter(
+        {"api_url": url, "poll_interval": "0.5s", "request_timeout": "10s"}, env={"CALLINGBOX_API_KEY": KEY}
+    ).start()
     wait_until(exporter.ready, 20, message="first poll")
     assert sample_value(exporter.scrape(), "callingbox_exporter_backoff_seconds") == 0
     polls_before = len(_polls_done(exporter))
     sim.inject("timeout", count=1, delay=STALL)  # the next list read takes 3 s
-    samples = wait_until(lambda: (s := exporter.scrape()) and sample_value(s, "callingbox_exporter_backoff_seconds") and s,
-                         20, message="the slow read slowing the polls")
+    samples = wait_until(
+        lambda: (s := exporter.scrape()) and sample_value(s, "callingbox_exporter_backoff_seconds") and s,
+        20,
+        message="the slow read slowing the polls",
+    )
     backoff = sample_value(samples, "callingbox_exporter_backoff_seconds")
     # The slow poll waits as long as its read took before the next: the read's length minus the interval.
-    slow_poll = wait_until(lambda: next((r for r in _polls_done(exporter)[polls_before:]
-                                         if float(r["duration_s"]) >= STALL), None), 20, message="the slow poll's line")
+    slow_poll = wait_until(
+        lambda: next((r for r in _polls_done(exporter)[polls_before:] if float(r["duration_s"]) >= STALL), None),
+        20,
+        message="the slow poll's line",
+    )
     assert STALL - 0.5 <= backoff <= float(slow_poll["duration_s"]) - 0.5 + 0.001, (backoff, slow_poll)
     # Its start (last success) to the next poll: the read, then as long again.
     started = sample_value(samples, "callingbox_exporter_last_success_timestamp_seconds")
@@ -114,5 +145,8 @@ def test_a_list_read_slower_than_the_interval_slows_the_polls(stack):
     slow = max(_list_requests(sim), key=lambda r: r[0])[0]  # logged once answered: the slow one is last
     after = wait_until(lambda: [at for at, _ in _list_requests(sim) if at > slow], 20, message="the next poll")
     assert after[0] - slow >= 2 * STALL - 0.05, after[0] - slow
-    wait_until(lambda: sample_value(exporter.scrape(), "callingbox_exporter_backoff_seconds") == 0, 20,
-               message="back to the normal pace")
+    wait_until(
+        lambda: sample_value(exporter.scrape(), "callingbox_exporter_backoff_seconds") == 0,
+        20,
+        message="back to the normal pace",
+    )

@@ -13,8 +13,9 @@ import signal
 import time
 from pathlib import Path
 
-from helpers import differences, log_records, wait_until
 from test_e2e_exact import KEY, _config, settle_and_compare
+
+from helpers import differences, log_records, wait_until
 
 MONOTONIC_SUFFIXES = ("_total", "_count", "_sum", "_bucket")
 
@@ -79,8 +80,8 @@ def _torn(wal: Path) -> bool:
         return False
     page, salts = int.from_bytes(data[8:12], "big"), data[16:24]
     committed, offset = True, 32
-    while offset + 24 <= len(data) and data[offset + 8:offset + 16] == salts:
-        committed = int.from_bytes(data[offset + 4:offset + 8], "big") != 0
+    while offset + 24 <= len(data) and data[offset + 8 : offset + 16] == salts:
+        committed = int.from_bytes(data[offset + 4 : offset + 8], "big") != 0
         offset += 24 + page
     return not committed
 
@@ -90,12 +91,21 @@ def test_kill_9_during_saves_and_at_random_moments_keeps_a_large_ledger_exact_an
     # traffic. No webhook replays: one that starts and ends while the exporter is down is
     # invisible to any reader of the API, yet the simulator's truth would count it.
     history = 4000
-    sim, url = stack.simulator(seed=11, rate=60, max_calls=1500, time_scale=300, webhook_retry_base=0.05,
-                               history=history, history_age=600.0, api_key=KEY)
+    sim, url = stack.simulator(
+        seed=11,
+        rate=60,
+        max_calls=1500,
+        time_scale=300,
+        webhook_retry_base=0.05,
+        history=history,
+        history_age=600.0,
+        api_key=KEY,
+    )
     state_file = tmp_path / "state.db"
     # The baseline precedes all history, so every event counts and the truth is simulator.truth(0).
-    exporter = stack.exporter(_config(url, state_file=str(state_file), initial_lookback="6h"),
-                              env={"CALLINGBOX_API_KEY": KEY})
+    exporter = stack.exporter(
+        _config(url, state_file=str(state_file), initial_lookback="6h"), env={"CALLINGBOX_API_KEY": KEY}
+    )
     wal = Path(f"{state_file}-wal")
     rng = random.Random(5)
     watch = MonotonicWatch()

@@ -33,17 +33,35 @@ import time
 import urllib.parse
 import urllib.request
 
+from test_dashboards import (
+    DASHBOARDS,
+    LABEL_VALUES,
+    ORG_TABLE,
+    RECORDING_RULES,
+    annotation_queries,
+    exemplar_link,
+    is_previous_week,
+    load,
+    queries,
+    substitute,
+    this_week,
+    variable_query,
+    variables,
+)
+
 from helpers import http_get, wait_until
 from servers import Server, require, start_prometheus
-from test_dashboards import (
-    DASHBOARDS, LABEL_VALUES, ORG_TABLE, RECORDING_RULES, annotation_queries, exemplar_link, is_previous_week, load,
-    queries, substitute, this_week, variable_query, variables,
-)
 
 KEYS = {"default": "sk_test_e2e_dashboards_0123456789", "plain": "sk_test_e2e_dashboards_plain_01234"}
 # Grafana's built-ins as a 1 s scrape interval would give them, over a short range.
-BUILTINS = {"__rate_interval": "20s", "__range": "1m", "__range_s": "60", "__range_ms": "60000",
-            "__interval": "5s", "__interval_ms": "5000"}
+BUILTINS = {
+    "__rate_interval": "20s",
+    "__range": "1m",
+    "__range_s": "60",
+    "__range_ms": "60000",
+    "__interval": "5s",
+    "__interval_ms": "5000",
+}
 CHOSEN = {"org": "default", "direction": "outbound"}  # a concrete selection; instance: the exporter's own
 PLAIN = {"org": "plain", "direction": "outbound"}  # the org without metadata labels
 ALL = ".*"  # each multi-value variable's allValue
@@ -58,20 +76,28 @@ ZERO_WHEN_HEALTHY = {
     ("callingbox-exporter", "Audit mismatches over the range by kind"): {"org": "default"},
 }
 # Of those, the panels the injected faults (malformed records, a 503) must lift above 0.
-RAISED_BY_FAULTS = (("callingbox-exporter", "Invalid records by reason"),
-                    ("callingbox-exporter", "API error ratio (15m)"))
+RAISED_BY_FAULTS = (
+    ("callingbox-exporter", "Invalid records by reason"),
+    ("callingbox-exporter", "API error ratio (15m)"),
+)
 # The API cost panels (SPEC §4, read only what can have changed): (dashboard, title) → the series
 # each must show at the end of the range, and whether it must be above 0 (else any number). Polls
 # read the list, so its bytes and the depth are positive; by-id reads and open calls may be 0.
 SHOWN_WHEN_HEALTHY = {
-    ("callingbox-exporter", "API bytes read per second by endpoint"):
-        [({"org": "default", "endpoint": "list"}, True), ({"org": "default", "endpoint": "call"}, False)],
-    ("callingbox-exporter", "API bytes read over 24h"):
-        [({"org": "default", "endpoint": "list"}, True), ({"org": "default", "endpoint": "call"}, False)],
+    ("callingbox-exporter", "API bytes read per second by endpoint"): [
+        ({"org": "default", "endpoint": "list"}, True),
+        ({"org": "default", "endpoint": "call"}, False),
+    ],
+    ("callingbox-exporter", "API bytes read over 24h"): [
+        ({"org": "default", "endpoint": "list"}, True),
+        ({"org": "default", "endpoint": "call"}, False),
+    ],
     ("callingbox-exporter", "Read depth of the last list read"): [({"org": "default"}, True)],
     ("callingbox-exporter", "Time since last full read"): [({"org": "default"}, False)],
-    ("callingbox-exporter", "Open calls by refresh path"):
-        [({"org": "default", "path": "list"}, False), ({"org": "default", "path": "by_id"}, False)],
+    ("callingbox-exporter", "Open calls by refresh path"): [
+        ({"org": "default", "path": "list"}, False),
+        ({"org": "default", "path": "by_id"}, False),
+    ],
     ("callingbox-exporter", "API requests over 24h by code"): [({"org": "default", "code": "200"}, True)],
     ("callingbox-exporter", "Poll back-off"): [({"org": "default"}, False)],
     ("callingbox-exporter", "Time to next poll"): [({"org": "default"}, False)],
@@ -113,8 +139,11 @@ def label_values(prometheus: Server, query: str, values: dict[str, str]) -> tupl
     match = LABEL_VALUES.match(query)
     assert match, f"not a label_values() query: {query}"
     now = time.time()
-    data, error = _api(prometheus, f"/api/v1/label/{substitute(match['label'], values)}/values",
-                       [("match[]", substitute(match["selector"], values)), ("start", str(now - 300)), ("end", str(now))])
+    data, error = _api(
+        prometheus,
+        f"/api/v1/label/{substitute(match['label'], values)}/values",
+        [("match[]", substitute(match["selector"], values)), ("start", str(now - 300)), ("end", str(now))],
+    )
     return (data or []), error
 
 
@@ -122,12 +151,16 @@ def _run(prometheus: Server, target: dict, expr: str, now: float) -> tuple[dict 
     """A panel target as Grafana runs it: an instant query, or a range over the last WINDOW seconds."""
     if target.get("instant") and not target.get("range"):
         return _api(prometheus, "/api/v1/query", [("query", expr), ("time", str(now))])
-    return _api(prometheus, "/api/v1/query_range", [
-        ("query", expr), ("start", str(now - WINDOW)), ("end", str(now)), ("step", str(STEP))])
+    return _api(
+        prometheus,
+        "/api/v1/query_range",
+        [("query", expr), ("start", str(now - WINDOW)), ("end", str(now)), ("step", str(STEP))],
+    )
 
 
-def _run_panel(prometheus: Server, uid: str, title: str, target: dict, values: dict[str, str], selection: str,
-               now: float) -> tuple[str, str, dict | None, str]:
+def _run_panel(
+    prometheus: Server, uid: str, title: str, target: dict, values: dict[str, str], selection: str, now: float
+) -> tuple[str, str, dict | None, str]:
     """A panel target run under a selection's variable values: where it is (for messages), its query, and
     `_run`'s data and error."""
     expr = substitute(target["expr"], values)
@@ -178,18 +211,28 @@ def problems(prometheus: Server, values: dict[str, str], selection: str) -> list
             if not any(math.isfinite(v) for v in _numbers(data)):
                 found.append(f"{where}: no data ({len(data['result'])} series, none with a finite value)")
             if target.get("exemplar"):
-                exemplars, error = _api(prometheus, "/api/v1/query_exemplars", [
-                    ("query", expr), ("start", str(now - WINDOW)), ("end", str(now))])
+                exemplars, error = _api(
+                    prometheus,
+                    "/api/v1/query_exemplars",
+                    [("query", expr), ("start", str(now - WINDOW)), ("end", str(now))],
+                )
                 if not exemplars:
                     found.append(f"{where}: no exemplars {error}")
-                unlinked = [e["labels"] for series in exemplars or [] for e in series["exemplars"]
-                            if link_label not in e["labels"]]
+                unlinked = [
+                    e["labels"]
+                    for series in exemplars or []
+                    for e in series["exemplars"]
+                    if link_label not in e["labels"]
+                ]
                 if unlinked:
                     found.append(f"{where}: exemplars without the {link_label} the datasource links: {unlinked[:3]}")
         for annotation in annotation_queries(dashboard):  # alerts may not fire here: it must only run
             expr = substitute(annotation["expr"], values)
-            data, error = _api(prometheus, "/api/v1/query_range", [
-                ("query", expr), ("start", str(now - WINDOW)), ("end", str(now)), ("step", "60")])
+            data, error = _api(
+                prometheus,
+                "/api/v1/query_range",
+                [("query", expr), ("start", str(now - WINDOW)), ("end", str(now)), ("step", "60")],
+            )
             if data is None:
                 found.append(f"{uid} / annotation {annotation['name']!r} ({selection}): {expr}: {error}")
     return found
@@ -231,8 +274,10 @@ def unshown(prometheus: Server, values: dict[str, str], selection: str) -> list[
             labels = {**labels, "org": selected_org(values)}
             read = [v for got, v in latest if labels.items() <= got.items() and math.isfinite(v)]
             if not read or (positive and not any(v > 0 for v in read)):
-                found.append(f"{uid} / {title!r} ({selection}): {' ; '.join(exprs)}: {labels} reads {read}"
-                             f"{' (must be > 0)' if positive else ''}; shown: {latest} {' '.join(errors)}")
+                found.append(
+                    f"{uid} / {title!r} ({selection}): {' ; '.join(exprs)}: {labels} reads {read}"
+                    f"{' (must be > 0)' if positive else ''}; shown: {latest} {' '.join(errors)}"
+                )
     return found
 
 
@@ -245,8 +290,10 @@ def missing_table_rows(prometheus: Server, values: dict[str, str], orgs: list[st
         rows = {labels.get("org") for labels, vs in (_series_values(data) if data else []) if vs}
         lacking = [org for org in orgs if org not in rows]
         if lacking or set(rows) - set(orgs):
-            found.append(f"{ORG_TABLE} / {target['refId']}: {expr}: rows {sorted(map(str, rows))}, "
-                         f"expected one per org {orgs} {error}")
+            found.append(
+                f"{ORG_TABLE} / {target['refId']}: {expr}: rows {sorted(map(str, rows))}, "
+                f"expected one per org {orgs} {error}"
+            )
     return found
 
 
@@ -283,22 +330,33 @@ def test_every_dashboard_query_shows_data_on_a_real_prometheus(stack, launch, tm
     # `plain`: a second simulator, fewer calls a second, and no metadata labels.
     sims, targets = {}, []
     for seed, (org, rate) in enumerate((("default", 20), ("plain", 10)), start=17):
-        sims[org] = stack.simulator(seed=seed, rate=rate, inbound_share=0.3, time_scale=300, webhook_retry_base=0.05,
-                                    error_codes=ERROR_CODES, api_key=KEYS[org])
+        sims[org] = stack.simulator(
+            seed=seed,
+            rate=rate,
+            inbound_share=0.3,
+            time_scale=300,
+            webhook_retry_base=0.05,
+            error_codes=ERROR_CODES,
+            api_key=KEYS[org],
+        )
         key_file = tmp_path / f"{org}.key"
         key_file.write_text(KEYS[org] + "\n")
         targets.append({"name": org, "api_url": sims[org][1], "api_key_file": str(key_file)})
     targets[0]["metadata_labels"] = {"campaign": "campaign"}  # the simulator's metadata key, as a label
     sim, sim_url = sims["default"]
-    exporter = stack.exporter({"poll_interval": "0.5s", "overlap": "10s", "max_label_values": 3,
-                               "targets": targets}).start()
+    exporter = stack.exporter(
+        {"poll_interval": "0.5s", "overlap": "10s", "max_label_values": 3, "targets": targets}
+    ).start()
     wait_until(exporter.ready, 20, message=f"exporter ready ({exporter.log_path})")
-    prometheus = start_prometheus(launch, tmp_path, exporter.url, [RECORDING_RULES],
-                                  flags=["--enable-feature=exemplar-storage"])
+    prometheus = start_prometheus(
+        launch, tmp_path, exporter.url, [RECORDING_RULES], flags=["--enable-feature=exemplar-storage"]
+    )
 
     def diagnostics() -> str:
-        return (f"\n--- prometheus log ({prometheus.log_path}):\n{prometheus.log(2000)}"
-                f"\n--- exporter log ({exporter.log_path}):\n{exporter.log()[-2000:]}")
+        return (
+            f"\n--- prometheus log ({prometheus.log_path}):\n{prometheus.log(2000)}"
+            f"\n--- exporter log ({exporter.log_path}):\n{exporter.log()[-2000:]}"
+        )
 
     wait_until(prometheus.ready, 30, interval=0.25, message=f"prometheus ready{diagnostics()}")
 
@@ -336,8 +394,9 @@ def test_every_dashboard_query_shows_data_on_a_real_prometheus(stack, launch, tm
                 assert exporter.url.split("://")[1] in listed, f"{uid} variable instance: {listed}"
             elif name == "campaign":  # the API's campaigns, `none` (series known at 0) and `other` (over the cap)
                 campaigns = api_campaigns(sim_url, KEYS["default"])
-                assert set(listed) & campaigns and set(listed) <= campaigns | {"none", "other"}, \
+                assert set(listed) & campaigns and set(listed) <= campaigns | {"none", "other"}, (
                     f"{query} lists {listed}; the API's calls have {sorted(campaigns)}"
+                )
                 unlabelled, error = label_values(prometheus, query, chosen | PLAIN)
                 assert unlabelled == [], f"{query} for the org without metadata labels: {unlabelled} {error}"
                 listed = sorted(set(listed) & campaigns)
@@ -347,16 +406,28 @@ def test_every_dashboard_query_shows_data_on_a_real_prometheus(stack, launch, tm
 
     # A healthy run: every panel shows a number, and the panels about trouble read 0.
     selections = ((chosen, "chosen"), (everything, "All"), (plain, "no metadata labels"))
-    waited = settle(lambda: [p for values, name in selections for p in problems(prometheus, values, name)],
-                    "dashboard queries show nothing on a healthy run", diagnostics)
-    settle(lambda: missing_table_rows(prometheus, everything, ["default", "plain"]),
-           "per-org table rows missing on a healthy run", diagnostics)
-    settle(lambda: [m for values, name in selections for m in zero_panels(prometheus, values, name)[0]],
-           "panels read \"No data\" instead of 0 on a healthy run", diagnostics)
+    waited = settle(
+        lambda: [p for values, name in selections for p in problems(prometheus, values, name)],
+        "dashboard queries show nothing on a healthy run",
+        diagnostics,
+    )
+    settle(
+        lambda: missing_table_rows(prometheus, everything, ["default", "plain"]),
+        "per-org table rows missing on a healthy run",
+        diagnostics,
+    )
+    settle(
+        lambda: [m for values, name in selections for m in zero_panels(prometheus, values, name)[0]],
+        'panels read "No data" instead of 0 on a healthy run',
+        diagnostics,
+    )
     wrong = [w for values, name in selections for w in zero_panels(prometheus, values, name)[1]]
     assert not wrong, "panels about trouble do not read 0 on a healthy run:\n" + "\n".join(wrong) + diagnostics()
-    settle(lambda: [u for values, name in selections for u in unshown(prometheus, values, name)],
-           "API cost panels miss a series on a healthy run", diagnostics)
+    settle(
+        lambda: [u for values, name in selections for u in unshown(prometheus, values, name)],
+        "API cost panels miss a series on a healthy run",
+        diagnostics,
+    )
 
     # Trouble: the zeros were live, not stuck.
     sim.inject("malformed", count=2)  # → callingbox_exporter_invalid_records_total{reason}
@@ -371,11 +442,16 @@ def test_every_dashboard_query_shows_data_on_a_real_prometheus(stack, launch, tm
         return [why for why in found.values() if why]
 
     settle(still_zero, "panels do not rise above 0 after the faults", diagnostics)
-    settle(lambda: problems(prometheus, chosen, "chosen") + problems(prometheus, everything, "All"),
-           "dashboard queries show nothing after the faults", diagnostics)
+    settle(
+        lambda: problems(prometheus, chosen, "chosen") + problems(prometheus, everything, "All"),
+        "dashboard queries show nothing after the faults",
+        diagnostics,
+    )
     checked = sum(len(queries(load(uid))) for uid in DASHBOARDS)
     overlays = sum(is_previous_week(t) for uid in DASHBOARDS for _, _, t in queries(load(uid)))
-    print(f"\ndashboards e2e: {checked} targets ({overlays} previous-week overlays, empty as they must be) "
-          f"x {len(selections)} selections showed data "
-          f"{waited:.1f} s after the rate window filled; chosen: "
-          f"{ {k: v for k, v in chosen.items() if k not in BUILTINS} }")
+    print(
+        f"\ndashboards e2e: {checked} targets ({overlays} previous-week overlays, empty as they must be) "
+        f"x {len(selections)} selections showed data "
+        f"{waited:.1f} s after the rate window filled; chosen: "
+        f"{ {k: v for k, v in chosen.items() if k not in BUILTINS} }"
+    )

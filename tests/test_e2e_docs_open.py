@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import signal
 
-from helpers import differences, wait_until
 from test_e2e_exact import KEY, _config
 
+from helpers import differences, wait_until
+
 DEVIATIONS = "callingbox_exporter_contract_deviations_total"
-KINDS = ("undocumented_value", "late_end_detail", "outcome_without_subject", "settled_without_amount",
-         "by_id_not_found_but_listed")
+KINDS = (
+    "undocumented_value",
+    "late_end_detail",
+    "outcome_without_subject",
+    "settled_without_amount",
+    "by_id_not_found_but_listed",
+)
 
 
 def _gauge_total(samples, name: str) -> float:
@@ -29,14 +35,28 @@ def test_every_open_behaviour_at_once_under_faults_and_a_kill_is_counted_exactly
         # No webhook replays: one that starts and ends while the exporter is down is invisible to
         # any reader of the API (test_e2e_crash.py says the same); they have stories of their own.
         # Webhook retries over ~13 s: calls stay open past the hot read, so they are asked by id.
-        seed=22, rate=120, max_calls=1000, time_scale=300, webhook_retry_base=0.1,
-        late_commit=0.3, api_key=KEY, docs_open=True,
+        seed=22,
+        rate=120,
+        max_calls=1000,
+        time_scale=300,
+        webhook_retry_base=0.1,
+        late_commit=0.3,
+        api_key=KEY,
+        docs_open=True,
         # more than the default shares, so a run of 1 000 calls shows every kind many times
-        undocumented_status=0.3, by_id_not_found=0.3,
+        undocumented_status=0.3,
+        by_id_not_found=0.3,
     )
-    config = _config(url, state_file=str(tmp_path / "state.db"), end_grace="3s",
-                     # a short hot read: open calls past it are asked by id, where 404s happen
-                     overlap="1s", hot_window="1s", open_refresh_interval="1s", full_read_interval="20s")
+    config = _config(
+        url,
+        state_file=str(tmp_path / "state.db"),
+        end_grace="3s",
+        # a short hot read: open calls past it are asked by id, where 404s happen
+        overlap="1s",
+        hot_window="1s",
+        open_refresh_interval="1s",
+        full_read_interval="20s",
+    )
     exporter = stack.exporter(config, env={"CALLINGBOX_API_KEY": KEY}).start()
 
     def created() -> float:
@@ -58,13 +78,16 @@ def test_every_open_behaviour_at_once_under_faults_and_a_kill_is_counted_exactly
 
     samples = exporter.scrape()
     assert _gauge_total(samples, "callingbox_calls_active") == 0, "an undocumented status holds nothing open"
-    assert samples[("callingbox_webhooks_pending", (("org", "default"),))] == 0, \
+    assert samples[("callingbox_webhooks_pending", (("org", "default"),))] == 0, (
         "a webhook status without a webhook_url holds nothing open"
-    ended = {dict(labels)["status"]: v for (n, labels), v in samples.items()
-             if n == "callingbox_calls_ended_total" and v}
+    )
+    ended = {
+        dict(labels)["status"]: v for (n, labels), v in samples.items() if n == "callingbox_calls_ended_total" and v
+    }
     assert ended.get("voicemail", 0) > 0, f"voicemail calls counted under their own status: {ended}"
     deviations = {dict(labels)["kind"]: v for (n, labels), v in samples.items() if n == DEVIATIONS}
     assert set(deviations) == set(KINDS)
     assert all(deviations[kind] > 0 for kind in KINDS), deviations
-    assert samples[("callingbox_exporter_vanished_calls_total", (("org", "default"),))] == 0, \
+    assert samples[("callingbox_exporter_vanished_calls_total", (("org", "default"),))] == 0, (
         "a 404 by id for a listed call drops nothing"
+    )

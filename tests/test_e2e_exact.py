@@ -43,8 +43,14 @@ def settle_and_compare(sim, exporter, timeout: float = 90) -> list[str]:
 
 def test_counts_equal_simulator_truth_for_thousands_of_mixed_calls(stack):
     sim, url = stack.simulator(
-        seed=7, rate=300, max_calls=3000, time_scale=300, webhook_retry_base=0.05,
-        replay_share=0.05, late_commit=0.5, api_key=KEY,
+        seed=7,
+        rate=300,
+        max_calls=3000,
+        time_scale=300,
+        webhook_retry_base=0.05,
+        replay_share=0.05,
+        late_commit=0.5,
+        api_key=KEY,
     )
     exporter = stack.exporter(_config(url), env={"CALLINGBOX_API_KEY": KEY}).start()
 
@@ -104,8 +110,11 @@ def test_landing_page_and_readiness(stack):
     assert (up, _polls(exporter)) == (0, 0) and _failed(exporter) >= 1, "ready after a failed first poll, up 0"
     assert "request failed" in http_get(exporter.url + "/")[1], "the landing page shows the error"
 
-    wait_until(lambda: exporter.scrape()[("callingbox_up", (("org", "default"),))] == 1, 30,
-               message="up after the API recovers")
+    wait_until(
+        lambda: exporter.scrape()[("callingbox_up", (("org", "default"),))] == 1,
+        30,
+        message="up after the API recovers",
+    )
     status, page = http_get(exporter.url + "/")
     assert status == 200 and exporter.ready()
     for needle in ("0.1.0", "default", "up", "/metrics", "/-/ready", "last poll"):
@@ -114,10 +123,12 @@ def test_landing_page_and_readiness(stack):
 
 def test_metadata_labels_split_the_counts_exactly_by_campaign(stack):
     """`metadata_labels: {campaign: campaign}`: each campaign's counts equal the API's own calls."""
-    sim, url = stack.simulator(seed=17, rate=200, max_calls=800, time_scale=300, webhook_retry_base=0.05,
-                               late_commit=0.3, api_key=KEY)
-    exporter = stack.exporter(_config(url, metadata_labels={"campaign": "campaign"}),
-                              env={"CALLINGBOX_API_KEY": KEY}).start()
+    sim, url = stack.simulator(
+        seed=17, rate=200, max_calls=800, time_scale=300, webhook_retry_base=0.05, late_commit=0.3, api_key=KEY
+    )
+    exporter = stack.exporter(
+        _config(url, metadata_labels={"campaign": "campaign"}), env={"CALLINGBOX_API_KEY": KEY}
+    ).start()
     wait_until(sim.all_final, 90, message="simulator calls final")
     request = urllib.request.Request(url + "/v1/calls", headers={"Authorization": f"Bearer {KEY}"})
     with urllib.request.urlopen(request, timeout=10) as response:
@@ -145,8 +156,10 @@ def test_metadata_labels_split_the_counts_exactly_by_campaign(stack):
     assert {k for k, v in created.items() if v} == campaigns
     assert sum(created.values()) == len(calls)
     # every call family carries the label; the exporter's own families do not
-    for (name, labels) in samples:
-        if name.startswith("callingbox_call") or name.startswith(("callingbox_webhook_deliveries", "callingbox_result")):
+    for name, labels in samples:
+        if name.startswith("callingbox_call") or name.startswith(
+            ("callingbox_webhook_deliveries", "callingbox_result")
+        ):
             assert "campaign" in dict(labels), name
         if name.startswith("callingbox_exporter_"):
             assert "campaign" not in dict(labels), name

@@ -22,7 +22,9 @@ from servers import require, start_prometheus
 KEY = "sk_test_e2e_exemplars_0123456789"
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 # name{labels} value # {call_id="..."} exemplar-value timestamp
-EXEMPLAR_LINE = re.compile(r'^(?P<name>[a-z_]+)\{(?P<labels>[^}]*)\} \S+ # \{call_id="(?P<id>[^"]+)"\} (?P<value>\S+) \S+$')
+EXEMPLAR_LINE = re.compile(
+    r'^(?P<name>[a-z_]+)\{(?P<labels>[^}]*)\} \S+ # \{call_id="(?P<id>[^"]+)"\} (?P<value>\S+) \S+$'
+)
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -72,24 +74,39 @@ def assert_exemplar_is_that_call(sim_url: str, name: str, labels: dict[str, str]
 def test_openmetrics_exemplars_name_real_calls_and_prometheus_stores_them(stack, launch, tmp_path):
     require("prometheus")
     sim, sim_url = stack.simulator(seed=5, rate=20, time_scale=120, webhook_retry_base=0.05, api_key=KEY)
-    exporter = stack.exporter({"api_url": sim_url, "poll_interval": "0.5s", "overlap": "10s"},
-                              env={"CALLINGBOX_API_KEY": KEY}).start()
+    exporter = stack.exporter(
+        {"api_url": sim_url, "poll_interval": "0.5s", "overlap": "10s"}, env={"CALLINGBOX_API_KEY": KEY}
+    ).start()
 
     def enough() -> list:
         found = exemplars(openmetrics(exporter.url))
         names = {name for name, *_ in found}
-        return found if {"callingbox_calls_ended_total", "callingbox_call_duration_seconds_bucket",
-                         "callingbox_billed_amount_dollars_total"} <= names else []
+        return (
+            found
+            if {
+                "callingbox_calls_ended_total",
+                "callingbox_call_duration_seconds_bucket",
+                "callingbox_billed_amount_dollars_total",
+            }
+            <= names
+            else []
+        )
 
     found = wait_until(enough, 30, interval=0.5, message="exemplars on calls, duration buckets and money")
     for name, labels, call_id, value in found:
         assert labels["org"] == "default"
         assert_exemplar_is_that_call(sim_url, name, labels, call_id, value)
     names = {name for name, *_ in found}
-    assert names <= {"callingbox_calls_ended_total", "callingbox_call_hangups_total", "callingbox_call_errors_total",
-                     "callingbox_billed_amount_dollars_total", "callingbox_call_duration_seconds_bucket",
-                     "callingbox_call_answer_delay_seconds_bucket", "callingbox_call_setup_delay_seconds_bucket",
-                     "callingbox_call_billed_duration_seconds_bucket"}, names
+    assert names <= {
+        "callingbox_calls_ended_total",
+        "callingbox_call_hangups_total",
+        "callingbox_call_errors_total",
+        "callingbox_billed_amount_dollars_total",
+        "callingbox_call_duration_seconds_bucket",
+        "callingbox_call_answer_delay_seconds_bucket",
+        "callingbox_call_setup_delay_seconds_bucket",
+        "callingbox_call_billed_duration_seconds_bucket",
+    }, names
 
     # The classic text format, which carries no exemplars, is unchanged by them.
     with urllib.request.urlopen(exporter.url + "/metrics", timeout=5) as response:
@@ -103,7 +120,10 @@ def test_openmetrics_exemplars_name_real_calls_and_prometheus_stores_them(stack,
         data = prometheus.api("/api/v1/query_exemplars", query=query, start=str(began - 60), end=str(time.time() + 60))
         return [(series["seriesLabels"], e) for series in data for e in series["exemplars"]]
 
-    for query in ('callingbox_calls_ended_total{org="default"}', 'callingbox_call_duration_seconds_bucket{org="default"}'):
+    for query in (
+        'callingbox_calls_ended_total{org="default"}',
+        'callingbox_call_duration_seconds_bucket{org="default"}',
+    ):
         got = wait_until(lambda: stored(query), 30, interval=0.5, message=f"Prometheus exemplars of {query}")
         for series, exemplar in got[:20]:
             value = float(exemplar["value"])

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import time
 
-from helpers import http_get, log_records, log_seconds, parse_metrics, sample_value
-from exporter.deadline import FLOOR
 from test_e2e_exact import KEY, _config, settle_and_compare
+
+from exporter.deadline import FLOOR
+from helpers import http_get, log_records, log_seconds, parse_metrics, sample_value
 
 POLL_INTERVAL = 0.3  # seconds, as _config sets it; the first backoff of a failure streak
 REQUEST_TIMEOUT = 0.5  # seconds; the "timeout" fault holds its answer back four times longer
@@ -127,8 +128,9 @@ def _failure_streaks(records: list[dict]) -> list[dict]:
         entry = None
         if record["result"] == "success":
             if current:
-                assert pending is not None and pending["msg"] == "poll recovered", \
+                assert pending is not None and pending["msg"] == "poll recovered", (
                     f"the poll ending a streak of {len(current)} logged {pending}"
+                )
                 streaks.append({"failures": current, "recovered": pending})
             else:
                 assert pending is None, f"a poll after a success logged {pending}"
@@ -173,8 +175,11 @@ def test_every_fault_drops_up_backs_off_and_recovers_with_exact_counts(stack):
     before = scraper.scrape()
     sim.inject("status", count=1, code=503)
     sim.inject("status", count=2, code=500)
-    scraper.until(lambda s: _polls(s, "error") - _polls(before, "error") == 3 and _up(s) == 1, 30,
-                  "three failed polls, then a good one")
+    scraper.until(
+        lambda s: _polls(s, "error") - _polls(before, "error") == 3 and _up(s) == 1,
+        30,
+        "three failed polls, then a good one",
+    )
 
     # 429: waited out inside the poll, which then succeeds; callingbox_up never drops.
     before = scraper.scrape()
@@ -197,15 +202,20 @@ def test_every_fault_drops_up_backs_off_and_recovers_with_exact_counts(stack):
         lambda s: _requests(s) + hidden_retries == sim.stats["list_requests"], 20, "requests counted = requests served"
     )
     # Latency is a benchmark figure, not an assertion (shared machines are noisy): printed only.
-    print(f"\n{scraper.count} scrapes, all 200, slowest {scraper.slowest * 1000:.0f} ms; "
-          f"{sim.stats['list_requests']} list requests")
+    print(
+        f"\n{scraper.count} scrapes, all 200, slowest {scraper.slowest * 1000:.0f} ms; "
+        f"{sim.stats['list_requests']} list requests"
+    )
 
     records = log_records(exporter.log())
     streaks = _failure_streaks(records)
     assert len(streaks) == len(FAULTS) + 1, [[r["msg"] for r in s["failures"]] for s in streaks]
     mixed = streaks.pop()
     assert [(line["code"], line["level"]) for line in mixed["failures"]] == [
-        ("503", "warn"), ("500", "warn"), ("500", "debug")], mixed
+        ("503", "warn"),
+        ("500", "warn"),
+        ("500", "debug"),
+    ], mixed
     assert (mixed["recovered"]["level"], int(mixed["recovered"]["failures"])) == ("info", 3), mixed
     for streak, (kind, _, _, _, log_codes) in zip(streaks, FAULTS):
         rejected = kind == "unauthorized"
@@ -231,8 +241,10 @@ def test_every_fault_drops_up_backs_off_and_recovers_with_exact_counts(stack):
         # One line ends the streak: how many polls failed, and for how long the target was down
         # (at least the back-offs it waited out).
         recovered = streak["recovered"]
-        assert (recovered["level"], recovered["org"], int(recovered["failures"])) == ("info", "default", FAILURES), \
-            (kind, recovered)
+        assert (recovered["level"], recovered["org"], int(recovered["failures"])) == ("info", "default", FAILURES), (
+            kind,
+            recovered,
+        )
         # (down_s is rounded to a tenth of a second, backoff_s to a hundredth.)
         assert float(recovered["down_s"]) >= sum(backoffs) - 0.06, (kind, recovered, backoffs)
 
@@ -263,13 +275,17 @@ def test_a_list_body_that_trickles_fails_the_poll_at_its_deadline_while_metrics_
     assert took >= deadline, f"the deadline ended the read, not something sooner ({took:.1f}s)"
     assert scraper.count - scrapes >= 20, "/metrics answered scrape after scrape while the body trickled"
     assert _polls(samples, "error") - _polls(before, "error") == 1
-    assert _requests(samples, "200") - _requests(before, "200") == _polls(samples, "success") - _polls(
-        before, "success") + 1, "the trickle's answer began as a 200"
+    assert (
+        _requests(samples, "200") - _requests(before, "200")
+        == _polls(samples, "success") - _polls(before, "success") + 1
+    ), "the trickle's answer began as a 200"
     failed = [r for r in log_records(exporter.log()) if r["msg"] == "poll failed"]
     assert [(r["code"], "deadline" in r["error"]) for r in failed] == [("error", True)], failed
 
     scraper.until(lambda s: _up(s) == 1, 20, "callingbox_up 1 after the trickle")
     sim.pause()
     assert settle_and_compare(sim, exporter) == []
-    print(f"\ncallingbox_up 0 {took:.1f}s after the trickle began (deadline {deadline:g}s); "
-          f"{scraper.count} scrapes, slowest {scraper.slowest * 1000:.0f} ms")
+    print(
+        f"\ncallingbox_up 0 {took:.1f}s after the trickle began (deadline {deadline:g}s); "
+        f"{scraper.count} scrapes, slowest {scraper.slowest * 1000:.0f} ms"
+    )

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import urllib.request
 
-from helpers import differences, saved_baseline, wait_until
 from exporter.simulator import _seconds
+from helpers import differences, saved_baseline, wait_until
 
 KEY = "sk_test_first_start_0123456789"
 WEBHOOKS, EXTRACTIONS = "callingbox_webhook_deliveries_total", "callingbox_result_extractions_total"
@@ -33,7 +33,8 @@ def _ended_before_and_bumped_after(url: str, baseline: float) -> int:
     with urllib.request.urlopen(request, timeout=30) as response:
         calls = json.loads(response.read())
     return sum(
-        1 for call in calls
+        1
+        for call in calls
         if call["ended_at"] is not None and _seconds(call["ended_at"]) <= baseline < _seconds(call["updated_at"])
     )
 
@@ -43,14 +44,21 @@ def _total(samples, family: str) -> float:
 
 
 def test_first_start_with_a_lookback_counts_money_only_for_calls_whose_end_counts(stack, tmp_path):
-    sim, url = stack.simulator(seed=13, rate=RATE, max_calls=CALLS, time_scale=60, webhook_retry_base=0.1,
-                               api_key=KEY)
+    sim, url = stack.simulator(seed=13, rate=RATE, max_calls=CALLS, time_scale=60, webhook_retry_base=0.1, api_key=KEY)
     # History before the exporter exists: ended calls, some not yet settled, delivered or extracted.
-    wait_until(lambda: sim.truth(0).total("callingbox_calls_ended_total") >= 100, 60,
-               message="100 calls ended before the first start")
+    wait_until(
+        lambda: sim.truth(0).total("callingbox_calls_ended_total") >= 100,
+        60,
+        message="100 calls ended before the first start",
+    )
     state_file = tmp_path / "state.db"
-    config = {"api_url": url, "poll_interval": "0.5s", "overlap": "10s", "initial_lookback": "5s",
-              "state_file": str(state_file)}
+    config = {
+        "api_url": url,
+        "poll_interval": "0.5s",
+        "overlap": "10s",
+        "initial_lookback": "5s",
+        "state_file": str(state_file),
+    }
     exporter = stack.exporter(config, env={"CALLINGBOX_API_KEY": KEY}).start()
     wait_until(exporter.ready, 30, message="first poll done")
     baseline = saved_baseline(state_file)  # the exporter's own first start, durable

@@ -22,36 +22,49 @@ def _lines(exporter, msg: str, org: str = "rotated") -> list[dict]:
 
 
 def test_a_replaced_key_file_ends_the_back_off_of_a_rejected_key(stack, tmp_path):
-    rotated, url = stack.simulator(seed=61, rate=20, max_calls=400, time_scale=300, webhook_retry_base=0.05,
-                                   api_key=OLD)
-    other, other_url = stack.simulator(seed=62, rate=20, max_calls=400, time_scale=300, webhook_retry_base=0.05,
-                                       api_key=OTHER)
+    rotated, url = stack.simulator(
+        seed=61, rate=20, max_calls=400, time_scale=300, webhook_retry_base=0.05, api_key=OLD
+    )
+    other, other_url = stack.simulator(
+        seed=62, rate=20, max_calls=400, time_scale=300, webhook_retry_base=0.05, api_key=OTHER
+    )
     key_file, other_key = tmp_path / "rotated.key", tmp_path / "other.key"
     key_file.write_text(OLD + "\n")
     other_key.write_text(OTHER + "\n")
-    targets = [{"name": "rotated", "api_url": url, "api_key_file": str(key_file)},
-               {"name": "other", "api_url": other_url, "api_key_file": str(other_key)}]
-    exporter = stack.exporter({"poll_interval": "0.5s", "overlap": "10s", "initial_lookback": "1h",
-                               "targets": targets}).start()
+    targets = [
+        {"name": "rotated", "api_url": url, "api_key_file": str(key_file)},
+        {"name": "other", "api_url": other_url, "api_key_file": str(other_key)},
+    ]
+    exporter = stack.exporter(
+        {"poll_interval": "0.5s", "overlap": "10s", "initial_lookback": "1h", "targets": targets}
+    ).start()
     wait_until(exporter.ready, 30, message="both orgs polled once")
 
     # 503s, then the key is revoked: the back-off grows at each failure, four times faster at the 401.
     rotated.inject("status", count=FAILURES, code=503)
-    wait_until(lambda: sample_value(exporter.scrape(), "callingbox_exporter_api_requests_total", "rotated",
-                              code="503") == FAILURES, 60, message="the 503 streak")
+    wait_until(
+        lambda: (
+            sample_value(exporter.scrape(), "callingbox_exporter_api_requests_total", "rotated", code="503") == FAILURES
+        ),
+        60,
+        message="the 503 streak",
+    )
     rotated.api_key = NEW
     rejected = wait_until(lambda: _lines(exporter, "API key rejected"), 60, message="the key rejected")[-1]
     backoff = float(rejected["backoff_s"])
     back_off_ends = log_seconds(rejected["ts"]) + backoff
-    assert backoff >= 0.5 * 4 * 2 ** FAILURES * 0.8, f"a long back-off is what this story ends: {backoff}s"
+    assert backoff >= 0.5 * 4 * 2**FAILURES * 0.8, f"a long back-off is what this story ends: {backoff}s"
 
     # The Secret is rotated: a new file renamed over the old one.
     staged = tmp_path / "rotated.key.new"
     staged.write_text(NEW + "\n")
     os.replace(staged, key_file)
     rotated_at = time.time()
-    wait_until(lambda: sample_value(exporter.scrape(), "callingbox_up", "rotated") == 1,
-               max(1.0, back_off_ends - time.time()), message="up again before the announced back-off ended")
+    wait_until(
+        lambda: sample_value(exporter.scrape(), "callingbox_up", "rotated") == 1,
+        max(1.0, back_off_ends - time.time()),
+        message="up again before the announced back-off ended",
+    )
 
     # The order of events, from the exporter's own log: rotation noticed, then recovery, all
     # before the back-off the rejected poll announced would have run out.
@@ -62,8 +75,10 @@ def test_a_replaced_key_file_ends_the_back_off_of_a_rejected_key(stack, tmp_path
     assert log_seconds(noticed[-1]["ts"]) <= log_seconds(reloaded[-1]["ts"]) <= log_seconds(recovered["ts"])
     assert log_seconds(recovered["ts"]) < back_off_ends
     assert int(recovered["failures"]) == FAILURES + 1
-    print(f"\nback-off announced {backoff:.1f}s; up again {log_seconds(recovered['ts']) - rotated_at:.1f}s "
-          f"after the key file was replaced")
+    print(
+        f"\nback-off announced {backoff:.1f}s; up again {log_seconds(recovered['ts']) - rotated_at:.1f}s "
+        f"after the key file was replaced"
+    )
 
     samples = exporter.scrape()
     assert sample_value(samples, "callingbox_exporter_polls_total", "other", result="error") == 0
@@ -74,8 +89,9 @@ def test_a_revoked_key_makes_the_pod_ready_after_its_first_poll_with_up_0(stack)
     """SPEC §2: /-/ready waits for the first poll to finish, not to succeed; a rejected key shows
     as callingbox_up 0, never as an unready pod that would block a rollout."""
     sim, url = stack.simulator(seed=63, rate=20, max_calls=20, time_scale=300, api_key=NEW)
-    exporter = stack.exporter({"api_url": url, "poll_interval": "0.5s", "overlap": "10s"},
-                              env={"CALLINGBOX_API_KEY": OLD}).start()
+    exporter = stack.exporter(
+        {"api_url": url, "poll_interval": "0.5s", "overlap": "10s"}, env={"CALLINGBOX_API_KEY": OLD}
+    ).start()
     wait_until(exporter.ready, 30, message="ready once the first poll has finished")
 
     samples = exporter.scrape()

@@ -15,11 +15,11 @@ import subprocess
 import time
 
 import pytest
+from test_web import Page, today_of
 
-from helpers import free_port, wait_until
 from exporter.catalogue import TERMINAL_STATUSES
 from exporter.web import dollars
-from test_web import Page, today_of
+from helpers import free_port, wait_until
 
 KEY = "sk_test_e2e_landing_0123456789"
 CHROMIUM = "/usr/bin/chromium"
@@ -29,16 +29,27 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def require_chromium() -> None:
     """Fail, never skip, without it: an unrendered page is an untested page."""
     if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install chromium)",
-                    pytrace=False)
+        pytest.fail(
+            f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install chromium)", pytrace=False
+        )
 
 
 def chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
     """Headless Chromium, isolated and quiet: its own profile, no network of its own."""
     require_chromium()
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={tmp_path / 'chromium-profile'}", *args]
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        *args,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=90, check=False)
     assert result.returncode == 0, f"chromium exited with {result.returncode}: {result.stderr[-2000:]}"
     return result
@@ -68,12 +79,17 @@ def counted(totals: dict[str, float]) -> dict[str, float]:
 
 def quiet(exporter) -> dict[str, float]:
     """Wait until three more successful polls of `campaigns` moved no counter; returns the counters."""
+
     def unchanged():
         before = figures(exporter.scrape())
-        wait_until(lambda: figures(exporter.scrape())["success_polls"] >= before["success_polls"] + 3, 15,
-                   message="three more polls of campaigns")
+        wait_until(
+            lambda: figures(exporter.scrape())["success_polls"] >= before["success_polls"] + 3,
+            15,
+            message="three more polls of campaigns",
+        )
         after = figures(exporter.scrape())
         return counted(after) if counted(after) == counted(before) else None
+
     return wait_until(unchanged, 60, interval=0, message="the exporter's counters to stop moving")
 
 
@@ -89,14 +105,23 @@ def test_landing_page_in_chromium_shows_targets_up_and_down_and_todays_totals_eq
     key_file = tmp_path / "api_key"
     key_file.write_text(KEY)
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    exporter = stack.exporter({
-        "poll_interval": "0.3s", "overlap": "10s", "api_key_file": str(key_file),
-        "targets": [{"name": "campaigns", "api_url": sim_url}, {"name": "backup", "api_url": closed}],
-    }).start()
+    exporter = stack.exporter(
+        {
+            "poll_interval": "0.3s",
+            "overlap": "10s",
+            "api_key_file": str(key_file),
+            "targets": [{"name": "campaigns", "api_url": sim_url}, {"name": "backup", "api_url": closed}],
+        }
+    ).start()
 
-    wait_until(lambda: figures(exporter.scrape())["created"] >= 80 and all(
-        figures(exporter.scrape())[s] > 0 for s in ("completed", "no_answer", "failed")), 60,
-        message="calls of several outcomes counted")
+    wait_until(
+        lambda: (
+            figures(exporter.scrape())["created"] >= 80
+            and all(figures(exporter.scrape())[s] > 0 for s in ("completed", "no_answer", "failed"))
+        ),
+        60,
+        message="calls of several outcomes counted",
+    )
     sim.pause()
     wait_until(sim.all_final, 60, message="simulator calls final")
     expected = quiet(exporter)

@@ -14,10 +14,10 @@ import subprocess
 import urllib.request
 
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
+from test_metrics import SPEC_FAMILIES
 
 from helpers import wait_until
 from servers import require
-from test_metrics import SPEC_FAMILIES
 
 KEY = "sk_test_e2e_openmetrics_0123456789"
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -46,10 +46,15 @@ def without_samples(url: str) -> list[str]:
 def test_the_whole_openmetrics_page_parses_strictly_and_the_text_page_passes_promtool(stack):
     require("promtool")
     sim, url = stack.simulator(seed=11, rate=20, time_scale=120, webhook_retry_base=0.05, api_key=KEY)
-    exporter = stack.exporter({"api_url": url, "poll_interval": "0.5s", "overlap": "10s"},
-                              env={"CALLINGBOX_API_KEY": KEY}).start()
-    wait_until(lambda: has_exemplars(exporter.url), 30, interval=0.5,
-               message=f"exemplars on the OpenMetrics page (log: {exporter.log_path})")
+    exporter = stack.exporter(
+        {"api_url": url, "poll_interval": "0.5s", "overlap": "10s"}, env={"CALLINGBOX_API_KEY": KEY}
+    ).start()
+    wait_until(
+        lambda: has_exemplars(exporter.url),
+        30,
+        interval=0.5,
+        message=f"exemplars on the OpenMetrics page (log: {exporter.log_path})",
+    )
     still: list[str] = []
 
     def every_family_sampled() -> bool:

@@ -35,22 +35,39 @@ def _exact(exporter, sim, baseline: float, timeout: float = 60) -> None:
 
 def test_ordinary_polls_stop_at_the_hot_depth_of_a_large_window_and_stay_exact(stack, tmp_path):
     history = 3000  # old final calls, 10 min to 3.4 h old, every one inside the settle window
-    sim, url = stack.simulator(seed=81, rate=20, max_calls=400, time_scale=300, webhook_retry_base=0.05,
-                               history=history, history_age=600.0, api_key=KEY)
+    sim, url = stack.simulator(
+        seed=81,
+        rate=20,
+        max_calls=400,
+        time_scale=300,
+        webhook_retry_base=0.05,
+        history=history,
+        history_age=600.0,
+        api_key=KEY,
+    )
     state_file = tmp_path / "state.db"
     # The baseline before all history: no outcome straddles it (the one first-start case the API
     # cannot date, see README), so the comparison is exact.
-    exporter = stack.exporter({"api_url": url, "poll_interval": "0.3s", "settle_window": "4h", "hot_window": "5m",
-                               "initial_lookback": "5h", "state_file": str(state_file)},
-                              env={"CALLINGBOX_API_KEY": KEY}).start()
+    exporter = stack.exporter(
+        {
+            "api_url": url,
+            "poll_interval": "0.3s",
+            "settle_window": "4h",
+            "hot_window": "5m",
+            "initial_lookback": "5h",
+            "state_file": str(state_file),
+        },
+        env={"CALLINGBOX_API_KEY": KEY},
+    ).start()
     wait_until(lambda: len(_polls(exporter)) >= 10, 60, message="ten polls")
     _exact(exporter, sim, saved_baseline(state_file))
 
     polls = _polls(exporter)
     first, ordinary = polls[0], [p for p in polls[1:] if p["full"] == "False"]
     assert first["full"] == "True" and int(first["records"]) > history, "the first poll reads the whole window"
-    assert ordinary and all(int(p["records"]) <= 400 + 1 for p in ordinary), \
+    assert ordinary and all(int(p["records"]) <= 400 + 1 for p in ordinary), (
         "each ordinary read stops at the first call past the hot depth: the live calls and one more"
+    )
     listed = sample_value(exporter.scrape(), "callingbox_exporter_api_response_bytes_total", endpoint="list")
     assert listed > 0 and max(int(p["bytes"]) for p in ordinary) < int(first["bytes"]) / 5
     samples = exporter.scrape()
@@ -59,19 +76,39 @@ def test_ordinary_polls_stop_at_the_hot_depth_of_a_large_window_and_stay_exact(s
 
 
 def test_open_calls_past_the_hot_read_are_refreshed_by_id_and_counted_once_before_any_full_read(stack, tmp_path):
-    sim, url = stack.simulator(seed=82, rate=20, max_calls=200, time_scale=300, webhook_retry_base=0.05,
-                               api_key=KEY)
-    held = wait_until(lambda: [r["id"] for r in _listed(sim, url) if r["status"] in ("ringing", "in_progress")][:5]
-                      if len(_listed(sim, url)) >= 20 else None, 30, message="calls in flight to hold")
+    sim, url = stack.simulator(seed=82, rate=20, max_calls=200, time_scale=300, webhook_retry_base=0.05, api_key=KEY)
+    held = wait_until(
+        lambda: (
+            [r["id"] for r in _listed(sim, url) if r["status"] in ("ringing", "in_progress")][:5]
+            if len(_listed(sim, url)) >= 20
+            else None
+        ),
+        30,
+        message="calls in flight to hold",
+    )
     for call_id in held:
         sim.hold(call_id)  # open, and staying so while they fall past the hot read
     state_file = tmp_path / "state.db"
-    exporter = stack.exporter({"api_url": url, "poll_interval": "0.3s", "settle_window": "1h", "hot_window": "2s", "overlap": "1s",
-                               "open_refresh_interval": "2s", "full_read_interval": "1h", "audit_interval": "0s",
-                               "initial_lookback": "1h", "state_file": str(state_file)},
-                              env={"CALLINGBOX_API_KEY": KEY}).start()
-    wait_until(lambda: sample_value(exporter.scrape(), "callingbox_exporter_open_calls", path="by_id") >= len(held), 30,
-               message="the held calls past the hot read, kept up by id")
+    exporter = stack.exporter(
+        {
+            "api_url": url,
+            "poll_interval": "0.3s",
+            "settle_window": "1h",
+            "hot_window": "2s",
+            "overlap": "1s",
+            "open_refresh_interval": "2s",
+            "full_read_interval": "1h",
+            "audit_interval": "0s",
+            "initial_lookback": "1h",
+            "state_file": str(state_file),
+        },
+        env={"CALLINGBOX_API_KEY": KEY},
+    ).start()
+    wait_until(
+        lambda: sample_value(exporter.scrape(), "callingbox_exporter_open_calls", path="by_id") >= len(held),
+        30,
+        message="the held calls past the hot read, kept up by id",
+    )
     full_read = sample_value(exporter.scrape(), "callingbox_exporter_last_full_read_timestamp_seconds")
     by_id = sim.stats["by_id_requests"]
     for call_id in held:
@@ -80,18 +117,26 @@ def test_open_calls_past_the_hot_read_are_refreshed_by_id_and_counted_once_befor
 
     assert sim.stats["by_id_requests"] > by_id, "the released calls were asked by id"
     samples = exporter.scrape()
-    assert sample_value(samples, "callingbox_exporter_last_full_read_timestamp_seconds") == full_read, \
+    assert sample_value(samples, "callingbox_exporter_last_full_read_timestamp_seconds") == full_read, (
         "counted by the by-id path alone: no full read ran"
+    )
     assert all(p["full"] == "False" for p in _polls(exporter)[1:])
 
 
 def test_a_replay_of_an_old_final_call_is_counted_once_by_the_next_full_read_across_a_kill_9(stack, tmp_path):
-    sim, url = stack.simulator(seed=83, rate=20, max_calls=100, time_scale=300, webhook_retry_base=0.05,
-                               api_key=KEY)
+    sim, url = stack.simulator(seed=83, rate=20, max_calls=100, time_scale=300, webhook_retry_base=0.05, api_key=KEY)
     state_file = tmp_path / "state.db"
-    config = {"api_url": url, "poll_interval": "0.3s", "settle_window": "1h", "hot_window": "2s", "overlap": "1s",
-              "full_read_interval": "1h", "audit_interval": "0s", "initial_lookback": "1h",
-              "state_file": str(state_file)}
+    config = {
+        "api_url": url,
+        "poll_interval": "0.3s",
+        "settle_window": "1h",
+        "hot_window": "2s",
+        "overlap": "1s",
+        "full_read_interval": "1h",
+        "audit_interval": "0s",
+        "initial_lookback": "1h",
+        "state_file": str(state_file),
+    }
     exporter = stack.exporter(config, env={"CALLINGBOX_API_KEY": KEY}).start()
     wait_until(sim.all_final, 60, message="simulator calls final")
     # The oldest delivered call: far past the hot read (the list is newest first).
@@ -103,8 +148,9 @@ def test_a_replay_of_an_old_final_call_is_counted_once_by_the_next_full_read_acr
     wait_until(sim.all_final, 30, message="the replay done")
     polls = len(_polls(exporter))
     wait_until(lambda: len(_polls(exporter)) >= polls + 3, 30, message="three hot reads after the replay")
-    assert sample_value(exporter.scrape(), "callingbox_webhook_deliveries_total", status="failed") == before, \
+    assert sample_value(exporter.scrape(), "callingbox_webhook_deliveries_total", status="failed") == before, (
         "a final call past the hot read is not read by ordinary polls"
+    )
 
     exporter.kill(signal.SIGKILL)  # between the tiers: the replay not yet read
     exporter.start()

@@ -43,17 +43,32 @@ def test_reload_adds_removes_and_changes_targets_without_losing_counts(stack, tm
     key_file = tmp_path / "api_key"
     key_file.write_text(KEY + "\n")
     for seed, org in enumerate("abc", start=51):
-        sim, url = stack.simulator(seed=seed, rate=25, max_calls=400, time_scale=300, webhook_retry_base=0.05,
-                                   api_key=KEY)
+        sim, url = stack.simulator(
+            seed=seed, rate=25, max_calls=400, time_scale=300, webhook_retry_base=0.05, api_key=KEY
+        )
         sims[org] = sim
-        target[org] = {"name": org, "api_url": url, "api_key_file": str(key_file),
-                       "state_file": str(tmp_path / f"{org}.json")}
+        target[org] = {
+            "name": org,
+            "api_url": url,
+            "api_key_file": str(key_file),
+            "state_file": str(tmp_path / f"{org}.json"),
+        }
     config_path = tmp_path / "exporter.yml"
 
     def configure(*entries: dict, **top) -> None:
         # new_series_hold 0s: counts reach /metrics at once (born at zero is not this story; see write_exporter_config)
-        config_path.write_text(yaml.safe_dump({"poll_interval": "0.3s", "overlap": "10s", "initial_lookback": "1h",
-                                               "new_series_hold": "0s", **top, "targets": list(entries)}))
+        config_path.write_text(
+            yaml.safe_dump(
+                {
+                    "poll_interval": "0.3s",
+                    "overlap": "10s",
+                    "initial_lookback": "1h",
+                    "new_series_hold": "0s",
+                    **top,
+                    "targets": list(entries),
+                }
+            )
+        )
 
     configure(target["a"], target["b"])
     exporter = stack.exporter(None)
@@ -79,11 +94,23 @@ def test_reload_adds_removes_and_changes_targets_without_losing_counts(stack, tm
     status, body = post(exporter.url + "/-/reload")
     assert status == 500 and body.startswith("failed to reload config: poll_interval: 'soon' is not a duration"), body
     assert 'msg="config not reloaded; the running one stays in force"' in exporter.log()
-    polls = sum(v for (n, lbl), v in exporter.scrape().items()
-                if n == "callingbox_exporter_polls_total" and ("result", "success") in lbl)
-    wait_until(lambda: sum(v for (n, lbl), v in exporter.scrape().items()
-                           if n == "callingbox_exporter_polls_total" and ("result", "success") in lbl) > polls + 4,
-               10, message="a and c still polling")
+    polls = sum(
+        v
+        for (n, lbl), v in exporter.scrape().items()
+        if n == "callingbox_exporter_polls_total" and ("result", "success") in lbl
+    )
+    wait_until(
+        lambda: (
+            sum(
+                v
+                for (n, lbl), v in exporter.scrape().items()
+                if n == "callingbox_exporter_polls_total" and ("result", "success") in lbl
+            )
+            > polls + 4
+        ),
+        10,
+        message="a and c still polling",
+    )
 
     # SIGHUP brings b back, restored from its state file.
     configure({**target["a"], "poll_interval": "0.5s"}, target["b"], target["c"])

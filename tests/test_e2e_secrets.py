@@ -14,9 +14,9 @@ import sys
 
 import pytest
 import yaml
+from test_e2e_exact import KEY, _config
 
 from helpers import ROOT, http_get, log_records, parse_metrics, sample_value, wait_until
-from test_e2e_exact import KEY, _config
 
 WRONG_KEY = "sk_live_wr0ngKey_7d4c2b9e1f0a8c63"
 PAGES = ("/metrics", "/", "/-/ready", "/-/healthy")
@@ -52,12 +52,22 @@ def test_a_rejected_key_is_logged_as_rejected_and_shown_nowhere(stack, tmp_path,
     rejected = wait_until(lambda: _lines(exporter, "API key rejected"), 20, message="a rejected poll")
     while len(rejected) < 3:
         count, backoff = len(rejected), float(rejected[-1]["backoff_s"])
-        rejected = wait_until(lambda: len(_lines(exporter, "API key rejected")) > count and
-                              _lines(exporter, "API key rejected"), backoff + 15, message=f"rejected poll {count + 1}")
+        rejected = wait_until(
+            lambda: len(_lines(exporter, "API key rejected")) > count and _lines(exporter, "API key rejected"),
+            backoff + 15,
+            message=f"rejected poll {count + 1}",
+        )
 
     # The poll logs its outcome before it persists and publishes: the third 401 shows on /metrics just after.
-    samples = wait_until(lambda: (found := parse_metrics(http_get(exporter.url + "/metrics")[1])) and sample_value(
-        found, "callingbox_exporter_api_requests_total", code="401") >= 3 and found, 10, message="three 401s published")
+    samples = wait_until(
+        lambda: (
+            (found := parse_metrics(http_get(exporter.url + "/metrics")[1]))
+            and sample_value(found, "callingbox_exporter_api_requests_total", code="401") >= 3
+            and found
+        ),
+        10,
+        message="three 401s published",
+    )
     assert sample_value(samples, "callingbox_up") == 0
     assert sample_value(samples, "callingbox_exporter_polls_total", result="success") == 0
     assert http_get(exporter.url + "/-/ready")[0] == 200, "a rejected key is callingbox_up 0, not an unready pod"
@@ -89,23 +99,36 @@ def test_an_accepted_key_is_shown_nowhere_even_at_debug_level_through_faults(sta
 
     # Error paths format exceptions and response bodies: each kind once, then a good poll (two
     # resets in a row, as aiohttp retries the first itself).
-    for kind, count, params in (("status", 1, {"code": 503}), ("reset", 2, {}), ("truncate", 1, {}),
-                                ("non_json", 1, {}), ("unauthorized", 1, {}), ("429", 1, {"retry_after": 0.2})):
+    for kind, count, params in (
+        ("status", 1, {"code": 503}),
+        ("reset", 2, {}),
+        ("truncate", 1, {}),
+        ("non_json", 1, {}),
+        ("unauthorized", 1, {}),
+        ("429", 1, {"retry_after": 0.2}),
+    ):
         before = _requests(exporter.scrape())
         sim.inject(kind, count=count, **params)
         wait_until(lambda: _recovered(exporter.scrape(), before), 15, message=f"a {kind} fault, then a good poll")
     wait_until(sim.all_final, 30, message="simulator calls final")
 
     records = log_records(exporter.log())
-    assert {"debug"} <= {r["level"] for r in records} and any(r["msg"] == "poll done" for r in records), \
+    assert {"debug"} <= {r["level"] for r in records} and any(r["msg"] == "poll done" for r in records), (
         "debug lines were written"
+    )
     # Each fault is a streak of one failed poll, said at warn (error for the key), and its end
     # said once at info; the 429 is waited out inside a poll that does not fail.
-    said = [(r["msg"], r["level"], r.get("failures")) for r in records
-            if r["msg"] in ("poll failed", "API key rejected", "poll recovered", "rate limited")]
+    said = [
+        (r["msg"], r["level"], r.get("failures"))
+        for r in records
+        if r["msg"] in ("poll failed", "API key rejected", "poll recovered", "rate limited")
+    ]
     streak = [("poll failed", "warn", None), ("poll recovered", "info", "1")]
-    assert said == streak * 4 + [("API key rejected", "error", None), ("poll recovered", "info", "1"),
-                                 ("rate limited", "warn", None)], said
+    assert said == streak * 4 + [
+        ("API key rejected", "error", None),
+        ("poll recovered", "info", "1"),
+        ("rate limited", "warn", None),
+    ], said
     assert _leaks(KEY, _everything(exporter)) == []
 
 
@@ -115,7 +138,11 @@ def _check_config(tmp_path, document: dict, env: dict) -> subprocess.CompletedPr
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CALLINGBOX_")}
     return subprocess.run(
         [sys.executable, "-m", "exporter", "--config.file", str(path), "--check-config"],
-        cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, timeout=30,
+        cwd=ROOT,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
 
@@ -127,7 +154,8 @@ BAD_CONFIGS = {  # case: (YAML document, environment, the config key the error m
     "key_given_as_key_file_env": ({"api_url": API_URL}, {"CALLINGBOX_API_KEY_FILE": KEY}, "api_key_file"),
     "key_given_as_key_file_yaml": ({"api_url": API_URL, "api_key_file": KEY}, {}, "api_key_file"),
     "bad_target_with_env_key": (
-        {"targets": [{"name": "eu", "api_url": API_URL, "overlap": "-1m"}]}, {"CALLINGBOX_API_KEY": KEY},
+        {"targets": [{"name": "eu", "api_url": API_URL, "overlap": "-1m"}]},
+        {"CALLINGBOX_API_KEY": KEY},
         "targets[0].overlap",
     ),
 }
@@ -161,8 +189,9 @@ def test_a_rotated_key_file_takes_effect_without_a_restart(stack, tmp_path):
     sim, url = stack.simulator(seed=43, rate=20, time_scale=300, api_key=old_key)
     key_file = tmp_path / "api_key"
     key_file.write_text(old_key + "\n")
-    exporter = stack.exporter(_config(url, api_key_file=str(key_file), poll_interval="0.2s"),
-                              env={"CALLINGBOX_API_KEY": ""}).start()
+    exporter = stack.exporter(
+        _config(url, api_key_file=str(key_file), poll_interval="0.2s"), env={"CALLINGBOX_API_KEY": ""}
+    ).start()
     wait_until(exporter.ready, 20, message="first poll with the old key")
     pid = exporter.process.pid
 
@@ -182,6 +211,9 @@ def test_a_rotated_key_file_takes_effect_without_a_restart(stack, tmp_path):
     key_file.write_text("")  # an empty (half-written) file: keep the key in use, say so once
     wait_until(lambda: 'msg="API key file unreadable' in exporter.log(), 10, message="unreadable key file logged")
     polls = sample_value(exporter.scrape(), "callingbox_exporter_polls_total", result="success")
-    wait_until(lambda: sample_value(exporter.scrape(), "callingbox_exporter_polls_total", result="success") >= polls + 3,
-               10, message="polls still succeeding with the key in use")
+    wait_until(
+        lambda: sample_value(exporter.scrape(), "callingbox_exporter_polls_total", result="success") >= polls + 3,
+        10,
+        message="polls still succeeding with the key in use",
+    )
     assert exporter.log().count('msg="API key file unreadable') == 1

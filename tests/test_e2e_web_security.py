@@ -52,8 +52,14 @@ def pki(tmp_path) -> Pki:
     return Pki(tmp_path)
 
 
-def request(exporter, path: str, context: ssl.SSLContext | None, password: str | None = None, user="prometheus",
-            method: str = "GET") -> tuple[int, dict[str, str], str]:
+def request(
+    exporter,
+    path: str,
+    context: ssl.SSLContext | None,
+    password: str | None = None,
+    user="prometheus",
+    method: str = "GET",
+) -> tuple[int, dict[str, str], str]:
     """One request on a new connection: (status, headers, body)."""
     if context is None:
         connection = http.client.HTTPConnection("127.0.0.1", exporter.port, timeout=10)
@@ -87,12 +93,21 @@ def up(exporter, context, password=None) -> bool:
 
 
 def test_tls_with_basic_auth_lets_in_the_right_ca_and_password_only(stack, tmp_path, pki):
-    exporter, _ = start(stack, tmp_path, {
-        "tls_server_config": {"cert_file": pki.cert_file, "key_file": pki.key_file},
-        "basic_auth_users": {"prometheus": HASH},
-        "http_server_config": {"headers": {"X-Frame-Options": "deny", "X-Content-Type-Options": "nosniff",
-                                           "Strict-Transport-Security": "max-age=31536000"}},
-    })
+    exporter, _ = start(
+        stack,
+        tmp_path,
+        {
+            "tls_server_config": {"cert_file": pki.cert_file, "key_file": pki.key_file},
+            "basic_auth_users": {"prometheus": HASH},
+            "http_server_config": {
+                "headers": {
+                    "X-Frame-Options": "deny",
+                    "X-Content-Type-Options": "nosniff",
+                    "Strict-Transport-Security": "max-age=31536000",
+                }
+            },
+        },
+    )
     trusted = pki.client_context()
     wait_until(lambda: up(exporter, trusted), 20, message="exporter serving TLS")
 
@@ -122,10 +137,19 @@ def test_tls_with_basic_auth_lets_in_the_right_ca_and_password_only(stack, tmp_p
 
 
 def test_client_certificates_required_verified_and_matched_by_san(stack, tmp_path, pki):
-    exporter, _ = start(stack, tmp_path, {"tls_server_config": {
-        "cert_file": pki.cert_file, "key_file": pki.key_file, "client_ca_file": pki.ca_file,
-        "client_auth_type": "RequireAndVerifyClientCert", "client_allowed_sans": ["prometheus.monitoring.svc"],
-    }})
+    exporter, _ = start(
+        stack,
+        tmp_path,
+        {
+            "tls_server_config": {
+                "cert_file": pki.cert_file,
+                "key_file": pki.key_file,
+                "client_ca_file": pki.ca_file,
+                "client_auth_type": "RequireAndVerifyClientCert",
+                "client_allowed_sans": ["prometheus.monitoring.svc"],
+            }
+        },
+    )
     scraper = pki.client_context(client_cert=pki.ca.issue_cert("prometheus.monitoring.svc"))
     wait_until(lambda: up(exporter, scraper), 20, message="exporter serving mTLS")
 
@@ -135,7 +159,10 @@ def test_client_certificates_required_verified_and_matched_by_san(stack, tmp_pat
     other_name = pki.client_context(client_cert=pki.ca.issue_cert("intruder.example.com"))
     assert request(exporter, "/metrics", other_name)[0] == 403
     # No certificate, or one from another CA: no connection at all.
-    for context in (pki.client_context(), pki.client_context(client_cert=pki.other_ca.issue_cert("prometheus.monitoring.svc"))):
+    for context in (
+        pki.client_context(),
+        pki.client_context(client_cert=pki.other_ca.issue_cert("prometheus.monitoring.svc")),
+    ):
         with pytest.raises((ssl.SSLError, ConnectionError)):
             request(exporter, "/metrics", context)
 

@@ -39,7 +39,8 @@ def samples(body: bytes, kind: str) -> dict:
     parse = parse_openmetrics if kind == OPENMETRICS else parse_text
     return {
         (s.name, tuple(sorted(s.labels.items()))): (s.value, s.exemplar)
-        for family in parse(body.decode()) if not family.name.startswith(LIVE)
+        for family in parse(body.decode())
+        if not family.name.startswith(LIVE)
         for s in family.samples
     }
 
@@ -66,17 +67,30 @@ def store(extra: tuple[str, ...] = (), *values: str) -> Store:
     """A store with calls in several families; `values` are its metadata label values."""
     s = Store(extra_labels=extra)
     x = tuple(values)
-    s.count([Created(OUT, x), Created(IN, x),
-             Ended(OUT, "completed", "normal_clearing", None, 42, 1.5, 2.5, "c1", x),
-             Ended(OUT, "failed", "rejected", "E1", None, None, None, "c2", x),
-             Billed(OUT, 42, 12_345, "c1", x), WebhookOutcome("delivered", x)], NOW)
+    s.count(
+        [
+            Created(OUT, x),
+            Created(IN, x),
+            Ended(OUT, "completed", "normal_clearing", None, 42, 1.5, 2.5, "c1", x),
+            Ended(OUT, "failed", "rejected", "E1", None, None, None, "c2", x),
+            Billed(OUT, 42, 12_345, "c1", x),
+            WebhookOutcome("delivered", x),
+        ],
+        NOW,
+    )
     s.inc("callingbox_exporter_api_requests_total", ("200",))
     return s
 
 
 def health(oldest: float | None = None, up: bool = True) -> Health:
-    return Health(Status(up=up, last_success=NOW - 5), watermark=NOW - 7, tracked=3,
-                  active={(OUT, "ringing", *()): 1}, webhooks_pending=1 if oldest else 0, webhook_pending_oldest=oldest)
+    return Health(
+        Status(up=up, last_success=NOW - 5),
+        watermark=NOW - 7,
+        tracked=3,
+        active={(OUT, "ringing", *()): 1},
+        webhooks_pending=1 if oldest else 0,
+        webhook_pending_oldest=oldest,
+    )
 
 
 def campaign_health(*values: str) -> Health:
@@ -199,8 +213,9 @@ async def test_an_exemplar_that_moves_alone_is_rendered_again(renders):
     assert second.counters[BILLED] == first.counters[BILLED]
     await collector.publish("a", Snapshot(second, health()))
     assert renders == Counter(list(GAUGES)) + Counter([BILLED])
-    exemplar = samples(await served(collector, OPENMETRICS), OPENMETRICS)[
-        (BILLED, (("direction", OUT), ("org", "a")))][1]
+    exemplar = samples(await served(collector, OPENMETRICS), OPENMETRICS)[(BILLED, (("direction", OUT), ("org", "a")))][
+        1
+    ]
     assert exemplar.labels == {"call_id": "free-call"}
 
 

@@ -40,6 +40,7 @@ def view(item):
         return {k: item[k] for k in FIELDS if item.get(k) is not None}
     return item
 
+
 # Element texts as the API would send them: raw UTF-8 (not \u escapes), numbers in several notations.
 ELEMENT_TEXTS = [
     '{"id": "a", "status": "completed", "duration_seconds": 61, "prompt": "Réservez une table — merci ✓"}',
@@ -112,7 +113,9 @@ def test_body_fed_byte_by_byte_yields_every_element():
     assert exactly(decode([BODY[i : i + 1] for i in range(len(BODY))])) == exactly(ELEMENTS)
 
 
-@pytest.mark.parametrize("text, value", [("2.5", 2.5), ("-3e5", -300000.0), ("10", 10), ("-0.125", -0.125), ("1E+2", 100.0)])
+@pytest.mark.parametrize(
+    "text, value", [("2.5", 2.5), ("-3e5", -300000.0), ("10", 10), ("-0.125", -0.125), ("1E+2", 100.0)]
+)
 def test_a_number_cut_anywhere_is_read_whole(text, value):
     body = f"[{text}]".encode()
     for cut in range(1, len(body)):
@@ -148,8 +151,17 @@ def test_empty_array_yields_nothing(body):  # noqa: D103
         [b"[tru"],
         [b'["caf\xc3'],  # cut inside a UTF-8 character
     ],
-    ids=["nothing", "open_bracket", "after_comma", "inside_object", "before_close", "inside_string", "number",
-         "literal", "inside_character"],
+    ids=[
+        "nothing",
+        "open_bracket",
+        "after_comma",
+        "inside_object",
+        "before_close",
+        "inside_string",
+        "number",
+        "literal",
+        "inside_character",
+    ],
 )
 def test_truncated_body_is_an_error(chunks):
     with pytest.raises(StreamError):
@@ -215,19 +227,32 @@ def test_large_element_below_the_limit_is_read():
 
 # --- the fast way on realistic records -----------------------------------------------------------
 
+
 def call_record(i: int) -> dict:
     """A call as the API sends it, with the traps of a cut: `},{` inside strings and nested arrays."""
     return {
-        "id": f"call-{i:05d}", "to_number": "+15550100", "status": ("completed", "failed", "ringing")[i % 3],
-        "direction": "outbound", "prompt": 'Say "},{" and then [{"a": 1},{"b": 2}] — ünïcode',
-        "context": {"items": [{"sku": 1}, {"sku": 2}], "note": "},{\"id\":"},
+        "id": f"call-{i:05d}",
+        "to_number": "+15550100",
+        "status": ("completed", "failed", "ringing")[i % 3],
+        "direction": "outbound",
+        "prompt": 'Say "},{" and then [{"a": 1},{"b": 2}] — ünïcode',
+        "context": {"items": [{"sku": 1}, {"sku": 2}], "note": '},{"id":'},
         "result": {"answers": [{"q": "x"}, {"q": "y"}]} if i % 2 else None,
-        "created_at": f"2026-11-24T10:{i % 60:02d}:00Z", "updated_at": f"2026-11-24T11:{i % 60:02d}:00.{i % 1000:03d}Z",
-        "started_at": None if i % 5 == 0 else "2026-11-24T10:00:02+00:00", "answered_at": None,
-        "ended_at": "2026-11-24T10:01:00Z" if i % 3 != 2 else None, "duration_seconds": i % 90,
-        "billed_duration_seconds": None, "billing_amount_milli_cents": i * 7, "reservation_status": "settled",
-        "webhook_status": "pending", "result_status": None, "hangup_cause": "normal_clearing", "error_code": None,
-        "metadata": {"campaign": "q4"}, "newer_api_field": [{"x": {"y": [1, {"z": 2}]}}],
+        "created_at": f"2026-11-24T10:{i % 60:02d}:00Z",
+        "updated_at": f"2026-11-24T11:{i % 60:02d}:00.{i % 1000:03d}Z",
+        "started_at": None if i % 5 == 0 else "2026-11-24T10:00:02+00:00",
+        "answered_at": None,
+        "ended_at": "2026-11-24T10:01:00Z" if i % 3 != 2 else None,
+        "duration_seconds": i % 90,
+        "billed_duration_seconds": None,
+        "billing_amount_milli_cents": i * 7,
+        "reservation_status": "settled",
+        "webhook_status": "pending",
+        "result_status": None,
+        "hangup_cause": "normal_clearing",
+        "error_code": None,
+        "metadata": {"campaign": "q4"},
+        "newer_api_field": [{"x": {"y": [1, {"z": 2}]}}],
     }
 
 

@@ -14,10 +14,42 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
 FLOW = (
-    "catalogue", "logs", "configvalues", "config", "keyfile", "settings", "budget", "deadline", "jsonstream", "api",
-    "records", "accounting", "ledger", "audit", "migrate", "plan", "visibility", "document", "store", "selfmetrics",
-    "tally", "tables", "health", "state", "metrics", "exposition", "stragglers", "liveness", "backoff", "poller",
-    "supervisor", "webschema", "webconfig", "web", "explain", "cli",
+    "catalogue",
+    "logs",
+    "configvalues",
+    "config",
+    "keyfile",
+    "settings",
+    "budget",
+    "deadline",
+    "jsonstream",
+    "api",
+    "records",
+    "accounting",
+    "ledger",
+    "audit",
+    "migrate",
+    "plan",
+    "visibility",
+    "document",
+    "store",
+    "selfmetrics",
+    "tally",
+    "tables",
+    "health",
+    "state",
+    "metrics",
+    "exposition",
+    "stragglers",
+    "liveness",
+    "backoff",
+    "poller",
+    "supervisor",
+    "webschema",
+    "webconfig",
+    "web",
+    "explain",
+    "cli",
 )
 COMPUTED = "<computed>"  # an import_module or __import__ whose name is not a literal: no checker can place it
 IMPORTERS = ("import_module", "__import__")
@@ -88,40 +120,46 @@ def imports_of(path: Path) -> set[str]:
     return imports_of_source(path.read_text())
 
 
-@pytest.mark.parametrize("source, imported", [
-    ("from .state import read", {"state"}),
-    ("from .state.inner import read", {"state"}),
-    ("from . import state", {"state"}),
-    ("from . import __version__", {"__init__"}),
-    ("from . import simulator", {"simulator"}),  # a subpackage is a module too
-    ("import exporter.state", {"state"}),
-    ("import exporter.state as saved", {"state"}),
-    ("import exporter", {"__init__"}),
-    ("from exporter import state", {"state"}),
-    ("from exporter import __version__", {"__init__"}),
-    ("from exporter.state import read", {"state"}),
-    ("import importlib\nimportlib.import_module('exporter.state')", {"state"}),
-    ("from importlib import import_module\nimport_module('.state', __package__)", {"state"}),
-    ("__import__('exporter.state')", {"state"}),
-    ("__import__('state', globals(), locals(), ['read'], 1)", {"state"}),
-    ("__import__('state', globals(), level=1)", {"state"}),
-    ("import importlib\nimportlib.import_module(name)", {COMPUTED}),
-    ("def later():\n    from .state import read", {"state"}),  # inside a function still counts
-    ("import os\nfrom collections import Counter\nimportlib.import_module('json')", set()),
-])
+@pytest.mark.parametrize(
+    "source, imported",
+    [
+        ("from .state import read", {"state"}),
+        ("from .state.inner import read", {"state"}),
+        ("from . import state", {"state"}),
+        ("from . import __version__", {"__init__"}),
+        ("from . import simulator", {"simulator"}),  # a subpackage is a module too
+        ("import exporter.state", {"state"}),
+        ("import exporter.state as saved", {"state"}),
+        ("import exporter", {"__init__"}),
+        ("from exporter import state", {"state"}),
+        ("from exporter import __version__", {"__init__"}),
+        ("from exporter.state import read", {"state"}),
+        ("import importlib\nimportlib.import_module('exporter.state')", {"state"}),
+        ("from importlib import import_module\nimport_module('.state', __package__)", {"state"}),
+        ("__import__('exporter.state')", {"state"}),
+        ("__import__('state', globals(), locals(), ['read'], 1)", {"state"}),
+        ("__import__('state', globals(), level=1)", {"state"}),
+        ("import importlib\nimportlib.import_module(name)", {COMPUTED}),
+        ("def later():\n    from .state import read", {"state"}),  # inside a function still counts
+        ("import os\nfrom collections import Counter\nimportlib.import_module('json')", set()),
+    ],
+)
 def test_the_checker_catches_every_import_form(source, imported):
     assert imports_of_source(source) == imported
 
 
-@pytest.mark.parametrize("source, imported", [
-    ("from .. import state", {"state"}),
-    ("from ..state import read", {"state"}),
-    ("import exporter.state", {"state"}),
-    ("from exporter import state", {"state"}),
-    ("import importlib\nimportlib.import_module('..state', __package__)", {"state"}),
-    ("from . import clock", set()),  # the simulator's own modules
-    ("from .clock import Clock", set()),
-])
+@pytest.mark.parametrize(
+    "source, imported",
+    [
+        ("from .. import state", {"state"}),
+        ("from ..state import read", {"state"}),
+        ("import exporter.state", {"state"}),
+        ("from exporter import state", {"state"}),
+        ("import importlib\nimportlib.import_module('..state', __package__)", {"state"}),
+        ("from . import clock", set()),  # the simulator's own modules
+        ("from .clock import Clock", set()),
+    ],
+)
 def test_the_checker_reads_a_subpackage_one_level_down(source, imported):
     assert imports_of_source(source, depth=2) == imported
 

@@ -135,14 +135,19 @@ async def wait_for(predicate, timeout: float, message: str):
 
 
 def target(url: str, **settings) -> Target:
-    return Target(api_url=url, api_key=Secret(KEY), initial_lookback=3600.0,
-                  **{"poll_interval": 0.2, "request_timeout": 0.5, **settings})
+    return Target(
+        api_url=url,
+        api_key=Secret(KEY),
+        initial_lookback=3600.0,
+        **{"poll_interval": 0.2, "request_timeout": 0.5, **settings},
+    )
 
 
 async def test_a_read_that_outlives_its_deadline_fails_the_probe_with_one_line(served, monkeypatch):
     """The bug the probe is for: a deadline that does not hold (here switched off) and a body
     that trickles. /metrics still answers, with callingbox_up 1 from the last poll that ended:
     only the probe can tell, and Kubernetes restarts the pod."""
+
     async def unbounded(at, seconds, awaitable):
         return await awaitable
 
@@ -180,13 +185,22 @@ async def test_a_poll_loop_that_ended_fails_the_probe(served):
 async def test_behind_a_password_the_probe_names_no_target(aiohttp_client, tmp_path):
     """The probes need no password (Kubernetes has none), so their answers name no target then."""
     path = tmp_path / "web.yml"
-    path.write_text(yaml.safe_dump({"basic_auth_users": {"prometheus": bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()}}))
+    path.write_text(
+        yaml.safe_dump({"basic_auth_users": {"prometheus": bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()}})
+    )
     collector = Exposition("test")
-    app = make_app(collector, collector, "test", guard=Guard(str(path), webconfig.load(str(path))),
-                   wedged=lambda: ("acme", "is wedged: state save running for 900s, past its limit of 800s"))
+    app = make_app(
+        collector,
+        collector,
+        "test",
+        guard=Guard(str(path), webconfig.load(str(path))),
+        wedged=lambda: ("acme", "is wedged: state save running for 900s, past its limit of 800s"),
+    )
     response = await (await aiohttp_client(app)).get("/-/healthy")
     assert (response.status, await response.text()) == (
-        503, "Unhealthy: a poll loop is wedged: state save running for 900s, past its limit of 800s.\n")
+        503,
+        "Unhealthy: a poll loop is wedged: state save running for 900s, past its limit of 800s.\n",
+    )
 
 
 async def test_an_api_outage_never_fails_the_probe(served):
@@ -195,8 +209,13 @@ async def test_an_api_outage_never_fails_the_probe(served):
     sim = Simulator(seed=5, rate=20, max_calls=40, time_scale=300, api_key=KEY)
     with serve_in_thread(sim) as url:
         # One failed poll each (aiohttp retries a reset once by itself), then a 429 waited out.
-        for kind, count, params in (("unauthorized", 1, {}), ("status", 1, {"code": 503}),
-                                    ("timeout", 1, {"delay": 2.0}), ("reset", 2, {}), ("429", 1, {"retry_after": 1})):
+        for kind, count, params in (
+            ("unauthorized", 1, {}),
+            ("status", 1, {"code": 503}),
+            ("timeout", 1, {"delay": 2.0}),
+            ("reset", 2, {}),
+            ("429", 1, {"retry_after": 1}),
+        ):
             sim.inject(kind, count, **params)
         app = await served([target(url)])
         looks, downs = 0, 0
@@ -216,17 +235,28 @@ async def _up(app: Served, name: str = "default") -> bool:
     return app.poller(name).status.up
 
 
-async def test_a_large_first_read_arriving_slowly_but_steadily_never_fails_the_probe(served, monkeypatch, aiohttp_server):
+async def test_a_large_first_read_arriving_slowly_but_steadily_never_fails_the_probe(
+    served, monkeypatch, aiohttp_server
+):
     """Three seconds of body, past a floor-sized deadline's limit (2 x 0.7 + 0.5 s): the first
     read's deadline is sized from the bytes a settle window is expected to hold, so the read
     completes and the probe says healthy throughout."""
     monkeypatch.setattr(deadline, "FLOOR", 0.2)
     now = time.time()
-    calls = [{"id": f"call-{n}", "status": "completed", "direction": "outbound", "created_at": format_ts(now - 60),
-              "updated_at": format_ts(now - 30), "ended_at": format_ts(now - 30), "pad": "x" * 900}
-             for n in range(300)]
+    calls = [
+        {
+            "id": f"call-{n}",
+            "status": "completed",
+            "direction": "outbound",
+            "created_at": format_ts(now - 60),
+            "updated_at": format_ts(now - 30),
+            "ended_at": format_ts(now - 30),
+            "pad": "x" * 900,
+        }
+        for n in range(300)
+    ]
     body = json.dumps(calls).encode()
-    pieces = [body[i:i + len(body) // 30 + 1] for i in range(0, len(body), len(body) // 30 + 1)]
+    pieces = [body[i : i + len(body) // 30 + 1] for i in range(0, len(body), len(body) // 30 + 1)]
 
     async def slowly(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "application/json"})

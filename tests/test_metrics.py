@@ -17,13 +17,13 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from exporter.accounting import Billed, Created, Ended, ExtractionOutcome, WebhookOutcome
 from exporter import records
-from exporter.health import Health, Status, Snapshot
-from exporter.metrics import Collector
-from exporter.store import Store
+from exporter.accounting import Billed, Created, Ended, ExtractionOutcome, WebhookOutcome
 from exporter.catalogue import INVALID_REASONS
+from exporter.health import Health, Snapshot, Status
+from exporter.metrics import Collector
 from exporter.records import decode_record
+from exporter.store import Store
 
 OUT, IN = "outbound", "inbound"
 HANGUPS = "callingbox_call_hangups_total"
@@ -34,8 +34,15 @@ TERMINAL = ("completed", "no_answer", "busy", "canceled", "failed")
 ACTIVE = ("queued", "initiated", "ringing", "in_progress")
 
 
-def ended(hangup_cause=None, error_code=None, direction=OUT, status="completed", duration=None,
-          answer_delay=None, setup_delay=None) -> Ended:
+def ended(
+    hangup_cause=None,
+    error_code=None,
+    direction=OUT,
+    status="completed",
+    duration=None,
+    answer_delay=None,
+    setup_delay=None,
+) -> Ended:
     return Ended(direction, status, hangup_cause, error_code, duration, answer_delay, setup_delay, "call-id")
 
 
@@ -137,7 +144,22 @@ def test_histogram_buckets_are_cumulative_and_inf_equals_count(samples_of):
     store.count([ended(duration=d) for d in (0, 3, 10, 10, 4000)])
     samples = samples_of(registry_of(store))
     series = dict(org="default", direction=OUT, status="completed")
-    bounds = ["0.0", "5.0", "10.0", "20.0", "30.0", "60.0", "120.0", "180.0", "300.0", "600.0", "1200.0", "1800.0", "3600.0", "+Inf"]
+    bounds = [
+        "0.0",
+        "5.0",
+        "10.0",
+        "20.0",
+        "30.0",
+        "60.0",
+        "120.0",
+        "180.0",
+        "300.0",
+        "600.0",
+        "1200.0",
+        "1800.0",
+        "3600.0",
+        "+Inf",
+    ]
     expected = [1, 2, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 5]
     assert [samples[(DURATION + "_bucket", labels(le=le, **series))] for le in bounds] == expected
     assert samples[(DURATION + "_count", labels(**series))] == 5
@@ -198,7 +220,9 @@ EXPOSED = {n.removesuffix("_total") if k == "counter" else n for n, k, _ in SPEC
 def populated_registry():
     store = busy_store()
     store.count([ended("d"), ended("e")])  # overflow the cap of 3
-    return registry_of(store, Health(Status(up=True, last_success=NOW - 5), watermark=NOW - 7, tracked=4, active={(OUT, "ringing"): 1}))
+    return registry_of(
+        store, Health(Status(up=True, last_success=NOW - 5), watermark=NOW - 7, tracked=4, active={(OUT, "ringing"): 1})
+    )
 
 
 @pytest.mark.parametrize("name, kind, label_names", SPEC_FAMILIES, ids=[f[0] for f in SPEC_FAMILIES])
@@ -224,8 +248,11 @@ def test_the_daily_budget_is_a_sample_only_for_targets_that_set_it(samples_of):
     asyncio.run(collector.publish("globex", Snapshot(Store(), Health())))
     registry = CollectorRegistry()
     registry.register(collector)
-    budgets = {labels: value for (name, labels), value in samples_of(registry).items()
-               if name == "callingbox_daily_budget_dollars"}
+    budgets = {
+        labels: value
+        for (name, labels), value in samples_of(registry).items()
+        if name == "callingbox_daily_budget_dollars"
+    }
     assert budgets == {(("org", "acme"),): 250.5}
 
 
@@ -263,8 +290,13 @@ def test_known_series_start_at_zero(samples_of):
         expected[("callingbox_exporter_invalid_records_total", labels(org="default", reason=reason))] = 0
     for label in ("hangup_cause", "error_code", "status"):
         expected[(OVERFLOW, labels(org="default", label=label))] = 0
-    for kind in ("undocumented_value", "late_end_detail", "outcome_without_subject", "settled_without_amount",
-                 "by_id_not_found_but_listed"):  # SPEC §3: each kind starts at 0
+    for kind in (
+        "undocumented_value",
+        "late_end_detail",
+        "outcome_without_subject",
+        "settled_without_amount",
+        "by_id_not_found_but_listed",
+    ):  # SPEC §3: each kind starts at 0
         expected[("callingbox_exporter_contract_deviations_total", labels(org="default", kind=kind))] = 0
     for method in ("window", "spot_check"):  # the audit's coverage, readable before the first audit
         expected[("callingbox_exporter_audit_calls_checked_total", labels(org="default", method=method))] = 0
@@ -280,8 +312,13 @@ def test_overflow_of_each_metadata_label_starts_at_zero():
     assert overflow == {"hangup_cause": 0, "error_code": 0, "status": 0, "campaign": 0, "tier": 0}
 
 
-GOOD_CALL = {"id": "c1", "status": "completed", "direction": OUT,
-             "created_at": "2024-05-01T12:00:00Z", "updated_at": "2024-05-01T12:01:00Z"}
+GOOD_CALL = {
+    "id": "c1",
+    "status": "completed",
+    "direction": OUT,
+    "created_at": "2024-05-01T12:00:00Z",
+    "updated_at": "2024-05-01T12:01:00Z",
+}
 # One element of GET /v1/calls per way the decoder rejects a record, with the reason it gives.
 MALFORMED = [
     ("not_object", ["a", "list"]),
@@ -348,8 +385,12 @@ def test_a_publish_replaces_the_view_whole_and_a_view_once_read_never_changes():
 
 def test_health_gauges_render_from_the_snapshot():
     health = Health(
-        Status(up=True, last_success=NOW - 5), watermark=NOW - 7.5, tracked=9, stragglers=2,
-        active={(OUT, "ringing"): 3, (IN, "in_progress"): 1}, webhooks_pending=4,
+        Status(up=True, last_success=NOW - 5),
+        watermark=NOW - 7.5,
+        tracked=9,
+        stragglers=2,
+        active={(OUT, "ringing"): 3, (IN, "in_progress"): 1},
+        webhooks_pending=4,
     )
     samples = text_samples(registry_of(Store(), health))
     org = labels(org="default")
@@ -385,8 +426,12 @@ def test_oldest_pending_webhook_age_is_zero_when_none_is_pending():
 # --- Exemplars ----------------------------------------------------------------------------------
 
 EXEMPLAR_COUNTERS = ("callingbox_calls_ended_total", HANGUPS, ERRORS, "callingbox_billed_amount_dollars_total")
-CALL_HISTOGRAMS = (DURATION, "callingbox_call_answer_delay_seconds", "callingbox_call_billed_duration_seconds",
-                   "callingbox_call_setup_delay_seconds")
+CALL_HISTOGRAMS = (
+    DURATION,
+    "callingbox_call_answer_delay_seconds",
+    "callingbox_call_billed_duration_seconds",
+    "callingbox_call_setup_delay_seconds",
+)
 
 
 def exemplars_of(registry) -> dict:
@@ -409,20 +454,31 @@ def call(call_id: str, status="completed", duration=None, cause="normal_clearing
 def test_terminal_counters_carry_the_latest_counted_call_as_exemplar():
     store = Store()
     store.count([call("first", duration=40), call("second", duration=7)], now=NOW - 10)
-    store.count([call("third", status="failed", cause="rejected", error="E1"), Billed(OUT, 42, 12_345, "second")],
-                now=NOW)
+    store.count(
+        [call("third", status="failed", cause="rejected", error="E1"), Billed(OUT, 42, 12_345, "second")], now=NOW
+    )
     found = exemplars_of(registry_of(store))
     org = {"org": "default"}
     assert found[("callingbox_calls_ended_total", labels(**org, direction=OUT, status="completed"))] == (
-        {"call_id": "second"}, 1.0, NOW - 10)
+        {"call_id": "second"},
+        1.0,
+        NOW - 10,
+    )
     assert found[("callingbox_calls_ended_total", labels(**org, direction=OUT, status="failed"))] == (
-        {"call_id": "third"}, 1.0, NOW)
+        {"call_id": "third"},
+        1.0,
+        NOW,
+    )
     assert found[(HANGUPS, labels(**org, direction=OUT, status="failed", hangup_cause="rejected"))][0] == {
-        "call_id": "third"}
+        "call_id": "third"
+    }
     assert found[(ERRORS, labels(**org, direction=OUT, error_code="E1"))][0] == {"call_id": "third"}
     # the money exemplar is in dollars, like its counter
     assert found[("callingbox_billed_amount_dollars_total", labels(**org, direction=OUT))] == (
-        {"call_id": "second"}, 0.12345, NOW)
+        {"call_id": "second"},
+        0.12345,
+        NOW,
+    )
     # series that counted nothing carry none; every exemplar names a call and nothing else
     assert ("callingbox_calls_ended_total", labels(**org, direction=IN, status="completed")) not in found
     assert {tuple(e[0]) for e in found.values()} == {("call_id",)}
@@ -430,8 +486,9 @@ def test_terminal_counters_carry_the_latest_counted_call_as_exemplar():
 
 def test_each_histogram_bucket_carries_the_latest_call_that_fell_in_it():
     store = Store()
-    store.count([call("a", duration=40), call("b", duration=7), call("c", duration=45), call("d", duration=9000)],
-                now=NOW)
+    store.count(
+        [call("a", duration=40), call("b", duration=7), call("c", duration=45), call("d", duration=9000)], now=NOW
+    )
     found = exemplars_of(registry_of(store))
     bucket = lambda le: (f"{DURATION}_bucket", labels(org="default", direction=OUT, status="completed", le=le))  # noqa: E731
     assert found[bucket("60.0")] == ({"call_id": "c"}, 45.0, NOW)  # a (40 s) was overwritten by c
@@ -450,14 +507,24 @@ def test_exemplars_add_no_series_and_stay_out_of_the_text_format():
     with_exemplars.count(events, now=NOW)
     assert openmetrics_samples(registry_of(plain)) == openmetrics_samples(registry_of(with_exemplars))
     assert exemplars_of(registry_of(plain)) == {}
-    assert len(exemplars_of(registry_of(with_exemplars))) == 7  # calls, hangups, money; duration, billed, answer and setup delay
+    assert (
+        len(exemplars_of(registry_of(with_exemplars))) == 7
+    )  # calls, hangups, money; duration, billed, answer and setup delay
     assert " # {" not in generate_latest(registry_of(with_exemplars)).decode()
 
 
 def test_exemplar_families_are_the_terminal_call_counters_and_call_histograms():
     store = Store()
-    store.count([Created(OUT), call("x", duration=3, error="E"), Billed(OUT, 3, 10, "x"),
-                 WebhookOutcome("failed"), ExtractionOutcome("failed")], now=NOW)
+    store.count(
+        [
+            Created(OUT),
+            call("x", duration=3, error="E"),
+            Billed(OUT, 3, 10, "x"),
+            WebhookOutcome("failed"),
+            ExtractionOutcome("failed"),
+        ],
+        now=NOW,
+    )
     families = {name.removesuffix("_bucket") for name, _ in exemplars_of(registry_of(store))}
     assert families == set(EXEMPLAR_COUNTERS) | set(CALL_HISTOGRAMS)
 
@@ -479,7 +546,18 @@ def test_targets_with_other_metadata_labels_share_a_family_with_empty_values():
     registry = CollectorRegistry()
     registry.register(collector)
     samples = text_samples(registry)
-    assert samples[("callingbox_calls_ended_total", labels(org="agency", direction=OUT, status="completed", campaign="spring"))] == 1
-    assert samples[("callingbox_calls_ended_total", labels(org="plain", direction=OUT, status="completed", campaign=""))] == 0
-    assert samples[("callingbox_calls_active", labels(org="agency", direction=OUT, status="ringing", campaign="none"))] == 0
+    assert (
+        samples[
+            ("callingbox_calls_ended_total", labels(org="agency", direction=OUT, status="completed", campaign="spring"))
+        ]
+        == 1
+    )
+    assert (
+        samples[("callingbox_calls_ended_total", labels(org="plain", direction=OUT, status="completed", campaign=""))]
+        == 0
+    )
+    assert (
+        samples[("callingbox_calls_active", labels(org="agency", direction=OUT, status="ringing", campaign="none"))]
+        == 0
+    )
     assert samples[("callingbox_up", labels(org="plain"))] == 0

@@ -31,8 +31,12 @@ def quiet_simulator(seed: int) -> Simulator:
 
 def target(url: str, **settings) -> Target:
     # No hold of new series (born at zero): these stories look at what each poll publishes.
-    return Target(api_url=url, api_key=Secret(KEY), initial_lookback=3600.0,
-                  **{"poll_interval": 0.2, "new_series_hold": 0.0, **settings})
+    return Target(
+        api_url=url,
+        api_key=Secret(KEY),
+        initial_lookback=3600.0,
+        **{"poll_interval": 0.2, "new_series_hold": 0.0, **settings},
+    )
 
 
 def ended(store) -> int:
@@ -188,7 +192,7 @@ async def test_429s_past_the_retries_fail_the_poll_and_the_next_one_succeeds():
             assert (await poller.poll())[0]
             assert poller.status.up and poller.status.failures == 0
     codes = [code for _, code in calls_requests(sim)]
-    assert codes[:RATE_LIMIT_RETRIES + 2] == [429] * (RATE_LIMIT_RETRIES + 1) + [200]
+    assert codes[: RATE_LIMIT_RETRIES + 2] == [429] * (RATE_LIMIT_RETRIES + 1) + [200]
 
 
 async def test_the_back_off_grows_then_stops_at_its_cap():
@@ -207,13 +211,18 @@ async def test_the_back_off_grows_then_stops_at_its_cap():
     assert waits[-1] == waits[-2] == MAX_BACKOFF, "past the cap, the jitter cannot push it beyond"
 
 
-
 async def test_the_daily_budget_of_a_target_is_published_from_the_start():
     """daily_budget_dollars reaches /metrics with the restored state, before any poll (and only when set)."""
     async with aiohttp.ClientSession() as session:
         collector = Collector("test")
-        await Poller(target("http://127.0.0.1:9", name="acme", daily_budget_dollars=250.0), collector, session).restore()
+        await Poller(
+            target("http://127.0.0.1:9", name="acme", daily_budget_dollars=250.0), collector, session
+        ).restore()
         await Poller(target("http://127.0.0.1:9", name="globex"), collector, session).restore()
-    samples = {(s.name, s.labels.get("org")): s.value for family in collector.collect() for s in family.samples
-               if s.name == "callingbox_daily_budget_dollars"}
+    samples = {
+        (s.name, s.labels.get("org")): s.value
+        for family in collector.collect()
+        for s in family.samples
+        if s.name == "callingbox_daily_budget_dollars"
+    }
     assert samples == {("callingbox_daily_budget_dollars", "acme"): 250.0}

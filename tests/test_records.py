@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import msgspec
 import pytest
@@ -12,7 +12,7 @@ from exporter.catalogue import CONTRACT_DEVIATIONS, DEVIATION_BITS
 from exporter.records import CallFields, Invalid, Record, decode_record, parse_timestamp
 
 ID = "5f1d7c3e-8a54-4b8e-9d7a-0c2b1e6f9a10"
-CREATED = datetime(2023, 11, 7, 5, 31, 56, tzinfo=timezone.utc).timestamp()
+CREATED = datetime(2023, 11, 7, 5, 31, 56, tzinfo=UTC).timestamp()
 
 
 def exact_to_microsecond(expected):
@@ -62,24 +62,26 @@ def test_full_record_decodes_every_field_the_accounting_reads():
     record = decode_record(obj)
     assert record.extra == ()  # no metadata_labels configured: nothing read from metadata
     assert record.deviations == 0
-    assert record[:-2] == exact_to_microsecond(Record(
-        id=ID,
-        status="completed",
-        direction="outbound",
-        created_at=CREATED,
-        updated_at=CREATED + 69.123,
-        started_at=CREATED + 2.25,
-        answered_at=CREATED + 7,
-        ended_at=CREATED + 68.5,
-        duration_seconds=61,
-        billed_duration_seconds=62,
-        billing_amount_milli_cents=1550,
-        reservation_status="settled",
-        webhook_status="delivered",
-        result_status="completed",
-        hangup_cause="normal_clearing",
-        error_code=None,
-    )[:-2])
+    assert record[:-2] == exact_to_microsecond(
+        Record(
+            id=ID,
+            status="completed",
+            direction="outbound",
+            created_at=CREATED,
+            updated_at=CREATED + 69.123,
+            started_at=CREATED + 2.25,
+            answered_at=CREATED + 7,
+            ended_at=CREATED + 68.5,
+            duration_seconds=61,
+            billed_duration_seconds=62,
+            billing_amount_milli_cents=1550,
+            reservation_status="settled",
+            webhook_status="delivered",
+            result_status="completed",
+            hangup_cause="normal_clearing",
+            error_code=None,
+        )[:-2]
+    )
 
 
 def test_minimal_record_with_nullable_fields_null_decodes():
@@ -113,7 +115,9 @@ def test_direction_outside_the_api_values_is_folded(direction, exported):
     assert decode_record(call(direction=direction)).direction == exported
 
 
-@pytest.mark.parametrize("status", ["queued", "initiated", "ringing", "in_progress", "completed", "no_answer", "busy", "canceled", "failed"])
+@pytest.mark.parametrize(
+    "status", ["queued", "initiated", "ringing", "in_progress", "completed", "no_answer", "busy", "canceled", "failed"]
+)
 def test_every_api_status_is_accepted(status):
     assert decode_record(call(status=status)).status == status
 
@@ -157,14 +161,17 @@ def test_invalid_record_names_the_reason(obj, reason, call_id):
     assert decode_record(obj) == Invalid(reason, call_id)
 
 
-@pytest.mark.parametrize("metadata, expected", [
-    ({"campaign_id": "spring-24", "tier": "gold"}, ("spring-24", "gold")),
-    ({"campaign_id": 42, "tier": True}, ("42", "true")),
-    ({"campaign_id": {"nested": 1}, "tier": None}, ("other", None)),
-    ({}, (None, None)),
-    (None, (None, None)),
-    ("not a mapping", (None, None)),
-])
+@pytest.mark.parametrize(
+    "metadata, expected",
+    [
+        ({"campaign_id": "spring-24", "tier": "gold"}, ("spring-24", "gold")),
+        ({"campaign_id": 42, "tier": True}, ("42", "true")),
+        ({"campaign_id": {"nested": 1}, "tier": None}, ("other", None)),
+        ({}, (None, None)),
+        (None, (None, None)),
+        ("not a mapping", (None, None)),
+    ],
+)
 def test_configured_metadata_keys_are_read_as_label_values(metadata, expected):
     record = decode_record(call(metadata=metadata), ("campaign_id", "tier"))
     assert record.extra == expected
@@ -177,19 +184,35 @@ def _fast(obj: dict):
 
 
 @pytest.mark.parametrize("path", [lambda obj: obj, _fast], ids=["plain", "fast"])
-@pytest.mark.parametrize("overrides, status, webhook, result, deviations", [
-    ({"status": "voicemail"}, "voicemail", "delivered", "completed", {"undocumented_value"}),
-    ({"reservation_status": "refunded"}, "completed", "delivered", "completed", {"undocumented_value"}),
-    ({"direction": "transfer"}, "completed", "delivered", "completed", {"undocumented_value"}),
-    ({"webhook_status": "retrying"}, "completed", "retrying", "completed", {"undocumented_value"}),
-    ({"webhook_url": None, "webhook_status": "pending"}, "completed", None, "completed", {"outcome_without_subject"}),
-    ({"webhook_url": "", "webhook_status": "delivered"}, "completed", None, "completed", {"outcome_without_subject"}),
-    ({"returns": {}, "result_status": "completed"}, "completed", "delivered", None, {"outcome_without_subject"}),
-    ({"returns": None, "result_status": "failed"}, "completed", "delivered", None, {"outcome_without_subject"}),
-    ({"returns": {}, "result_status": None}, "completed", "delivered", None, set()),
-])
-def test_values_outside_the_docs_are_kept_and_outcomes_without_subject_dropped(path, overrides, status, webhook,
-                                                                                result, deviations):
+@pytest.mark.parametrize(
+    "overrides, status, webhook, result, deviations",
+    [
+        ({"status": "voicemail"}, "voicemail", "delivered", "completed", {"undocumented_value"}),
+        ({"reservation_status": "refunded"}, "completed", "delivered", "completed", {"undocumented_value"}),
+        ({"direction": "transfer"}, "completed", "delivered", "completed", {"undocumented_value"}),
+        ({"webhook_status": "retrying"}, "completed", "retrying", "completed", {"undocumented_value"}),
+        (
+            {"webhook_url": None, "webhook_status": "pending"},
+            "completed",
+            None,
+            "completed",
+            {"outcome_without_subject"},
+        ),
+        (
+            {"webhook_url": "", "webhook_status": "delivered"},
+            "completed",
+            None,
+            "completed",
+            {"outcome_without_subject"},
+        ),
+        ({"returns": {}, "result_status": "completed"}, "completed", "delivered", None, {"outcome_without_subject"}),
+        ({"returns": None, "result_status": "failed"}, "completed", "delivered", None, {"outcome_without_subject"}),
+        ({"returns": {}, "result_status": None}, "completed", "delivered", None, set()),
+    ],
+)
+def test_values_outside_the_docs_are_kept_and_outcomes_without_subject_dropped(
+    path, overrides, status, webhook, result, deviations
+):
     record = decode_record(path(call(**overrides)))
     assert (record.status, record.webhook_status, record.result_status) == (status, webhook, result)
     assert {kind for kind in CONTRACT_DEVIATIONS if record.deviations & DEVIATION_BITS[kind]} == deviations

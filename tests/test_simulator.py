@@ -19,19 +19,43 @@ from exporter.simulator import TERMINAL, Simulator, serve_in_thread
 from helpers import api_get, iso_seconds, list_calls, wait_until
 
 SPEC_FIELDS = {
-    "id", "to_number", "from_number", "status", "direction", "prompt", "context", "returns", "result",
-    "result_status", "result_error", "language", "webhook_url", "webhook_status", "webhook_error",
-    "created_at", "started_at", "answered_at", "ended_at", "duration_seconds", "billed_duration_seconds",
-    "billing_amount_milli_cents", "reservation_status", "error_code", "error_message", "hangup_cause",
-    "metadata", "updated_at",
+    "id",
+    "to_number",
+    "from_number",
+    "status",
+    "direction",
+    "prompt",
+    "context",
+    "returns",
+    "result",
+    "result_status",
+    "result_error",
+    "language",
+    "webhook_url",
+    "webhook_status",
+    "webhook_error",
+    "created_at",
+    "started_at",
+    "answered_at",
+    "ended_at",
+    "duration_seconds",
+    "billed_duration_seconds",
+    "billing_amount_milli_cents",
+    "reservation_status",
+    "error_code",
+    "error_message",
+    "hangup_cause",
+    "metadata",
+    "updated_at",
 }
 STATUSES = TERMINAL | {"queued", "initiated", "ringing", "in_progress"}
 FAST = {"time_scale": 1000.0, "webhook_retry_base": 0.01}  # a call's whole life in a few seconds
 
 
 def post(url: str, body: object) -> tuple[int, object]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, json.loads(response.read())
@@ -41,18 +65,24 @@ def post(url: str, body: object) -> tuple[int, object]:
 
 def aiohttp_list(url: str, timeout: float = 5.0) -> bytes:
     """Read the list as the exporter would; raises what aiohttp raises."""
+
     async def fetch() -> bytes:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
             async with session.get(f"{url}/v1/calls") as response:
                 return await response.read()
+
     return asyncio.run(fetch())
 
 
 def is_call(item: object) -> bool:
     try:
-        return (isinstance(item, dict) and isinstance(item.get("id"), str) and item.get("status") in STATUSES
-                and isinstance(iso_seconds(item["created_at"]), float)
-                and (item["duration_seconds"] is None or isinstance(item["duration_seconds"], int)))
+        return (
+            isinstance(item, dict)
+            and isinstance(item.get("id"), str)
+            and item.get("status") in STATUSES
+            and isinstance(iso_seconds(item["created_at"]), float)
+            and (item["duration_seconds"] is None or isinstance(item["duration_seconds"], int))
+        )
     except (ValueError, TypeError, AttributeError):
         return False
 
@@ -83,15 +113,19 @@ def test_every_call_becomes_final_and_truth_matches_what_the_api_shows():
     assert all(r["status"] in TERMINAL and r["reservation_status"] != "reserved" for r in records)
     assert all(r["webhook_status"] != "pending" and r["result_status"] != "pending" for r in records)
     by_status = Counter((r["direction"], r["status"]) for r in records)
-    assert {(dict(k[1])["direction"], dict(k[1])["status"]): v
-            for k, v in truth.counters.items() if k[0] == "callingbox_calls_ended_total"} == by_status
+    assert {
+        (dict(k[1])["direction"], dict(k[1])["status"]): v
+        for k, v in truth.counters.items()
+        if k[0] == "callingbox_calls_ended_total"
+    } == by_status
     causes = {dict(k[1])["hangup_cause"] for k in truth.counters if k[0] == "callingbox_call_hangups_total"}
     assert causes <= {'say "hi"', "back\\slash", "new\nline", "none"}
     billed = sum(r["billing_amount_milli_cents"] for r in records)
     assert truth.total("callingbox_billed_amount_milli_cents") == billed
     for status in ("completed", "failed"):
         assert truth.total("callingbox_result_extractions_total", status=status) == sum(
-            r["result_status"] == status for r in records)
+            r["result_status"] == status for r in records
+        )
     # A replayed delivery counts again, so deliveries can only exceed the final states.
     finished = sum(r["webhook_status"] in ("delivered", "failed") for r in records)
     assert truth.total("callingbox_webhook_deliveries_total") >= finished > 0
@@ -108,12 +142,15 @@ def test_same_seed_gives_the_same_calls():
     assert ids[0] == ids[1]
 
 
-@pytest.mark.parametrize("kind, params, code, content_type", [
-    ("status", {"code": 502}, 502, "application/json"),
-    ("429", {"retry_after": 3}, 429, "application/json"),
-    ("unauthorized", {}, 401, "application/json"),
-    ("non_json", {}, 200, "text/html"),
-])
+@pytest.mark.parametrize(
+    "kind, params, code, content_type",
+    [
+        ("status", {"code": 502}, 502, "application/json"),
+        ("429", {"retry_after": 3}, 429, "application/json"),
+        ("unauthorized", {}, 401, "application/json"),
+        ("non_json", {}, 200, "text/html"),
+    ],
+)
 def test_response_faults_answer_as_documented(kind, params, code, content_type):
     sim = Simulator(rate=0)
     with serve_in_thread(sim) as url:
@@ -318,6 +355,8 @@ def test_campaigns_are_drawn_from_the_given_list_and_it_can_change_at_run_time()
         for _ in range(10):
             post(f"{url}/v1/calls", {"to_number": "+15550100"})
         records = list_calls(url)
-    later, first = Counter(r["metadata"]["campaign"] for r in records[:10]), Counter(
-        r["metadata"]["campaign"] for r in records[10:])
+    later, first = (
+        Counter(r["metadata"]["campaign"] for r in records[:10]),
+        Counter(r["metadata"]["campaign"] for r in records[10:]),
+    )
     assert set(first) == {"spring", "summer"} and later == {"autumn": 10}

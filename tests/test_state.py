@@ -14,8 +14,8 @@ import pytest
 
 from exporter.accounting import ANSWER, DURATION, ERROR, SETUP, CallState
 from exporter.ledger import Ledger
-from exporter.records import Record
 from exporter.migrate import encode_v1
+from exporter.records import Record
 from exporter.state import APPLICATION_ID, SCHEMA_VERSION, StateDB, StateError, read
 from exporter.store import Store
 
@@ -25,19 +25,44 @@ META_ROWS = 6  # org, saved_at, baseline, watermark, extra_labels, today
 
 def record(id, status, updated_at, **fields) -> Record:
     values = dict(
-        id=id, status=status, direction="outbound", created_at=BASELINE + 10, updated_at=updated_at,
-        started_at=None, answered_at=None, ended_at=None, duration_seconds=None, billed_duration_seconds=None,
-        billing_amount_milli_cents=None, reservation_status=None, webhook_status=None, result_status=None,
-        hangup_cause=None, error_code=None,
+        id=id,
+        status=status,
+        direction="outbound",
+        created_at=BASELINE + 10,
+        updated_at=updated_at,
+        started_at=None,
+        answered_at=None,
+        ended_at=None,
+        duration_seconds=None,
+        billed_duration_seconds=None,
+        billing_amount_milli_cents=None,
+        reservation_status=None,
+        webhook_status=None,
+        result_status=None,
+        hangup_cause=None,
+        error_code=None,
     )
     values.update(fields)
     return Record(**values)
 
 
 def ended(id, at: float, **fields) -> Record:
-    return record(id, "completed", at, started_at=at - 70, answered_at=at - 66, ended_at=at - 5, duration_seconds=60,
-                  billed_duration_seconds=60, billing_amount_milli_cents=1550, reservation_status="settled",
-                  webhook_status="delivered", result_status="completed", hangup_cause="normal_clearing", **fields)
+    return record(
+        id,
+        "completed",
+        at,
+        started_at=at - 70,
+        answered_at=at - 66,
+        ended_at=at - 5,
+        duration_seconds=60,
+        billed_duration_seconds=60,
+        billing_amount_milli_cents=1550,
+        reservation_status="settled",
+        webhook_status="delivered",
+        result_status="completed",
+        hangup_cause="normal_clearing",
+        **fields,
+    )
 
 
 def accounted(buckets=None) -> tuple[Ledger, Store]:
@@ -45,12 +70,31 @@ def accounted(buckets=None) -> tuple[Ledger, Store]:
     ledger, store = Ledger(BASELINE, watermark=BASELINE + 500.5), Store(buckets, label_limit=2)
     for r in (
         record("a", "ringing", BASELINE + 20, started_at=BASELINE + 19),
-        record("b", "completed", BASELINE + 80, started_at=BASELINE + 12, answered_at=BASELINE + 15.5,
-               ended_at=BASELINE + 75, duration_seconds=60, billed_duration_seconds=60,
-               billing_amount_milli_cents=1550, reservation_status="settled", webhook_status="pending",
-               result_status="completed", hangup_cause="normal_clearing"),
-        record("c", "failed", BASELINE + 11, direction="inbound", ended_at=BASELINE + 11, error_code="e1",
-               hangup_cause="x", reservation_status="reserved"),
+        record(
+            "b",
+            "completed",
+            BASELINE + 80,
+            started_at=BASELINE + 12,
+            answered_at=BASELINE + 15.5,
+            ended_at=BASELINE + 75,
+            duration_seconds=60,
+            billed_duration_seconds=60,
+            billing_amount_milli_cents=1550,
+            reservation_status="settled",
+            webhook_status="pending",
+            result_status="completed",
+            hangup_cause="normal_clearing",
+        ),
+        record(
+            "c",
+            "failed",
+            BASELINE + 11,
+            direction="inbound",
+            ended_at=BASELINE + 11,
+            error_code="e1",
+            hangup_cause="x",
+            reservation_status="reserved",
+        ),
         record("d", "failed", BASELINE + 12, ended_at=BASELINE + 12, error_code="e2", hangup_cause="y"),
         record("e", "failed", BASELINE + 13, ended_at=BASELINE + 13, error_code="e3", hangup_cause="z"),
     ):
@@ -111,6 +155,7 @@ def rows(path, table: str) -> list[tuple]:
 
 # ---- round trip ------------------------------------------------------------------------------
 
+
 def test_save_then_open_restores_ledger_store_and_extra(tmp_path):
     ledger, store = accounted()
     saved(tmp_path / "state.db", ledger, store, audited_until=BASELINE + 42.5, note={"k": [1, 2]})
@@ -125,21 +170,43 @@ def test_restored_call_state_keeps_every_field(tmp_path):
     saved(tmp_path / "state.db", ledger, store)
     restored = reopen(tmp_path / "state.db")
     assert restored.ledger.calls["b"] == CallState(
-        direction="outbound", status="completed", created_at=BASELINE + 10, updated_at=BASELINE + 80,
-        billed=True, webhook="pending", result="completed", webhook_pending_since=BASELINE + 75, amount=1550,
-        ended=BASELINE + 75, todo=ERROR,  # ended with all its details but an error code, which may still come
+        direction="outbound",
+        status="completed",
+        created_at=BASELINE + 10,
+        updated_at=BASELINE + 80,
+        billed=True,
+        webhook="pending",
+        result="completed",
+        webhook_pending_since=BASELINE + 75,
+        amount=1550,
+        ended=BASELINE + 75,
+        todo=ERROR,  # ended with all its details but an error code, which may still come
     )
-    assert restored.ledger.calls["c"] == CallState("inbound", "failed", BASELINE + 10, BASELINE + 11, False,
-                                                   ended=BASELINE + 11, todo=DURATION | ANSWER | SETUP,
-                                                   deviations=0)
+    assert restored.ledger.calls["c"] == CallState(
+        "inbound",
+        "failed",
+        BASELINE + 10,
+        BASELINE + 11,
+        False,
+        ended=BASELINE + 11,
+        todo=DURATION | ANSWER | SETUP,
+        deviations=0,
+    )
     assert restored.ledger.calls["b"].billed is True
 
 
 def test_restored_ledger_counts_nothing_twice(tmp_path):
     ledger, store = accounted()
     saved(tmp_path / "state.db", ledger, store)
-    again = record("b", "completed", BASELINE + 80, ended_at=BASELINE + 75, reservation_status="settled",
-                   webhook_status="pending", result_status="completed")
+    again = record(
+        "b",
+        "completed",
+        BASELINE + 80,
+        ended_at=BASELINE + 75,
+        reservation_status="settled",
+        webhook_status="pending",
+        result_status="completed",
+    )
     assert reopen(tmp_path / "state.db").ledger.account(again) == []
 
 
@@ -162,6 +229,7 @@ def test_a_missing_file_opens_empty_and_appears_whole_at_the_first_save(tmp_path
 
 
 # ---- incremental saves -----------------------------------------------------------------------
+
 
 def test_an_ordinary_save_writes_only_the_changed_calls_and_series(tmp_path):
     ledger, store = many(1000)
@@ -319,8 +387,9 @@ def test_another_ledger_or_store_object_is_written_whole(tmp_path):
     ledger, store = accounted()
     db, _ = StateDB.open(str(tmp_path / "state.db"), "default")
     db.save(ledger, store)
-    other_ledger = Ledger(BASELINE, BASELINE + 900.0,
-                          {"z": CallState("outbound", "ringing", BASELINE + 5, BASELINE + 6)})
+    other_ledger = Ledger(
+        BASELINE, BASELINE + 900.0, {"z": CallState("outbound", "ringing", BASELINE + 5, BASELINE + 6)}
+    )
     other_store = Store(label_limit=2)
     other_store.inc("callingbox_calls_created_total", ("inbound",), 7)
     other_store.take_changed()
@@ -344,6 +413,7 @@ def test_labels_re_keyed_in_place_are_saved_again(tmp_path):
 
 
 # ---- config changes across a restart -----------------------------------------------------------
+
 
 def test_metadata_label_values_of_tracked_calls_survive_and_follow_a_config_change(tmp_path):
     path = tmp_path / "state.db"
@@ -391,8 +461,9 @@ def test_a_state_from_before_the_ended_rename_keeps_its_terminal_counts(tmp_path
     ledger, store = accounted()
     saved(path, ledger, store)
     with raw(path) as plain:
-        plain.execute("UPDATE counters SET family = 'callingbox_calls_total'"
-                      " WHERE family = 'callingbox_calls_ended_total'")
+        plain.execute(
+            "UPDATE counters SET family = 'callingbox_calls_total' WHERE family = 'callingbox_calls_ended_total'"
+        )
     restored = reopen(path)
     assert restored.store.counters["callingbox_calls_ended_total"] == store.counters["callingbox_calls_ended_total"]
     assert restored.store.counters["callingbox_calls_ended_total"][("outbound", "failed")] == 2  # d and e
@@ -414,8 +485,10 @@ def test_an_audit_count_saved_before_the_method_label_carries_on_as_window(tmp_p
     restored.store.inc(checked, ("window",), 6)
     db.save(restored.ledger, restored.store)
     db.close()
-    assert sorted(r[1:] for r in rows(path, "counters") if r[0] == checked) == [('["spot_check"]', 0),
-                                                                                ('["window"]', 1240)]
+    assert sorted(r[1:] for r in rows(path, "counters") if r[0] == checked) == [
+        ('["spot_check"]', 0),
+        ('["window"]', 1240),
+    ]
     assert reopen(path).store.counters[checked] == {("window",): 1240, ("spot_check",): 0}
 
 
@@ -439,8 +512,10 @@ def test_changed_buckets_reset_that_histogram_and_the_file_follows(tmp_path, cap
     assert restored.reset_histograms == ["callingbox_call_duration_seconds"]
     assert "histogram buckets changed, histogram restarts from zero" in caplog.text
     assert restored.store.histograms["callingbox_call_duration_seconds"][("outbound", "completed")] == [0, 0, 0, 0.0]
-    assert restored.store.histograms["callingbox_call_answer_delay_seconds"] == store.histograms[
-        "callingbox_call_answer_delay_seconds"], "the others keep their counts"
+    assert (
+        restored.store.histograms["callingbox_call_answer_delay_seconds"]
+        == store.histograms["callingbox_call_answer_delay_seconds"]
+    ), "the others keep their counts"
     db.save(restored.ledger, restored.store)
     db.close()
     again = reopen(path, buckets=custom)
@@ -448,6 +523,7 @@ def test_changed_buckets_reset_that_histogram_and_the_file_follows(tmp_path, cap
 
 
 # ---- migration from the JSON file (format 1) ---------------------------------------------------
+
 
 def test_a_json_state_file_is_migrated_with_everything_intact(tmp_path, caplog):
     path = tmp_path / "state.json"
@@ -464,7 +540,9 @@ def test_a_json_state_file_is_migrated_with_everything_intact(tmp_path, caplog):
     assert path.read_bytes().startswith(b"SQLite format 3\x00")
     assert (tmp_path / "state.json.v1.json").read_bytes() == data, "the JSON is kept for a rollback"
     assert sorted(n for n in os.listdir(tmp_path) if not n.endswith(("-wal", "-shm"))) == [
-        "state.json", "state.json.v1.json"]
+        "state.json",
+        "state.json.v1.json",
+    ]
     migrated = [r for r in caplog.records if r.getMessage() == "state file migrated from JSON to SQLite"]
     assert len(migrated) == 1 and migrated[0].old_file == str(path) + ".v1.json" and migrated[0].tracked_calls == 6
     store.count(restored.ledger.account(record("g", "ringing", BASELINE + 800)))  # and it carries on
@@ -492,8 +570,9 @@ def test_a_json_state_with_metadata_labels_is_migrated_and_then_follows_the_conf
     moved = reopen(path, extra_labels=("tier",))
     assert moved.ledger.calls["a"].extra == ("gold",)
     assert moved.store.counters["callingbox_calls_created_total"][("outbound", "gold")] == 1
-    assert reopen(path, extra_labels=("campaign", "tier")).ledger.calls["a"].extra == ("spring", "gold"), \
+    assert reopen(path, extra_labels=("campaign", "tier")).ledger.calls["a"].extra == ("spring", "gold"), (
         "migrated as saved: the labels it had are still in the file"
+    )
 
 
 def test_a_crash_mid_migration_is_migrated_again_at_the_next_start(tmp_path):
@@ -526,6 +605,7 @@ def test_read_only_reading_neither_migrates_nor_changes_a_file(tmp_path):
 
 # ---- refusals ------------------------------------------------------------------------------
 
+
 def _newer(path):
     saved(path, *accounted())
     with raw(path) as plain:
@@ -550,35 +630,59 @@ def _foreign(path):
 def _damaged(path):
     saved(path, *many(500))
     data = bytearray(path.read_bytes())
-    data[4096 * 2: 4096 * 4] = os.urandom(4096 * 2)  # pages past the header: the tables themselves
+    data[4096 * 2 : 4096 * 4] = os.urandom(4096 * 2)  # pages past the header: the tables themselves
     path.write_bytes(bytes(data))
 
 
 REFUSED = {
-    "newer_version": (_newer, "written by a newer callingbox-exporter (state schema 4, this version reads 3)",
-                      "run that version or a newer one, or restore a backup"),
+    "newer_version": (
+        _newer,
+        "written by a newer callingbox-exporter (state schema 4, this version reads 3)",
+        "run that version or a newer one, or restore a backup",
+    ),
     "truncated": (_truncated, "state database", "move the file away to start afresh"),
     "damaged": (_damaged, "state database", "move the file away to start afresh"),
     "foreign_sqlite": (_foreign, "a SQLite database of another application", "point state_file elsewhere"),
-    "sqlite_header_then_garbage": (lambda p: p.write_bytes(b"SQLite format 3\x00" + os.urandom(5000)),
-                                   "unreadable state database", "move the file away to start afresh"),
+    "sqlite_header_then_garbage": (
+        lambda p: p.write_bytes(b"SQLite format 3\x00" + os.urandom(5000)),
+        "unreadable state database",
+        "move the file away to start afresh",
+    ),
     "garbage": (lambda p: p.write_bytes(b"\x00\x01garbage" * 10), "not a state file", "restore a backup"),
     "empty": (lambda p: p.write_bytes(b""), "an empty file", "counters restart at zero"),
     "json_unknown_version": (
         lambda p: p.write_text('{"version": 99, "baseline": 1, "watermark": null, "store": {}, "calls": {}}'),
-        "a JSON state of unknown format version 99", "run the version that wrote it"),
-    "json_torn": (lambda p: p.write_text('{"version": 1, "org": "default", "baseline": 1'),
-                  "unreadable JSON state", "move the file away"),
-    "json_short_call": (lambda p: p.write_text(
-        '{"version": 1, "baseline": 1, "watermark": null, "calls": {"a": [1]},'
-        ' "store": {"counters": {}, "histograms": {}}}'), "unreadable JSON state", "move the file away"),
-    "json_histogram_not_mapping": (lambda p: p.write_text(
-        '{"version": 1, "baseline": 1, "watermark": null, "calls": {},'
-        ' "store": {"counters": {}, "histograms": {"callingbox_call_duration_seconds": []}}}'),
-        "unreadable JSON state", "move the file away"),
-    "json_counters_not_mapping": (lambda p: p.write_text(
-        '{"version": 1, "baseline": 1, "watermark": null, "calls": {}, "store": {"counters": [], "histograms": {}}}'),
-        "unreadable JSON state", "move the file away"),
+        "a JSON state of unknown format version 99",
+        "run the version that wrote it",
+    ),
+    "json_torn": (
+        lambda p: p.write_text('{"version": 1, "org": "default", "baseline": 1'),
+        "unreadable JSON state",
+        "move the file away",
+    ),
+    "json_short_call": (
+        lambda p: p.write_text(
+            '{"version": 1, "baseline": 1, "watermark": null, "calls": {"a": [1]},'
+            ' "store": {"counters": {}, "histograms": {}}}'
+        ),
+        "unreadable JSON state",
+        "move the file away",
+    ),
+    "json_histogram_not_mapping": (
+        lambda p: p.write_text(
+            '{"version": 1, "baseline": 1, "watermark": null, "calls": {},'
+            ' "store": {"counters": {}, "histograms": {"callingbox_call_duration_seconds": []}}}'
+        ),
+        "unreadable JSON state",
+        "move the file away",
+    ),
+    "json_counters_not_mapping": (
+        lambda p: p.write_text(
+            '{"version": 1, "baseline": 1, "watermark": null, "calls": {}, "store": {"counters": [], "histograms": {}}}'
+        ),
+        "unreadable JSON state",
+        "move the file away",
+    ),
 }
 
 
@@ -605,6 +709,7 @@ def test_a_file_that_cannot_be_used_is_refused_in_one_line_and_left_as_it_is(tmp
 
 
 # ---- schema 2 → 3 ------------------------------------------------------------------------------
+
 
 def test_a_schema_2_database_is_upgraded_in_place_and_its_calls_wait_for_nothing(tmp_path):
     """Schema 2 kept no end details per call: its terminal calls read as ended with nothing left to

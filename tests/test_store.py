@@ -21,8 +21,15 @@ TERMINAL = ("completed", "no_answer", "busy", "canceled", "failed")
 NOW = 1_700_000_000.0
 
 
-def ended(hangup_cause=None, error_code=None, direction=OUT, status="completed", duration=None,
-          answer_delay=None, setup_delay=None) -> Ended:
+def ended(
+    hangup_cause=None,
+    error_code=None,
+    direction=OUT,
+    status="completed",
+    duration=None,
+    answer_delay=None,
+    setup_delay=None,
+) -> Ended:
     return Ended(direction, status, hangup_cause, error_code, duration, answer_delay, setup_delay, "call-id")
 
 
@@ -43,7 +50,14 @@ def test_values_beyond_the_label_limit_fold_into_other_and_each_fold_is_counted(
 
 def test_values_already_seen_keep_their_own_label_once_the_cap_is_full():
     store = Store(label_limit=2)
-    assert [store.capped("error_code", v) for v in ("x", "y", "z", "x", "y", "z")] == ["x", "y", "other", "x", "y", "other"]
+    assert [store.capped("error_code", v) for v in ("x", "y", "z", "x", "y", "z")] == [
+        "x",
+        "y",
+        "other",
+        "x",
+        "y",
+        "other",
+    ]
     assert store.counters[OVERFLOW] == {("hangup_cause",): 0, ("error_code",): 2, ("status",): 0}
 
 
@@ -116,18 +130,24 @@ def test_store_round_trips_through_json():
     assert reset == []
     assert restored.counters == store.counters
     assert restored.histograms == store.histograms
-    assert restored.seen == store.seen == {
-        "hangup_cause": {"normal_clearing", "a", "b"},
-        "error_code": {"invalid_number"},
-        "status": set(),  # only statuses outside the docs take a place under the cap
-    }
+    assert (
+        restored.seen
+        == store.seen
+        == {
+            "hangup_cause": {"normal_clearing", "a", "b"},
+            "error_code": {"invalid_number"},
+            "status": set(),  # only statuses outside the docs take a place under the cap
+        }
+    )
 
 
 def test_restored_store_keeps_folding_into_other_where_it_left_off():
     restored, _ = Store.from_json(json.loads(json.dumps(busy_store().to_json())), label_limit=3)
     restored.count([ended("b"), ended("new")])
     assert restored.counters[HANGUPS][(OUT, "completed", "b")] == 2
-    assert restored.counters[HANGUPS][(OUT, "completed", "other")] == 1  # "new" folds now; "c" folded under inbound busy
+    assert (
+        restored.counters[HANGUPS][(OUT, "completed", "other")] == 1
+    )  # "new" folds now; "c" folded under inbound busy
     assert restored.counters[HANGUPS][(IN, "busy", "other")] == 1
     assert restored.counters[OVERFLOW] == {("hangup_cause",): 2, ("error_code",): 0, ("status",): 0}
 
@@ -138,7 +158,10 @@ def test_histograms_whose_buckets_changed_are_reported_and_restart_from_zero():
     assert reset == [DURATION]
     assert restored.histograms[DURATION] == {(d, s): [0, 0, 0, 0, 0.0] for d in (OUT, IN) for s in TERMINAL}
     # the unchanged histograms and all counters are restored
-    assert restored.histograms["callingbox_call_answer_delay_seconds"] == busy_store().histograms["callingbox_call_answer_delay_seconds"]
+    assert (
+        restored.histograms["callingbox_call_answer_delay_seconds"]
+        == busy_store().histograms["callingbox_call_answer_delay_seconds"]
+    )
     assert restored.counters == busy_store().counters
 
 
@@ -152,8 +175,10 @@ def call(call_id: str, status="completed", duration=None, cause="normal_clearing
 def test_today_totals_count_created_terminal_statuses_and_money_since_midnight_utc():
     store = Store()
     midnight = 20_000 * 86_400.0
-    store.count([Created(OUT), Created(IN), call("a"), call("b", status="failed"), Billed(OUT, 60, 2_500, "a")],
-                now=midnight + 100)
+    store.count(
+        [Created(OUT), Created(IN), call("a"), call("b", status="failed"), Billed(OUT, 60, 2_500, "a")],
+        now=midnight + 100,
+    )
     store.count([call("c", status="failed")], now=midnight + 86_399)
     assert store.today_totals(midnight + 86_399.5) == {"created": 2, "completed": 1, "failed": 2, "milli_cents": 2_500}
     assert store.today_totals(midnight + 86_400) == {}  # a new day with nothing counted yet
@@ -185,15 +210,21 @@ def test_metadata_values_become_a_capped_label_on_call_series_only():
     for campaign in ("spring", "autumn", "winter", None, "spring"):
         store.count(campaign_call(campaign))
     assert store.counters["callingbox_calls_created_total"] == {
-        (OUT, "none"): 1, (IN, "none"): 0, (OUT, "spring"): 2, (OUT, "autumn"): 1, (OUT, "other"): 1}
+        (OUT, "none"): 1,
+        (IN, "none"): 0,
+        (OUT, "spring"): 2,
+        (OUT, "autumn"): 1,
+        (OUT, "other"): 1,
+    }
     assert store.counters["callingbox_calls_ended_total"][(OUT, "completed", "spring")] == 2
     # winter's creation and end folded; the other capped labels exist at 0
     assert store.counters[OVERFLOW] == {("hangup_cause",): 0, ("error_code",): 0, ("status",): 0, ("campaign",): 2}
     # a new campaign's terminal and delivery series exist at 0 from its first call
     assert store.counters["callingbox_calls_ended_total"][(OUT, "failed", "autumn")] == 0
     assert store.counters["callingbox_webhook_deliveries_total"][("failed", "autumn")] == 0
-    assert ("callingbox_exporter_polls_total" in store.counters
-            and all(len(k) == 1 for k in store.counters["callingbox_exporter_polls_total"]))
+    assert "callingbox_exporter_polls_total" in store.counters and all(
+        len(k) == 1 for k in store.counters["callingbox_exporter_polls_total"]
+    )
 
 
 def test_a_restore_under_other_metadata_labels_sums_exactly():

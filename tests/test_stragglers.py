@@ -18,18 +18,18 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from helpers import SkippingClock, differences, sample_value, wait_until
 from exporter.accounting import CallState
-from exporter.ledger import Ledger
 from exporter.api import ApiError, BodyError, Client, NotFound, RateLimited
 from exporter.config import ConfigError, Secret, Target, build
+from exporter.ledger import Ledger
 from exporter.metrics import Collector
-from exporter.settings import Settings
-from exporter.store import Store
-from exporter.tally import Tally
 from exporter.poller import Poller
-from exporter.simulator import OUTCOME_WEIGHTS, format_ts, serve_in_thread, Simulator
+from exporter.settings import Settings
+from exporter.simulator import OUTCOME_WEIGHTS, Simulator, format_ts, serve_in_thread
+from exporter.store import Store
 from exporter.stragglers import Refresher
+from exporter.tally import Tally
+from helpers import SkippingClock, differences, sample_value, wait_until
 
 KEY = "sk_test_stragglers_0123456789"
 NOW = 1_800_000_000.0
@@ -44,15 +44,24 @@ VANISHED = "callingbox_exporter_vanished_calls_total"
 
 # ---- the refresher against a scripted API -------------------------------------------------
 
+
 def api_call(call_id: str, status: str, created_at: float, updated_at: float, **fields) -> dict:
     """A call object as the API sends it: outbound, timestamps as text."""
     terminal = status not in ("queued", "initiated", "ringing", "in_progress")
     record = {
-        "id": call_id, "status": status, "direction": "outbound", "created_at": format_ts(created_at),
-        "updated_at": format_ts(updated_at), "ended_at": format_ts(updated_at) if terminal else None,
-        "reservation_status": "settled" if terminal else "reserved", "billing_amount_milli_cents": 9000,
-        "webhook_status": None, "result_status": None, "to_number": "+14155550100",
-        "webhook_url": "https://hooks.example/cb", "hangup_cause": "customer_hangup" if terminal else None,
+        "id": call_id,
+        "status": status,
+        "direction": "outbound",
+        "created_at": format_ts(created_at),
+        "updated_at": format_ts(updated_at),
+        "ended_at": format_ts(updated_at) if terminal else None,
+        "reservation_status": "settled" if terminal else "reserved",
+        "billing_amount_milli_cents": 9000,
+        "webhook_status": None,
+        "result_status": None,
+        "to_number": "+14155550100",
+        "webhook_url": "https://hooks.example/cb",
+        "hangup_cause": "customer_hangup" if terminal else None,
     }
     record.update(fields)
     return record
@@ -90,8 +99,15 @@ def tracked(*calls: tuple[str, CallState]) -> Ledger:
 
 def pending_webhook(created_at: float, updated_at: float | None = None) -> CallState:
     """Ended, billed, its webhook still pending: a typical straggler."""
-    return CallState("outbound", "completed", created_at, updated_at or created_at + 60, billed=True,
-                     webhook="pending", webhook_pending_since=created_at + 60)
+    return CallState(
+        "outbound",
+        "completed",
+        created_at,
+        updated_at or created_at + 60,
+        billed=True,
+        webhook="pending",
+        webhook_pending_since=created_at + 60,
+    )
 
 
 def refresher(concurrency: int = 4, batch: int = 100) -> Refresher:
@@ -100,8 +116,9 @@ def refresher(concurrency: int = 4, batch: int = 100) -> Refresher:
 
 def tally_of(ledger: Ledger, store: Store | None = None) -> Tally:
     """The target's counting core over `ledger` and `store`, with this file's window and give-up age."""
-    return Tally(Settings(WINDOW, 120.0, GIVE_UP, hot_window=WINDOW), ledger, store if store is not None else Store(),
-                 now=NOW)
+    return Tally(
+        Settings(WINDOW, 120.0, GIVE_UP, hot_window=WINDOW), ledger, store if store is not None else Store(), now=NOW
+    )
 
 
 def due(r: Refresher, tally: Tally, now: float) -> list[str]:
@@ -139,12 +156,14 @@ def test_a_batch_per_poll_takes_the_least_recently_refreshed_first_so_every_stra
 async def test_refreshed_records_count_their_final_events_exactly_once():
     created = NOW - WINDOW - 500
     ledger = tracked(("a", CallState("outbound", "in_progress", created, created + 30)))
-    answers = {"a": [
-        api_call("a", "completed", created, created + 90, webhook_status="pending", reservation_status="reserved"),
-        api_call("a", "completed", created, created + 95, webhook_status="pending"),  # settles: billed now
-        api_call("a", "completed", created, created + 95, webhook_status="pending"),  # the same again
-        api_call("a", "completed", created, created + 300, webhook_status="delivered"),
-    ]}
+    answers = {
+        "a": [
+            api_call("a", "completed", created, created + 90, webhook_status="pending", reservation_status="reserved"),
+            api_call("a", "completed", created, created + 95, webhook_status="pending"),  # settles: billed now
+            api_call("a", "completed", created, created + 95, webhook_status="pending"),  # the same again
+            api_call("a", "completed", created, created + 300, webhook_status="delivered"),
+        ]
+    }
     api, store, r = ScriptedApi(answers), Store(), refresher()
     for poll in range(5):
         stats = await refresh(r, api, tally_of(ledger, store), NOW + 300 * poll)  # its turn each time
@@ -175,8 +194,9 @@ async def test_a_404_by_id_drops_a_call_only_once_a_list_read_that_covers_it_lac
     store, r = Store(), refresher()
     tally = tally_of(ledger, store)
     stats = await refresh(r, api, tally, NOW)
-    assert stats["stragglers_not_found"] == 2 and set(ledger.calls) == {"gone", "lagging", "kept"}, \
+    assert stats["stragglers_not_found"] == 2 and set(ledger.calls) == {"gone", "lagging", "kept"}, (
         "a 404 alone drops nothing: by-id reads may lag the list"
+    )
     assert store.counters[VANISHED][()] == 0
     # The next read reaches back to them (past the settle window here) and lists all but one.
     assert tally.plan(NOW + 1, r.last_refreshed, 100).horizon <= created
@@ -191,8 +211,10 @@ async def test_a_404_by_id_drops_a_call_only_once_a_list_read_that_covers_it_lac
 
 async def test_other_errors_keep_the_call_for_the_next_poll_and_a_429_stops_the_batch():
     ledger = tracked(*((f"c{i}", pending_webhook(NOW - WINDOW - 100 - i)) for i in range(6)))
-    answers = {f"c{i}": [api_call(f"c{i}", "completed", NOW - WINDOW - 100 - i, NOW - WINDOW, webhook_status="pending")]
-               for i in range(6)}
+    answers = {
+        f"c{i}": [api_call(f"c{i}", "completed", NOW - WINDOW - 100 - i, NOW - WINDOW, webhook_status="pending")]
+        for i in range(6)
+    }
     answers["c5"] = [ApiError("HTTP 503: upstream unavailable", "503"), answers["c5"][0]]
     answers["c3"] = [RateLimited("HTTP 429: slow down", 1.0), answers["c3"][0]]
     api, store, r = ScriptedApi(answers), Store(), refresher(concurrency=1)
@@ -222,8 +244,10 @@ async def test_a_malformed_answer_is_counted_once_and_the_call_kept():
 @pytest.mark.parametrize("concurrency, batch", [(1, 5), (3, 10), (4, 100)])
 async def test_refreshes_stay_within_the_concurrency_bound_and_the_batch(concurrency, batch):
     ledger = tracked(*((f"c{i}", pending_webhook(NOW - WINDOW - 100 - i)) for i in range(30)))
-    answers = {f"c{i}": [api_call(f"c{i}", "completed", NOW - WINDOW - 100 - i, NOW - WINDOW, webhook_status="pending")]
-               for i in range(30)}
+    answers = {
+        f"c{i}": [api_call(f"c{i}", "completed", NOW - WINDOW - 100 - i, NOW - WINDOW, webhook_status="pending")]
+        for i in range(30)
+    }
     api = ScriptedApi(answers, delay=0.01)
     stats = await refresh(refresher(concurrency, batch), api, tally_of(ledger, Store()), NOW)
     assert len(api.asked) == stats["stragglers_refreshed"] == min(batch, 30)
@@ -243,6 +267,7 @@ async def test_an_unexpected_error_is_logged_and_does_not_escape(caplog):
 
 
 # ---- Client.get_call -----------------------------------------------------------------------
+
 
 @pytest.fixture
 async def by_id(aiohttp_server):
@@ -301,6 +326,7 @@ async def test_get_call_returns_the_object_and_tells_a_404_of_the_api_from_any_o
 
 # ---- configuration -------------------------------------------------------------------------
 
+
 def test_straggler_keys_have_defaults_and_are_validated(tmp_path):
     target = Target()
     assert (target.straggler_give_up, target.straggler_concurrency, target.straggler_batch) == (7 * 86400, 4, 100)
@@ -322,10 +348,13 @@ def test_straggler_keys_have_defaults_and_are_validated(tmp_path):
 
 # ---- the poller against the simulator, in process ------------------------------------------
 
+
 def post_call(url: str, **body) -> str:
     request = urllib.request.Request(
-        url + "/v1/calls", data=json.dumps({"to_number": "+14155550123", **body}).encode(),
-        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}, method="POST",
+        url + "/v1/calls",
+        data=json.dumps({"to_number": "+14155550123", **body}).encode(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        method="POST",
     )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())["id"]
@@ -351,8 +380,14 @@ async def test_the_poller_refreshes_stragglers_by_id_a_batch_per_poll_within_the
     sim = Simulator(seed=5, rate=0, time_scale=30, api_key=KEY, by_id_delay=0.05)
     with serve_in_thread(sim) as url:
         ids = held_calls(sim, url, 12)
-        target = Target(api_url=url, api_key=Secret(KEY), settle_window=2.0,
-                        initial_lookback=60.0, straggler_concurrency=3, straggler_batch=5)
+        target = Target(
+            api_url=url,
+            api_key=Secret(KEY),
+            settle_window=2.0,
+            initial_lookback=60.0,
+            straggler_concurrency=3,
+            straggler_batch=5,
+        )
         async with aiohttp.ClientSession() as session:
             clock = SkippingClock()
             poller = Poller(target, Collector("test"), session, clock=clock)
@@ -364,7 +399,9 @@ async def test_the_poller_refreshes_stragglers_by_id_a_batch_per_poll_within_the
                 before = sim.stats["by_id_requests"]
                 assert (await poller.poll())[0]
                 per_poll.append(sim.stats["by_id_requests"] - before)
-        assert per_poll == [5, 5, 2], "a full batch while more are due, never more; then the last two (the rest wait their turn)"
+        assert per_poll == [5, 5, 2], (
+            "a full batch while more are due, never more; then the last two (the rest wait their turn)"
+        )
         assert sim.stats["by_id_max_in_flight"] == 3, "three at a time: concurrent, and never more"
         assert set(poller.stragglers.last_refreshed) == set(ids), "each straggler had its turn"
         requests = poller.store.counters["callingbox_exporter_api_requests_total"]
@@ -376,8 +413,7 @@ async def test_failing_refreshes_do_not_fail_the_poll_nor_drop_up():
     sim = Simulator(seed=6, rate=0, time_scale=30, api_key=KEY)
     with serve_in_thread(sim) as url:
         ids = held_calls(sim, url, 2)
-        target = Target(api_url=url, api_key=Secret(KEY), settle_window=2.0,
-                        initial_lookback=60.0)
+        target = Target(api_url=url, api_key=Secret(KEY), settle_window=2.0, initial_lookback=60.0)
         async with aiohttp.ClientSession() as session:
             clock = SkippingClock()
             poller = Poller(target, Collector("test"), session, clock=clock)
@@ -397,10 +433,17 @@ async def test_failing_refreshes_do_not_fail_the_poll_nor_drop_up():
 
 # ---- the whole system: exporter process, simulator, truth ----------------------------------
 
+
 def _config(url: str, **extra) -> dict:
     # One poll a second: the refreshes stay well inside the key's default request budget.
-    return {"api_url": url, "poll_interval": "1s", "overlap": "10s", "initial_lookback": "1h",
-            "settle_window": "4s", **extra}
+    return {
+        "api_url": url,
+        "poll_interval": "1s",
+        "overlap": "10s",
+        "initial_lookback": "1h",
+        "settle_window": "4s",
+        **extra,
+    }
 
 
 def _polls(exporter) -> float:
@@ -426,8 +469,9 @@ def _equal_to_truth(sim, exporter) -> list[str]:
 def test_stragglers_past_the_settle_window_are_refreshed_by_id_and_counted_exactly_once(stack):
     # Webhooks retry from 0.1 s: the ~10 % that keep failing stay pending for ~13 s, well past
     # the 4 s settle window, so some calls become stragglers by themselves.
-    sim, url = stack.simulator(seed=23, rate=40, max_calls=60, time_scale=30, webhook_retry_base=0.1,
-                               late_commit=0.2, api_key=KEY)
+    sim, url = stack.simulator(
+        seed=23, rate=40, max_calls=60, time_scale=30, webhook_retry_base=0.1, late_commit=0.2, api_key=KEY
+    )
     exporter = stack.exporter(_config(url, straggler_batch=3), env={"CALLINGBOX_API_KEY": KEY}).start()
     wait_until(exporter.ready, 30, message="ready")
     (held,) = held_calls(sim, url, 1)
@@ -451,10 +495,14 @@ def test_a_straggler_deleted_from_the_api_is_counted_as_vanished_once_and_droppe
     exporter = stack.exporter(_config(url), env={"CALLINGBOX_API_KEY": KEY}).start()
     wait_until(exporter.ready, 30, message="ready")
     gone, other = held_calls(sim, url, 2)
-    wait_until(lambda: sample_value(exporter.scrape(), "callingbox_exporter_stragglers") == 2, 30, message="two stragglers")
+    wait_until(
+        lambda: sample_value(exporter.scrape(), "callingbox_exporter_stragglers") == 2, 30, message="two stragglers"
+    )
 
     assert sim.delete(gone)
-    wait_until(lambda: sample_value(exporter.scrape(), VANISHED) == 1, 30, message="the deleted call counted as vanished")
+    wait_until(
+        lambda: sample_value(exporter.scrape(), VANISHED) == 1, 30, message="the deleted call counted as vanished"
+    )
     _more_polls(exporter)
     assert sample_value(exporter.scrape(), VANISHED) == 1, "once"
     assert sample_value(exporter.scrape(), "callingbox_exporter_stragglers") == 1

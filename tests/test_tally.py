@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import random
 
-from exporter.ledger import Ledger
 from exporter.audit import Audit
 from exporter.health import Status, summarise
+from exporter.ledger import Ledger
 from exporter.plan import Plan
 from exporter.settings import Settings
 from exporter.simulator import format_ts
@@ -41,11 +41,19 @@ def call(id: str, status: str, created: float, updated: float, **fields) -> dict
     """A call object as `GET /v1/calls` decodes it into plain JSON values: with a webhook and a
     schema (the subjects of its outcomes), and once ended, its hangup cause."""
     terminal = status not in ("queued", "initiated", "ringing", "in_progress")
-    return {"id": id, "status": status, "direction": "outbound", "created_at": format_ts(created),
-            "updated_at": format_ts(updated), "ended_at": format_ts(updated) if terminal else None,
-            "reservation_status": "released" if terminal else "reserved",
-            "hangup_cause": "normal_clearing" if terminal else None, "webhook_url": "https://hooks.example/cb",
-            "returns": {"confirmed": "boolean"}, **fields}
+    return {
+        "id": id,
+        "status": status,
+        "direction": "outbound",
+        "created_at": format_ts(created),
+        "updated_at": format_ts(updated),
+        "ended_at": format_ts(updated) if terminal else None,
+        "reservation_status": "released" if terminal else "reserved",
+        "hangup_cause": "normal_clearing" if terminal else None,
+        "webhook_url": "https://hooks.example/cb",
+        "returns": {"confirmed": "boolean"},
+        **fields,
+    }
 
 
 def read_all(t: Tally, now: float, objects: list, plan: Plan | None = None) -> ReadResult:
@@ -65,8 +73,12 @@ def counted(t: Tally, name: str) -> int:
 
 def test_a_list_read_counts_each_call_once_and_stops_at_the_settle_window():
     t = tally()
-    listed = [call("c", "completed", NOW - 30, NOW - 5), call("b", "ringing", NOW - 60, NOW - 50),
-              call("a", "completed", NOW - 100, NOW - 90), call("old", "completed", NOW - WINDOW - 1, NOW - 10)]
+    listed = [
+        call("c", "completed", NOW - 30, NOW - 5),
+        call("b", "ringing", NOW - 60, NOW - 50),
+        call("a", "completed", NOW - 100, NOW - 90),
+        call("old", "completed", NOW - WINDOW - 1, NOW - 10),
+    ]
     first = read_all(t, NOW, listed)
     assert (first.records, first.examined) == (4, 3), "the call past the window ends the read"
     assert (counted(t, CREATED), counted(t, ENDED)) == (3, 2)
@@ -83,16 +95,23 @@ def test_only_news_is_examined_however_old_the_call_or_late_the_commit():
     t = tally()
     read_all(t, NOW, [call("new", "ringing", NOW - 10, NOW - 1), call("old", "completed", NOW - 900, NOW - 800)])
     # "old" changes with an updated_at older than everything read since: a late commit, deep down.
-    again = read_all(t, NOW + 15, [call("new", "ringing", NOW - 10, NOW - 1),
-                                   call("old", "completed", NOW - 900, NOW - 700, webhook_status="delivered")])
+    again = read_all(
+        t,
+        NOW + 15,
+        [
+            call("new", "ringing", NOW - 10, NOW - 1),
+            call("old", "completed", NOW - 900, NOW - 700, webhook_status="delivered"),
+        ],
+    )
     assert again.examined == 2, "the changed call, and the unchanged one still within the overlap"
     assert t.store.counters["callingbox_webhook_deliveries_total"][("delivered",)] == 1
 
 
 def test_an_ordinary_poll_reads_the_hot_window_and_asks_older_open_calls_by_id():
     t = tally(baseline=NOW - 86400, settle_window=6 * 3600.0, hot_window=1800.0)
-    old_open = [call(f"o{i}", "completed", NOW - 3 * 3600 - i, NOW - 3 * 3600 + 60, webhook_status="pending")
-                for i in range(3)]
+    old_open = [
+        call(f"o{i}", "completed", NOW - 3 * 3600 - i, NOW - 3 * 3600 + 60, webhook_status="pending") for i in range(3)
+    ]
     history = [call(f"h{i}", "completed", NOW - 2 * 3600 - i * 10, NOW - 2 * 3600) for i in range(200)]
     first = t.plan(NOW, {}, batch=10)
     assert first.full, "the first poll reads the whole settle window"
@@ -153,8 +172,14 @@ def test_a_vanished_call_is_forgotten_and_counted_once():
 
 def test_stragglers_are_tracked_calls_past_the_window_not_final_and_not_given_up():
     t = tally(baseline=NOW - 10 * 86400)
-    read_all(t, NOW - 5000, [call("open", "completed", NOW - 5000, NOW - 4990, webhook_status="pending"),
-                             call("done", "completed", NOW - 5001, NOW - 4990)])
+    read_all(
+        t,
+        NOW - 5000,
+        [
+            call("open", "completed", NOW - 5000, NOW - 4990, webhook_status="pending"),
+            call("done", "completed", NOW - 5001, NOW - 4990),
+        ],
+    )
     assert t.plan(NOW, {}, batch=10).by_id == ["open"], "a full read cannot list it: asked by id"
     assert t.plan(NOW + GIVE_UP, {}, batch=10).by_id == [], "given up once older than straggler_give_up"
 
@@ -218,8 +243,10 @@ def poll(t: Tally, now: float, listed: list, fails: bool = False) -> tuple[Audit
 
 def history(start: float, end: float, every: float) -> list[tuple[float, dict]]:
     """Final calls created every `every` seconds from `start` to `end`: (created_at, call object)."""
-    return [(start + i * every, call(f"h{i}", "completed", start + i * every, start + i * every + 5))
-            for i in range(int((end - start) / every))]
+    return [
+        (start + i * every, call(f"h{i}", "completed", start + i * every, start + i * every + 5))
+        for i in range(int((end - start) / every))
+    ]
 
 
 def listed_at(calls: list[tuple[float, dict]], now: float) -> list[dict]:
@@ -259,8 +286,11 @@ def test_a_restored_audit_schedule_starts_the_next_window_where_the_last_one_end
     for now in (NOW, NOW + 610.5, NOW + 1250.25):
         poll(t, now, listed_at(calls, now))
     saved = t.schedule.state()
-    assert saved == {"audited_until": NOW + 1250.25 - WINDOW + 600, "read_at": NOW + 1250.25,
-                     "last_audit": NOW + 1250.25}
+    assert saved == {
+        "audited_until": NOW + 1250.25 - WINDOW + 600,
+        "read_at": NOW + 1250.25,
+        "last_audit": NOW + 1250.25,
+    }
 
     again = Tally(settings(600.0), t.ledger, t.store, now=NOW + 1300)  # a restart: a new tally over the restored state
     again.schedule.resume(saved)
@@ -320,8 +350,14 @@ def test_an_audit_backlog_is_read_back_at_most_two_settle_windows():
 
 def test_the_health_summary_holds_the_status_and_what_the_ledger_says():
     t = tally()
-    read_all(t, NOW, [call("r", "ringing", NOW - 30, NOW - 20),
-                      call("w", "completed", NOW - 60, NOW - 50, webhook_status="pending")])
+    read_all(
+        t,
+        NOW,
+        [
+            call("r", "ringing", NOW - 30, NOW - 20),
+            call("w", "completed", NOW - 60, NOW - 50, webhook_status="pending"),
+        ],
+    )
     status = Status(up=True, ready=True, last_success=NOW)
     health = summarise(t, t.sweep(NOW), status)
     status.up = False  # the published health is a copy: later changes do not reach it

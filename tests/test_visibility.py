@@ -213,13 +213,25 @@ def test_a_returning_value_without_a_free_place_folds_into_other_and_stays_hidde
 
 def test_an_idle_metadata_value_leaves_every_family_that_carries_it():
     store = held_store(hold=0.0, idle=3600.0, extra_labels=("campaign",), label_limit=5)
-    store.count([Created(OUT, ("spring",)), ended("a", extra=("spring",)), WebhookOutcome("delivered", ("spring",)),
-                 Created(OUT, ("summer",))], T0)
+    store.count(
+        [
+            Created(OUT, ("spring",)),
+            ended("a", extra=("spring",)),
+            WebhookOutcome("delivered", ("spring",)),
+            Created(OUT, ("summer",)),
+        ],
+        T0,
+    )
     store.count([Created(OUT, ("summer",))], T0 + 3000)
     publish(store, T0 + 3700)
     view = publish(store, T0 + 3701, T0 + 3700)
-    spring = [(name, labels) for families in (view.counters, view.histograms)
-              for name, series in families.items() for labels in series if "spring" in labels]
+    spring = [
+        (name, labels)
+        for families in (view.counters, view.histograms)
+        for name, series in families.items()
+        for labels in series
+        if "spring" in labels
+    ]
     assert spring == []
     assert shown(view, CREATED, (OUT, "summer")) == 2 and shown(view, WEBHOOKS, ("delivered", "summer")) == 0
     assert store.counters[WEBHOOKS][("delivered", "spring")] == 1

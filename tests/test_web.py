@@ -19,18 +19,19 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
-from helpers import free_port
-from exporter.cli import registry_for
+
 from exporter.accounting import Created
+from exporter.catalogue import TERMINAL_STATUSES
+from exporter.cli import registry_for
 from exporter.config import Target
 from exporter.exposition import Exposition
 from exporter.health import Health, Snapshot
-from exporter.store import Store
 from exporter.metrics import Collector
 from exporter.poller import Poller
-from exporter.catalogue import TERMINAL_STATUSES
 from exporter.simulator import format_ts
+from exporter.store import Store
 from exporter.web import dollars, landing_page, make_app
+from helpers import free_port
 
 MIDNIGHT = 20_000 * 86_400.0  # 2024-10-04 00:00:00 UTC
 NOON = MIDNIGHT + 12 * 3600
@@ -107,9 +108,14 @@ def call(n: int, status: str, at: float, direction: str = "outbound", milli_cent
     """A call created a minute before `at`, last updated (and ended, if terminal) at `at`."""
     terminal = status in TERMINAL_STATUSES
     return {
-        "id": f"call-{n}", "status": status, "direction": direction, "created_at": format_ts(at - 60),
-        "updated_at": format_ts(at), "ended_at": format_ts(at) if terminal else None,
-        "reservation_status": "settled" if terminal else "reserved", "billing_amount_milli_cents": milli_cents,
+        "id": f"call-{n}",
+        "status": status,
+        "direction": direction,
+        "created_at": format_ts(at - 60),
+        "updated_at": format_ts(at),
+        "ended_at": format_ts(at) if terminal else None,
+        "reservation_status": "settled" if terminal else "reserved",
+        "billing_amount_milli_cents": milli_cents,
     }
 
 
@@ -161,8 +167,15 @@ async def test_each_target_shows_up_or_down_its_poll_and_today_totals(api, sessi
     assert up["watermark_lag"] == "25s"  # the newest updated_at read, NOON - 20
     assert (up["consecutive_failures"], up["tracked_calls"]) == ("0", "6")
     assert "last_error" not in up and "stragglers" not in up
-    assert today_of(up) == {"created": "6", "completed": "3", "no_answer": "1", "busy": "0", "canceled": "0",
-                            "failed": "1", "billed": "$1,234.57"}
+    assert today_of(up) == {
+        "created": "6",
+        "completed": "3",
+        "no_answer": "1",
+        "busy": "0",
+        "canceled": "0",
+        "failed": "1",
+        "billed": "$1,234.57",
+    }
     assert (down["state"], down["readiness"], down["consecutive_failures"]) == ("DOWN", "ready", "2")
     assert down["last_poll"] == "2024-10-04 12:00:03 UTC (2s ago)"
     assert (down["last_success"], down["watermark_lag"]) == ("never", "n/a")
@@ -175,8 +188,9 @@ async def test_the_page_names_its_version_and_links_and_is_served_at_root(api, s
     collector = Exposition(VERSION)
     target = poller("default", api.url, session, Clock(NOON), collector)
     await target.poll()
-    client = await aiohttp_client(make_app(collector, registry_for(collector, collector.runtime), VERSION,
-                                           "/custom-metrics"))
+    client = await aiohttp_client(
+        make_app(collector, registry_for(collector, collector.runtime), VERSION, "/custom-metrics")
+    )
 
     response = await client.get("/")
     text = await response.text()
@@ -200,7 +214,10 @@ async def test_a_target_whose_first_poll_has_not_finished_is_the_one_not_ready(a
     assert not (await failed.poll())[0]
     client = await aiohttp_client(make_app(collector, registry_for(collector, collector.runtime), VERSION))
     response = await client.get("/-/ready")
-    assert (response.status, await response.text()) == (503, "Not ready: waiting for the first poll of campaigns to finish.\n")
+    assert (response.status, await response.text()) == (
+        503,
+        "Not ready: waiting for the first poll of campaigns to finish.\n",
+    )
 
     page = Page(landing_page(VERSION, "/metrics", collector.snapshots, NOON))
     assert page.fields["summary"] == "2 targets, 2 down, 1 on a first poll"
@@ -233,8 +250,15 @@ async def test_a_day_with_nothing_counted_shows_zeros(api, session):
 
     card = Page(landing_page(VERSION, "/metrics", collector.snapshots, NOON + 1)).targets["quiet"]
 
-    assert today_of(card) == {"created": "0", "completed": "0", "no_answer": "0", "busy": "0", "canceled": "0",
-                              "failed": "0", "billed": "$0.00"}
+    assert today_of(card) == {
+        "created": "0",
+        "completed": "0",
+        "no_answer": "0",
+        "busy": "0",
+        "canceled": "0",
+        "failed": "0",
+        "billed": "$0.00",
+    }
     assert card["nothing_today"] == "nothing counted yet"
 
 
@@ -248,8 +272,15 @@ async def test_after_midnight_utc_yesterdays_totals_show_as_zero_while_counters_
     evening = Page(landing_page(VERSION, "/metrics", collector.snapshots, MIDNIGHT - 1)).targets["campaigns"]
     morning = Page(landing_page(VERSION, "/metrics", collector.snapshots, MIDNIGHT + 5)).targets["campaigns"]
 
-    assert today_of(evening) == {"created": "2", "completed": "1", "no_answer": "0", "busy": "1", "canceled": "0",
-                                 "failed": "0", "billed": "$2.50"}
+    assert today_of(evening) == {
+        "created": "2",
+        "completed": "1",
+        "no_answer": "0",
+        "busy": "1",
+        "canceled": "0",
+        "failed": "0",
+        "billed": "$2.50",
+    }
     assert set(today_of(morning).values()) == {"0", "$0.00"}
     assert morning["last_poll"] == "2024-10-03 23:59:50 UTC (15s ago)"
     counters = collector.snapshots["campaigns"].store.counters["callingbox_calls_ended_total"]
@@ -272,10 +303,17 @@ async def test_the_page_shows_the_published_snapshot_and_stragglers_past_the_set
     assert card["stragglers"] == "1" and card["created"] == "2"
 
 
-@pytest.mark.parametrize("milli_cents, shown", [
-    (0, "$0.00"), (499, "$0.00"), (500, "$0.01"), (1_234_499, "$12.34"), (1_234_500, "$12.35"),
-    (123_456_789_000, "$1,234,567.89"),
-])
+@pytest.mark.parametrize(
+    "milli_cents, shown",
+    [
+        (0, "$0.00"),
+        (499, "$0.00"),
+        (500, "$0.01"),
+        (1_234_499, "$12.34"),
+        (1_234_500, "$12.35"),
+        (123_456_789_000, "$1,234,567.89"),
+    ],
+)
 def test_dollars_round_half_up_to_the_cent(milli_cents, shown):
     assert dollars(milli_cents) == shown
 
@@ -286,10 +324,10 @@ OPENMETRICS_ACCEPT = "application/openmetrics-text; version=1.0.0; charset=utf-8
 ACCEPTS = {  # what scrapers send; choose_encoder picks the format
     "none": None,
     "prometheus 2": "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
-                    "text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    "text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
     "prometheus 3": "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
-                    "application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=1.0.0;escaping=allow-utf-8;"
-                    "q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1",
+    "application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=1.0.0;escaping=allow-utf-8;"
+    "q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1",
     "text 1.0.0": "text/plain;version=1.0.0;escaping=underscores",
     "escaping=dots (rendered live)": "text/plain;version=1.0.0;escaping=dots",
 }
@@ -299,9 +337,12 @@ def metric_samples(body: bytes, content_type: str) -> dict:
     """(sample name, sorted labels) → value, by the strict parser of the format; process_* and
     python_* left out, as they move between two renders."""
     parse = parse_openmetrics if content_type.startswith("application/openmetrics-text") else parse_text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in parse(body.decode()) if not family.name.startswith(("process_", "python_"))
-            for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in parse(body.decode())
+        if not family.name.startswith(("process_", "python_"))
+        for s in family.samples
+    }
 
 
 async def scrape(client, accept: str | None, compressed: bool, query: str = "") -> tuple[bytes, str]:
@@ -315,8 +356,9 @@ async def scrape(client, accept: str | None, compressed: bool, query: str = "") 
 
 
 def created(body: bytes, content_type: str, org: str = "acme") -> float:
-    return metric_samples(body, content_type)[("callingbox_calls_created_total",
-                                               (("direction", "outbound"), ("org", org)))]
+    return metric_samples(body, content_type)[
+        ("callingbox_calls_created_total", (("direction", "outbound"), ("org", org)))
+    ]
 
 
 def counted(calls: int) -> Store:
@@ -336,8 +378,9 @@ async def served(aiohttp_client):
 
 
 @pytest.mark.parametrize("accept", list(ACCEPTS.values()), ids=list(ACCEPTS))
-async def test_metrics_are_negotiated_as_prometheus_clients_own_handler_and_show_the_live_samples(served, accept,
-                                                                                                 aiohttp_client):
+async def test_metrics_are_negotiated_as_prometheus_clients_own_handler_and_show_the_live_samples(
+    served, accept, aiohttp_client
+):
     collector, client, _ = served
     registry = registry_for(collector, collector.runtime)
     app = web.Application()
@@ -419,8 +462,11 @@ async def test_publishes_queued_behind_an_assembly_share_the_next_one_and_never_
     async def shown() -> dict[str, float]:
         body, content_type = await scrape(client, OPENMETRICS_ACCEPT, True)
         found = metric_samples(body, content_type)
-        return {org: created(body, content_type, org) for org in ("acme", "beta", "gamma")
-                if ("callingbox_calls_created_total", (("direction", "outbound"), ("org", org))) in found}
+        return {
+            org: created(body, content_type, org)
+            for org in ("acme", "beta", "gamma")
+            if ("callingbox_calls_created_total", (("direction", "outbound"), ("org", org))) in found
+        }
 
     monkeypatch.setattr(collector, "_compress", gated)
     acme = asyncio.create_task(collector.publish("acme", Snapshot(counted(2), Health())))

@@ -25,7 +25,9 @@ def pki(tmp_path_factory):
     server = ca.issue_cert("127.0.0.1", "localhost")
     client = ca.issue_cert("scraper@example.com", "prometheus.monitoring.svc")
     files = {
-        "ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key",
+        "ca": folder / "ca.pem",
+        "cert": folder / "server.pem",
+        "key": folder / "server.key",
         "client": folder / "client.pem",
     }
     ca.cert_pem.write_to_path(str(files["ca"]))
@@ -49,17 +51,30 @@ def basic(user: str, password: str) -> str:
 
 
 def test_a_full_toolkit_file_loads(tmp_path, pki):
-    config = load(write(tmp_path, {
-        "tls_server_config": {
-            "cert_file": pki["cert"], "key_file": pki["key"], "client_ca_file": pki["ca"],
-            "client_auth_type": "RequireAndVerifyClientCert", "client_allowed_sans": ["scraper@example.com"],
-            "min_version": "TLS12", "max_version": "TLS13", "prefer_server_cipher_suites": True,
-            "cipher_suites": ["TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256", "TLS_AES_128_GCM_SHA256"],
-            "curve_preferences": ["CurveP256"],
-        },
-        "http_server_config": {"http2": True, "headers": {"X-Frame-Options": "deny", "Strict-Transport-Security": "max-age=31536000"}},
-        "basic_auth_users": {"prometheus": HASH},
-    }))
+    config = load(
+        write(
+            tmp_path,
+            {
+                "tls_server_config": {
+                    "cert_file": pki["cert"],
+                    "key_file": pki["key"],
+                    "client_ca_file": pki["ca"],
+                    "client_auth_type": "RequireAndVerifyClientCert",
+                    "client_allowed_sans": ["scraper@example.com"],
+                    "min_version": "TLS12",
+                    "max_version": "TLS13",
+                    "prefer_server_cipher_suites": True,
+                    "cipher_suites": ["TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256", "TLS_AES_128_GCM_SHA256"],
+                    "curve_preferences": ["CurveP256"],
+                },
+                "http_server_config": {
+                    "http2": True,
+                    "headers": {"X-Frame-Options": "deny", "Strict-Transport-Security": "max-age=31536000"},
+                },
+                "basic_auth_users": {"prometheus": HASH},
+            },
+        )
+    )
     assert config.tls.client_auth == ssl.CERT_REQUIRED
     assert config.tls.ciphers == "ECDHE-RSA-AES128-GCM-SHA256"
     assert config.users == {"prometheus": HASH.encode()}
@@ -68,8 +83,9 @@ def test_a_full_toolkit_file_loads(tmp_path, pki):
 
 
 def test_inline_pem_loads_like_files(tmp_path, pki):
-    config = load(write(tmp_path, {"tls_server_config": {
-        "cert": open(pki["cert"]).read(), "key": open(pki["key"]).read()}}))
+    config = load(
+        write(tmp_path, {"tls_server_config": {"cert": open(pki["cert"]).read(), "key": open(pki["key"]).read()}})
+    )
     assert config.tls.client_auth == ssl.CERT_NONE
 
 
@@ -78,43 +94,121 @@ def test_an_empty_file_means_plain_http_without_auth(tmp_path):
     assert (config.tls, dict(config.users), dict(config.headers)) == (None, {}, {})
 
 
-@pytest.mark.parametrize("document, key, problem", [
-    ("tls_server_config: [", "web.config.file", "is not valid YAML"),
-    ({"tls_config": {}}, "web.config.file: tls_config", "unknown key"),
-    ({"tls_server_config": {"cert_file": "CERT"}}, "tls_server_config.key_file", "required"),
-    ({"tls_server_config": {"cert_file": "/nonexistent.pem", "key_file": "KEY"}},
-     "tls_server_config.cert_file", "cannot read /nonexistent.pem"),
-    ({"tls_server_config": {"cert_file": "CERT", "key_file": "KEY", "certfile": 1}},
-     "tls_server_config.certfile", "unknown key"),
-    ({"tls_server_config": {"cert_file": "CERT", "key_file": "CA"}},
-     "tls_server_config.key_file", "do not load together"),
-    ({"tls_server_config": {"cert_file": "CERT", "key_file": "KEY", "client_auth_type": "RequireAndVerifyClientCert"}},
-     "tls_server_config.client_ca_file", "required by client_auth_type"),
-    ({"tls_server_config": {"cert_file": "CERT", "key_file": "KEY", "client_auth_type": "RequireAnyClientCert",
-                            "client_ca_file": "CA"}}, "tls_server_config.client_auth_type", "is not supported"),
-    ({"tls_server_config": {"cert_file": "CERT", "key_file": "KEY", "client_auth_type": "Sometimes"}},
-     "tls_server_config.client_auth_type", "'Sometimes' is not one of"),
-    ({"tls_server_config": {"cert_file": "CERT", "key_file": "KEY", "client_ca_file": "CA"}},
-     "tls_server_config.client_auth_type", "without a client auth policy"),
-    ({"tls_server_config": {"cert_file": "CERT", "key_file": "KEY", "min_version": "TLS14"}},
-     "tls_server_config.min_version", "'TLS14' is not one of"),
-    ({"tls_server_config": {"cert_file": "CERT", "key_file": "KEY", "min_version": "TLS13", "max_version": "TLS12"}},
-     "tls_server_config.min_version", "above max_version"),
-    ({"tls_server_config": {"cert_file": "CERT", "key_file": "KEY", "cipher_suites": ["TLS_RSA_WITH_RC4_128_SHA"]}},
-     "tls_server_config.cipher_suites", "not a supported cipher suite"),
-    ({"tls_server_config": {"cert_file": "CERT", "key_file": "KEY", "curve_preferences": ["X25519", "CurveP256"]}},
-     "tls_server_config.curve_preferences", "one curve only"),
-    ({"tls_server_config": {"cert_file": "CERT", "key_file": "KEY", "client_allowed_sans": ["a"]}},
-     "tls_server_config.client_allowed_sans", "requires client_auth_type"),
-    ({"basic_auth_users": {"alice": "plaintext"}}, "basic_auth_users.alice", "not a bcrypt hash"),
-    ({"basic_auth_users": {"alice": "$2y$10$short"}}, "basic_auth_users.alice", "not a valid bcrypt hash"),
-    ({"basic_auth_users": ["alice"]}, "basic_auth_users", "expected a mapping"),
-    ({"http_server_config": {"headers": {"X-Frame-Options": "allow"}}},
-     "http_server_config.headers.X-Frame-Options", "expected deny or sameorigin"),
-    ({"http_server_config": {"headers": {"X-Powered-By": "me"}}}, "http_server_config.headers.X-Powered-By", "unknown key"),
-    ({"http_server_config": {"http2": "yes"}}, "http_server_config.http2", "is not true or false"),
-    ({"rate_limit": {"interval": "1s", "burst": 5}}, "rate_limit", "not supported"),
-])
+@pytest.mark.parametrize(
+    "document, key, problem",
+    [
+        ("tls_server_config: [", "web.config.file", "is not valid YAML"),
+        ({"tls_config": {}}, "web.config.file: tls_config", "unknown key"),
+        ({"tls_server_config": {"cert_file": "CERT"}}, "tls_server_config.key_file", "required"),
+        (
+            {"tls_server_config": {"cert_file": "/nonexistent.pem", "key_file": "KEY"}},
+            "tls_server_config.cert_file",
+            "cannot read /nonexistent.pem",
+        ),
+        (
+            {"tls_server_config": {"cert_file": "CERT", "key_file": "KEY", "certfile": 1}},
+            "tls_server_config.certfile",
+            "unknown key",
+        ),
+        (
+            {"tls_server_config": {"cert_file": "CERT", "key_file": "CA"}},
+            "tls_server_config.key_file",
+            "do not load together",
+        ),
+        (
+            {
+                "tls_server_config": {
+                    "cert_file": "CERT",
+                    "key_file": "KEY",
+                    "client_auth_type": "RequireAndVerifyClientCert",
+                }
+            },
+            "tls_server_config.client_ca_file",
+            "required by client_auth_type",
+        ),
+        (
+            {
+                "tls_server_config": {
+                    "cert_file": "CERT",
+                    "key_file": "KEY",
+                    "client_auth_type": "RequireAnyClientCert",
+                    "client_ca_file": "CA",
+                }
+            },
+            "tls_server_config.client_auth_type",
+            "is not supported",
+        ),
+        (
+            {"tls_server_config": {"cert_file": "CERT", "key_file": "KEY", "client_auth_type": "Sometimes"}},
+            "tls_server_config.client_auth_type",
+            "'Sometimes' is not one of",
+        ),
+        (
+            {"tls_server_config": {"cert_file": "CERT", "key_file": "KEY", "client_ca_file": "CA"}},
+            "tls_server_config.client_auth_type",
+            "without a client auth policy",
+        ),
+        (
+            {"tls_server_config": {"cert_file": "CERT", "key_file": "KEY", "min_version": "TLS14"}},
+            "tls_server_config.min_version",
+            "'TLS14' is not one of",
+        ),
+        (
+            {
+                "tls_server_config": {
+                    "cert_file": "CERT",
+                    "key_file": "KEY",
+                    "min_version": "TLS13",
+                    "max_version": "TLS12",
+                }
+            },
+            "tls_server_config.min_version",
+            "above max_version",
+        ),
+        (
+            {
+                "tls_server_config": {
+                    "cert_file": "CERT",
+                    "key_file": "KEY",
+                    "cipher_suites": ["TLS_RSA_WITH_RC4_128_SHA"],
+                }
+            },
+            "tls_server_config.cipher_suites",
+            "not a supported cipher suite",
+        ),
+        (
+            {
+                "tls_server_config": {
+                    "cert_file": "CERT",
+                    "key_file": "KEY",
+                    "curve_preferences": ["X25519", "CurveP256"],
+                }
+            },
+            "tls_server_config.curve_preferences",
+            "one curve only",
+        ),
+        (
+            {"tls_server_config": {"cert_file": "CERT", "key_file": "KEY", "client_allowed_sans": ["a"]}},
+            "tls_server_config.client_allowed_sans",
+            "requires client_auth_type",
+        ),
+        ({"basic_auth_users": {"alice": "plaintext"}}, "basic_auth_users.alice", "not a bcrypt hash"),
+        ({"basic_auth_users": {"alice": "$2y$10$short"}}, "basic_auth_users.alice", "not a valid bcrypt hash"),
+        ({"basic_auth_users": ["alice"]}, "basic_auth_users", "expected a mapping"),
+        (
+            {"http_server_config": {"headers": {"X-Frame-Options": "allow"}}},
+            "http_server_config.headers.X-Frame-Options",
+            "expected deny or sameorigin",
+        ),
+        (
+            {"http_server_config": {"headers": {"X-Powered-By": "me"}}},
+            "http_server_config.headers.X-Powered-By",
+            "unknown key",
+        ),
+        ({"http_server_config": {"http2": "yes"}}, "http_server_config.http2", "is not true or false"),
+        ({"rate_limit": {"interval": "1s", "burst": 5}}, "rate_limit", "not supported"),
+    ],
+)
 def test_a_bad_file_is_one_line_naming_the_key(tmp_path, pki, document, key, problem):
     if isinstance(document, dict):
         names = {"CERT": pki["cert"], "KEY": pki["key"], "CA": pki["ca"]}

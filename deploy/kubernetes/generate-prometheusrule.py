@@ -94,12 +94,22 @@ def render(runbook_base_url: str = RUNBOOK_BASE_URL) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the file is out of date; write nothing")
-    parser.add_argument("--runbook-base-url", default=RUNBOOK_BASE_URL, metavar="URL",
-                        help="the runbook the alerts link to, without the #section (default: %(default)s)")
-    parser.add_argument("--rules-out", type=Path, metavar="DIR",
-                        help="also write the two rule files there, with that runbook URL")
-    parser.add_argument("--output", type=Path, default=OUTPUT, metavar="FILE",
-                        help="where to write the PrometheusRule (default: base/prometheusrule.yaml)")
+    parser.add_argument(
+        "--runbook-base-url",
+        default=RUNBOOK_BASE_URL,
+        metavar="URL",
+        help="the runbook the alerts link to, without the #section (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rules-out", type=Path, metavar="DIR", help="also write the two rule files there, with that runbook URL"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=OUTPUT,
+        metavar="FILE",
+        help="where to write the PrometheusRule (default: base/prometheusrule.yaml)",
+    )
     args = parser.parse_args(argv)
     base = args.runbook_base_url.rstrip("#")
     text = render(base)

@@ -10,14 +10,39 @@ from .app import TICK, Simulator, serve_in_thread
 from .contract import DOCS_OPEN, Contract
 from .faults import FAULT_KINDS
 from .lifecycle import (
-    API_VERSION, HISTORY_LIFETIME, HISTORY_SPACING, NOW, OUTCOME_WEIGHTS, PRICE_PER_MINUTE, TERMINAL,
-    WEBHOOK_ATTEMPTS, WEBHOOK_FIRST_RETRY, _seconds, format_ts,
+    API_VERSION,
+    HISTORY_LIFETIME,
+    HISTORY_SPACING,
+    NOW,
+    OUTCOME_WEIGHTS,
+    PRICE_PER_MINUTE,
+    TERMINAL,
+    WEBHOOK_ATTEMPTS,
+    WEBHOOK_FIRST_RETRY,
+    _seconds,
+    format_ts,
 )
 from .truth import Truth, ledger
 
 # What code outside the package imports (tests, benchmarks, cli) and the old module's public names.
 __all__ = [
-    "API_VERSION", "Contract", "DOCS_OPEN", "FAULT_KINDS", "HISTORY_LIFETIME", "HISTORY_SPACING", "NOW",
-    "OUTCOME_WEIGHTS", "PRICE_PER_MINUTE", "TERMINAL", "TICK", "WEBHOOK_ATTEMPTS", "WEBHOOK_FIRST_RETRY",
-    "Simulator", "Truth", "_seconds", "format_ts", "ledger", "serve_in_thread",
+    "API_VERSION",
+    "Contract",
+    "DOCS_OPEN",
+    "FAULT_KINDS",
+    "HISTORY_LIFETIME",
+    "HISTORY_SPACING",
+    "NOW",
+    "OUTCOME_WEIGHTS",
+    "PRICE_PER_MINUTE",
+    "TERMINAL",
+    "TICK",
+    "WEBHOOK_ATTEMPTS",
+    "WEBHOOK_FIRST_RETRY",
+    "Simulator",
+    "Truth",
+    "_seconds",
+    "format_ts",
+    "ledger",
+    "serve_in_thread",
 ]

@@ -23,8 +23,16 @@ from .contract import Contract
 from .faults import FAULT_KINDS
 from .handlers import Handlers
 from .lifecycle import (
-    HISTORY_LIFETIME, HISTORY_SPACING, OUTCOME_WEIGHTS, Lifecycles, _Call, _new_record, _outcome_table, _seconds,
-    _Step, format_ts,
+    HISTORY_LIFETIME,
+    HISTORY_SPACING,
+    OUTCOME_WEIGHTS,
+    Lifecycles,
+    _Call,
+    _new_record,
+    _outcome_table,
+    _seconds,
+    _Step,
+    format_ts,
 )
 from .player import Player
 from .truth import END_DETAILS, Counted, Truth, _Event, ledger
@@ -37,20 +45,38 @@ TICK = 0.025  # lifecycle wake-up period, wall seconds
 class Simulator(Player, Lifecycles, Handlers):
     """CallingBox in a box: calls with realistic lifecycles, faults on demand, and the truth."""
 
-    def __init__(self, *, seed: int = 0, rate: float = 2.0, max_calls: int | None = None,
-                 time_scale: float = 1.0, inbound_share: float = 0.2,
-                 hangup_causes: list[str] | None = None, error_codes: list[str] | None = None,
-                 history: int = 0, history_age: float = 30 * 86400.0,
-                 webhook_retry_base: float | None = None, replay_share: float = 0.0,
-                 late_commit: float = 0.0, api_key: str | None = None,
-                 chunk_size: int = 64 * 1024, outcome_weights: dict[str, float] | None = None,
-                 by_id_delay: float = 0.0, conditional: bool = False,
-                 # What the docs leave open (contract.py); None: off, or docs_open's share.
-                 docs_open: bool = False, late_end_details: float | None = None,
-                 late_detail_delay: float = 0.5, subjectless_outcomes: bool | None = None,
-                 undocumented_status: float | None = None, whole_seconds: bool | None = None,
-                 amount_lag: float | None = None, by_id_not_found: float | None = None,
-                 by_id_faults: float | None = None, campaigns: list[str] | None = None):
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        rate: float = 2.0,
+        max_calls: int | None = None,
+        time_scale: float = 1.0,
+        inbound_share: float = 0.2,
+        hangup_causes: list[str] | None = None,
+        error_codes: list[str] | None = None,
+        history: int = 0,
+        history_age: float = 30 * 86400.0,
+        webhook_retry_base: float | None = None,
+        replay_share: float = 0.0,
+        late_commit: float = 0.0,
+        api_key: str | None = None,
+        chunk_size: int = 64 * 1024,
+        outcome_weights: dict[str, float] | None = None,
+        by_id_delay: float = 0.0,
+        conditional: bool = False,
+        # What the docs leave open (contract.py); None: off, or docs_open's share.
+        docs_open: bool = False,
+        late_end_details: float | None = None,
+        late_detail_delay: float = 0.5,
+        subjectless_outcomes: bool | None = None,
+        undocumented_status: float | None = None,
+        whole_seconds: bool | None = None,
+        amount_lag: float | None = None,
+        by_id_not_found: float | None = None,
+        by_id_faults: float | None = None,
+        campaigns: list[str] | None = None,
+    ):
         if by_id_delay < 0:
             raise ValueError("by_id_delay must be >= 0")
         if time_scale <= 0 or rate < 0 or chunk_size < 1 or history < 0 or late_commit < 0:
@@ -66,16 +92,29 @@ class Simulator(Player, Lifecycles, Handlers):
         self.by_id_delay = by_id_delay  # wall seconds GET /v1/calls/{id} takes, so concurrency shows
         self.conditional = conditional  # ETag on the list, 304 to a matching If-None-Match
         self.contract = Contract.resolve(
-            docs_open, late_end_details=late_end_details, late_detail_delay=late_detail_delay,
-            subjectless_outcomes=subjectless_outcomes, undocumented_status=undocumented_status,
-            whole_seconds=whole_seconds, amount_lag=amount_lag, by_id_not_found=by_id_not_found,
-            by_id_faults=by_id_faults)
+            docs_open,
+            late_end_details=late_end_details,
+            late_detail_delay=late_detail_delay,
+            subjectless_outcomes=subjectless_outcomes,
+            undocumented_status=undocumented_status,
+            whole_seconds=whole_seconds,
+            amount_lag=amount_lag,
+            by_id_not_found=by_id_not_found,
+            by_id_faults=by_id_faults,
+        )
         self._by_id_rng = random.Random(f"{seed}:by_id")  # its own, so lag leaves the calls as they were
         self.requests: deque[tuple[float, str, int]] = deque(maxlen=100_000)  # (arrival, path, status), latest
         self._outcomes = _outcome_table(OUTCOME_WEIGHTS if outcome_weights is None else outcome_weights)
-        self.stats = {"list_requests": 0, "bytes_sent": 0, "last_list_bytes": 0,
-                      "client_closed_early": 0, "by_id_requests": 0, "by_id_lagged": 0,
-                      "by_id_in_flight": 0, "by_id_max_in_flight": 0}
+        self.stats = {
+            "list_requests": 0,
+            "bytes_sent": 0,
+            "last_list_bytes": 0,
+            "client_closed_early": 0,
+            "by_id_requests": 0,
+            "by_id_lagged": 0,
+            "by_id_in_flight": 0,
+            "by_id_max_in_flight": 0,
+        }
         self._rng = random.Random(seed)
         self._lock = threading.Lock()  # tests drive inject/pause/truth from another thread
         self._calls: dict[str, _Call] = {}  # insertion order = created_at order
@@ -164,8 +203,12 @@ class Simulator(Player, Lifecycles, Handlers):
         with self._lock:
             call = self._calls[call_id]
             now = time.time()
-            call.steps.extend([_Step(now, {"webhook_status": "pending", "webhook_error": None}),
-                               _Step(now + after, {"webhook_status": outcome})])
+            call.steps.extend(
+                [
+                    _Step(now, {"webhook_status": "pending", "webhook_error": None}),
+                    _Step(now + after, {"webhook_status": outcome}),
+                ]
+            )
             self._schedule(call)
 
     def tamper(self, call_id: str, **fields: Any) -> dict:
@@ -184,10 +227,21 @@ class Simulator(Player, Lifecycles, Handlers):
         with self._lock:
             now = time.time()
             stamp = format_ts(now - age)
-            record = {**_new_record(self._rng, "outbound", stamp), "status": "completed", "updated_at": stamp,
-                      "started_at": stamp, "answered_at": stamp, "ended_at": stamp, "duration_seconds": 30,
-                      "billed_duration_seconds": 30, "billing_amount_milli_cents": 5_000,
-                      "reservation_status": "settled", "webhook_status": None, "result_status": None, **fields}
+            record = {
+                **_new_record(self._rng, "outbound", stamp),
+                "status": "completed",
+                "updated_at": stamp,
+                "started_at": stamp,
+                "answered_at": stamp,
+                "ended_at": stamp,
+                "duration_seconds": 30,
+                "billed_duration_seconds": 30,
+                "billing_amount_milli_cents": 5_000,
+                "reservation_status": "settled",
+                "webhook_status": None,
+                "result_status": None,
+                **fields,
+            }
             record = self.contract.shape(record, extracted=True)
             # Unannounced: the truth is not told, and nothing of its end counts later.
             counted = Counted(record["ended_at"], record["status"], set(END_DETAILS))
@@ -200,8 +254,7 @@ class Simulator(Player, Lifecycles, Handlers):
         """Creation is over and every call is final and visible as such."""
         with self._lock:
             now = time.time()
-            creating = not self._paused and self.rate > 0 and (
-                self.max_calls is None or self._created < self.max_calls)
+            creating = not self._paused and self.rate > 0 and (self.max_calls is None or self._created < self.max_calls)
             return not creating and all(call.final(now) for call in self._calls.values())
 
     def truth(self, after: float) -> Truth:

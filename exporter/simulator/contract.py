@@ -18,8 +18,15 @@ _LATE_BILL = ("billed_duration_seconds", "billing_amount_milli_cents", "cost_bre
 _AMOUNT = ("billing_amount_milli_cents", "cost_breakdown")
 _STAMPS = ("created_at", "started_at", "answered_at", "ended_at", "updated_at")
 # `docs_open=True`: every behaviour on, at shares a real API might plausibly show.
-DOCS_OPEN = {"late_end_details": 0.4, "subjectless_outcomes": True, "undocumented_status": 0.05,
-             "whole_seconds": True, "amount_lag": 0.2, "by_id_not_found": 0.1, "by_id_faults": 0.05}
+DOCS_OPEN = {
+    "late_end_details": 0.4,
+    "subjectless_outcomes": True,
+    "undocumented_status": 0.05,
+    "whole_seconds": True,
+    "amount_lag": 0.2,
+    "by_id_not_found": 0.1,
+    "by_id_faults": 0.05,
+}
 
 
 @dataclass(frozen=True)
@@ -46,8 +53,7 @@ class Contract:
     @classmethod
     def resolve(cls, docs_open: bool, **options: float | bool | None) -> Contract:
         """The contract from `docs_open` and the options given explicitly (None: not given)."""
-        contract = cls(**{**(DOCS_OPEN if docs_open else {}),
-                          **{k: v for k, v in options.items() if v is not None}})
+        contract = cls(**{**(DOCS_OPEN if docs_open else {}), **{k: v for k, v in options.items() if v is not None}})
         for f in fields(cls):
             value = getattr(contract, f.name)
             if f.type == "bool" and not isinstance(value, bool):

@@ -17,8 +17,7 @@ from typing import Any
 from aiohttp import web
 
 FAULT_KINDS = frozenset(
-    {"status", "429", "timeout", "reset", "truncate", "non_json", "unauthorized", "malformed", "duplicates",
-     "trickle"}
+    {"status", "429", "timeout", "reset", "truncate", "non_json", "unauthorized", "malformed", "duplicates", "trickle"}
 )
 
 
@@ -28,8 +27,11 @@ async def fault_answer(request: web.Request, kind: str | None, params: dict) -> 
         return _error(int(params.get("code", 503)), "upstream unavailable")
     if kind == "429":  # retry_after: seconds, an HTTP date as a string, or None for no header
         retry_after = params.get("retry_after", 1)
-        headers = {} if retry_after is None else {
-            "Retry-After": retry_after if isinstance(retry_after, str) else f"{retry_after:g}"}
+        headers = (
+            {}
+            if retry_after is None
+            else {"Retry-After": retry_after if isinstance(retry_after, str) else f"{retry_after:g}"}
+        )
         return _error(429, "rate limit exceeded", headers)
     if kind == "unauthorized":
         return _error(401, "invalid api key")

@@ -105,8 +105,7 @@ class Handlers:
         if not isinstance(body, dict) or not isinstance(body.get("to_number"), str) or not body["to_number"]:
             return _error(400, "to_number is required")
         # No webhook and no extraction unless asked for, as with the real API.
-        overrides = {"direction": "outbound", "webhook_url": body.get("webhook_url"),
-                     "returns": body.get("returns")}
+        overrides = {"direction": "outbound", "webhook_url": body.get("webhook_url"), "returns": body.get("returns")}
         for key in ("to_number", "from_number", "prompt", "language", "context", "metadata"):
             if key in body:
                 overrides[key] = body[key]
@@ -161,8 +160,9 @@ class Handlers:
         for rest in bad.values():  # more picks than records
             yield from rest
 
-    async def _stream(self, request: web.Request, items: Iterator[bytes], complete: bool,
-                      headers: dict | None = None) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, items: Iterator[bytes], complete: bool, headers: dict | None = None
+    ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "application/json", **(headers or {})})
         sent = 0
         try:

@@ -56,8 +56,7 @@ def _outcome_table(weights: dict[str, float]) -> tuple[list[str], list[float]]:
     """Validated outcome weights as the (outcomes, weights) pair `random.choices` takes."""
     unknown = set(weights) - TERMINAL
     if unknown:
-        raise ValueError(f"outcome weights for unknown statuses {sorted(unknown)}; "
-                         f"expected some of {sorted(TERMINAL)}")
+        raise ValueError(f"outcome weights for unknown statuses {sorted(unknown)}; expected some of {sorted(TERMINAL)}")
     if any(not w >= 0 for w in weights.values()) or not sum(weights.values()) > 0:
         raise ValueError("outcome weights must be >= 0 with a positive sum")
     return list(weights), [float(w) for w in weights.values()]
@@ -78,8 +77,9 @@ def _new_record(rng: random.Random, direction: str, created: str, campaigns: lis
     """A freshly queued call with realistic static fields; ~1 KB once it has ended."""
     name, business = rng.choice(_NAMES), rng.choice(_BUSINESSES)
     customer, line = f"+1{rng.randint(2012000000, 9899999999)}", rng.choice(_ORG_LINES)
-    task = rng.choice(_TASKS).format(day=rng.choice(("Monday", "Wednesday", "Friday")),
-                                     hour=rng.randint(8, 17), order=rng.randint(100000, 999999))
+    task = rng.choice(_TASKS).format(
+        day=rng.choice(("Monday", "Wednesday", "Friday")), hour=rng.randint(8, 17), order=rng.randint(100000, 999999)
+    )
     has_returns = rng.random() < 0.5
     return {
         "id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
@@ -90,18 +90,30 @@ def _new_record(rng: random.Random, direction: str, created: str, campaigns: lis
         "prompt": _PROMPT.format(business=business, task=task, name=name),
         "context": {"customer_name": name, "account_id": f"acc_{rng.randint(10000, 99999)}"},
         "returns": dict(_RETURNS) if has_returns else None,
-        "result": None, "result_status": None, "result_error": None,
+        "result": None,
+        "result_status": None,
+        "result_error": None,
         "language": rng.choice(_LANGUAGES),
         "webhook_url": rng.choice(_WEBHOOKS) if rng.random() < 0.7 else None,
-        "webhook_status": None, "webhook_error": None,
-        "created_at": created, "started_at": None, "answered_at": None, "ended_at": None,
-        "duration_seconds": None, "billed_duration_seconds": None, "billing_amount_milli_cents": None,
+        "webhook_status": None,
+        "webhook_error": None,
+        "created_at": created,
+        "started_at": None,
+        "answered_at": None,
+        "ended_at": None,
+        "duration_seconds": None,
+        "billed_duration_seconds": None,
+        "billing_amount_milli_cents": None,
         "reservation_status": "reserved",
-        "error_code": None, "error_message": None, "hangup_cause": None,
+        "error_code": None,
+        "error_message": None,
+        "hangup_cause": None,
         "metadata": {"campaign": rng.choice(campaigns or ("reminders-q4", "winback", "inbound-main")), "attempt": 1},
         "updated_at": created,
         # Fields of newer API versions, which a client must ignore.
-        "api_version": API_VERSION, "voicemail_detected": False, "cost_breakdown": None,
+        "api_version": API_VERSION,
+        "voicemail_detected": False,
+        "cost_breakdown": None,
     }
 
 
@@ -121,8 +133,12 @@ def _billing(direction: str, answered: bool, talk: float) -> dict:
 
 
 def _result(rng: random.Random) -> dict:
-    return {"confirmed": rng.random() < 0.8, "new_slot": None, "satisfaction": rng.randint(3, 5),
-            "notes": rng.choice(("Confirmed, asked about parking.", "Prefers morning calls.", "All good."))}
+    return {
+        "confirmed": rng.random() < 0.8,
+        "new_slot": None,
+        "satisfaction": rng.randint(3, 5),
+        "notes": rng.choice(("Confirmed, asked about parking.", "Prefers morning calls.", "All good.")),
+    }
 
 
 @dataclass(order=True)
@@ -230,15 +246,26 @@ class Lifecycles:
             if answered and rng.random() < 0.92:
                 at(done, result_status="completed", result=_result(rng))
             else:
-                at(done, result_status="failed",
-                   result_error="extraction timed out" if answered else "no conversation to extract from")
+                at(
+                    done,
+                    result_status="failed",
+                    result_error="extraction timed out" if answered else "no conversation to extract from",
+                )
         if record["webhook_url"] is not None:
             end["webhook_status"] = "pending"
             self._plan_webhook(rng, at, done + sim(rng.uniform(0.3, 2.0)))
         return steps
 
-    def _ending(self, rng: random.Random, outcome: str, stage: str, answered: bool,
-                ring: float | None, talk: float, direction: str) -> dict:
+    def _ending(
+        self,
+        rng: random.Random,
+        outcome: str,
+        stage: str,
+        answered: bool,
+        ring: float | None,
+        talk: float,
+        direction: str,
+    ) -> dict:
         """The terminal update's fields."""
         error_code = error_message = None
         if outcome == "failed":
@@ -258,16 +285,20 @@ class Lifecycles:
         if error_code is not None and self.error_codes:
             error_code = rng.choice(self.error_codes)
         return {
-            "status": outcome, "ended_at": NOW, "hangup_cause": cause,
+            "status": outcome,
+            "ended_at": NOW,
+            "hangup_cause": cause,
             "duration_seconds": None if ring is None else round(ring + talk),
-            "error_code": error_code, "error_message": error_message,
+            "error_code": error_code,
+            "error_message": error_message,
             "voicemail_detected": cause == "voicemail",
             **_billing(direction, answered, talk),
         }
 
     def _plan_webhook(self, rng: random.Random, at: Any, t: float) -> None:
-        first_retry = (WEBHOOK_FIRST_RETRY / self.time_scale if self.webhook_retry_base is None
-                       else self.webhook_retry_base)
+        first_retry = (
+            WEBHOOK_FIRST_RETRY / self.time_scale if self.webhook_retry_base is None else self.webhook_retry_base
+        )
         # 10 % of endpoints stay down through every attempt; most others answer the first one.
         if rng.random() < 0.10:
             failures = WEBHOOK_ATTEMPTS
@@ -289,8 +320,11 @@ class Lifecycles:
             at(t, webhook_status="pending", webhook_error=None)
             t += max(2.0, rng.uniform(5, 60) / self.time_scale) + self.late_commit
             ok = rng.random() < 0.85
-            at(t, webhook_status="delivered" if ok else "failed",
-               webhook_error=None if ok else "replay failed: HTTP 410")
+            at(
+                t,
+                webhook_status="delivered" if ok else "failed",
+                webhook_error=None if ok else "replay failed: HTTP 410",
+            )
 
     # ---- history: old, final calls generated on the fly --------------------------------
 
@@ -304,10 +338,17 @@ class Lifecycles:
         talk = _talk_seconds(rng)
         ended = answered + talk
         cause = rng.choice(self.hangup_causes or ("customer_hangup", "agent_hangup"))
-        record.update(status="completed", started_at=format_ts(started), answered_at=format_ts(answered),
-                      ended_at=format_ts(ended), duration_seconds=round(ended - started), hangup_cause=cause,
-                      reservation_status="settled", updated_at=format_ts(ended + rng.uniform(5, 60)),
-                      **_billing(direction, True, talk))
+        record.update(
+            status="completed",
+            started_at=format_ts(started),
+            answered_at=format_ts(answered),
+            ended_at=format_ts(ended),
+            duration_seconds=round(ended - started),
+            hangup_cause=cause,
+            reservation_status="settled",
+            updated_at=format_ts(ended + rng.uniform(5, 60)),
+            **_billing(direction, True, talk),
+        )
         if record["returns"] is not None:
             record.update(result_status="completed", result=_result(rng))
         if record["webhook_url"] is not None:

@@ -43,8 +43,11 @@ class Player:
         if self.rate > 0:
             # A stalled loop catches up at most one second of arrivals, not a burst of hours.
             self._next_arrival = max(self._next_arrival, now - 1.0)
-            while not self._paused and self._next_arrival <= now and (
-                    self.max_calls is None or self._created < self.max_calls):
+            while (
+                not self._paused
+                and self._next_arrival <= now
+                and (self.max_calls is None or self._created < self.max_calls)
+            ):
                 self._create(now)
                 self._created += 1
                 self._next_arrival += self._rng.expovariate(self.rate)
@@ -65,8 +68,12 @@ class Player:
         record = _new_record(rng, direction, format_ts(now), self.campaigns)
         record.update(overrides or {})
         self.contract.shape(record)
-        steps = self.contract.vary(random.Random(f"{self.seed}:open:{record['id']}"),
-                                   self._plan(rng, record, now), record, self.hangup_causes is not None)
+        steps = self.contract.vary(
+            random.Random(f"{self.seed}:open:{record['id']}"),
+            self._plan(rng, record, now),
+            record,
+            self.hangup_causes is not None,
+        )
         call = _Call(record["id"], deque(sorted(steps)))
         self._commit(call, record, now + self._hide(rng), now)
         self._calls[call.id] = call
@@ -75,8 +82,10 @@ class Player:
 
     def _apply(self, call: _Call, step: _Step, now: float) -> None:
         step.applied, stamp = now, self.contract.stamp(now)
-        changes = {k: stamp if v is NOW else self.contract.stamp(v.step.applied) if isinstance(v, StampOf) else v
-                   for k, v in step.changes.items()}
+        changes = {
+            k: stamp if v is NOW else self.contract.stamp(v.step.applied) if isinstance(v, StampOf) else v
+            for k, v in step.changes.items()
+        }
         self._commit(call, {**call.latest, **changes, "updated_at": stamp}, now + step.hide, now)
 
     def _commit(self, call: _Call, record: dict, visible_at: float, now: float) -> None:

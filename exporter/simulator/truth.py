@@ -48,8 +48,9 @@ class Counted:
     details: set[str] = field(default_factory=set)  # the END_DETAILS counted so far
 
 
-def ledger(prev: dict | None, new: dict, counted: Counted | None = None,
-           cause_coming: bool = False) -> tuple[list[_Event], Counted]:
+def ledger(
+    prev: dict | None, new: dict, counted: Counted | None = None, cause_coming: bool = False
+) -> tuple[list[_Event], Counted]:
     """The events counted when a call moves from version `prev` to `new` (SPEC §3/§4).
 
     `counted` is what was counted of the call before (None: nothing); the updated one is returned.
@@ -93,22 +94,30 @@ def _end_details(new: dict, counted: Counted, cause_coming: bool, add: Any) -> N
         return True
 
     if first("hangup_cause", new["hangup_cause"] is not None or not cause_coming):
-        add(when, "callingbox_call_hangups_total", direction=direction, status=status,
-            hangup_cause=new["hangup_cause"])
+        add(when, "callingbox_call_hangups_total", direction=direction, status=status, hangup_cause=new["hangup_cause"])
     if first("error_code", new["error_code"] is not None):
         add(when, "callingbox_call_errors_total", direction=direction, error_code=new["error_code"])
     if first("duration", new["duration_seconds"] is not None):
-        add(when, "callingbox_call_duration_seconds", new["duration_seconds"], True,
-            direction=direction, status=status)
+        add(when, "callingbox_call_duration_seconds", new["duration_seconds"], True, direction=direction, status=status)
     for name, start, end in (("answer", "started_at", "answered_at"), ("setup", "created_at", "started_at")):
         if first(f"{name}_delay", bool(new[start] and new[end])):
-            add(when, f"callingbox_call_{name}_delay_seconds", _seconds(new[end]) - _seconds(new[start]),
-                True, direction=direction)
+            add(
+                when,
+                f"callingbox_call_{name}_delay_seconds",
+                _seconds(new[end]) - _seconds(new[start]),
+                True,
+                direction=direction,
+            )
     # Billing (SPEC §3): once the reservation is no longer `reserved`, and a `settled` one has
     # its amount. Every terminal version of the simulator carries `ended_at`.
     reservation, amount = new["reservation_status"], new["billing_amount_milli_cents"]
     if first("billing", reservation != "reserved" and not (reservation == "settled" and amount is None)):
         add(when, "callingbox_billed_amount_milli_cents", amount or 0, direction=direction)
         if new["billed_duration_seconds"] is not None:
-            add(when, "callingbox_call_billed_duration_seconds", new["billed_duration_seconds"],
-                True, direction=direction)
+            add(
+                when,
+                "callingbox_call_billed_duration_seconds",
+                new["billed_duration_seconds"],
+                True,
+                direction=direction,
+            )

@@ -27,8 +27,9 @@ def main(commit: str, test_file: str, *names: str) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rule_files, groups = [], set()
         for path in RULES:
-            text = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT, capture_output=True, text=True,
-                                  check=True).stdout
+            text = subprocess.run(
+                ["git", "show", f"{commit}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout
             target = Path(tmp) / Path(path).name
             target.write_text(text)
             rule_files.append(str(target))
@@ -43,8 +44,11 @@ def main(commit: str, test_file: str, *names: str) -> int:
             path = Path(tmp) / "single.test.yml"
             path.write_text(yaml.safe_dump(single, sort_keys=False, allow_unicode=True))
             result = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True)
-            failures = [line.strip() for line in (result.stdout + result.stderr).splitlines()
-                        if line.strip().startswith(("alertname:", "expr:"))]
+            failures = [
+                line.strip()
+                for line in (result.stdout + result.stderr).splitlines()
+                if line.strip().startswith(("alertname:", "expr:"))
+            ]
             failed_groups += bool(result.returncode)
             print(f"{'FAILS' if result.returncode else 'passes'} against {commit}: {test['name']}")
             for line in failures:
