@@ -8,7 +8,8 @@ For each set of rule files (the working tree's and an earlier commit's, 41f30d9 
    CallingBoxExporterAbsent reads a day of), and the hourly increases the rules record
    (`...:increase1h`, every 30 s) for the 9 days before, which is all that any baseline reads
    further back than a day;
-2. turns it into TSDB blocks with `promtool tsdb create-blocks-from openmetrics`;
+2. turns it into TSDB blocks with `promtool tsdb create-blocks-from openmetrics`, and lets a
+   Prometheus without rules compact them as it would over the days it kept them (`compact`);
 3. starts Prometheus on those blocks (one per rule set, side by side, so both see the same load) with the
    rule files, scraping a live target that carries the same series on (every counter grows at its own
    rate), scrapes and evaluations every 30 s
@@ -16,7 +17,7 @@ For each set of rule files (the working tree's and an earlier commit's, 41f30d9 
 4. for WAIT seconds reads Prometheus' own `prometheus_rule_group_last_duration_seconds` (from its
    /metrics, with each group's last evaluation time, so each evaluation counts once) every 10 s,
    and keeps each group's median over its evaluations after the first (which warms caches up);
-   WAIT is long enough for the 15-minute group to run twice; then queries every rule's expression
+   WAIT is long enough for the 15-minute group to run four times; then queries every rule's expression
    once with `stats=all`, for the samples each group reads per evaluation (a count, not a time:
    the same on a busy machine as on an idle one).
 
@@ -25,9 +26,9 @@ durations (the work of one evaluation of each group) and the work per minute (ea
 duration times its evaluations a minute); and each group's figure. BENCHMARKS.md, "Rule
 evaluation cost", holds a run.
 
-    python -m benchmarks.rule_cost [--commit 41f30d9] [--orgs 3] [--wait 1980]
+    python -m benchmarks.rule_cost [--commit 41f30d9] [--orgs 3] [--wait 2900]
 
-Needs `prometheus` and `promtool` (Debian's, as `make test` installs). About 35 minutes: not a
+Needs `prometheus` and `promtool` (Debian's, as `make test` installs). About 55 minutes: not a
 part of `make bench` or the test suite.
 """
 
@@ -232,6 +233,48 @@ def rule_group_metrics(port: int) -> dict[str, dict[str, float]]:
     return found
 
 
+def compact(data: Path, work: Path, settle: float = 120.0, limit: float = 900.0) -> int:
+    """Let Prometheus compact the backfilled blocks before anything is measured; returns the blocks left.
+
+    `promtool tsdb create-blocks-from openmetrics` writes 2-hour blocks (9 days: 108 of them), which
+    a running Prometheus compacts into blocks of up to a tenth of its retention in the background.
+    Measured on the raw blocks, the first evaluations would open every one of them and share the
+    CPU with that compaction: a week-old history that has lived in Prometheus is a few large
+    blocks. So Prometheus runs here alone (no rules, no scrapes) until its block count has not
+    changed for `settle` seconds (at most `limit`).
+    """
+    port = free_port()
+    config = work / "compact.yml"
+    config.write_text(json.dumps({"global": {"scrape_interval": "1h"}}))
+    with (work / "compact.log").open("wb") as log:
+        prometheus = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={data}",
+                "--storage.tsdb.retention.time=30d",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        blocks, since, deadline = None, time.time(), time.time() + limit
+        while time.time() < deadline and time.time() - since < settle:
+            time.sleep(5)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                    found = re.search(rb"^prometheus_tsdb_blocks_loaded (\S+)$", response.read(), re.MULTILINE)
+            except OSError:
+                continue  # not listening yet
+            if found and float(found[1]) != blocks:
+                blocks, since = float(found[1]), time.time()
+        return int(blocks or 0)
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=60)
+
+
 def samples_read(port: int, rule_dir: Path) -> dict[str, int]:
     """Samples each group's rules read in one evaluation, now: every rule's expression queried with
     `stats=all` (Prometheus' own count, `totalQueryableSamples`). Unlike a duration it does not
@@ -261,6 +304,7 @@ def measure(rule_dir: Path, orgs: list[str], wait: float, work: Path) -> dict:
         capture_output=True,
     )
     history.unlink()
+    blocks = compact(data, work)
     port = free_port()
     config = work / "prometheus.yml"
     config.write_text(
@@ -309,6 +353,7 @@ def measure(rule_dir: Path, orgs: list[str], wait: float, work: Path) -> dict:
             raise SystemExit(f"not evaluated within --wait: {sorted(set(intervals) - set(groups))}")
         read = samples_read(port, rule_dir)
         return {
+            "blocks": blocks,
             "samples": samples,
             "groups": groups,
             "intervals": intervals,
@@ -342,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--commit", default="41f30d9", help="the rules to compare with (default %(default)s)")
     parser.add_argument("--orgs", type=int, default=3)
-    parser.add_argument("--wait", type=float, default=1980, help="seconds each Prometheus runs (default %(default)s)")
+    parser.add_argument("--wait", type=float, default=2900, help="seconds each Prometheus runs (default %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     for tool in ("prometheus", "promtool"):
@@ -368,18 +413,19 @@ def main(argv: list[str] | None = None) -> int:
             n * 60 / r["intervals"][g] for g, n in r["read"].items() if g.startswith("callingbox-baselines")
         )
     print(
-        "| rule files | groups | history samples | baselines: per evaluation | baselines: per minute "
+        "| rule files | groups | history samples | blocks | baselines: per evaluation | baselines: per minute "
         "| all groups: per evaluation | all groups: per minute |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, r in results.items():
         print(
-            f"| {label} | {len(r['groups'])} | {r['samples']:,} | {r['baselines_per_evaluation'] * 1000:.1f} ms "
+            f"| {label} | {len(r['groups'])} | {r['samples']:,} | {r['blocks']} "
+            f"| {r['baselines_per_evaluation'] * 1000:.1f} ms "
             f"| {r['baselines_per_minute'] * 1000:.1f} ms | {r['per_evaluation'] * 1000:.1f} ms "
             f"| {r['per_minute'] * 1000:.1f} ms |"
         )
     print(
-        f"| before ÷ after | | | {before['baselines_per_evaluation'] / after['baselines_per_evaluation']:.1f}x "
+        f"| before ÷ after | | | | {before['baselines_per_evaluation'] / after['baselines_per_evaluation']:.1f}x "
         f"| {before['baselines_per_minute'] / after['baselines_per_minute']:.1f}x "
         f"| {before['per_evaluation'] / after['per_evaluation']:.1f}x "
         f"| {before['per_minute'] / after['per_minute']:.1f}x |"

@@ -214,8 +214,7 @@ class Poller:
         read_seconds = time.monotonic() - started
         if problem is None:  # then the calls the list no longer shows; their failures do not fail the poll
             stats.update(await self.stragglers.refresh(self.client, tally, now, plan.by_id))
-        # Counted here, with the counts the save below holds: a failed save alone turns it (unsaved).
-        self.metrics.poll("error" if problem else "success", time.monotonic() - started)
+        self.metrics.poll_took(time.monotonic() - started)
         # Final calls past the settle window leave the ledger only here, after the read (the whole
         # ledger on a full read, in slices with scrapes served between them; calls that just turned
         # final otherwise), and not those created from `audited_until` on (AuditSchedule.keep_from):
@@ -229,10 +228,11 @@ class Poller:
         summary = tally.sweep(now, everything=False)
         # New series that a scrape has read at their birth value move on (SPEC §3), saved as such.
         self.store.births.release(self.clock(), self.collector.read_at(self.org))
-        durable = await self._persist()
+        # The save holds this poll's outcome with its counts; the store counts it once the save told.
+        durable = await self._persist(self.metrics.saving("error" if problem else "success"))
         if not durable and problem is None:  # neither saved nor shown: this poll is the error it is
-            self.metrics.unsaved()
             problem = OSError("state not saved")
+        self.metrics.poll("error" if problem else "success")
         backoff = self.streak.conclude(self.status, problem, now)
         # A list read slower than the interval slows the polls down to its pace: the API is never
         # read back to back, however large the window grows.
@@ -268,8 +268,9 @@ class Poller:
             self.status.failures = 0  # a new key starts its own back-off, from the shortest
             log.info("API key reloaded from its file", extra={"org": self.org})
 
-    async def _persist(self) -> bool:
-        """Save the state file, if any. Not durable means not published: counts wait in memory."""
+    async def _persist(self, adding: dict | None = None) -> bool:
+        """Save the state file, if any, with `adding` on top of the store's counts (StateDB.save).
+        Not durable means not published: counts wait in memory."""
         if not self.target.state_file:
             self.ledger.take_changed()  # nothing writes them: let the sets of changes go
             self.store.take_changed()
@@ -279,7 +280,7 @@ class Poller:
         try:
             # Shielded: a poll cancelled by a reload lets its save finish; `settle` waits for it.
             self._saving = asyncio.ensure_future(
-                asyncio.to_thread(self.db.save, self.ledger, self.store, self.tally.schedule.state())
+                asyncio.to_thread(self.db.save, self.ledger, self.store, self.tally.schedule.state(), adding)
             )
             with self.heartbeat.step("state save", ledger_work(len(self.ledger.calls))):
                 await asyncio.shield(self._saving)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from .store import Store
 
+POLLS = "callingbox_exporter_polls_total"
+
 
 class SelfMetrics:
     """One target's self-metrics; `use` points it at the target's store when that is replaced."""
@@ -33,13 +35,17 @@ class SelfMetrics:
         self.store.inc("callingbox_exporter_api_response_bytes_total", (endpoint,), size)
         self.poll_bytes += size
 
-    def poll(self, result: str, seconds: float) -> None:
-        """A poll ended with `result` ("success", "error") after `seconds`."""
-        self.store.inc("callingbox_exporter_polls_total", (result,))
+    def poll_took(self, seconds: float) -> None:
+        """A poll read and counted for `seconds` (its save, the last step, is not timed)."""
         self.store.observe("callingbox_exporter_poll_duration_seconds", (), seconds)
 
-    def unsaved(self) -> None:
-        """The poll counted a success, but its state was not saved: neither on disk nor shown, so
-        it is still the error it is (the state save is the last step that can fail a poll)."""
-        self.store.inc("callingbox_exporter_polls_total", ("success",), -1)
-        self.store.inc("callingbox_exporter_polls_total", ("error",))
+    @staticmethod
+    def saving(result: str) -> dict[tuple[str, tuple[str, ...]], int]:
+        """What the poll's save writes on top of the store (StateDB.save's `adding`): the poll as
+        `result`, which holds only if that save succeeds. The store counts it after (`poll`)."""
+        return {(POLLS, (result,)): 1}
+
+    def poll(self, result: str) -> None:
+        """A poll ended with `result` ("success", "error"): counted once, when its save, the last
+        step that can fail it, has told."""
+        self.store.inc(POLLS, (result,))

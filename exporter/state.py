@@ -113,11 +113,15 @@ class StateDB:
             )
         return db, restored
 
-    def save(self, ledger: Ledger, store: Store, extra: dict[str, object] | None = None) -> None:
+    def save(
+        self, ledger: Ledger, store: Store, extra: dict[str, object] | None = None, adding: tables.Adding = None
+    ) -> None:
         """Write what changed since the last save in one transaction, on disk when this returns.
 
-        `extra` (JSON values) is saved beside the state and comes back in `Restored.extra`. If the
-        save fails, the changes it took stay marked, so the next save writes them.
+        `extra` (JSON values) is saved beside the state and comes back in `Restored.extra`.
+        `adding` are counts written on top of the store's that the store itself does not hold yet:
+        a poll's own outcome, which only this save decides (the caller counts it once this returns
+        or fails). If the save fails, the changes it took stay marked, so the next save writes them.
         """
         with self._lock:
             if self._closed:
@@ -125,9 +129,9 @@ class StateDB:
             calls, series = ledger.take_changed(), store.take_changed()
             try:
                 if self.connection is None:
-                    self._create(ledger, store, extra)
+                    self._create(ledger, store, extra, adding)
                 else:
-                    self._write(ledger, store, calls, series, extra)
+                    self._write(ledger, store, calls, series, extra, adding)
             except BaseException:
                 ledger.changed.update(calls)
                 store.changed.update(series)
@@ -141,15 +145,23 @@ class StateDB:
                 self.connection.close()  # the last connection checkpoints the WAL into the file
                 self.connection = None
 
-    def _create(self, ledger: Ledger, store: Store, extra: dict | None) -> None:
+    def _create(self, ledger: Ledger, store: Store, extra: dict | None, adding: tables.Adding) -> None:
         """The first save: the file appears complete (built beside it, then renamed), never half made."""
         building = self.path + ".new"
-        meta = _build(building, self.org, ledger, store, extra)
+        meta = _build(building, self.org, ledger, store, extra, adding)
         _install(building, self.path)
         self._meta = {key: text for key, text in meta if key in UNLESS_CHANGED}
         self.connection = _connect(self.path)
 
-    def _write(self, ledger: Ledger, store: Store, calls: set[str], series: set[tuple], extra: dict | None) -> None:
+    def _write(
+        self,
+        ledger: Ledger,
+        store: Store,
+        calls: set[str],
+        series: set[tuple],
+        extra: dict | None,
+        adding: tables.Adding,
+    ) -> None:
         db = self.connection
         saved_ledger, saved_store = self._saved
         db.execute("BEGIN IMMEDIATE")
@@ -159,9 +171,9 @@ class StateDB:
             else:
                 tables.replace_calls(db, ledger)
             if store is saved_store:
-                tables.write_series(db, store, series)
+                tables.write_series(db, store, series, adding)
             else:
-                tables.replace_store(db, store)
+                tables.replace_store(db, store, adding)
             meta = [
                 (key, text)
                 for key, text in tables.meta_rows(self.org, ledger, store, extra)
@@ -176,7 +188,9 @@ class StateDB:
         self._meta.update((key, text) for key, text in meta if key in UNLESS_CHANGED)
 
 
-def _build(path: str, org: str, ledger: Ledger, store: Store, extra: dict | None) -> list[tuple[str, str]]:
+def _build(
+    path: str, org: str, ledger: Ledger, store: Store, extra: dict | None, adding: tables.Adding = None
+) -> list[tuple[str, str]]:
     """A complete database at `path`, the state written whole, closed and on disk (not yet
     installed); returns the meta rows written."""
     _remove(path)
@@ -188,7 +202,7 @@ def _build(path: str, org: str, ledger: Ledger, store: Store, extra: dict | None
             db.execute("PRAGMA temp_store=MEMORY")  # see _connect
             db.execute(f"PRAGMA application_id={APPLICATION_ID}")
             db.execute("BEGIN")
-            meta = tables.create(db, org, ledger, store, extra)
+            meta = tables.create(db, org, ledger, store, extra, adding)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("COMMIT")
             db.execute("PRAGMA journal_mode=WAL")  # persistent: written into the file's header

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Mapping
 
 from .accounting import CallState
 from .catalogue import FAMILIES, added_labels, relabel
@@ -19,6 +20,9 @@ from .store import Store
 SCHEMA_VERSION = 3  # PRAGMA user_version; format 1 was the JSON file, 2 had no end details per call
 SLICE = 2000  # rows built per executemany: the GIL is let go between slices, so scrapes go on meanwhile
 EXTRA = "extra."  # meta keys of the values a caller saves beside the state (Restored.extra)
+# Counts a save writes beyond the store's, which the store takes only once the save's outcome is
+# known (StateDB.save): {(family, labels): amount}.
+Adding = Mapping[tuple[str, tuple[str, ...]], int] | None
 
 CALL_COLUMNS = (
     "id",
@@ -72,12 +76,14 @@ UPSERT_HISTOGRAM = (
 UPSERT_META = "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 
 
-def create(db: sqlite3.Connection, org: str, ledger: Ledger, store: Store, extra: dict | None) -> list[tuple[str, str]]:
+def create(
+    db: sqlite3.Connection, org: str, ledger: Ledger, store: Store, extra: dict | None, adding: Adding = None
+) -> list[tuple[str, str]]:
     """The tables with the state written whole, in the caller's transaction; returns the meta rows."""
     for statement in SCHEMA:
         db.execute(statement)
     replace_calls(db, ledger)
-    replace_store(db, store)
+    replace_store(db, store, adding)
     meta = meta_rows(org, ledger, store, extra)
     db.executemany(UPSERT_META, meta)
     return meta
@@ -132,11 +138,14 @@ def replace_calls(db: sqlite3.Connection, ledger: Ledger) -> None:
     db.execute(CALLS_INDEX)
 
 
-def write_series(db: sqlite3.Connection, store: Store, changed: set[tuple]) -> None:
+def write_series(db: sqlite3.Connection, store: Store, changed: set[tuple], adding: Adding = None) -> None:
     counters, histograms, gone = [], [], []
-    for name, labels in changed:
+    adding = adding or {}
+    for name, labels in changed | set(adding):
         key = _text(labels)
         value = store.counters.get(name, {}).get(labels)
+        if (name, labels) in adding:
+            value = (value or 0) + adding[name, labels]
         counts = store.histograms.get(name, {}).get(labels)
         if value is not None:
             counters.append((name, key, value))
@@ -150,16 +159,17 @@ def write_series(db: sqlite3.Connection, store: Store, changed: set[tuple]) -> N
     db.executemany("DELETE FROM histograms WHERE family = ? AND labels = ?", gone)
 
 
-def replace_store(db: sqlite3.Connection, store: Store) -> None:
+def replace_store(db: sqlite3.Connection, store: Store, adding: Adding = None) -> None:
     for table in ("counters", "histograms", "buckets"):
         db.execute(f"DELETE FROM {table}")
+    counters = {
+        (name, labels): value for name, series in list(store.counters.items()) for labels, value in list(series.items())
+    }
+    for key, amount in (adding or {}).items():
+        counters[key] = counters.get(key, 0) + amount
     db.executemany(
         "INSERT INTO counters VALUES (?, ?, ?)",
-        [
-            (name, _text(labels), value)
-            for name, series in list(store.counters.items())
-            for labels, value in list(series.items())
-        ],
+        [(name, _text(labels), value) for (name, labels), value in counters.items()],
     )
     db.executemany(
         "INSERT INTO histograms VALUES (?, ?, ?)",

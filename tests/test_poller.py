@@ -93,9 +93,11 @@ async def test_a_state_that_cannot_be_saved_publishes_nothing_and_reports_down(t
             await poller.restore()
             start = collector.snapshots["default"]
             blocker.write_text("a file where the state directory should be\n")
+            failed = 0
             for _ in range(100):
                 ok, wait = await poller.poll()
                 assert not ok and wait > 0
+                failed += 1
                 if ended(poller.store) == 20:
                     break
                 await asyncio.sleep(0.2)  # the scenario: polls keep coming while the disk is broken
@@ -103,7 +105,10 @@ async def test_a_state_that_cannot_be_saved_publishes_nothing_and_reports_down(t
             shown = collector.snapshots["default"]
             assert shown.store is start.store, "no count that is not on disk reached /metrics"
             assert not shown.health.status.up and shown.health.status.last_error == "state not saved"
-            assert poller.store.counters["callingbox_exporter_polls_total"][("error",)] >= 1
+            polls = poller.store.counters["callingbox_exporter_polls_total"]
+            assert (polls[("success",)], polls[("error",)]) == (0, failed), (
+                "each poll counted once, as the error it was"
+            )
 
             # The directory comes back: the next poll saves, then publishes everything held.
             blocker.unlink()
@@ -111,7 +116,11 @@ async def test_a_state_that_cannot_be_saved_publishes_nothing_and_reports_down(t
             assert (await poller.poll())[0]
     published = collector.snapshots["default"]
     assert ended(published.store) == 20 and published.health.status.up
-    assert ended(read(state_file).store) == 20
+    on_disk = read(state_file).store
+    assert ended(on_disk) == 20
+    for store in (published.store, on_disk, poller.store):
+        polls = store.counters["callingbox_exporter_polls_total"]
+        assert (polls[("success",)], polls[("error",)]) == (1, failed), "the save held the poll that made it"
 
 
 class Clock:

@@ -371,6 +371,29 @@ def test_a_failed_save_keeps_its_changes_for_the_next(tmp_path):
     assert_same(reopen(path), ledger, store)
 
 
+def test_a_save_writes_the_counts_it_adds_and_leaves_the_store_to_count_them(tmp_path):
+    """A poll's own outcome rides on its save (`adding`): on disk when the save succeeds, not
+    before, and never in the store until the poller counts it (SelfMetrics.poll)."""
+    polls = "callingbox_exporter_polls_total"
+    path = tmp_path / "state.db"
+    ledger, store = accounted()
+    db, _ = StateDB.open(str(path), "default")
+    for _save in ("the first, which builds the file whole", "an incremental one"):
+        before = store.counters[polls][("success",)]
+        db.save(ledger, store, adding={(polls, ("success",)): 1})
+        assert store.counters[polls][("success",)] == before, "the store counts it itself, after the save"
+        assert read(str(path)).store.counters[polls][("success",)] == before + 1
+        store.inc(polls, ("success",))  # what the poller does once the save returned
+
+    db.connection.execute("PRAGMA query_only=1")  # the disk refuses writes
+    with pytest.raises(sqlite3.OperationalError):
+        db.save(ledger, store, adding={(polls, ("success",)): 1})
+    saved = read(str(path)).store.counters[polls]
+    assert saved[("success",)] == store.counters[polls][("success",)], "a failed save added nothing"
+    db.connection.execute("PRAGMA query_only=0")
+    db.close()
+
+
 def test_a_closed_database_refuses_to_save_and_keeps_the_changes(tmp_path):
     ledger, store = accounted()
     db, _ = StateDB.open(str(tmp_path / "state.db"), "default")
