@@ -37,6 +37,7 @@ FLOW = (
     "tally",
     "tables",
     "health",
+    "statefile",
     "state",
     "metrics",
     "exposition",
