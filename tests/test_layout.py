@@ -34,6 +34,7 @@ FLOW = (
     "document",
     "store",
     "selfmetrics",
+    "findings",
     "tally",
     "tables",
     "health",
