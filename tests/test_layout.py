@@ -45,6 +45,7 @@ FLOW = (
     "stragglers",
     "liveness",
     "backoff",
+    "persist",
     "poller",
     "supervisor",
     "webschema",
