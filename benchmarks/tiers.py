@@ -384,10 +384,10 @@ async def timeline(
         saved = poller._persist
         save_cpu = [0.0]
 
-        async def persist() -> bool:  # the state save's CPU, inside the poll's
+        async def persist(adding: dict | None = None) -> bool:  # the state save's CPU, inside the poll's
             cpu = time.process_time()
             try:
-                return await saved()
+                return await saved(adding)
             finally:
                 save_cpu[0] += time.process_time() - cpu
 

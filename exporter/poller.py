@@ -1,10 +1,10 @@
 """The loop of one target: plan → read → tally → persist → publish, then wait.
 
-Only what is asynchronous lives here: the schedule, the reads, the state file. Each poll hands
-the API's list body to the target's `Tally` (the gate that counts), whose counts reach `/metrics`
-only after the state holding them is on disk (persist, then publish), so a crash never shows
-Prometheus a counter going backwards. Faults back off with jitter (backoff.py); they never end
-the loop.
+Only what is asynchronous lives here: the schedule, the reads, the state file (its saves:
+persist.py). Each poll hands the API's list body to the target's `Tally` (the gate that counts),
+whose counts reach `/metrics` only after the state holding them is on disk (persist, then
+publish), so a crash never shows Prometheus a counter going backwards. Faults back off with
+jitter (backoff.py); they never end the loop.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 
 import aiohttp
 
-from . import logs, state
+from . import logs
 from .api import ApiError, Client, RateLimited
 from .backoff import MAX_BACKOFF, Streak
 from .budget import Budgets
@@ -27,6 +27,7 @@ from .keyfile import KeyFile
 from .ledger import Ledger
 from .liveness import Heartbeat, ledger_work
 from .metrics import Collector
+from .persist import Persister
 from .plan import Plan
 from .selfmetrics import SelfMetrics
 from .settings import Settings
@@ -74,8 +75,7 @@ class Poller:
         self.key_file = KeyFile(target.api_key_file)  # the api_key_file version in use
         self._wake = asyncio.Event()  # set to end the wait before the next poll
         self.streak = Streak(target.name, target.poll_interval, self.rng)
-        self.db: state.StateDB | None = None  # the state file's database, once restored
-        self._saving: asyncio.Future | None = None  # the last save, running in a worker thread
+        self.saver = Persister(target.state_file, target.name, self.heartbeat)  # the state file, if any
         self._freeze = GrowthFreeze()
 
     def _tally(self, ledger: Ledger, store: Store) -> Tally:
@@ -100,30 +100,18 @@ class Poller:
         Raises state.StateError for a file that cannot be used: the exporter does not start (or
         the reload is refused) rather than count from zero over it.
         """
-        if self.target.state_file:
-            self.db, restored = await asyncio.to_thread(
-                state.StateDB.open,
-                self.target.state_file,
-                self.org,
-                dict(self.target.buckets),
-                self.target.max_label_values,
-                self.extra_labels,
+        restored = await self.saver.open(dict(self.target.buckets), self.target.max_label_values, self.extra_labels)
+        if restored is not None:
+            self.tally = self._tally(restored.ledger, restored.store)
+            self.tally.schedule.resume(restored.extra)  # where the last audit window ended
+            self.metrics.use(self.store)
+            log.info(
+                "state restored",
+                extra={"org": self.org, "tracked_calls": len(self.ledger.calls), "watermark": self.ledger.watermark},
             )
-            if restored is not None:
-                self.tally = self._tally(restored.ledger, restored.store)
-                self.tally.schedule.resume(restored.extra)  # where the last audit window ended
-                self.metrics.use(self.store)
-                log.info(
-                    "state restored",
-                    extra={
-                        "org": self.org,
-                        "tracked_calls": len(self.ledger.calls),
-                        "watermark": self.ledger.watermark,
-                    },
-                )
-                if len(self.ledger.calls) >= FREEZE_CALLS:
-                    gc.collect()  # once, at start: nothing else to collect yet costs little
-                    self._freeze(len(self.ledger.calls))
+            if len(self.ledger.calls) >= FREEZE_CALLS:
+                gc.collect()  # once, at start: nothing else to collect yet costs little
+                self._freeze(len(self.ledger.calls))
         await self._publish(self.clock(), durable=True)
 
     def adopt(self, old: Poller) -> None:
@@ -134,10 +122,7 @@ class Poller:
         yet persisted is published after this poller's first save, as always.
         """
         self.status, self.streak.current = old.status, old.streak.current
-        if old.target.state_file == self.target.state_file:
-            self.db, old.db = old.db, None  # the database follows the ledger it holds
-        elif self.target.state_file:
-            self.db = state.StateDB(self.target.state_file, self.org)  # the next save writes it whole
+        self.saver.take_over(old.saver)  # the database follows the ledger it holds
         settings = ("buckets", "max_label_values", "metadata_labels")
         same = all(getattr(old.target, s) == getattr(self.target, s) for s in settings)
         reset = self.tally.adopt(
@@ -168,15 +153,11 @@ class Poller:
     async def settle(self) -> None:
         """Wait for a save its cancelled poll left running: a poller that adopts this one's ledger
         must not have its own save overtaken by an older one."""
-        if self._saving is not None:
-            await asyncio.gather(self._saving, return_exceptions=True)
+        await self.saver.settle()
 
     async def close(self) -> None:
         """Close the state database: the poller is stopped for good (not replaced by a reload)."""
-        await self.settle()
-        db, self.db = self.db, None
-        if db is not None:
-            await asyncio.to_thread(db.close)
+        await self.saver.close()
 
     def wake(self) -> None:
         """End the wait before the next poll (a reload, a rotated key): it runs now."""
@@ -271,23 +252,7 @@ class Poller:
     async def _persist(self, adding: dict | None = None) -> bool:
         """Save the state file, if any, with `adding` on top of the store's counts (StateDB.save).
         Not durable means not published: counts wait in memory."""
-        if not self.target.state_file:
-            self.ledger.take_changed()  # nothing writes them: let the sets of changes go
-            self.store.take_changed()
-            return True
-        if self.db is None:  # never restored (a caller that polls at once): the first save writes it whole
-            self.db = state.StateDB(self.target.state_file, self.org)
-        try:
-            # Shielded: a poll cancelled by a reload lets its save finish; `settle` waits for it.
-            self._saving = asyncio.ensure_future(
-                asyncio.to_thread(self.db.save, self.ledger, self.store, self.tally.schedule.state(), adding)
-            )
-            with self.heartbeat.step("state save", ledger_work(len(self.ledger.calls))):
-                await asyncio.shield(self._saving)
-            return True
-        except Exception as error:
-            log.error("state not saved", extra={"org": self.org, "path": self.target.state_file, "error": str(error)})
-            return False
+        return await self.saver.save(self.ledger, self.store, self.tally.schedule.state(), adding)
 
     async def _read(self, now: float, plan: Plan) -> ReadResult:
         """Read the list down to the plan's depth, a 429 waited out a few times; returns what it saw."""

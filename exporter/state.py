@@ -3,31 +3,31 @@
 One transaction per save (WAL, synchronous=FULL): a crash at any instant leaves the last committed
 poll, and `save` returns only once the poll is on disk, so the poller publishes after it (persist,
 then publish). A save writes only the calls and series changed since the one before (the rows:
-tables.py). The JSON file of earlier releases (format 1, read by migrate.py) is migrated at open;
-any other file is refused with one line, never replaced: starting afresh at a new baseline is the
-operator's call.
+tables.py; building, installing and opening the file: statefile.py). The JSON file of earlier
+releases (format 1, read by migrate.py) is migrated at open; any other file is refused with one
+line, never replaced: starting afresh at a new baseline is the operator's call.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sqlite3
 import threading
-import urllib.parse
 from typing import NamedTuple
 
-from . import migrate, tables
+from . import migrate, statefile, tables
 from .ledger import Ledger
 from .migrate import encode_v1  # noqa: F401  (re-exported: tests and the persistence benchmark write format 1 with it)
+from .statefile import (
+    AFRESH,
+    APPLICATION_ID,  # noqa: F401  (re-exported: the tests check the file's application id)
+    StateError,
+    refuse,
+    unreadable,
+)
 from .store import Store
-from .tables import SCHEMA_VERSION
-
-APPLICATION_ID = 0x43424558  # PRAGMA application_id, "CBEX": another application's SQLite file is not ours
-SQLITE_MAGIC = b"SQLite format 3\x00"
-WAL_LIMIT = 4 * 1024 * 1024  # bytes the WAL keeps after a checkpoint
-AFRESH = "move the file away to start afresh at a new baseline (counters restart at zero)"
+from .tables import SCHEMA_VERSION  # noqa: F401  (re-exported: the tests check the file's schema)
 
 # Meta rows written only when their text changed: label values' last uses (rounded to the minute)
 # and the series held unseen, most saves the same.
@@ -36,36 +36,12 @@ UNLESS_CHANGED = ("label_use", "births")
 log = logging.getLogger(__name__)
 
 
-class StateError(Exception):
-    """A state file that cannot be used as it is. The message is one line: the path, what is
-    wrong, what to do."""
-
-
 class Restored(NamedTuple):
     ledger: Ledger
     store: Store
     reset_histograms: list[str]  # histograms whose buckets changed: they restart at zero
     extra: dict  # what the caller saved beside the state (`save(extra=...)`)
     saved_at: float | None
-
-
-def _refuse(path: str, problem: str, todo: str) -> StateError:
-    return StateError(" ".join(f"{path}: {problem}: {todo}".split()))
-
-
-def _unreadable(path: str, what: str, error: object) -> StateError:
-    return _refuse(path, f"{what} ({error})", f"restore a backup, or {AFRESH}")
-
-
-def _failed(path: str, error: sqlite3.Error) -> StateError:
-    """SQLite's error at open: the file or its directory not accessible, else the file damaged."""
-    if getattr(error, "sqlite_errorname", "") in ("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM"):
-        return _refuse(
-            path,
-            f"cannot be opened ({error})",
-            "check the permissions of the file and its directory (SQLite writes beside it)",
-        )
-    return _unreadable(path, "unreadable state database", error)
 
 
 class StateDB:
@@ -87,12 +63,12 @@ class StateDB:
         """The database at `path` and what it holds; None when there is no file yet (created at
         the first save). A JSON state file is migrated first. Raises StateError."""
         db = cls(path, org)
-        kind = _kind(path)
-        if kind is None:
+        found = statefile.kind(path)
+        if found is None:
             return db, None
-        if kind == "json":
+        if found == "json":
             _migrate(path, org)
-        db.connection = _connect(path)
+        db.connection = statefile.connect(path)
         try:
             restored, ledger_as_saved, store_as_saved = _restore(
                 db.connection, path, buckets, label_limit, extra_labels
@@ -148,10 +124,10 @@ class StateDB:
     def _create(self, ledger: Ledger, store: Store, extra: dict | None, adding: tables.Adding) -> None:
         """The first save: the file appears complete (built beside it, then renamed), never half made."""
         building = self.path + ".new"
-        meta = _build(building, self.org, ledger, store, extra, adding)
-        _install(building, self.path)
+        meta = statefile.build(building, self.org, ledger, store, extra, adding)
+        statefile.install(building, self.path)
         self._meta = {key: text for key, text in meta if key in UNLESS_CHANGED}
-        self.connection = _connect(self.path)
+        self.connection = statefile.connect(self.path)
 
     def _write(
         self,
@@ -188,129 +164,6 @@ class StateDB:
         self._meta.update((key, text) for key, text in meta if key in UNLESS_CHANGED)
 
 
-def _build(
-    path: str, org: str, ledger: Ledger, store: Store, extra: dict | None, adding: tables.Adding = None
-) -> list[tuple[str, str]]:
-    """A complete database at `path`, the state written whole, closed and on disk (not yet
-    installed); returns the meta rows written."""
-    _remove(path)
-    try:
-        db = sqlite3.connect(path, isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=MEMORY")  # nothing to recover: an unfinished file is never installed
-            db.execute("PRAGMA synchronous=OFF")  # the file is fsynced once, below
-            db.execute("PRAGMA temp_store=MEMORY")  # see _connect
-            db.execute(f"PRAGMA application_id={APPLICATION_ID}")
-            db.execute("BEGIN")
-            meta = tables.create(db, org, ledger, store, extra, adding)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            db.execute("COMMIT")
-            db.execute("PRAGMA journal_mode=WAL")  # persistent: written into the file's header
-        finally:
-            db.close()
-        _fsync(path)
-    except BaseException:
-        _remove(path)
-        raise
-    return meta
-
-
-def _install(built: str, path: str) -> None:
-    """Put a built database in place: rename, then fsync the directory."""
-    for stale in (path + "-wal", path + "-shm"):  # another file's WAL must never be replayed onto this one
-        _unlink(stale)
-    os.replace(built, path)
-    _fsync(os.path.dirname(os.path.abspath(path)))
-
-
-def _remove(path: str) -> None:
-    for name in (path, path + "-journal", path + "-wal", path + "-shm"):
-        _unlink(name)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-def _fsync(path: str) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-# ---- reading -------------------------------------------------------------------------------
-
-
-def _kind(path: str) -> str | None:
-    """What is at `path`: "sqlite", "json", or None when nothing; refuses anything else."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(len(SQLITE_MAGIC))
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        raise _refuse(path, f"cannot be read ({error.strerror})", "check the path and its permissions")
-    if head == SQLITE_MAGIC:
-        return "sqlite"
-    if head.lstrip()[:1] == b"{":
-        return "json"
-    problem = "an empty file" if not head else "not a state file (neither SQLite nor JSON)"
-    raise _refuse(path, problem, f"restore a backup, or {AFRESH}")
-
-
-def _connect(path: str, read_only: bool = False) -> sqlite3.Connection:
-    """A connection to our database at `path` (never created here); refuses anything else."""
-    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode={'ro' if read_only else 'rw'}"
-    try:
-        db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-    except sqlite3.Error as error:
-        raise _failed(path, error)
-    try:
-        application = db.execute("PRAGMA application_id").fetchone()[0]
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if application != APPLICATION_ID:
-            raise _refuse(
-                path,
-                "a SQLite database of another application, not a callingbox-exporter state",
-                f"point state_file elsewhere, or {AFRESH}",
-            )
-        if version > SCHEMA_VERSION:
-            raise _refuse(
-                path,
-                f"written by a newer callingbox-exporter (state schema {version}, this version reads {SCHEMA_VERSION})",
-                "run that version or a newer one, or restore a backup from before the upgrade",
-            )
-        if version == 2:
-            if not read_only:  # one transaction: a crash leaves schema 2, upgraded again at the next start
-                db.executescript(
-                    "BEGIN IMMEDIATE; "
-                    + "; ".join(tables.UPGRADE_2)
-                    + f"; PRAGMA user_version={SCHEMA_VERSION}; COMMIT"
-                )
-        elif version != SCHEMA_VERSION:
-            raise _unreadable(path, "an unfinished state database", f"schema {version}")
-        if not read_only:
-            db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit is on disk (the WAL fsynced) before save returns, because the poller
-            # publishes right after it. NORMAL would survive a kill -9, not a power cut.
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")  # after a whole write, the WAL shrinks back
-            # Building the id index sorts in memory: the container's root is read-only, with no /tmp.
-            db.execute("PRAGMA temp_store=MEMORY")
-    except sqlite3.Error as error:
-        db.close()
-        raise _failed(path, error)
-    except BaseException:
-        db.close()
-        raise
-    return db
-
-
 def _restore(
     db: sqlite3.Connection, path: str, buckets, label_limit: int, extra_labels: tuple[str, ...]
 ) -> tuple[Restored, bool, bool]:
@@ -318,28 +171,28 @@ def _restore(
     try:
         problem = db.execute("PRAGMA quick_check").fetchone()[0]
         if problem != "ok":
-            raise _unreadable(path, "damaged state database", problem)
+            raise unreadable(path, "damaged state database", problem)
         meta = tables.read_meta(db)
         if "baseline" not in meta:
-            raise _unreadable(path, "incomplete state database", "no baseline")
+            raise unreadable(path, "incomplete state database", "no baseline")
         ledger, store, reset, *as_saved = tables.load(db, meta, buckets, label_limit, extra_labels)
     except sqlite3.Error as error:
-        raise _failed(path, error)
+        raise statefile.failed(path, error)
     except (ValueError, TypeError, KeyError, AttributeError) as error:
-        raise _unreadable(path, "state database with unreadable content", error)
+        raise unreadable(path, "state database with unreadable content", error)
     extra = {key[len(tables.EXTRA) :]: value for key, value in meta.items() if key.startswith(tables.EXTRA)}
     return Restored(ledger, store, reset, extra, meta.get("saved_at")), *as_saved
 
 
 def read(path: str, buckets=None, label_limit: int = 50, extra_labels: tuple[str, ...] = ()) -> Restored | None:
     """The saved state, read only (`explain`): nothing is written, moved or migrated. None: no file."""
-    kind = _kind(path)
-    if kind is None:
+    found = statefile.kind(path)
+    if found is None:
         return None
-    if kind == "json":
+    if found == "json":
         with open(path, "rb") as handle:
             return _restore_v1(path, handle.read(), buckets, label_limit, extra_labels)
-    db = _connect(path, read_only=True)
+    db = statefile.connect(path, read_only=True)
     try:
         return _restore(db, path, buckets, label_limit, extra_labels)[0]
     finally:
@@ -361,11 +214,11 @@ def _migrate(path: str, org: str) -> None:
     restored = _restore_v1(path, data, as_saved=True)
     building, kept = path + ".migrating", path + ".v1.json"
     try:
-        _build(building, org, restored.ledger, restored.store, None)
+        statefile.build(building, org, restored.ledger, restored.store, None)
         migrate.write_atomically(kept, data)
-        _install(building, path)
+        statefile.install(building, path)
     except (OSError, sqlite3.Error) as error:
-        raise _refuse(
+        raise refuse(
             path,
             f"a JSON state that cannot be migrated ({error})",
             "check the permissions of its directory, where the database is built beside it",
@@ -392,11 +245,11 @@ def _restore_v1(
         ledger = migrate.ledger_v1(document, tuple(extra_labels))
         store, reset = Store.from_json(document["store"], buckets, label_limit, extra_labels)
     except migrate.UnknownVersion as error:
-        raise _refuse(
+        raise refuse(
             path,
             f"a JSON state of unknown format version {error.version!r}",
             f"run the version that wrote it, or {AFRESH}",
         )
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise _unreadable(path, "unreadable JSON state", error)
+        raise unreadable(path, "unreadable JSON state", error)
     return Restored(ledger, store, reset, {}, document.get("saved_at"))

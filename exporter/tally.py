@@ -4,8 +4,8 @@ A list read (`ListRead`) takes the stream of call objects, skips those that hold
 the rest (records.py), accounts them in the ledger (ledger.py, accounting.py) and counts the events
 in the store; a call fetched by id takes the same gate. The tally also keeps the memories that keep
 counts exact however often the API shows the same thing (a malformed record counted once, an audit
-mismatch reported once, a 404 by id settled by the next read). The read plan (plan.py) and the
-audit schedule (audit.py) ride along. No clock: the poller passes `now`.
+mismatch reported once by findings.py, a 404 by id settled by the next read). The read plan
+(plan.py) and the audit schedule (audit.py) ride along. No clock: the poller passes `now`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import NamedTuple
 from .accounting import deviations
 from .audit import Audit, AuditSchedule, Mismatch
 from .catalogue import BY_ID_NOT_FOUND_BUT_LISTED, DEVIATION_BITS, relabel
+from .findings import Findings
 from .ledger import Ledger, Summary
 from .plan import Plan, ReadPlanner
 from .records import Invalid, Record, decode_record, fields_type, fingerprint, timestamp_of
@@ -26,7 +27,6 @@ from .store import Store
 
 INVALID_MEMORY = 10_000  # malformed records remembered so a re-read does not count them again
 INVALID_LOG_LIMIT = 10  # malformed records logged one by one per read; the rest are summed up
-REPORTED_MEMORY = 10_000  # audit mismatches remembered so a lie found twice counts once
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Tally:
         # Calls that answered 404 by id: dropped only once a list read that covers them lacks them too.
         self.not_found: dict[str, float] = {}  # call id → created_at
         self._invalid_seen: dict[str, None] = {}  # fingerprints, oldest first
-        self._reported: set[tuple[str, str]] = set()  # (call id, kind) already counted as a mismatch
+        self.findings = Findings(settings.org, log)  # audit mismatches reported, each once
         self.invalid_logged = 0  # malformed records logged in the current read
 
     @property
@@ -138,7 +138,7 @@ class Tally:
         self.schedule.read_done(read.now)
         self.planner.learn(read.plan, read.now, read.horizon, read.records, read.bytes)
         if read.appeared:
-            self.report_mismatches(read.appeared)
+            self.findings.report_mismatches(read.appeared, self.ledger, self.store)
         self._settle_not_found(read)
 
     def _settle_not_found(self, read: ReadResult) -> None:
@@ -172,52 +172,16 @@ class Tally:
         self.store.inc("callingbox_exporter_vanished_calls_total", ())
         return True
 
-    # ---- the self-audit's findings -------------------------------------------------------
+    # ---- the self-audit's findings (findings.py) -----------------------------------------
 
     def conclude_audit(self, audit: Audit, now: float) -> None:
         """Count and log what a complete read's audit found; the next window is due an interval later."""
-        audit.finish(self.ledger)
-        mismatches = self.report(audit, "window")
-        until = self.schedule.audited_until
-        skipped = self.schedule.concluded(audit, now)
-        if skipped:
-            self.store.inc("callingbox_exporter_audit_skipped_seconds_total", (), skipped)
-            log.warning(
-                "audit skipped calls never to be audited",
-                extra={"org": self.org, "from": until, "to": audit.start, "skipped_s": round(skipped, 3)},
-            )
-        log.info(
-            "audit done",
-            extra={
-                "org": self.org,
-                "start": audit.start,
-                "end": audit.end,
-                "checked": audit.checked,
-                "mismatches": mismatches,
-            },
-        )
+        self.findings.conclude(audit, now, self.ledger, self.store, self.schedule)
 
     def report(self, audit: Audit, method: str) -> int:
         """Count the calls an audit checked (`method`: window, spot_check) and its mismatches,
         each call and kind once however often it is found."""
-        self.store.inc("callingbox_exporter_audit_calls_checked_total", (method,), audit.checked)
-        return self.report_mismatches(audit.mismatches)
-
-    def report_mismatches(self, mismatches: list[Mismatch]) -> int:
-        found = 0
-        for mismatch in mismatches:
-            if (mismatch.call_id, mismatch.kind) in self._reported:
-                continue
-            self._reported.add((mismatch.call_id, mismatch.kind))
-            found += 1
-            self.store.inc("callingbox_exporter_audit_mismatches_total", (mismatch.kind,))
-            log.warning(
-                "audit mismatch",
-                extra={"org": self.org, "kind": mismatch.kind, "call_id": mismatch.call_id, "detail": mismatch.detail},
-            )
-        if len(self._reported) > REPORTED_MEMORY:  # forget calls no longer tracked
-            self._reported = {r for r in self._reported if r[0] in self.ledger.calls}
-        return found
+        return self.findings.report(audit, method, self.ledger, self.store)
 
     def spot_sample(self, rng: random.Random, size: int) -> list[str]:
         """Tracked calls to fetch by id and compare: any counted after the baseline."""
@@ -267,7 +231,7 @@ class Tally:
         label_limit: int,
     ) -> list[str]:
         """Carry an old tally of the same org over a reload; returns histograms restarted."""
-        self.ledger, self._invalid_seen, self._reported = old.ledger, old._invalid_seen, old._reported
+        self.ledger, self._invalid_seen, self.findings = old.ledger, old._invalid_seen, old.findings
         self.not_found = old.not_found
         self.schedule.carry(old.schedule)
         self.planner.carry(old.planner)  # the read plan carries on too: a reload is no reason for a full read

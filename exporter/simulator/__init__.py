@@ -2,8 +2,8 @@
 
 `callingbox-exporter --demo` serves it in-process; tests serve it on loopback and compare the
 exporter's metrics with `Simulator.truth()`. Stdlib and aiohttp only: it imports nothing of ours.
-Modules, top to bottom: lifecycle → contract (what the docs leave open) → truth → player (steps
-the calls to `now`) → faults → handlers → app (`Simulator`).
+Modules, top to bottom: call → lifecycle → contract (what the docs leave open) → truth → player
+(steps the calls to `now`) → faults → handlers → app (`Simulator`).
 """
 
 from .app import TICK, Simulator, serve_in_thread

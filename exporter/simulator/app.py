@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .call import _Call, _Step
 from .contract import Contract
 from .faults import FAULT_KINDS
 from .handlers import Handlers
@@ -27,11 +28,9 @@ from .lifecycle import (
     HISTORY_SPACING,
     OUTCOME_WEIGHTS,
     Lifecycles,
-    _Call,
-    _new_record,
+    _final_record,
     _outcome_table,
     _seconds,
-    _Step,
     format_ts,
 )
 from .player import Player
@@ -227,21 +226,7 @@ class Simulator(Player, Lifecycles, Handlers):
         with self._lock:
             now = time.time()
             stamp = format_ts(now - age)
-            record = {
-                **_new_record(self._rng, "outbound", stamp),
-                "status": "completed",
-                "updated_at": stamp,
-                "started_at": stamp,
-                "answered_at": stamp,
-                "ended_at": stamp,
-                "duration_seconds": 30,
-                "billed_duration_seconds": 30,
-                "billing_amount_milli_cents": 5_000,
-                "reservation_status": "settled",
-                "webhook_status": None,
-                "result_status": None,
-                **fields,
-            }
+            record = {**_final_record(self._rng, stamp), **fields}
             record = self.contract.shape(record, extracted=True)
             # Unannounced: the truth is not told, and nothing of its end counts later.
             counted = Counted(record["ended_at"], record["status"], set(END_DETAILS))
@@ -261,16 +246,7 @@ class Simulator(Player, Lifecycles, Handlers):
         """Everything the exporter must have counted for events dated strictly after `after`."""
         with self._lock:
             events = self._events[:]
-        counters: dict = {}
-        observations: dict = {}
-        for date, name, labels, value, observed in itertools.chain(events, self._history_events(after)):
-            if date <= after:
-                continue
-            if observed:
-                observations.setdefault((name, labels), []).append(value)
-            else:
-                counters[(name, labels)] = counters.get((name, labels), 0) + value
-        return Truth(counters, observations)
+        return Truth.after(itertools.chain(events, self._history_events(after)), after)
 
     # ---- the clock: one task steps every call (player.py) --------------------------------
 

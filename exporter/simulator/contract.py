@@ -9,7 +9,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, fields
 
-from .lifecycle import _Step, format_ts
+from .call import _Step
+from .lifecycle import format_ts
 
 # The end details SPEC §1 lets the API write after the terminal version, in the two groups a
 # late CDR tends to bring them: the call's end first, then its bill.

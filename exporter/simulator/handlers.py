@@ -18,9 +18,9 @@ from typing import Any
 
 from aiohttp import web
 
+from .call import _Call
 from .contract import Contract
 from .faults import _dumps, _error, _malformed, fault_answer, trickle
-from .lifecycle import _Call
 
 
 class Handlers:

@@ -1,6 +1,7 @@
 """How a simulated call's future is drawn: realistic records, status paths, billing, extraction,
-webhook retries, and the synthetic history. The bottom of the simulator package: stdlib only;
-`truth.py` counts what these lifecycles do, `player.py` plays them and `app.py` owns the clock.
+webhook retries, and the synthetic history. Near the bottom of the simulator package: stdlib and
+the steps of call.py only; `truth.py` counts what these lifecycles do, `player.py` plays them and
+`app.py` owns the clock.
 """
 
 from __future__ import annotations
@@ -9,10 +10,10 @@ import math
 import random
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from .call import _Step
 
 TERMINAL = frozenset({"completed", "no_answer", "busy", "canceled", "failed"})
 OUTCOME_WEIGHTS = {"completed": 55, "no_answer": 18, "busy": 8, "failed": 10, "canceled": 9}
@@ -117,6 +118,24 @@ def _new_record(rng: random.Random, direction: str, created: str, campaigns: lis
     }
 
 
+def _final_record(rng: random.Random, stamp: str) -> dict:
+    """An outbound call that was queued, answered, ended and settled all at `stamp`."""
+    return {
+        **_new_record(rng, "outbound", stamp),
+        "status": "completed",
+        "updated_at": stamp,
+        "started_at": stamp,
+        "answered_at": stamp,
+        "ended_at": stamp,
+        "duration_seconds": 30,
+        "billed_duration_seconds": 30,
+        "billing_amount_milli_cents": 5_000,
+        "reservation_status": "settled",
+        "webhook_status": None,
+        "result_status": None,
+    }
+
+
 def _talk_seconds(rng: random.Random) -> float:
     # Most calls last a minute or two, a long tail runs into the platform's 10-minute cap.
     return min(600.0, max(5.0, rng.lognormvariate(math.log(90), 0.9)))
@@ -139,45 +158,6 @@ def _result(rng: random.Random) -> dict:
         "satisfaction": rng.randint(3, 5),
         "notes": rng.choice(("Confirmed, asked about parking.", "Prefers morning calls.", "All good.")),
     }
-
-
-@dataclass(order=True)
-class _Step:
-    due: float  # wall time
-    changes: dict = field(compare=False)
-    hide: float = field(default=0.0, compare=False)  # late commit: visible this long after it happens
-    applied: float | None = field(default=None, compare=False)  # when it happened, once it has
-
-
-@dataclass
-class _Call:
-    id: str
-    steps: deque[_Step]  # the planned future, by due time; empty once the call is final
-    versions: list[tuple[float, dict]] = field(default_factory=list)  # (visible_at, record)
-    counted: Any = None  # truth.Counted: what the truth has counted of this call so far
-
-    @property
-    def latest(self) -> dict:
-        return self.versions[-1][1]
-
-    def commit(self, record: dict, visible_at: float, now: float) -> None:
-        # Visibility is monotonic: a later change never shows before an earlier one.
-        if self.versions:
-            visible_at = max(visible_at, self.versions[-1][0])
-        self.versions.append((visible_at, record))
-        self.visible(now)
-
-    def visible(self, now: float) -> dict | None:
-        """The version readers see now (None before the creation is visible)."""
-        versions = self.versions
-        while len(versions) > 1 and versions[1][0] <= now:
-            del versions[0]  # superseded by a visible newer version: nobody can read it again
-        return versions[0][1] if versions[0][0] <= now else None
-
-    def final(self, now: float) -> bool:
-        # Nothing left to happen (the plan ends terminal, settled, delivered or failed, replay
-        # done) and readers can see the last version.
-        return not self.steps and self.versions[-1][0] <= now
 
 
 class Lifecycles:

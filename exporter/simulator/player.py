@@ -11,8 +11,9 @@ import random
 from collections import deque
 from typing import Any
 
+from .call import _Call, _Step
 from .contract import Contract, StampOf
-from .lifecycle import NOW, _Call, _new_record, _Step, format_ts
+from .lifecycle import NOW, _new_record, format_ts
 from .truth import _Event, ledger
 
 

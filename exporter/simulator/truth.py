@@ -1,11 +1,12 @@
 """The ground truth: what a perfect observer of the simulated API counts, and when (SPEC §3/§4).
 
-`ledger` turns each committed version of a call into dated events; `Simulator.truth()` (app.py)
-sums them into a `Truth`, which tests compare with the exporter's metrics.
+`ledger` turns each committed version of a call into dated events; `Truth.after` sums them
+(for `Simulator.truth()`, app.py), which tests compare with the exporter's metrics.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,20 @@ class Truth:
 
     counters: dict[tuple[str, tuple[tuple[str, str], ...]], int | float]
     observations: dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]
+
+    @classmethod
+    def after(cls, events: Iterable[_Event], after: float) -> Truth:
+        """The sum of `events` dated strictly after `after`: counters added up, observations listed."""
+        counters: dict = {}
+        observations: dict = {}
+        for date, name, labels, value, observed in events:
+            if date <= after:
+                continue
+            if observed:
+                observations.setdefault((name, labels), []).append(value)
+            else:
+                counters[(name, labels)] = counters.get((name, labels), 0) + value
+        return cls(counters, observations)
 
     def total(self, name: str, **labels: str) -> int | float:
         """Sum of a counter over every series whose labels include `labels`."""
