@@ -233,6 +233,18 @@ def rule_group_metrics(port: int) -> dict[str, dict[str, float]]:
     return found
 
 
+def start_prometheus(data: Path, work: Path, name: str, config: dict) -> tuple[int, subprocess.Popen]:
+    """Prometheus on `data` with `config`, its log in `work/NAME.log`; returns (port, process)."""
+    port, path = free_port(), work / f"{name}.yml"
+    path.write_text(json.dumps(config))
+    with (work / f"{name}.log").open("wb") as log:
+        argv = [f"--config.file={path}", f"--storage.tsdb.path={data}", f"--web.listen-address=127.0.0.1:{port}"]
+        process = subprocess.Popen(
+            ["prometheus", *argv, "--storage.tsdb.retention.time=30d"], stdout=log, stderr=subprocess.STDOUT
+        )
+    return port, process
+
+
 def compact(data: Path, work: Path, settle: float = 120.0, limit: float = 900.0) -> int:
     """Let Prometheus compact the backfilled blocks before anything is measured; returns the blocks left.
 
@@ -243,21 +255,7 @@ def compact(data: Path, work: Path, settle: float = 120.0, limit: float = 900.0)
     blocks. So Prometheus runs here alone (no rules, no scrapes) until its block count has not
     changed for `settle` seconds (at most `limit`).
     """
-    port = free_port()
-    config = work / "compact.yml"
-    config.write_text(json.dumps({"global": {"scrape_interval": "1h"}}))
-    with (work / "compact.log").open("wb") as log:
-        prometheus = subprocess.Popen(
-            [
-                "prometheus",
-                f"--config.file={config}",
-                f"--storage.tsdb.path={data}",
-                "--storage.tsdb.retention.time=30d",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    port, prometheus = start_prometheus(data, work, "compact", {"global": {"scrape_interval": "1h"}})
     try:
         blocks, since, deadline = None, time.time(), time.time() + limit
         while time.time() < deadline and time.time() - since < settle:
@@ -305,28 +303,15 @@ def measure(rule_dir: Path, orgs: list[str], wait: float, work: Path) -> dict:
     )
     history.unlink()
     blocks = compact(data, work)
-    port = free_port()
-    config = work / "prometheus.yml"
-    config.write_text(
-        json.dumps(
-            {
-                "global": {"scrape_interval": f"{SCRAPE}s", "evaluation_interval": f"{EVALUATION}s"},
-                "rule_files": [str(rule_dir / Path(r).name) for r in RULES],
-                "scrape_configs": [{"job_name": "callingbox", "static_configs": [{"targets": [target["instance"]]}]}],
-            }
-        )
-    )
-    log = (work / "prometheus.log").open("wb")
-    prometheus = subprocess.Popen(
-        [
-            "prometheus",
-            f"--config.file={config}",
-            f"--storage.tsdb.path={data}",
-            "--storage.tsdb.retention.time=30d",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    port, prometheus = start_prometheus(
+        data,
+        work,
+        "prometheus",
+        {
+            "global": {"scrape_interval": f"{SCRAPE}s", "evaluation_interval": f"{EVALUATION}s"},
+            "rule_files": [str(rule_dir / Path(r).name) for r in RULES],
+            "scrape_configs": [{"job_name": "callingbox", "static_configs": [{"targets": [target["instance"]]}]}],
+        },
     )
     try:
         deadline = time.time() + wait
