@@ -152,6 +152,16 @@ class Exporter:
         return memory(self.process.pid)["VmRSS"] // 1024
 
 
+def live_simulator(stack, key: str, seed: int, rate: float, retry: float = 0.05, **settings):
+    """`stack.simulator` in 300-fold API time, its webhook retries `retry` s apart, answering `key`: (sim, url)."""
+    return stack.simulator(seed=seed, rate=rate, time_scale=300, webhook_retry_base=retry, api_key=key, **settings)
+
+
+def exporter_of(stack, key: str, url: str, **config) -> Exporter:
+    """`stack.exporter` reading `url` with `key` from its environment; `config` holds the target's other keys."""
+    return stack.exporter({"api_url": url, **config}, env={"CALLINGBOX_API_KEY": key})
+
+
 def saved_baseline(state_file) -> float:
     """The baseline an exporter saved in its state file, read as `explain` reads it (never written)."""
     from exporter.state import read

@@ -30,7 +30,7 @@ from exporter.metrics import Collector
 from exporter.poller import Poller
 from exporter.records import parse_timestamp
 from exporter.simulator import Simulator, _seconds, format_ts, serve_in_thread
-from helpers import FixedClock, SkippingClock, wait_until
+from helpers import FixedClock, SkippingClock, live_simulator, wait_until
 
 CHECKED, MISMATCHES = "callingbox_exporter_audit_calls_checked_total", "callingbox_exporter_audit_mismatches_total"
 SKIPPED = "callingbox_exporter_audit_skipped_seconds_total"
@@ -75,14 +75,8 @@ def final_calls(sim, age_from: float, age_to: float) -> list[dict]:
 
 
 def test_an_honest_api_audits_clean_and_each_lie_is_caught_once(stack):
-    sim, url = stack.simulator(
-        seed=61,
-        rate=25,
-        time_scale=300,
-        webhook_retry_base=0.05,
-        api_key=KEY,
-        outcome_weights={"completed": 70, "no_answer": 10, "busy": 5, "failed": 10, "canceled": 5},
-    )
+    weights = {"completed": 70, "no_answer": 10, "busy": 5, "failed": 10, "canceled": 5}
+    sim, url = live_simulator(stack, KEY, seed=61, rate=25, outcome_weights=weights)
     exporter = stack.exporter(
         {
             "api_url": url,
