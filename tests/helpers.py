@@ -319,3 +319,20 @@ def call_record(**fields) -> Record:
     """A decoded call record: outbound, and every field without a default None unless `fields` give it."""
     blank = {name: None for name in Record._fields if name not in Record._field_defaults}
     return Record(**{**blank, "direction": "outbound", **fields})
+
+
+def settled(ended_at: float, seconds: int, **changes) -> dict:
+    """The fields of a completed call once all is done: `seconds` talked until `ended_at`, billed as
+    long (1 550 milli-cents, settled), hung up normally, its webhook delivered, its result extracted;
+    `changes` replace any of them."""
+    return {
+        "ended_at": ended_at,
+        "duration_seconds": seconds,
+        "billed_duration_seconds": seconds,
+        "billing_amount_milli_cents": 1550,
+        "reservation_status": "settled",
+        "webhook_status": "delivered",
+        "result_status": "completed",
+        "hangup_cause": "normal_clearing",
+        **changes,
+    }
