@@ -402,7 +402,7 @@ async def timeline(
                         byte_counts.get(("call",), 0),
                         sum(_counter(poller, "callingbox_exporter_api_requests_total").values()),
                     )
-                    plan = poller.tally.last_plan
+                    plan = poller.tally.planner.last_plan
                     results.append(
                         {
                             "t": t,

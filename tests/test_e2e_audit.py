@@ -278,7 +278,7 @@ async def test_calls_committed_late_are_each_reported_once_however_the_polls_dri
                 sim,
                 commits,
                 random.Random(18),
-                until=lambda: (poller.tally.audited_until or 0) > commits.until,
+                until=lambda: (poller.tally.schedule.audited_until or 0) > commits.until,
             )
     windows = windows_of(caplog.records)
     assert_tiled(windows)
@@ -313,7 +313,7 @@ async def test_a_restart_between_two_audits_neither_skips_nor_repeats_a_slice(tm
             await drive(
                 first, clock, sim, commits, random.Random(1), until=lambda: len(windows_of(caplog.records)) >= 6
             )
-            assert first.tally.next_audit > clock.now, "stopped between two audits"
+            assert first.tally.schedule.next_audit > clock.now, "stopped between two audits"
             before = windows_of(caplog.records)
             await first.close()
 
@@ -326,14 +326,14 @@ async def test_a_restart_between_two_audits_neither_skips_nor_repeats_a_slice(tm
                 rng=random.Random(183),
             )
             await second.restore()
-            assert second.tally.audited_until == before[-1][1]
+            assert second.tally.schedule.audited_until == before[-1][1]
             await drive(
                 second,
                 clock,
                 sim,
                 commits,
                 random.Random(2),
-                until=lambda: (second.tally.audited_until or 0) > commits.until,
+                until=lambda: (second.tally.schedule.audited_until or 0) > commits.until,
             )
             await second.close()
     windows = windows_of(caplog.records)
@@ -369,7 +369,7 @@ async def test_a_clean_run_audits_every_call_created_once_and_finds_nothing(capl
                 audits = len(windows_of(caplog.records))
                 _, wait = await poller.poll()
                 if len(windows_of(caplog.records)) > audits:
-                    checked.append((poller.tally.audited_until, poller.store.counters[CHECKED][("window",)]))
+                    checked.append((poller.tally.schedule.audited_until, poller.store.counters[CHECKED][("window",)]))
                 return wait
 
             for _ in range(200):  # live: polls on the poller's own schedule until every call is final
@@ -383,7 +383,7 @@ async def test_a_clean_run_audits_every_call_created_once_and_finds_nothing(capl
                 created = sorted(_seconds(c.versions[0][1]["created_at"]) for c in sim._calls.values())
             rng = random.Random(185)
             for _ in range(200):  # then ahead: drifting polls, some failing, until every call is audited
-                if (poller.tally.audited_until or 0) > created[-1]:
+                if (poller.tally.schedule.audited_until or 0) > created[-1]:
                     break
                 if rng.random() < 0.1:
                     sim.inject("status", code=503)
