@@ -191,6 +191,11 @@ def audit_target(url: str, **settings) -> Target:
     )
 
 
+def audit_poller(url: str, session, clock, seed: int, **settings) -> Poller:
+    """A Poller of `audit_target(url, **settings)` on `clock`, its randomness seeded with `seed`."""
+    return Poller(audit_target(url, **settings), Collector("test"), session, clock=clock, rng=random.Random(seed))
+
+
 class LateCommits:
     """Calls created every SPACING seconds from T0 to `until`, each committed LATE seconds later."""
 
@@ -270,7 +275,7 @@ async def test_calls_committed_late_are_each_reported_once_however_the_polls_dri
     with serve_in_thread(sim) as url, caplog.at_level(logging.INFO, logger="exporter.tally"):
         commits = LateCommits(sim, until=T0 + 5 * INTERVAL)
         async with aiohttp.ClientSession() as session:
-            poller = Poller(audit_target(url), Collector("test"), session, clock=clock, rng=random.Random(181))
+            poller = audit_poller(url, session, clock, 181)
             await poller.restore()
             await drive(
                 poller,
@@ -302,13 +307,7 @@ async def test_a_restart_between_two_audits_neither_skips_nor_repeats_a_slice(tm
     with serve_in_thread(sim) as url, caplog.at_level(logging.INFO, logger="exporter.tally"):
         commits = LateCommits(sim, until=T0 + 6 * INTERVAL)
         async with aiohttp.ClientSession() as session:
-            first = Poller(
-                audit_target(url, state_file=state_file),
-                Collector("test"),
-                session,
-                clock=clock,
-                rng=random.Random(182),
-            )
+            first = audit_poller(url, session, clock, 182, state_file=state_file)
             await first.restore()
             await drive(
                 first, clock, sim, commits, random.Random(1), until=lambda: len(windows_of(caplog.records)) >= 6
@@ -318,13 +317,7 @@ async def test_a_restart_between_two_audits_neither_skips_nor_repeats_a_slice(tm
             await first.close()
 
             clock.now += 3.0  # down: the next audit is due meanwhile
-            second = Poller(
-                audit_target(url, state_file=state_file),
-                Collector("test"),
-                session,
-                clock=clock,
-                rng=random.Random(183),
-            )
+            second = audit_poller(url, session, clock, 183, state_file=state_file)
             await second.restore()
             assert second.tally.schedule.audited_until == before[-1][1]
             await drive(
@@ -354,13 +347,7 @@ async def test_a_clean_run_audits_every_call_created_once_and_finds_nothing(capl
     clock = SkippingClock()
     with serve_in_thread(sim) as url, caplog.at_level(logging.INFO, logger="exporter.tally"):
         async with aiohttp.ClientSession() as session:
-            poller = Poller(
-                audit_target(url, audit_sample=5, initial_lookback=3600.0),
-                Collector("test"),
-                session,
-                clock=clock,
-                rng=random.Random(184),
-            )
+            poller = audit_poller(url, session, clock, 184, audit_sample=5, initial_lookback=3600.0)
             await poller.restore()
             baseline = poller.ledger.baseline
             checked = []  # (where each audit's window ended, calls audited by window so far)
@@ -410,12 +397,8 @@ async def test_a_rewrite_only_a_spot_check_can_see_is_found_when_the_sample_reac
     with serve_in_thread(sim) as url:
         wait_until(sim.all_final, 30, message="the twenty calls final")
         async with aiohttp.ClientSession() as session:
-            poller = Poller(
-                audit_target(url, settle_window=3600.0, audit_sample=3, initial_lookback=3600.0),
-                Collector("test"),
-                session,
-                clock=clock,
-                rng=random.Random(186),
+            poller = audit_poller(
+                url, session, clock, 186, settle_window=3600.0, audit_sample=3, initial_lookback=3600.0
             )
             await poller.restore()
             assert (await poller.poll())[0] and len(poller.ledger.calls) == 20
