@@ -325,3 +325,18 @@ def settled(ended_at: float, seconds: int, **changes) -> dict:
         "hangup_cause": "normal_clearing",
         **changes,
     }
+
+
+def call_object(id: str, status: str, created: float, updated: float, **fields) -> dict:
+    """A call object as the API sends it: outbound, timestamps as text, and once its status is
+    terminal, ended at `updated`; `fields` add to it or replace."""
+    from exporter.simulator import format_ts
+
+    ended = format_ts(updated) if is_final(status) else None
+    times = {"created_at": format_ts(created), "updated_at": format_ts(updated), "ended_at": ended}
+    return {"id": id, "status": status, "direction": "outbound", **times, **fields}
+
+
+def is_final(status: str) -> bool:
+    """Whether a documented status is terminal (no status outside the docs here)."""
+    return status not in ("queued", "initiated", "ringing", "in_progress")
