@@ -35,16 +35,10 @@ def ended(id, at: float, **fields) -> Record:
 def accounted(buckets=None) -> tuple[Ledger, Store]:
     """A ledger and store after a few calls: active, completed with a pending webhook, failed."""
     ledger, store = Ledger(BASELINE, watermark=BASELINE + 500.5), Store(buckets, label_limit=2)
+    pending = settled(BASELINE + 75, 60, webhook_status="pending")
     for r in (
         record("a", "ringing", BASELINE + 20, started_at=BASELINE + 19),
-        record(
-            "b",
-            "completed",
-            BASELINE + 80,
-            started_at=BASELINE + 12,
-            answered_at=BASELINE + 15.5,
-            **settled(BASELINE + 75, 60, webhook_status="pending"),
-        ),
+        record("b", "completed", BASELINE + 80, started_at=BASELINE + 12, answered_at=BASELINE + 15.5, **pending),
         record(
             "c",
             "failed",
