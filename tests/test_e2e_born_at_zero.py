@@ -169,22 +169,14 @@ def test_every_counted_event_reaches_increase_through_new_idle_and_returning_lab
     sim, url = live_simulator(stack, KEY, seed=22, rate=25, retry=0.03, outcome_weights=weights)
     sim.pause()  # calls come in phases, once Prometheus scrapes the exporter
     state_file = tmp_path / "state.db"
-    labels = {
+    settings = {
+        "state_file": str(state_file),
         "max_label_values": CAP,
         "metadata_labels": {"campaign": "campaign"},
         "label_idle": f"{IDLE}s",
         "new_series_hold": f"{hold}s",
     }
-    exporter = exporter_of(
-        stack,
-        KEY,
-        url,
-        poll_interval="0.3s",
-        overlap="10s",
-        initial_lookback="1h",
-        state_file=str(state_file),
-        **labels,
-    )
+    exporter = exporter_of(stack, KEY, url, poll_interval="0.3s", overlap="10s", initial_lookback="1h", **settings)
     prometheus = start_prometheus(launch, tmp_path, exporter.url)  # scraping before the exporter's first publish
     started = time.time()
     wait_until(prometheus.ready, 30, message="prometheus ready")
