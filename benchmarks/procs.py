@@ -136,6 +136,23 @@ def write_exporter_config(path: Path, config: dict) -> Path:
     return path
 
 
+# The call families an exporter's numbers are compared with the simulator's truth on (money apart).
+CALL_COUNTERS = (
+    "callingbox_calls_created_total",
+    "callingbox_calls_ended_total",
+    "callingbox_call_hangups_total",
+    "callingbox_call_errors_total",
+    "callingbox_webhook_deliveries_total",
+    "callingbox_result_extractions_total",
+)
+CALL_HISTOGRAMS = (
+    "callingbox_call_duration_seconds",
+    "callingbox_call_answer_delay_seconds",
+    "callingbox_call_setup_delay_seconds",
+    "callingbox_call_billed_duration_seconds",
+)
+
+
 def sample(text: bytes | str, name: str, labels: str = "") -> float | None:
     """One sample's value from a text exposition: `sample(body, "x_total", 'org="a"')`."""
     if isinstance(text, bytes):

@@ -54,7 +54,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
 from benchmarks.common import LOOKBACK, MB, Facts, PollReport, Row, Sizes, median, verdict
-from benchmarks.procs import Child
+from benchmarks.procs import CALL_COUNTERS, CALL_HISTOGRAMS, Child
 from exporter.catalogue import DEFAULT_BUCKETS, MILLI_CENTS_PER_DOLLAR
 from exporter.config import Target
 from exporter.metrics import Collector
@@ -322,21 +322,7 @@ class TierReport(PollReport):
     FIELDS = (*PollReport.FIELDS, "full", "depth_s", "stragglers_refreshed", "stragglers_not_found", "straggler_errors")
 
 
-COUNTERS = (
-    "callingbox_calls_created_total",
-    "callingbox_calls_ended_total",
-    "callingbox_call_hangups_total",
-    "callingbox_call_errors_total",
-    "callingbox_webhook_deliveries_total",
-    "callingbox_result_extractions_total",
-    "callingbox_billed_amount_dollars_total",
-)
-CALL_HISTOGRAMS = (
-    "callingbox_call_duration_seconds",
-    "callingbox_call_answer_delay_seconds",
-    "callingbox_call_setup_delay_seconds",
-    "callingbox_call_billed_duration_seconds",
-)
+COUNTERS = (*CALL_COUNTERS, "callingbox_billed_amount_dollars_total")
 HISTOGRAMS = tuple(h + suffix for h in CALL_HISTOGRAMS for suffix in ("_count", "_sum", "_bucket"))
 # Sums of float differences: the exporter and the truth add them in different orders (tests/conftest.py).
 FLOAT_SUMS = ("callingbox_call_answer_delay_seconds_sum", "callingbox_call_setup_delay_seconds_sum")
@@ -416,7 +402,7 @@ async def timeline(
                         byte_counts.get(("call",), 0),
                         sum(_counter(poller, "callingbox_exporter_api_requests_total").values()),
                     )
-                    plan = poller.tally.last_plan
+                    plan = poller.tally.planner.last_plan
                     results.append(
                         {
                             "t": t,

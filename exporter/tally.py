@@ -70,18 +70,6 @@ class Tally:
     def org(self) -> str:
         return self.settings.org
 
-    @property
-    def audited_until(self) -> float | None:
-        return self.schedule.audited_until
-
-    @property
-    def next_audit(self) -> float:
-        return self.schedule.next_audit
-
-    @property
-    def last_plan(self) -> Plan | None:
-        return self.planner.last_plan
-
     # ---- raw call object → counts ---------------------------------------------------------
 
     def decode(self, obj: object) -> Record | None:

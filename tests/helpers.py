@@ -23,6 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 # The tests import these from helpers too (stop only from here: noqa F401).
 from benchmarks.procs import (  # noqa: F401
+    CALL_COUNTERS,
+    CALL_HISTOGRAMS,
     ROOT,
     answers,
     exporter_argv,
@@ -152,6 +154,16 @@ class Exporter:
         return memory(self.process.pid)["VmRSS"] // 1024
 
 
+def live_simulator(stack, key: str, seed: int, rate: float, retry: float = 0.05, **settings):
+    """`stack.simulator` in 300-fold API time, its webhook retries `retry` s apart, answering `key`: (sim, url)."""
+    return stack.simulator(seed=seed, rate=rate, time_scale=300, webhook_retry_base=retry, api_key=key, **settings)
+
+
+def exporter_of(stack, key: str, url: str, **config) -> Exporter:
+    """`stack.exporter` reading `url` with `key` from its environment; `config` holds the target's other keys."""
+    return stack.exporter({"api_url": url, **config}, env={"CALLINGBOX_API_KEY": key})
+
+
 def saved_baseline(state_file) -> float:
     """The baseline an exporter saved in its state file, read as `explain` reads it (never written)."""
     from exporter.state import read
@@ -170,20 +182,7 @@ def counters_of(samples: Samples, org: str = "default") -> Samples:
     return result
 
 
-HISTOGRAMS = (
-    "callingbox_call_duration_seconds",
-    "callingbox_call_answer_delay_seconds",
-    "callingbox_call_setup_delay_seconds",
-    "callingbox_call_billed_duration_seconds",
-)
-COUNTERS = (
-    "callingbox_calls_created_total",
-    "callingbox_calls_ended_total",
-    "callingbox_call_hangups_total",
-    "callingbox_call_errors_total",
-    "callingbox_webhook_deliveries_total",
-    "callingbox_result_extractions_total",
-)
+HISTOGRAMS, COUNTERS = CALL_HISTOGRAMS, CALL_COUNTERS  # the families compared with truth, as benchmarks compare
 
 
 MILLI_CENTS_PER_DOLLAR = 100_000  # SPEC §1: 100 000 milli-cents = 1 USD
@@ -309,3 +308,35 @@ def call_record(**fields) -> Record:
     """A decoded call record: outbound, and every field without a default None unless `fields` give it."""
     blank = {name: None for name in Record._fields if name not in Record._field_defaults}
     return Record(**{**blank, "direction": "outbound", **fields})
+
+
+def settled(ended_at: float, seconds: int, **changes) -> dict:
+    """The fields of a completed call once all is done: `seconds` talked until `ended_at`, billed as
+    long (1 550 milli-cents, settled), hung up normally, its webhook delivered, its result extracted;
+    `changes` replace any of them."""
+    return {
+        "ended_at": ended_at,
+        "duration_seconds": seconds,
+        "billed_duration_seconds": seconds,
+        "billing_amount_milli_cents": 1550,
+        "reservation_status": "settled",
+        "webhook_status": "delivered",
+        "result_status": "completed",
+        "hangup_cause": "normal_clearing",
+        **changes,
+    }
+
+
+def call_object(id: str, status: str, created: float, updated: float, **fields) -> dict:
+    """A call object as the API sends it: outbound, timestamps as text, and once its status is
+    terminal, ended at `updated`; `fields` add to it or replace."""
+    from exporter.simulator import format_ts
+
+    ended = format_ts(updated) if is_final(status) else None
+    times = {"created_at": format_ts(created), "updated_at": format_ts(updated), "ended_at": ended}
+    return {"id": id, "status": status, "direction": "outbound", **times, **fields}
+
+
+def is_final(status: str) -> bool:
+    """Whether a documented status is terminal (no status outside the docs here)."""
+    return status not in ("queued", "initiated", "ringing", "in_progress")

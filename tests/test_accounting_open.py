@@ -32,6 +32,11 @@ MONEY, BILLED = "callingbox_billed_amount_dollars_total", "callingbox_call_bille
 WEBHOOKS, EXTRACTIONS = "callingbox_webhook_deliveries_total", "callingbox_result_extractions_total"
 DEVIATIONS = "callingbox_exporter_contract_deviations_total"
 DECODE = msgspec.json.Decoder(list[CallFields])
+# A call's fields that stay null until it ends, and the outcomes of its webhook and extraction.
+UNSET = (
+    "started_at answered_at ended_at duration_seconds billed_duration_seconds billing_amount_milli_cents"
+    " webhook_status result_status hangup_cause error_code"
+).split()
 
 
 def tally(baseline: float = BASELINE, label_limit: int = 50) -> Tally:
@@ -49,19 +54,10 @@ def call(status: str, updated: float, id: str = "a", whole: bool = True, **field
         "direction": OUT,
         "created_at": stamp(C),
         "updated_at": stamp(updated),
-        "started_at": None,
-        "answered_at": None,
-        "ended_at": None,
-        "duration_seconds": None,
-        "billed_duration_seconds": None,
-        "billing_amount_milli_cents": None,
+        **dict.fromkeys(UNSET),
         "reservation_status": "reserved",
         "webhook_url": "https://hooks.example/cb",
-        "webhook_status": None,
         "returns": {"ok": "boolean"},
-        "result_status": None,
-        "hangup_cause": None,
-        "error_code": None,
     }
     for key, value in fields.items():
         obj[key] = stamp(value) if key.endswith("_at") and isinstance(value, float) else value

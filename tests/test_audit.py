@@ -10,31 +10,16 @@ from exporter.accounting import CallState
 from exporter.audit import Audit
 from exporter.ledger import Ledger
 from exporter.records import Record
+from helpers import call_record, settled
 
 BASELINE, START, END = 1_000.0, 2_000.0, 3_000.0
 
 
 def record(status="completed", created_at=2_500.0, **fields) -> Record:
-    values = dict(
-        id="c1",
-        status=status,
-        direction="outbound",
-        created_at=created_at,
-        updated_at=created_at + 60,
-        started_at=None,
-        answered_at=None,
-        ended_at=created_at + 50,
-        duration_seconds=40,
-        billed_duration_seconds=40,
-        billing_amount_milli_cents=1_000,
-        reservation_status="settled",
-        webhook_status="delivered",
-        result_status="completed",
-        hangup_cause=None,
-        error_code=None,
+    done = settled(created_at + 50, 40, billing_amount_milli_cents=1_000, hangup_cause=None)
+    return call_record(
+        **{"id": "c1", "status": status, "created_at": created_at, "updated_at": created_at + 60, **done, **fields}
     )
-    values.update(fields)
-    return Record(**values)
 
 
 def counted(r: Record) -> CallState:

@@ -118,6 +118,10 @@ def pod_spec(objects: list[dict]) -> dict:
     return one(objects, "StatefulSet")["spec"]["template"]["spec"]
 
 
+def pod_labels(objects: list[dict]) -> dict:
+    return one(objects, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+
+
 def container(objects: list[dict]) -> dict:
     containers = pod_spec(objects)["containers"]
     assert len(containers) == 1
@@ -409,9 +413,7 @@ def quantity(value: str | int) -> float:
 def test_networkpolicy_lets_in_only_scrapes_and_out_only_dns_and_https(rendered, variant):
     objects = rendered[variant]
     policy = one(objects, "NetworkPolicy")["spec"]
-    assert matches(
-        policy["podSelector"]["matchLabels"], one(objects, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
-    )
+    assert matches(policy["podSelector"]["matchLabels"], pod_labels(objects))
     assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
     (ingress,) = policy["ingress"]
     assert [container_port(objects, p["port"]) for p in ingress["ports"]] == [9860]
@@ -446,9 +448,7 @@ def test_poddisruptionbudget_evicts_one_exporter_pod_at_a_time(rendered, variant
     """A drain moves one replica of an HA pair at a time, and never blocks on a single pod."""
     objects = rendered[variant]
     budget = one(objects, "PodDisruptionBudget")["spec"]
-    assert matches(
-        budget["selector"]["matchLabels"], one(objects, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
-    )
+    assert matches(budget["selector"]["matchLabels"], pod_labels(objects))
     assert budget == {"maxUnavailable": 1, "selector": budget["selector"]}
 
 

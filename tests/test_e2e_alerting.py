@@ -42,7 +42,7 @@ import pytest
 import yaml
 
 from exporter.simulator import OUTCOME_WEIGHTS
-from helpers import ROOT, wait_until
+from helpers import ROOT, live_simulator, wait_until
 from servers import Server, require, start_prometheus, write_yaml
 
 KEY = "sk_test_e2e_alerting_0123456789"
@@ -289,15 +289,7 @@ def test_failed_call_spike_fires_reaches_the_webhook_and_resolves(stack, servers
     # 15 calls/s each way: a 5 s window ("5m") holds ~70 seizures per direction, so normal noise
     # never reaches the 20 % threshold; the volume guard counts per window, so compressed windows
     # need FACTOR times the production volume to pass it.
-    sim, url = stack.simulator(
-        seed=11,
-        rate=30,
-        inbound_share=0.5,
-        time_scale=300,
-        webhook_retry_base=0.05,
-        api_key=KEY,
-        outcome_weights=OUTCOME_WEIGHTS,
-    )
+    sim, url = live_simulator(stack, KEY, seed=11, rate=30, inbound_share=0.5, outcome_weights=OUTCOME_WEIGHTS)
     exporter = stack.exporter(
         {"api_url": url, "poll_interval": "0.5s", "overlap": "10s"}, env={"CALLINGBOX_API_KEY": KEY}
     ).start()

@@ -30,7 +30,7 @@ from exporter.metrics import Collector
 from exporter.poller import Poller
 from exporter.records import parse_timestamp
 from exporter.simulator import Simulator, _seconds, format_ts, serve_in_thread
-from helpers import FixedClock, SkippingClock, wait_until
+from helpers import FixedClock, SkippingClock, live_simulator, wait_until
 
 CHECKED, MISMATCHES = "callingbox_exporter_audit_calls_checked_total", "callingbox_exporter_audit_mismatches_total"
 SKIPPED = "callingbox_exporter_audit_skipped_seconds_total"
@@ -75,14 +75,8 @@ def final_calls(sim, age_from: float, age_to: float) -> list[dict]:
 
 
 def test_an_honest_api_audits_clean_and_each_lie_is_caught_once(stack):
-    sim, url = stack.simulator(
-        seed=61,
-        rate=25,
-        time_scale=300,
-        webhook_retry_base=0.05,
-        api_key=KEY,
-        outcome_weights={"completed": 70, "no_answer": 10, "busy": 5, "failed": 10, "canceled": 5},
-    )
+    weights = {"completed": 70, "no_answer": 10, "busy": 5, "failed": 10, "canceled": 5}
+    sim, url = live_simulator(stack, KEY, seed=61, rate=25, outcome_weights=weights)
     exporter = stack.exporter(
         {
             "api_url": url,
@@ -197,6 +191,11 @@ def audit_target(url: str, **settings) -> Target:
     )
 
 
+def audit_poller(url: str, session, clock, seed: int, **settings) -> Poller:
+    """A Poller of `audit_target(url, **settings)` on `clock`, its randomness seeded with `seed`."""
+    return Poller(audit_target(url, **settings), Collector("test"), session, clock=clock, rng=random.Random(seed))
+
+
 class LateCommits:
     """Calls created every SPACING seconds from T0 to `until`, each committed LATE seconds later."""
 
@@ -276,7 +275,7 @@ async def test_calls_committed_late_are_each_reported_once_however_the_polls_dri
     with serve_in_thread(sim) as url, caplog.at_level(logging.INFO, logger="exporter.tally"):
         commits = LateCommits(sim, until=T0 + 5 * INTERVAL)
         async with aiohttp.ClientSession() as session:
-            poller = Poller(audit_target(url), Collector("test"), session, clock=clock, rng=random.Random(181))
+            poller = audit_poller(url, session, clock, 181)
             await poller.restore()
             await drive(
                 poller,
@@ -284,7 +283,7 @@ async def test_calls_committed_late_are_each_reported_once_however_the_polls_dri
                 sim,
                 commits,
                 random.Random(18),
-                until=lambda: (poller.tally.audited_until or 0) > commits.until,
+                until=lambda: (poller.tally.schedule.audited_until or 0) > commits.until,
             )
     windows = windows_of(caplog.records)
     assert_tiled(windows)
@@ -308,38 +307,26 @@ async def test_a_restart_between_two_audits_neither_skips_nor_repeats_a_slice(tm
     with serve_in_thread(sim) as url, caplog.at_level(logging.INFO, logger="exporter.tally"):
         commits = LateCommits(sim, until=T0 + 6 * INTERVAL)
         async with aiohttp.ClientSession() as session:
-            first = Poller(
-                audit_target(url, state_file=state_file),
-                Collector("test"),
-                session,
-                clock=clock,
-                rng=random.Random(182),
-            )
+            first = audit_poller(url, session, clock, 182, state_file=state_file)
             await first.restore()
             await drive(
                 first, clock, sim, commits, random.Random(1), until=lambda: len(windows_of(caplog.records)) >= 6
             )
-            assert first.tally.next_audit > clock.now, "stopped between two audits"
+            assert first.tally.schedule.next_audit > clock.now, "stopped between two audits"
             before = windows_of(caplog.records)
             await first.close()
 
             clock.now += 3.0  # down: the next audit is due meanwhile
-            second = Poller(
-                audit_target(url, state_file=state_file),
-                Collector("test"),
-                session,
-                clock=clock,
-                rng=random.Random(183),
-            )
+            second = audit_poller(url, session, clock, 183, state_file=state_file)
             await second.restore()
-            assert second.tally.audited_until == before[-1][1]
+            assert second.tally.schedule.audited_until == before[-1][1]
             await drive(
                 second,
                 clock,
                 sim,
                 commits,
                 random.Random(2),
-                until=lambda: (second.tally.audited_until or 0) > commits.until,
+                until=lambda: (second.tally.schedule.audited_until or 0) > commits.until,
             )
             await second.close()
     windows = windows_of(caplog.records)
@@ -360,13 +347,7 @@ async def test_a_clean_run_audits_every_call_created_once_and_finds_nothing(capl
     clock = SkippingClock()
     with serve_in_thread(sim) as url, caplog.at_level(logging.INFO, logger="exporter.tally"):
         async with aiohttp.ClientSession() as session:
-            poller = Poller(
-                audit_target(url, audit_sample=5, initial_lookback=3600.0),
-                Collector("test"),
-                session,
-                clock=clock,
-                rng=random.Random(184),
-            )
+            poller = audit_poller(url, session, clock, 184, audit_sample=5, initial_lookback=3600.0)
             await poller.restore()
             baseline = poller.ledger.baseline
             checked = []  # (where each audit's window ended, calls audited by window so far)
@@ -375,7 +356,7 @@ async def test_a_clean_run_audits_every_call_created_once_and_finds_nothing(capl
                 audits = len(windows_of(caplog.records))
                 _, wait = await poller.poll()
                 if len(windows_of(caplog.records)) > audits:
-                    checked.append((poller.tally.audited_until, poller.store.counters[CHECKED][("window",)]))
+                    checked.append((poller.tally.schedule.audited_until, poller.store.counters[CHECKED][("window",)]))
                 return wait
 
             for _ in range(200):  # live: polls on the poller's own schedule until every call is final
@@ -389,7 +370,7 @@ async def test_a_clean_run_audits_every_call_created_once_and_finds_nothing(capl
                 created = sorted(_seconds(c.versions[0][1]["created_at"]) for c in sim._calls.values())
             rng = random.Random(185)
             for _ in range(200):  # then ahead: drifting polls, some failing, until every call is audited
-                if (poller.tally.audited_until or 0) > created[-1]:
+                if (poller.tally.schedule.audited_until or 0) > created[-1]:
                     break
                 if rng.random() < 0.1:
                     sim.inject("status", code=503)
@@ -416,12 +397,8 @@ async def test_a_rewrite_only_a_spot_check_can_see_is_found_when_the_sample_reac
     with serve_in_thread(sim) as url:
         wait_until(sim.all_final, 30, message="the twenty calls final")
         async with aiohttp.ClientSession() as session:
-            poller = Poller(
-                audit_target(url, settle_window=3600.0, audit_sample=3, initial_lookback=3600.0),
-                Collector("test"),
-                session,
-                clock=clock,
-                rng=random.Random(186),
+            poller = audit_poller(
+                url, session, clock, 186, settle_window=3600.0, audit_sample=3, initial_lookback=3600.0
             )
             await poller.restore()
             assert (await poller.poll())[0] and len(poller.ledger.calls) == 20

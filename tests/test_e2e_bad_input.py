@@ -14,7 +14,16 @@ import urllib.request
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from test_e2e_exact import KEY, _config, settle_and_compare
 
-from helpers import differences, http_get, log_records, parse_metrics, sample_value, wait_until, wait_while_progressing
+from helpers import (
+    differences,
+    http_get,
+    live_simulator,
+    log_records,
+    parse_metrics,
+    sample_value,
+    wait_until,
+    wait_while_progressing,
+)
 
 # What records.decode_record may name as the reason a record is unreadable.
 REASONS = {"not_object", "missing_field", "bad_type", "bad_value", "unknown_status", "bad_timestamp"}
@@ -116,15 +125,7 @@ HOSTILE_CAUSES = [
 
 
 def test_hangup_causes_with_quotes_backslashes_and_newlines_round_trip_through_the_exposition(stack):
-    sim, url = stack.simulator(
-        seed=32,
-        rate=60,
-        max_calls=90,
-        time_scale=300,
-        webhook_retry_base=0.01,
-        hangup_causes=HOSTILE_CAUSES,
-        api_key=KEY,
-    )
+    sim, url = live_simulator(stack, KEY, seed=32, rate=60, retry=0.01, max_calls=90, hangup_causes=HOSTILE_CAUSES)
     exporter = stack.exporter(_config(url), env={"CALLINGBOX_API_KEY": KEY}).start()
 
     # Exactness compares the parsed label values with the simulator's raw strings.

@@ -34,6 +34,8 @@ from helpers import (
     MILLI_CENTS_PER_DOLLAR,
     Samples,
     differences,
+    exporter_of,
+    live_simulator,
     parse_metrics,
     same_value,
     wait_until,
@@ -163,30 +165,18 @@ def test_every_counted_event_reaches_increase_through_new_idle_and_returning_lab
     stack, launch, tmp_path, hold
 ):
     require("prometheus")
-    sim, url = stack.simulator(
-        seed=22,
-        rate=25,
-        time_scale=300,
-        webhook_retry_base=0.03,
-        api_key=KEY,
-        outcome_weights={"completed": 4, "failed": 3, "no_answer": 1, "busy": 1, "canceled": 1},
-    )
+    weights = {"completed": 4, "failed": 3, "no_answer": 1, "busy": 1, "canceled": 1}
+    sim, url = live_simulator(stack, KEY, seed=22, rate=25, retry=0.03, outcome_weights=weights)
     sim.pause()  # calls come in phases, once Prometheus scrapes the exporter
     state_file = tmp_path / "state.db"
-    exporter = stack.exporter(
-        {
-            "api_url": url,
-            "poll_interval": "0.3s",
-            "overlap": "10s",
-            "initial_lookback": "1h",
-            "state_file": str(state_file),
-            "max_label_values": CAP,
-            "metadata_labels": {"campaign": "campaign"},
-            "label_idle": f"{IDLE}s",
-            "new_series_hold": f"{hold}s",
-        },
-        env={"CALLINGBOX_API_KEY": KEY},
-    )
+    settings = {
+        "state_file": str(state_file),
+        "max_label_values": CAP,
+        "metadata_labels": {"campaign": "campaign"},
+        "label_idle": f"{IDLE}s",
+        "new_series_hold": f"{hold}s",
+    }
+    exporter = exporter_of(stack, KEY, url, poll_interval="0.3s", overlap="10s", initial_lookback="1h", **settings)
     prometheus = start_prometheus(launch, tmp_path, exporter.url)  # scraping before the exporter's first publish
     started = time.time()
     wait_until(prometheus.ready, 30, message="prometheus ready")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from test_e2e_exact import KEY, _config, settle_and_compare
 
-from helpers import differences, log_records, wait_until
+from helpers import differences, live_simulator, log_records, wait_until
 
 MONOTONIC_SUFFIXES = ("_total", "_count", "_sum", "_bucket")
 
@@ -91,16 +91,7 @@ def test_kill_9_during_saves_and_at_random_moments_keeps_a_large_ledger_exact_an
     # traffic. No webhook replays: one that starts and ends while the exporter is down is
     # invisible to any reader of the API, yet the simulator's truth would count it.
     history = 4000
-    sim, url = stack.simulator(
-        seed=11,
-        rate=60,
-        max_calls=1500,
-        time_scale=300,
-        webhook_retry_base=0.05,
-        history=history,
-        history_age=600.0,
-        api_key=KEY,
-    )
+    sim, url = live_simulator(stack, KEY, seed=11, rate=60, max_calls=1500, history=history, history_age=600.0)
     state_file = tmp_path / "state.db"
     # The baseline precedes all history, so every event counts and the truth is simulator.truth(0).
     exporter = stack.exporter(

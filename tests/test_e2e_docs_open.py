@@ -14,7 +14,7 @@ import signal
 
 from test_e2e_exact import KEY, _config
 
-from helpers import differences, wait_until
+from helpers import differences, live_simulator, wait_until
 
 DEVIATIONS = "callingbox_exporter_contract_deviations_total"
 KINDS = (
@@ -31,22 +31,13 @@ def _gauge_total(samples, name: str) -> float:
 
 
 def test_every_open_behaviour_at_once_under_faults_and_a_kill_is_counted_exactly(stack, tmp_path):
-    sim, url = stack.simulator(
-        # No webhook replays: one that starts and ends while the exporter is down is invisible to
-        # any reader of the API (test_e2e_crash.py says the same); they have stories of their own.
-        # Webhook retries over ~13 s: calls stay open past the hot read, so they are asked by id.
-        seed=22,
-        rate=120,
-        max_calls=1000,
-        time_scale=300,
-        webhook_retry_base=0.1,
-        late_commit=0.3,
-        api_key=KEY,
-        docs_open=True,
-        # more than the default shares, so a run of 1 000 calls shows every kind many times
-        undocumented_status=0.3,
-        by_id_not_found=0.3,
-    )
+    # No webhook replays: one that starts and ends while the exporter is down is invisible to
+    # any reader of the API (test_e2e_crash.py says the same); they have stories of their own.
+    # Webhook retries over ~13 s: calls stay open past the hot read, so they are asked by id.
+    # Undocumented statuses and by-id 404s: more than the default shares, so a run of 1 000
+    # calls shows every kind many times.
+    shares = {"late_commit": 0.3, "undocumented_status": 0.3, "by_id_not_found": 0.3}
+    sim, url = live_simulator(stack, KEY, seed=22, rate=120, retry=0.1, max_calls=1000, docs_open=True, **shares)
     config = _config(
         url,
         state_file=str(tmp_path / "state.db"),

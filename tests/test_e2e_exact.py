@@ -11,7 +11,7 @@ import json
 import re
 import urllib.request
 
-from helpers import differences, http_get, parse_metrics, wait_until
+from helpers import differences, http_get, live_simulator, parse_metrics, wait_until
 
 KEY = "sk_test_e2e_0123456789"
 
@@ -42,16 +42,7 @@ def settle_and_compare(sim, exporter, timeout: float = 90) -> list[str]:
 
 
 def test_counts_equal_simulator_truth_for_thousands_of_mixed_calls(stack):
-    sim, url = stack.simulator(
-        seed=7,
-        rate=300,
-        max_calls=3000,
-        time_scale=300,
-        webhook_retry_base=0.05,
-        replay_share=0.05,
-        late_commit=0.5,
-        api_key=KEY,
-    )
+    sim, url = live_simulator(stack, KEY, seed=7, rate=300, max_calls=3000, replay_share=0.05, late_commit=0.5)
     exporter = stack.exporter(_config(url), env={"CALLINGBOX_API_KEY": KEY}).start()
 
     assert settle_and_compare(sim, exporter) == []

@@ -14,9 +14,19 @@ from __future__ import annotations
 import json
 import signal
 
-from helpers import differences, log_records, sample_value, saved_baseline, wait_until
+from helpers import differences, exporter_of, live_simulator, log_records, sample_value, saved_baseline, wait_until
 
 KEY = "sk_test_read_tiers_0123456789"
+# A one-hour window read two seconds deep, no full read or audit within a test: calls fall past the hot read.
+SHORT_HOT_READ = {
+    "poll_interval": "0.3s",
+    "settle_window": "1h",
+    "hot_window": "2s",
+    "overlap": "1s",
+    "full_read_interval": "1h",
+    "audit_interval": "0s",
+    "initial_lookback": "1h",
+}
 ORG = (("org", "default"),)
 
 
@@ -35,30 +45,12 @@ def _exact(exporter, sim, baseline: float, timeout: float = 60) -> None:
 
 def test_ordinary_polls_stop_at_the_hot_depth_of_a_large_window_and_stay_exact(stack, tmp_path):
     history = 3000  # old final calls, 10 min to 3.4 h old, every one inside the settle window
-    sim, url = stack.simulator(
-        seed=81,
-        rate=20,
-        max_calls=400,
-        time_scale=300,
-        webhook_retry_base=0.05,
-        history=history,
-        history_age=600.0,
-        api_key=KEY,
-    )
+    sim, url = live_simulator(stack, KEY, seed=81, rate=20, max_calls=400, history=history, history_age=600.0)
     state_file = tmp_path / "state.db"
     # The baseline before all history: no outcome straddles it (the one first-start case the API
     # cannot date, see README), so the comparison is exact.
-    exporter = stack.exporter(
-        {
-            "api_url": url,
-            "poll_interval": "0.3s",
-            "settle_window": "4h",
-            "hot_window": "5m",
-            "initial_lookback": "5h",
-            "state_file": str(state_file),
-        },
-        env={"CALLINGBOX_API_KEY": KEY},
-    ).start()
+    tiers = {"settle_window": "4h", "hot_window": "5m", "initial_lookback": "5h"}
+    exporter = exporter_of(stack, KEY, url, poll_interval="0.3s", state_file=str(state_file), **tiers).start()
     wait_until(lambda: len(_polls(exporter)) >= 10, 60, message="ten polls")
     _exact(exporter, sim, saved_baseline(state_file))
 
@@ -76,7 +68,7 @@ def test_ordinary_polls_stop_at_the_hot_depth_of_a_large_window_and_stay_exact(s
 
 
 def test_open_calls_past_the_hot_read_are_refreshed_by_id_and_counted_once_before_any_full_read(stack, tmp_path):
-    sim, url = stack.simulator(seed=82, rate=20, max_calls=200, time_scale=300, webhook_retry_base=0.05, api_key=KEY)
+    sim, url = live_simulator(stack, KEY, seed=82, rate=20, max_calls=200)
     held = wait_until(
         lambda: (
             [r["id"] for r in _listed(sim, url) if r["status"] in ("ringing", "in_progress")][:5]
@@ -89,21 +81,8 @@ def test_open_calls_past_the_hot_read_are_refreshed_by_id_and_counted_once_befor
     for call_id in held:
         sim.hold(call_id)  # open, and staying so while they fall past the hot read
     state_file = tmp_path / "state.db"
-    exporter = stack.exporter(
-        {
-            "api_url": url,
-            "poll_interval": "0.3s",
-            "settle_window": "1h",
-            "hot_window": "2s",
-            "overlap": "1s",
-            "open_refresh_interval": "2s",
-            "full_read_interval": "1h",
-            "audit_interval": "0s",
-            "initial_lookback": "1h",
-            "state_file": str(state_file),
-        },
-        env={"CALLINGBOX_API_KEY": KEY},
-    ).start()
+    exporter = exporter_of(stack, KEY, url, **SHORT_HOT_READ, open_refresh_interval="2s", state_file=str(state_file))
+    exporter.start()
     wait_until(
         lambda: sample_value(exporter.scrape(), "callingbox_exporter_open_calls", path="by_id") >= len(held),
         30,
@@ -124,20 +103,9 @@ def test_open_calls_past_the_hot_read_are_refreshed_by_id_and_counted_once_befor
 
 
 def test_a_replay_of_an_old_final_call_is_counted_once_by_the_next_full_read_across_a_kill_9(stack, tmp_path):
-    sim, url = stack.simulator(seed=83, rate=20, max_calls=100, time_scale=300, webhook_retry_base=0.05, api_key=KEY)
+    sim, url = live_simulator(stack, KEY, seed=83, rate=20, max_calls=100)
     state_file = tmp_path / "state.db"
-    config = {
-        "api_url": url,
-        "poll_interval": "0.3s",
-        "settle_window": "1h",
-        "hot_window": "2s",
-        "overlap": "1s",
-        "full_read_interval": "1h",
-        "audit_interval": "0s",
-        "initial_lookback": "1h",
-        "state_file": str(state_file),
-    }
-    exporter = stack.exporter(config, env={"CALLINGBOX_API_KEY": KEY}).start()
+    exporter = exporter_of(stack, KEY, url, **SHORT_HOT_READ, state_file=str(state_file)).start()
     wait_until(sim.all_final, 60, message="simulator calls final")
     # The oldest delivered call: far past the hot read (the list is newest first).
     delivered = [r["id"] for r in _listed(sim, url) if r["webhook_status"] == "delivered"][-1]

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
+from test_store import DURATION, ERRORS, HANGUPS, IN, OUT, OVERFLOW, TERMINAL, busy_store, ended
 
 from exporter import records
 from exporter.accounting import Billed, Created, Ended, ExtractionOutcome, WebhookOutcome
@@ -25,49 +26,7 @@ from exporter.metrics import Collector
 from exporter.records import decode_record
 from exporter.store import Store
 
-OUT, IN = "outbound", "inbound"
-HANGUPS = "callingbox_call_hangups_total"
-ERRORS = "callingbox_call_errors_total"
-OVERFLOW = "callingbox_exporter_label_overflow_total"
-DURATION = "callingbox_call_duration_seconds"
-TERMINAL = ("completed", "no_answer", "busy", "canceled", "failed")
 ACTIVE = ("queued", "initiated", "ringing", "in_progress")
-
-
-def ended(
-    hangup_cause=None,
-    error_code=None,
-    direction=OUT,
-    status="completed",
-    duration=None,
-    answer_delay=None,
-    setup_delay=None,
-) -> Ended:
-    return Ended(direction, status, hangup_cause, error_code, duration, answer_delay, setup_delay, "call-id")
-
-
-def busy_store() -> Store:
-    store = Store(label_limit=3)
-    store.count(
-        [
-            Created(OUT),
-            Created(IN),
-            ended("normal_clearing", None, duration=61, answer_delay=5.5, setup_delay=2.0),
-            ended(None, "invalid_number", status="failed"),
-            ended("a"),
-            ended("b"),
-            ended("c", direction=IN, status="busy", duration=0),
-            Billed(OUT, 62, 123_457),
-            Billed(IN, None, 1),
-            WebhookOutcome("delivered"),
-            WebhookOutcome("failed"),
-            ExtractionOutcome("completed"),
-        ]
-    )
-    store.inc("callingbox_exporter_api_requests_total", ("200",))
-    store.inc("callingbox_exporter_invalid_records_total", ("bad_type",), 2)
-    store.observe("callingbox_exporter_poll_duration_seconds", (), 0.3)
-    return store
 
 
 # --- Collector: exposition -----------------------------------------------------------------------

@@ -18,36 +18,15 @@ import pytest
 from exporter.simulator import TERMINAL, Simulator, serve_in_thread
 from helpers import api_get, iso_seconds, list_calls, wait_until
 
-SPEC_FIELDS = {
-    "id",
-    "to_number",
-    "from_number",
-    "status",
-    "direction",
-    "prompt",
-    "context",
-    "returns",
-    "result",
-    "result_status",
-    "result_error",
-    "language",
-    "webhook_url",
-    "webhook_status",
-    "webhook_error",
-    "created_at",
-    "started_at",
-    "answered_at",
-    "ended_at",
-    "duration_seconds",
-    "billed_duration_seconds",
-    "billing_amount_milli_cents",
-    "reservation_status",
-    "error_code",
-    "error_message",
-    "hangup_cause",
-    "metadata",
-    "updated_at",
-}
+# The fields of SPEC §1's call object, written out here rather than taken from the exporter.
+SPEC_FIELDS = set(
+    """
+    id to_number from_number status direction prompt context returns result result_status result_error
+    language webhook_url webhook_status webhook_error created_at started_at answered_at ended_at
+    duration_seconds billed_duration_seconds billing_amount_milli_cents reservation_status error_code
+    error_message hangup_cause metadata updated_at
+    """.split()
+)
 STATUSES = TERMINAL | {"queued", "initiated", "ringing", "in_progress"}
 FAST = {"time_scale": 1000.0, "webhook_retry_base": 0.01}  # a call's whole life in a few seconds
 

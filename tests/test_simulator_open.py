@@ -274,17 +274,8 @@ def test_docs_open_truth_matches_what_the_api_finally_shows():
 def test_what_the_truth_counts_does_not_hang_on_which_versions_a_reader_sees():
     """An exporter polls: it misses versions. Played by SPEC's rules over any subset that keeps each
     outcome change (which the lifecycles hold long enough to be seen), the events are the truth's."""
-    sim = Recording(
-        seed=30,
-        rate=300,
-        max_calls=600,
-        time_scale=300,
-        webhook_retry_base=0.05,
-        docs_open=True,
-        late_end_details=0.5,
-        undocumented_status=0.3,
-        amount_lag=0.5,
-    )
+    shares = {"late_end_details": 0.5, "undocumented_status": 0.3, "amount_lag": 0.5}
+    sim = Recording(seed=30, rate=300, max_calls=600, time_scale=300, webhook_retry_base=0.05, docs_open=True, **shares)
     sim._next_arrival = start = 1_700_000_000.0
     for tick in range(4000):  # 100 s on a fake clock, no server needed
         sim._advance(start + tick * 0.025)

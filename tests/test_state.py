@@ -18,73 +18,27 @@ from exporter.migrate import encode_v1
 from exporter.records import Record
 from exporter.state import APPLICATION_ID, SCHEMA_VERSION, StateDB, StateError, read
 from exporter.store import Store
+from helpers import call_record, settled
 
 BASELINE = 1_700_000_000.0
 META_ROWS = 6  # org, saved_at, baseline, watermark, extra_labels, today
 
 
 def record(id, status, updated_at, **fields) -> Record:
-    values = dict(
-        id=id,
-        status=status,
-        direction="outbound",
-        created_at=BASELINE + 10,
-        updated_at=updated_at,
-        started_at=None,
-        answered_at=None,
-        ended_at=None,
-        duration_seconds=None,
-        billed_duration_seconds=None,
-        billing_amount_milli_cents=None,
-        reservation_status=None,
-        webhook_status=None,
-        result_status=None,
-        hangup_cause=None,
-        error_code=None,
-    )
-    values.update(fields)
-    return Record(**values)
+    return call_record(**{"id": id, "status": status, "created_at": BASELINE + 10, "updated_at": updated_at, **fields})
 
 
 def ended(id, at: float, **fields) -> Record:
-    return record(
-        id,
-        "completed",
-        at,
-        started_at=at - 70,
-        answered_at=at - 66,
-        ended_at=at - 5,
-        duration_seconds=60,
-        billed_duration_seconds=60,
-        billing_amount_milli_cents=1550,
-        reservation_status="settled",
-        webhook_status="delivered",
-        result_status="completed",
-        hangup_cause="normal_clearing",
-        **fields,
-    )
+    return record(id, "completed", at, started_at=at - 70, answered_at=at - 66, **settled(at - 5, 60), **fields)
 
 
 def accounted(buckets=None) -> tuple[Ledger, Store]:
     """A ledger and store after a few calls: active, completed with a pending webhook, failed."""
     ledger, store = Ledger(BASELINE, watermark=BASELINE + 500.5), Store(buckets, label_limit=2)
+    pending = settled(BASELINE + 75, 60, webhook_status="pending")
     for r in (
         record("a", "ringing", BASELINE + 20, started_at=BASELINE + 19),
-        record(
-            "b",
-            "completed",
-            BASELINE + 80,
-            started_at=BASELINE + 12,
-            answered_at=BASELINE + 15.5,
-            ended_at=BASELINE + 75,
-            duration_seconds=60,
-            billed_duration_seconds=60,
-            billing_amount_milli_cents=1550,
-            reservation_status="settled",
-            webhook_status="pending",
-            result_status="completed",
-            hangup_cause="normal_clearing",
-        ),
+        record("b", "completed", BASELINE + 80, started_at=BASELINE + 12, answered_at=BASELINE + 15.5, **pending),
         record(
             "c",
             "failed",

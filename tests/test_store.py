@@ -36,16 +36,23 @@ def ended(
 # --- Label caps -----------------------------------------------------------------------------------
 
 
-def test_values_beyond_the_label_limit_fold_into_other_and_each_fold_is_counted():
+@pytest.mark.parametrize(
+    "causes, counts, folded",
+    [
+        # values beyond the label limit fold into `other`, and each fold is counted
+        (("a", "b", "c", "d", "e", "d", "a"), {"a": 2, "b": 1, "c": 1, "other": 3}, 3),
+        # null and empty values export as `none` without using up the cap
+        ((None, "", "a", "b", "c", None), {"none": 3, "a": 1, "b": 1, "c": 1}, 0),
+    ],
+    ids=["beyond_the_limit_fold_into_other", "null_and_empty_are_none_outside_the_cap"],
+)
+def test_hangup_causes_under_a_cap_of_three(causes, counts, folded):
     store = Store(label_limit=3)
-    store.count([ended(cause) for cause in ("a", "b", "c", "d", "e", "d", "a")])
+    store.count([ended(cause) for cause in causes])
     assert {k: v for k, v in store.counters[HANGUPS].items() if v} == {
-        (OUT, "completed", "a"): 2,
-        (OUT, "completed", "b"): 1,
-        (OUT, "completed", "c"): 1,
-        (OUT, "completed", "other"): 3,
+        (OUT, "completed", cause): n for cause, n in counts.items()
     }
-    assert store.counters[OVERFLOW] == {("hangup_cause",): 3, ("error_code",): 0, ("status",): 0}
+    assert store.counters[OVERFLOW] == {("hangup_cause",): folded, ("error_code",): 0, ("status",): 0}
 
 
 def test_values_already_seen_keep_their_own_label_once_the_cap_is_full():
@@ -59,18 +66,6 @@ def test_values_already_seen_keep_their_own_label_once_the_cap_is_full():
         "other",
     ]
     assert store.counters[OVERFLOW] == {("hangup_cause",): 0, ("error_code",): 2, ("status",): 0}
-
-
-def test_null_and_empty_values_export_as_none_without_using_up_the_cap():
-    store = Store(label_limit=3)
-    store.count([ended(None), ended(""), ended("a"), ended("b"), ended("c"), ended(None)])
-    assert {k: v for k, v in store.counters[HANGUPS].items() if v} == {
-        (OUT, "completed", "none"): 3,
-        (OUT, "completed", "a"): 1,
-        (OUT, "completed", "b"): 1,
-        (OUT, "completed", "c"): 1,
-    }
-    assert store.counters[OVERFLOW] == {("hangup_cause",): 0, ("error_code",): 0, ("status",): 0}
 
 
 def test_each_capped_label_has_its_own_cap():

@@ -25,11 +25,11 @@ from exporter.ledger import Ledger
 from exporter.metrics import Collector
 from exporter.poller import Poller
 from exporter.settings import Settings
-from exporter.simulator import OUTCOME_WEIGHTS, Simulator, format_ts, serve_in_thread
+from exporter.simulator import OUTCOME_WEIGHTS, Simulator, serve_in_thread
 from exporter.store import Store
 from exporter.stragglers import Refresher
 from exporter.tally import Tally
-from helpers import SkippingClock, differences, sample_value, wait_until
+from helpers import SkippingClock, call_object, differences, is_final, sample_value, wait_until
 
 KEY = "sk_test_stragglers_0123456789"
 NOW = 1_800_000_000.0
@@ -47,24 +47,23 @@ VANISHED = "callingbox_exporter_vanished_calls_total"
 
 def api_call(call_id: str, status: str, created_at: float, updated_at: float, **fields) -> dict:
     """A call object as the API sends it: outbound, timestamps as text."""
-    terminal = status not in ("queued", "initiated", "ringing", "in_progress")
-    record = {
-        "id": call_id,
-        "status": status,
-        "direction": "outbound",
-        "created_at": format_ts(created_at),
-        "updated_at": format_ts(updated_at),
-        "ended_at": format_ts(updated_at) if terminal else None,
-        "reservation_status": "settled" if terminal else "reserved",
-        "billing_amount_milli_cents": 9000,
-        "webhook_status": None,
-        "result_status": None,
-        "to_number": "+14155550100",
-        "webhook_url": "https://hooks.example/cb",
-        "hangup_cause": "customer_hangup" if terminal else None,
-    }
-    record.update(fields)
-    return record
+    terminal = is_final(status)
+    return (
+        call_object(
+            call_id,
+            status,
+            created_at,
+            updated_at,
+            reservation_status="settled" if terminal else "reserved",
+            billing_amount_milli_cents=9000,
+            webhook_status=None,
+            result_status=None,
+            to_number="+14155550100",
+            webhook_url="https://hooks.example/cb",
+            hangup_cause="customer_hangup" if terminal else None,
+        )
+        | fields
+    )
 
 
 class ScriptedApi:

@@ -15,9 +15,9 @@ from exporter.health import Status, summarise
 from exporter.ledger import Ledger
 from exporter.plan import Plan
 from exporter.settings import Settings
-from exporter.simulator import format_ts
 from exporter.store import Store
 from exporter.tally import INVALID_MEMORY, ReadResult, Tally
+from helpers import call_object, is_final
 
 NOW = 1_700_000_000.0
 WINDOW, OVERLAP, GIVE_UP = 3600.0, 120.0, 7 * 86400.0
@@ -40,20 +40,20 @@ def audit_due(t: Tally, now: float) -> Audit | None:
 def call(id: str, status: str, created: float, updated: float, **fields) -> dict:
     """A call object as `GET /v1/calls` decodes it into plain JSON values: with a webhook and a
     schema (the subjects of its outcomes), and once ended, its hangup cause."""
-    terminal = status not in ("queued", "initiated", "ringing", "in_progress")
-    return {
-        "id": id,
-        "status": status,
-        "direction": "outbound",
-        "created_at": format_ts(created),
-        "updated_at": format_ts(updated),
-        "ended_at": format_ts(updated) if terminal else None,
-        "reservation_status": "released" if terminal else "reserved",
-        "hangup_cause": "normal_clearing" if terminal else None,
-        "webhook_url": "https://hooks.example/cb",
-        "returns": {"confirmed": "boolean"},
-        **fields,
-    }
+    terminal = is_final(status)
+    return (
+        call_object(
+            id,
+            status,
+            created,
+            updated,
+            reservation_status="released" if terminal else "reserved",
+            hangup_cause="normal_clearing" if terminal else None,
+            webhook_url="https://hooks.example/cb",
+            returns={"confirmed": "boolean"},
+        )
+        | fields
+    )
 
 
 def read_all(t: Tally, now: float, objects: list, plan: Plan | None = None) -> ReadResult:

@@ -31,7 +31,7 @@ from exporter.poller import Poller
 from exporter.simulator import format_ts
 from exporter.store import Store
 from exporter.web import dollars, landing_page, make_app
-from helpers import free_port
+from helpers import FixedClock, free_port
 
 MIDNIGHT = 20_000 * 86_400.0  # 2024-10-04 00:00:00 UTC
 NOON = MIDNIGHT + 12 * 3600
@@ -79,16 +79,16 @@ class Page(HTMLParser):
             self._org = None
 
 
+TODAY = ("created", "completed", "no_answer", "busy", "canceled", "failed")
+
+
 def today_of(card: dict[str, str]) -> dict[str, str]:
-    return {k: card[k] for k in ("created", "completed", "no_answer", "busy", "canceled", "failed", "billed")}
+    return {k: card[k] for k in (*TODAY, "billed")}
 
 
-class Clock:
-    def __init__(self, t: float):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+def today(billed: str = "$0.00", **counts: int) -> dict[str, str]:
+    """A card's totals of today as the page shows them: `counts` given, every other count 0."""
+    return {**{k: str(counts.get(k, 0)) for k in TODAY}, "billed": billed}
 
 
 class Api:
@@ -135,7 +135,7 @@ async def session():
         yield s
 
 
-def poller(name: str, url: str, session, clock: Clock, collector: Collector, **target) -> Poller:
+def poller(name: str, url: str, session, clock: FixedClock, collector: Collector, **target) -> Poller:
     # No hold of new series (born at zero): these pages show what each poll counted.
     target = Target(name=name, api_url=url, initial_lookback=3600.0, **{"new_series_hold": 0.0, **target})
     return Poller(target, collector, session, clock=clock)
@@ -150,12 +150,12 @@ async def test_each_target_shows_up_or_down_its_poll_and_today_totals(api, sessi
         call(2, "completed", NOON - 60, "inbound", milli_cents=500),
         call(1, "completed", NOON - 70, milli_cents=0),
     ]
-    clock, collector = Clock(NOON), Collector(VERSION)
+    clock, collector = FixedClock(NOON), Collector(VERSION)
     campaigns = poller("campaigns", api.url, session, clock, collector)
     backup = poller("backup", f"http://127.0.0.1:{free_port()}", session, clock, collector)
     assert (await campaigns.poll())[0]
     assert not (await backup.poll())[0]
-    clock.t = NOON + 3
+    clock.now = NOON + 3
     assert not (await backup.poll())[0]
 
     page = Page(landing_page(VERSION, "/metrics", collector.snapshots, NOON + 5))
@@ -167,15 +167,7 @@ async def test_each_target_shows_up_or_down_its_poll_and_today_totals(api, sessi
     assert up["watermark_lag"] == "25s"  # the newest updated_at read, NOON - 20
     assert (up["consecutive_failures"], up["tracked_calls"]) == ("0", "6")
     assert "last_error" not in up and "stragglers" not in up
-    assert today_of(up) == {
-        "created": "6",
-        "completed": "3",
-        "no_answer": "1",
-        "busy": "0",
-        "canceled": "0",
-        "failed": "1",
-        "billed": "$1,234.57",
-    }
+    assert today_of(up) == today(created=6, completed=3, no_answer=1, failed=1, billed="$1,234.57")
     assert (down["state"], down["readiness"], down["consecutive_failures"]) == ("DOWN", "ready", "2")
     assert down["last_poll"] == "2024-10-04 12:00:03 UTC (2s ago)"
     assert (down["last_success"], down["watermark_lag"]) == ("never", "n/a")
@@ -186,7 +178,7 @@ async def test_each_target_shows_up_or_down_its_poll_and_today_totals(api, sessi
 
 async def test_the_page_names_its_version_and_links_and_is_served_at_root(api, session, aiohttp_client):
     collector = Exposition(VERSION)
-    target = poller("default", api.url, session, Clock(NOON), collector)
+    target = poller("default", api.url, session, FixedClock(NOON), collector)
     await target.poll()
     client = await aiohttp_client(
         make_app(collector, registry_for(collector, collector.runtime), VERSION, "/custom-metrics")
@@ -206,7 +198,7 @@ async def test_the_page_names_its_version_and_links_and_is_served_at_root(api, s
 
 async def test_a_target_whose_first_poll_has_not_finished_is_the_one_not_ready(api, session, aiohttp_client):
     """/-/ready and the readiness chip: a first poll that failed counts as finished (SPEC §2)."""
-    clock, collector = Clock(NOON), Exposition(VERSION)
+    clock, collector = FixedClock(NOON), Exposition(VERSION)
     failed = poller("backup", f"http://127.0.0.1:{free_port()}", session, clock, collector)
     waiting = poller("campaigns", api.url, session, clock, collector)
     await failed.restore()
@@ -230,7 +222,7 @@ async def test_a_hostile_org_name_and_error_text_are_escaped(api, session):
     name = '<script>alert("org")</script>'
     api.error = "<script>alert('error')</script> & <b>bold</b>"
     collector = Collector(VERSION)
-    target = poller(name, api.url, session, Clock(NOON), collector)
+    target = poller(name, api.url, session, FixedClock(NOON), collector)
     assert not (await target.poll())[0]
 
     text = landing_page(VERSION, "/metrics", collector.snapshots, NOON)
@@ -245,20 +237,12 @@ async def test_a_hostile_org_name_and_error_text_are_escaped(api, session):
 
 async def test_a_day_with_nothing_counted_shows_zeros(api, session):
     collector = Collector(VERSION)
-    target = poller("quiet", api.url, session, Clock(NOON), collector)
+    target = poller("quiet", api.url, session, FixedClock(NOON), collector)
     assert (await target.poll())[0]
 
     card = Page(landing_page(VERSION, "/metrics", collector.snapshots, NOON + 1)).targets["quiet"]
 
-    assert today_of(card) == {
-        "created": "0",
-        "completed": "0",
-        "no_answer": "0",
-        "busy": "0",
-        "canceled": "0",
-        "failed": "0",
-        "billed": "$0.00",
-    }
+    assert today_of(card) == today()
     assert card["nothing_today"] == "nothing counted yet"
 
 
@@ -266,21 +250,13 @@ async def test_after_midnight_utc_yesterdays_totals_show_as_zero_while_counters_
     before = MIDNIGHT - 10
     api.calls = [call(2, "busy", before - 5), call(1, "completed", before - 6, milli_cents=250_000)]
     collector = Collector(VERSION)
-    target = poller("campaigns", api.url, session, Clock(before), collector)
+    target = poller("campaigns", api.url, session, FixedClock(before), collector)
     assert (await target.poll())[0]
 
     evening = Page(landing_page(VERSION, "/metrics", collector.snapshots, MIDNIGHT - 1)).targets["campaigns"]
     morning = Page(landing_page(VERSION, "/metrics", collector.snapshots, MIDNIGHT + 5)).targets["campaigns"]
 
-    assert today_of(evening) == {
-        "created": "2",
-        "completed": "1",
-        "no_answer": "0",
-        "busy": "1",
-        "canceled": "0",
-        "failed": "0",
-        "billed": "$2.50",
-    }
+    assert today_of(evening) == today(created=2, completed=1, busy=1, billed="$2.50")
     assert set(today_of(morning).values()) == {"0", "$0.00"}
     assert morning["last_poll"] == "2024-10-03 23:59:50 UTC (15s ago)"
     counters = collector.snapshots["campaigns"].store.counters["callingbox_calls_ended_total"]
@@ -289,7 +265,7 @@ async def test_after_midnight_utc_yesterdays_totals_show_as_zero_while_counters_
 
 async def test_the_page_shows_the_published_snapshot_and_stragglers_past_the_settle_window(api, session):
     api.calls = [call(1, "in_progress", NOON - 10)]
-    clock, collector = Clock(NOON), Collector(VERSION)
+    clock, collector = FixedClock(NOON), Collector(VERSION)
     target = poller("campaigns", api.url, session, clock, collector, settle_window=600.0)
     assert (await target.poll())[0]
     target.store.count([Created("outbound")], NOON)  # counted, but not published by a poll
@@ -297,9 +273,9 @@ async def test_the_page_shows_the_published_snapshot_and_stragglers_past_the_set
     card = Page(landing_page(VERSION, "/metrics", collector.snapshots, NOON)).targets["campaigns"]
     assert card["created"] == "1" and "stragglers" not in card
 
-    clock.t = NOON + 700  # the call is past the settle window and still not final
+    clock.now = NOON + 700  # the call is past the settle window and still not final
     assert (await target.poll())[0]
-    card = Page(landing_page(VERSION, "/metrics", collector.snapshots, clock.t)).targets["campaigns"]
+    card = Page(landing_page(VERSION, "/metrics", collector.snapshots, clock.now)).targets["campaigns"]
     assert card["stragglers"] == "1" and card["created"] == "2"
 
 
@@ -370,7 +346,7 @@ def counted(calls: int) -> Store:
 @pytest.fixture
 async def served(aiohttp_client):
     """An Exposition with one target, `acme`, and a test client of the app that serves it."""
-    clock = Clock(NOON)
+    clock = FixedClock(NOON)
     collector = Exposition(VERSION, clock=clock)
     await collector.publish("acme", Snapshot(counted(1), Health(webhooks_pending=1, webhook_pending_oldest=NOON - 10)))
     client = await aiohttp_client(make_app(collector, registry_for(collector, collector.runtime), VERSION))
@@ -490,10 +466,10 @@ async def test_the_live_tail_has_the_process_metrics_and_an_age_that_moves_with_
     age = ("callingbox_webhook_pending_oldest_age_seconds", (("org", "acme"),))
     for accept in (None, OPENMETRICS_ACCEPT):
         for compressed in (False, True):
-            clock.t = NOON
+            clock.now = NOON
             body, content_type = await scrape(client, accept, compressed)
             assert metric_samples(body, content_type)[age] == 10
             assert b"\nprocess_cpu_seconds_total " in body and b"\npython_info{" in body
-            clock.t = NOON + 50  # no publish in between
+            clock.now = NOON + 50  # no publish in between
             body, content_type = await scrape(client, accept, compressed)
             assert metric_samples(body, content_type)[age] == 60
