@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector as _Collector
 
-from . import __version__, config, explain, logs, state, webconfig
+from . import __version__, backfill, config, explain, logs, state, webconfig
 from .exposition import Exposition, runtime_registry
 from .metrics import Collector
 from .simulator import Simulator
@@ -67,12 +67,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "command",
         nargs="?",
-        choices=("explain",),
-        metavar="explain",
-        help="explain CALL_ID: the call as the API returns it now, and what the exporter counted of it",
+        choices=("explain", "backfill"),
+        metavar="explain|backfill",
+        help="explain CALL_ID: the call as the API returns it now, and what the exporter counted of it;"
+        " backfill: the organization's past calls as Prometheus history, and the state to go on from",
     )
     p.add_argument("call_id", nargs="?", metavar="CALL_ID", help="the call to explain")
     p.add_argument("--target", metavar="NAME", help="explain: the target to look in, when there are several")
+    b = p.add_argument_group("backfill")
+    b.add_argument("--since", metavar="DURATION", help="backfill: how far back, e.g. 35d")
+    b.add_argument("--step", metavar="DURATION", default="5m", help="backfill: time between samples (default 5m)")
+    b.add_argument("--output", metavar="DIR", help="backfill: where the files, blocks and state go")
+    b.add_argument("--job", default="callingbox-exporter", help="backfill: the job label your scrape attaches")
+    b.add_argument("--instance", default="localhost:9860", help="backfill: the instance label your scrape attaches")
+    b.add_argument("--force", action="store_true", help="backfill: replace a backfill already in --output")
     return p
 
 
@@ -207,6 +215,22 @@ async def serve(cfg: config.Config, registry: CollectorRegistry, supervisor: Sup
     return 0
 
 
+def _backfill(cfg: config.Config, args: argparse.Namespace) -> int:
+    """`backfill --since D [--step D] --output DIR`: the flags checked, then backfill.main."""
+    try:
+        if not args.since or not args.output:
+            raise config.ConfigError("since" if not args.since else "output", "backfill needs --since and --output")
+        since = config.positive_duration("since", args.since)
+        step = config.positive_duration("step", args.step)
+        if step > since:
+            raise config.ConfigError("step", f"{args.step!r} is longer than --since")
+    except config.ConfigError as error:
+        print(f"callingbox-exporter: config error: {error}", file=sys.stderr)
+        return 2
+    options = backfill.Options(since, step, args.output, args.job, args.instance, args.force)
+    return backfill.main(cfg, options)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logs.setup(args.log_level, args.log_format)
@@ -226,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as error:
         print(f"callingbox-exporter: config error: {error}", file=sys.stderr)
         return 2
+    if args.command == "backfill":
+        return _backfill(cfg, args)
     if args.command or args.call_id or args.target:
         if not (args.command and args.call_id):
             print(

@@ -45,6 +45,7 @@ __all__ = [
     "load_document",
     "parse_duration",
     "parse_listen_address",
+    "positive_duration",
     "read_key_file",
 ]
 

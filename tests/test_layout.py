@@ -40,6 +40,9 @@ FLOW = (
     "health",
     "statefile",
     "state",
+    "replay",
+    "spill",
+    "timeline",
     "metrics",
     "exposition",
     "stragglers",
@@ -52,6 +55,7 @@ FLOW = (
     "webconfig",
     "web",
     "explain",
+    "backfill",
     "cli",
 )
 COMPUTED = "<computed>"  # an import_module or __import__ whose name is not a literal: no checker can place it
