@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ from . import __version__
 from .api import ApiError, Client, Unauthorized
 from .config import Config, Target
 from .records import Invalid, decode_record, fields_type
-from .replay import Replay, step_times
+from .replay import Grid, Replay
 from .settings import Settings
 from .spill import Spill
 from .state import StateDB
@@ -130,10 +131,10 @@ async def read_history(target: Target, spill: Spill, floor: float) -> int:
     return invalid
 
 
-async def read_with_retries(target: Target, spill_path: str, floor: float) -> tuple[Spill, int]:
+async def read_with_retries(target: Target, spill_path: str, grid: Grid, floor: float) -> tuple[Spill, int]:
     """The history in a spill, the read retried from scratch after a fault (not after a 401/403)."""
     for attempt in range(1, ATTEMPTS + 1):
-        spill = Spill(spill_path)
+        spill = Spill(spill_path, grid)
         try:
             return spill, await read_history(target, spill, floor)
         except Unauthorized as error:
@@ -153,23 +154,65 @@ async def read_with_retries(target: Target, spill_path: str, floor: float) -> tu
     raise AssertionError("unreachable")
 
 
-def backfill_target(target: Target, options: Options, work: str) -> Outcome:
-    """One target's history: OpenMetrics files and its state at the cut-off, in `work`."""
+class Blocks:
+    """TSDB blocks from the OpenMetrics files, one promtool run per file, each started as its file
+    is complete: promtool (Go) works on the second core while the replay goes on."""
+
+    def __init__(self, promtool: str, directory: str):
+        self.promtool, self.directory = promtool, directory
+        os.makedirs(directory, exist_ok=True)
+        self.waiting: list[str] = []
+        self.running: tuple[str, subprocess.Popen, object] | None = None
+
+    def add(self, path: str) -> None:
+        self.waiting.append(path)
+        self._advance(block=False)
+
+    def finish(self) -> None:
+        """Wait for every file's blocks; raises BackfillError when promtool failed."""
+        while self.running is not None or self.waiting:
+            self._advance(block=True)
+
+    def _advance(self, block: bool) -> None:
+        if self.running is not None:
+            path, process, errors = self.running
+            if not block and process.poll() is None:
+                return
+            code = process.wait()
+            errors.seek(0)
+            problem = errors.read().strip().splitlines()
+            errors.close()
+            self.running = None
+            if code != 0:
+                raise BackfillError(f"promtool failed on {path}: {problem[-1] if problem else code}", 1)
+        if self.waiting:
+            path = self.waiting.pop(0)
+            argv = [self.promtool, "tsdb", "create-blocks-from", "openmetrics", f"--max-block-duration={MAX_BLOCK}"]
+            errors = tempfile.TemporaryFile("w+")
+            process = subprocess.Popen([*argv, "-q", path, self.directory], stdout=subprocess.DEVNULL, stderr=errors)
+            self.running = (path, process, errors)
+
+
+def backfill_target(target: Target, options: Options, work: str, blocks: Blocks | None = None) -> Outcome:
+    """One target's history: OpenMetrics files (handed to `blocks` as each is written) and its
+    state at the cut-off, in `work`."""
     until = math.floor(time.time() * 1000) / 1000  # the cut-off T: the read starts now
     since = until - options.since
     outcome = Outcome(target.name, since, until)
     settings = Settings.of(target)
-    spill, outcome.invalid = asyncio.run(
-        read_with_retries(target, os.path.join(work, f"spill-{target.name}.sqlite"), since - settings.settle_window)
-    )
+    grid = Grid(since, until, options.step)
+    spill_path = os.path.join(work, f"spill-{target.name}.sqlite")
+    spill, outcome.invalid = asyncio.run(read_with_retries(target, spill_path, grid, since - settings.settle_window))
     try:
         outcome.calls = spill.records
         extra_labels = tuple(label for _, label in target.metadata_labels)
         store = Store(dict(target.buckets), target.max_label_values, extra_labels)
         store.configure_visibility(0.0, target.label_idle)  # no hold: a backfill has no scrapes to wait for
-        timeline = Timeline(os.path.join(work, "openmetrics", target.name), target.name, _scrape_labels(options), store)
+        directory = os.path.join(work, "openmetrics", target.name)
+        written = blocks.add if blocks is not None else None
+        timeline = Timeline(directory, target.name, _scrape_labels(options), store, written)
         replay = Replay(settings, store, since, until)
-        tally = replay.run(spill.ordered(), _steps(since, until, options.step), timeline.sample)
+        tally = replay.run(spill.ordered(), grid.times(), timeline.sample)
     finally:
         spill.close()
     outcome.files = timeline.close()
@@ -187,28 +230,6 @@ def backfill_target(target: Target, options: Options, work: str) -> Outcome:
 
 def _scrape_labels(options: Options) -> dict[str, str]:
     return {"job": options.job, "instance": options.instance}
-
-
-def _steps(since: float, until: float, step: float):
-    """The baseline, then every multiple of `step` after it (so days start on a step), then T."""
-    yield since
-    first = math.floor(since / step) * step + step
-    yield from step_times(first, until, step)
-
-
-def build_blocks(promtool: str, files: list[str], blocks: str) -> None:
-    """TSDB blocks from the OpenMetrics files, one promtool run per file."""
-    os.makedirs(blocks, exist_ok=True)
-    for path in files:
-        done = subprocess.run(
-            [promtool, "tsdb", "create-blocks-from", "openmetrics", f"--max-block-duration={MAX_BLOCK}", "-q"]
-            + [path, blocks],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            problem = (done.stderr or done.stdout).strip().splitlines()
-            raise BackfillError(f"promtool failed on {path}: {problem[-1] if problem else done.returncode}", 1)
 
 
 def blocks_command(output: str) -> str:
@@ -257,10 +278,11 @@ def run(cfg: Config, options: Options) -> int:
         raise BackfillError("backfill reads a real API: give --config.file, not --demo")
     output = os.path.abspath(options.output)
     work = prepare(output, options.force)
-    outcomes = [backfill_target(target, options, work) for target in cfg.targets]
     promtool = shutil.which(options.promtool) if options.promtool else None
-    if promtool:
-        build_blocks(promtool, [f for o in outcomes for f in o.files or ()], os.path.join(work, "blocks"))
+    blocks = Blocks(promtool, os.path.join(work, "blocks")) if promtool else None
+    outcomes = [backfill_target(target, options, work, blocks) for target in cfg.targets]
+    if blocks is not None:
+        blocks.finish()
     finish(output, work, outcomes, options, promtool is not None)
     for o in outcomes:
         print(

@@ -35,11 +35,39 @@ class Version(NamedTuple):
     last: bool  # no later version of this call follows
 
 
-def versions(record: Record) -> list[Version]:
+class Grid:
+    """The instants a replay samples: `since` (the baseline), every multiple of `step` after it
+    (so a day starts on a step), and `until` (the cut-off)."""
+
+    def __init__(self, since: float, until: float, step: float):
+        self.since, self.until, self.step = since, until, step
+        self._last = math.ceil(until / step)
+
+    def times(self) -> Iterator[float]:
+        yield self.since
+        at = (math.floor(self.since / self.step) + 1) * self.step
+        while at < self.until:
+            yield at
+            at += self.step
+        yield self.until
+
+    def sample_of(self, at: float) -> float:
+        """Which sample first shows an event at `at` (a key: equal for events no sample separates)."""
+        if at <= self.since:
+            return -math.inf
+        if at > self.until:
+            return math.inf
+        k = math.ceil(at / self.step)
+        return k if k < self._last else self._last
+
+
+def versions(record: Record, grid: Grid | None = None) -> list[Version]:
     """The versions of `record` to replay, oldest first, each at most once per instant.
 
     Creation comes first; the end (`ended_at`, else `updated_at` as for a live read) lies between
     creation and the last update, however odd the timestamps; the record as it is comes last.
+    With a `grid`, versions that no sample separates are one, the later: the samples are the
+    same, and most calls begin, end and settle within one step (a third of the work).
     """
     created, updated = record.created_at, record.updated_at
     times = [(created, CREATED)]
@@ -48,11 +76,15 @@ def versions(record: Record) -> list[Version]:
         times.append((min(max(ended, created), max(updated, created)), ENDED))
     times.append((max(updated, created), LATEST))
     kept: list[tuple[float, int]] = []
+    sample_of = grid.sample_of if grid is not None else float
+    before = None
     for at, kind in times:
-        if kept and kept[-1][0] == at:
+        sample = sample_of(at)
+        if kept and sample == before:
             kept[-1] = (at, kind)  # the later kind holds all the earlier one says
         else:
             kept.append((at, kind))
+        before = sample
     return [Version(at, kind, i == len(kept) - 1) for i, (at, kind) in enumerate(kept)]
 
 
@@ -169,12 +201,3 @@ class Replay:
         ledger = self.tally.ledger
         ledger.baseline = ledger.watermark = self.until
         return self.tally
-
-
-def step_times(since: float, until: float, step: float) -> Iterator[float]:
-    """`since`, every `step` after it before `until`, then `until` itself: the sampled instants."""
-    k = 0
-    while since + k * step < until:
-        yield since + k * step
-        k += 1
-    yield until

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import msgspec
 
 from .records import Record
-from .replay import Version, versions
+from .replay import Grid, Version, versions
 
 BATCH = 20_000  # records buffered between two inserts
 CACHE_KIB = 32 * 1024  # SQLite's page cache: the index is sorted in it
@@ -25,8 +25,8 @@ CACHE_KIB = 32 * 1024  # SQLite's page cache: the index is sorted in it
 class Spill:
     """Records and their versions at `path` (created afresh, removed by `close`)."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, grid: Grid | None = None):
+        self.path, self.grid = path, grid
         for stale in (path, path + "-journal"):
             if os.path.exists(stale):
                 os.unlink(stale)
@@ -44,14 +44,15 @@ class Spill:
     def add(self, record: Record) -> None:
         n = self.records = self.records + 1
         self._calls.append((n, self.encode(record)))
-        self._versions.extend((v.at, n, v.kind, v.last) for v in versions(record))
+        self._versions.extend((v.at, n, v.kind, v.last) for v in versions(record, self.grid))
         if len(self._calls) >= BATCH:
             self._flush()
 
     def _flush(self) -> None:
-        with self.db:
-            self.db.executemany("INSERT INTO calls VALUES (?, ?)", self._calls)
-            self.db.executemany("INSERT INTO versions VALUES (?, ?, ?, ?)", self._versions)
+        self.db.execute("BEGIN")  # one transaction a batch: the connection commits each statement otherwise
+        self.db.executemany("INSERT INTO calls VALUES (?, ?)", self._calls)
+        self.db.executemany("INSERT INTO versions VALUES (?, ?, ?, ?)", self._versions)
+        self.db.execute("COMMIT")
         self._calls, self._versions = [], []
 
     def ordered(self) -> Iterator[tuple[Version, Record]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client.utils import floatToGoString
 
@@ -46,8 +46,10 @@ class _Series:
 class Timeline:
     """One target's series at each step, written to `directory` one UTC day per file."""
 
-    def __init__(self, directory: str, org: str, labels: dict[str, str], store: Store):
-        self.directory = directory
+    def __init__(
+        self, directory: str, org: str, labels: dict[str, str], store: Store, written: Callable[[str], None] = None
+    ):
+        self.directory, self.written = directory, written  # `written(path)`: a file is complete
         os.makedirs(directory, exist_ok=True)
         self.own = [("org", org), *labels.items()]  # the labels a scrape of the target attaches
         self.extra_labels, self.buckets = store.extra_labels, store.buckets
@@ -105,6 +107,8 @@ class Timeline:
             out.write("# EOF\n")
         os.replace(path + ".part", path)
         self.files.append(path)
+        if self.written is not None:
+            self.written(path)
         self.written_from = end
 
     def _lines(self, name: str, kind: str, labels: str, series: _Series, first: int, end: int, times: dict[int, str]):
