@@ -82,6 +82,8 @@ class Outcome:
     after_cutoff: int = 0
     tracked: int = 0
     samples: int = 0
+    read_seconds: float = 0.0  # the list read into the spill
+    replay_seconds: float = 0.0  # the sort, the replay and the OpenMetrics files
     files: list[str] | None = None
     state: str = ""
 
@@ -202,7 +204,10 @@ def backfill_target(target: Target, options: Options, work: str, blocks: Blocks 
     settings = Settings.of(target)
     grid = Grid(since, until, options.step)
     spill_path = os.path.join(work, f"spill-{target.name}.sqlite")
+    started = time.monotonic()
     spill, outcome.invalid = asyncio.run(read_with_retries(target, spill_path, grid, since - settings.settle_window))
+    outcome.read_seconds = round(time.monotonic() - started, 3)
+    log.info("history read", extra={"org": target.name, "calls": spill.records, "seconds": outcome.read_seconds})
     try:
         outcome.calls = spill.records
         extra_labels = tuple(label for _, label in target.metadata_labels)
@@ -216,6 +221,7 @@ def backfill_target(target: Target, options: Options, work: str, blocks: Blocks 
     finally:
         spill.close()
     outcome.files = timeline.close()
+    outcome.replay_seconds = round(time.monotonic() - started - outcome.read_seconds, 3)
     outcome.versions, outcome.after_cutoff, outcome.samples = replay.fed, replay.skipped, timeline.samples
     outcome.tracked = len(tally.ledger.calls)
     os.makedirs(os.path.join(work, "state"), exist_ok=True)
@@ -240,7 +246,9 @@ def blocks_command(output: str) -> str:
     )
 
 
-def finish(output: str, work: str, outcomes: list[Outcome], options: Options, blocks_built: bool) -> dict:
+def finish(
+    output: str, work: str, outcomes: list[Outcome], options: Options, blocks_built: bool, blocks_wait: float = 0.0
+) -> dict:
     """Move everything into place, the manifest last; returns the manifest."""
     for part in PARTS:
         if os.path.exists(os.path.join(work, part)):
@@ -254,6 +262,7 @@ def finish(output: str, work: str, outcomes: list[Outcome], options: Options, bl
         "step_seconds": options.step,
         "labels": _scrape_labels(options),
         "blocks": os.path.join(output, "blocks") if blocks_built else None,
+        "blocks_wait_seconds": blocks_wait,  # promtool's work left after the last replay
         "targets": [
             {
                 **{k: v for k, v in vars(o).items() if k not in ("files", "state")},
@@ -281,9 +290,10 @@ def run(cfg: Config, options: Options) -> int:
     promtool = shutil.which(options.promtool) if options.promtool else None
     blocks = Blocks(promtool, os.path.join(work, "blocks")) if promtool else None
     outcomes = [backfill_target(target, options, work, blocks) for target in cfg.targets]
+    started = time.monotonic()
     if blocks is not None:
-        blocks.finish()
-    finish(output, work, outcomes, options, promtool is not None)
+        blocks.finish()  # what promtool has left to do once the last replay is done
+    finish(output, work, outcomes, options, promtool is not None, round(time.monotonic() - started, 3))
     for o in outcomes:
         print(
             f"{o.target}: {o.calls} calls ({o.invalid} malformed, skipped), {o.samples} samples from"
