@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,3 +196,17 @@ def test_an_interrupted_backfill_leaves_nothing_complete_and_a_rerun_succeeds(st
     assert done.returncode == 0, done.stderr
     assert manifest(out)["targets"][0]["calls"] == HISTORY
     assert not (out / ".incomplete").exists()
+
+
+def test_a_rerun_after_a_run_interrupted_while_moving_its_files_into_place_succeeds(stack, tmp_path):
+    """`finish` moves the files, then the blocks, then the state, the manifest last: a run killed
+    between two moves leaves files without a state or a manifest, which a rerun replaces."""
+    _, url = stack.simulator(history=HISTORY, history_age=HOUR, rate=0, api_key=KEY)
+    out = tmp_path / "out"
+    assert backfill(tmp_path, url, out).returncode == 0
+    os.unlink(out / "backfill.json")
+    shutil.rmtree(out / "state")  # what a kill after the blocks were moved leaves
+    done = backfill(tmp_path, url, out)
+    assert done.returncode == 0, done.stderr
+    [target] = manifest(out)["targets"]
+    assert sorted(os.listdir(out / "openmetrics" / "default")) == sorted(os.path.basename(f) for f in target["files"])
