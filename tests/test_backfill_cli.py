@@ -210,3 +210,29 @@ def test_a_rerun_after_a_run_interrupted_while_moving_its_files_into_place_succe
     assert done.returncode == 0, done.stderr
     [target] = manifest(out)["targets"]
     assert sorted(os.listdir(out / "openmetrics" / "default")) == sorted(os.path.basename(f) for f in target["files"])
+
+
+def test_calls_created_before_the_baseline_count_only_their_events_after_it(stack, tmp_path):
+    # The history's 20 minutes straddle the baseline, two hours back: half its calls were created
+    # before it, some of those ended or delivered their webhook after it.
+    sim, url = stack.simulator(history=HISTORY, history_age=2 * HOUR - 600, rate=0, api_key=KEY)
+    out = tmp_path / "out"
+    done = backfill(tmp_path, url, out)
+    assert done.returncode == 0, done.stderr
+    [target] = manifest(out)["targets"]
+    assert target["calls"] == HISTORY  # read down to the baseline minus the settle window
+    samples = {key: value for key, (_, value) in final_samples(target["files"]).items()}
+    truth = sim.truth(target["since"])
+    assert 0 < truth.total("callingbox_calls_created_total") < HISTORY
+    assert differences(samples, truth) == []
+
+
+def test_records_listed_twice_count_once(stack, tmp_path):
+    sim, url = stack.simulator(history=HISTORY, history_age=HOUR, rate=0, api_key=KEY)
+    sim.inject("duplicates", n=10)
+    out = tmp_path / "out"
+    done = backfill(tmp_path, url, out)
+    assert done.returncode == 0, done.stderr
+    [target] = manifest(out)["targets"]
+    samples = {key: value for key, (_, value) in final_samples(target["files"]).items()}
+    assert differences(samples, sim.truth(target["since"])) == []
