@@ -236,3 +236,27 @@ def test_records_listed_twice_count_once(stack, tmp_path):
     [target] = manifest(out)["targets"]
     samples = {key: value for key, (_, value) in final_samples(target["files"]).items()}
     assert differences(samples, sim.truth(target["since"])) == []
+
+
+def test_the_live_exporter_started_on_the_state_goes_on_without_a_reset_and_counts_the_rest_once(stack, tmp_path):
+    # The history ends now: the last calls' ends and webhooks come after the cut-off, for the live
+    # exporter to count.
+    sim, url = stack.simulator(history=HISTORY, history_age=0, rate=0, api_key=KEY)
+    out = tmp_path / "out"
+    done = backfill(tmp_path, url, out)
+    assert done.returncode == 0, done.stderr
+    [target] = manifest(out)["targets"]
+    assert target["after_cutoff"] > 0
+    backfilled = {key: value for key, (_, value) in final_samples(target["files"]).items()}
+    assert sum(v for (name, _), v in backfilled.items() if name == "callingbox_calls_ended_total") > 0
+    state_file = tmp_path / "live.db"
+    shutil.copyfile(target["state"], state_file)
+
+    config = {"api_url": url, "poll_interval": "0.3s", "overlap": "10s", "state_file": str(state_file)}
+    exporter = stack.exporter(config, env={"CALLINGBOX_API_KEY": KEY}).start()
+    first = exporter.scrape()
+    for key, value in backfilled.items():  # served at once, at least the backfilled values
+        assert first.get(key, 0) >= value, key
+    truth = sim.truth(target["since"])
+    wait_until(lambda: not differences(exporter.scrape(), truth), 60, message="the live exporter caught up")
+    assert differences(exporter.scrape(), truth) == []
