@@ -138,7 +138,9 @@ def test_promtool_turns_the_files_into_blocks(tmp_path):
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed")
-    _, files = timeline_of(tmp_path, {0: [last_call(7)], 4: [hang_up("midnight"), last_call(30)], 6: [hang_up("x")]})
+    hostile = 'a "quoted" \\ cause\nover two lines'  # escaped as OpenMetrics wants
+    changes = {0: [last_call(7)], 4: [hang_up("midnight"), last_call(30)], 6: [hang_up(hostile)]}
+    _, files = timeline_of(tmp_path, changes)
     blocks = tmp_path / "blocks"
     for path in files:
         done = subprocess.run(
