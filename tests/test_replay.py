@@ -7,6 +7,8 @@ the very same counters and histograms as their replay, series by series.
 
 from __future__ import annotations
 
+import pytest
+
 from exporter.ledger import Ledger
 from exporter.records import Record, decode_record
 from exporter.replay import CREATED, ENDED, LATEST, Replay, Version, as_of, step_times, versions
@@ -350,10 +352,19 @@ def test_what_lies_after_the_cut_off_is_left_to_the_live_exporter_and_counted_on
 # ---- the sweep --------------------------------------------------------------------------------
 
 
-def test_a_call_updated_weeks_after_its_creation_counts_its_creation_and_end_once():
+@pytest.mark.parametrize(
+    "subjects",
+    [
+        {},  # its webhook replayed by hand eight days after the call: pending from its end on
+        # without outcomes, final at its end, which comes later than the settle window after its creation
+        {"webhook_url": None, "returns": None, "webhook_status": None, "result_status": None},
+    ],
+    ids=["webhook-replayed", "final-at-its-end"],
+)
+def test_a_call_updated_weeks_after_its_creation_counts_its_creation_and_end_once(subjects):
     until = SINCE + 20 * DAY
-    replayed_by_hand = record(  # its webhook replayed by hand eight days after the call
-        "replayed", "completed", SINCE + HOUR, SINCE + HOUR + 8 * DAY, **done(SINCE + HOUR + 60, 45)
+    replayed_by_hand = record(
+        "replayed", "completed", SINCE + HOUR, SINCE + HOUR + 8 * DAY, **done(SINCE + 3 * HOUR, 45, **subjects)
     )
     replay = replayed([replayed_by_hand], until=until, step=HOUR)
     s = replay.tally.store
