@@ -260,3 +260,16 @@ def test_the_live_exporter_started_on_the_state_goes_on_without_a_reset_and_coun
     truth = sim.truth(target["since"])
     wait_until(lambda: not differences(exporter.scrape(), truth), 60, message="the live exporter caught up")
     assert differences(exporter.scrape(), truth) == []
+
+
+def test_a_list_read_cut_short_is_read_again_from_the_start(stack, tmp_path):
+    sim, url = stack.simulator(history=HISTORY, history_age=HOUR, rate=0, api_key=KEY)
+    sim.inject("truncate")  # the first read's body ends halfway, mid-array
+    out = tmp_path / "out"
+    done = backfill(tmp_path, url, out)
+    assert done.returncode == 0, done.stderr
+    assert sim.stats["list_requests"] == 2
+    [target] = manifest(out)["targets"]
+    assert target["calls"] == HISTORY  # the first attempt's half is not kept
+    samples = {key: value for key, (_, value) in final_samples(target["files"]).items()}
+    assert differences(samples, sim.truth(target["since"])) == []
