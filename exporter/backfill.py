@@ -95,13 +95,15 @@ def prepare(output: str, force: bool) -> str:
         raise BackfillError(
             f"{output} already holds a backfill ({held[0]}): choose another --output, or --force to replace it"
         )
-    if force:
-        for part in (MANIFEST, *PARTS):
-            path = os.path.join(output, part)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.unlink(path)
+    # Forced, a backfill is replaced. Otherwise what is left has neither manifest nor state: files
+    # and blocks a run left when it was stopped while moving its parts into place (finish), which
+    # os.replace could not move a new directory onto.
+    for part in (MANIFEST, *PARTS):
+        path = os.path.join(output, part)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.unlink(path)
     work = os.path.join(output, WORK)
     shutil.rmtree(work, ignore_errors=True)  # an interrupted run's leftovers
     os.makedirs(work)
