@@ -11,7 +11,7 @@ import pytest
 
 from exporter.ledger import Ledger
 from exporter.records import Record, decode_record
-from exporter.replay import CREATED, ENDED, LATEST, Replay, Version, as_of, step_times, versions
+from exporter.replay import CREATED, ENDED, LATEST, Grid, Replay, Version, as_of, versions
 from exporter.settings import Settings
 from exporter.simulator import format_ts
 from exporter.spill import Spill
@@ -80,7 +80,7 @@ def in_time_order(records: list[Record]) -> list[tuple[Version, Record]]:
 
 def replayed(records: list[Record], until: float = UNTIL, sample=None, step: float = 300.0) -> Replay:
     replay = Replay(settings(), store(), SINCE, until)
-    replay.run(in_time_order(records), step_times(SINCE, until, step), sample or (lambda at, s: None))
+    replay.run(in_time_order(records), Grid(SINCE, until, step).times(), sample or (lambda at, s: None))
     return replay
 
 
@@ -277,7 +277,7 @@ def test_the_replay_read_from_the_spill_counts_the_same(tmp_path):
     assert [v.at for v, _ in feed] == sorted(v.at for v, _ in feed)
     assert sorted((v, r) for v, r in feed) == sorted(in_time_order(records))
     replay = Replay(settings(), store(), SINCE, UNTIL)
-    replay.run(feed, step_times(SINCE, UNTIL, 300.0), lambda at, s: None)
+    replay.run(feed, Grid(SINCE, UNTIL, 300.0).times(), lambda at, s: None)
     assert not series_differences(replay.tally.store, direct(records, UNTIL).store)
     assert not (tmp_path / "spill.sqlite").exists()
 
@@ -312,7 +312,7 @@ def test_each_event_moves_its_series_at_the_first_step_at_or_after_its_time():
         )
 
     replayed([r], sample=sample)
-    assert [at for at, *_ in seen] == list(step_times(SINCE, UNTIL, 300.0))
+    assert [at for at, *_ in seen] == list(Grid(SINCE, UNTIL, 300.0).times())
     for at, created, ended, delivered in seen:
         assert (created, ended, delivered) == (int(at >= t1), int(at >= t2), int(at >= t3)), at
 
@@ -390,7 +390,7 @@ def test_final_calls_leave_the_ledger_past_the_settle_window_and_open_ones_stay_
         finals_tracked = [c.created_at for i, c in ledger.calls.items() if i.startswith("final-")]
         sizes.append((at, len(ledger.calls), min(finals_tracked, default=at)))
 
-    replay.run(in_time_order([*finals, open_recent, open_old]), step_times(SINCE, until, HOUR), sample)
+    replay.run(in_time_order([*finals, open_recent, open_old]), Grid(SINCE, until, HOUR).times(), sample)
     # Every final call was counted, and at every step the ledger held only those created within
     # the settle window and the time between two sweeps.
     assert total(replay.tally.store, ENDED_TOTAL) == len(finals)
