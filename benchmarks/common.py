@@ -33,6 +33,8 @@ class Sizes:
     tier_calls: int  # case 6: calls in the reference org's 72 h settle window
     state_calls: int  # case 7: tracked calls in the saved state
     state_saves: int  # case 7: ordinary polls' saves measured (the median is shown)
+    backfill_days: float = 30  # case 8: days of history backfilled ...
+    backfill_per_day: int = 50_000  # ... of an org making this many calls a day
 
 
 FULL = Sizes(
@@ -64,6 +66,8 @@ QUICK = Sizes(
     tier_calls=10_000,
     state_calls=10_000,
     state_saves=10,
+    backfill_days=1,
+    backfill_per_day=10_000,
 )
 
 

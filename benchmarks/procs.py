@@ -213,7 +213,16 @@ class Child:
 class ApiServer(Child):
     """`benchmarks.servers` in its own process: the simulator (live) or its captured response (replay)."""
 
-    def __init__(self, mode: str, history: int, log_dir: Path, history_age: float = 0.0, seed: int = 1):
+    def __init__(
+        self,
+        mode: str,
+        history: int,
+        log_dir: Path,
+        history_age: float = 0.0,
+        seed: int = 1,
+        history_spacing: float | None = None,
+    ):
+        spacing = () if history_spacing is None else ("--history-spacing", str(history_spacing))
         argv = [
             sys.executable,
             "-m",
@@ -226,6 +235,7 @@ class ApiServer(Child):
             str(history_age),
             "--seed",
             str(seed),
+            *spacing,
         ]
         super().__init__(argv, log_dir / f"api-{mode}-{history}.log")
         try:

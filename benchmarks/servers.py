@@ -63,7 +63,14 @@ def replay_app(body: bytes) -> web.Application:
 
 async def serve(args: argparse.Namespace) -> None:
     top = time.time() - args.history_age  # the simulator's newest history call is created at most this late
-    sim = Simulator(seed=args.seed, rate=0.0, max_calls=0, history=args.history, history_age=args.history_age)
+    sim = Simulator(
+        seed=args.seed,
+        rate=0.0,
+        max_calls=0,
+        history=args.history,
+        history_age=args.history_age,
+        history_spacing=args.history_spacing,
+    )
     body_bytes = None
     if args.mode == "replay":
         body = await asyncio.to_thread(capture, sim)
@@ -87,6 +94,7 @@ def main() -> None:
     p.add_argument("--history", type=int, required=True)
     p.add_argument("--history-age", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--history-spacing", type=float, default=None, help="seconds between history calls")
     asyncio.run(serve(p.parse_args()))
 
 
