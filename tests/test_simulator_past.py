@@ -121,6 +121,7 @@ def test_a_past_leaves_the_live_calls_as_they_were():
 def test_a_past_that_cannot_be_is_refused(options):
     with pytest.raises(ValueError):
         Simulator(**options)
+    Simulator(history=5, history_age=0.0)  # no past: any history age will do, as before
 
 
 def test_thaw_moves_what_was_to_come_later_by_the_time_spent_frozen():

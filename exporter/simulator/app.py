@@ -55,7 +55,8 @@ class Simulator(Clock, Past, Player, Lifecycles, Handlers):
         error_codes: list[str] | None = None,
         history: int = 0,
         history_age: float = 30 * 86400.0,
-        # Calls created over the `past` seconds before construction, `past_rate` a second (past.py).
+        # Calls created over the `past` seconds before construction, `past_rate` a second (past.py);
+        # `max_calls` and `rate` are the live calls'.
         past: float = 0.0,
         past_rate: float = 0.05,
         webhook_retry_base: float | None = None,
@@ -84,7 +85,7 @@ class Simulator(Clock, Past, Player, Lifecycles, Handlers):
             raise ValueError("time_scale and chunk_size must be positive; rate, history, late_commit >= 0")
         if not (0 <= inbound_share <= 1 and 0 <= replay_share <= 1):
             raise ValueError("inbound_share and replay_share must lie in [0, 1]")
-        if past < 0 or past_rate < 0 or (history and past >= history_age):
+        if past < 0 or past_rate < 0 or (history and past and past >= history_age):
             raise ValueError("past and past_rate must be >= 0, and the past newer than the history")
         self.seed, self.rate, self.max_calls, self.time_scale = seed, rate, max_calls, time_scale
         self.inbound_share, self.replay_share, self.late_commit = inbound_share, replay_share, late_commit
