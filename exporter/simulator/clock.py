@@ -37,7 +37,8 @@ class Clock:
     def freeze(self) -> float:
         """Stop the simulated clock: no arrivals, no steps, and every read answers as at this
         instant, byte for byte, however long it lasts. Returns the instant. What a test does
-        meanwhile (a POST, `replay`, `insert_past`) still happens, dated at this instant."""
+        meanwhile (a POST, `replay`, `insert_past`) still happens, dated at this instant; faults
+        (injected ones, a lagging by-id replica) are not the clock's and still answer."""
         with self._lock:
             if self._frozen is None:
                 now = self._now()
