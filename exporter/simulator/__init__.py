@@ -3,10 +3,12 @@
 `callingbox-exporter --demo` serves it in-process; tests serve it on loopback and compare the
 exporter's metrics with `Simulator.truth()`. Stdlib and aiohttp only: it imports nothing of ours.
 Modules, top to bottom: call → lifecycle → contract (what the docs leave open) → truth → player
-(steps the calls to `now`) → faults → handlers → app (`Simulator`).
+(steps the calls to `now`) → past (days of calls before the start) → clock (the ticking task,
+freeze / thaw) → faults → handlers → app (`Simulator`).
 """
 
-from .app import TICK, Simulator, serve_in_thread
+from .app import Simulator, serve_in_thread
+from .clock import TICK
 from .contract import DOCS_OPEN, Contract
 from .faults import FAULT_KINDS
 from .lifecycle import (

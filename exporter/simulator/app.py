@@ -1,7 +1,8 @@
 """`Simulator`: CallingBox in a box, served on loopback with `start()` / `stop()`. It owns the call
-store, the clock and the task that plays the calls on it (the stepping in player.py, the plans in
-lifecycle.py), the control methods tests call from any thread and `truth()`; its HTTP handlers live
-in handlers.py. `serve_in_thread` runs it for synchronous tests.
+store and reads the time (`_now`); the mixins do the rest: plans in lifecycle.py, stepping in
+player.py, the past in past.py, the ticking task and freeze / thaw in clock.py, HTTP in handlers.py.
+Here: the settings, the control methods tests call from any thread and `truth()`.
+`serve_in_thread` runs it for synchronous tests.
 """
 
 from __future__ import annotations
@@ -9,17 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
+import math
 import random
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
 
 from .call import _Call, _Step
+from .clock import Clock
 from .contract import Contract
 from .faults import FAULT_KINDS
 from .handlers import Handlers
@@ -33,15 +35,12 @@ from .lifecycle import (
     _seconds,
     format_ts,
 )
+from .past import Past
 from .player import Player
 from .truth import END_DETAILS, Counted, Truth, _Event, ledger
 
-log = logging.getLogger(__name__)
 
-TICK = 0.025  # lifecycle wake-up period, wall seconds
-
-
-class Simulator(Player, Lifecycles, Handlers):
+class Simulator(Clock, Past, Player, Lifecycles, Handlers):
     """CallingBox in a box: calls with realistic lifecycles, faults on demand, and the truth."""
 
     def __init__(
@@ -56,6 +55,10 @@ class Simulator(Player, Lifecycles, Handlers):
         error_codes: list[str] | None = None,
         history: int = 0,
         history_age: float = 30 * 86400.0,
+        # Calls created over the `past` seconds before construction, `past_rate` a second (past.py);
+        # `max_calls` and `rate` are the live calls'.
+        past: float = 0.0,
+        past_rate: float = 0.05,
         webhook_retry_base: float | None = None,
         replay_share: float = 0.0,
         late_commit: float = 0.0,
@@ -82,6 +85,8 @@ class Simulator(Player, Lifecycles, Handlers):
             raise ValueError("time_scale and chunk_size must be positive; rate, history, late_commit >= 0")
         if not (0 <= inbound_share <= 1 and 0 <= replay_share <= 1):
             raise ValueError("inbound_share and replay_share must lie in [0, 1]")
+        if past < 0 or past_rate < 0 or (history and past and past >= history_age):
+            raise ValueError("past and past_rate must be >= 0, and the past newer than the history")
         self.seed, self.rate, self.max_calls, self.time_scale = seed, rate, max_calls, time_scale
         self.inbound_share, self.replay_share, self.late_commit = inbound_share, replay_share, late_commit
         self.hangup_causes, self.error_codes = hangup_causes or None, error_codes or None
@@ -122,10 +127,14 @@ class Simulator(Player, Lifecycles, Handlers):
         self._events: list[_Event] = []  # append-only
         self._faults: deque[tuple[str, dict]] = deque()
         self._paused = False
+        self._frozen: float | None = None  # the instant the clock stopped at (clock.py)
         self._held: dict[str, list] = {}  # call id → [held since, its heap entry was dropped]
         self._created = 0
-        self._next_arrival = 0.0
-        self._history_top = time.time() - history_age  # history is fixed at construction
+        self._next_arrival = math.inf  # no arrivals before start() sets the first (clock.py)
+        t0 = time.time()
+        self._history_top = t0 - history_age  # history is fixed at construction
+        # Played on its own generator, so live calls are the same with or without a past.
+        self.past_calls = self._play_past(t0 - past, t0, past_rate, random.Random(f"{seed}:past")) if past else 0
         self._runner: web.AppRunner | None = None
         self.app = web.Application(middlewares=[self._guard])
         self.app.router.add_get("/v1/calls", self._list_calls)
@@ -157,7 +166,7 @@ class Simulator(Player, Lifecycles, Handlers):
     def resume(self) -> None:
         with self._lock:
             self._paused = False
-            self._next_arrival = time.time()
+            self._next_arrival = self._now()
 
     def set_outcome_weights(self, weights: dict[str, float]) -> None:
         """Change the mix of terminal outcomes for calls created from now on (e.g. a failure spike)."""
@@ -183,14 +192,14 @@ class Simulator(Player, Lifecycles, Handlers):
         with self._lock:
             if call_id not in self._calls:
                 raise KeyError(call_id)
-            self._held.setdefault(call_id, [time.time(), False])
+            self._held.setdefault(call_id, [self._now(), False])
 
     def release(self, call_id: str) -> None:
         """Let a held call go on; its remaining steps keep their spacing, counted from now."""
         with self._lock:
             held_since, dropped = self._held.pop(call_id)
             call = self._calls[call_id]
-            delay = time.time() - held_since
+            delay = self._now() - held_since
             for step in call.steps:
                 step.due += delay
             if dropped:
@@ -201,9 +210,10 @@ class Simulator(Player, Lifecycles, Handlers):
         seconds later, each change bumping `updated_at` and told to the truth."""
         with self._lock:
             call = self._calls[call_id]
-            now = time.time()
-            call.steps.extend(
+            now = self._now()
+            call.steps = deque(
                 [
+                    *call.steps,
                     _Step(now, {"webhook_status": "pending", "webhook_error": None}),
                     _Step(now + after, {"webhook_status": outcome}),
                 ]
@@ -224,12 +234,12 @@ class Simulator(Player, Lifecycles, Handlers):
     def insert_past(self, age: float, **fields: Any) -> str:
         """A final call that appears `age` seconds in the past, as if committed late and unannounced."""
         with self._lock:
-            now = time.time()
+            now = self._now()
             stamp = format_ts(now - age)
             record = {**_final_record(self._rng, stamp), **fields}
             record = self.contract.shape(record, extracted=True)
             # Unannounced: the truth is not told, and nothing of its end counts later.
-            counted = Counted(record["ended_at"], record["status"], set(END_DETAILS))
+            counted = Counted(record["ended_at"], record["status"], END_DETAILS)
             self._calls[record["id"]] = _Call(record["id"], deque(), [(now - age, record)], counted=counted)
             # the list is newest first by created_at: put the newcomer in its place
             self._calls = dict(sorted(self._calls.items(), key=lambda kv: _seconds(kv[1].versions[0][1]["created_at"])))
@@ -238,7 +248,7 @@ class Simulator(Player, Lifecycles, Handlers):
     def all_final(self) -> bool:
         """Creation is over and every call is final and visible as such."""
         with self._lock:
-            now = time.time()
+            now = self._now()
             creating = not self._paused and self.rate > 0 and (self.max_calls is None or self._created < self.max_calls)
             return not creating and all(call.final(now) for call in self._calls.values())
 
@@ -248,27 +258,9 @@ class Simulator(Player, Lifecycles, Handlers):
             events = self._events[:]
         return Truth.after(itertools.chain(events, self._history_events(after)), after)
 
-    # ---- the clock: one task steps every call (player.py) --------------------------------
-
-    async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
-        with self._lock:
-            self._next_arrival = time.time()
-        task = asyncio.create_task(self._run())
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    async def _run(self) -> None:
-        # One task drives every call from a heap of due steps, so thousands of live calls
-        # cost one wake-up per tick, not a task each.
-        while True:
-            try:
-                with self._lock:
-                    self._advance(time.time())
-            except Exception:
-                log.exception("simulator step failed")
-            await asyncio.sleep(TICK)
+    def _now(self) -> float:
+        """The simulated clock: wall time, or the instant `freeze()` stopped it at."""
+        return time.time() if self._frozen is None else self._frozen
 
     # ---- history, as the list and the truth see it ---------------------------------------
 

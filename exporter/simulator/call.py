@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass(order=True)
+@dataclass(order=True, slots=True)
 class _Step:
     due: float  # wall time
     changes: dict = field(compare=False)
@@ -19,10 +19,10 @@ class _Step:
     applied: float | None = field(default=None, compare=False)  # when it happened, once it has
 
 
-@dataclass
+@dataclass(slots=True)  # days of past calls: a few hundred bytes less each
 class _Call:
     id: str
-    steps: deque[_Step]  # the planned future, by due time; empty once the call is final
+    steps: deque[_Step] | tuple[()]  # the planned future, by due time; () once the call is final
     versions: list[tuple[float, dict]] = field(default_factory=list)  # (visible_at, record)
     counted: Any = None  # truth.Counted: what the truth has counted of this call so far
 

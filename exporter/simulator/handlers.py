@@ -25,7 +25,8 @@ from .faults import _dumps, _error, _malformed, fault_answer, trickle
 
 class Handlers:
     """The HTTP handlers of `Simulator`, mixed into it. Besides the state below they call
-    `Player._create` (a POSTed call) and `Lifecycles._history_record` (history in the list)."""
+    `Player._create` (a POSTed call), `Lifecycles._history_record` (history in the list) and
+    `Simulator._now` (the simulated clock, which reads answer at)."""
 
     seed: int
     history: int
@@ -40,6 +41,7 @@ class Handlers:
     _lock: threading.Lock
     _calls: dict[str, _Call]
     _faults: deque[tuple[str, dict]]
+    _now: Any
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -72,7 +74,7 @@ class Handlers:
                 await asyncio.sleep(self.by_id_delay)
             with self._lock:
                 call = self._calls.get(call_id)
-                record = call.visible(time.time()) if call else None
+                record = call.visible(self._now()) if call else None
                 lagging = self._by_id_lag(call_id, listed=record is not None)
         finally:
             with self._lock:
@@ -110,7 +112,7 @@ class Handlers:
             if key in body:
                 overrides[key] = body[key]
         with self._lock:
-            call = self._create(time.time(), overrides)
+            call = self._create(self._now(), overrides)
         return web.json_response(call.latest, status=201)
 
     async def _list_calls(self, request: web.Request) -> web.StreamResponse:
@@ -121,7 +123,7 @@ class Handlers:
         if answer is not None:
             return answer
         with self._lock:
-            now = time.time()
+            now = self._now()  # a frozen clock answers as at the instant it stopped
             live = [r for r in (c.visible(now) for c in reversed(self._calls.values())) if r is not None]
         headers = {}
         if self.conditional and kind is None:

@@ -6,6 +6,7 @@ the steps of call.py only; `truth.py` counts what these lifecycles do, `player.p
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -66,9 +67,15 @@ def _outcome_table(weights: dict[str, float]) -> tuple[list[str], list[float]]:
 def format_ts(t: float) -> str:
     """Unix seconds → RFC 3339 UTC with milliseconds, as CallingBox writes timestamps."""
     ms = int(t * 1000)  # floor, so a timestamp never lies after the moment it was taken
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+    return _whole_second(ms // 1000) + f".{ms % 1000:03d}Z"
 
 
+@functools.lru_cache(maxsize=1024)  # a call's changes, and calls at a high rate, share seconds
+def _whole_second(s: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s))
+
+
+@functools.lru_cache(maxsize=4096)  # the truth dates every end detail by the same `ended_at`
 def _seconds(ts: str) -> float:
     # Parse exactly as the exporter does (datetime.timestamp), so truth matches to the last bit.
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()

@@ -63,8 +63,8 @@ class Player:
                 self._apply(call, call.steps.popleft(), now)
             self._schedule(call)
 
-    def _create(self, now: float, overrides: dict | None = None) -> _Call:
-        rng = self._rng
+    def _create(self, now: float, overrides: dict | None = None, rng: random.Random | None = None) -> _Call:
+        rng = rng or self._rng  # the past plays on its own generator (past.py)
         direction = "inbound" if rng.random() < self.inbound_share else "outbound"
         record = _new_record(rng, direction, format_ts(now), self.campaigns)
         record.update(overrides or {})
@@ -99,3 +99,5 @@ class Player:
     def _schedule(self, call: _Call) -> None:
         if call.steps:
             heapq.heappush(self._heap, (call.steps[0].due, next(self._seq), call.id))
+        else:
+            call.steps = ()  # final: an empty deque would cost 760 bytes a call, for good
