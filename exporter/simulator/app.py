@@ -55,6 +55,7 @@ class Simulator(Clock, Past, Player, Lifecycles, Handlers):
         error_codes: list[str] | None = None,
         history: int = 0,
         history_age: float = 30 * 86400.0,
+        history_spacing: float | None = None,  # seconds between history calls (HISTORY_SPACING)
         # Calls created over the `past` seconds before construction, `past_rate` a second (past.py);
         # `max_calls` and `rate` are the live calls'.
         past: float = 0.0,
@@ -133,6 +134,7 @@ class Simulator(Clock, Past, Player, Lifecycles, Handlers):
         self._next_arrival = math.inf  # no arrivals before start() sets the first (clock.py)
         t0 = time.time()
         self._history_top = t0 - history_age  # history is fixed at construction
+        self.history_spacing = HISTORY_SPACING if history_spacing is None else history_spacing
         # Played on its own generator, so live calls are the same with or without a past.
         self.past_calls = self._play_past(t0 - past, t0, past_rate, random.Random(f"{seed}:past")) if past else 0
         self._runner: web.AppRunner | None = None
@@ -252,11 +254,12 @@ class Simulator(Clock, Past, Player, Lifecycles, Handlers):
             creating = not self._paused and self.rate > 0 and (self.max_calls is None or self._created < self.max_calls)
             return not creating and all(call.final(now) for call in self._calls.values())
 
-    def truth(self, after: float) -> Truth:
-        """Everything the exporter must have counted for events dated strictly after `after`."""
+    def truth(self, after: float, until: float = math.inf) -> Truth:
+        """Everything the exporter must have counted for events dated strictly after `after`
+        (and at or before `until`: a day's, say)."""
         with self._lock:
             events = self._events[:]
-        return Truth.after(itertools.chain(events, self._history_events(after)), after)
+        return Truth.after(itertools.chain(events, self._history_events(after)), after, until)
 
     def _now(self) -> float:
         """The simulated clock: wall time, or the instant `freeze()` stopped it at."""
@@ -269,7 +272,7 @@ class Simulator(Clock, Past, Player, Lifecycles, Handlers):
 
     def _history_events(self, after: float) -> Iterator[_Event]:
         for i in range(self.history):
-            if self._history_top - i * HISTORY_SPACING + HISTORY_LIFETIME <= after:
+            if self._history_top - i * self.history_spacing + HISTORY_LIFETIME <= after:
                 return  # this and every older history call happened entirely before `after`
             yield from ledger(None, self._history_record(i))[0]
 

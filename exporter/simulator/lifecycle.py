@@ -181,6 +181,7 @@ class Lifecycles:
     webhook_retry_base: float | None
     _outcomes: tuple[list[str], list[float]]
     _history_top: float
+    history_spacing: float
 
     def _hide(self, rng: random.Random) -> float:
         return self.late_commit * rng.uniform(0.5, 1.0) if self.late_commit else 0.0
@@ -317,7 +318,8 @@ class Lifecycles:
 
     def _history_record(self, i: int) -> dict:
         rng = random.Random(f"{self.seed}:history:{i}")
-        created = self._history_top - i * HISTORY_SPACING - rng.uniform(0, HISTORY_SPACING * 0.75)
+        spacing = self.history_spacing
+        created = self._history_top - i * spacing - rng.uniform(0, spacing * 0.75)
         direction = "inbound" if rng.random() < self.inbound_share else "outbound"
         record = _new_record(rng, direction, format_ts(created))
         started = created + rng.uniform(0.5, 3)

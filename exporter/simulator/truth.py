@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -21,12 +22,13 @@ class Truth:
     observations: dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]
 
     @classmethod
-    def after(cls, events: Iterable[_Event], after: float) -> Truth:
-        """The sum of `events` dated strictly after `after`: counters added up, observations listed."""
+    def after(cls, events: Iterable[_Event], after: float, until: float = math.inf) -> Truth:
+        """The sum of `events` dated strictly after `after` (and at or before `until`): counters
+        added up, observations listed."""
         counters: dict = {}
         observations: dict = {}
         for date, name, labels, value, observed in events:
-            if date <= after:
+            if date <= after or date > until:
                 continue
             if observed:
                 observations.setdefault((name, labels), []).append(value)
