@@ -255,10 +255,10 @@ def missing(url: str, expected: dict[str, tuple[int, int]]) -> set[str]:
     return absent
 
 
-def wait_loaded(url: str, expected: dict[str, tuple[int, int]], timeout: float, clock=time.monotonic) -> None:
-    deadline = clock() + timeout
+def wait_loaded(url: str, expected: dict[str, tuple[int, int]], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
     while absent := missing(url, expected):
-        if clock() > deadline:
+        if time.monotonic() > deadline:
             raise SystemExit(
                 f"backfill_rules: after {timeout:.0f}s Prometheus at {url} still has no data for "
                 f"{', '.join(sorted(absent))}: are the blocks in its --storage.tsdb.path (--data-dir)? "
@@ -321,45 +321,44 @@ def print_commands(options, rule_files: list[Path], out=sys.stdout) -> None:
         )
 
 
+FLAGS = (  # flag, help, argparse settings
+    (
+        "--end",
+        "last evaluation: the backfill's cut-off, when the live exporter took over (RFC 3339 or\n"
+        "Unix seconds; promtool's own default, 3 h ago, would leave the baselines without their last hours)",
+        {"required": True},
+    ),
+    ("--start", "first evaluation: RFC 3339, Unix seconds or a duration before --end (35d)", {"required": True}),
+    ("--url", "the Prometheus holding the raw series", {"default": "http://localhost:9090"}),
+    ("--data-dir", "its --storage.tsdb.path: where --run moves the blocks", {"type": Path}),
+    ("--work-dir", "layer files and blocks", {"type": Path, "default": Path("rules-backfill")}),
+    ("--eval-interval", "for groups without `interval:`: Prometheus' global evaluation_interval", {"default": "1m"}),
+    ("--promtool", "the promtool command", {"default": "promtool"}),
+    (
+        "--move-command",
+        "shell command moving the blocks in directory {blocks} into Prometheus' data\n"
+        "directory, e.g. through kubectl exec (default: a rename into --data-dir)",
+        {},
+    ),
+    (
+        "--restart-command",
+        "shell command restarting Prometheus after each layer's blocks are moved\n"
+        "(default: wait for its own reread of the data directory, once a minute)",
+        {},
+    ),
+    ("--only", "backfill only this recorded series and what it reads (repeatable)", {"action": "append"}),
+    ("--timeout", "seconds to wait for each layer to load", {"type": float, "default": 300}),
+)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("rule_files", nargs="+", type=Path, help="rule files (alerting rules are ignored)")
-    parser.add_argument(
-        "--end",
-        required=True,
-        help="last evaluation: the backfill's cut-off, when the live\n"
-        "exporter took over (RFC 3339 or Unix seconds; promtool's own default is 3 h ago)",
-    )
-    parser.add_argument(
-        "--start", required=True, help="first evaluation: RFC 3339, Unix seconds or a duration\nbefore --end (35d)"
-    )
-    parser.add_argument("--url", default="http://localhost:9090", help="Prometheus holding the raw series")
-    parser.add_argument("--data-dir", type=Path, help="its --storage.tsdb.path, where the blocks go (--run)")
-    parser.add_argument("--work-dir", type=Path, default=Path("rules-backfill"), help="layer files and blocks")
-    parser.add_argument(
-        "--eval-interval", default="1m", help="for groups without `interval:`: Prometheus'\nglobal evaluation_interval"
-    )
-    parser.add_argument("--promtool", default="promtool", help="the promtool command")
-    parser.add_argument(
-        "--move-command",
-        help="shell command that moves the blocks of directory {blocks} into\n"
-        "Prometheus' data directory (default: mv into --data-dir), e.g. through kubectl exec",
-    )
-    parser.add_argument(
-        "--only",
-        action="append",
-        metavar="NAME",
-        help="backfill only this recorded series and\nwhat it reads (repeatable), e.g. the baselines the alerts read",
-    )
+    for flag, text, settings in FLAGS:
+        parser.add_argument(flag, help=text, **settings)
     parser.add_argument("--run", action="store_true", help="run the layers instead of printing the commands")
-    parser.add_argument(
-        "--restart-command",
-        help="shell command that restarts Prometheus after each layer's\n"
-        "blocks are moved (default: wait for its once-a-minute reload)",
-    )
-    parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for each layer to load")
     options = parser.parse_args(argv)
     try:
         options.end = parse_time(options.end)
