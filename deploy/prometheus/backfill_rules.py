@@ -115,15 +115,14 @@ def layers(rules: list[Rule]) -> list[list[Rule]]:
     return grouped
 
 
-def _block_style(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
-    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
-
-
 class _Dumper(yaml.SafeDumper):
-    pass
+    """Multi-line expressions as `|` blocks, as in the rule files."""
+
+    def represent_str(self, text: str) -> yaml.ScalarNode:
+        return self.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
 
 
-_Dumper.add_representer(str, _block_style)
+_Dumper.add_representer(str, _Dumper.represent_str)
 
 
 def layer_document(layer: list[Rule]) -> dict:
@@ -169,19 +168,10 @@ def promtool_command(options, rule_file: Path, output_dir: Path) -> list[str]:
     """The promtool call for one layer, run in the layer's directory. It queries one block at a
     time, so its range queries stay far below Prometheus' 11 000 points per series; blocks of up
     to a day (the flag is hidden, but 2.42 has it) make it 12 times faster than its 2 h default."""
-    return [
-        *shlex.split(options.promtool),
-        "tsdb",
-        "create-blocks-from",
-        "rules",
-        f"--start={options.start}",
-        f"--end={options.end}",
-        f"--url={options.url}",
-        f"--eval-interval={options.eval_interval}",
-        "--max-block-duration=24h",
-        f"--output-dir={output_dir.resolve()}",
-        rule_file.name,
-    ]
+    flags = {"start": options.start, "end": options.end, "url": options.url, "eval-interval": options.eval_interval}
+    flags |= {"max-block-duration": "24h", "output-dir": output_dir.resolve()}
+    subcommand = ["tsdb", "create-blocks-from", "rules"]
+    return [*shlex.split(options.promtool), *subcommand, *(f"--{k}={v}" for k, v in flags.items()), rule_file.name]
 
 
 def blocks_in(directory: Path) -> list[Path]:
@@ -236,23 +226,18 @@ def move_blocks(blocks: list[Path], data_dir: Path) -> None:
             shutil.rmtree(block)
 
 
-def api_get(url: str, path: str, **params) -> dict:
-    query = urllib.parse.urlencode(params, doseq=True)
-    with urllib.request.urlopen(f"{url.rstrip('/')}{path}?{query}", timeout=30) as response:
-        return json.loads(response.read())["data"]
+def has_series(url: str, name: str, low: int, high: int) -> bool:
+    query = urllib.parse.urlencode({"match[]": name, "start": low / 1000, "end": high / 1000})
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/api/v1/series?{query}", timeout=30) as response:
+            return bool(json.loads(response.read())["data"])
+    except OSError:  # not up (yet), e.g. restarting
+        return False
 
 
 def missing(url: str, expected: dict[str, tuple[int, int]]) -> set[str]:
     """The expected names Prometheus does not return yet over the range of their first block."""
-    absent = set()
-    for name, (low, high) in expected.items():
-        try:
-            found = api_get(url, "/api/v1/series", **{"match[]": name, "start": low / 1000, "end": high / 1000})
-        except OSError:  # not up (yet), e.g. restarting
-            found = []
-        if not found:
-            absent.add(name)
-    return absent
+    return {name for name, (low, high) in expected.items() if not has_series(url, name, low, high)}
 
 
 def wait_loaded(url: str, expected: dict[str, tuple[int, int]], timeout: float) -> None:
@@ -267,12 +252,16 @@ def wait_loaded(url: str, expected: dict[str, tuple[int, int]], timeout: float) 
         time.sleep(2)
 
 
+def recorded_in(rule_file: Path) -> list[str]:
+    return sorted({r["record"] for g in yaml.safe_load(rule_file.read_text())["groups"] for r in g["rules"]})
+
+
 def run(options, rule_files: list[Path], log=print, load: Callable[[], None] | None = None) -> None:
     """Each layer in turn: promtool, move its blocks into the data directory, wait until Prometheus
     serves them. `load` makes Prometheus load them now (a restart); without it, its own rereading
     of the data directory, once a minute, does."""
     for number, rule_file in enumerate(rule_files, 1):
-        names = {r["record"] for g in yaml.safe_load(rule_file.read_text())["groups"] for r in g["rules"]}
+        names = set(recorded_in(rule_file))
         output = options.work_dir / f"blocks-{number}"
         shutil.rmtree(output, ignore_errors=True)
         started = time.monotonic()
@@ -302,7 +291,7 @@ def print_commands(options, rule_files: list[Path], out=sys.stdout) -> None:
     """The same steps as --run, as shell commands: the runbook shows these."""
     for number, rule_file in enumerate(rule_files, 1):
         output = options.work_dir / f"blocks-{number}"
-        names = sorted({r["record"] for g in yaml.safe_load(rule_file.read_text())["groups"] for r in g["rules"]})
+        names = recorded_in(rule_file)
         print(f"# layer {number} of {len(rule_files)}: {len(names)} recorded names", file=out)
         command = shlex.join(promtool_command(options, rule_file, output))
         print(f"(cd {shlex.quote(str(rule_file.parent))} && {command})", file=out)
@@ -321,31 +310,16 @@ def print_commands(options, rule_files: list[Path], out=sys.stdout) -> None:
         )
 
 
-FLAGS = (  # flag, help, argparse settings
-    (
-        "--end",
-        "last evaluation: the backfill's cut-off, when the live exporter took over (RFC 3339 or\n"
-        "Unix seconds; promtool's own default, 3 h ago, would leave the baselines without their last hours)",
-        {"required": True},
-    ),
-    ("--start", "first evaluation: RFC 3339, Unix seconds or a duration before --end (35d)", {"required": True}),
+FLAGS = (  # flag, help, argparse settings (the help of --end: promtool's own default is 3 h ago)
+    ("--end", "last evaluation: the backfill's cut-off, when the live exporter took over", {"required": True}),
+    ("--start", "first evaluation, or a duration before --end (35d)", {"required": True}),
     ("--url", "the Prometheus holding the raw series", {"default": "http://localhost:9090"}),
     ("--data-dir", "its --storage.tsdb.path: where --run moves the blocks", {"type": Path}),
     ("--work-dir", "layer files and blocks", {"type": Path, "default": Path("rules-backfill")}),
-    ("--eval-interval", "for groups without `interval:`: Prometheus' global evaluation_interval", {"default": "1m"}),
+    ("--eval-interval", "for groups without `interval:`: Prometheus' evaluation_interval", {"default": "1m"}),
     ("--promtool", "the promtool command", {"default": "promtool"}),
-    (
-        "--move-command",
-        "shell command moving the blocks in directory {blocks} into Prometheus' data\n"
-        "directory, e.g. through kubectl exec (default: a rename into --data-dir)",
-        {},
-    ),
-    (
-        "--restart-command",
-        "shell command restarting Prometheus after each layer's blocks are moved\n"
-        "(default: wait for its own reread of the data directory, once a minute)",
-        {},
-    ),
+    ("--move-command", "shell command moving the blocks in {blocks} into the data directory", {}),
+    ("--restart-command", "shell command restarting Prometheus (default: wait for its reread)", {}),
     ("--only", "backfill only this recorded series and what it reads (repeatable)", {"action": "append"}),
     ("--timeout", "seconds to wait for each layer to load", {"type": float, "default": 300}),
 )
