@@ -205,3 +205,12 @@ def test_without_run_it_prints_every_layers_commands(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("promtool tsdb create-blocks-from rules --start=1793059200 --end=1796083200") == 5
     assert printed.count("mv ") == 5 and printed.count("until curl") == 5
+
+
+def test_day_long_blocks_only_where_the_range_queries_stay_under_11000_points(tmp_path):
+    backfill = tool()
+    (rule_file,) = backfill.write_layers([backfill.load_rules([RULES])[:1]], tmp_path)  # a group without interval
+    for interval, long_blocks in (("1m", True), ("6s", True), ("5s", False)):
+        options = backfill.parse_args(["--start=1d", "--end=86400", f"--eval-interval={interval}", str(RULES)])
+        command = backfill.promtool_command(options, rule_file, tmp_path / "blocks")
+        assert ("--max-block-duration=24h" in command) is long_blocks, interval  # 18 h / 5 s = 12 960 points
