@@ -24,11 +24,18 @@ class Server:
     def __init__(self, tmp: Path, name: str, command: list[str]):
         self.name, self.port = name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / f"{name}.log"
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [*command, f"--web.listen-address=127.0.0.1:{self.port}"], cwd=tmp, stdout=log, stderr=subprocess.STDOUT
-            )
+        self.log_path, self.tmp = tmp / f"{name}.log", tmp
+        self.command = [*command, f"--web.listen-address=127.0.0.1:{self.port}"]
+        self._start("wb")
+
+    def _start(self, mode: str) -> None:
+        with open(self.log_path, mode) as log:
+            self.process = subprocess.Popen(self.command, cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT)
+
+    def restart(self) -> None:
+        """Stop, then start again on the same port (Prometheus opens the blocks of its data directory)."""
+        self.stop()
+        self._start("ab")
 
     def ready(self) -> bool:
         return answers(self.process, self.url + "/-/ready", self.name, log=self.log_path)
