@@ -1,5 +1,8 @@
-"""Day one (issue 25): ten days of a simulated org's past, backfilled into a real Prometheus, and
-the live exporter carrying on from the backfill's state with live traffic.
+"""Day one (issue 25): ten days of a simulated org's past, backfilled into a real Prometheus, the
+recording rules backfilled over it layer by layer (the baselines of the critical call alerts have
+values at the first evaluation after), and the live exporter carrying on from the backfill's
+state with live traffic: per day, increase() equals the truth; no series resets across the join;
+the totals after the live minute equal the truth (nothing counted twice at the join).
 
 The truth comes from two places, neither of them the exporter. For the families dated by the
 call's own timestamps (creation, end and its details, billing) it is the simulator's, which
@@ -18,6 +21,8 @@ import sys
 import time
 import urllib.parse
 from pathlib import Path
+
+from test_e2e_rules_backfill import BASELINES, RULES, baselines_after, evaluated_since, live_rule_files, tool
 
 from exporter.simulator import Truth
 from helpers import (
@@ -95,6 +100,24 @@ def _each(prometheus, template: str, at: float, names: tuple[str, ...] = ()) -> 
     return samples
 
 
+def _backfill_rules(prometheus, data: Path, tmp: Path, since: float, until: float) -> None:
+    """deploy/prometheus/backfill_rules.py --run for the series the baselines need, Prometheus
+    restarted after each layer (instead of waiting for its once-a-minute reread)."""
+
+    def restart() -> None:
+        prometheus.restart()
+        wait_until(prometheus.ready, 30, f"Prometheus ready again ({prometheus.log_path})")
+
+    backfill = tool()
+    options = backfill.parse_args(
+        [f"--start={int(since)}", f"--end={int(until)}", f"--url={prometheus.url}", f"--data-dir={data}"]
+        + [f"--work-dir={tmp / 'rules-backfill'}", "--run", "--timeout=60", str(RULES)]
+        + [f"--only={name}" for name in BASELINES]
+    )
+    needed = backfill.needed_for(backfill.load_rules([RULES]), BASELINES)
+    backfill.run(options, backfill.write_layers(backfill.layers(needed), options.work_dir), log=print, load=restart)
+
+
 def _backfill(config: Path, output: Path, instance: str) -> dict:
     argv = [sys.executable, "-m", "exporter", "backfill", "--config.file", str(config), "--since", "10d"]
     argv += ["--step", "5m", "--output", str(output), "--job", JOB, "--instance", instance]
@@ -136,6 +159,18 @@ def test_ten_days_backfilled_then_carried_on_live_exactly_once_with_no_reset(sta
 
     data = tmp_path / "prometheus-data"
     shutil.copytree(tmp_path / "backfill" / "blocks", data)
+    prometheus = start_prometheus(launch, tmp_path, f"http://{instance}", rule_files=live_rule_files(tmp_path), job=JOB)
+    wait_until(prometheus.ready, 60, "prometheus ready")
+
+    # The recording rules over the backfilled range, layer by layer (docs/runbook.md, Day one):
+    # the baselines the critical call alerts read have values at the first evaluation after.
+    started = time.time()
+    wait_until(lambda: evaluated_since(prometheus, "callingbox-baselines", started + 2), 30, "a baselines evaluation")
+    assert baselines_after(prometheus, 0) == {name: 0 for name in BASELINES}, "baselines before the rules backfill"
+    _backfill_rules(prometheus, data, tmp_path, since=until - 8 * DAY, until=until)
+    done = time.time()
+    found = wait_until(lambda: all(baselines_after(prometheus, done).values()), 30, "baselines evaluated after it")
+    assert found
     state_file = tmp_path / "exporter.db"
     shutil.copy(tmp_path / "backfill" / "state" / "default.db", state_file)
     exporter = stack.exporter(
@@ -143,8 +178,6 @@ def test_ten_days_backfilled_then_carried_on_live_exactly_once_with_no_reset(sta
         env={"CALLINGBOX_API_KEY": KEY},
     )
     exporter.port, exporter.url = exporter_port, f"http://{instance}"
-    prometheus = start_prometheus(launch, tmp_path, exporter.url, job=JOB)
-    wait_until(prometheus.ready, 60, "prometheus ready")
     exporter.start()
 
     # The join: the live exporter serves the backfill's last values at once, then counts on.
