@@ -307,7 +307,19 @@ def run(cfg: Config, options: Options) -> int:
     else:
         print(f"promtool not found; build the TSDB blocks with:\n  {blocks_command(output)}")
     print("then copy each state file to its target's state_file and start the exporter (docs/runbook.md, Day one)")
+    print("and, once Prometheus serves the blocks, the recording rules over the same range:")
+    print(f"  {rules_command(outcomes)}")
     return 0
+
+
+def rules_command(outcomes: list[Outcome]) -> str:
+    """deploy/prometheus/backfill_rules.py over the backfilled range, to the last cut-off."""
+    since, until = min(o.since for o in outcomes), max(o.until for o in outcomes)
+    return (
+        f"python3 deploy/prometheus/backfill_rules.py --start {math.floor(since)} --end {math.ceil(until)}"
+        " --url http://localhost:9090 --data-dir PROMETHEUS_DATA_DIR --run"
+        " deploy/prometheus/callingbox-recording.rules.yml"
+    )
 
 
 def _iso(at: float) -> str:
