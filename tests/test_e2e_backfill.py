@@ -167,7 +167,10 @@ def test_ten_days_backfilled_then_carried_on_live_exactly_once_with_no_reset(sta
     started = time.time()
     wait_until(lambda: evaluated_since(prometheus, "callingbox-baselines", started + 2), 30, "a baselines evaluation")
     assert baselines_after(prometheus, 0) == {name: 0 for name in BASELINES}, "baselines before the rules backfill"
-    _backfill_rules(prometheus, data, tmp_path, since=until - 8 * DAY, until=until)
+    _backfill_rules(prometheus, data, tmp_path, since=since, until=until)  # the range the backfill printed
+    # At the cut-off, before Prometheus evaluated anything: values only the backfill can have written.
+    at_cutoff = {name: len(_query(prometheus, name, until)) for name in BASELINES}
+    assert all(at_cutoff.values()), {name: n for name, n in at_cutoff.items() if not n}
     done = time.time()
     found = wait_until(lambda: all(baselines_after(prometheus, done).values()), 30, "baselines evaluated after it")
     assert found

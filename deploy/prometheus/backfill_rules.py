@@ -70,14 +70,24 @@ def seconds(duration: str) -> float:
     return sum(int(n) * _SECONDS[unit] for n, unit in re.findall(r"(\d+)(ms|s|m|h|d|w|y)", duration))
 
 
-def promtool_command(options, rule_file: Path, output_dir: Path) -> list[str]:
+def block_seconds(options, rule_file: Path) -> int:
+    """The chunk promtool queries and writes at a time for this file (promtool_command)."""
+    groups = yaml.safe_load(rule_file.read_text())["groups"]
+    step = min(seconds(g.get("interval", options.eval_interval)) for g in groups)
+    return 18 * 3600 if step >= 6 else 2 * 3600
+
+
+def promtool_command(
+    options, rule_file: Path, output_dir: Path, start: int | None = None, end: int | None = None
+) -> list[str]:
     """The promtool call for one layer, run in the layer's directory. promtool queries one block
     (2 h) at a time. Blocks of up to a day (18 h: the flag is hidden, but 2.42 has it) make it 12
     times faster, and keep its range queries below Prometheus' 11 000 points per series for steps
     of 6 s and more; for a shorter step, it keeps its 2 h."""
     groups = yaml.safe_load(rule_file.read_text())["groups"]
     step = min(seconds(g.get("interval", options.eval_interval)) for g in groups)
-    flags = {"start": options.start, "end": options.end, "url": options.url, "eval-interval": options.eval_interval}
+    first, last = options.start if start is None else start, options.end if end is None else end
+    flags = {"start": first, "end": last, "url": options.url, "eval-interval": options.eval_interval}
     flags |= {"max-block-duration": "24h"} if step >= 6 else {}
     flags |= {"output-dir": output_dir.resolve()}
     subcommand = ["tsdb", "create-blocks-from", "rules"]
@@ -166,23 +176,79 @@ def recorded_in(rule_file: Path) -> list[str]:
     return sorted({r["record"] for g in yaml.safe_load(rule_file.read_text())["groups"] for r in g["rules"]})
 
 
+def data_times(url: str, expr: str, start: int, end: int) -> list[float]:
+    """The instants in [start, end], 5 minutes apart, at which `expr` has a value. Within 5
+    minutes of each evaluation of a group, however far apart (every 15 minutes, say) and wherever
+    its evaluations fall; in one query of at most 11 000 points (38 days), else a few."""
+    times: set[float] = set()
+    span = 300 * 10_000
+    for low in range(start, end + 1, span):
+        query = urllib.parse.urlencode({"query": expr, "start": low, "end": min(low + span, end), "step": 300})
+        with urllib.request.urlopen(f"{url.rstrip('/')}/api/v1/query_range?{query}", timeout=300) as response:
+            times.update(float(t) for s in json.loads(response.read())["data"]["result"] for t, _ in s["values"])
+    return sorted(times)
+
+
+def stretches(times: list[float], start: int, end: int, chunk: int) -> list[tuple[int, int]]:
+    """[first, last] of each run of promtool's chunks (aligned to `chunk` seconds) that all hold a
+    value, from the run's first value: promtool 2.42 stops a rule at its first chunk without one
+    (writing nothing if that is its first), so each run is backfilled on its own."""
+    full = sorted({int(t) // chunk for t in times})
+    runs: list[tuple[int, int]] = []
+    for k in full:
+        if runs and k == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], k)
+        else:
+            runs.append((k, k))
+    first_in = {}
+    for t in times:
+        first_in.setdefault(int(t) // chunk, int(t))
+    return [(max(start, first_in[a]), min(end, (b + 1) * chunk - 1)) for a, b in runs]
+
+
+def by_stretch(url: str, rule_file: Path, start: int, end: int, chunk: int) -> dict[tuple[int, int], Path]:
+    """The layer's rules split by the stretches of time each has values in, a file per stretch
+    (the same file name, in a directory of its own: the evaluation offsets stay the layer's)."""
+    document = yaml.safe_load(rule_file.read_text())
+    buckets: dict[tuple[int, int], dict[str, dict]] = {}
+    for group in document["groups"]:
+        for rule in group["rules"]:
+            for stretch in stretches(data_times(url, rule["expr"], start, end), start, end, chunk):
+                groups = buckets.setdefault(stretch, {})
+                fresh = {k: v for k, v in group.items() if k != "rules"} | {"rules": []}
+                groups.setdefault(group["name"], fresh)["rules"].append(rule)
+    files = {}
+    for (low, high), groups in sorted(buckets.items()):
+        path = rule_file.parent / f"from-{low}-to-{high}" / rule_file.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump({"groups": list(groups.values())}, sort_keys=False, width=200))
+        files[low, high] = path
+    return files
+
+
 def run(options, rule_files: list[Path], log=print, load: Callable[[], None] | None = None) -> None:
-    """Each layer in turn: promtool, move its blocks into the data directory, wait until Prometheus
-    serves them. `load` makes Prometheus load them now (a restart); without it, its own rereading
-    of the data directory, once a minute, does."""
+    """Each layer in turn: promtool over each stretch of time a rule has values in, move the blocks into
+    the data directory, wait until Prometheus serves them. `load` makes Prometheus load them now
+    (a restart); without it, its own rereading of the data directory, once a minute, does."""
+    start, end = options.start, options.end  # Unix seconds (parse_args)
     for number, rule_file in enumerate(rule_files, 1):
         names = set(recorded_in(rule_file))
         output = options.work_dir / f"blocks-{number}"
         shutil.rmtree(output, ignore_errors=True)
         started = time.monotonic()
-        command = promtool_command(options, rule_file, output)
-        result = subprocess.run(command, cwd=rule_file.parent, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise SystemExit(f"backfill_rules: promtool failed on layer {number}:\n{result.stderr[-4000:]}")
-        blocks = blocks_in(output) if output.exists() else []
+        blocks: list[Path] = []
+        chunk = block_seconds(options, rule_file)
+        for (low, high), part in by_stretch(options.url, rule_file, start, end, chunk).items():
+            into = output / part.parent.name
+            command = promtool_command(options, part, into, low, high)
+            result = subprocess.run(command, cwd=part.parent, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise SystemExit(f"backfill_rules: promtool failed on layer {number}:\n{result.stderr[-4000:]}")
+            blocks += blocks_in(into) if into.exists() else []
         expected = first_times(blocks, names)
         if blocks and options.move_command:
-            subprocess.run(options.move_command.format(blocks=shlex.quote(str(output))), shell=True, check=True)
+            for directory in sorted({block.parent for block in blocks}):
+                subprocess.run(options.move_command.format(blocks=shlex.quote(str(directory))), shell=True, check=True)
         elif blocks:
             move_blocks(blocks, options.data_dir)
         promtool_s = time.monotonic() - started
@@ -192,13 +258,20 @@ def run(options, rule_files: list[Path], log=print, load: Callable[[], None] | N
             subprocess.run(options.restart_command, shell=True, check=True)
         wait_loaded(options.url, expected, options.timeout)
         log(
-            f"layer {number}/{len(rule_files)}: {len(names)} names, {len(blocks)} blocks, "
-            f"promtool {promtool_s:.1f}s, loaded after {time.monotonic() - started - promtool_s:.1f}s"
+            f"layer {number}/{len(rule_files)}: {len(names)} names, {len(blocks)} blocks "
+            f"({len(expected)} names with data), promtool {promtool_s:.1f}s, "
+            f"loaded after {time.monotonic() - started - promtool_s:.1f}s"
         )
 
 
 def print_commands(options, rule_files: list[Path], out=sys.stdout) -> None:
     """The same steps as --run, as shell commands: the runbook shows these."""
+    print(
+        "# promtool 2.42 writes nothing for a rule whose first two hours hold no value (the 7-day sums"
+        " in the first day of history), and stops at the first without: --run backfills each stretch"
+        " of time a rule has values in on its own",
+        file=out,
+    )
     for number, rule_file in enumerate(rule_files, 1):
         output = options.work_dir / f"blocks-{number}"
         names = recorded_in(rule_file)
