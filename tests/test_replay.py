@@ -17,7 +17,7 @@ from exporter.simulator import format_ts
 from exporter.spill import Spill
 from exporter.store import Store
 from exporter.tally import Tally
-from helpers import call_object, call_record
+from helpers import call_object, call_record, settled
 
 SINCE = 1_700_000_000.0  # the baseline of every replay here
 HOUR, DAY = 3600.0, 86400.0
@@ -50,19 +50,7 @@ def record(id: str, status: str, created: float, updated: float, **fields) -> Re
 
 def done(ended: float, seconds: int, **changes) -> dict:
     """The end of a completed call, as a final record carries it: started, answered, billed, delivered."""
-    return {
-        "started_at": ended - seconds - 4.0,
-        "answered_at": ended - seconds,
-        "ended_at": ended,
-        "duration_seconds": seconds,
-        "billed_duration_seconds": seconds,
-        "billing_amount_milli_cents": 1550,
-        "reservation_status": "settled",
-        "webhook_status": "delivered",
-        "result_status": "completed",
-        "hangup_cause": "normal_clearing",
-        **changes,
-    }
+    return settled(ended, seconds, started_at=ended - seconds - 4.0, answered_at=ended - seconds, **changes)
 
 
 def direct(records: list[Record], at: float) -> Tally:
