@@ -41,10 +41,12 @@ import asyncio
 import bisect
 import json
 import math
+import random
 import statistics
 import sys
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import aiohttp
@@ -61,6 +63,7 @@ from exporter.metrics import Collector
 from exporter.poller import Poller
 from exporter.simulator import Simulator, format_ts, ledger
 from exporter.simulator.faults import _dumps
+from exporter.simulator.lifecycle import WEBHOOK_ATTEMPTS, WEBHOOK_FIRST_RETRY
 
 CASE = "6 read tiers"
 GOAL_LIST, GOAL_DAY, GOAL_CPU = 100, 50, 20  # full-window read ÷ read tiers, at least
@@ -73,9 +76,12 @@ POLLS_PER_DAY = round(86400 / POLL)  # 5 760
 FULL_READS_PER_DAY = round(86400 / HOUR)  # 24
 WARMUP = 1800.0  # live traffic runs this long before the first poll: the hot window holds live calls
 MARGIN = 60.0  # the oldest history call lies this far inside the window at the first poll
-OPEN_EVERY = 100  # every 100th history call is open: ~1 % of the window
-RESOLVE_EVERY = 6  # two open calls in six (j % 6 = 0: a webhook, 1: a settlement) resolve ...
-RESOLVE_SPAN = (60.0, 2700.0)  # ... at a time in here (seconds from the start)
+OPEN_EVERY = 100  # every 100th history call's webhook endpoint is down: retried by the schedule ...
+RETRIED_AT = 25  # ... (i % OPEN_EVERY == RETRIED_AT), most still pending, ~1 % of the window with ...
+DELIVER_EVERY = 3  # ... (one in three is delivered at a later attempt, the others fail all 8) ...
+RESERVED_EVERY = 200  # ... every 200th call, whose reservation is not settled (i % 200 == 50):
+SETTLE_EVERY = 3  # one in three of those settles late ...
+RESOLVE_SPAN = (60.0, 2340.0)  # ... at a time in here (seconds from the start; see QUIET_CAP below)
 QUIET_AT = 3240.0  # traffic stops, live calls freeze: nothing changes from here on
 CHECK_AT = HOUR - POLL  # the last ordinary poll: counters must be exact (no full read since t = 0)
 END = HOUR  # the hourly full read (and audit)
@@ -171,7 +177,10 @@ class ReferenceOrg(Simulator):
         history = int((WINDOW - WARMUP - MARGIN) * window_calls / WINDOW)
         super().__init__(seed=seed, rate=window_calls / WINDOW, history=history, history_age=0.0)
         self.clock, self.zero, self.origin = clock, clock.now, clock.now + WARMUP  # origin: the first poll
-        self.open_indices = range(OPEN_EVERY // 2, history, OPEN_EVERY)
+        self.retried = range(RETRIED_AT, history, OPEN_EVERY)
+        self.reserved = range(RESERVED_EVERY // 4, history, RESERVED_EVERY)
+        self.open_indices = sorted((*self.retried, *self.reserved))
+        self._open = set(self.open_indices)
         self._static: tuple[float, _Expected] | None = None  # the history's final calls, summed once
         self._bytes: list[bytes | None] = [None] * history  # final history calls as sent, once generated
         for path, handler in (("/_bench/advance", self._advance_route), ("/_bench/quiesce", self._quiesce_route)):
@@ -180,31 +189,46 @@ class ReferenceOrg(Simulator):
         self.app.router.add_get("/_bench/stats", self._stats_route)
 
     def resolves_at(self, j: int) -> float | None:
-        """When open history call j changes for good (virtual time), or None: open all run."""
-        if j % RESOLVE_EVERY not in (0, 1):
+        """When reserved history call j settles (virtual time), or None: reserved all run."""
+        if j % SETTLE_EVERY:
             return None
         low, high = RESOLVE_SPAN
         return self.origin + low + (high - low) * ((j * 0.6180339887498949) % 1.0)
 
+    def attempts(self, j: int, ended: float) -> tuple[list[float], bool]:
+        """Retried history call j's delivery attempts by CallingBox's schedule (SPEC §1: 8, each
+        gap double the last from ~19.8 min, ±20 %), and whether the last one delivers."""
+        rng = random.Random(f"attempts:{j}")
+        delivered = j % DELIVER_EVERY == 0
+        last = 2 + (j // DELIVER_EVERY) % (WEBHOOK_ATTEMPTS - 1) if delivered else WEBHOOK_ATTEMPTS
+        times, t = [], ended + rng.uniform(0.3, 20)
+        for k in range(1, last + 1):
+            times.append(t)
+            t += WEBHOOK_FIRST_RETRY * 2 ** (k - 1) * rng.uniform(0.8, 1.2)
+        return times, delivered
+
     def _history_record(self, i: int) -> dict:
         record = super()._history_record(i)
         record["id"] = history_id(i)
-        if i % OPEN_EVERY == OPEN_EVERY // 2:
-            j = i // OPEN_EVERY
-            when = self.resolves_at(j)
-            done = when is not None and self.clock.now >= when
-            if j % 2 == 0:  # the webhook endpoint is down: still retrying
-                record["webhook_url"] = record["webhook_url"] or _HOOK
-                if done:
-                    failed = j % 5 == 0
-                    record.update(
-                        webhook_status="failed" if failed else "delivered",
-                        updated_at=format_ts(when),
-                        webhook_error="giving up after 8 attempts: HTTP 503" if failed else None,
-                    )
-                else:
-                    record.update(webhook_status="pending", webhook_error="attempt 4/8 failed: HTTP 503")
-            elif done:  # a late settlement
+        # History changes stop with the traffic (QUIET_AT), so the checks after it are exact.
+        now = min(self.clock.now, self.origin + QUIET_AT)
+        if i % OPEN_EVERY == RETRIED_AT:  # the webhook endpoint is down: retried by the schedule
+            ended = datetime.fromisoformat(record["ended_at"]).timestamp()
+            times, delivered = self.attempts(i // OPEN_EVERY, ended)
+            done = [t for t in times if t <= now]
+            record["webhook_url"] = record["webhook_url"] or _HOOK
+            if len(done) == len(times):  # its last attempt has come
+                record.update(
+                    webhook_status="delivered" if delivered else "failed",
+                    updated_at=format_ts(done[-1]),
+                    webhook_error=None if delivered else f"giving up after {len(times)} attempts: HTTP 503",
+                )
+            else:
+                record.update(webhook_status="pending", webhook_error=f"attempt {len(done)}/8 failed: HTTP 503")
+                record["updated_at"] = format_ts(max(done[-1], ended)) if done else record["updated_at"]
+        elif i % RESERVED_EVERY == RESERVED_EVERY // 4:
+            when = self.resolves_at(i // RESERVED_EVERY)
+            if when is not None and now >= when:  # a late settlement
                 record.update(reservation_status="settled", updated_at=format_ts(when))
             else:
                 record["reservation_status"] = "reserved"
@@ -223,7 +247,7 @@ class ReferenceOrg(Simulator):
             item = cache[i]
             if item is None:
                 item = _dumps(self._history_record(i))
-                if i % OPEN_EVERY != OPEN_EVERY // 2:
+                if i not in self._open:
                     cache[i] = item
             yield item
 
@@ -259,7 +283,7 @@ class ReferenceOrg(Simulator):
         """Every sample the exporter must show for events dated after `after` (its baseline)."""
         after = float(request.query["after"])
         if self._static is None or self._static[0] != after:
-            static, open_ = _Expected(), set(self.open_indices)
+            static, open_ = _Expected(), self._open
             for i in range(self.history):
                 if i not in open_:
                     static.add(ledger(None, self._history_record(i), False)[0], after)

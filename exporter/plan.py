@@ -13,6 +13,7 @@ from .audit import Audit
 from .deadline import expected_list_bytes
 from .ledger import Ledger, give_up_age
 from .settings import Settings
+from .waits import turn
 
 BYTES_PER_CALL = 1500.0  # a call object's size in a list read, until a read has measured it
 REQUEST_BYTES = 500.0  # what a request by id costs beyond its body: headers both ways
@@ -57,10 +58,9 @@ class ReadPlanner:
         lifecycle show, and never less than back to the newest update already read, less the
         overlap (a restart after downtime reads what it missed). A call that answered 404 by id
         (`not_found`: their created_at) is settled by the next read that covers it. An open call
-        older than the read is due by id once its refresh interval, which grows with its age up
-        to `refresh_interval`, has passed; the read goes deeper instead where the calls in between
-        cost fewer bytes than the requests would, or where more are due than `batch` a poll can
-        ask within a refresh interval.
+        older than the read is due by id when its turn comes, by what it waits for (waits.py);
+        the read goes deeper instead where the calls in between cost fewer bytes than the requests
+        would, or where more are due than `batch` a poll can ask within a refresh interval.
         """
         s = self.settings
         window, watermark = now - s.settle_window, ledger.watermark
@@ -114,11 +114,10 @@ class ReadPlanner:
             if created < give_up:
                 continue
             past += 1
-            # Its turn: a twentieth of its age, within [poll_interval, refresh_interval], shortened by
-            # up to half by its id, so calls asked together do not stay in step.
-            every = min(s.refresh_interval, max(s.poll_interval, (now - created) / 20))
-            every *= 0.5 + (hash(call_id) & 1023) / 2048
-            if now - last_refreshed.get(call_id, float("-inf")) >= every:
+            # Its turn comes by what it waits for (waits.py), shortened by up to half by its id,
+            # so calls asked together do not stay in step.
+            spread = 0.5 + (hash(call_id) & 1023) / 2048
+            if now >= turn(state, last_refreshed.get(call_id, float("-inf")), now, s, spread):
                 due.append((created, call_id))
         due.sort(reverse=True)  # newest first: the cheapest to reach by reading deeper
         return due, listed, past

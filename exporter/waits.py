@@ -1,0 +1,87 @@
+"""When an open call past the list read is next worth asking by id: by what it waits for (SPEC §1, §4).
+
+Pure: `turn(state, last_asked, now, settings, spread)` is the time the call's next by-id turn
+comes. A call that can change any moment (active, an extraction pending, a replayed webhook)
+is asked every little while; a webhook being retried only when its next attempt can come, by
+CallingBox's schedule; a call that waits for nothing predictable (a late settlement, an attempt
+later than the schedule allows) less often the longer it has been quiet.
+"""
+
+from __future__ import annotations
+
+from .accounting import CAUSE, SETTLED_RESULTS, CallState
+from .settings import Settings
+
+# CallingBox retries a failed delivery 8 times, each gap double the last, the 8th attempt about
+# 42 h after the first, every gap ±20 % (SPEC §1): attempt k comes (2^(k-1) - 1) first gaps
+# after the first, within ±20 %, and the gap after it is 2^(k-1) first gaps, ±20 %.
+WEBHOOK_ATTEMPTS = 8
+WEBHOOK_SPAN = 42 * 3600.0
+FIRST_GAP = WEBHOOK_SPAN / (2 ** (WEBHOOK_ATTEMPTS - 1) - 1)  # ~19.8 min
+JITTER = 0.2
+# The first attempt follows the end (and the extraction) by seconds; allow this much besides.
+FIRST_ATTEMPT_SLACK = 300.0
+# A call quiet for a while is asked every twentieth of its quiet time, between poll_interval and
+# QUIET_CAP × open_refresh_interval: the bound on how late one of its changes is counted.
+QUIET_SHARE = 20.0
+QUIET_CAP = 4.0
+
+
+def attempt_window(pending_since: float, updated_at: float) -> tuple[float, float] | None:
+    """When the next delivery attempt of a webhook `pending` since `pending_since`, last changed
+    at `updated_at` (each failed attempt bumps it), can come: (earliest, latest). None when no
+    attempt of the schedule fits `updated_at`: then the schedule cannot say."""
+    waited = updated_at - pending_since
+    if waited <= FIRST_ATTEMPT_SLACK:  # the first attempt may not have come yet
+        return updated_at, updated_at + FIRST_ATTEMPT_SLACK + (1 + JITTER) * FIRST_GAP
+    fits = [
+        k
+        for k in range(2, WEBHOOK_ATTEMPTS)  # the 8th attempt is the last: `failed` or `delivered`
+        if (1 - JITTER) * _offset(k) <= waited <= (1 + JITTER) * _offset(k) + FIRST_ATTEMPT_SLACK
+    ]
+    if not fits:
+        return None
+    return updated_at + (1 - JITTER) * _gap(fits[0]), updated_at + (1 + JITTER) * _gap(fits[-1])
+
+
+def _offset(k: int) -> float:
+    """Attempt k's nominal time after the first."""
+    return (2 ** (k - 1) - 1) * FIRST_GAP
+
+
+def _gap(k: int) -> float:
+    """The nominal gap between attempt k and the next."""
+    return 2 ** (k - 1) * FIRST_GAP
+
+
+def turn(state: CallState, last_asked: float, now: float, s: Settings, spread: float = 1.0) -> float:
+    """When the open call `state`, last asked by id at `last_asked` (-inf: never), is next due.
+
+    `spread` (0.5 to 1) shortens every interval a little by call, so calls asked together do not
+    stay in step. The earliest of what the call waits for decides:
+    - active, or an extraction pending: a twentieth of its age, between `poll_interval` and
+      `open_refresh_interval` (a long call, a slow extraction);
+    - a webhook retried by the schedule: nothing before its next attempt can come, then as often
+      as an active call until it must have come;
+    - anything else (a settlement, a webhook past its schedule, a replay's outcome): a twentieth of
+      the time since the call last changed, between `poll_interval` and QUIET_CAP ×
+      `open_refresh_interval`.
+    """
+    every = min(s.refresh_interval, max(s.poll_interval, (now - state.created_at) / QUIET_SHARE)) * spread
+    if state.active or state.result not in SETTLED_RESULTS:
+        return last_asked + every
+    turns = []
+    if state.webhook == "pending" and state.webhook_pending_since is not None:
+        window = attempt_window(state.webhook_pending_since, state.updated_at)
+        if window is not None and last_asked <= window[1]:  # and once more after it: it came by then
+            turns.append(max(window[0], last_asked + every))
+        else:
+            turns.append(_quiet(state, last_asked, now, s, spread))
+    if not state.billed or state.webhook == "pending" and state.webhook_pending_since is None or state.todo & CAUSE:
+        turns.append(_quiet(state, last_asked, now, s, spread))
+    return min(turns) if turns else _quiet(state, last_asked, now, s, spread)
+
+
+def _quiet(state: CallState, last_asked: float, now: float, s: Settings, spread: float) -> float:
+    every = min(QUIET_CAP * s.refresh_interval, max(s.poll_interval, (now - state.updated_at) / QUIET_SHARE))
+    return last_asked + every * spread
