@@ -27,13 +27,27 @@ QUIET_SHARE = 20.0
 QUIET_CAP = 4.0
 
 
-def attempt_window(pending_since: float, updated_at: float) -> tuple[float, float] | None:
+def in_flight(state: CallState, now: float) -> bool:
+    """Whether a call can change any moment: not ended, an extraction pending, or ended so lately
+    that its settlement, extraction and first delivery attempt may still come. An ordinary list
+    read reaches the oldest of these (plan.py); the others are asked by id when their turn comes."""
+    if state.active or state.result not in SETTLED_RESULTS:
+        return True
+    return state.ended is not None and now - state.ended <= FIRST_ATTEMPT_SLACK
+
+
+def attempt_window(
+    pending_since: float, updated_at: float, seen_at: float = float("-inf")
+) -> tuple[float, float] | None:
     """When the next delivery attempt of a webhook `pending` since `pending_since`, last changed
-    at `updated_at` (each failed attempt bumps it), can come: (earliest, latest). None when no
-    attempt of the schedule fits `updated_at`: then the schedule cannot say."""
+    at `updated_at` (each failed attempt bumps it) as read at `seen_at`, can come: (earliest,
+    latest). None when no attempt of the schedule fits `updated_at`: then the schedule cannot say."""
     waited = updated_at - pending_since
-    if waited <= FIRST_ATTEMPT_SLACK:  # the first attempt may not have come yet
-        return updated_at, updated_at + FIRST_ATTEMPT_SLACK + (1 + JITTER) * FIRST_GAP
+    if waited <= FIRST_ATTEMPT_SLACK:
+        if seen_at < pending_since + FIRST_ATTEMPT_SLACK:  # the first attempt may not have come yet
+            return updated_at, updated_at + FIRST_ATTEMPT_SLACK + (1 + JITTER) * FIRST_GAP
+        # Still pending once the first attempt must have come: it came, failed, and bumped `updated_at`.
+        return updated_at + (1 - JITTER) * FIRST_GAP, updated_at + FIRST_ATTEMPT_SLACK + (1 + JITTER) * FIRST_GAP
     fits = [
         k
         for k in range(2, WEBHOOK_ATTEMPTS)  # the 8th attempt is the last: `failed` or `delivered`
@@ -72,7 +86,7 @@ def turn(state: CallState, last_asked: float, now: float, s: Settings, spread: f
         return last_asked + every
     turns = []
     if state.webhook == "pending" and state.webhook_pending_since is not None:
-        window = attempt_window(state.webhook_pending_since, state.updated_at)
+        window = attempt_window(state.webhook_pending_since, state.updated_at, last_asked)
         if window is not None and last_asked <= window[1]:  # and once more after it: it came by then
             turns.append(max(window[0], last_asked + every))
         else:
