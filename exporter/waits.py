@@ -21,9 +21,10 @@ FIRST_GAP = WEBHOOK_SPAN / (2 ** (WEBHOOK_ATTEMPTS - 1) - 1)  # ~19.8 min
 JITTER = 0.2
 # The first attempt follows the end (and the extraction) by seconds; allow this much besides.
 FIRST_ATTEMPT_SLACK = 300.0
-# A call quiet for a while is asked every twentieth of its quiet time, between poll_interval and
+# A call quiet for a while is asked every tenth of its quiet time, between poll_interval and
 # QUIET_CAP × open_refresh_interval: the bound on how late one of its changes is counted.
-QUIET_SHARE = 20.0
+QUIET_SHARE = 10.0
+AGE_SHARE = 20.0  # a call in flight: every twentieth of its age, at most open_refresh_interval
 QUIET_CAP = 4.0
 
 
@@ -72,30 +73,24 @@ def turn(state: CallState, last_asked: float, now: float, s: Settings, spread: f
     """When the open call `state`, last asked by id at `last_asked` (-inf: never), is next due.
 
     `spread` (0.5 to 1) shortens every interval a little by call, so calls asked together do not
-    stay in step. The earliest of what the call waits for decides:
-    - active, or an extraction pending: a twentieth of its age, between `poll_interval` and
+    stay in step. By what the call waits for:
+    - active, or an extraction pending: every twentieth of its age, between `poll_interval` and
       `open_refresh_interval` (a long call, a slow extraction);
-    - a webhook retried by the schedule: nothing before its next attempt can come, then as often
-      as an active call until it must have come;
-    - anything else (a settlement, a webhook past its schedule, a replay's outcome): a twentieth of
-      the time since the call last changed, between `poll_interval` and QUIET_CAP ×
-      `open_refresh_interval`.
+    - anything else (a settlement, a webhook delivery, a replay's outcome): every tenth of the
+      time since the call last changed, between `poll_interval` and QUIET_CAP ×
+      `open_refresh_interval`; and a webhook that CallingBox retries by its schedule, with
+      nothing else open, not before its next attempt can come.
+    That interval is the bound on how late a change is counted (plus a poll, and the polls it
+    takes to ask a backlog larger than `straggler_batch`).
     """
-    every = min(s.refresh_interval, max(s.poll_interval, (now - state.created_at) / QUIET_SHARE)) * spread
     if state.active or state.result not in SETTLED_RESULTS:
-        return last_asked + every
-    turns = []
-    if state.webhook == "pending" and state.webhook_pending_since is not None:
-        window = attempt_window(state.webhook_pending_since, state.updated_at, last_asked)
-        if window is not None and last_asked <= window[1]:  # and once more after it: it came by then
-            turns.append(max(window[0], last_asked + every))
-        else:
-            turns.append(_quiet(state, last_asked, now, s, spread))
-    if not state.billed or state.webhook == "pending" and state.webhook_pending_since is None or state.todo & CAUSE:
-        turns.append(_quiet(state, last_asked, now, s, spread))
-    return min(turns) if turns else _quiet(state, last_asked, now, s, spread)
-
-
-def _quiet(state: CallState, last_asked: float, now: float, s: Settings, spread: float) -> float:
-    every = min(QUIET_CAP * s.refresh_interval, max(s.poll_interval, (now - state.updated_at) / QUIET_SHARE))
-    return last_asked + every * spread
+        every = min(s.refresh_interval, max(s.poll_interval, (now - state.created_at) / AGE_SHARE))
+        return last_asked + every * spread
+    quiet = min(QUIET_CAP * s.refresh_interval, max(s.poll_interval, (now - state.updated_at) / QUIET_SHARE))
+    due = last_asked + quiet * spread
+    since = state.webhook_pending_since
+    if state.webhook == "pending" and since is not None and state.billed and not state.todo & CAUSE:
+        window = attempt_window(since, state.updated_at, last_asked)
+        if window is not None:
+            return max(window[0], due)
+    return due

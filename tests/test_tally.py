@@ -123,8 +123,8 @@ def test_an_ordinary_poll_reads_down_to_the_oldest_call_in_flight_and_asks_older
     assert sorted(plan.by_id) == ["o0", "o1", "o2"], "200 calls in between cost more than 3 requests"
     assert plan.open_calls == {"list": 2, "by_id": 3}
     assert t.plan(NOW + 30, {f"o{i}": NOW + 15 for i in range(3)}, batch=10).by_id == [], "not due again yet"
-    # Quiet for 3 h, past any attempt the webhook schedule allows: asked every twentieth of that.
-    assert t.plan(NOW + 600, {f"o{i}": NOW + 15 for i in range(3)}, batch=10).by_id, "due within 3 h / 20"
+    # Quiet for 3 h, past any attempt the webhook schedule allows: asked every tenth of that.
+    assert t.plan(NOW + 1200, {f"o{i}": NOW + 15 for i in range(3)}, batch=10).by_id, "due within 3 h / 10"
 
 
 def test_the_read_goes_deeper_where_that_costs_less_than_asking_by_id():

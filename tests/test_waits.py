@@ -10,7 +10,7 @@ import pytest
 
 from exporter.accounting import DURATION, ERROR, CallState
 from exporter.settings import Settings
-from exporter.waits import FIRST_GAP, QUIET_CAP, WEBHOOK_ATTEMPTS, attempt_window, turn
+from exporter.waits import FIRST_GAP, QUIET_CAP, QUIET_SHARE, WEBHOOK_ATTEMPTS, attempt_window, turn
 
 S = Settings(settle_window=72 * 3600.0, overlap=120.0, give_up_after=7 * 86400.0)  # defaults: 15 s polls, 5 min
 NEVER = float("-inf")
@@ -47,7 +47,8 @@ def test_a_retried_webhook_is_not_asked_before_its_next_attempt_can_come_then_ev
     call = retrying(END, END + 7 * FIRST_GAP)  # attempt 4 failed just now
     opens = END + 7 * FIRST_GAP + 0.8 * 8 * FIRST_GAP
     assert turn(call, NEVER, END + 8 * FIRST_GAP, S) == pytest.approx(opens), "asked last long ago: still waits"
-    assert turn(call, opens + 10, opens + 20, S) == pytest.approx(opens + 10 + S.refresh_interval)
+    quiet = (opens + 20 - call.updated_at) / QUIET_SHARE  # then every tenth of its quiet time
+    assert turn(call, opens + 10, opens + 20, S) == pytest.approx(opens + 10 + quiet)
     call.todo = ERROR | DURATION  # end details it never had hold nothing open
     assert turn(call, NEVER, END + 8 * FIRST_GAP, S) == pytest.approx(opens)
 
@@ -58,7 +59,7 @@ def test_a_webhook_past_its_schedule_and_a_late_settlement_are_asked_less_often_
     for call in (late, reserved):
         quiet = call.updated_at
         assert turn(call, quiet + 60, quiet + 120, S) == pytest.approx(quiet + 60 + S.poll_interval)
-        assert turn(call, quiet + HOUR, quiet + HOUR, S) == pytest.approx(quiet + HOUR + HOUR / 20)
+        assert turn(call, quiet + HOUR, quiet + HOUR, S) == pytest.approx(quiet + HOUR + HOUR / QUIET_SHARE)
         assert turn(call, quiet + 2 * 86400, quiet + 2 * 86400, S) == quiet + 2 * 86400 + QUIET_CAP * 300
 
 
@@ -71,8 +72,9 @@ def test_a_call_in_flight_is_asked_every_twentieth_of_its_age_up_to_the_refresh_
 @pytest.mark.parametrize("seed", range(40))
 def test_every_delivery_outcome_is_read_within_the_bound_by_polls_that_follow_the_turns(seed):
     """The simulator's schedule (8 attempts, doubling gaps, ±20 % each), polled every 15 s, each
-    poll asking the call when its turn has come: the outcome is read at most open_refresh_interval
-    plus a poll after it happened, and far fewer times than every 5 minutes."""
+    poll asking the call when its turn has come: the outcome is read at most a tenth of the
+    time since the attempt before (at most QUIET_CAP x open_refresh_interval) plus a poll after it
+    happened, and far fewer times than every 5 minutes."""
     rng = random.Random(seed)
     attempts, t = [], END + rng.uniform(0.3, 20)
     outcome_at = rng.randint(2, WEBHOOK_ATTEMPTS)
@@ -87,7 +89,9 @@ def test_every_delivery_outcome_is_read_within_the_bound_by_polls_that_follow_th
             done = [a for a in attempts if a <= now]
             if done and done[-1] == attempts[-1]:
                 # (before END + 1800 the list read saw it: the first turn is at once)
-                assert now - max(attempts[-1], END + 1800) <= S.refresh_interval + S.poll_interval
+                quiet = (attempts[-1] - (attempts[-2] if len(attempts) > 1 else END)) / QUIET_SHARE
+                bound = min(QUIET_CAP * S.refresh_interval, max(S.poll_interval, quiet)) + S.poll_interval
+                assert now - max(attempts[-1], END + 1800) <= bound
                 break
             seen.updated_at = done[-1] if done else seen.updated_at
         now += S.poll_interval
