@@ -6,15 +6,19 @@ full run), about 1 % of them open past the hot read (webhooks retrying, late set
 live traffic at the window's own rate. The simulator runs in a process of its own on a
 *virtual clock* that this process advances 15 s per poll, so an hour of the org's life (241
 polls, with the hourly full read and audit) takes a minute or two, and the exporter's read
-plan sees the times it sees in production: hot window 30 min, open calls by id every 5 min at
-most, a full read every hour.
+plan sees the times it sees in production: ordinary reads down to the oldest call in flight (at
+most 30 min), open calls by id by what they wait for (waits.py), a full read every hour.
 
 - History: final calls evenly spread from the start of the clock back to just inside the
   window of the first poll (the simulator's history, its spacing set for the org's rate). Every
-  100th is open: its webhook is still being retried, or its reservation is not settled. One
-  in three of those resolves during the first 45 min (delivered or failed, or settled): a change
-  that only a by-id refresh (or a full read) can see. History calls answer by id too, and are
-  serialised once, then sent from memory, so the API is never the slow side of a read.
+  100th has a webhook endpoint that is down: CallingBox retries it by its schedule (SPEC §1: 8
+  attempts, each gap double the last, the last ~42 h after the first, ±20 %), each failed
+  attempt a change of the call; one in three is delivered at a later attempt, the others fail
+  for good at the 8th, so those older than the schedule are final. Every 200th has a
+  reservation not settled; one in three of those settles during the first 39 min. A by-id
+  refresh (or a full read) alone sees these changes. History calls answer by id too, and are
+  serialised once, then sent from memory, so the API is never the slow side of a read. No
+  history call changes after 39:00, one delay bound of a quiet call (20 min) before 59:45.
 - Live: calls created at the window's rate with the simulator's own lifecycles (time_scale 1:
   talk, extraction, webhook retries for up to 42 h), for 30 min before the first poll (the hot
   window then holds live calls only) and through the hour.
