@@ -6,15 +6,19 @@ full run), about 1 % of them open past the hot read (webhooks retrying, late set
 live traffic at the window's own rate. The simulator runs in a process of its own on a
 *virtual clock* that this process advances 15 s per poll, so an hour of the org's life (241
 polls, with the hourly full read and audit) takes a minute or two, and the exporter's read
-plan sees the times it sees in production: hot window 30 min, open calls by id every 5 min at
-most, a full read every hour.
+plan sees the times it sees in production: ordinary reads down to the oldest call in flight (at
+most 30 min), open calls by id by what they wait for (waits.py), a full read every hour.
 
 - History: final calls evenly spread from the start of the clock back to just inside the
   window of the first poll (the simulator's history, its spacing set for the org's rate). Every
-  100th is open: its webhook is still being retried, or its reservation is not settled. One
-  in three of those resolves during the first 45 min (delivered or failed, or settled): a change
-  that only a by-id refresh (or a full read) can see. History calls answer by id too, and are
-  serialised once, then sent from memory, so the API is never the slow side of a read.
+  100th has a webhook endpoint that is down: CallingBox retries it by its schedule (SPEC §1: 8
+  attempts, each gap double the last, the last ~42 h after the first, ±20 %), each failed
+  attempt a change of the call; one in three is delivered at a later attempt, the others fail
+  for good at the 8th, so those older than the schedule are final. Every 200th has a
+  reservation not settled; one in three of those settles during the first 39 min. A by-id
+  refresh (or a full read) alone sees these changes. History calls answer by id too, and are
+  serialised once, then sent from memory, so the API is never the slow side of a read. No
+  history call changes after 39:00, one delay bound of a quiet call (20 min) before 59:45.
 - Live: calls created at the window's rate with the simulator's own lifecycles (time_scale 1:
   talk, extraction, webhook retries for up to 42 h), for 30 min before the first poll (the hot
   window then holds live calls only) and through the hour.
@@ -41,10 +45,12 @@ import asyncio
 import bisect
 import json
 import math
+import random
 import statistics
 import sys
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import aiohttp
@@ -61,9 +67,13 @@ from exporter.metrics import Collector
 from exporter.poller import Poller
 from exporter.simulator import Simulator, format_ts, ledger
 from exporter.simulator.faults import _dumps
+from exporter.simulator.lifecycle import WEBHOOK_ATTEMPTS, WEBHOOK_FIRST_RETRY
 
 CASE = "6 read tiers"
 GOAL_LIST, GOAL_DAY, GOAL_CPU = 100, 50, 20  # full-window read ÷ read tiers, at least
+# Issue 26, for the reference org: by-id requests a minute and API GB a day, at most.
+REFERENCE_CALLS, GOAL_BY_ID, GOAL_DAY_GB = 150_000, 100, 6.0
+SPARSE_FULL_READS = 3 * 3600  # seconds between full reads (and audits) in the derived figure
 GB = 1_000_000_000
 
 WINDOW = 72 * 3600.0  # settle_window, default
@@ -73,9 +83,12 @@ POLLS_PER_DAY = round(86400 / POLL)  # 5 760
 FULL_READS_PER_DAY = round(86400 / HOUR)  # 24
 WARMUP = 1800.0  # live traffic runs this long before the first poll: the hot window holds live calls
 MARGIN = 60.0  # the oldest history call lies this far inside the window at the first poll
-OPEN_EVERY = 100  # every 100th history call is open: ~1 % of the window
-RESOLVE_EVERY = 6  # two open calls in six (j % 6 = 0: a webhook, 1: a settlement) resolve ...
-RESOLVE_SPAN = (60.0, 2700.0)  # ... at a time in here (seconds from the start)
+OPEN_EVERY = 100  # every 100th history call's webhook endpoint is down: retried by the schedule ...
+RETRIED_AT = 25  # ... (i % OPEN_EVERY == RETRIED_AT), most still pending, ~1 % of the window with ...
+DELIVER_EVERY = 3  # ... (one in three is delivered at a later attempt, the others fail all 8) ...
+RESERVED_EVERY = 200  # ... every 200th call, whose reservation is not settled (i % 200 == 50):
+SETTLE_EVERY = 3  # one in three of those settles late ...
+RESOLVE_SPAN = (60.0, 2340.0)  # ... at a time in here (seconds from the start); no history change after it
 QUIET_AT = 3240.0  # traffic stops, live calls freeze: nothing changes from here on
 CHECK_AT = HOUR - POLL  # the last ordinary poll: counters must be exact (no full read since t = 0)
 END = HOUR  # the hourly full read (and audit)
@@ -171,7 +184,10 @@ class ReferenceOrg(Simulator):
         history = int((WINDOW - WARMUP - MARGIN) * window_calls / WINDOW)
         super().__init__(seed=seed, rate=window_calls / WINDOW, history=history, history_age=0.0)
         self.clock, self.zero, self.origin = clock, clock.now, clock.now + WARMUP  # origin: the first poll
-        self.open_indices = range(OPEN_EVERY // 2, history, OPEN_EVERY)
+        self.retried = range(RETRIED_AT, history, OPEN_EVERY)
+        self.reserved = range(RESERVED_EVERY // 4, history, RESERVED_EVERY)
+        self.open_indices = sorted((*self.retried, *self.reserved))
+        self._open = set(self.open_indices)
         self._static: tuple[float, _Expected] | None = None  # the history's final calls, summed once
         self._bytes: list[bytes | None] = [None] * history  # final history calls as sent, once generated
         for path, handler in (("/_bench/advance", self._advance_route), ("/_bench/quiesce", self._quiesce_route)):
@@ -180,31 +196,47 @@ class ReferenceOrg(Simulator):
         self.app.router.add_get("/_bench/stats", self._stats_route)
 
     def resolves_at(self, j: int) -> float | None:
-        """When open history call j changes for good (virtual time), or None: open all run."""
-        if j % RESOLVE_EVERY not in (0, 1):
+        """When reserved history call j settles (virtual time), or None: reserved all run."""
+        if j % SETTLE_EVERY:
             return None
         low, high = RESOLVE_SPAN
         return self.origin + low + (high - low) * ((j * 0.6180339887498949) % 1.0)
 
+    def attempts(self, j: int, ended: float) -> tuple[list[float], bool]:
+        """Retried history call j's delivery attempts by CallingBox's schedule (SPEC §1: 8, each
+        gap double the last from ~19.8 min, ±20 %), and whether the last one delivers."""
+        rng = random.Random(f"attempts:{j}")
+        delivered = j % DELIVER_EVERY == 0
+        last = 2 + (j // DELIVER_EVERY) % (WEBHOOK_ATTEMPTS - 1) if delivered else WEBHOOK_ATTEMPTS
+        times, t = [], ended + rng.uniform(0.3, 20)
+        for k in range(1, last + 1):
+            times.append(t)
+            t += WEBHOOK_FIRST_RETRY * 2 ** (k - 1) * rng.uniform(0.8, 1.2)
+        return times, delivered
+
     def _history_record(self, i: int) -> dict:
         record = super()._history_record(i)
         record["id"] = history_id(i)
-        if i % OPEN_EVERY == OPEN_EVERY // 2:
-            j = i // OPEN_EVERY
-            when = self.resolves_at(j)
-            done = when is not None and self.clock.now >= when
-            if j % 2 == 0:  # the webhook endpoint is down: still retrying
-                record["webhook_url"] = record["webhook_url"] or _HOOK
-                if done:
-                    failed = j % 5 == 0
-                    record.update(
-                        webhook_status="failed" if failed else "delivered",
-                        updated_at=format_ts(when),
-                        webhook_error="giving up after 8 attempts: HTTP 503" if failed else None,
-                    )
-                else:
-                    record.update(webhook_status="pending", webhook_error="attempt 4/8 failed: HTTP 503")
-            elif done:  # a late settlement
+        # History changes stop at the end of RESOLVE_SPAN, so that the check at 59:45 comes one
+        # delay bound of a quiet call (waits.QUIET_CAP x open_refresh_interval, 20 min) after them.
+        now = min(self.clock.now, self.origin + RESOLVE_SPAN[1])
+        if i % OPEN_EVERY == RETRIED_AT:  # the webhook endpoint is down: retried by the schedule
+            ended = datetime.fromisoformat(record["ended_at"]).timestamp()
+            times, delivered = self.attempts(i // OPEN_EVERY, ended)
+            done = [t for t in times if t <= now]
+            record["webhook_url"] = record["webhook_url"] or _HOOK
+            if len(done) == len(times):  # its last attempt has come
+                record.update(
+                    webhook_status="delivered" if delivered else "failed",
+                    updated_at=format_ts(done[-1]),
+                    webhook_error=None if delivered else f"giving up after {len(times)} attempts: HTTP 503",
+                )
+            else:
+                record.update(webhook_status="pending", webhook_error=f"attempt {len(done)}/8 failed: HTTP 503")
+                record["updated_at"] = format_ts(max(done[-1], ended)) if done else record["updated_at"]
+        elif i % RESERVED_EVERY == RESERVED_EVERY // 4:
+            when = self.resolves_at(i // RESERVED_EVERY)
+            if when is not None and now >= when:  # a late settlement
                 record.update(reservation_status="settled", updated_at=format_ts(when))
             else:
                 record["reservation_status"] = "reserved"
@@ -223,7 +255,7 @@ class ReferenceOrg(Simulator):
             item = cache[i]
             if item is None:
                 item = _dumps(self._history_record(i))
-                if i % OPEN_EVERY != OPEN_EVERY // 2:
+                if i not in self._open:
                     cache[i] = item
             yield item
 
@@ -259,7 +291,7 @@ class ReferenceOrg(Simulator):
         """Every sample the exporter must show for events dated after `after` (its baseline)."""
         after = float(request.query["after"])
         if self._static is None or self._static[0] != after:
-            static, open_ = _Expected(), set(self.open_indices)
+            static, open_ = _Expected(), self._open
             for i in range(self.history):
                 if i not in open_:
                     static.add(ledger(None, self._history_record(i), False)[0], after)
@@ -575,6 +607,40 @@ def run(sizes: Sizes, facts: Facts, log_dir: Path, progress=lambda message: None
             f"read tiers: API requests per minute (4 list + by id; {open_by_id:,.0f} open calls past the hot read)",
             per_minute["tiers"],
             "req/min",
+        ),
+    ]
+    # Issue 26's goals, for the reference org (150 000 calls in the window) and in proportion to it.
+    scale = sizes.tier_calls / REFERENCE_CALLS
+    by_id_per_minute = per_minute["tiers"] - POLLS_PER_DAY / 1440
+    full_reads = 86400 // SPARSE_FULL_READS
+    sparse = full_reads * api_bytes(hourly["tiers"]) + (POLLS_PER_DAY - full_reads) * statistics.fmean(
+        map(api_bytes, steady)
+    )
+    rows += [
+        Row(
+            CASE,
+            "read tiers: by-id requests per minute (open calls past the read, audit spot-checks)",
+            by_id_per_minute,
+            "req/min",
+            goal=f"<= {GOAL_BY_ID * scale:,.0f}",
+            verdict=verdict(by_id_per_minute <= GOAL_BY_ID * scale),
+        ),
+        Row(
+            CASE,
+            "read tiers: API bytes per day, against 2x the floor (the list read to the oldest call in flight)",
+            day["tiers"] / GB,
+            "GB",
+            goal=f"<= {GOAL_DAY_GB * scale:.2f} GB",
+            verdict=verdict(day["tiers"] / GB <= GOAL_DAY_GB * scale),
+        ),
+        Row(
+            CASE,
+            f"derived, not run: the same polls, full_read_interval and audit_interval "
+            f"{SPARSE_FULL_READS // 3600} h ({86400 // SPARSE_FULL_READS} full reads a day)",
+            sparse / GB,
+            "GB",
+            goal=f"<= {GOAL_DAY_GB * scale:.2f} GB",
+            verdict=verdict(sparse / GB <= GOAL_DAY_GB * scale),
         ),
     ]
     for name, when, key in (

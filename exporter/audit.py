@@ -10,7 +10,7 @@ call without bumping `updated_at`, a call appeared in the past, one vanished, or
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 from .accounting import CallState
@@ -37,6 +37,7 @@ class Audit:
         self.checked = 0
         self.seen: set[str] = set()
         self.mismatches: list[Mismatch] = []
+        self.finished = False  # the tracked calls the read did not list are counted (`finish`)
 
     def fresh(self) -> Audit:
         """The same window, nothing checked yet: what each attempt of a read (a 429 retried) audits."""
@@ -70,13 +71,28 @@ class Audit:
     def finish(self, calls: Iterable[tuple[str, CallState]]) -> list[Mismatch]:
         """After a complete read: tracked calls of the window that the API no longer lists.
 
-        `calls` iterates (call id, state) pairs: a Ledger does.
+        `calls` iterates (call id, state) pairs: a Ledger does. Done once: after `unlisted` has
+        walked them in slices, this walks nothing.
         """
-        for call_id, state in calls:
-            if self.covers(state.created_at) and call_id not in self.seen and state.created_at > self.baseline:
-                self.checked += 1
-                self.mismatches.append(Mismatch("extra", call_id, "counted, but the API no longer lists it"))
+        for _ in self.unlisted(calls, float("inf")):
+            pass
         return self.mismatches
+
+    def unlisted(self, calls: Iterable[tuple[str, CallState]], slice_size: float = 5_000) -> Iterator[int]:
+        """`finish` a slice at a time: it yields after each `slice_size` calls (the calls walked so
+        far), so the caller can serve scrapes between slices; the calls are taken at the start."""
+        if self.finished:
+            return
+        pairs, walked = list(calls), 0
+        while walked < len(pairs):
+            end = int(min(len(pairs), walked + slice_size))
+            for call_id, state in pairs[walked:end]:
+                if self.covers(state.created_at) and call_id not in self.seen and state.created_at > self.baseline:
+                    self.checked += 1
+                    self.mismatches.append(Mismatch("extra", call_id, "counted, but the API no longer lists it"))
+            walked = end
+            yield walked
+        self.finished = True
 
 
 class AuditSchedule:

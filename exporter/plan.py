@@ -13,6 +13,7 @@ from .audit import Audit
 from .deadline import expected_list_bytes
 from .ledger import Ledger, give_up_age
 from .settings import Settings
+from .waits import in_flight, turn
 
 BYTES_PER_CALL = 1500.0  # a call object's size in a list read, until a read has measured it
 REQUEST_BYTES = 500.0  # what a request by id costs beyond its body: headers both ways
@@ -53,19 +54,19 @@ class ReadPlanner:
         """How deep this poll reads the list, and which open calls past that depth it asks by id.
 
         A full read of the settle window comes first, then every `full_read_interval` (and with
-        each `audit`). Otherwise the read covers `hot_window`, where new calls and their normal
-        lifecycle show, and never less than back to the newest update already read, less the
-        overlap (a restart after downtime reads what it missed). A call that answered 404 by id
-        (`not_found`: their created_at) is settled by the next read that covers it. An open call
-        older than the read is due by id once its refresh interval, which grows with its age up
-        to `refresh_interval`, has passed; the read goes deeper instead where the calls in between
-        cost fewer bytes than the requests would, or where more are due than `batch` a poll can
-        ask within a refresh interval.
+        each `audit`). Otherwise the read reaches the oldest call in flight (at most `hot_window`
+        deep), where new calls and their normal lifecycle show, and never less than back to the
+        newest update already read, less the overlap (a restart after downtime reads what it
+        missed). A call that answered 404 by id (`not_found`: their created_at) is settled by the
+        next read that covers it. An open call
+        older than the read is due by id when its turn comes, by what it waits for (waits.py);
+        the read goes deeper instead where the calls in between cost fewer bytes than the requests
+        would, or where more are due than `batch` a poll can ask within a refresh interval.
         """
         s = self.settings
         window, watermark = now - s.settle_window, ledger.watermark
         full = watermark is None or now >= self.next_full_read or audit is not None
-        horizon = window if full else max(window, min(now - s.hot_window, watermark - s.overlap))
+        horizon = window if full else max(window, min(self._hot_depth(now, ledger), watermark - s.overlap))
         horizon = min(horizon, *not_found) if not_found else horizon
         if audit is not None:
             # The audit's window starts where the last one ended. The poll that carries it comes
@@ -93,6 +94,16 @@ class ReadPlanner:
         asked = sorted(due, key=lambda d: (last_refreshed.get(d[1], float("-inf")), d[0]))
         return Plan(horizon, full, [call_id for _, call_id in asked[:batch]], {"list": listed, "by_id": past}, audit)
 
+    def _hot_depth(self, now: float, ledger: Ledger) -> float:
+        """How deep an ordinary read must go: to the oldest call in flight (waits.in_flight), whose
+        next change can come any moment, and never deeper than `hot_window`."""
+        calls, oldest = ledger.calls, now
+        for call_id in ledger.open:
+            state = calls.get(call_id)
+            if state is not None and state.created_at < oldest and in_flight(state, now):
+                oldest = state.created_at
+        return max(now - self.settings.hot_window, oldest)
+
     def _due(
         self, now: float, ledger: Ledger, horizon: float, last_refreshed: dict[str, float]
     ) -> tuple[list[tuple[float, str]], int, int]:
@@ -114,11 +125,10 @@ class ReadPlanner:
             if created < give_up:
                 continue
             past += 1
-            # Its turn: a twentieth of its age, within [poll_interval, refresh_interval], shortened by
-            # up to half by its id, so calls asked together do not stay in step.
-            every = min(s.refresh_interval, max(s.poll_interval, (now - created) / 20))
-            every *= 0.5 + (hash(call_id) & 1023) / 2048
-            if now - last_refreshed.get(call_id, float("-inf")) >= every:
+            # Its turn comes by what it waits for (waits.py), shortened by up to half by its id,
+            # so calls asked together do not stay in step.
+            spread = 0.5 + (hash(call_id) & 1023) / 2048
+            if now >= turn(state, last_refreshed.get(call_id, float("-inf")), now, s, spread):
                 due.append((created, call_id))
         due.sort(reverse=True)  # newest first: the cheapest to reach by reading deeper
         return due, listed, past

@@ -184,6 +184,11 @@ class Poller:
             stats.update(read.stats)
             self.client.read_succeeded()
             if read.audit is not None and not read.not_modified:  # a 304 read nothing to audit
+                # The tracked calls the read did not list: the whole ledger, in slices with scrapes
+                # served between them, as the prune below.
+                with self.heartbeat.step("audit", ledger_work(len(self.ledger.calls))):
+                    for _ in read.audit.unlisted(self.ledger):
+                        await asyncio.sleep(0)
                 tally.conclude_audit(read.audit, now)
                 if self.target.audit_sample:
                     await self.stragglers.spot_check(self.client, tally, self.rng, self.target.audit_sample)

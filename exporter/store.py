@@ -180,8 +180,9 @@ class Store:
     def count(self, events: Iterable[Event], now: float | None = None) -> None:
         """Add the events to the counters; with `now`, also to today's totals and the exemplars."""
         if now is not None and now != self.label_use.now:
-            self.label_use.at(now)  # label values counted now are in use now
+            self.label_use.at(now)
         with_extra = bool(self.extra_labels)
+        add, hist, today = self._counted, self._observed, self._today_of(now)
         for event in events:
             kind = type(event)
             if kind is Deviation:  # about the API, not a call series: no metadata labels
@@ -190,40 +191,52 @@ class Store:
             x = self.capped_extra(event.extra) if with_extra else ()
             if kind is Created:
                 d = event.direction
-                self.inc("callingbox_calls_created_total", (d, *x))
+                add("callingbox_calls_created_total", (d, *x), 1, None, now)
                 if with_extra and (d, x) not in self._zeroed:
                     self._zero_series(d, x)
-                self._today(now, "created", 1)
+                if today is not None:
+                    today["created"] = today.get("created", 0) + 1
             elif kind is Ended:
                 d, s, call = event.direction, self.status(event.status), event.call_id
                 if event.transition:
-                    self._counted("callingbox_calls_ended_total", (d, s, *x), 1, call, now)
-                    self._today(now, s, 1)
+                    add("callingbox_calls_ended_total", (d, s, *x), 1, call, now)
+                    if today is not None:
+                        today[s] = today.get(s, 0) + 1
                 if event.hangup:
                     cause = self.capped("hangup_cause", event.hangup_cause)
-                    self._counted("callingbox_call_hangups_total", (d, s, cause, *x), 1, call, now)
+                    add("callingbox_call_hangups_total", (d, s, cause, *x), 1, call, now)
                 if event.error_code is not None:
                     code = self.capped("error_code", event.error_code)
-                    self._counted("callingbox_call_errors_total", (d, code, *x), 1, call, now)
+                    add("callingbox_call_errors_total", (d, code, *x), 1, call, now)
                 if event.duration is not None:
-                    self._observed("callingbox_call_duration_seconds", (d, s, *x), event.duration, call, now)
+                    hist("callingbox_call_duration_seconds", (d, s, *x), event.duration, call, now)
                 if event.answer_delay is not None:
-                    self._observed("callingbox_call_answer_delay_seconds", (d, *x), event.answer_delay, call, now)
+                    hist("callingbox_call_answer_delay_seconds", (d, *x), event.answer_delay, call, now)
                 if event.setup_delay is not None:
-                    self._observed("callingbox_call_setup_delay_seconds", (d, *x), event.setup_delay, call, now)
+                    hist("callingbox_call_setup_delay_seconds", (d, *x), event.setup_delay, call, now)
             elif kind is Billed:
                 d, call = event.direction, event.call_id
-                self._counted("callingbox_billed_amount_dollars_total", (d, *x), event.milli_cents, call, now)
+                add("callingbox_billed_amount_dollars_total", (d, *x), event.milli_cents, call, now)
                 if event.billed_seconds is not None:
-                    self._observed("callingbox_call_billed_duration_seconds", (d, *x), event.billed_seconds, call, now)
-                self._today(now, "milli_cents", event.milli_cents)
+                    hist("callingbox_call_billed_duration_seconds", (d, *x), event.billed_seconds, call, now)
+                if today is not None:
+                    today["milli_cents"] = today.get("milli_cents", 0) + event.milli_cents
             elif kind is WebhookOutcome:
                 self.inc("callingbox_webhook_deliveries_total", (event.status, *x))
             elif kind is ExtractionOutcome:
                 self.inc("callingbox_result_extractions_total", (event.status, *x))
 
     def _counted(self, name: str, labels: tuple[str, ...], amount: int, call_id: str | None, now: float | None):
-        self.inc(name, labels, amount)
+        """`inc` of a call family (the name is one of count's own), with its exemplar."""
+        try:
+            series = self.counters[name]
+        except KeyError:  # a family with no series yet
+            series = self.counters[name] = {}
+        value = series.get(labels, 0)
+        if self.births.hold and labels not in self.births.visible.get(name, ()):
+            self.births.touch(name, labels, value)
+        series[labels] = value + amount
+        self.changed.add((name, labels))
         if call_id and now is not None:
             self.exemplars[name, labels, -1] = (call_id, amount, now)
 
@@ -232,13 +245,14 @@ class Store:
         if call_id and now is not None:
             self.exemplars[name, labels, index] = (call_id, value, now)
 
-    def _today(self, now: float | None, key: str, amount: int) -> None:
+    def _today_of(self, now: float | None) -> dict[str, int] | None:
+        """Today's totals to add to (a new day starts afresh); None without `now`."""
         if now is None:
-            return
+            return None
         day = int(now // SECONDS_PER_DAY)
         if day != self.today_day:
             self.today_day, self.today = day, {}
-        self.today[key] = self.today.get(key, 0) + amount
+        return self.today
 
     def today_totals(self, now: float) -> dict[str, int]:
         """What was counted since 00:00 UTC: `created`, each terminal status, `milli_cents`."""

@@ -93,7 +93,11 @@ class Refresher:
 
     async def spot_check(self, client, tally: Tally, rng: random.Random, size: int) -> None:
         """The audit's second half: a sample of `size` tracked calls fetched by id and compared."""
-        sample = tally.spot_sample(rng, size)
+        candidates: list[str] = []
+        for part in tally.spot_candidates():  # the whole ledger, in slices: scrapes go on between them
+            candidates += part
+            await asyncio.sleep(0)
+        sample = rng.sample(candidates, min(size, len(candidates)))
         audit = Audit(float("-inf"), float("inf"), tally.ledger.baseline)
         for call_id in sample:
             try:

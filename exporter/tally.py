@@ -173,8 +173,15 @@ class Tally:
 
     def spot_sample(self, rng: random.Random, size: int) -> list[str]:
         """Tracked calls to fetch by id and compare: any counted after the baseline."""
-        candidates = [call_id for call_id, s in self.ledger.calls.items() if s.created_at > self.ledger.baseline]
+        candidates = [call_id for part in self.spot_candidates() for call_id in part]
         return rng.sample(candidates, min(size, len(candidates)))
+
+    def spot_candidates(self, slice_size: int = 5_000) -> Iterator[list[str]]:
+        """The calls a spot-check may sample (any counted after the baseline), a slice of the
+        ledger at a time, so the caller can serve scrapes between slices (stragglers.py)."""
+        pairs, baseline = list(self.ledger.calls.items()), self.ledger.baseline
+        for start in range(0, len(pairs), slice_size):
+            yield [call_id for call_id, s in pairs[start : start + slice_size] if s.created_at > baseline]
 
     def spot_check(self, audit: Audit, call_id: str, obj: object | None) -> None:
         """Compare one call fetched by id (None: the API answered 404) with what was counted.

@@ -83,6 +83,18 @@ def test_a_tracked_call_of_the_window_missing_from_the_api_is_extra():
     assert audit.checked == 2
 
 
+def test_the_unlisted_calls_are_found_a_slice_at_a_time_and_only_once():
+    """The poller walks the ledger in slices with scrapes served between them; the conclusion's
+    `finish` then walks nothing again, so no call is reported twice."""
+    ledger = Ledger(BASELINE)
+    for i in range(25):
+        ledger.account(record(id=f"c{i}", created_at=2_000.0 + i))
+    audit = Audit(START, END, BASELINE)
+    audit.check(record(id="c3", created_at=2_003.0), ledger.calls["c3"])
+    assert list(audit.unlisted(ledger, slice_size=10)) == [10, 20, 25]
+    assert len(audit.finish(ledger)) == 24 and audit.checked == 25
+
+
 def test_a_call_listed_twice_in_one_read_is_checked_once():
     audit = Audit(START, END, BASELINE)
     for _ in range(2):

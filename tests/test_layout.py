@@ -27,6 +27,7 @@ FLOW = (
     "records",
     "accounting",
     "ledger",
+    "waits",
     "audit",
     "migrate",
     "plan",

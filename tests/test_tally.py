@@ -107,7 +107,7 @@ def test_only_news_is_examined_however_old_the_call_or_late_the_commit():
     assert t.store.counters["callingbox_webhook_deliveries_total"][("delivered",)] == 1
 
 
-def test_an_ordinary_poll_reads_the_hot_window_and_asks_older_open_calls_by_id():
+def test_an_ordinary_poll_reads_down_to_the_oldest_call_in_flight_and_asks_older_open_calls_by_id():
     t = tally(baseline=NOW - 86400, settle_window=6 * 3600.0, hot_window=1800.0)
     old_open = [
         call(f"o{i}", "completed", NOW - 3 * 3600 - i, NOW - 3 * 3600 + 60, webhook_status="pending") for i in range(3)
@@ -115,14 +115,16 @@ def test_an_ordinary_poll_reads_the_hot_window_and_asks_older_open_calls_by_id()
     history = [call(f"h{i}", "completed", NOW - 2 * 3600 - i * 10, NOW - 2 * 3600) for i in range(200)]
     first = t.plan(NOW, {}, batch=10)
     assert first.full, "the first poll reads the whole settle window"
-    read_all(t, NOW, [call("hot", "ringing", NOW - 60, NOW - 50)] + history + old_open, first)
+    in_flight = [call("hot", "ringing", NOW - 60, NOW - 50), call("long", "in_progress", NOW - 900, NOW - 800)]
+    read_all(t, NOW, in_flight + history + old_open, first)
 
     plan = t.plan(NOW + 15, {}, batch=10)
-    assert not plan.full and plan.horizon == NOW + 15 - 1800
+    assert not plan.full and plan.horizon == NOW - 900, "as deep as the long call, not the 30 min hot window"
     assert sorted(plan.by_id) == ["o0", "o1", "o2"], "200 calls in between cost more than 3 requests"
-    assert plan.open_calls == {"list": 1, "by_id": 3}
+    assert plan.open_calls == {"list": 2, "by_id": 3}
     assert t.plan(NOW + 30, {f"o{i}": NOW + 15 for i in range(3)}, batch=10).by_id == [], "not due again yet"
-    assert t.plan(NOW + 315, {f"o{i}": NOW + 15 for i in range(3)}, batch=10).by_id, "due within 5 minutes"
+    # Quiet for 3 h, past any attempt the webhook schedule allows: asked every tenth of that.
+    assert t.plan(NOW + 1200, {f"o{i}": NOW + 15 for i in range(3)}, batch=10).by_id, "due within 3 h / 10"
 
 
 def test_the_read_goes_deeper_where_that_costs_less_than_asking_by_id():
