@@ -18,7 +18,16 @@ import pytest
 from exporter.exposition import CACHED
 from helpers import ROOT
 
-CASES = ("1 ingest", "2 history", "3 scrape", "4 memory", "5 exposition", "6 read tiers", "7 state save")
+CASES = (
+    "1 ingest",
+    "2 history",
+    "3 scrape",
+    "4 memory",
+    "5 exposition",
+    "6 read tiers",
+    "7 state save",
+    "8 backfill",
+)
 META_ROWS = 6  # the meta rows every state save writes (exporter.state._meta)
 ONE_READ = 64 * 1024  # the client reads at most this much at a time (exporter.api.CHUNK_BYTES)
 
@@ -115,3 +124,9 @@ def test_the_served_pages_show_the_samples_of_the_live_render(report):
             assert gzip["bytes_sent"] * 5 < identity["bytes_sent"]
         # a publish whose call families changed renders those and the health gauges, not every family
         assert 0 < exposition[f"publish {orgs}"]["families_rendered"] < len(CACHED)
+
+
+def test_the_backfill_replays_every_call_of_its_history(report):
+    backfill, sizes = report["facts"]["8 backfill"], report["sizes"]
+    assert backfill["calls"] == int(sizes["backfill_days"] * sizes["backfill_per_day"])
+    assert backfill["invalid"] == 0 and backfill["samples"] > 0
