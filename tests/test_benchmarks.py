@@ -18,7 +18,7 @@ import pytest
 from exporter.exposition import CACHED
 from helpers import ROOT
 
-CASES = ("1 ingest", "2 history", "3 scrape", "4 memory", "5 exposition", "6 read tiers", "7 state save")
+CASES = ("1 ingest", "2 history", "3 scrape", "4 memory", "5 exposition", "6 read tiers", "7 state save", "8 backfill")
 META_ROWS = 6  # the meta rows every state save writes (exporter.state._meta)
 ONE_READ = 64 * 1024  # the client reads at most this much at a time (exporter.api.CHUNK_BYTES)
 
