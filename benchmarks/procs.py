@@ -8,6 +8,7 @@ tests/helpers.py uses too, so the tests and the benchmarks start the exporter th
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import queue
@@ -28,10 +29,35 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_KEY = "sk_bench_not_a_real_key"  # the simulator runs without a key; the exporter insists on one
 
 
+# A port picked here is bound later, by another process: nothing holds it in between. A port from
+# bind(0) lies in the kernel's ephemeral range (32768-60999), where any outgoing connection, or
+# another process's bind(0), may take it in that gap. So ports are handed out in turn from a block
+# below that range, one block per pytest-xdist worker (gw0, gw1, ...; gw0 without xdist): no client
+# connection and no other worker is ever given the same port. Each process starts its turn at its
+# own place in the block (a test's child process shares its worker's block).
+PORT_BLOCK, FIRST_PORT, BLOCKS = 1000, 20_000, 12
+
+
+def _port_turns():
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    first, start = FIRST_PORT + worker % BLOCKS * PORT_BLOCK, os.getpid() % PORT_BLOCK
+    return (first + (start + n) % PORT_BLOCK for n in itertools.count())
+
+
+_ports = _port_turns()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on now, not handed out before by this process."""
+    for _ in range(PORT_BLOCK):
+        port = next(_ports)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port in {FIRST_PORT}-{FIRST_PORT + BLOCKS * PORT_BLOCK - 1}")
 
 
 def memory(pid: int) -> dict[str, int]:
