@@ -203,7 +203,9 @@ def test_without_run_it_prints_every_layers_commands(tmp_path, capsys):
     backfill = tool()
     backfill.main(["--start=35d", "--end=2026-12-01T00:00:00Z", f"--work-dir={tmp_path}", str(RULES)])
     printed = capsys.readouterr().out
-    assert printed.count("promtool tsdb create-blocks-from rules --start=1793059200 --end=1796083200") == 5
+    # 35 days before the end, from the start of promtool's 18-hour chunk that holds it.
+    start = 1793059200 - 1793059200 % (18 * 3600)
+    assert printed.count(f"promtool tsdb create-blocks-from rules --start={start} --end=1796083200") == 5
     assert printed.count("mv ") == 5 and printed.count("until curl") == 5
 
 

@@ -87,6 +87,9 @@ def promtool_command(
     groups = yaml.safe_load(rule_file.read_text())["groups"]
     step = min(seconds(g.get("interval", options.eval_interval)) for g in groups)
     first, last = options.start if start is None else start, options.end if end is None else end
+    # From the start of promtool's chunk: a first chunk shorter than the group's interval holds no
+    # evaluation, and promtool 2.42 then stops the rule there, writing nothing for it at all.
+    first -= first % block_seconds(options, rule_file)
     flags = {"start": first, "end": last, "url": options.url, "eval-interval": options.eval_interval}
     flags |= {"max-block-duration": "24h"} if step >= 6 else {}
     flags |= {"output-dir": output_dir.resolve()}
@@ -191,8 +194,7 @@ def data_times(url: str, expr: str, start: int, end: int) -> list[float]:
 
 def stretches(times: list[float], start: int, end: int, chunk: int) -> list[tuple[int, int]]:
     """[first, last] of each run of promtool's chunks (aligned to `chunk` seconds) that all hold a
-    value, from the run's first value: promtool 2.42 stops a rule at its first chunk without one
-    (writing nothing if that is its first), so each run is backfilled on its own."""
+    value: promtool 2.42 stops a rule at a chunk without one, so each run is backfilled on its own."""
     full = sorted({int(t) // chunk for t in times})
     runs: list[tuple[int, int]] = []
     for k in full:
@@ -200,10 +202,7 @@ def stretches(times: list[float], start: int, end: int, chunk: int) -> list[tupl
             runs[-1] = (runs[-1][0], k)
         else:
             runs.append((k, k))
-    first_in = {}
-    for t in times:
-        first_in.setdefault(int(t) // chunk, int(t))
-    return [(max(start, first_in[a]), min(end, (b + 1) * chunk - 1)) for a, b in runs]
+    return [(max(start, a * chunk), min(end, (b + 1) * chunk - 1)) for a, b in runs]
 
 
 def by_stretch(url: str, rule_file: Path, start: int, end: int, chunk: int) -> dict[tuple[int, int], Path]:
@@ -267,9 +266,8 @@ def run(options, rule_files: list[Path], log=print, load: Callable[[], None] | N
 def print_commands(options, rule_files: list[Path], out=sys.stdout) -> None:
     """The same steps as --run, as shell commands: the runbook shows these."""
     print(
-        "# promtool 2.42 writes nothing for a rule whose first two hours hold no value (the 7-day sums"
-        " in the first day of history), and stops at the first without: --run backfills each stretch"
-        " of time a rule has values in on its own",
+        "# promtool 2.42 stops a rule at a chunk of time without a value (the 7-day sums in the first"
+        " day of history): --run backfills each stretch of time a rule has values in on its own",
         file=out,
     )
     for number, rule_file in enumerate(rule_files, 1):
