@@ -5,10 +5,14 @@ rotated (Kubernetes) Secret needs no restart. The poller asks before each poll a
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 
+from . import logs
 from .config import ConfigError, Secret, read_key_file
+
+log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 1.0  # seconds between looks at the file while waiting for the next poll
 
@@ -53,6 +57,18 @@ class KeyFile:
             return None, error if new else None
         self._stamp = now
         return key, None
+
+    def new_key(self, current: Secret | None, org: str) -> Secret | None:
+        """The key to use from now on when the file holds a new one (redacted from every log line
+        from then on), else None; a file that cannot be used is logged once and changes nothing."""
+        key, error = self.read()
+        if error is not None:
+            log.error("API key file unreadable; the previous key stays in use", extra={"org": org, "error": str(error)})
+        if key is None or key == current:
+            return None
+        logs.redact(key.reveal())
+        log.info("API key reloaded from its file", extra={"org": org})
+        return key
 
 
 def stamp(path: str) -> tuple | None:

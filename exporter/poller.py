@@ -14,10 +14,10 @@ import gc
 import logging
 import random
 import time
+from collections.abc import Iterator
 
 import aiohttp
 
-from . import logs
 from .api import ApiError, Client, RateLimited
 from .backoff import MAX_BACKOFF, Streak
 from .budget import Budgets
@@ -81,6 +81,12 @@ class Poller:
     def _tally(self, ledger: Ledger, store: Store) -> Tally:
         store.configure_visibility(self.target.new_series_hold, self.target.label_idle)
         return Tally(self.settings, ledger, store, self.clock())
+
+    async def _in_slices(self, step: str, slices: Iterator[int]) -> None:
+        """A walk of the whole ledger, a slice at a time with scrapes served between them."""
+        with self.heartbeat.step(step, ledger_work(len(self.ledger.calls))):
+            for _ in slices:
+                await asyncio.sleep(0)
 
     @property
     def org(self) -> str:
@@ -173,7 +179,10 @@ class Poller:
         """One poll: read and count, persist, then publish. Returns (succeeded, wait before the next)."""
         started, now = time.monotonic(), self.clock()
         self.status.last_poll = now
-        self._rotate_key()
+        key = self.key_file.new_key(self.client.key, self.org)  # a rotated (Kubernetes) Secret needs no restart
+        if key is not None:
+            self.client.use_key(key)
+            self.status.failures = 0  # a new key starts its own back-off, from the shortest
         self.metrics.poll_started()
         tally = self.tally
         plan = tally.plan(now, self.stragglers.last_refreshed, self.target.straggler_batch)
@@ -184,11 +193,7 @@ class Poller:
             stats.update(read.stats)
             self.client.read_succeeded()
             if read.audit is not None and not read.not_modified:  # a 304 read nothing to audit
-                # The tracked calls the read did not list: the whole ledger, in slices with scrapes
-                # served between them, as the prune below.
-                with self.heartbeat.step("audit", ledger_work(len(self.ledger.calls))):
-                    for _ in read.audit.unlisted(self.ledger):
-                        await asyncio.sleep(0)
+                await self._in_slices("audit", read.audit.unlisted(self.ledger))  # the calls it did not list
                 tally.conclude_audit(read.audit, now)
                 if self.target.audit_sample:
                     await self.stragglers.spot_check(self.client, tally, self.rng, self.target.audit_sample)
@@ -207,9 +212,7 @@ class Poller:
         # when the next audit comes late and reads back past the settle window to where the last
         # window ended, the ledger still holds what it counted there, so an honest call is not `missing`.
         if plan.full:
-            with self.heartbeat.step("ledger prune", ledger_work(len(self.ledger.calls))):
-                for _ in tally.prune(now):
-                    await asyncio.sleep(0)
+            await self._in_slices("ledger prune", tally.prune(now))
         tally.expire(now)  # hangup causes still unknown `end_grace` after the end count as `none`
         summary = tally.sweep(now, everything=False)
         # New series that a scrape has read at their birth value move on (SPEC §3), saved as such.
@@ -240,19 +243,6 @@ class Poller:
             },
         )
         return problem is None, delay
-
-    def _rotate_key(self) -> None:
-        """Re-read api_key_file when it changed, so a rotated (Kubernetes) Secret needs no restart."""
-        key, error = self.key_file.read()
-        if error is not None:
-            log.error(
-                "API key file unreadable; the previous key stays in use", extra={"org": self.org, "error": str(error)}
-            )
-        if key is not None and key != self.client.key:
-            logs.redact(key.reveal())
-            self.client.use_key(key)
-            self.status.failures = 0  # a new key starts its own back-off, from the shortest
-            log.info("API key reloaded from its file", extra={"org": self.org})
 
     async def _persist(self, adding: dict | None = None) -> bool:
         """Save the state file, if any, with `adding` on top of the store's counts (StateDB.save).

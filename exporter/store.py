@@ -87,7 +87,13 @@ class Store:
     def inc(self, name: str, labels: tuple[str, ...], amount: int | float = 1) -> None:
         if name not in FAMILIES:  # a misspelt name would otherwise be a silent new series
             raise KeyError(f"unknown metric family {name!r}")
-        series = self.counters.setdefault(name, {})
+        self._add(name, labels, amount)
+
+    def _add(self, name: str, labels: tuple[str, ...], amount: int | float) -> None:
+        """`inc` of a known family: the hot path of `count`, whose names are its own."""
+        series = self.counters.get(name)
+        if series is None:  # a family with no series yet
+            series = self.counters[name] = {}
         value = series.get(labels, 0)
         if self.births.hold and labels not in self.births.visible.get(name, ()):
             self.births.touch(name, labels, value)
@@ -180,7 +186,7 @@ class Store:
     def count(self, events: Iterable[Event], now: float | None = None) -> None:
         """Add the events to the counters; with `now`, also to today's totals and the exemplars."""
         if now is not None and now != self.label_use.now:
-            self.label_use.at(now)
+            self.label_use.at(now)  # label values counted now are in use now
         with_extra = bool(self.extra_labels)
         add, hist, today = self._counted, self._observed, self._today_of(now)
         for event in events:
@@ -228,15 +234,7 @@ class Store:
 
     def _counted(self, name: str, labels: tuple[str, ...], amount: int, call_id: str | None, now: float | None):
         """`inc` of a call family (the name is one of count's own), with its exemplar."""
-        try:
-            series = self.counters[name]
-        except KeyError:  # a family with no series yet
-            series = self.counters[name] = {}
-        value = series.get(labels, 0)
-        if self.births.hold and labels not in self.births.visible.get(name, ()):
-            self.births.touch(name, labels, value)
-        series[labels] = value + amount
-        self.changed.add((name, labels))
+        self._add(name, labels, amount)
         if call_id and now is not None:
             self.exemplars[name, labels, -1] = (call_id, amount, now)
 

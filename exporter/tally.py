@@ -11,7 +11,6 @@ mismatch reported once by findings.py, a 404 by id settled by the next read). Th
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterator
 from typing import NamedTuple
 
@@ -170,11 +169,6 @@ class Tally:
         """Count the calls an audit checked (`method`: window, spot_check) and its mismatches,
         each call and kind once however often it is found."""
         return self.findings.report(audit, method, self.ledger, self.store)
-
-    def spot_sample(self, rng: random.Random, size: int) -> list[str]:
-        """Tracked calls to fetch by id and compare: any counted after the baseline."""
-        candidates = [call_id for part in self.spot_candidates() for call_id in part]
-        return rng.sample(candidates, min(size, len(candidates)))
 
     def spot_candidates(self, slice_size: int = 5_000) -> Iterator[list[str]]:
         """The calls a spot-check may sample (any counted after the baseline), a slice of the

@@ -121,13 +121,10 @@ def _backfill_rules(prometheus, data: Path, tmp: Path, since: float, until: floa
 def _backfill(config: Path, output: Path, instance: str) -> dict:
     argv = [sys.executable, "-m", "exporter", "backfill", "--config.file", str(config), "--since", "10d"]
     argv += ["--step", "5m", "--output", str(output), "--job", JOB, "--instance", instance]
-    done = subprocess.run(argv, cwd=ROOT, env={"CALLINGBOX_API_KEY": KEY, "PATH": _path()}, capture_output=True)
+    env = {"CALLINGBOX_API_KEY": KEY, "PATH": os.environ["PATH"]}
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     return json.loads((output / "backfill.json").read_text())
-
-
-def _path() -> str:
-    return os.environ["PATH"]
 
 
 def test_ten_days_backfilled_then_carried_on_live_exactly_once_with_no_reset(stack, launch, tmp_path):
