@@ -103,12 +103,12 @@ class Target:
     # this far apart, and the whole settle window is read this often (0: every poll).
     hot_window: float = 1800.0
     open_refresh_interval: float = 300.0
-    full_read_interval: float = 3600.0
+    full_read_interval: float = 3 * 3600.0  # with each audit: one full read every 3 h (README)
     max_label_values: int = 50
     buckets: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     metadata_labels: tuple[tuple[str, str], ...] = ()  # (metadata key, label name), in config order
     daily_budget_dollars: float | None = None  # exported as callingbox_daily_budget_dollars when set
-    audit_interval: float = 3600.0  # 0: no self-audit
+    audit_interval: float = 3 * 3600.0  # 0: no self-audit
     audit_sample: int = 10  # tracked calls fetched by id at each audit (spot-checks); 0: none
     max_requests_per_minute: int = 600  # per API key, shared by every target using that key
     # Born at zero (SPEC §3): a new series is published at its starting value, and its increments

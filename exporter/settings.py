@@ -21,7 +21,7 @@ class Settings:
     metadata_keys: tuple[str, ...] = ()  # the metadata keys of metadata_labels, in config order
     audit_interval: float = 0.0  # 0: no self-audit
     hot_window: float = 1800.0
-    full_read_interval: float = 3600.0
+    full_read_interval: float = 3 * 3600.0
     refresh_interval: float = 300.0  # open_refresh_interval
     poll_interval: float = 15.0
     end_grace: float = END_GRACE

@@ -176,9 +176,10 @@ def test_bad_read_tier_settings_are_named(write_config, key_file, line, message)
     assert config_error(config_file=write_config(f"api_key_file: {key_file}\n{line}\n")) == message
 
 
-def test_read_tiers_default_to_a_hot_half_hour_an_hourly_full_read_and_five_minute_refreshes(write_config, key_file):
+def test_read_tiers_default_to_a_hot_half_hour_a_full_read_with_each_3h_audit_and_5m_refreshes(write_config, key_file):
     target = build(config_file=write_config(f"api_key_file: {key_file}\n"), env={}).targets[0]
-    assert (target.hot_window, target.full_read_interval, target.open_refresh_interval) == (1800.0, 3600.0, 300.0)
+    assert (target.hot_window, target.full_read_interval, target.open_refresh_interval) == (1800.0, 3 * 3600.0, 300.0)
+    assert target.audit_interval == target.full_read_interval  # the audits are the full reads (README)
     cautious = build(config_file=write_config(f"api_key_file: {key_file}\nfull_read_interval: 0s\n"), env={})
     assert cautious.targets[0].full_read_interval == 0.0
 
