@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import aiohttp
@@ -102,6 +103,22 @@ async def test_a_turn_is_given_to_the_loop_only_once_the_budget_is_spent():
     await task
     await turns.give()  # a fresh budget from the turn
     assert turns.given == 1
+
+
+async def test_a_turn_lets_the_io_that_has_arrived_run_before_the_caller_goes_on():
+    """A request already in its socket is read in the turn, not after one more piece of work."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    ran: list[bytes] = []
+    loop.add_reader(ours.fileno(), lambda: ran.append(ours.recv(1)))
+    try:
+        theirs.send(b"x")
+        await Turns(budget=0.0).give()
+        assert ran == [b"x"]
+    finally:
+        loop.remove_reader(ours.fileno())
+        ours.close()
+        theirs.close()
 
 
 # --- pollers behind the probe -------------------------------------------------------------------
