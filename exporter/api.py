@@ -30,9 +30,7 @@ from .deadline import call_deadline, list_deadline
 from .jsonstream import MAX_PENDING_CHARS, ArrayStream, StreamError
 
 CHUNK_BYTES = 64 * 1024
-# Elements of a list body handed over at a time (a 64 KiB chunk holds ~50 calls): the caller's
-# work on one piece is the finest step it can give the event loop a turn at (liveness.Turns).
-PIECE = 16
+PIECE = 16  # elements handed over at a time: the caller can give the event loop a turn between two
 T = TypeVar("T")
 # A step of the caller's heartbeat: `with step("list read", seconds): ...` (liveness.Heartbeat.step).
 Step = Callable[[str, "float | None"], AbstractContextManager]
@@ -333,12 +331,7 @@ class Client:
 
 def _pieces(items: list[object]) -> Iterator[list[object]]:
     """`items` PIECE at a time (none when empty)."""
-    if len(items) <= PIECE:
-        if items:
-            yield items
-        return
-    for start in range(0, len(items), PIECE):
-        yield items[start : start + PIECE]
+    return (items[start : start + PIECE] for start in range(0, len(items), PIECE))
 
 
 async def _nothing() -> AsyncIterator[list[object]]:
