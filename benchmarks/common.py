@@ -29,6 +29,7 @@ class Sizes:
     steady_polls: int  # case 2: incremental polls after the first (the median is shown)
     idle_scrapes: int  # case 3: scrapes of an idle exporter
     busy_polls: int  # case 3: scrape until this many polls completed under load
+    scrape_rounds: int  # case 3: idle phases and busy phases, in turn (the median ratio is the figure)
     renders: int  # case 5: renders per exposition figure
     tier_calls: int  # case 6: calls in the reference org's 72 h settle window
     state_calls: int  # case 7: tracked calls in the saved state
@@ -47,6 +48,7 @@ FULL = Sizes(
     steady_polls=3,
     idle_scrapes=400,
     busy_polls=3,
+    scrape_rounds=5,
     renders=50,
     tier_calls=150_000,
     state_calls=100_000,
@@ -62,6 +64,7 @@ QUICK = Sizes(
     steady_polls=2,
     idle_scrapes=100,
     busy_polls=2,
+    scrape_rounds=2,
     renders=10,
     tier_calls=10_000,
     state_calls=10_000,

@@ -1,22 +1,30 @@
 """Case 3, scrape latency: p50 and p99 of GET /metrics from 4 concurrent clients, against an
-idle exporter and against one that polls back to back (each poll reading every call of a
+idle exporter and against one that polls back to back (its first poll reading every call of a
 large window from the replay server and saving the state file), beside the naive peer.
 
 The exporter and the peer run as processes of their own, so the scrapers in this process
 share no GIL with them. Each client waits THINK seconds between scrapes. The idle exporter
 (polled once, tracking the whole window) also gives case 4 its RSS per tracked call.
+
+On a shared machine a p99 moves with whatever else runs, so the exporter is measured in
+`Sizes.scrape_rounds` rounds: an idle phase (the idle exporter, scraped `idle_scrapes` times),
+then at once a busy phase (a fresh exporter with a fresh state file, scraped until `busy_polls`
+polls are done). Each round's ratio compares phases seconds apart, under the same load; the goal
+is checked on the median of those ratios. The pooled percentiles (every scrape of every round)
+and the ratio of those are shown beside it. The naive peer is measured once, for reference.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from pathlib import Path
 
 import aiohttp
 
-from benchmarks.common import LOOKBACK, Facts, Row, Sizes, percentile, ratio, verdict
+from benchmarks.common import LOOKBACK, Facts, Row, Sizes, median, percentile, ratio, verdict
 from benchmarks.procs import ApiServer, ExporterProcess, NaiveProcess, http_get, sample, wait_until
 
 CASE = "3 scrape"
@@ -74,22 +82,43 @@ def _exporter(name: str, api: ApiServer, log_dir: Path, interval: float) -> Expo
 
 
 def _ours(api: ApiServer, sizes: Sizes, log_dir: Path, facts: dict) -> dict:
+    """Latencies of every round's idle and busy phase (pooled), and each round in `facts["rounds"]`."""
+    pooled: dict[str, list[float]] = {"idle": [], "busy": []}
+    facts["rounds"], polls_done, shares = [], [], []
     with _exporter("exporter-idle", api, log_dir, interval=3600) as idle:
         idle.wait("/-/ready", timeout=900)
         facts["idle_memory"] = idle.memory()  # tracking the whole window, after a poll and a save
         facts["idle_tracked"] = sample(
             http_get(idle.url + "/metrics")[1], "callingbox_exporter_tracked_calls", 'org="default"'
         )
-        idle_latencies = asyncio.run(scrape(idle.url + "/metrics", count=sizes.idle_scrapes))
-    with _exporter("exporter-busy", api, log_dir, interval=0.05) as busy:
-        busy.wait("/-/healthy", timeout=60)
-        started = time.monotonic()
-        busy_latencies = asyncio.run(scrape(busy.url + "/metrics", until=polls_at_least(OURS_POLLS, sizes.busy_polls)))
-        elapsed = time.monotonic() - started
-        polls = busy.polls()
-    facts["busy_polls"] = len(polls)
-    facts["busy_poll_share"] = min(1.0, sum(p.get("duration_s", 0) for p in polls) / elapsed)
-    return {"idle": idle_latencies, "busy": busy_latencies}
+        for turn in range(sizes.scrape_rounds):
+            load = os.getloadavg()[0]
+            idle_latencies = asyncio.run(scrape(idle.url + "/metrics", count=sizes.idle_scrapes))
+            with _exporter(f"exporter-busy-{turn}", api, log_dir, interval=0.05) as busy:
+                busy.wait("/-/healthy", timeout=60)
+                started = time.monotonic()
+                until = polls_at_least(OURS_POLLS, sizes.busy_polls)
+                busy_latencies = asyncio.run(scrape(busy.url + "/metrics", until=until))
+                elapsed = time.monotonic() - started
+                polls = busy.polls()
+            polls_done.append(len(polls))
+            shares.append(min(1.0, sum(p.get("duration_s", 0) for p in polls) / elapsed))
+            idle_p99, busy_p99 = percentile(idle_latencies, 99) * 1000, percentile(busy_latencies, 99) * 1000
+            facts["rounds"].append(
+                {
+                    "idle_p99_ms": idle_p99,
+                    "busy_p99_ms": busy_p99,
+                    "ratio": busy_p99 / idle_p99,
+                    "idle_scrapes": len(idle_latencies),
+                    "busy_scrapes": len(busy_latencies),
+                    "load_average_1m": load,
+                }
+            )
+            pooled["idle"] += idle_latencies
+            pooled["busy"] += busy_latencies
+    facts["busy_polls"] = min(polls_done)
+    facts["busy_poll_share"] = median(shares)
+    return pooled
 
 
 def _naive(api: ApiServer, sizes: Sizes, log_dir: Path, facts: dict) -> dict:
@@ -119,8 +148,11 @@ def run(api: ApiServer, sizes: Sizes, facts: Facts, log_dir: Path) -> list[Row]:
         return percentile(latencies, p) * 1000
 
     rows = []
-    busy = f"busy ({f['busy_polls']} polls of {n:,} calls + state save, {f['busy_poll_share']:.0%} of the time)"
-    for phase, what in (("idle", "idle (polled once)"), ("busy", busy)):
+    rounds = len(f["rounds"])
+    busy = (
+        f"busy ({f['busy_polls']} polls, the first of {n:,} calls + state save, {f['busy_poll_share']:.0%} of the time)"
+    )
+    for phase, what in (("idle", f"idle (polled once), {rounds} rounds"), ("busy", f"{busy}, {rounds} rounds")):
         for p in (50, 99):
             rows.append(
                 Row(
@@ -131,16 +163,29 @@ def run(api: ApiServer, sizes: Sizes, facts: Facts, log_dir: Path) -> list[Row]:
                     vs_naive=ratio(ms(ours[phase], p), ms(naive[phase], p)),
                 )
             )
-    growth = ms(ours["busy"], 99) / ms(ours["idle"], 99)
+    naive_growth = ms(naive["busy"], 99) / ms(naive["idle"], 99)
+    ratios = [r["ratio"] for r in f["rounds"]]
+    growth = median(ratios)
+    each = ", ".join(f"{r:.2f}" for r in ratios)
     rows.append(
         Row(
             CASE,
-            "exporter: p99 busy ÷ p99 idle",
+            f"exporter: p99 busy ÷ p99 idle, median of {len(ratios)} rounds ({each})",
             growth,
             "x",
-            vs_naive=ratio(growth, ms(naive["busy"], 99) / ms(naive["idle"], 99)),
+            vs_naive=ratio(growth, naive_growth),
             goal=f"<= {GOAL:.1f}x",
             verdict=verdict(growth <= GOAL),
+        )
+    )
+    pooled = ms(ours["busy"], 99) / ms(ours["idle"], 99)
+    rows.append(
+        Row(
+            CASE,
+            "exporter: p99 busy ÷ p99 idle, every round's scrapes pooled",
+            pooled,
+            "x",
+            vs_naive=ratio(pooled, naive_growth),
         )
     )
     for phase in ("idle", "busy"):

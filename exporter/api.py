@@ -2,11 +2,12 @@
 
 `GET /v1/calls` returns the organization's whole history as one JSON array, newest first.
 `list_calls` feeds it to `jsonstream.ArrayStream` as bytes arrive and yields a `ListBody` of
-the decoded batches, so the caller can stop at the settle window and close the response without
-ever holding the body; a body the decoder refuses becomes a BodyError. Requests and body bytes
-are reported to one `Recorder` (selfmetrics.py). Every request has a deadline
-for its whole answer, connect to last byte (deadline.py), so a body that trickles fails like a
-timeout; each request is a step of the caller's heartbeat (liveness.py) that ends by that deadline.
+the decoded batches (PIECE elements at most: the caller's work between two is short), so the
+caller can stop at the settle window and close the response without ever holding the body; a
+body the decoder refuses becomes a BodyError. Requests and body bytes are reported to one
+`Recorder` (selfmetrics.py). Every request has a deadline for its whole answer, connect to last
+byte (deadline.py), so a body that trickles fails like a timeout; each request is a step of the
+caller's heartbeat (liveness.py) that ends by that deadline.
 The key is added to requests here and scrubbed from anything this module raises; nothing else sees it.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from email.utils import parsedate_to_datetime
 from typing import Protocol, TypeVar
@@ -29,6 +30,7 @@ from .deadline import call_deadline, list_deadline
 from .jsonstream import MAX_PENDING_CHARS, ArrayStream, StreamError
 
 CHUNK_BYTES = 64 * 1024
+PIECE = 16  # elements handed over at a time: the caller can give the event loop a turn between two
 T = TypeVar("T")
 # A step of the caller's heartbeat: `with step("list read", seconds): ...` (liveness.Heartbeat.step).
 Step = Callable[[str, "float | None"], AbstractContextManager]
@@ -274,12 +276,10 @@ class Client:
             while chunk := await _within(at, seconds, response.content.read(CHUNK_BYTES)):
                 body.bytes += len(chunk)
                 self._metrics.body_bytes("list", len(chunk))
-                items = stream.feed(chunk)
-                if items:
-                    yield items
-            items = stream.finish()
-            if items:
-                yield items
+                for piece in _pieces(stream.feed(chunk)):
+                    yield piece
+            for piece in _pieces(stream.finish()):
+                yield piece
         except StreamError as error:
             raise BodyError(str(error)) from None
         except (aiohttp.ClientError, TimeoutError) as error:
@@ -327,6 +327,11 @@ class Client:
         if not isinstance(value, dict):
             raise BodyError("response body is not a JSON object")
         return value
+
+
+def _pieces(items: list[object]) -> Iterator[list[object]]:
+    """`items` PIECE at a time (none when empty)."""
+    return (items[start : start + PIECE] for start in range(0, len(items), PIECE))
 
 
 async def _nothing() -> AsyncIterator[list[object]]:

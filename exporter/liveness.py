@@ -9,10 +9,15 @@ by its deadline however the API answers. A slow but moving read is not wedged: i
 deadline, sized from the bytes it is expected to carry. Waiting for room in the API budget is a
 step without a bound (a Retry-After from the API may hold a key for an hour), so an outage, a
 429 or a revoked key never fails the probe: they show as `callingbox_up 0`.
+
+A loop that is alive also leaves the event loop to the scrapes it shares it with: long work on
+the loop (a large list read) goes a small piece at a time, and `Turns` gives the loop a turn
+once a step has run for TURN seconds, so a scrape never waits behind more than about that.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections.abc import Iterator
@@ -23,6 +28,13 @@ MARGIN = 60.0  # seconds of slack on every bound: scheduling, CPU work between s
 # A pass over the ledger (a state save, a prune) may take this long per tracked call, besides
 # MARGIN: 20 times what the first save of 100 000 calls took (453 ms, BENCHMARKS.md).
 SECONDS_PER_CALL = 100e-6
+# Seconds of work on the event loop before a poll loop gives it a turn: a scrape takes a few
+# turns of the loop, so each adds at most about this to its latency.
+TURN = 0.0005
+# A turn is a timer of next to no delay, not sleep(0): asyncio runs the timers that are due after
+# the I/O callbacks of the same loop iteration, so a scrape whose request has just arrived is
+# served before the poll goes on, not after one more piece of its work.
+AFTER_IO = 1e-6
 
 
 def ledger_work(calls: int) -> float:
@@ -69,3 +81,20 @@ class Heartbeat:
         if not self._open and self._idle_since is not None and now - self._idle_since > self.margin:
             return f"no step running for {now - self._idle_since:.0f}s, past its limit of {self.margin:.0f}s"
         return None
+
+
+class Turns:
+    """A time budget per event-loop step: `await turns.give()` between small pieces of work gives
+    the loop a turn once `budget` seconds have run since the last one, and returns at once before.
+    `given` counts the turns given (tests count them)."""
+
+    def __init__(self, budget: float = TURN, clock=time.perf_counter):
+        self.budget, self.clock = budget, clock
+        self.since = clock()  # when the caller last got the loop back from a turn it gave
+        self.given = 0
+
+    async def give(self) -> None:
+        if self.clock() - self.since >= self.budget:
+            await asyncio.sleep(AFTER_IO)
+            self.given += 1
+            self.since = self.clock()

@@ -25,7 +25,7 @@ from .config import Target
 from .health import Snapshot, Status, summarise
 from .keyfile import KeyFile
 from .ledger import Ledger
-from .liveness import Heartbeat, ledger_work
+from .liveness import Heartbeat, Turns, ledger_work
 from .metrics import Collector
 from .persist import Persister
 from .plan import Plan
@@ -37,6 +37,7 @@ from .tally import ReadResult, Tally
 
 RATE_LIMIT_RETRIES = 3
 FREEZE_CALLS = 10_000  # calls restored or newly tracked before the ledger is frozen out of the cyclic GC
+AUDIT_SLICE = 1_000  # calls an audit walks between two looks at the event loop's turn (Turns)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class Poller:
         self.target = target
         self.collector = collector
         self.heartbeat = Heartbeat()  # every wait of the loop is a step with its bound: /-/healthy reads it
+        self.turns = Turns()  # long work on the event loop gives it a turn every TURN seconds (scrapes)
         key = target.api_key.reveal() if target.api_key is not None else None
         budget = (budgets or Budgets()).for_key(key, target.max_requests_per_minute)
         self.clock = clock
@@ -86,7 +88,7 @@ class Poller:
         """A walk of the whole ledger, a slice at a time with scrapes served between them."""
         with self.heartbeat.step(step, ledger_work(len(self.ledger.calls))):
             for _ in slices:
-                await asyncio.sleep(0)
+                await self.turns.give()
 
     @property
     def org(self) -> str:
@@ -193,7 +195,8 @@ class Poller:
             stats.update(read.stats)
             self.client.read_succeeded()
             if read.audit is not None and not read.not_modified:  # a 304 read nothing to audit
-                await self._in_slices("audit", read.audit.unlisted(self.ledger))  # the calls it did not list
+                unlisted = read.audit.unlisted(self.ledger, AUDIT_SLICE)  # the calls it did not list
+                await self._in_slices("audit", unlisted)
                 tally.conclude_audit(read.audit, now)
                 if self.target.audit_sample:
                     await self.stragglers.spot_check(self.client, tally, self.rng, self.target.audit_sample)
@@ -272,7 +275,7 @@ class Poller:
 
     async def _between_batches(self) -> None:
         self._freeze(len(self.ledger.calls))
-        await asyncio.sleep(0)  # a large read yields to scrapes between chunks
+        await self.turns.give()  # a large read yields to scrapes every TURN seconds or so
 
     async def _publish(self, now: float, durable: bool, summary=None) -> None:
         """Publish the health; the counts too when durable, else the counts last published stay."""

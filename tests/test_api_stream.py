@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from exporter import deadline
+from exporter import api, deadline
 from exporter.api import ApiError, BodyError, Client, DeadlineExceeded
 from exporter.budget import Budget
 from exporter.records import CallFields
@@ -210,3 +210,15 @@ async def test_each_request_is_a_heartbeat_step_bounded_by_its_deadline_and_the_
         ("waiting for the API budget", None),
         ("call by id", 5.0),
     ]
+
+
+@MODES
+async def test_a_list_body_is_handed_over_a_few_elements_at_a_time_all_in_order(serve, item_type):
+    body = json.dumps([{"id": f"c{i}", "status": "queued"} for i in range(1000)]).encode()
+    async with aiohttp.ClientSession() as session:
+        client = Client(session, await serve(body), None, 5.0)
+        async with client.list_calls(item_type) as listed:
+            batches = [batch async for batch in listed]
+    ids = [item["id"] if isinstance(item, dict) else item.id for batch in batches for item in batch]
+    assert ids == [f"c{i}" for i in range(1000)]
+    assert max(map(len, batches)) <= api.PIECE and len(batches) >= 1000 // api.PIECE

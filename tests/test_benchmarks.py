@@ -88,6 +88,15 @@ def test_the_exporter_tracks_exactly_the_calls_in_its_window(report):
     assert report["facts"]["3 scrape"]["idle_tracked"] == report["sizes"]["ingest_calls"]
 
 
+def test_scrape_latency_is_measured_in_rounds_of_an_idle_phase_then_a_busy_one(report):
+    scrape, sizes = report["facts"]["3 scrape"], report["sizes"]
+    rounds = scrape["rounds"]
+    assert len(rounds) == sizes["scrape_rounds"] >= 2
+    assert all(r["idle_scrapes"] >= sizes["idle_scrapes"] and r["busy_scrapes"] > 0 for r in rounds)
+    assert scrape["scrapes"]["idle"] == sum(r["idle_scrapes"] for r in rounds)
+    assert scrape["busy_polls"] >= sizes["busy_polls"]
+
+
 def test_read_tiers_count_exactly_and_an_ordinary_poll_reads_a_sliver_of_the_window(report):
     tiers = report["facts"]["6 read tiers"]
     # Exact against the simulator's truth after ordinary polls only, after the hourly full read,

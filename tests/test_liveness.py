@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import aiohttp
@@ -21,7 +22,7 @@ from aiohttp import web
 from exporter import api, deadline, webconfig
 from exporter.config import Secret, Target
 from exporter.exposition import Exposition
-from exporter.liveness import MARGIN, SECONDS_PER_CALL, Heartbeat, ledger_work
+from exporter.liveness import MARGIN, SECONDS_PER_CALL, Heartbeat, Turns, ledger_work
 from exporter.poller import Poller
 from exporter.simulator import Simulator, format_ts, serve_in_thread
 from exporter.supervisor import Supervisor
@@ -83,6 +84,41 @@ def test_a_pass_over_the_ledger_is_bounded_by_its_size():
     assert ledger_work(0) == MARGIN
     assert ledger_work(1_000_000) == MARGIN + 1_000_000 * SECONDS_PER_CALL
     assert SECONDS_PER_CALL >= 20 * 0.453 / 100_000, "20 times the measured first save (BENCHMARKS.md)"
+
+
+async def test_a_turn_is_given_to_the_loop_only_once_the_budget_is_spent():
+    clock = Clock()
+    turns = Turns(budget=0.001, clock=clock)
+    ran: list[str] = []
+
+    async def beside() -> None:
+        ran.append("beside")
+
+    task = asyncio.create_task(beside())
+    await turns.give()  # no time has passed: the caller goes on, the task waits
+    assert ran == [] and turns.given == 0
+    clock.t += 0.002
+    await turns.give()  # the budget is spent: the task runs before the caller goes on
+    assert ran == ["beside"] and turns.given == 1
+    await task
+    await turns.give()  # a fresh budget from the turn
+    assert turns.given == 1
+
+
+async def test_a_turn_lets_the_io_that_has_arrived_run_before_the_caller_goes_on():
+    """A request already in its socket is read in the turn, not after one more piece of work."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    ran: list[bytes] = []
+    loop.add_reader(ours.fileno(), lambda: ran.append(ours.recv(1)))
+    try:
+        theirs.send(b"x")
+        await Turns(budget=0.0).give()
+        assert ran == [b"x"]
+    finally:
+        loop.remove_reader(ours.fileno())
+        ours.close()
+        theirs.close()
 
 
 # --- pollers behind the probe -------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import sqlite3
 
 import pytest
 
+from exporter import tables
 from exporter.accounting import ANSWER, DURATION, ERROR, SETUP, CallState
 from exporter.ledger import Ledger
 from exporter.migrate import encode_v1
@@ -707,3 +709,32 @@ def test_a_schema_2_database_is_upgraded_in_place_and_its_calls_wait_for_nothing
         assert plain.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert {row[1] for row in plain.execute("PRAGMA table_info(calls)")} >= {"ended", "todo", "deviations"}
     assert not restored.ledger.calls["b"].todo and restored.ledger.calls["b"].final is False  # its webhook pends
+
+
+def test_a_save_pauses_the_cyclic_gc_while_it_writes_and_leaves_it_as_it_found_it(tmp_path, monkeypatch):
+    """A whole write makes a row per call: the GC walking them in the saving thread would hold
+    the GIL against the event loop. It is paused for the write, and resumed after, a failed one too."""
+    during: list[bool] = []
+    write_calls, replace_calls = tables.write_calls, tables.replace_calls
+    monkeypatch.setattr(tables, "replace_calls", lambda *a: (during.append(gc.isenabled()), replace_calls(*a)))
+    monkeypatch.setattr(tables, "write_calls", lambda *a: (during.append(gc.isenabled()), write_calls(*a)))
+    path = tmp_path / "state.db"
+    ledger, store = accounted()
+    db, _ = StateDB.open(str(path), "default")
+    try:
+        assert gc.isenabled()
+        db.save(ledger, store)  # whole
+        store.count(ledger.account(ended("f", BASELINE + 700)))
+        db.save(ledger, store)  # its changes
+        assert during == [False, False] and gc.isenabled()
+        db.connection.execute("PRAGMA query_only=1")
+        with pytest.raises(sqlite3.OperationalError):
+            db.save(ledger, store)
+        assert gc.isenabled()
+        gc.disable()  # paused by someone else: a save leaves it paused
+        db.connection.execute("PRAGMA query_only=0")
+        db.save(ledger, store)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        db.close()
