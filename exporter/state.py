@@ -166,20 +166,29 @@ class StateDB:
         self._meta.update((key, text) for key, text in meta if key in UNLESS_CHANGED)
 
 
+_gc_pause = threading.Lock()
+_gc_pausing = [0, False]  # saves pausing the cyclic GC now, whether it was enabled before the first
+
+
 @contextlib.contextmanager
 def _no_cyclic_gc():
     """The cyclic GC paused while a save runs: a whole write makes a tuple per call, which the
     GC would otherwise walk, in the saving thread holding the GIL, a pause of tens of ms per
     100 000 calls against the event loop. Rows are freed by their reference count either way;
-    garbage cycles made meanwhile wait for the next collection after it. Another save that
-    paused it first resumes it."""
-    paused = gc.isenabled()
-    gc.disable()
+    garbage cycles made meanwhile wait for the next collection after it. Saves of several orgs
+    may overlap in their threads: the last one to finish resumes it, if it was enabled before."""
+    with _gc_pause:
+        if not _gc_pausing[0]:
+            _gc_pausing[1] = gc.isenabled()
+            gc.disable()
+        _gc_pausing[0] += 1
     try:
         yield
     finally:
-        if paused:
-            gc.enable()
+        with _gc_pause:
+            _gc_pausing[0] -= 1
+            if not _gc_pausing[0] and _gc_pausing[1]:
+                gc.enable()
 
 
 def _restore(

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 
 import pytest
 
@@ -738,3 +739,45 @@ def test_a_save_pauses_the_cyclic_gc_while_it_writes_and_leaves_it_as_it_found_i
     finally:
         gc.enable()
         db.close()
+
+
+def test_overlapping_saves_of_two_orgs_resume_the_gc_only_when_both_are_done(tmp_path, monkeypatch):
+    """Each org saves in a thread of its own: the save that finishes first must not resume the
+    GC under the other one's write, whichever of them paused it."""
+    writing = {org: threading.Event() for org in "ab"}
+    release = {org: threading.Event() for org in "ab"}
+    write_calls = tables.write_calls
+
+    def held_write(*a):  # each org's write goes on until the test releases it
+        org = threading.current_thread().name
+        writing[org].set()
+        release[org].wait(10)
+        return write_calls(*a)
+
+    dbs = {org: StateDB.open(str(tmp_path / f"{org}.db"), org)[0] for org in "ab"}
+    states = {org: accounted() for org in "ab"}
+    threads = []
+    try:
+        for org in "ab":
+            dbs[org].save(*states[org])  # whole
+            ledger, store = states[org]
+            store.count(ledger.account(ended("f", BASELINE + 700)))
+        monkeypatch.setattr(tables, "write_calls", held_write)
+        for org in "ab":  # a starts, then b starts while a writes
+            threads.append(threading.Thread(target=dbs[org].save, args=states[org], name=org))
+            threads[-1].start()
+            assert writing[org].wait(10)
+        release["a"].set()  # a ends first, while b still writes
+        threads[0].join(10)
+        assert not gc.isenabled(), "b is still writing"
+        release["b"].set()
+        threads[1].join(10)
+        assert gc.isenabled()
+    finally:
+        for event in release.values():
+            event.set()
+        for thread in threads:
+            thread.join(10)
+        gc.enable()
+        for db in dbs.values():
+            db.close()
