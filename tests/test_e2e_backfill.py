@@ -24,6 +24,7 @@ from pathlib import Path
 
 from test_e2e_rules_backfill import BASELINES, RULES, baselines_after, evaluated_since, live_rule_files, tool
 
+from benchmarks.procs import WaitTimedOut
 from exporter.simulator import Truth
 from helpers import (
     COUNTERS,
@@ -173,9 +174,9 @@ def test_ten_days_backfilled_then_carried_on_live_exactly_once_with_no_reset(sta
     assert found
     state_file = tmp_path / "exporter.db"
     shutil.copy(tmp_path / "backfill" / "state" / "default.db", state_file)
+    settings = {"poll_interval": "1s", "new_series_hold": "2s"}
     exporter = stack.exporter(
-        {"api_url": url, "state_file": str(state_file), "poll_interval": "1s", "new_series_hold": "2s"},
-        env={"CALLINGBOX_API_KEY": KEY},
+        {"api_url": url, "state_file": str(state_file), **settings}, env={"CALLINGBOX_API_KEY": KEY}
     )
     exporter.port, exporter.url = exporter_port, f"http://{instance}"
     exporter.start()
@@ -200,7 +201,16 @@ def test_ten_days_backfilled_then_carried_on_live_exactly_once_with_no_reset(sta
             for k in {*expected.observations, *live.observations}
         },
     )
-    wait_until(lambda: not differences(exporter.scrape(), total), 60, "the exporter exact after the live minutes")
+    off: list[str] = []
+
+    def exact() -> bool:
+        off[:] = differences(exporter.scrape(), total)
+        return not off
+
+    try:
+        wait_until(exact, 60, "the exporter exact after the live minutes")
+    except WaitTimedOut:
+        raise AssertionError(f"not exact after the live minutes: {off[:10]}") from None
 
     # Per day of the backfilled range, increase() equals the truth, family by family.
     first_midnight = (since // DAY + 1) * DAY

@@ -24,6 +24,9 @@ API_VERSION = "2026-10-01"
 # 42 h after the first: 127 first-retry delays in all. `failed` is final only after that.
 WEBHOOK_ATTEMPTS = 8
 WEBHOOK_FIRST_RETRY = 42 * 3600 / (2 ** (WEBHOOK_ATTEMPTS - 1) - 1)
+# Wall seconds each outcome of a hand replay lasts at least: a few polls of a 1 s poller on a
+# loaded 2-core machine (a poll there can take over 2 s), so that each outcome can be counted.
+REPLAY_VISIBLE = 5.0
 HISTORY_SPACING = 4.0  # wall seconds between synthetic history calls
 HISTORY_LIFETIME = 3600.0  # no history call changes more than this after its creation
 NOW = object()  # placeholder in a planned change: "the time the change is applied"
@@ -302,11 +305,11 @@ class Lifecycles:
         if failures < WEBHOOK_ATTEMPTS:
             at(t, webhook_status="delivered", webhook_error=None)
         if rng.random() < self.replay_share:  # an operator replays the delivery by hand
-            # Both the first outcome and the replay's pending last long enough (>= 2 s wall,
+            # Both the first outcome and the replay's pending last long enough (REPLAY_VISIBLE,
             # late commits included) for a poller to see each, so each outcome is countable.
-            t += max(2.0, rng.uniform(20, 180) / self.time_scale) + self.late_commit
+            t += max(REPLAY_VISIBLE, rng.uniform(20, 180) / self.time_scale) + self.late_commit
             at(t, webhook_status="pending", webhook_error=None)
-            t += max(2.0, rng.uniform(5, 60) / self.time_scale) + self.late_commit
+            t += max(REPLAY_VISIBLE, rng.uniform(5, 60) / self.time_scale) + self.late_commit
             ok = rng.random() < 0.85
             at(
                 t,
