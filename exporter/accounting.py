@@ -130,17 +130,25 @@ def _interval(start: float | None, end: float | None) -> float | None:
 
 def _end_details(state: CallState, record: Record, transition: bool) -> Ended | None:
     """The end details of `record` that `state` still waits for, as one event (None: none new)."""
-    todo = state.todo
-    cause = record.hangup_cause if todo & CAUSE else None
-    error = record.error_code if todo & ERROR else None
-    duration = record.duration_seconds if todo & DURATION else None
-    answer = _interval(record.started_at, record.answered_at) if todo & ANSWER else None
-    setup = _interval(record.created_at, record.started_at) if todo & SETUP else None
-    for bit, value in ((CAUSE, cause), (ERROR, error), (DURATION, duration), (ANSWER, answer), (SETUP, setup)):
-        if value is not None:
-            state.todo &= ~bit
-    if not transition and state.todo == todo:
+    todo = left = state.todo
+    cause = error = duration = answer = setup = None
+    if todo & CAUSE and record.hangup_cause is not None:
+        cause, left = record.hangup_cause, left & ~CAUSE
+    if todo & ERROR and record.error_code is not None:
+        error, left = record.error_code, left & ~ERROR
+    if todo & DURATION and record.duration_seconds is not None:
+        duration, left = record.duration_seconds, left & ~DURATION
+    if todo & ANSWER:
+        answer = _interval(record.started_at, record.answered_at)
+        if answer is not None:
+            left &= ~ANSWER
+    if todo & SETUP:
+        setup = _interval(record.created_at, record.started_at)
+        if setup is not None:
+            left &= ~SETUP
+    if not transition and left == todo:
         return None
+    state.todo = left
     return Ended(
         record.direction,
         state.status,
@@ -151,8 +159,8 @@ def _end_details(state: CallState, record: Record, transition: bool) -> Ended | 
         setup,
         record.id,
         state.extra,
-        hangup=cause is not None,
-        transition=transition,
+        cause is not None,
+        transition,
     )
 
 
@@ -202,7 +210,7 @@ def advance(state: CallState | None, record: Record, baseline: float) -> tuple[C
 
     if was_active:
         state.status = record.status
-        if record.terminal:
+        if is_terminal(record.status, record.ended_at):  # record.terminal, inline: it runs for every call
             state.ended = ended = record.ended_at if record.ended_at is not None else record.updated_at
             if ended <= baseline:
                 # Billing belongs to the terminal transition (SPEC §3): an end before the baseline
