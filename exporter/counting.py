@@ -56,12 +56,14 @@ class Plan(NamedTuple):
     today: str | None = None
 
 
+SIMPLE = frozenset({Created, WebhookOutcome, ExtractionOutcome, Deviation})  # events with nothing per call
+
+
 def kind_of(event: Event) -> tuple:
     """What a plan depends on: every field of the event but its call and its numbers."""
     kind = type(event)
     if kind is Ended:
         return (
-            Ended,
             event.direction,
             event.status,
             event.hangup_cause,
@@ -74,8 +76,8 @@ def kind_of(event: Event) -> tuple:
             event.setup_delay is None,
         )
     if kind is Billed:
-        return (Billed, event.direction, event.extra, event.billed_seconds is None)
-    return (kind, event)
+        return (event.direction, event.extra, event.billed_seconds is None)
+    return event  # SIMPLE: nothing per call
 
 
 class Counting:
@@ -86,7 +88,8 @@ class Counting:
         self.store, self.now = store, now
         self.changed = store.changed  # the set the planned series were added to
         self.stamp = store.label_use.stamp
-        self.plans: dict[tuple, Plan] = {}
+        self.plans: dict[type, dict[tuple, Plan]] = {kind: {} for kind in (*SIMPLE, Ended, Billed)}  # kind → plans
+        self.today: dict[str, int] | None = None  # the store's totals of today (Store.today_of)
         self.targets: dict[tuple[str, tuple[str, ...]], Target] = {}  # (family, labels) → its target, shared by plans
 
     def count(self, events: Iterable[Event]) -> None:
@@ -96,36 +99,41 @@ class Counting:
             store.label_use.at(now)  # label values counted now are in use now
         if store.changed is not self.changed or store.label_use.stamp != self.stamp:
             self.flush()
-            plans.clear()  # a save took the changed series, or label uses are due again
+            for kept in plans.values():  # a save took the changed series, or label uses are due again
+                kept.clear()
             self.targets.clear()
             self.changed, self.stamp = store.changed, store.label_use.stamp
-        today = store.today_of(now)
+        today = self.today
+        if today is not store.today:  # the first count, or a count at another time began another day
+            today = self.today = store.today_of(now)
         for event in events:
-            key = kind_of(event)
-            plan = plans.get(key)
-            if plan is None:
-                plan = self._plan(event, key)
             kind = type(event)
-            amount = event.milli_cents if kind is Billed else 1
-            call = event.call_id if kind is Ended or kind is Billed else None
+            if kind in SIMPLE:  # moves counters by 1, without an exemplar
+                plan = plans[kind].get(event) or self._plan(event, event)
+                for target in plan.counters:
+                    target[3] += 1
+                if plan.today is not None and today is not None:
+                    today[plan.today] = today.get(plan.today, 0) + 1
+                continue
+            key = kind_of(event)
+            plan = plans[kind].get(key) or self._plan(event, key)
+            call = event.call_id if now is not None else None  # the exemplars' call
+            if kind is Ended:
+                amount, values = 1, (event.duration, event.answer_delay, event.setup_delay)
+            else:
+                amount, values = event.milli_cents, (event.billed_seconds,)
             for target in plan.counters:
                 target[3] += amount
-                if call and now is not None:
+                if call:
                     target[4] = (call, amount, now)
-            if plan.histograms:
-                values = (
-                    (event.duration, event.answer_delay, event.setup_delay)
-                    if kind is Ended
-                    else (event.billed_seconds,)
-                )
-                for target, value in zip(plan.histograms, values):
-                    if target is not None:
-                        counts = target[0]
-                        index = bisect_left(target[3], value)
-                        counts[index] += 1
-                        counts[-1] += value
-                        if call and now is not None:
-                            target[4][index] = (call, value, now)
+            for target, value in zip(plan.histograms, values):
+                if target is not None:
+                    counts = target[0]
+                    index = bisect_left(target[3], value)
+                    counts[index] += 1
+                    counts[-1] += value
+                    if call:
+                        target[4][index] = (call, value, now)
             if plan.today is not None and today is not None:
                 today[plan.today] = today.get(plan.today, 0) + amount
 
@@ -160,7 +168,7 @@ class Counting:
             x = store.capped_extra(event.extra) if store.extra_labels else ()
             plan = self._call_plan(event, kind, x)
         if store.folds == folds:
-            self.plans[key] = plan
+            self.plans.setdefault(kind, {})[key] = plan
         return plan
 
     def _call_plan(self, event: Event, kind: type, x: tuple[str, ...]) -> Plan:
