@@ -287,6 +287,7 @@ class ListRead:
             call_id = obj.get("id") if isinstance(obj, dict) else getattr(obj, "id", None)
             if type(call_id) is str and call_id in self.suspects:
                 self.suspects_listed.add(call_id)
+        news = None  # whether it is news, once asked
         if type(obj) is self.fields:
             # The common case, read without building a Record: where is it, is it news?
             created, updated = timestamp_of(obj.created_at), timestamp_of(obj.updated_at)
@@ -295,12 +296,10 @@ class ListRead:
                     return False  # newest first: all that follows is settled history
                 if self.newest is None or updated > self.newest:
                     self.newest = updated
-                if (
-                    type(obj.id) is str
-                    and not self.is_news(obj.id, updated, self.overlap)
-                    and (audit is None or not audit.covers(created))
-                ):
-                    return True
+                if type(obj.id) is str:
+                    news = self.is_news(obj.id, updated, self.overlap)  # the record will say the same
+                    if not news and (audit is None or not audit.covers(created)):
+                        return True
         record = self.tally.decode(obj)
         if record is None:
             return True
@@ -317,7 +316,7 @@ class ListRead:
                     "appeared in the past, after a read of its time had not listed it; counted now",
                 )
             )
-        if self.is_news(record.id, record.updated_at, self.overlap):
+        if news if news is not None else self.is_news(record.id, record.updated_at, self.overlap):
             self.examined += 1
             self.events += self.tally.count(record, self.now, self.counting)
         if audit is not None and audit.covers(record.created_at):
