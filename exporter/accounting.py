@@ -112,12 +112,12 @@ class CallState:
     @property
     def final(self) -> bool:
         """Nothing about this call is still expected to change (bar a manual webhook replay)."""
-        return (
-            not self.active
-            and self.billed
+        return (  # the ledger asks this of every call it places or prunes: cheapest tests first
+            self.billed
+            and not self.todo & CAUSE
             and self.webhook in SETTLED_OUTCOMES
             and self.result in SETTLED_RESULTS
-            and not self.todo & CAUSE
+            and is_terminal(self.status, self.ended)
         )
 
     @property
