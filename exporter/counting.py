@@ -1,6 +1,7 @@
 """Accounting events → a store's counters and histograms: `Store.count`, and a list read's counting.
 
-A `Counting` counts events into one store at one `now`. What an event moves depends on its labels
+`count_each` (Store.count) counts a few events one by one: a refresh by id, a replay's version,
+an expiry. A `Counting` counts events into one store at one `now`. What an event moves depends on its labels
 only: the label values it is exported with (capped, `none`, `other`), the series they name, each
 noted as changed for the next save and, while Prometheus has not read it, given its birth value
 (`Births.touch`). A Counting works that out once per kind of event (a `Plan`: the series found)
@@ -8,9 +9,9 @@ and then only adds each event's numbers. A list read counts all its calls throug
 so the lookups run once per kind of event in a read instead of once per event: a first poll of
 100 000 calls has a few hundred kinds. Histogram buckets and today's totals move at once; counter
 increments are summed per series and each series' exemplar is the latest call's, both written to
-the store by `flush`, which must run before anything reads or saves the store (`Store.count` runs
-it; a list read, when it ends however it ends). After a flush the store is exactly what counting
-event by event gives (bar the order in which new exemplar keys were added).
+the store by `flush`, which must run before anything reads or saves the store (a list read runs it
+when it ends, however it ends). After a flush the store is exactly what `count_each` gives (bar the
+order in which new exemplar keys were added); tests/test_counting.py holds them to that.
 
 A plan holds while nothing but counting changes the store's bookkeeping: the plans are flushed and
 start afresh when a save has taken the changed series (`Store.take_changed`) or the time of label
@@ -40,10 +41,9 @@ EXTRACTIONS = "callingbox_result_extractions_total"
 DEVIATIONS = "callingbox_exporter_contract_deviations_total"
 
 
-# A series a plan moves, a plain list (the fastest to update): [family dict or buckets, labels,
-# exemplar key(s), pending, latest exemplar(s)]. For a counter, the sum not yet added and the latest
-# (call, amount, now); for a histogram, whose buckets move at once, its bounds and the latest
-# (call, value, now) per bucket.
+# A series a plan moves, a plain list (the fastest to update). A counter's: [family dict, labels,
+# exemplar key, the sum not added yet, the latest (call, amount, now)]; a histogram's, whose buckets
+# move at once: [buckets, labels, family, bounds, the latest (call, value, now) per bucket].
 Target = list
 
 
@@ -56,6 +56,7 @@ class Plan(NamedTuple):
     today: str | None = None
 
 
+NONE: dict = {}  # no plans yet
 SIMPLE = frozenset({Created, WebhookOutcome, ExtractionOutcome, Deviation})  # events with nothing per call
 
 
@@ -80,6 +81,66 @@ def kind_of(event: Event) -> tuple:
     return event  # SIMPLE: nothing per call
 
 
+def count_each(store, events: Iterable[Event], now: float | None = None) -> None:
+    """`Store.count`: a few events counted one by one, with no plans to set up (a refresh by id, a
+    replay's version, an expiry); a list read's many go through a `Counting`, to the same store."""
+    if now is not None and now != store.label_use.now:
+        store.label_use.at(now)  # label values counted now are in use now
+    with_extra = bool(store.extra_labels)
+    today = store.today_of(now)
+
+    def add(name: str, labels: tuple[str, ...], amount: int, call: str | None) -> None:
+        store.inc(name, labels, amount)
+        if call and now is not None:
+            store.exemplars[name, labels, -1] = (call, amount, now)
+
+    def hist(name: str, labels: tuple[str, ...], value: float, call: str) -> None:
+        index = store.observe(name, labels, value)
+        if call and now is not None:
+            store.exemplars[name, labels, index] = (call, value, now)
+
+    for event in events:
+        kind = type(event)
+        if kind is Deviation:  # about the API, not a call series: no metadata labels
+            add(DEVIATIONS, (event.kind,), 1, None)
+            continue
+        x = store.capped_extra(event.extra) if with_extra else ()
+        if kind is Created:
+            d = event.direction
+            add(CREATED, (d,) + x, 1, None)
+            if with_extra and (d, x) not in store.zeroed:
+                store.zero_series(d, x)  # a new campaign: its terminal series at 0
+            if today is not None:
+                today["created"] = today.get("created", 0) + 1
+        elif kind is Ended:
+            d, s, call = event.direction, store.status(event.status), event.call_id
+            if event.transition:
+                add(ENDED, (d, s) + x, 1, call)
+                if today is not None:
+                    today[s] = today.get(s, 0) + 1
+            if event.hangup:
+                add(HANGUPS, (d, s, store.capped("hangup_cause", event.hangup_cause)) + x, 1, call)
+            if event.error_code is not None:
+                add(ERRORS, (d, store.capped("error_code", event.error_code)) + x, 1, call)
+            if event.duration is not None:
+                hist(DURATION, (d, s) + x, event.duration, call)
+            if event.answer_delay is not None:
+                hist(ANSWER, (d,) + x, event.answer_delay, call)
+            if event.setup_delay is not None:
+                hist(SETUP, (d,) + x, event.setup_delay, call)
+        elif kind is Billed:
+            d, call = event.direction, event.call_id
+            add(DOLLARS, (d,) + x, event.milli_cents, call)
+            if event.billed_seconds is not None:
+                hist(BILLED, (d,) + x, event.billed_seconds, call)
+            if today is not None:
+                today["milli_cents"] = today.get("milli_cents", 0) + event.milli_cents
+        elif kind is WebhookOutcome:
+            add(WEBHOOKS, (event.status,) + x, 1, None)
+        elif kind is ExtractionOutcome:
+            add(EXTRACTIONS, (event.status,) + x, 1, None)
+
+
 class Counting:
     """Events counted into one store (a Store) at one `now`; without `now`, no exemplars and no
     today's totals. See the module's docstring for what it keeps and how long that holds."""
@@ -88,7 +149,7 @@ class Counting:
         self.store, self.now = store, now
         self.changed = store.changed  # the set the planned series were added to
         self.stamp = store.label_use.stamp
-        self.plans: dict[type, dict[tuple, Plan]] = {kind: {} for kind in (*SIMPLE, Ended, Billed)}  # kind → plans
+        self.plans: dict[type, dict[tuple, Plan]] = {}  # kind of event → its plans
         self.today: dict[str, int] | None = None  # the store's totals of today (Store.today_of)
         self.targets: dict[tuple[str, tuple[str, ...]], Target] = {}  # (family, labels) → its target, shared by plans
 
@@ -109,14 +170,14 @@ class Counting:
         for event in events:
             kind = type(event)
             if kind in SIMPLE:  # moves counters by 1, without an exemplar
-                plan = plans[kind].get(event) or self._plan(event, event)
+                plan = plans.get(kind, NONE).get(event) or self._plan(event, event)
                 for target in plan.counters:
                     target[3] += 1
                 if plan.today is not None and today is not None:
                     today[plan.today] = today.get(plan.today, 0) + 1
                 continue
             key = kind_of(event)
-            plan = plans[kind].get(key) or self._plan(event, key)
+            plan = plans.get(kind, NONE).get(key) or self._plan(event, key)
             call = event.call_id if now is not None else None  # the exemplars' call
             if kind is Ended:
                 amount, values = 1, (event.duration, event.answer_delay, event.setup_delay)
@@ -146,7 +207,7 @@ class Counting:
                 latest = target[4]
                 for index, exemplar in enumerate(latest):
                     if exemplar is not None:
-                        exemplars[target[2][index]] = exemplar
+                        exemplars[target[2], target[1], index] = exemplar
                         latest[index] = None
             elif target[3] or target[4] is not None:
                 series, labels = target[0], target[1]
@@ -236,6 +297,5 @@ class Counting:
             births.touch(name, labels, counts)
         store.changed.add((name, labels))
         bounds = store.buckets[name]
-        keys = tuple((name, labels, index) for index in range(len(bounds) + 1))
-        target = self.targets[name, labels] = [counts, labels, keys, bounds, [None] * len(keys)]
+        target = self.targets[name, labels] = [counts, labels, name, bounds, [None] * (len(bounds) + 1)]
         return target

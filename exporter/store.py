@@ -25,7 +25,7 @@ from .catalogue import (
     TERMINAL_STATUSES,
     initial_series,
 )
-from .counting import Counting
+from .counting import Counting, count_each
 from .document import document, restore
 from .visibility import Births, LabelUse, published
 
@@ -192,9 +192,7 @@ class Store:
 
     def count(self, events: Iterable[Event], now: float | None = None) -> None:
         """Add the events to the counters; with `now`, also to today's totals and the exemplars."""
-        counting = Counting(self, now)
-        counting.count(events)
-        counting.flush()
+        count_each(self, events, now)
 
     def counting(self, now: float | None) -> Counting:
         """A counting of many events at `now` (a list read's): each series' bookkeeping once, its counts

@@ -1,5 +1,5 @@
 """counting.py: a list read's counting (plans per kind of event, counter sums flushed at the end)
-gives exactly the store that counting each call's events one by one gives.
+and Store.count (count_each) give exactly the store that counting each call's events one by one gives.
 
 The reference is the per-event counting as it was before plans (a copy, below), fed the same
 events: the same records go through the same gate (decode, ledger), and only the counting differs.
@@ -179,6 +179,13 @@ def decoded(objects: list[dict], metadata: bool) -> list:
     return batch
 
 
+class EachCounting(ReferenceCounting):
+    """Every call's events through `Store.count` (counting.count_each), as a refresh by id counts."""
+
+    def count(self, events) -> None:
+        self.store.count(events, self.now)
+
+
 def tally_pair(hold: float, metadata: bool, label_limit: int) -> tuple[Tally, Tally]:
     keys = ("campaign", "tier") if metadata else ()
     settings = Settings(86400.0, 120.0, 7 * 86400.0, metadata_keys=keys)
@@ -191,10 +198,10 @@ def tally_pair(hold: float, metadata: bool, label_limit: int) -> tuple[Tally, Ta
     return one(), one()
 
 
-def list_read(t: Tally, now: float, objects: list, reference: bool) -> None:
+def list_read(t: Tally, now: float, objects: list, reference: bool | type = False) -> None:
     read = t.list_read(now, Plan(now - 86400.0, True, [], {}))
     if reference:
-        read.counting = ReferenceCounting(t.store, now)
+        read.counting = (ReferenceCounting if reference is True else reference)(t.store, now)
     for obj in objects:
         if not read.take(obj):
             break
@@ -206,18 +213,20 @@ def list_read(t: Tally, now: float, objects: list, reference: bool) -> None:
 def test_a_read_counts_exactly_what_counting_each_call_at_once_gives(seed, hold, metadata, label_limit):
     rng = random.Random(seed)
     planned, reference = tally_pair(hold, metadata, label_limit)
+    each = tally_pair(hold, metadata, label_limit)[0]
     if seed % 2:  # some series read by a scrape already: no birth value for them
-        for store in (planned.store, reference.store):
+        for store in (planned.store, reference.store, each.store):
             store.births.visible["callingbox_calls_ended_total"] = {("outbound", "completed")}
     for poll in range(4):
         now = NOW + 30.0 * poll + (3700.0 if poll == 3 else 0.0)  # the last after label values went idle
         objects = decoded(random_calls(rng, 150, now), metadata)
-        for t, by_reference in ((planned, False), (reference, True)):
+        for t, by_reference in ((planned, False), (reference, True), (each, EachCounting)):
             list_read(t, now, objects, by_reference)
         assert state_of(planned) == state_of(reference), f"poll {poll}"
+        assert state_of(each) == state_of(reference), f"poll {poll}: Store.count"
         if poll == 1:  # a save between two reads: each read notes what it changes afresh
-            assert planned.store.take_changed() == reference.store.take_changed()
-            assert planned.ledger.take_changed() == reference.ledger.take_changed()
+            assert planned.store.take_changed() == reference.store.take_changed() == each.store.take_changed()
+            assert planned.ledger.take_changed() == reference.ledger.take_changed() == each.ledger.take_changed()
 
 
 class Broken(Exception):
