@@ -13,7 +13,7 @@ import bisect
 import copy
 from collections.abc import Iterable, Iterator
 
-from .accounting import Billed, Created, Deviation, Ended, Event, ExtractionOutcome, WebhookOutcome
+from .accounting import Event
 from .catalogue import (
     CAPPED_LABELS,
     DEFAULT_BUCKETS,
@@ -25,6 +25,7 @@ from .catalogue import (
     TERMINAL_STATUSES,
     initial_series,
 )
+from .counting import Counting, count_each
 from .document import document, restore
 from .visibility import Births, LabelUse, published
 
@@ -47,13 +48,14 @@ class Store:
         # Metadata label names, appended (in this order) to the labels of CALL_FAMILIES series.
         self.extra_labels = tuple(extra_labels)
         self.none_extra = ("none",) * len(self.extra_labels)
-        self._zeroed: set[tuple] = set()  # (direction, extra) whose terminal series exist at 0
+        self.zeroed: set[tuple] = set()  # (direction, extra) whose terminal series exist at 0
         self.counters: dict[str, dict[tuple[str, ...], int | float]] = {}
         # histogram series: per-bucket counts (not cumulative), then the +Inf overflow, then the sum
         self.histograms: dict[str, dict[tuple[str, ...], list[float]]] = {}
         # label → the values holding a place under its cap: those counted within label_use.idle
         self.seen: dict[str, set[str]] = {label: set() for label in (*CAPPED_LABELS, *self.extra_labels)}
         self.label_use = LabelUse()
+        self.folds = 0  # values folded into `other` so far: a counting keeps no plan whose labels folded one
         self.births = Births()  # no hold until configure_visibility
         # (family, labels, bucket index or -1 for a counter) → (call_id, value, when counted)
         self.exemplars: dict[tuple[str, tuple[str, ...], int], tuple[str, float, float]] = {}
@@ -64,12 +66,12 @@ class Store:
             if FAMILIES[name].kind == "counter":
                 self.counters.setdefault(name, {})[labels] = 0
             else:
-                self.histograms.setdefault(name, {})[labels] = self._empty(name)
+                self.histograms.setdefault(name, {})[labels] = self.empty_histogram(name)
         # (family, labels) of the series changed since the last save: the state file writes only
         # these. A new store has never been saved, so all it holds counts as changed.
         self.changed: set[tuple[str, tuple[str, ...]]] = set(self.series())
 
-    def _empty(self, name: str) -> list[float]:
+    def empty_histogram(self, name: str) -> list[float]:
         return [0] * (len(self.buckets[name]) + 1) + [0.0]
 
     def series(self) -> Iterator[tuple[str, tuple[str, ...]]]:
@@ -107,7 +109,7 @@ class Store:
         series = self.histograms.setdefault(name, {})
         counts = series.get(labels)
         if counts is None:
-            counts = series[labels] = self._empty(name)
+            counts = series[labels] = self.empty_histogram(name)
         if self.births.hold and labels not in self.births.visible.get(name, ()):
             self.births.touch(name, labels, counts)
         index = bisect.bisect_left(self.buckets[name], value)
@@ -119,8 +121,13 @@ class Store:
     def capped(self, label: str, value: str | None) -> str:
         """The label value to export: `none` for null, `other` when the cap has no place for it."""
         value = label_value(value)
+        if value in self.seen[label]:  # the common case: placed, and its use already noted at this time
+            uses, stamp = self.label_use.last.get(label), self.label_use.stamp
+            if uses is not None and stamp is not None and (uses.get(value) or 0.0) >= stamp:
+                return value
         if self._placed(label, value):
             return value
+        self.folds += 1
         self.inc("callingbox_exporter_label_overflow_total", (label,))
         return "other"
 
@@ -172,9 +179,9 @@ class Store:
         """The copy a snapshot published at `now` shows (visibility.published)."""
         return published(self, now)
 
-    def _zero_series(self, direction: str, x: tuple[str, ...]) -> None:
+    def zero_series(self, direction: str, x: tuple[str, ...]) -> None:
         """A new campaign (metadata values) gets its terminal series at 0, as the first start does."""
-        self._zeroed.add((direction, x))
+        self.zeroed.add((direction, x))
         zeroed = [("callingbox_calls_ended_total", (direction, s, *x)) for s in TERMINAL_STATUSES]
         zeroed += [("callingbox_webhook_deliveries_total", (s, *x)) for s in OUTCOMES]
         zeroed += [("callingbox_result_extractions_total", (s, *x)) for s in EXTRACTIONS]
@@ -185,65 +192,14 @@ class Store:
 
     def count(self, events: Iterable[Event], now: float | None = None) -> None:
         """Add the events to the counters; with `now`, also to today's totals and the exemplars."""
-        if now is not None and now != self.label_use.now:
-            self.label_use.at(now)  # label values counted now are in use now
-        with_extra = bool(self.extra_labels)
-        add, hist, today = self._counted, self._observed, self._today_of(now)
-        for event in events:
-            kind = type(event)
-            if kind is Deviation:  # about the API, not a call series: no metadata labels
-                self.inc("callingbox_exporter_contract_deviations_total", (event.kind,))
-                continue
-            x = self.capped_extra(event.extra) if with_extra else ()
-            if kind is Created:
-                d = event.direction
-                add("callingbox_calls_created_total", (d, *x), 1, None, now)
-                if with_extra and (d, x) not in self._zeroed:
-                    self._zero_series(d, x)
-                if today is not None:
-                    today["created"] = today.get("created", 0) + 1
-            elif kind is Ended:
-                d, s, call = event.direction, self.status(event.status), event.call_id
-                if event.transition:
-                    add("callingbox_calls_ended_total", (d, s, *x), 1, call, now)
-                    if today is not None:
-                        today[s] = today.get(s, 0) + 1
-                if event.hangup:
-                    cause = self.capped("hangup_cause", event.hangup_cause)
-                    add("callingbox_call_hangups_total", (d, s, cause, *x), 1, call, now)
-                if event.error_code is not None:
-                    code = self.capped("error_code", event.error_code)
-                    add("callingbox_call_errors_total", (d, code, *x), 1, call, now)
-                if event.duration is not None:
-                    hist("callingbox_call_duration_seconds", (d, s, *x), event.duration, call, now)
-                if event.answer_delay is not None:
-                    hist("callingbox_call_answer_delay_seconds", (d, *x), event.answer_delay, call, now)
-                if event.setup_delay is not None:
-                    hist("callingbox_call_setup_delay_seconds", (d, *x), event.setup_delay, call, now)
-            elif kind is Billed:
-                d, call = event.direction, event.call_id
-                add("callingbox_billed_amount_dollars_total", (d, *x), event.milli_cents, call, now)
-                if event.billed_seconds is not None:
-                    hist("callingbox_call_billed_duration_seconds", (d, *x), event.billed_seconds, call, now)
-                if today is not None:
-                    today["milli_cents"] = today.get("milli_cents", 0) + event.milli_cents
-            elif kind is WebhookOutcome:
-                self.inc("callingbox_webhook_deliveries_total", (event.status, *x))
-            elif kind is ExtractionOutcome:
-                self.inc("callingbox_result_extractions_total", (event.status, *x))
+        count_each(self, events, now)
 
-    def _counted(self, name: str, labels: tuple[str, ...], amount: int, call_id: str | None, now: float | None):
-        """`inc` of a call family (the name is one of count's own), with its exemplar."""
-        self._add(name, labels, amount)
-        if call_id and now is not None:
-            self.exemplars[name, labels, -1] = (call_id, amount, now)
+    def counting(self, now: float | None) -> Counting:
+        """A counting of many events at `now` (a list read's): each series' bookkeeping once, its counts
+        summed until `Counting.flush` (counting.py)."""
+        return Counting(self, now)
 
-    def _observed(self, name: str, labels: tuple[str, ...], value: float, call_id: str | None, now: float | None):
-        index = self.observe(name, labels, value)
-        if call_id and now is not None:
-            self.exemplars[name, labels, index] = (call_id, value, now)
-
-    def _today_of(self, now: float | None) -> dict[str, int] | None:
+    def today_of(self, now: float | None) -> dict[str, int] | None:
         """Today's totals to add to (a new day starts afresh); None without `now`."""
         if now is None:
             return None

@@ -17,6 +17,7 @@ from typing import NamedTuple
 from .accounting import deviations
 from .audit import Audit, AuditSchedule, Mismatch
 from .catalogue import BY_ID_NOT_FOUND_BUT_LISTED, DEVIATION_BITS, relabel
+from .counting import Counting
 from .findings import Findings
 from .ledger import Ledger, Summary
 from .plan import Plan, ReadPlanner
@@ -92,11 +93,15 @@ class Tally:
                 log.warning("more invalid records this poll; counted, not logged", extra={"org": self.org})
         return None
 
-    def count(self, record: Record, now: float) -> int:
-        """Count what `record` says that the ledger has not counted yet; returns the events."""
+    def count(self, record: Record, now: float, counting: Counting | None = None) -> int:
+        """Count what `record` says that the ledger has not counted yet; returns the events.
+        `counting`: the store's counting at `now` that a list read counts all its calls through."""
         events = self.ledger.account(record)
         if events:
-            self.store.count(events, now)
+            if counting is None:
+                self.store.count(events, now)
+            else:
+                counting.count(events)
         return len(events)
 
     def expire(self, now: float) -> int:
@@ -259,14 +264,19 @@ class ListRead:
         self.suspects_listed: set[str] = set()
         self.newest: float | None = None
         self.records = self.examined = self.events = 0
+        # Each series' bookkeeping once per read, its counts summed until a flush: `result` or the end of `drain`.
+        self.counting = tally.store.counting(now)
 
     async def drain(self, body: AsyncIterable[list[object]], between: Callable[[], Awaitable[None]]) -> ReadResult:
         """Take the batches of a list body (api.ListBody) until one lies past the horizon, awaiting
         `between` after each (the poller yields to scrapes there); returns what the read saw."""
-        async for batch in body:
-            if not all(map(self.take, batch)):
-                break  # past the horizon: leaving the body closes the response
-            await between()
+        try:
+            async for batch in body:
+                if not all(map(self.take, batch)):
+                    break  # past the horizon: leaving the body closes the response
+                await between()
+        finally:  # a read that fails or is cancelled midway keeps what it counted, as event by event
+            self.counting.flush()
         return self.result(getattr(body, "bytes", 0), getattr(body, "not_modified", False))
 
     def take(self, obj: object) -> bool:
@@ -277,6 +287,7 @@ class ListRead:
             call_id = obj.get("id") if isinstance(obj, dict) else getattr(obj, "id", None)
             if type(call_id) is str and call_id in self.suspects:
                 self.suspects_listed.add(call_id)
+        news = None  # whether it is news, once asked
         if type(obj) is self.fields:
             # The common case, read without building a Record: where is it, is it news?
             created, updated = timestamp_of(obj.created_at), timestamp_of(obj.updated_at)
@@ -285,12 +296,10 @@ class ListRead:
                     return False  # newest first: all that follows is settled history
                 if self.newest is None or updated > self.newest:
                     self.newest = updated
-                if (
-                    type(obj.id) is str
-                    and not self.is_news(obj.id, updated, self.overlap)
-                    and (audit is None or not audit.covers(created))
-                ):
-                    return True
+                if type(obj.id) is str:
+                    news = self.is_news(obj.id, updated, self.overlap)  # the record will say the same
+                    if not news and (audit is None or not audit.covers(created)):
+                        return True
         record = self.tally.decode(obj)
         if record is None:
             return True
@@ -307,9 +316,9 @@ class ListRead:
                     "appeared in the past, after a read of its time had not listed it; counted now",
                 )
             )
-        if self.is_news(record.id, record.updated_at, self.overlap):
+        if news if news is not None else self.is_news(record.id, record.updated_at, self.overlap):
             self.examined += 1
-            self.events += self.tally.count(record, self.now)
+            self.events += self.tally.count(record, self.now, self.counting)
         if audit is not None and audit.covers(record.created_at):
             # A settled call the ledger did not know before this read appeared in the past: it is
             # counted now like any news, and reported as missing from what had been counted.
@@ -317,7 +326,8 @@ class ListRead:
         return True
 
     def result(self, body_bytes: int = 0, not_modified: bool = False) -> ReadResult:
-        """What the read saw, for `Tally.settle_read` once it reached its end."""
+        """What the read saw, for `Tally.settle_read` once it reached its end; its counts are in the store."""
+        self.counting.flush()
         return ReadResult(
             self.plan,
             self.now,

@@ -33,6 +33,7 @@ FLOW = (
     "plan",
     "visibility",
     "document",
+    "counting",
     "store",
     "selfmetrics",
     "findings",
