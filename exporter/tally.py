@@ -205,7 +205,7 @@ class Tally:
         """The whole-ledger part of a sweep, in slices (Ledger.prune): a full read's poll runs it."""
         keep_from = self.schedule.keep_from(now)
         horizon = now - self.settings.settle_window
-        return self.ledger.prune(horizon if keep_from is None else min(horizon, keep_from), slice_size=1_000)
+        return self.ledger.prune(horizon if keep_from is None else min(horizon, keep_from))
 
     def sweep(self, now: float, everything: bool = True) -> Summary:
         """Drop calls the ledger need not keep (see Ledger.sweep) and summarise the open ones."""
