@@ -23,17 +23,10 @@ SPACING = 900.0  # a final call created every 15 min: the window holds 288
 
 
 def default_settings() -> Settings:
-    """The config's defaults for the read tiers and the audit (Target's), over a short overlap."""
-    return Settings(
-        WINDOW,
-        Target.overlap,
-        Target.straggler_give_up,
-        audit_interval=Target.audit_interval,
-        hot_window=Target.hot_window,
-        full_read_interval=Target.full_read_interval,
-        refresh_interval=Target.open_refresh_interval,
-        poll_interval=Target.poll_interval,
-    )
+    """The config's defaults for the read tiers and the audit (a Target's), 72 h settle window."""
+    settings = Settings.of(Target())
+    assert settings.settle_window == WINDOW
+    return settings
 
 
 FIRST = NOW - 2 * WINDOW
