@@ -261,15 +261,12 @@ def decode_record(obj: object, metadata_keys: tuple[str, ...] = ()) -> Record | 
             raise _Reject(BAD_TYPE)
         if not status:
             raise _Reject(UNKNOWN_STATUS)
-        # For every call read: a value of the expected type is judged inline, the rest by the helpers, in order.
         deviations = 0 if status in STATUSES else _UNDOCUMENTED
         if direction not in DIRECTIONS:  # a tuple: any value compares, a wrong type is judged below
             direction = _text(direction)
             deviations |= _UNDOCUMENTED if direction else 0
             direction = "none" if not direction else "other"
-        reservation = reservation if reservation is None or type(reservation) is str else _text(reservation)
-        webhook = webhook if webhook is None or type(webhook) is str else _text(webhook)
-        result = result if result is None or type(result) is str else _text(result)
+        reservation, webhook, result = _text(reservation), _text(webhook), _text(result)
         if reservation is not None and reservation not in RESERVATIONS:
             deviations |= _UNDOCUMENTED
         if webhook is not None and not (isinstance(webhook_url, str) and webhook_url):
@@ -286,39 +283,19 @@ def decode_record(obj: object, metadata_keys: tuple[str, ...] = ()) -> Record | 
                 call_id,
                 status,
                 direction,
-                (
-                    created_at.timestamp()
-                    if type(created_at) is datetime and created_at.tzinfo is not None
-                    else _timestamp(created_at, True)
-                ),
-                (
-                    updated_at.timestamp()
-                    if type(updated_at) is datetime and updated_at.tzinfo is not None
-                    else _timestamp(updated_at, True)
-                ),
-                (
-                    started_at.timestamp()
-                    if type(started_at) is datetime and started_at.tzinfo is not None
-                    else _timestamp(started_at)
-                ),
-                (
-                    answered_at.timestamp()
-                    if type(answered_at) is datetime and answered_at.tzinfo is not None
-                    else _timestamp(answered_at)
-                ),
-                (
-                    ended_at.timestamp()
-                    if type(ended_at) is datetime and ended_at.tzinfo is not None
-                    else _timestamp(ended_at)
-                ),
-                duration if duration is None or (type(duration) is int and duration >= 0) else _integer(duration),
-                billed if billed is None or (type(billed) is int and billed >= 0) else _integer(billed),
-                amount if amount is None or (type(amount) is int and amount >= 0) else _integer(amount),
+                _timestamp(created_at, True),
+                _timestamp(updated_at, True),
+                _timestamp(started_at),
+                _timestamp(answered_at),
+                _timestamp(ended_at),
+                _integer(duration),
+                _integer(billed),
+                _integer(amount),
                 reservation,
                 webhook,
                 result,
-                hangup if hangup is None or type(hangup) is str else _text(hangup),
-                error if error is None or type(error) is str else _text(error),
+                _text(hangup),
+                _text(error),
                 _extra(metadata, metadata_keys) if metadata_keys else (),
                 deviations,
             ),
